@@ -1,0 +1,1 @@
+//! Reading `TaasLabel` and `Secret` objects from multi-document YAML.

@@ -1,0 +1,183 @@
+//! What a running relay needs to know: its own settings and each label's configuration.
+//!
+//! Both are plain data, built by the binaries (flags) and by `label_source` (manifests);
+//! nothing here does I/O.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::RangeInclusive;
+use std::time::Duration;
+
+pub use taas_crds::{Algorithm, ClientAdmission, ProxyProtocol};
+
+/// One label as the relay serves it: the `TaasLabel` spec with its secret resolved.
+#[derive(Clone, PartialEq, Eq)]
+pub struct LabelConfig {
+    /// LABEL, lower case: `LABEL.<domain>` and `/register/LABEL`.
+    pub label: String,
+    /// The hidden server's ID (the TOTP `username`), compared exactly.
+    pub id: String,
+    /// The decoded TOTP key (base32-decoded bytes of the Secret's value).
+    pub secret: Vec<u8>,
+    pub algorithm: Algorithm,
+    /// TOTP step in seconds.
+    pub period: u64,
+    /// Parked connections allowed at once; a registration beyond it gets 503.
+    pub max_parked: usize,
+    /// p accepts only the address that registered.
+    pub source_pinning: bool,
+    pub proxy_protocol: ProxyProtocol,
+    /// q pinned to this port (a raw TCP forward that stays put); otherwise allocated.
+    pub client_port: Option<u16>,
+    /// Who may connect to q: anyone, or only sources that got a 307 for this label lately.
+    pub client_admission: ClientAdmission,
+}
+
+impl fmt::Debug for LabelConfig {
+    // Hand-written so that the secret can never reach a log line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LabelConfig")
+            .field("label", &self.label)
+            .field("id", &self.id)
+            .field("secret", &"<redacted>")
+            .field("algorithm", &self.algorithm)
+            .field("period", &self.period)
+            .field("max_parked", &self.max_parked)
+            .field("source_pinning", &self.source_pinning)
+            .field("proxy_protocol", &self.proxy_protocol)
+            .field("client_port", &self.client_port)
+            .field("client_admission", &self.client_admission)
+            .finish()
+    }
+}
+
+/// An inclusive range of TCP ports, written `LO-HI` on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRange {
+    pub lo: u16,
+    pub hi: u16,
+}
+
+impl PortRange {
+    pub fn new(lo: u16, hi: u16) -> Result<Self, String> {
+        if lo == 0 || lo > hi {
+            return Err(format!("invalid port range {lo}-{hi}: need 1 <= LO <= HI"));
+        }
+        Ok(Self { lo, hi })
+    }
+    pub fn contains(&self, port: u16) -> bool {
+        (self.lo..=self.hi).contains(&port)
+    }
+    pub fn overlaps(&self, other: &PortRange) -> bool {
+        self.lo <= other.hi && other.lo <= self.hi
+    }
+    pub fn len(&self) -> usize {
+        usize::from(self.hi - self.lo) + 1
+    }
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+    pub fn iter(&self) -> RangeInclusive<u16> {
+        self.lo..=self.hi
+    }
+}
+
+impl std::str::FromStr for PortRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (lo, hi) = s
+            .split_once('-')
+            .ok_or_else(|| format!("invalid port range {s:?}: expected LO-HI, e.g. 20000-20999"))?;
+        let parse = |v: &str| {
+            v.trim()
+                .parse::<u16>()
+                .map_err(|_| format!("invalid port range {s:?}: {v:?} is not a port number"))
+        };
+        PortRange::new(parse(lo)?, parse(hi)?)
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.lo, self.hi)
+    }
+}
+
+/// Which host the 307 `Location` names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum RedirectHost {
+    /// The host name the mobile client asked for (the original's behaviour; needs wildcard DNS).
+    #[default]
+    Requested,
+    /// The relay's advertised address.
+    Advertise,
+}
+
+/// Settings of the relay process (`taas-relay serve`), independent of any label.
+#[derive(Clone, Debug)]
+pub struct RelaySettings {
+    /// The HTTPS front end (registrar + mobile clients).
+    pub listen: SocketAddr,
+    /// Host name of the registrar role (lower case).
+    pub registrar: String,
+    /// Servers domain: mobile clients ask for `LABEL.<domain>` (lower case).
+    pub domain: String,
+    /// Host written in the 200 body (`HOST:p`) and, with `RedirectHost::Advertise`, the 307.
+    pub advertise: String,
+    pub redirect_host: RedirectHost,
+    pub p_ports: PortRange,
+    pub q_ports: PortRange,
+    /// Address that p and q listeners bind to (the listen IP).
+    pub bind_ip: IpAddr,
+    pub timeouts: Timeouts,
+    pub limits: Limits,
+}
+
+#[derive(Clone, Debug)]
+pub struct Timeouts {
+    /// A p port waits this long for its one connection.
+    pub rendezvous: Duration,
+    /// A client on q waits this long for a parked connection.
+    pub client_wait: Duration,
+    /// TLS handshake and request head on the front end.
+    pub handshake: Duration,
+    /// An idle kept-alive front-end connection is closed after this.
+    pub keep_alive: Duration,
+    /// How long a 307 admits its source on q (with `ClientAdmission::Redirected`).
+    pub admission: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            rendezvous: Duration::from_secs(30),
+            client_wait: Duration::from_secs(10),
+            handshake: Duration::from_secs(10),
+            keep_alive: Duration::from_secs(90),
+            admission: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Front-end connections open at once (TLS handshakes included).
+    pub frontend_connections: usize,
+    /// Clients waiting on one label's q for a parked connection.
+    pub waiting_clients_per_label: usize,
+    /// Spliced pairs open at once, all labels together.
+    pub active_pairs: usize,
+    /// Bytes a hidden server may send before pairing (kept and delivered to the client).
+    pub early_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            frontend_connections: 16_384,
+            waiting_clients_per_label: 256,
+            active_pairs: 65_536,
+            early_bytes: 16 * 1024,
+        }
+    }
+}

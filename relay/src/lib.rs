@@ -1,0 +1,24 @@
+//! TAAS data plane: the registrar, the 307 redirector, the rendezvous relay (parking, pairing,
+//! splicing) and the hidden-server agent. The binaries in `src/bin` are thin shells over this.
+//!
+//! Where each concept lives:
+//! - wire formats: `authorization` (the `TOTP` header), `host` (Host dispatch),
+//!   `proxy_header` (PROXY v1/v2);
+//! - `totp`: RFC 6238 codes; `guard`: token reuse, replay and failure rate limits;
+//! - `registrar`: the decision on one registration request (pure);
+//! - `label`: the per-label state machine (p ports, parked connections, q, pairing);
+//! - `splice`: the copy loop; `ports`: the rendezvous port pool;
+//! - `frontend`: the HTTPS listener (TLS, HTTP/1.1, dispatch) over `relay::Relay`;
+//! - `label_source`: labels from a directory of manifests; `provision`: `label new`;
+//! - `agent`: the hidden-server side; `tls`, `metrics`, `config`, `demo`.
+#![forbid(unsafe_code)]
+
+pub mod agent;
+pub mod authorization;
+pub mod config;
+pub mod guard;
+pub mod label_source;
+pub mod proxy_header;
+pub mod provision;
+pub mod splice;
+pub mod totp;

@@ -18,6 +18,7 @@ pub mod authorization;
 pub mod config;
 pub mod guard;
 pub mod label_source;
+pub mod metrics;
 pub mod proxy_header;
 pub mod provision;
 pub mod splice;

@@ -1,1 +1,563 @@
-//! (being written)
+//! Token reuse, replay and failure limits for registrations (PROTOCOL.md §2).
+//!
+//! The original accepted any valid token any number of times from anywhere and never limited
+//! guessing. The steward, however, reuses one token for a burst of registrations on new
+//! connections, so a token cannot simply be single-use. [`AuthGuard`] keeps, per ID, the newest
+//! accepted step, where it came from and how many new connections used it, and counts failures
+//! per source and per ID in fixed windows. Every map is bounded, so a flood of sources or IDs
+//! costs bounded memory; IDs are stored as keyed 64-bit hashes, so their length does not matter.
+
+use std::collections::hash_map::RandomState;
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash};
+use std::net::IpAddr;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+/// Limits of an [`AuthGuard`]. A failure limit of 0 disables that limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuardLimits {
+    /// Failures from one source address within `window` that block it.
+    pub failures_per_source: u32,
+    /// Failures for one ID within `window` that block it (except from its known-good sources).
+    pub failures_per_id: u32,
+    /// The window in which failures are counted.
+    pub window: Duration,
+    /// How long a source or ID stays blocked once over its limit.
+    pub block: Duration,
+    /// Bound on the entries of each internal map.
+    pub max_entries: usize,
+}
+
+impl Default for GuardLimits {
+    fn default() -> Self {
+        Self {
+            failures_per_source: 10,
+            failures_per_id: 20,
+            window: Duration::from_secs(60),
+            block: Duration::from_secs(60),
+            max_entries: 65_536,
+        }
+    }
+}
+
+/// Why a token that matched its TOTP step is nevertheless refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum TokenRefusal {
+    #[error("a token for a newer step was already accepted for this ID")]
+    Stale,
+    #[error("this token was accepted for this ID from another source")]
+    Replayed,
+    #[error("this token was used for as many connections as allowed")]
+    Exhausted,
+}
+
+/// Shared, thread-safe guard for all registrations of one relay.
+#[derive(Debug)]
+pub struct AuthGuard {
+    limits: GuardLimits,
+    id_hasher: RandomState,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    source_failures: HashMap<IpAddr, Failures>,
+    id_failures: HashMap<u64, Failures>,
+    tokens: HashMap<u64, Token>,
+    /// (ID, source) → last successful registration.
+    good_sources: HashMap<(u64, IpAddr), Instant>,
+}
+
+/// Failures counted in a fixed window that starts at the first failure.
+#[derive(Debug, Clone, Copy)]
+struct Failures {
+    window_start: Instant,
+    count: u32,
+    blocked_at: Option<Instant>,
+    last: Instant,
+}
+
+/// The newest accepted step of one ID.
+#[derive(Debug, Clone, Copy)]
+struct Token {
+    newest: u64,
+    source: IpAddr,
+    /// New connections that used `newest`.
+    uses: u32,
+    touched: Instant,
+}
+
+impl AuthGuard {
+    pub fn new(limits: GuardLimits) -> Self {
+        Self {
+            limits,
+            id_hasher: RandomState::new(),
+            state: Mutex::default(),
+        }
+    }
+
+    pub fn limits(&self) -> GuardLimits {
+        self.limits
+    }
+
+    /// How long `source` must wait before trying `id` again, if it is blocked: the source has
+    /// too many recent failures, or the ID has and `source` is not a known-good source for it
+    /// (the genuine hidden server keeps registering while someone guesses from elsewhere).
+    pub fn blocked(&self, source: IpAddr, id: &str, now: Instant) -> Option<Duration> {
+        let (source, id) = (source.to_canonical(), self.id_key(id));
+        let block = self.limits.block;
+        let state = self.lock();
+        let by_source = state
+            .source_failures
+            .get(&source)
+            .and_then(|f| f.retry_after(now, block));
+        let known_good = state
+            .good_sources
+            .get(&(id, source))
+            .is_some_and(|t| !t.expired(now, &self.limits));
+        let by_id = match known_good {
+            true => None,
+            false => state
+                .id_failures
+                .get(&id)
+                .and_then(|f| f.retry_after(now, block)),
+        };
+        by_source.max(by_id)
+    }
+
+    /// Counts a failed registration (bad token, unknown ID, refused token) against both the
+    /// source and the ID.
+    pub fn record_failure(&self, source: IpAddr, id: &str, now: Instant) {
+        let (source, id) = (source.to_canonical(), self.id_key(id));
+        let limits = &self.limits;
+        let mut state = self.lock();
+        let state = &mut *state;
+        bump(
+            &mut state.source_failures,
+            source,
+            limits.failures_per_source,
+            limits,
+            now,
+        );
+        bump(
+            &mut state.id_failures,
+            id,
+            limits.failures_per_id,
+            limits,
+            now,
+        );
+    }
+
+    /// Decides whether a token whose TOTP matched `step` may be used for this registration.
+    ///
+    /// On a new connection: a step older than the newest accepted for the ID is refused; the
+    /// newest step is accepted again only from its source (if `pin_source`) and for at most
+    /// `max_uses` connections; a newer step replaces it. On a connection that already
+    /// authenticated this ID (`connection_authenticated`), any step the caller verified is
+    /// accepted and nothing is counted, but the newest step never moves backwards.
+    #[allow(clippy::too_many_arguments)]
+    pub fn admit(
+        &self,
+        id: &str,
+        step: u64,
+        source: IpAddr,
+        max_uses: u32,
+        pin_source: bool,
+        connection_authenticated: bool,
+        now: Instant,
+    ) -> Result<(), TokenRefusal> {
+        let (source, id) = (source.to_canonical(), self.id_key(id));
+        let limits = &self.limits;
+        let mut state = self.lock();
+        let fresh = |uses| Token {
+            newest: step,
+            source,
+            uses,
+            touched: now,
+        };
+        let current = state
+            .tokens
+            .get(&id)
+            .filter(|t| !t.expired(now, limits))
+            .copied();
+        let next = match current {
+            None if connection_authenticated => fresh(0),
+            None => fresh(1),
+            Some(t) if connection_authenticated => match step > t.newest {
+                true => fresh(0),
+                false => Token { touched: now, ..t },
+            },
+            Some(t) if step < t.newest => return Err(TokenRefusal::Stale),
+            Some(t) if step == t.newest => {
+                if pin_source && t.source != source {
+                    return Err(TokenRefusal::Replayed);
+                }
+                if t.uses >= max_uses {
+                    return Err(TokenRefusal::Exhausted);
+                }
+                Token {
+                    uses: t.uses + 1,
+                    touched: now,
+                    ..t
+                }
+            }
+            Some(_) => fresh(1),
+        };
+        put(&mut state.tokens, id, next, limits, now);
+        put(&mut state.good_sources, (id, source), now, limits, now);
+        Ok(())
+    }
+
+    fn id_key(&self, id: &str) -> u64 {
+        self.id_hasher.hash_one(id)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The state stays consistent even if a holder panicked: every update is one insert.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    #[cfg(test)]
+    fn sizes(&self) -> [usize; 4] {
+        let s = self.lock();
+        [
+            s.source_failures.len(),
+            s.id_failures.len(),
+            s.tokens.len(),
+            s.good_sources.len(),
+        ]
+    }
+}
+
+impl Default for AuthGuard {
+    fn default() -> Self {
+        Self::new(GuardLimits::default())
+    }
+}
+
+impl Failures {
+    fn new(now: Instant) -> Self {
+        Self {
+            window_start: now,
+            count: 0,
+            blocked_at: None,
+            last: now,
+        }
+    }
+
+    fn retry_after(&self, now: Instant, block: Duration) -> Option<Duration> {
+        let elapsed = now.saturating_duration_since(self.blocked_at?);
+        block.checked_sub(elapsed).filter(|d| !d.is_zero())
+    }
+}
+
+/// What the bounded maps need of their entries.
+trait Entry {
+    fn expired(&self, now: Instant, limits: &GuardLimits) -> bool;
+    /// Eviction order when a map is full: the smallest goes first.
+    fn rank(&self, limits: &GuardLimits) -> Instant;
+}
+
+impl Entry for Failures {
+    fn expired(&self, now: Instant, limits: &GuardLimits) -> bool {
+        self.retry_after(now, limits.block).is_none()
+            && now.saturating_duration_since(self.window_start) >= limits.window
+    }
+
+    /// A blocked entry ranks by the end of its block, so a flood of new sources evicts blocks
+    /// about to end rather than fresh ones.
+    fn rank(&self, limits: &GuardLimits) -> Instant {
+        let block_end = self.blocked_at.and_then(|b| b.checked_add(limits.block));
+        block_end.map_or(self.last, |end| end.max(self.last))
+    }
+}
+
+/// Token state outlives a step's validity: a step is accepted over 3 periods (90 s with the
+/// 30 s step), and `window + block` (120 s by default) covers that.
+impl Entry for Token {
+    fn expired(&self, now: Instant, limits: &GuardLimits) -> bool {
+        now.saturating_duration_since(self.touched) >= limits.window.saturating_add(limits.block)
+    }
+
+    fn rank(&self, _: &GuardLimits) -> Instant {
+        self.touched
+    }
+}
+
+/// A known-good source: its last successful registration.
+impl Entry for Instant {
+    fn expired(&self, now: Instant, limits: &GuardLimits) -> bool {
+        now.saturating_duration_since(*self) >= limits.window.saturating_add(limits.block)
+    }
+
+    fn rank(&self, _: &GuardLimits) -> Instant {
+        *self
+    }
+}
+
+/// Counts one failure for `key`, starting a new window once the old one (and any block) ended.
+fn bump<K: Hash + Eq + Clone>(
+    map: &mut HashMap<K, Failures>,
+    key: K,
+    limit: u32,
+    limits: &GuardLimits,
+    now: Instant,
+) {
+    let mut entry = match map.get(&key) {
+        // Same window, unless it ended, or the block it led to did.
+        Some(f)
+            if !f.expired(now, limits)
+                && (f.blocked_at.is_none() || f.retry_after(now, limits.block).is_some()) =>
+        {
+            *f
+        }
+        _ => Failures::new(now),
+    };
+    entry.count = entry.count.saturating_add(1);
+    entry.last = now;
+    if limit > 0 && entry.count >= limit && entry.blocked_at.is_none() {
+        entry.blocked_at = Some(now);
+    }
+    put(map, key, entry, limits, now);
+}
+
+/// Inserts, first making room if the map is full: expired entries go, then the lowest ranked
+/// eighth at once (so a flood costs amortised O(1) per insert, not a scan each time).
+fn put<K: Hash + Eq + Clone, V: Entry>(
+    map: &mut HashMap<K, V>,
+    key: K,
+    value: V,
+    limits: &GuardLimits,
+    now: Instant,
+) {
+    let max = limits.max_entries.max(1);
+    if map.len() >= max && !map.contains_key(&key) {
+        map.retain(|_, v| !v.expired(now, limits));
+        if map.len() >= max {
+            let evict = (max / 8).max(map.len() + 1 - max);
+            let mut by_rank: Vec<(Instant, K)> = map
+                .iter()
+                .map(|(k, v)| (v.rank(limits), k.clone()))
+                .collect();
+            by_rank.select_nth_unstable_by_key(evict - 1, |(rank, _)| *rank);
+            for (_, k) in by_rank.into_iter().take(evict) {
+                map.remove(&k);
+            }
+        }
+    }
+    map.insert(key, value);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    const ID: &str = "7d3e0c4a-1b2c-4d5e-8f90-123456789abc";
+    const S: u64 = 37_037_036;
+
+    fn ip(last: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(192, 0, 2, last))
+    }
+
+    fn secs(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+
+    #[test]
+    fn is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<AuthGuard>();
+    }
+
+    #[test]
+    fn steward_burst_reuses_one_token() {
+        let (g, t0) = (AuthGuard::default(), Instant::now());
+        for i in 0..15 {
+            assert_eq!(g.admit(ID, S, ip(1), 15, true, false, t0 + secs(i)), Ok(()));
+        }
+        assert_eq!(
+            g.admit(ID, S, ip(1), 15, true, false, t0 + secs(15)),
+            Err(TokenRefusal::Exhausted)
+        );
+        assert_eq!(
+            g.admit(ID, S, ip(1), 16, true, false, t0 + secs(15)),
+            Ok(())
+        );
+        assert_eq!(
+            g.admit(ID, S, ip(1), 16, true, false, t0 + secs(16)),
+            Err(TokenRefusal::Exhausted)
+        );
+    }
+
+    #[test]
+    fn source_pinning() {
+        let (g, t0) = (AuthGuard::default(), Instant::now());
+        assert_eq!(g.admit(ID, S, ip(1), 32, true, false, t0), Ok(()));
+        assert_eq!(
+            g.admit(ID, S, ip(2), 32, true, false, t0),
+            Err(TokenRefusal::Replayed)
+        );
+        assert_eq!(g.admit(ID, S, ip(2), 32, false, false, t0), Ok(()));
+        // An IPv4-mapped IPv6 address is the same source.
+        let mapped = IpAddr::V6(Ipv4Addr::new(192, 0, 2, 1).to_ipv6_mapped());
+        assert_eq!(g.admit(ID, S, mapped, 32, true, false, t0), Ok(()));
+        // Another ID is independent.
+        assert_eq!(g.admit("other", S, ip(2), 32, true, false, t0), Ok(()));
+    }
+
+    #[test]
+    fn older_step_refused_after_newer() {
+        let (g, t0) = (AuthGuard::default(), Instant::now());
+        assert_eq!(g.admit(ID, S, ip(1), 32, true, false, t0), Ok(()));
+        assert_eq!(g.admit(ID, S + 1, ip(1), 32, true, false, t0), Ok(()));
+        assert_eq!(
+            g.admit(ID, S, ip(1), 32, true, false, t0),
+            Err(TokenRefusal::Stale)
+        );
+        // A newer step from another source takes over, even with pinning.
+        assert_eq!(g.admit(ID, S + 2, ip(2), 32, true, false, t0), Ok(()));
+        assert_eq!(
+            g.admit(ID, S + 2, ip(1), 32, true, false, t0),
+            Err(TokenRefusal::Replayed)
+        );
+    }
+
+    #[test]
+    fn authenticated_connection_is_not_counted() {
+        let (g, t0) = (AuthGuard::default(), Instant::now());
+        assert_eq!(g.admit(ID, S, ip(1), 2, true, false, t0), Ok(()));
+        for _ in 0..100 {
+            assert_eq!(g.admit(ID, S, ip(1), 2, true, true, t0), Ok(()));
+        }
+        // Still one use left for a new connection.
+        assert_eq!(g.admit(ID, S, ip(1), 2, true, false, t0), Ok(()));
+        // An older (caller-verified) step is fine on the connection but does not move newest back.
+        assert_eq!(g.admit(ID, S - 1, ip(1), 2, true, true, t0), Ok(()));
+        assert_eq!(
+            g.admit(ID, S - 1, ip(1), 2, true, false, t0),
+            Err(TokenRefusal::Stale)
+        );
+        // A newer step on the connection moves newest forward without using it up.
+        assert_eq!(g.admit(ID, S + 1, ip(1), 2, true, true, t0), Ok(()));
+        assert_eq!(
+            g.admit(ID, S, ip(1), 2, true, false, t0),
+            Err(TokenRefusal::Stale)
+        );
+        assert_eq!(g.admit(ID, S + 1, ip(1), 2, true, false, t0), Ok(()));
+        assert_eq!(g.admit(ID, S + 1, ip(1), 2, true, false, t0), Ok(()));
+    }
+
+    #[test]
+    fn source_failures_block_that_source() {
+        let (g, t0) = (AuthGuard::default(), Instant::now());
+        for i in 0..9 {
+            g.record_failure(ip(1), ID, t0 + secs(i));
+        }
+        assert_eq!(g.blocked(ip(1), ID, t0 + secs(9)), None);
+        g.record_failure(ip(1), ID, t0 + secs(9));
+        assert_eq!(g.blocked(ip(1), ID, t0 + secs(9)), Some(secs(60)));
+        assert_eq!(g.blocked(ip(1), "other", t0 + secs(30)), Some(secs(39)));
+        assert_eq!(g.blocked(ip(2), ID, t0 + secs(10)), None);
+        assert_eq!(g.blocked(ip(1), ID, t0 + secs(69)), None);
+        // The mapped spelling of the address is the same source.
+        let mapped = IpAddr::V6(Ipv4Addr::new(192, 0, 2, 1).to_ipv6_mapped());
+        assert!(g.blocked(mapped, ID, t0 + secs(10)).is_some());
+        // After the block the count starts again.
+        g.record_failure(ip(1), ID, t0 + secs(70));
+        assert_eq!(g.blocked(ip(1), ID, t0 + secs(70)), None);
+    }
+
+    #[test]
+    fn id_block_spares_known_good_source() {
+        let (g, t0) = (AuthGuard::default(), Instant::now());
+        assert_eq!(g.admit(ID, S, ip(1), 32, true, false, t0), Ok(()));
+        for i in 0..20u8 {
+            g.record_failure(ip(100 + i), ID, t0 + secs(1));
+        }
+        let now = t0 + secs(2);
+        assert_eq!(g.blocked(ip(99), ID, now), Some(secs(59)));
+        assert_eq!(g.blocked(ip(1), ID, now), None);
+        assert_eq!(g.blocked(ip(99), "other", now), None);
+        // Each source has only one failure: not blocked for other IDs.
+        assert_eq!(g.blocked(ip(100), "other", now), None);
+        // A source that last succeeded longer than block + window ago is no longer trusted.
+        let g = AuthGuard::default();
+        assert_eq!(g.admit(ID, S, ip(1), 32, true, false, t0), Ok(()));
+        for i in 0..20u8 {
+            g.record_failure(ip(100 + i), ID, t0 + secs(120));
+        }
+        assert!(g.blocked(ip(1), ID, t0 + secs(121)).is_some());
+    }
+
+    #[test]
+    fn window_expiry() {
+        let (g, t0) = (AuthGuard::default(), Instant::now());
+        for i in 0..9 {
+            g.record_failure(ip(1), ID, t0 + secs(i));
+        }
+        // The window started at t0: these are in a new one.
+        g.record_failure(ip(1), ID, t0 + secs(60));
+        assert_eq!(g.blocked(ip(1), ID, t0 + secs(60)), None);
+        for i in 0..8 {
+            g.record_failure(ip(1), ID, t0 + secs(61 + i));
+        }
+        assert_eq!(g.blocked(ip(1), ID, t0 + secs(70)), None);
+        g.record_failure(ip(1), ID, t0 + secs(119));
+        assert!(g.blocked(ip(1), ID, t0 + secs(119)).is_some());
+        // Token state expires after window + block; an older step is then not known to be old.
+        assert_eq!(g.admit(ID, S + 1, ip(1), 32, true, false, t0), Ok(()));
+        assert_eq!(
+            g.admit(ID, S, ip(1), 32, true, false, t0 + secs(119)),
+            Err(TokenRefusal::Stale)
+        );
+        assert_eq!(
+            g.admit(ID, S, ip(1), 32, true, false, t0 + secs(240)),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn zero_limit_disables() {
+        let limits = GuardLimits {
+            failures_per_source: 0,
+            failures_per_id: 0,
+            ..GuardLimits::default()
+        };
+        let (g, t0) = (AuthGuard::new(limits), Instant::now());
+        for _ in 0..1000 {
+            g.record_failure(ip(1), ID, t0);
+        }
+        assert_eq!(g.blocked(ip(1), ID, t0), None);
+    }
+
+    #[test]
+    fn memory_is_bounded() {
+        let limits = GuardLimits {
+            max_entries: 1000,
+            ..GuardLimits::default()
+        };
+        let (g, t0) = (AuthGuard::new(limits), Instant::now());
+        for i in 0..200_000u32 {
+            let source = IpAddr::V6(Ipv6Addr::from(u128::from(i) | (0x2001_0db8 << 96)));
+            let now = t0 + Duration::from_millis(u64::from(i));
+            g.record_failure(source, &format!("id-{i}"), now);
+            if i % 10 == 0 {
+                let _ = g.admit(&format!("id-{i}"), S, source, 32, true, false, now);
+            }
+            assert!(g.sizes().iter().all(|&n| n <= 1000));
+        }
+        // A recently blocked source survives the flood of newer, unblocked ones.
+        let end = t0 + Duration::from_millis(200_000);
+        for _ in 0..10 {
+            g.record_failure(ip(1), ID, end);
+        }
+        for i in 0..5_000u32 {
+            g.record_failure(IpAddr::V6(Ipv6Addr::from(u128::from(i))), "x", end);
+        }
+        assert!(g.blocked(ip(1), "y", end).is_some());
+    }
+}

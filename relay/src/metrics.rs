@@ -41,7 +41,11 @@ pub async fn serve(listener: TcpListener, registry: Arc<Registry>, ready: Arc<At
     }
 }
 
-fn answer<B>(request: &Request<B>, registry: &Registry, ready: &AtomicBool) -> Response<Full<Bytes>> {
+fn answer<B>(
+    request: &Request<B>,
+    registry: &Registry,
+    ready: &AtomicBool,
+) -> Response<Full<Bytes>> {
     let text = |status: StatusCode, body: String| {
         let mut response = Response::new(Full::new(Bytes::from(body)));
         *response.status_mut() = status;
@@ -54,7 +58,10 @@ fn answer<B>(request: &Request<B>, registry: &Registry, ready: &AtomicBool) -> R
         "/metrics" => {
             let mut body = String::new();
             if prometheus_client::encoding::text::encode(&mut body, registry).is_err() {
-                return text(StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n".into());
+                return text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "encoding failed\n".into(),
+                );
             }
             let mut response = text(StatusCode::OK, body);
             response.headers_mut().insert(
@@ -69,5 +76,225 @@ fn answer<B>(request: &Request<B>, registry: &Registry, ready: &AtomicBool) -> R
         "/readyz" if ready.load(Ordering::Relaxed) => text(StatusCode::OK, "ready\n".into()),
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into()),
         _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+    }
+}
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ByLabel {
+    label: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ByLabelAnd {
+    label: String,
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ByReason {
+    reason: String,
+}
+
+const REGISTRATION_RESULTS: [&str; 4] = ["ok", "unauthorized", "rate_limited", "unavailable"];
+const CLIENT_REFUSALS: [&str; 4] = ["timeout", "not_admitted", "queue_full", "overloaded"];
+const RENDEZVOUS_RESULTS: [&str; 3] = ["connected", "expired", "stranger"];
+
+/// A registration's result, as counted per label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Registered {
+    Ok = 0,
+    Unauthorized = 1,
+    RateLimited = 2,
+    Unavailable = 3,
+}
+
+/// Why a mobile client on q was turned away.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientRefused {
+    /// No parked connection arrived within the wait.
+    Timeout = 0,
+    /// Client admission is on and this source got no 307.
+    NotAdmitted = 1,
+    /// Too many clients already waiting on this label.
+    QueueFull = 2,
+    /// The relay's global limit of pairs is reached.
+    Overloaded = 3,
+}
+
+/// How a one-shot rendezvous port ended (or a stranger it turned away).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rendezvous {
+    Connected = 0,
+    Expired = 1,
+    Stranger = 2,
+}
+
+/// The relay's metrics. Per-label series exist only for configured labels (never for names
+/// taken from requests, which would let strangers grow the registry).
+#[derive(Default)]
+pub struct RelayMetrics {
+    registrations: Family<ByLabelAnd, Counter>,
+    registrations_rejected: Family<ByReason, Counter>,
+    parked: Family<ByLabel, Gauge>,
+    pairings: Family<ByLabel, Counter>,
+    active_pairs: Family<ByLabel, Gauge>,
+    bytes: Family<ByLabelAnd, Counter>,
+    clients_refused: Family<ByLabelAnd, Counter>,
+    redirects: Family<ByLabel, Counter>,
+    rendezvous: Family<ByLabelAnd, Counter>,
+}
+
+/// One label's metric handles: plain atomics, so the data path takes no lock to count.
+#[derive(Clone, Debug, Default)]
+pub struct LabelMetrics {
+    registrations: [Counter; 4],
+    pub parked: Gauge,
+    pub pairings: Counter,
+    pub active_pairs: Gauge,
+    pub bytes_to_server: Counter,
+    pub bytes_to_client: Counter,
+    clients_refused: [Counter; 4],
+    pub redirects: Counter,
+    rendezvous: [Counter; 3],
+}
+
+impl LabelMetrics {
+    pub fn registered(&self, result: Registered) {
+        self.registrations[result as usize].inc();
+    }
+    pub fn client_refused(&self, reason: ClientRefused) {
+        self.clients_refused[reason as usize].inc();
+    }
+    pub fn rendezvous(&self, outcome: Rendezvous) {
+        self.rendezvous[outcome as usize].inc();
+    }
+}
+
+impl RelayMetrics {
+    pub fn register(self: &Arc<Self>, registry: &mut Registry) {
+        let m = self;
+        registry.register(
+            "taas_registrations",
+            "Registrations by label and result (kind)",
+            m.registrations.clone(),
+        );
+        registry.register(
+            "taas_registrations_rejected",
+            "Registrations refused before a label was identified, by reason",
+            m.registrations_rejected.clone(),
+        );
+        registry.register(
+            "taas_parked",
+            "Parked connections waiting for a client",
+            m.parked.clone(),
+        );
+        registry.register(
+            "taas_pairings",
+            "Clients paired with a parked connection",
+            m.pairings.clone(),
+        );
+        registry.register(
+            "taas_active_pairs",
+            "Spliced pairs open now",
+            m.active_pairs.clone(),
+        );
+        registry.register(
+            "taas_bytes",
+            "Bytes relayed, by direction (kind: to_server, to_client), counted when a pair ends",
+            m.bytes.clone(),
+        );
+        registry.register(
+            "taas_clients_refused",
+            "Clients on q turned away, by reason (kind)",
+            m.clients_refused.clone(),
+        );
+        registry.register(
+            "taas_redirects",
+            "307 answers sent to mobile clients",
+            m.redirects.clone(),
+        );
+        registry.register(
+            "taas_rendezvous",
+            "One-shot rendezvous ports by outcome (kind: connected, expired, stranger)",
+            m.rendezvous.clone(),
+        );
+    }
+
+    pub fn for_label(&self, label: &str) -> LabelMetrics {
+        let one = |family: &Family<ByLabel, Gauge>| {
+            family
+                .get_or_create(&ByLabel {
+                    label: label.into(),
+                })
+                .clone()
+        };
+        let kinds = |family: &Family<ByLabelAnd, Counter>, kind: &str| {
+            family
+                .get_or_create(&ByLabelAnd {
+                    label: label.into(),
+                    kind: kind.into(),
+                })
+                .clone()
+        };
+        LabelMetrics {
+            registrations: REGISTRATION_RESULTS.map(|k| kinds(&self.registrations, k)),
+            parked: one(&self.parked),
+            pairings: self
+                .pairings
+                .get_or_create(&ByLabel {
+                    label: label.into(),
+                })
+                .clone(),
+            active_pairs: one(&self.active_pairs),
+            bytes_to_server: kinds(&self.bytes, "to_server"),
+            bytes_to_client: kinds(&self.bytes, "to_client"),
+            clients_refused: CLIENT_REFUSALS.map(|k| kinds(&self.clients_refused, k)),
+            redirects: self
+                .redirects
+                .get_or_create(&ByLabel {
+                    label: label.into(),
+                })
+                .clone(),
+            rendezvous: RENDEZVOUS_RESULTS.map(|k| kinds(&self.rendezvous, k)),
+        }
+    }
+
+    /// Drops a removed label's series.
+    pub fn remove_label(&self, label: &str) {
+        let key = ByLabel {
+            label: label.into(),
+        };
+        self.parked.remove(&key);
+        self.pairings.remove(&key);
+        self.active_pairs.remove(&key);
+        self.redirects.remove(&key);
+        let kinds = REGISTRATION_RESULTS
+            .iter()
+            .chain(&CLIENT_REFUSALS)
+            .chain(&RENDEZVOUS_RESULTS)
+            .chain(&["to_server", "to_client"]);
+        for kind in kinds {
+            let key = ByLabelAnd {
+                label: label.into(),
+                kind: (*kind).into(),
+            };
+            self.registrations.remove(&key);
+            self.bytes.remove(&key);
+            self.clients_refused.remove(&key);
+            self.rendezvous.remove(&key);
+        }
+    }
+
+    pub fn rejected(&self, reason: &str) {
+        self.registrations_rejected
+            .get_or_create(&ByReason {
+                reason: reason.into(),
+            })
+            .inc();
     }
 }

@@ -1,0 +1,184 @@
+//! The HTTPS front end: one listener for the registrar and the mobile clients. It terminates
+//! TLS, reads bounded HTTP/1.1 requests (keep-alive allowed), dispatches by Host (§1) and asks
+//! a `LabelBackend` for the answer.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{header, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+
+use crate::host::{self, Names, Role};
+use crate::registrar::{self, Answer, ClientRequest, ConnectionAuth, Registration};
+use crate::relay::LabelBackend;
+
+/// Largest request head accepted (hyper answers 431 beyond it).
+pub const MAX_HEAD_BYTES: usize = 16 * 1024;
+/// Most header fields in one request (hyper answers 431 beyond it).
+pub const MAX_HEADERS: usize = 64;
+/// Largest request body read (and ignored); a larger one gets 413.
+pub const MAX_BODY_BYTES: usize = 4 * 1024;
+
+/// What the front end needs besides the backend.
+#[derive(Clone, Debug)]
+pub struct FrontendSettings {
+    pub names: Names,
+    /// IP literals that count as the registrar (besides the local address of a connection).
+    pub own_ips: Vec<IpAddr>,
+    pub handshake_timeout: Duration,
+    pub max_connections: usize,
+}
+
+/// Accepts front-end connections until the task is dropped.
+pub async fn serve<B: LabelBackend>(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    settings: FrontendSettings,
+    backend: Arc<B>,
+) {
+    let acceptor = TlsAcceptor::from(tls);
+    let settings = Arc::new(settings);
+    let slots = Arc::new(Semaphore::new(settings.max_connections));
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Usually EMFILE: back off instead of spinning on the error.
+                tracing::warn!(%error, "front-end accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "front-end connection limit reached; closing");
+            continue;
+        };
+        let (acceptor, settings, backend) = (acceptor.clone(), settings.clone(), backend.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            serve_connection(stream, peer, acceptor, settings, backend).await;
+        });
+    }
+}
+
+async fn serve_connection<B: LabelBackend>(
+    stream: TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    settings: Arc<FrontendSettings>,
+    backend: Arc<B>,
+) {
+    let _ = stream.set_nodelay(true);
+    let local_ip = stream.local_addr().map(|a| a.ip().to_canonical()).ok();
+    let tls = match tokio::time::timeout(settings.handshake_timeout, acceptor.accept(stream)).await
+    {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(error)) => {
+            tracing::debug!(%peer, %error, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let connection = Arc::new(ConnectionAuth::default());
+    let source = peer.ip().to_canonical();
+    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+        let (settings, backend, connection) =
+            (settings.clone(), backend.clone(), connection.clone());
+        async move {
+            let answer = answer(request, source, local_ip, &settings, &*backend, &connection).await;
+            Ok::<_, Infallible>(to_response(answer))
+        }
+    });
+    let result = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings_timeout())
+        .max_buf_size(MAX_HEAD_BYTES)
+        .max_headers(MAX_HEADERS)
+        .serve_connection(TokioIo::new(tls), service)
+        .await;
+    if let Err(error) = result {
+        tracing::debug!(%peer, %error, "front-end connection ended with an error");
+    }
+}
+
+/// Time allowed for a request head (also how long an idle kept-alive connection stays open).
+fn settings_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+async fn answer<B: LabelBackend>(
+    request: Request<Incoming>,
+    source: IpAddr,
+    local_ip: Option<IpAddr>,
+    settings: &FrontendSettings,
+    backend: &B,
+    connection: &ConnectionAuth,
+) -> Answer {
+    let (parts, body) = request.into_parts();
+    // Read (and drop) a small body so the connection can be kept alive; refuse a large one.
+    if Limited::new(body, MAX_BODY_BYTES).collect().await.is_err() {
+        return Answer::empty(413);
+    }
+    let host = parts
+        .headers
+        .get(header::HOST)
+        .map(|v| v.as_bytes())
+        .or_else(|| parts.uri.authority().map(|a| a.as_str().as_bytes()));
+    let is_own_ip = |ip: IpAddr| Some(ip) == local_ip || settings.own_ips.contains(&ip);
+    match host::classify(host, &settings.names, is_own_ip) {
+        Role::Missing => Answer::bad_request(),
+        Role::Misdirected => Answer::misdirected(),
+        Role::Registrar => {
+            let label = match registrar::route(parts.method.as_str(), parts.uri.path()) {
+                Ok(label) => label,
+                Err(answer) => return answer,
+            };
+            let authorization = parts
+                .headers
+                .get(header::AUTHORIZATION)
+                .map(|v| v.as_bytes());
+            backend.register(Registration {
+                label: &label,
+                authorization,
+                source,
+                connection,
+            })
+        }
+        Role::Client { label, host } => {
+            let path_and_query = parts
+                .uri
+                .path_and_query()
+                .map(|pq| pq.as_str())
+                .unwrap_or("/");
+            backend.client(ClientRequest {
+                label: &label,
+                host: &host,
+                path_and_query,
+                source,
+            })
+        }
+    }
+}
+
+fn to_response(answer: Answer) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(answer.body)));
+    *response.status_mut() =
+        StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    for (name, value) in answer.headers {
+        if let Ok(value) = header::HeaderValue::from_str(&value) {
+            response.headers_mut().insert(name, value);
+        }
+    }
+    response
+}

@@ -1,0 +1,542 @@
+//! One label's state machine: its one-shot rendezvous ports p, its pool of parked connections,
+//! its persistent client port q, and the pairing of each client with a parked connection.
+//!
+//! ```text
+//! registration ──reserve──▶ p bound ──accept (from the registering source)──▶ parked
+//!                               └─ timeout: port released, slot freed          │
+//! client on q ──────────────────────────────── take the newest live parked ◀───┘
+//!    └─ none parked: wait (bounded) in a FIFO queue; a newly parked connection goes
+//!       straight to the longest-waiting client
+//! ```
+//!
+//! Each parked connection is watched by its own task, which reads nothing it cannot deliver:
+//! bytes the hidden server sends before pairing are kept (bounded) and written to the client
+//! first; EOF or a reset removes it from the pool at once. Everything here is per label: no
+//! lock is shared with other labels.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{oneshot, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::config::{ClientAdmission, LabelConfig, Limits, ProxyProtocol, Timeouts};
+use crate::metrics::{ClientRefused, LabelMetrics, Rendezvous};
+use crate::ports::{PortError, PortLease, PortPool};
+use crate::{proxy_header, splice};
+
+/// Sources remembered per label for client admission (older ones are forgotten first).
+const MAX_ADMITTED_SOURCES: usize = 4096;
+/// Backlog of a one-shot rendezvous port: one connection is expected.
+const P_BACKLOG: u32 = 8;
+/// Backlog of a client port.
+const Q_BACKLOG: u32 = 1024;
+
+/// What every label of one relay shares: settings and the global pair limit.
+#[derive(Debug)]
+pub struct Shared {
+    pub timeouts: Timeouts,
+    pub limits: Limits,
+    /// The address p and q listeners bind to.
+    pub bind_ip: IpAddr,
+    pub p_ports: Arc<PortPool>,
+    pub q_ports: Arc<PortPool>,
+    /// Permits for spliced pairs, all labels together.
+    pub pairs: Arc<Semaphore>,
+}
+
+/// Why a rendezvous port could not be handed out (the registration gets 503).
+#[derive(Debug, thiserror::Error)]
+pub enum Unavailable {
+    #[error("the label has reached its limit of {0} parked connections")]
+    LabelFull(usize),
+    #[error("no free rendezvous port: {0}")]
+    NoPort(#[from] PortError),
+    #[error("the label is being removed")]
+    Closed,
+}
+
+/// A hidden server's connection, taken out of the pool for pairing.
+struct ParkedConn {
+    stream: TcpStream,
+    /// Bytes the hidden server sent while parked.
+    early: Vec<u8>,
+}
+
+/// A parked connection as the pool sees it: a way to ask its watcher task to hand it over.
+struct ParkedHandle {
+    id: u64,
+    claim: oneshot::Sender<oneshot::Sender<ParkedConn>>,
+}
+
+#[derive(Default)]
+struct Pool {
+    /// Newest last: pairing pops from the end (LIFO: the newest is the likeliest alive).
+    parked: Vec<ParkedHandle>,
+    /// Clients waiting for a parked connection, oldest first.
+    waiting: VecDeque<oneshot::Sender<ParkedConn>>,
+    /// Rendezvous ports handed out and not yet connected (they count against max_parked).
+    reserved: usize,
+}
+
+struct ClientPort {
+    port: u16,
+    accept_loop: JoinHandle<()>,
+}
+
+pub struct Label {
+    name: String,
+    config: RwLock<Arc<LabelConfig>>,
+    pool: Mutex<Pool>,
+    q: Mutex<Option<ClientPort>>,
+    admitted: Mutex<HashMap<IpAddr, Instant>>,
+    closed: AtomicBool,
+    next_id: AtomicU64,
+    metrics: LabelMetrics,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Label {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Label").field("name", &self.name).finish()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing here can leave a guarded value half-updated across a panic.
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Label {
+    /// Creates the label and binds its client port q (pinned, or from the q range).
+    pub fn start(
+        config: LabelConfig,
+        shared: Arc<Shared>,
+        metrics: LabelMetrics,
+    ) -> Result<Arc<Self>, PortError> {
+        let label = Arc::new(Self {
+            name: config.label.clone(),
+            config: RwLock::new(Arc::new(config)),
+            pool: Mutex::default(),
+            q: Mutex::new(None),
+            admitted: Mutex::default(),
+            closed: AtomicBool::new(false),
+            next_id: AtomicU64::new(0),
+            metrics,
+            shared,
+        });
+        label.bind_client_port()?;
+        Ok(label)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn config(&self) -> Arc<LabelConfig> {
+        self.config
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn metrics(&self) -> &LabelMetrics {
+        &self.metrics
+    }
+
+    /// The client port q.
+    pub fn client_port(&self) -> Option<u16> {
+        lock(&self.q).as_ref().map(|q| q.port)
+    }
+
+    /// Parked connections ready for a client now.
+    pub fn parked(&self) -> usize {
+        lock(&self.pool).parked.len()
+    }
+
+    /// Applies a changed configuration without touching parked connections or pairs; only a
+    /// change of the pinned client port rebinds q.
+    pub fn update(self: &Arc<Self>, config: LabelConfig) -> Result<(), PortError> {
+        let repin = config.client_port != self.config().client_port;
+        *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
+        if repin {
+            self.bind_client_port()?;
+        }
+        Ok(())
+    }
+
+    /// Stops the label: q closes, parked connections and waiting clients are dropped.
+    /// Pairs already spliced run to their end.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        if let Some(q) = lock(&self.q).take() {
+            q.accept_loop.abort();
+        }
+        let mut pool = lock(&self.pool);
+        pool.parked.clear();
+        pool.waiting.clear();
+        self.metrics.parked.set(0);
+    }
+
+    fn bind_client_port(self: &Arc<Self>) -> Result<(), PortError> {
+        let bound = match self.config().client_port {
+            Some(port) => {
+                crate::ports::bind_fixed(SocketAddr::new(self.shared.bind_ip, port), Q_BACKLOG)
+            }
+            None => self
+                .shared
+                .q_ports
+                .bind_random(self.shared.bind_ip, Q_BACKLOG),
+        }?;
+        let (listener, lease) = bound;
+        let port = lease.port();
+        let accept_loop = tokio::spawn(accept_clients(Arc::downgrade(self), listener, lease));
+        if let Some(old) = lock(&self.q).replace(ClientPort { port, accept_loop }) {
+            old.accept_loop.abort();
+        }
+        tracing::info!(label = %self.name, port, "client port listening");
+        Ok(())
+    }
+
+    /// Hands out a one-shot rendezvous port for a hidden server registering from `source`:
+    /// bound before this returns, accepting one connection within the rendezvous timeout.
+    pub fn open_rendezvous(self: &Arc<Self>, source: IpAddr) -> Result<u16, Unavailable> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(Unavailable::Closed);
+        }
+        let config = self.config();
+        {
+            let mut pool = lock(&self.pool);
+            if pool.parked.len() + pool.reserved >= config.max_parked {
+                return Err(Unavailable::LabelFull(config.max_parked));
+            }
+            pool.reserved += 1;
+        }
+        let reservation = Reservation(self.clone());
+        let (listener, lease) = self
+            .shared
+            .p_ports
+            .bind_random(self.shared.bind_ip, P_BACKLOG)?;
+        let port = lease.port();
+        let pinned = config.source_pinning.then_some(source.to_canonical());
+        tokio::spawn(
+            self.clone()
+                .await_hidden_server(listener, lease, pinned, reservation),
+        );
+        Ok(port)
+    }
+
+    async fn await_hidden_server(
+        self: Arc<Self>,
+        listener: TcpListener,
+        lease: PortLease,
+        pinned: Option<IpAddr>,
+        reservation: Reservation,
+    ) {
+        let deadline = tokio::time::sleep(self.shared.timeouts.rendezvous);
+        tokio::pin!(deadline);
+        let accepted = loop {
+            tokio::select! {
+                _ = &mut deadline => break None,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        if pinned.is_some_and(|ip| ip != peer.ip().to_canonical()) {
+                            // A stranger does not become the hidden server, nor use up the slot.
+                            self.metrics.rendezvous(Rendezvous::Stranger);
+                            tracing::warn!(label = %self.name, %peer, "refused a connection to a rendezvous port from another source");
+                            continue;
+                        }
+                        break Some(stream);
+                    }
+                    Err(error) => {
+                        tracing::debug!(label = %self.name, %error, "rendezvous accept failed");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                },
+            }
+        };
+        // The port closes before the connection is parked: one connection per registration.
+        drop(listener);
+        drop(lease);
+        match accepted {
+            Some(stream) if !self.closed.load(Ordering::SeqCst) => {
+                self.metrics.rendezvous(Rendezvous::Connected);
+                tune(&stream);
+                self.park(ParkedConn {
+                    stream,
+                    early: Vec::new(),
+                });
+            }
+            Some(_) => {}
+            None => {
+                self.metrics.rendezvous(Rendezvous::Expired);
+                tracing::debug!(label = %self.name, "rendezvous port expired unused");
+            }
+        }
+        drop(reservation);
+    }
+
+    /// Puts a hidden server's connection in the pool, or straight into the hands of the
+    /// longest-waiting client.
+    fn park(self: &Arc<Self>, mut conn: ParkedConn) {
+        let mut pool = lock(&self.pool);
+        while let Some(waiter) = pool.waiting.pop_front() {
+            match waiter.send(conn) {
+                Ok(()) => return,
+                Err(back) => conn = back, // that client gave up: try the next one
+            }
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (claim, claimed) = oneshot::channel();
+        pool.parked.push(ParkedHandle { id, claim });
+        self.metrics.parked.inc();
+        drop(pool);
+        tokio::spawn(self.clone().watch_parked(id, conn, claimed));
+    }
+
+    /// Holds one parked connection until a client claims it or its hidden server goes away.
+    async fn watch_parked(
+        self: Arc<Self>,
+        id: u64,
+        mut conn: ParkedConn,
+        mut claimed: oneshot::Receiver<oneshot::Sender<ParkedConn>>,
+    ) {
+        let limit = self.shared.limits.early_bytes;
+        let mut chunk = [0u8; 2048];
+        loop {
+            tokio::select! {
+                claim = &mut claimed => {
+                    if let Ok(reply) = claim {
+                        let _ = reply.send(conn);
+                    }
+                    // Err: the label was closed and the pool dropped us; the socket closes here.
+                    return;
+                }
+                ready = conn.stream.readable() => {
+                    if ready.is_err() {
+                        break;
+                    }
+                    match conn.stream.try_read(&mut chunk) {
+                        Ok(0) => break, // EOF: the hidden server went away
+                        Ok(n) if conn.early.len() + n <= limit => conn.early.extend_from_slice(&chunk[..n]),
+                        Ok(_) => {
+                            tracing::warn!(label = %self.name, limit, "a parked connection sent more than the early-data limit before pairing; dropped");
+                            break;
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(_) => break, // reset
+                    }
+                }
+            }
+        }
+        let mut pool = lock(&self.pool);
+        let before = pool.parked.len();
+        pool.parked.retain(|handle| handle.id != id);
+        if pool.parked.len() < before {
+            self.metrics.parked.dec();
+        }
+        tracing::debug!(label = %self.name, "a parked connection closed before pairing");
+    }
+
+    /// The newest live parked connection, if any.
+    async fn take_parked(&self) -> Option<ParkedConn> {
+        loop {
+            let handle = {
+                let mut pool = lock(&self.pool);
+                let handle = pool.parked.pop()?;
+                self.metrics.parked.dec();
+                handle
+            };
+            let (reply, answer) = oneshot::channel();
+            if handle.claim.send(reply).is_err() {
+                continue; // its watcher just saw the connection end
+            }
+            if let Ok(conn) = answer.await {
+                return Some(conn);
+            }
+        }
+    }
+
+    /// A parked connection for a client: one now, or the next one to be parked within the
+    /// client wait. `Err` says why the client is turned away.
+    async fn pair_for_client(self: &Arc<Self>) -> Result<ParkedConn, ClientRefused> {
+        if let Some(conn) = self.take_parked().await {
+            return Ok(conn);
+        }
+        let (waiter, arrival) = oneshot::channel();
+        {
+            let mut pool = lock(&self.pool);
+            pool.waiting.retain(|w| !w.is_closed());
+            if pool.waiting.len() >= self.shared.limits.waiting_clients_per_label {
+                return Err(ClientRefused::QueueFull);
+            }
+            pool.waiting.push_back(waiter);
+        }
+        // A connection parked between the first look and joining the queue is in the pool:
+        // `park` only hands over to clients already waiting. Look once more, then wait.
+        let mut arrival = arrival;
+        let outcome = match self.take_parked().await {
+            Some(conn) => Ok(conn),
+            None => {
+                match tokio::time::timeout(self.shared.timeouts.client_wait, &mut arrival).await {
+                    Ok(Ok(conn)) => Ok(conn),
+                    _ => Err(ClientRefused::Timeout),
+                }
+            }
+        };
+        // A connection handed to us just as we stopped waiting must not be lost.
+        arrival.close();
+        if let Ok(late) = arrival.try_recv() {
+            match outcome {
+                Ok(_) => self.park(late),
+                Err(_) => return Ok(late),
+            }
+        }
+        outcome
+    }
+
+    /// Answers a mobile client's request for this label: `Some(q)` to redirect it to, when a
+    /// hidden server is parked (and remembers the source for client admission).
+    pub fn redirect(&self, source: IpAddr) -> Option<u16> {
+        if self.parked() == 0 {
+            return None;
+        }
+        let port = self.client_port()?;
+        if self.config().client_admission == ClientAdmission::Redirected {
+            self.admit(source.to_canonical(), Instant::now());
+        }
+        self.metrics.redirects.inc();
+        Some(port)
+    }
+
+    fn admit(&self, source: IpAddr, now: Instant) {
+        let mut admitted = lock(&self.admitted);
+        if admitted.len() >= MAX_ADMITTED_SOURCES && !admitted.contains_key(&source) {
+            let window = self.shared.timeouts.admission;
+            admitted.retain(|_, at| now.duration_since(*at) < window);
+            if admitted.len() >= MAX_ADMITTED_SOURCES {
+                if let Some(oldest) = admitted
+                    .iter()
+                    .min_by_key(|(_, at)| **at)
+                    .map(|(ip, _)| *ip)
+                {
+                    admitted.remove(&oldest);
+                }
+            }
+        }
+        admitted.insert(source, now);
+    }
+
+    fn is_admitted(&self, source: IpAddr) -> bool {
+        match lock(&self.admitted).get(&source.to_canonical()) {
+            Some(at) => at.elapsed() < self.shared.timeouts.admission,
+            None => false,
+        }
+    }
+
+    /// Serves one connection accepted on q: pair it, then splice until both sides are done.
+    async fn serve_client(self: Arc<Self>, mut client: TcpStream, peer: SocketAddr) {
+        let config = self.config();
+        if config.client_admission == ClientAdmission::Redirected && !self.is_admitted(peer.ip()) {
+            self.metrics.client_refused(ClientRefused::NotAdmitted);
+            tracing::debug!(label = %self.name, %peer, "client not admitted: no recent 307");
+            return;
+        }
+        let Ok(_permit) = self.shared.pairs.clone().try_acquire_owned() else {
+            self.metrics.client_refused(ClientRefused::Overloaded);
+            tracing::warn!(label = %self.name, "global pair limit reached; client closed");
+            return;
+        };
+        let mut server = match self.pair_for_client().await {
+            Ok(conn) => conn,
+            Err(reason) => {
+                self.metrics.client_refused(reason);
+                tracing::debug!(label = %self.name, %peer, ?reason, "client closed unpaired");
+                return;
+            }
+        };
+        tune(&client);
+        self.metrics.pairings.inc();
+        self.metrics.active_pairs.inc();
+        let result = self
+            .splice_pair(&mut client, peer, &mut server, config.proxy_protocol)
+            .await;
+        self.metrics.active_pairs.dec();
+        match result {
+            Ok(copied) => {
+                self.metrics.bytes_to_server.inc_by(copied.a_to_b);
+                self.metrics.bytes_to_client.inc_by(copied.b_to_a);
+                tracing::debug!(label = %self.name, %peer, to_server = copied.a_to_b, to_client = copied.b_to_a, "pair finished");
+            }
+            Err(error) => {
+                tracing::debug!(label = %self.name, %peer, %error, "pair ended with an error");
+            }
+        }
+    }
+
+    async fn splice_pair(
+        &self,
+        client: &mut TcpStream,
+        peer: SocketAddr,
+        server: &mut ParkedConn,
+        proxy: ProxyProtocol,
+    ) -> std::io::Result<splice::Copied> {
+        let header = match proxy {
+            ProxyProtocol::None => None,
+            ProxyProtocol::V1 => Some(proxy_header::v1(peer, client.local_addr()?)),
+            ProxyProtocol::V2 => Some(proxy_header::v2(peer, client.local_addr()?)),
+        };
+        if let Some(header) = header {
+            server.stream.write_all(&header).await?;
+        }
+        if !server.early.is_empty() {
+            client.write_all(&server.early).await?;
+        }
+        let mut copied = splice::splice(client, &mut server.stream).await?;
+        copied.b_to_a += server.early.len() as u64;
+        Ok(copied)
+    }
+}
+
+/// Gives a reserved slot back when its rendezvous ends, however it ends.
+struct Reservation(Arc<Label>);
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let mut pool = lock(&self.0.pool);
+        pool.reserved = pool.reserved.saturating_sub(1);
+    }
+}
+
+async fn accept_clients(label: std::sync::Weak<Label>, listener: TcpListener, lease: PortLease) {
+    let _lease = lease;
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let Some(label) = label.upgrade() else { return };
+                tokio::spawn(label.serve_client(stream, peer));
+            }
+            Err(error) => {
+                // Typically out of file descriptors: back off rather than spin.
+                tracing::warn!(%error, "client port accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Socket options for relayed connections: no Nagle delay, and TCP keepalive so that a peer
+/// that vanished silently (NAT mapping expired, link down) is noticed within about a minute.
+pub fn tune(stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(30))
+        .with_interval(Duration::from_secs(10))
+        .with_retries(3);
+    let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive);
+}

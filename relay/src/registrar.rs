@@ -1,0 +1,212 @@
+//! The HTTP answers of the front end (PROTOCOL.md §2 and §4), as plain data, and the routing
+//! of registrar requests. Nothing here does I/O: the relay decides, the front end writes.
+
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// An HTTP answer: status, extra headers, body.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: String,
+}
+
+impl Answer {
+    pub fn empty(status: u16) -> Self {
+        Self {
+            status,
+            headers: Vec::new(),
+            body: String::new(),
+        }
+    }
+
+    fn with(mut self, name: &'static str, value: impl Into<String>) -> Self {
+        self.headers.push((name, value.into()));
+        self
+    }
+
+    /// `200` with `HOST:PORT` as the whole body (no newline).
+    pub fn rendezvous(host: &str, port: u16) -> Self {
+        let mut answer = Self::empty(200).with("content-type", "text/plain");
+        answer.body = format!("{}:{port}", bracket_v6(host));
+        answer
+    }
+
+    /// `401` with the TOTP challenge: no, unknown or refused credentials.
+    pub fn unauthorized() -> Self {
+        Self::empty(401).with("www-authenticate", "TOTP realm=\"taas\"")
+    }
+
+    pub fn bad_request() -> Self {
+        Self::empty(400)
+    }
+
+    pub fn not_found() -> Self {
+        Self::empty(404)
+    }
+
+    pub fn method_not_allowed() -> Self {
+        Self::empty(405).with("allow", "PUT")
+    }
+
+    pub fn misdirected() -> Self {
+        Self::empty(421)
+    }
+
+    pub fn too_many(retry_after: Duration) -> Self {
+        Self::empty(429).with("retry-after", seconds(retry_after))
+    }
+
+    pub fn unavailable(retry_after: Duration) -> Self {
+        Self::empty(503).with("retry-after", seconds(retry_after))
+    }
+
+    /// `307` to the label's client port, keeping the path and query.
+    pub fn redirect(host: &str, port: u16, path_and_query: &str) -> Self {
+        let path = if path_and_query.starts_with('/') {
+            path_and_query
+        } else {
+            "/"
+        };
+        Self::empty(307)
+            .with(
+                "location",
+                format!("https://{}:{port}{path}", bracket_v6(host)),
+            )
+            .with("cache-control", "no-store")
+    }
+}
+
+/// Whole seconds for `Retry-After`, at least 1.
+fn seconds(duration: Duration) -> String {
+    duration.as_secs_f64().ceil().max(1.0).to_string()
+}
+
+/// `::1` → `[::1]`, so that `HOST:PORT` and URLs stay parseable.
+pub fn bracket_v6(host: &str) -> String {
+    if host.parse::<std::net::Ipv6Addr>().is_ok() {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    }
+}
+
+/// The registrar's routes: `PUT /register/LABEL` and nothing else. Returns the label (lower
+/// case) or the answer for a wrong path (404) or method (405).
+pub fn route(method: &str, path: &str) -> Result<String, Answer> {
+    let label = match path.strip_prefix("/register/") {
+        Some(label) if !label.is_empty() && !label.contains('/') => label,
+        _ => return Err(Answer::not_found()),
+    };
+    if method != "PUT" {
+        return Err(Answer::method_not_allowed());
+    }
+    Ok(label.to_ascii_lowercase())
+}
+
+/// IDs already authenticated on one kept-alive front-end connection: further registrations
+/// of these IDs on it are not limited by token reuse (nobody else can inject into it).
+#[derive(Debug, Default)]
+pub struct ConnectionAuth {
+    ids: Mutex<Vec<String>>,
+}
+
+/// A connection rarely carries more than one ID; this bounds what one connection can store.
+const MAX_IDS_PER_CONNECTION: usize = 16;
+
+impl ConnectionAuth {
+    pub fn has(&self, id: &str) -> bool {
+        self.ids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|known| known == id)
+    }
+
+    pub fn add(&self, id: &str) {
+        let mut ids = self.ids.lock().unwrap_or_else(|e| e.into_inner());
+        if !ids.iter().any(|known| known == id) && ids.len() < MAX_IDS_PER_CONNECTION {
+            ids.push(id.to_string());
+        }
+    }
+}
+
+/// One registration request, as the front end hands it to a label backend.
+#[derive(Debug)]
+pub struct Registration<'a> {
+    /// LABEL from the path, lower case.
+    pub label: &'a str,
+    /// The raw `Authorization` header, if any.
+    pub authorization: Option<&'a [u8]>,
+    /// The registering hidden server's address (for pinning and rate limits).
+    pub source: IpAddr,
+    pub connection: &'a ConnectionAuth,
+}
+
+/// One mobile client's request for `LABEL.<domain>`.
+#[derive(Debug)]
+pub struct ClientRequest<'a> {
+    pub label: &'a str,
+    /// The requested host name, without port, lower case.
+    pub host: &'a str,
+    /// Path and query of the request, kept in the `Location`.
+    pub path_and_query: &'a str,
+    pub source: IpAddr,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes() {
+        assert_eq!(route("PUT", "/register/Home"), Ok("home".into()));
+        assert_eq!(route("PUT", "/register/a.b"), Ok("a.b".into()));
+        assert_eq!(
+            route("GET", "/register/home"),
+            Err(Answer::method_not_allowed())
+        );
+        assert_eq!(route("PUT", "/register/"), Err(Answer::not_found()));
+        assert_eq!(route("PUT", "/register/a/b"), Err(Answer::not_found()));
+        assert_eq!(route("PUT", "/pairings/home"), Err(Answer::not_found()));
+        assert_eq!(route("GET", "/"), Err(Answer::not_found()));
+    }
+
+    #[test]
+    fn answers_carry_the_contract_headers() {
+        let ok = Answer::rendezvous("127.0.0.1", 20001);
+        assert_eq!((ok.status, ok.body.as_str()), (200, "127.0.0.1:20001"));
+        assert_eq!(Answer::rendezvous("::1", 5).body, "[::1]:5");
+        assert_eq!(
+            Answer::unauthorized().headers,
+            vec![("www-authenticate", "TOTP realm=\"taas\"".to_string())]
+        );
+        assert_eq!(
+            Answer::too_many(Duration::from_millis(1500)).headers[0],
+            ("retry-after", "2".to_string())
+        );
+        let redirect = Answer::redirect("home.taas.localhost", 21000, "/a/b?x=1&y=2");
+        assert_eq!(
+            redirect.headers[0],
+            (
+                "location",
+                "https://home.taas.localhost:21000/a/b?x=1&y=2".to_string()
+            )
+        );
+        assert_eq!(
+            Answer::redirect("::1", 1, "*").headers[0].1,
+            "https://[::1]:1/"
+        );
+    }
+
+    #[test]
+    fn connection_auth_is_bounded() {
+        let auth = ConnectionAuth::default();
+        for i in 0..100 {
+            auth.add(&format!("id{i}"));
+        }
+        assert!(auth.has("id0") && auth.has("id15") && !auth.has("id16"));
+    }
+}

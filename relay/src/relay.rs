@@ -1,0 +1,262 @@
+//! The standalone relay: every label in one process. It is the label backend the front end
+//! calls for registrations and mobile clients, and it owns the labels' state machines.
+//!
+//! The label map is read on the control path only (a registration, a 307); once a client is
+//! accepted on q, everything happens inside its `Label`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use prometheus_client::registry::Registry;
+use tokio::sync::Semaphore;
+
+use crate::config::{LabelConfig, RedirectHost, RelaySettings};
+use crate::guard::{AuthGuard, GuardLimits};
+use crate::label::{Label, Shared, Unavailable};
+use crate::metrics::{Registered, RelayMetrics};
+use crate::ports::{PortError, PortPool};
+use crate::registrar::{Answer, ClientRequest, Registration};
+use crate::{authorization, totp};
+
+/// How long a hidden server is told to wait when its label is full or no port is free.
+const RETRY_UNAVAILABLE: Duration = Duration::from_secs(5);
+/// How long a mobile client is told to wait when no hidden server is parked.
+const RETRY_NOT_PARKED: Duration = Duration::from_secs(5);
+
+/// Where the front end sends registrations and mobile clients. The standalone relay answers
+/// them itself; a gateway forwards them to each label's relay.
+pub trait LabelBackend: Send + Sync + 'static {
+    fn register(&self, request: Registration<'_>) -> Answer;
+    fn client(&self, request: ClientRequest<'_>) -> Answer;
+}
+
+pub struct Relay {
+    settings: RelaySettings,
+    labels: RwLock<HashMap<String, Arc<Label>>>,
+    guard: AuthGuard,
+    shared: Arc<Shared>,
+    metrics: Arc<RelayMetrics>,
+    /// Checked against when the ID or label is unknown, so every refusal costs the same.
+    decoy: LabelConfig,
+}
+
+impl Relay {
+    pub fn new(settings: RelaySettings, registry: &mut Registry) -> Arc<Self> {
+        let metrics = Arc::new(RelayMetrics::default());
+        metrics.register(registry);
+        let shared = Arc::new(Shared {
+            timeouts: settings.timeouts.clone(),
+            limits: settings.limits.clone(),
+            bind_ip: settings.bind_ip,
+            p_ports: PortPool::new(settings.p_ports),
+            q_ports: PortPool::new(settings.q_ports),
+            pairs: Arc::new(Semaphore::new(settings.limits.active_pairs)),
+        });
+        let decoy = LabelConfig {
+            label: String::new(),
+            id: String::new(),
+            secret: rand::random::<[u8; 20]>().to_vec(),
+            algorithm: Default::default(),
+            period: 30,
+            max_parked: 1,
+            source_pinning: true,
+            proxy_protocol: Default::default(),
+            client_port: None,
+            client_admission: Default::default(),
+        };
+        Arc::new(Self {
+            settings,
+            labels: RwLock::default(),
+            guard: AuthGuard::new(GuardLimits::default()),
+            shared,
+            metrics,
+            decoy,
+        })
+    }
+
+    pub fn settings(&self) -> &RelaySettings {
+        &self.settings
+    }
+
+    /// The running label, if configured.
+    pub fn label(&self, name: &str) -> Option<Arc<Label>> {
+        self.labels
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    /// Makes the running labels match `wanted`: new labels start (binding q), changed ones
+    /// are updated in place, missing ones stop. Other labels' connections are not touched.
+    /// Returns one line per label that could not be started or updated.
+    pub fn apply(&self, wanted: &BTreeMap<String, LabelConfig>) -> Vec<String> {
+        let mut problems = Vec::new();
+        let mut labels = self.labels.write().unwrap_or_else(|e| e.into_inner());
+        labels.retain(|name, label| {
+            let keep = wanted.contains_key(name);
+            if !keep {
+                label.close();
+                self.metrics.remove_label(name);
+                tracing::info!(label = %name, "label removed");
+            }
+            keep
+        });
+        for (name, config) in wanted {
+            let result = match labels.get(name) {
+                Some(label) if *label.config() == *config => Ok(()),
+                Some(label) => {
+                    tracing::info!(label = %name, "label updated");
+                    label.update(config.clone())
+                }
+                None => self.start_label(config).map(|label| {
+                    tracing::info!(label = %name, port = label.client_port(), "label added");
+                    labels.insert(name.clone(), label);
+                }),
+            };
+            if let Err(error) = result {
+                problems.push(format!("label {name}: client port: {error}"));
+            }
+        }
+        problems
+    }
+
+    fn start_label(&self, config: &LabelConfig) -> Result<Arc<Label>, PortError> {
+        if let Some(port) = config.client_port {
+            if self.settings.p_ports.contains(port) {
+                return Err(PortError::Bind {
+                    addr: std::net::SocketAddr::new(self.settings.bind_ip, port),
+                    source: std::io::Error::other(format!(
+                        "the pinned client port is inside the rendezvous range {}",
+                        self.settings.p_ports
+                    )),
+                });
+            }
+        }
+        let metrics = self.metrics.for_label(&config.label);
+        Label::start(config.clone(), self.shared.clone(), metrics)
+    }
+
+    /// Stops every label (at shutdown).
+    pub fn close(&self) {
+        for label in self
+            .labels
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
+            label.close();
+        }
+    }
+
+    fn refuse(&self, label: Option<&Label>, source: IpAddr, id: &str, now: Instant) -> Answer {
+        self.guard.record_failure(source, id, now);
+        match label {
+            Some(label) => label.metrics().registered(Registered::Unauthorized),
+            None => self.metrics.rejected("unauthorized"),
+        }
+        Answer::unauthorized()
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl LabelBackend for Relay {
+    fn register(&self, request: Registration<'_>) -> Answer {
+        let Some(header) = request.authorization else {
+            self.metrics.rejected("no_authorization");
+            return Answer::unauthorized();
+        };
+        let credentials = match authorization::parse(header) {
+            Ok(credentials) => credentials,
+            Err(error) => {
+                tracing::debug!(source = %request.source, %error, "malformed Authorization");
+                self.metrics.rejected("bad_request");
+                return Answer::bad_request();
+            }
+        };
+        let now = Instant::now();
+        let id = credentials.username.as_str();
+        let label = self.label(request.label);
+        if let Some(retry_after) = self.guard.blocked(request.source, id, now) {
+            match &label {
+                Some(label) => label.metrics().registered(Registered::RateLimited),
+                None => self.metrics.rejected("rate_limited"),
+            }
+            return Answer::too_many(retry_after);
+        }
+        // Unknown label, a label of another ID and a wrong token all do the same work and get
+        // the same answer.
+        let authorised = label
+            .as_ref()
+            .map(|label| (label.clone(), label.config()))
+            .filter(|(_, config)| config.id == id);
+        let checked = authorised
+            .as_ref()
+            .map_or(&self.decoy, |(_, config)| &**config);
+        let step = totp::verify(
+            &checked.secret,
+            checked.algorithm,
+            checked.period,
+            &credentials.response,
+            unix_now(),
+        );
+        let (Some((label, config)), Some(step)) = (authorised, step) else {
+            return self.refuse(label.as_deref(), request.source, id, now);
+        };
+        let on_this_connection = request.connection.has(id);
+        if let Err(refusal) = self.guard.admit(
+            id,
+            step,
+            request.source,
+            u32::try_from(config.max_parked).unwrap_or(u32::MAX),
+            config.source_pinning,
+            on_this_connection,
+            now,
+        ) {
+            tracing::info!(label = %label.name(), source = %request.source, %refusal, "token refused");
+            return self.refuse(Some(&label), request.source, id, now);
+        }
+        request.connection.add(id);
+        match label.open_rendezvous(request.source) {
+            Ok(port) => {
+                label.metrics().registered(Registered::Ok);
+                tracing::debug!(label = %label.name(), source = %request.source, port, "registered");
+                Answer::rendezvous(&self.settings.advertise, port)
+            }
+            Err(error) => {
+                label.metrics().registered(Registered::Unavailable);
+                match error {
+                    Unavailable::LabelFull(_) => {
+                        tracing::debug!(label = %label.name(), %error, "registration refused")
+                    }
+                    _ => tracing::warn!(label = %label.name(), %error, "registration refused"),
+                }
+                Answer::unavailable(RETRY_UNAVAILABLE)
+            }
+        }
+    }
+
+    fn client(&self, request: ClientRequest<'_>) -> Answer {
+        let Some(label) = self.label(request.label) else {
+            return Answer::not_found();
+        };
+        match label.redirect(request.source) {
+            Some(port) => {
+                let host = match self.settings.redirect_host {
+                    RedirectHost::Requested => request.host,
+                    RedirectHost::Advertise => self.settings.advertise.as_str(),
+                };
+                Answer::redirect(host, port, request.path_and_query)
+            }
+            None => Answer::unavailable(RETRY_NOT_PARKED),
+        }
+    }
+}

@@ -39,6 +39,25 @@ pub struct CertNames {
 }
 
 impl CertNames {
+    /// What a relay's generated certificate covers: the registrar, `*.<domain>` and the
+    /// relay's own IPs (the listen IP unless it is a wildcard, and an advertised IP).
+    pub fn for_relay(registrar: &str, domain: &str, bind_ip: IpAddr, advertise: &str) -> Self {
+        let mut ips: Vec<IpAddr> = Vec::new();
+        if !bind_ip.is_unspecified() {
+            ips.push(bind_ip);
+        }
+        if let Ok(ip) = advertise.parse::<IpAddr>() {
+            if !ips.contains(&ip) {
+                ips.push(ip);
+            }
+        }
+        Self {
+            registrar: registrar.to_string(),
+            domain: domain.to_string(),
+            ips,
+        }
+    }
+
     /// Subject alternative names, one per line: also the record of what a stored
     /// certificate covers, so that a change of names makes a new certificate.
     fn san_lines(&self) -> Vec<String> {

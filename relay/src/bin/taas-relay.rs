@@ -1,0 +1,240 @@
+//! `taas-relay`: the standalone relay (`serve`) and label provisioning (`label new`).
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use taas_relay::config::{PortRange, RedirectHost, Timeouts};
+use taas_relay::logging::{self, LogFormat};
+use taas_relay::serve::{self, ServeOptions};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "TAAS relay: rendezvous service for hidden servers and mobile clients"
+)]
+struct Cli {
+    /// Log format on stderr (level from RUST_LOG, default info).
+    #[arg(long, global = true, env = "TAAS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the standalone relay: registrar, redirector and relay for every label in --labels.
+    Serve(ServeArgs),
+    /// Manage labels.
+    #[command(subcommand)]
+    Label(LabelCommand),
+}
+
+#[derive(Subcommand)]
+enum LabelCommand {
+    /// Provision a label: write LABEL.yaml (TaasLabel + Secret) and print what the hidden
+    /// server needs (otpauth URI, QR code, the taas-agent command).
+    New(LabelNewArgs),
+}
+
+/// Names and addresses shared by `serve` and `label new`.
+#[derive(Args, Clone)]
+struct RelayNames {
+    /// HTTPS front end (registrar + mobile clients).
+    #[arg(long, env = "TAAS_LISTEN", default_value = "127.0.0.1:8443")]
+    listen: SocketAddr,
+    /// Host name of the registrar role.
+    #[arg(
+        long,
+        env = "TAAS_REGISTRAR",
+        default_value = "taas-registrar.localhost"
+    )]
+    registrar: String,
+    /// Servers domain: mobile clients ask for LABEL.<domain>.
+    #[arg(long, env = "TAAS_DOMAIN", default_value = "taas.localhost")]
+    domain: String,
+    /// Host written in the 200 body (HOST:p) [default: the listen IP].
+    #[arg(long, env = "TAAS_ADVERTISE")]
+    advertise: Option<String>,
+    /// Directory of TaasLabel + Secret YAML manifests.
+    #[arg(long, env = "TAAS_LABELS", default_value = "labels")]
+    labels: PathBuf,
+    /// Certificate (PEM) of the front end [default: self-signed, generated in --state-dir].
+    #[arg(long, env = "TAAS_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, env = "TAAS_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Generated certificate and other local state.
+    #[arg(long, env = "TAAS_STATE_DIR", default_value = ".taas")]
+    state_dir: PathBuf,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    names: RelayNames,
+    /// Host in the 307 Location: the requested name, or the advertised address.
+    #[arg(long, env = "TAAS_REDIRECT_HOST", value_enum, default_value_t = RedirectHostArg::Requested)]
+    redirect_host: RedirectHostArg,
+    /// Range of one-shot rendezvous ports p.
+    #[arg(long, env = "TAAS_P_PORTS", default_value = "20000-20999")]
+    p_ports: PortRange,
+    /// Range of labels' client ports q (a label may pin its own).
+    #[arg(long, env = "TAAS_Q_PORTS", default_value = "21000-21999")]
+    q_ports: PortRange,
+    /// /metrics, /healthz, /readyz (plain HTTP); "off" to disable.
+    #[arg(long, env = "TAAS_METRICS", default_value = "127.0.0.1:9464")]
+    metrics: String,
+    /// Seconds between checks of --labels for changes.
+    #[arg(long, env = "TAAS_RELOAD_INTERVAL", default_value_t = 1.0)]
+    reload_interval: f64,
+    /// Seconds a rendezvous port waits for the hidden server's connection.
+    #[arg(long, env = "TAAS_RENDEZVOUS_TIMEOUT", default_value_t = 30.0)]
+    rendezvous_timeout: f64,
+    /// Seconds a client on q waits for a parked connection.
+    #[arg(long, env = "TAAS_CLIENT_WAIT", default_value_t = 10.0)]
+    client_wait: f64,
+    /// Also provision a "demo" label and run a built-in hidden server (an agent in front of a
+    /// tiny HTTPS page), to see the whole path work with curl or a browser.
+    #[arg(long, env = "TAAS_DEMO")]
+    demo: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum RedirectHostArg {
+    Requested,
+    Advertise,
+}
+
+#[derive(Args)]
+struct LabelNewArgs {
+    /// The hidden server's ID (its TOTP username).
+    #[arg(long, env = "TAAS_ID")]
+    id: String,
+    /// LABEL: clients reach LABEL.<domain>.
+    #[arg(long, env = "TAAS_LABEL")]
+    label: String,
+    /// Kubernetes namespace written into the manifests.
+    #[arg(long, env = "TAAS_NAMESPACE", default_value = "default")]
+    namespace: String,
+    /// Also write the original steward's provisioning file (exports.params = ...) here.
+    #[arg(long, env = "TAAS_STEWARD")]
+    steward: Option<PathBuf>,
+    #[command(flatten)]
+    names: RelayNames,
+}
+
+fn seconds(flag: &str, value: f64) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(value)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .with_context(|| format!("{flag} {value}: expected a positive number of seconds"))
+}
+
+fn serve_options(args: &ServeArgs) -> anyhow::Result<ServeOptions> {
+    let metrics = match args.metrics.trim() {
+        "off" | "" => None,
+        addr => Some(
+            addr.parse()
+                .with_context(|| format!("--metrics {addr:?}: expected ADDR:PORT or off"))?,
+        ),
+    };
+    let n = &args.names;
+    Ok(ServeOptions {
+        listen: n.listen,
+        registrar: n.registrar.clone(),
+        domain: n.domain.clone(),
+        advertise: n.advertise.clone(),
+        redirect_host: match args.redirect_host {
+            RedirectHostArg::Requested => RedirectHost::Requested,
+            RedirectHostArg::Advertise => RedirectHost::Advertise,
+        },
+        p_ports: args.p_ports,
+        q_ports: args.q_ports,
+        labels: n.labels.clone(),
+        tls_cert: n.tls_cert.clone(),
+        tls_key: n.tls_key.clone(),
+        state_dir: n.state_dir.clone(),
+        metrics,
+        reload_interval: seconds("--reload-interval", args.reload_interval)?,
+        timeouts: Timeouts {
+            rendezvous: seconds("--rendezvous-timeout", args.rendezvous_timeout)?,
+            client_wait: seconds("--client-wait", args.client_wait)?,
+            ..Timeouts::default()
+        },
+        limits: Default::default(),
+    })
+}
+
+async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
+    let options = serve_options(&args)?;
+    let relay = serve::start(options).await?;
+    let _demo = if args.demo {
+        Some(taas_relay::demo::start(&relay).await?)
+    } else {
+        None
+    };
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => return std::future::pending().await,
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn run_label_new(args: LabelNewArgs) -> anyhow::Result<()> {
+    let out = taas_relay::provision::label_new(&taas_relay::provision::LabelNewOptions {
+        id: args.id,
+        label: args.label,
+        namespace: args.namespace,
+        steward: args.steward,
+        listen: args.names.listen,
+        registrar: args.names.registrar,
+        domain: args.names.domain,
+        advertise: args.names.advertise,
+        labels: args.names.labels,
+        tls_cert: args.names.tls_cert,
+        state_dir: args.names.state_dir,
+    })?;
+    print!("{out}");
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_format);
+    let result = match cli.command {
+        Command::Serve(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")
+            .and_then(|runtime| runtime.block_on(run_serve(args))),
+        Command::Label(LabelCommand::New(args)) => run_label_new(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("taas-relay: error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

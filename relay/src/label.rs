@@ -203,6 +203,12 @@ impl Label {
         Ok(())
     }
 
+    /// Whether a registration could get a rendezvous port now (the label is below its limit).
+    pub fn has_room(&self) -> bool {
+        let pool = lock(&self.pool);
+        pool.parked.len() + pool.reserved < self.config().max_parked
+    }
+
     /// Hands out a one-shot rendezvous port for a hidden server registering from `source`:
     /// bound before this returns, accepting one connection within the rendezvous timeout.
     pub fn open_rendezvous(self: &Arc<Self>, source: IpAddr) -> Result<u16, Unavailable> {

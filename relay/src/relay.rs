@@ -211,6 +211,12 @@ impl LabelBackend for Relay {
         let (Some((label, config)), Some(step)) = (authorised, step) else {
             return self.refuse(label.as_deref(), request.source, id, now);
         };
+        // A full label is said before the token is spent, so that the hidden server's retry
+        // later is not refused for reusing it too often.
+        if !label.has_room() {
+            label.metrics().registered(Registered::Unavailable);
+            return Answer::unavailable(RETRY_UNAVAILABLE);
+        }
         let on_this_connection = request.connection.has(id);
         if let Err(refusal) = self.guard.admit(
             id,

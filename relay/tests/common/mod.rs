@@ -222,6 +222,13 @@ impl TestRelay {
         stream
     }
 
+    /// Registers and connects to p, without waiting to see it parked (a client may be
+    /// waiting for it already).
+    pub async fn park_direct(&self, label: &TestLabel) -> TcpStream {
+        let p = self.register(label).await;
+        TcpStream::connect(p).await.unwrap()
+    }
+
     /// A mobile client connected to q (no 307 asked for).
     pub async fn client(&self, label: &str) -> TcpStream {
         TcpStream::connect(("127.0.0.1", self.q(label))).await.unwrap()
@@ -376,6 +383,17 @@ pub async fn read_to_end<S: AsyncRead + Unpin>(stream: &mut S) -> Vec<u8> {
         .expect("EOF within patience")
         .unwrap();
     out
+}
+
+/// Asserts (bounded) that the peer closed the connection without sending anything: an EOF,
+/// or a reset when our own unread bytes were still in its buffer.
+pub async fn assert_closed<S: AsyncRead + Unpin>(stream: &mut S) {
+    let mut buf = [0u8; 64];
+    match tokio::time::timeout(PATIENCE, stream.read(&mut buf)).await {
+        Ok(Ok(0)) => {}
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("expected the connection to be closed, got {other:?}"),
+    }
 }
 
 pub fn init_logs() {

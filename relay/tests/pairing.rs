@@ -1,0 +1,368 @@
+//! Mobile clients (PROTOCOL.md §3–§5): the 307, q, parking, pairing, splicing, PROXY headers,
+//! pinned client ports, client admission, and labels reloaded while pairs run.
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+#[tokio::test]
+async fn redirect_answers_404_503_and_307_with_path_and_query() {
+    let home = TestLabel::new("home");
+    let relay = TestRelay::start(&[home.clone()]).await;
+    assert_eq!(relay.mobile_get("nosuch", "/").await.status, 404);
+    let response = relay.mobile_get("home", "/").await;
+    assert_eq!(response.status, 503);
+    assert!(response.header("retry-after").is_some());
+
+    let _parked = relay.park(&home).await;
+    let response = relay.mobile_get("Home", "/a/b.html?x=1&y=two").await;
+    assert_eq!(response.status, 307);
+    assert_eq!(
+        response.header("location").unwrap(),
+        format!("https://home.{DOMAIN}:{}/a/b.html?x=1&y=two", relay.q("home"))
+    );
+    assert_eq!(response.header("content-length"), Some("0"));
+}
+
+#[tokio::test]
+async fn redirect_to_the_advertised_address_when_configured() {
+    let home = TestLabel::new("home");
+    let relay = TestRelay::start_with(&[home.clone()], |o| {
+        o.redirect_host = taas_relay::config::RedirectHost::Advertise;
+    })
+    .await;
+    let _parked = relay.park(&home).await;
+    let response = relay.mobile_get("home", "/x").await;
+    assert_eq!(
+        response.header("location").unwrap(),
+        format!("https://127.0.0.1:{}/x", relay.q("home"))
+    );
+}
+
+#[tokio::test]
+async fn client_and_hidden_server_exchange_bytes_both_ways() {
+    let home = TestLabel::new("home");
+    let relay = TestRelay::start(&[home.clone()]).await;
+    let mut hidden = relay.park(&home).await;
+    let mut client = relay.client("home").await;
+    client.write_all(b"hello from the phone").await.unwrap();
+    let mut got = [0u8; 20];
+    hidden.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"hello from the phone");
+    hidden.write_all(b"hello from home").await.unwrap();
+    let mut got = [0u8; 15];
+    client.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"hello from home");
+    assert_eq!(relay.parked("home"), 0);
+}
+
+#[tokio::test]
+async fn bytes_sent_before_pairing_are_delivered_first() {
+    let home = TestLabel::new("home");
+    let relay = TestRelay::start(&[home.clone()]).await;
+    let mut hidden = relay.park(&home).await;
+    hidden.write_all(b"SSH-2.0-banner\r\n").await.unwrap();
+    // The relay reads it while parked (and keeps it) without dropping the connection.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(relay.parked("home"), 1);
+    let mut client = relay.client("home").await;
+    let mut got = [0u8; 16];
+    client.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"SSH-2.0-banner\r\n");
+    echo_both(&mut client, &mut hidden, b"after").await;
+}
+
+async fn echo_both(client: &mut TcpStream, hidden: &mut TcpStream, data: &[u8]) {
+    client.write_all(data).await.unwrap();
+    let mut got = vec![0u8; data.len()];
+    hidden.read_exact(&mut got).await.unwrap();
+    assert_eq!(got, data);
+}
+
+#[tokio::test]
+async fn a_hidden_server_that_disconnects_leaves_the_pool_at_once() {
+    let home = TestLabel::new("home");
+    let relay = TestRelay::start(&[home.clone()]).await;
+    let a = relay.park(&home).await;
+    let b = relay.park(&home).await;
+    drop(a);
+    relay.wait_parked("home", 1).await;
+    // A reset (SO_LINGER 0) is noticed too.
+    socket2::SockRef::from(&b).set_linger(Some(Duration::ZERO)).unwrap();
+    drop(b);
+    relay.wait_parked("home", 0).await;
+    assert_eq!(relay.mobile_get("home", "/").await.status, 503);
+}
+
+#[tokio::test]
+async fn pairing_takes_the_newest_parked_connection() {
+    let home = TestLabel::new("home");
+    let relay = TestRelay::start(&[home.clone()]).await;
+    let mut older = relay.park(&home).await;
+    let mut newer = relay.park(&home).await;
+    let mut client = relay.client("home").await;
+    echo_both(&mut client, &mut newer, b"to the newest").await;
+    let mut second = relay.client("home").await;
+    echo_both(&mut second, &mut older, b"then the older").await;
+}
+
+#[tokio::test]
+async fn a_client_waits_on_q_for_a_connection_to_be_parked() {
+    let home = TestLabel::new("home");
+    let relay = TestRelay::start(&[home.clone()]).await;
+    let mut client = relay.client("home").await;
+    client.write_all(b"early client").await.unwrap();
+    let mut hidden = relay.park_direct(&home).await;
+    let mut got = [0u8; 12];
+    hidden.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"early client");
+}
+
+#[tokio::test]
+async fn a_client_waits_a_bounded_time_then_is_closed() {
+    let home = TestLabel::new("home");
+    let relay = TestRelay::start_with(&[home.clone()], |o| {
+        o.timeouts.client_wait = Duration::from_millis(200);
+    })
+    .await;
+    let mut client = relay.client("home").await;
+    assert!(read_to_end(&mut client).await.is_empty());
+    let metrics = relay.metrics().await;
+    assert!(
+        metrics.contains("taas_clients_refused_total{label=\"home\",kind=\"timeout\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn half_close_passes_through_in_both_directions() {
+    let home = TestLabel::new("home");
+    let relay = TestRelay::start(&[home.clone()]).await;
+
+    // Client finishes sending first; the hidden server still answers afterwards.
+    let mut hidden = relay.park(&home).await;
+    let mut client = relay.client("home").await;
+    client.write_all(b"request").await.unwrap();
+    client.shutdown().await.unwrap();
+    assert_eq!(read_to_end(&mut hidden).await, b"request");
+    hidden.write_all(b"response after client FIN").await.unwrap();
+    hidden.shutdown().await.unwrap();
+    assert_eq!(read_to_end(&mut client).await, b"response after client FIN");
+
+    // The hidden server finishes first; the client still sends afterwards.
+    let mut hidden = relay.park(&home).await;
+    let mut client = relay.client("home").await;
+    client.write_all(b"x").await.unwrap();
+    let mut one = [0u8; 1];
+    hidden.read_exact(&mut one).await.unwrap();
+    hidden.write_all(b"banner").await.unwrap();
+    hidden.shutdown().await.unwrap();
+    assert_eq!(read_to_end(&mut client).await, b"banner");
+    client.write_all(b"late upload").await.unwrap();
+    client.shutdown().await.unwrap();
+    assert_eq!(read_to_end(&mut hidden).await, b"late upload");
+}
+
+/// A deterministic, position-dependent byte pattern, different per stream.
+fn pattern(seed: u32, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| ((i as u32).wrapping_mul(2_654_435_761) ^ seed.wrapping_mul(40_503)) as u8)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_clients_through_one_label_every_byte_checked() {
+    let home = TestLabel::new("home").with("maxParked: 200");
+    let relay = TestRelay::start(&[home.clone()]).await;
+    // 200 parked connections: each one echoes what it receives (a hidden server).
+    let mut session = relay.session().await;
+    let mut hidden_tasks = Vec::new();
+    for _ in 0..200 {
+        let response = session.put("home", &home.authorization()).await;
+        assert_eq!(response.status, 200);
+        let mut hidden = TcpStream::connect(response.body_str()).await.unwrap();
+        hidden_tasks.push(tokio::spawn(async move {
+            let (mut r, mut w) = hidden.split();
+            tokio::io::copy(&mut r, &mut w).await.unwrap();
+            w.shutdown().await.unwrap();
+        }));
+    }
+    relay.wait_parked("home", 200).await;
+    let q = relay.q("home");
+    let clients: Vec<_> = (0..200u32)
+        .map(|i| {
+            tokio::spawn(async move {
+                let data = pattern(i, 64 * 1024 + i as usize);
+                let stream = TcpStream::connect(("127.0.0.1", q)).await.unwrap();
+                let (mut r, mut w) = stream.into_split();
+                let sent = data.clone();
+                let writer = tokio::spawn(async move {
+                    w.write_all(&sent).await.unwrap();
+                    w.shutdown().await.unwrap();
+                });
+                let mut back = Vec::new();
+                tokio::time::timeout(PATIENCE * 3, r.read_to_end(&mut back))
+                    .await
+                    .expect("echo in time")
+                    .unwrap();
+                writer.await.unwrap();
+                assert_eq!(back.len(), data.len(), "client {i}");
+                assert!(back == data, "client {i}: bytes differ");
+            })
+        })
+        .collect();
+    for client in clients {
+        client.await.unwrap();
+    }
+    for task in hidden_tasks {
+        task.await.unwrap();
+    }
+    let metrics = relay.metrics().await;
+    assert!(metrics.contains("taas_pairings_total{label=\"home\"} 200"), "{metrics}");
+}
+
+#[tokio::test]
+async fn a_client_reset_does_not_affect_another_pair() {
+    let home = TestLabel::new("home");
+    let relay = TestRelay::start(&[home.clone()]).await;
+    let mut hidden_a = relay.park(&home).await;
+    let mut hidden_b = relay.park(&home).await;
+    let mut client_b = relay.client("home").await; // paired with b (newest)
+    echo_both(&mut client_b, &mut hidden_b, b"b1").await;
+    let mut client_a = relay.client("home").await; // paired with a
+    echo_both(&mut client_a, &mut hidden_a, b"a1").await;
+    // Client a resets mid-stream.
+    socket2::SockRef::from(&client_a).set_linger(Some(Duration::ZERO)).unwrap();
+    drop(client_a);
+    // a's hidden side sees the pair end...
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(PATIENCE, hidden_a.read_to_end(&mut rest)).await;
+    // ...while b carries on both ways.
+    echo_both(&mut client_b, &mut hidden_b, b"b2 still flowing").await;
+    hidden_b.write_all(b"back").await.unwrap();
+    let mut got = [0u8; 4];
+    client_b.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"back");
+}
+
+#[tokio::test]
+async fn labels_that_were_javascript_object_members_are_ordinary_labels() {
+    let labels: Vec<TestLabel> = ["constructor", "tostring", "hasownproperty"]
+        .into_iter()
+        .map(TestLabel::new)
+        .collect();
+    let relay = TestRelay::start(&labels).await;
+    // Unregistered: 503, and q closes a client cleanly (no crash).
+    for label in &labels {
+        assert_eq!(relay.mobile_get(&label.label, "/").await.status, 503);
+    }
+    assert_eq!(relay.mobile_get("__proto__", "/").await.status, 404);
+    assert_eq!(relay.mobile_get("valueof", "/").await.status, 404);
+    for label in &labels {
+        let mut hidden = relay.park(label).await;
+        assert_eq!(relay.mobile_get(&label.label, "/").await.status, 307);
+        let mut client = relay.client(&label.label).await;
+        echo_both(&mut client, &mut hidden, label.label.as_bytes()).await;
+    }
+}
+
+#[tokio::test]
+async fn proxy_protocol_v1_and_v2_headers_reach_the_hidden_server_first() {
+    let v1 = TestLabel::new("one").with("proxyProtocol: v1");
+    let v2 = TestLabel::new("two").with("proxyProtocol: v2");
+    let relay = TestRelay::start(&[v1.clone(), v2.clone()]).await;
+
+    let mut hidden = relay.park(&v1).await;
+    let mut client = relay.client("one").await;
+    let client_port = client.local_addr().unwrap().port();
+    client.write_all(b"data").await.unwrap();
+    let expected = format!(
+        "PROXY TCP4 127.0.0.1 127.0.0.1 {client_port} {}\r\ndata",
+        relay.q("one")
+    );
+    let mut got = vec![0u8; expected.len()];
+    hidden.read_exact(&mut got).await.unwrap();
+    assert_eq!(String::from_utf8(got).unwrap(), expected);
+
+    let mut hidden = relay.park(&v2).await;
+    let mut client = relay.client("two").await;
+    let client_port = client.local_addr().unwrap().port();
+    client.write_all(b"data").await.unwrap();
+    let mut got = vec![0u8; 16 + 12 + 4];
+    hidden.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got[..12], b"\r\n\r\n\0\r\nQUIT\n");
+    assert_eq!(got[12], 0x21);
+    assert_eq!(got[13], 0x11);
+    assert_eq!(u16::from_be_bytes([got[14], got[15]]), 12);
+    assert_eq!(&got[16..20], &[127, 0, 0, 1]);
+    assert_eq!(u16::from_be_bytes([got[24], got[25]]), client_port);
+    assert_eq!(u16::from_be_bytes([got[26], got[27]]), relay.q("two"));
+    assert_eq!(&got[28..], b"data");
+}
+
+#[tokio::test]
+async fn a_pinned_client_port_is_a_raw_tcp_forward() {
+    let pinned = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let svc = TestLabel::new("svc.home").with(&format!("clientPort: {pinned}"));
+    let relay = TestRelay::start(&[svc.clone()]).await;
+    assert_eq!(relay.q("svc.home"), pinned);
+    let mut hidden = relay.park(&svc).await;
+    // No 307 needed: any TCP client on the pinned port is spliced.
+    let mut client = TcpStream::connect(("127.0.0.1", pinned)).await.unwrap();
+    echo_both(&mut client, &mut hidden, b"\x16\x03\x01 not http").await;
+}
+
+#[tokio::test]
+async fn with_client_admission_only_redirected_sources_reach_q() {
+    let home = TestLabel::new("home").with("clientAdmission: Redirected");
+    let relay = TestRelay::start(&[home.clone()]).await;
+    let mut hidden = relay.park(&home).await;
+    // 127.0.0.4 never asked for a 307: closed, the parked connection stays.
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.4:0".parse().unwrap()).unwrap();
+    let mut drainer = socket.connect(std::net::SocketAddr::from(([127, 0, 0, 1], relay.q("home")))).await.unwrap();
+    drainer.write_all(b"drain").await.unwrap();
+    assert_closed(&mut drainer).await;
+    assert_eq!(relay.parked("home"), 1);
+    // 127.0.0.1 got its 307 first: admitted.
+    assert_eq!(relay.mobile_get("home", "/").await.status, 307);
+    let mut client = relay.client("home").await;
+    echo_both(&mut client, &mut hidden, b"admitted").await;
+}
+
+#[tokio::test]
+async fn reloading_the_directory_adds_and_removes_labels_without_dropping_other_pairs() {
+    let home = TestLabel::new("home");
+    let gone = TestLabel::new("gone");
+    let relay = TestRelay::start(&[home.clone(), gone.clone()]).await;
+    let mut hidden = relay.park(&home).await;
+    let mut client = relay.client("home").await;
+    echo_both(&mut client, &mut hidden, b"before reload").await;
+    let _parked_home = relay.park(&home).await;
+
+    // Add one label, remove another, and break a third file: the valid ones apply.
+    let added = TestLabel::new("added");
+    write_label(&relay.labels_dir, &added);
+    std::fs::remove_file(relay.labels_dir.join("gone.yaml")).unwrap();
+    std::fs::write(relay.labels_dir.join("broken.yaml"), "kind: [unclosed").unwrap();
+    eventually("reload applied", || async {
+        relay.standalone.relay.label("added").is_some()
+            && relay.standalone.relay.label("gone").is_none()
+    })
+    .await;
+    let _parked_added = relay.park(&added).await;
+    assert_eq!(relay.mobile_get("gone", "/").await.status, 404);
+
+    // The pair and the parked connection of "home" were not touched.
+    echo_both(&mut client, &mut hidden, b"after reload").await;
+    hidden.write_all(b"!").await.unwrap();
+    let mut one = [0u8; 1];
+    client.read_exact(&mut one).await.unwrap();
+    assert_eq!(relay.parked("home"), 1);
+}

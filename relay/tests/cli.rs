@@ -20,7 +20,8 @@ fn serve_fails(dir: &Path, args: &[&str]) -> Output {
     let mut command = relay_bin();
     command
         .current_dir(dir)
-        .args(["serve", "--listen", "127.0.0.1:0", "--metrics", "off"])
+        .env("TAAS_LISTEN", "127.0.0.1:0")
+        .args(["serve", "--metrics", "off"])
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

@@ -190,39 +190,6 @@ pub fn server_config(files: &CertFiles) -> Result<Arc<rustls::ServerConfig>, Tls
     Ok(Arc::new(config))
 }
 
-/// A client configuration that trusts exactly the certificates in `ca_file`, or the system's
-/// roots when there is none.
-pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, TlsError> {
-    let mut roots = rustls::RootCertStore::empty();
-    match ca_file {
-        Some(path) => {
-            for cert in read_certs(path)? {
-                roots.add(cert)?;
-            }
-        }
-        None => {
-            let found = rustls_native_certs::load_native_certs();
-            for cert in found.certs {
-                // A system store may hold certificates rustls cannot use; skip those.
-                let _ = roots.add(cert);
-            }
-            if roots.is_empty() {
-                return Err(pem_error(
-                    Path::new("system trust store"),
-                    "certificate",
-                    "no usable root certificates: pass the relay's certificate with --ca".into(),
-                ));
-            }
-        }
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -256,7 +223,8 @@ mod tests {
             "regenerated for new names"
         );
         server_config(&changed).unwrap();
-        client_config(Some(&changed.cert)).unwrap();
+        crate::agent::client_tls_config(&crate::agent::Trust::PemFile(changed.cert.clone()))
+            .unwrap();
     }
 
     #[test]

@@ -49,9 +49,15 @@ fn stderr(output: &Output) -> String {
 #[test]
 fn overlapping_port_ranges_are_refused_at_start() {
     let dir = tempfile::tempdir().unwrap();
-    let out = serve_fails(dir.path(), &["--p-ports", "30000-30100", "--q-ports", "30100-30200"]);
+    let out = serve_fails(
+        dir.path(),
+        &["--p-ports", "30000-30100", "--q-ports", "30100-30200"],
+    );
     let err = stderr(&out);
-    assert!(err.contains("overlap") && err.contains("30000-30100"), "{err}");
+    assert!(
+        err.contains("overlap") && err.contains("30000-30100"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -74,7 +80,12 @@ fn unreadable_certificate_files_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let err = stderr(&serve_fails(
         dir.path(),
-        &["--tls-cert", "missing-cert.pem", "--tls-key", "missing-key.pem"],
+        &[
+            "--tls-cert",
+            "missing-cert.pem",
+            "--tls-key",
+            "missing-key.pem",
+        ],
     ));
     assert!(err.contains("missing-cert.pem"), "{err}");
     let err = stderr(&serve_fails(dir.path(), &["--tls-cert", "only-cert.pem"]));
@@ -98,7 +109,11 @@ fn an_invalid_label_file_is_named_with_its_problem() {
 
     write_label(&labels, &TestLabel::new("home"));
     let twice = TestLabel::new("home");
-    std::fs::write(labels.join("again.yaml"), twice.manifest().replace("home-totp", "other-totp")).unwrap();
+    std::fs::write(
+        labels.join("again.yaml"),
+        twice.manifest().replace("home-totp", "other-totp"),
+    )
+    .unwrap();
     let err = stderr(&serve_fails(dir.path(), &[]));
     assert!(err.contains("home") && err.contains("again.yaml"), "{err}");
 }
@@ -116,7 +131,10 @@ fn a_front_end_port_in_use_is_reported() {
         .unwrap();
     assert!(!out.status.success());
     let err = stderr(&out);
-    assert!(err.contains("cannot listen") && err.contains(&addr), "{err}");
+    assert!(
+        err.contains("cannot listen") && err.contains(&addr),
+        "{err}"
+    );
 }
 
 #[test]
@@ -124,7 +142,14 @@ fn label_new_writes_a_manifest_the_relay_loads_and_refuses_to_overwrite() {
     let dir = tempfile::tempdir().unwrap();
     let out = relay_bin()
         .current_dir(dir.path())
-        .args(["label", "new", "--id", "2f402f80-da50-11e1-9b23-0123456789ab", "--label", "Home"])
+        .args([
+            "label",
+            "new",
+            "--id",
+            "2f402f80-da50-11e1-9b23-0123456789ab",
+            "--label",
+            "Home",
+        ])
         .args(["--steward", "steward.js"])
         .output()
         .unwrap();
@@ -132,7 +157,10 @@ fn label_new_writes_a_manifest_the_relay_loads_and_refuses_to_overwrite() {
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("otpauth://totp/"), "{text}");
     assert!(text.contains("digits=6"), "{text}");
-    assert!(text.contains("taas-agent --relay https://taas-registrar.localhost:8443"), "{text}");
+    assert!(
+        text.contains("taas-agent --relay https://taas-registrar.localhost:8443"),
+        "{text}"
+    );
     assert!(text.contains('█'), "a QR code is printed");
     let config = taas_relay::label_source::read_label_file(&dir.path().join("labels/home.yaml"))
         .expect("the relay reads what label new wrote");
@@ -156,7 +184,10 @@ fn label_new_writes_a_manifest_the_relay_loads_and_refuses_to_overwrite() {
         .iter()
         .map(|b| b.as_u64().unwrap() as u8)
         .collect();
-    assert_eq!(ca, std::fs::read(dir.path().join(".taas/relay-cert.pem")).unwrap());
+    assert_eq!(
+        ca,
+        std::fs::read(dir.path().join(".taas/relay-cert.pem")).unwrap()
+    );
     let secret = taas_relay::totp::decode_secret(params["base32"].as_str().unwrap()).unwrap();
     assert_eq!(secret, config.secret);
 

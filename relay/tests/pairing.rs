@@ -11,7 +11,7 @@ use tokio::net::{TcpSocket, TcpStream};
 #[tokio::test]
 async fn redirect_answers_404_503_and_307_with_path_and_query() {
     let home = TestLabel::new("home");
-    let relay = TestRelay::start(&[home.clone()]).await;
+    let relay = TestRelay::start(&[&home]).await;
     assert_eq!(relay.mobile_get("nosuch", "/").await.status, 404);
     let response = relay.mobile_get("home", "/").await;
     assert_eq!(response.status, 503);
@@ -22,7 +22,10 @@ async fn redirect_answers_404_503_and_307_with_path_and_query() {
     assert_eq!(response.status, 307);
     assert_eq!(
         response.header("location").unwrap(),
-        format!("https://home.{DOMAIN}:{}/a/b.html?x=1&y=two", relay.q("home"))
+        format!(
+            "https://home.{DOMAIN}:{}/a/b.html?x=1&y=two",
+            relay.q("home")
+        )
     );
     assert_eq!(response.header("content-length"), Some("0"));
 }
@@ -30,7 +33,7 @@ async fn redirect_answers_404_503_and_307_with_path_and_query() {
 #[tokio::test]
 async fn redirect_to_the_advertised_address_when_configured() {
     let home = TestLabel::new("home");
-    let relay = TestRelay::start_with(&[home.clone()], |o| {
+    let relay = TestRelay::start_with(&[&home], |o| {
         o.redirect_host = taas_relay::config::RedirectHost::Advertise;
     })
     .await;
@@ -45,7 +48,7 @@ async fn redirect_to_the_advertised_address_when_configured() {
 #[tokio::test]
 async fn client_and_hidden_server_exchange_bytes_both_ways() {
     let home = TestLabel::new("home");
-    let relay = TestRelay::start(&[home.clone()]).await;
+    let relay = TestRelay::start(&[&home]).await;
     let mut hidden = relay.park(&home).await;
     let mut client = relay.client("home").await;
     client.write_all(b"hello from the phone").await.unwrap();
@@ -62,7 +65,7 @@ async fn client_and_hidden_server_exchange_bytes_both_ways() {
 #[tokio::test]
 async fn bytes_sent_before_pairing_are_delivered_first() {
     let home = TestLabel::new("home");
-    let relay = TestRelay::start(&[home.clone()]).await;
+    let relay = TestRelay::start(&[&home]).await;
     let mut hidden = relay.park(&home).await;
     hidden.write_all(b"SSH-2.0-banner\r\n").await.unwrap();
     // The relay reads it while parked (and keeps it) without dropping the connection.
@@ -85,13 +88,15 @@ async fn echo_both(client: &mut TcpStream, hidden: &mut TcpStream, data: &[u8]) 
 #[tokio::test]
 async fn a_hidden_server_that_disconnects_leaves_the_pool_at_once() {
     let home = TestLabel::new("home");
-    let relay = TestRelay::start(&[home.clone()]).await;
+    let relay = TestRelay::start(&[&home]).await;
     let a = relay.park(&home).await;
     let b = relay.park(&home).await;
     drop(a);
     relay.wait_parked("home", 1).await;
     // A reset (SO_LINGER 0) is noticed too.
-    socket2::SockRef::from(&b).set_linger(Some(Duration::ZERO)).unwrap();
+    socket2::SockRef::from(&b)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
     drop(b);
     relay.wait_parked("home", 0).await;
     assert_eq!(relay.mobile_get("home", "/").await.status, 503);
@@ -100,7 +105,7 @@ async fn a_hidden_server_that_disconnects_leaves_the_pool_at_once() {
 #[tokio::test]
 async fn pairing_takes_the_newest_parked_connection() {
     let home = TestLabel::new("home");
-    let relay = TestRelay::start(&[home.clone()]).await;
+    let relay = TestRelay::start(&[&home]).await;
     let mut older = relay.park(&home).await;
     let mut newer = relay.park(&home).await;
     let mut client = relay.client("home").await;
@@ -112,7 +117,7 @@ async fn pairing_takes_the_newest_parked_connection() {
 #[tokio::test]
 async fn a_client_waits_on_q_for_a_connection_to_be_parked() {
     let home = TestLabel::new("home");
-    let relay = TestRelay::start(&[home.clone()]).await;
+    let relay = TestRelay::start(&[&home]).await;
     let mut client = relay.client("home").await;
     client.write_all(b"early client").await.unwrap();
     let mut hidden = relay.park_direct(&home).await;
@@ -124,7 +129,7 @@ async fn a_client_waits_on_q_for_a_connection_to_be_parked() {
 #[tokio::test]
 async fn a_client_waits_a_bounded_time_then_is_closed() {
     let home = TestLabel::new("home");
-    let relay = TestRelay::start_with(&[home.clone()], |o| {
+    let relay = TestRelay::start_with(&[&home], |o| {
         o.timeouts.client_wait = Duration::from_millis(200);
     })
     .await;
@@ -140,7 +145,7 @@ async fn a_client_waits_a_bounded_time_then_is_closed() {
 #[tokio::test]
 async fn half_close_passes_through_in_both_directions() {
     let home = TestLabel::new("home");
-    let relay = TestRelay::start(&[home.clone()]).await;
+    let relay = TestRelay::start(&[&home]).await;
 
     // Client finishes sending first; the hidden server still answers afterwards.
     let mut hidden = relay.park(&home).await;
@@ -148,7 +153,10 @@ async fn half_close_passes_through_in_both_directions() {
     client.write_all(b"request").await.unwrap();
     client.shutdown().await.unwrap();
     assert_eq!(read_to_end(&mut hidden).await, b"request");
-    hidden.write_all(b"response after client FIN").await.unwrap();
+    hidden
+        .write_all(b"response after client FIN")
+        .await
+        .unwrap();
     hidden.shutdown().await.unwrap();
     assert_eq!(read_to_end(&mut client).await, b"response after client FIN");
 
@@ -176,7 +184,7 @@ fn pattern(seed: u32, len: usize) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_concurrent_clients_through_one_label_every_byte_checked() {
     let home = TestLabel::new("home").with("maxParked: 200");
-    let relay = TestRelay::start(&[home.clone()]).await;
+    let relay = TestRelay::start(&[&home]).await;
     // 200 parked connections: each one echoes what it receives (a hidden server).
     let mut session = relay.session().await;
     let mut hidden_tasks = Vec::new();
@@ -221,13 +229,16 @@ async fn two_hundred_concurrent_clients_through_one_label_every_byte_checked() {
         task.await.unwrap();
     }
     let metrics = relay.metrics().await;
-    assert!(metrics.contains("taas_pairings_total{label=\"home\"} 200"), "{metrics}");
+    assert!(
+        metrics.contains("taas_pairings_total{label=\"home\"} 200"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
 async fn a_client_reset_does_not_affect_another_pair() {
     let home = TestLabel::new("home");
-    let relay = TestRelay::start(&[home.clone()]).await;
+    let relay = TestRelay::start(&[&home]).await;
     let mut hidden_a = relay.park(&home).await;
     let mut hidden_b = relay.park(&home).await;
     let mut client_b = relay.client("home").await; // paired with b (newest)
@@ -235,7 +246,9 @@ async fn a_client_reset_does_not_affect_another_pair() {
     let mut client_a = relay.client("home").await; // paired with a
     echo_both(&mut client_a, &mut hidden_a, b"a1").await;
     // Client a resets mid-stream.
-    socket2::SockRef::from(&client_a).set_linger(Some(Duration::ZERO)).unwrap();
+    socket2::SockRef::from(&client_a)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
     drop(client_a);
     // a's hidden side sees the pair end...
     let mut rest = Vec::new();
@@ -254,7 +267,7 @@ async fn labels_that_were_javascript_object_members_are_ordinary_labels() {
         .into_iter()
         .map(TestLabel::new)
         .collect();
-    let relay = TestRelay::start(&labels).await;
+    let relay = TestRelay::start(&labels.iter().collect::<Vec<_>>()).await;
     // Unregistered: 503, and q closes a client cleanly (no crash).
     for label in &labels {
         assert_eq!(relay.mobile_get(&label.label, "/").await.status, 503);
@@ -273,7 +286,7 @@ async fn labels_that_were_javascript_object_members_are_ordinary_labels() {
 async fn proxy_protocol_v1_and_v2_headers_reach_the_hidden_server_first() {
     let v1 = TestLabel::new("one").with("proxyProtocol: v1");
     let v2 = TestLabel::new("two").with("proxyProtocol: v2");
-    let relay = TestRelay::start(&[v1.clone(), v2.clone()]).await;
+    let relay = TestRelay::start(&[&v1, &v2]).await;
 
     let mut hidden = relay.park(&v1).await;
     let mut client = relay.client("one").await;
@@ -310,7 +323,7 @@ async fn a_pinned_client_port_is_a_raw_tcp_forward() {
         probe.local_addr().unwrap().port()
     };
     let svc = TestLabel::new("svc.home").with(&format!("clientPort: {pinned}"));
-    let relay = TestRelay::start(&[svc.clone()]).await;
+    let relay = TestRelay::start(&[&svc]).await;
     assert_eq!(relay.q("svc.home"), pinned);
     let mut hidden = relay.park(&svc).await;
     // No 307 needed: any TCP client on the pinned port is spliced.
@@ -321,12 +334,18 @@ async fn a_pinned_client_port_is_a_raw_tcp_forward() {
 #[tokio::test]
 async fn with_client_admission_only_redirected_sources_reach_q() {
     let home = TestLabel::new("home").with("clientAdmission: Redirected");
-    let relay = TestRelay::start(&[home.clone()]).await;
+    let relay = TestRelay::start(&[&home]).await;
     let mut hidden = relay.park(&home).await;
     // 127.0.0.4 never asked for a 307: closed, the parked connection stays.
     let socket = TcpSocket::new_v4().unwrap();
     socket.bind("127.0.0.4:0".parse().unwrap()).unwrap();
-    let mut drainer = socket.connect(std::net::SocketAddr::from(([127, 0, 0, 1], relay.q("home")))).await.unwrap();
+    let mut drainer = socket
+        .connect(std::net::SocketAddr::from((
+            [127, 0, 0, 1],
+            relay.q("home"),
+        )))
+        .await
+        .unwrap();
     drainer.write_all(b"drain").await.unwrap();
     assert_closed(&mut drainer).await;
     assert_eq!(relay.parked("home"), 1);
@@ -340,7 +359,7 @@ async fn with_client_admission_only_redirected_sources_reach_q() {
 async fn reloading_the_directory_adds_and_removes_labels_without_dropping_other_pairs() {
     let home = TestLabel::new("home");
     let gone = TestLabel::new("gone");
-    let relay = TestRelay::start(&[home.clone(), gone.clone()]).await;
+    let relay = TestRelay::start(&[&home, &gone]).await;
     let mut hidden = relay.park(&home).await;
     let mut client = relay.client("home").await;
     echo_both(&mut client, &mut hidden, b"before reload").await;

@@ -11,7 +11,7 @@ use tokio::net::{TcpSocket, TcpStream};
 #[tokio::test]
 async fn steward_registration_bytes_get_200_and_host_port() {
     let home = TestLabel::new("home").id("2f402f80-da50-11e1-9b23-0123456789ab");
-    let relay = TestRelay::start(&[home.clone()]).await;
+    let relay = TestRelay::start(&[&home]).await;
     let response = relay.put("home", &home.authorization()).await;
     assert_eq!(response.status, 200);
     assert_eq!(response.header("content-type"), Some("text/plain"));
@@ -27,7 +27,7 @@ async fn steward_registration_bytes_get_200_and_host_port() {
 #[tokio::test]
 async fn steward_burst_of_15_with_one_token_all_succeed() {
     let home = TestLabel::new("home");
-    let relay = TestRelay::start(&[home.clone()]).await;
+    let relay = TestRelay::start(&[&home]).await;
     let authorization = home.authorization();
     let mut parked = Vec::new();
     for _ in 0..15 {
@@ -41,7 +41,7 @@ async fn steward_burst_of_15_with_one_token_all_succeed() {
 #[tokio::test]
 async fn authorization_parsing_variants_are_accepted() {
     let home = TestLabel::new("home");
-    let relay = TestRelay::start(&[home.clone()]).await;
+    let relay = TestRelay::start(&[&home]).await;
     let (id, token) = (home.id.clone(), home.token());
     for header in [
         format!("TOTP response=\"{token}\", username=\"{id}\""),
@@ -58,7 +58,7 @@ async fn authorization_parsing_variants_are_accepted() {
 async fn answer_table_rows() {
     let home = TestLabel::new("home");
     let other = TestLabel::new("other");
-    let relay = TestRelay::start(&[home.clone(), other.clone()]).await;
+    let relay = TestRelay::start(&[&home, &other]).await;
     let port = relay.addr().port();
 
     // No Authorization: 401 with the challenge.
@@ -84,23 +84,39 @@ async fn answer_table_rows() {
         format!("TOTP username=\"{id}\", response=\"123456789\""),
         format!("TOTP username=\"{id}\", response=\"12a456\""),
         format!("TOTP username=\"{id}\", response=\"123456"),
-        format!("TOTP username=\"{}\", response=\"123456\"", "x".repeat(1100)),
+        format!(
+            "TOTP username=\"{}\", response=\"123456\"",
+            "x".repeat(1100)
+        ),
     ] {
         let response = relay.put("home", &header).await;
         assert_eq!(response.status, 400, "{header:.80}");
     }
 
     // Unknown ID, wrong token, label of another ID: one answer, 401.
-    let wrong = if home.token() == "000000" { "111111" } else { "000000" };
+    let wrong = if home.token() == "000000" {
+        "111111"
+    } else {
+        "000000"
+    };
     for (label, header) in [
-        ("home", format!("TOTP username=\"stranger\", response=\"{}\"", home.token())),
-        ("home", format!("TOTP username=\"{id}\", response=\"{wrong}\"")),
+        (
+            "home",
+            format!("TOTP username=\"stranger\", response=\"{}\"", home.token()),
+        ),
+        (
+            "home",
+            format!("TOTP username=\"{id}\", response=\"{wrong}\""),
+        ),
         ("other", home.authorization()),
         ("nolabel", home.authorization()),
     ] {
         let response = relay.put(label, &header).await;
         assert_eq!(response.status, 401, "{label} {header}");
-        assert_eq!(response.header("www-authenticate"), Some("TOTP realm=\"taas\""));
+        assert_eq!(
+            response.header("www-authenticate"),
+            Some("TOTP realm=\"taas\"")
+        );
     }
 
     // Wrong method: 405 with Allow; wrong path: 404.
@@ -110,8 +126,17 @@ async fn answer_table_rows() {
             home.authorization()
         ))
         .await;
-    assert_eq!((response.status, response.header("allow")), (405, Some("PUT")));
-    for path in ["/", "/pairings/home", "/register/", "/register/home/x", "/registerhome"] {
+    assert_eq!(
+        (response.status, response.header("allow")),
+        (405, Some("PUT"))
+    );
+    for path in [
+        "/",
+        "/pairings/home",
+        "/register/",
+        "/register/home/x",
+        "/registerhome",
+    ] {
         let response = relay
             .raw(&format!(
                 "PUT {path} HTTP/1.1\r\nHost: {REGISTRAR}\r\nAuthorization: {}\r\nConnection: close\r\n\r\n",
@@ -134,16 +159,20 @@ async fn answer_table_rows() {
 #[tokio::test]
 async fn host_dispatch_rows() {
     let home = TestLabel::new("home");
-    let relay = TestRelay::start(&[home.clone()]).await;
+    let relay = TestRelay::start(&[&home]).await;
     // No Host at all (HTTP/1.0 allows that): 400.
     let response = relay.raw("GET / HTTP/1.0\r\n\r\n").await;
     assert_eq!(response.status, 400);
-    let response = relay.raw("GET / HTTP/1.1\r\nConnection: close\r\n\r\n").await;
+    let response = relay
+        .raw("GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+        .await;
     assert_eq!(response.status, 400);
     // Anything else: 421.
     for host in ["example.org", "taas.localhost", "10.1.2.3", "[::2]:443"] {
         let response = relay
-            .raw(&format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"))
+            .raw(&format!(
+                "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+            ))
             .await;
         assert_eq!(response.status, 421, "{host}");
     }
@@ -160,7 +189,7 @@ async fn host_dispatch_rows() {
 #[tokio::test]
 async fn oversized_heads_get_431_and_the_relay_keeps_serving() {
     let home = TestLabel::new("home");
-    let relay = TestRelay::start(&[home.clone()]).await;
+    let relay = TestRelay::start(&[&home]).await;
     let huge = format!(
         "PUT /register/home HTTP/1.1\r\nHost: {REGISTRAR}\r\nX-Big: {}\r\n\r\n",
         "a".repeat(64 * 1024)
@@ -171,7 +200,9 @@ async fn oversized_heads_get_431_and_the_relay_keeps_serving() {
     assert_eq!(response.status, 431);
     let many: String = (0..200).map(|i| format!("X-H{i}: v\r\n")).collect();
     let response = relay
-        .raw(&format!("PUT /register/home HTTP/1.1\r\nHost: {REGISTRAR}\r\n{many}\r\n"))
+        .raw(&format!(
+            "PUT /register/home HTTP/1.1\r\nHost: {REGISTRAR}\r\n{many}\r\n"
+        ))
         .await;
     assert_eq!(response.status, 431);
     assert_eq!(relay.put("home", &home.authorization()).await.status, 200);
@@ -180,7 +211,7 @@ async fn oversized_heads_get_431_and_the_relay_keeps_serving() {
 #[tokio::test]
 async fn token_reuse_is_pinned_to_the_source_and_older_steps_are_refused() {
     let home = TestLabel::new("home");
-    let relay = TestRelay::start(&[home.clone()]).await;
+    let relay = TestRelay::start(&[&home]).await;
     let now = unix_now();
     let current = home.token_at(now);
     let previous = home.token_at(now - 30);
@@ -199,11 +230,12 @@ async fn token_reuse_is_pinned_to_the_source_and_older_steps_are_refused() {
 /// One registration sent from a chosen loopback source address.
 pub async fn register_from(source: &str, relay: &TestRelay, authorization: &str) -> Response {
     let socket = TcpSocket::new_v4().unwrap();
-    socket
-        .bind(format!("{source}:0").parse().unwrap())
-        .unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
     let tcp = socket.connect(relay.addr()).await.unwrap();
-    let config = taas_relay::tls::client_config(Some(relay.ca())).unwrap();
+    let config = taas_relay::agent::client_tls_config(&taas_relay::agent::Trust::PemFile(
+        relay.ca().to_path_buf(),
+    ))
+    .unwrap();
     let name = rustls_pki_types::ServerName::try_from(REGISTRAR.to_string()).unwrap();
     let mut tls = tokio_rustls::TlsConnector::from(config)
         .connect(name, tcp)
@@ -217,7 +249,7 @@ pub async fn register_from(source: &str, relay: &TestRelay, authorization: &str)
 #[tokio::test]
 async fn token_reuse_is_bounded_by_the_parked_limit_on_new_connections_only() {
     let home = TestLabel::new("home").with("maxParked: 3");
-    let relay = TestRelay::start(&[home.clone()]).await;
+    let relay = TestRelay::start(&[&home]).await;
     let header = home.authorization();
     // Three uses on three new connections (a fourth would exceed the label's limit anyway).
     let mut held = Vec::new();
@@ -251,7 +283,7 @@ async fn token_reuse_is_bounded_by_the_parked_limit_on_new_connections_only() {
 #[tokio::test]
 async fn keep_alive_registrations_on_one_connection_are_not_limited_by_token_reuse() {
     let home = TestLabel::new("home").with("maxParked: 40");
-    let relay = TestRelay::start(&[home.clone()]).await;
+    let relay = TestRelay::start(&[&home]).await;
     let mut tls = relay.tls().await;
     let mut parked = Vec::new();
     for _ in 0..40 {
@@ -270,7 +302,7 @@ async fn keep_alive_registrations_on_one_connection_are_not_limited_by_token_reu
 #[tokio::test]
 async fn repeated_failures_get_429_with_retry_after_while_the_genuine_server_registers() {
     let home = TestLabel::new("home");
-    let relay = TestRelay::start(&[home.clone()]).await;
+    let relay = TestRelay::start(&[&home]).await;
     // The genuine hidden server registers first (from 127.0.0.1).
     assert_eq!(relay.put("home", &home.authorization()).await.status, 200);
     // Someone at 127.0.0.3 guesses tokens.
@@ -297,7 +329,7 @@ async fn repeated_failures_get_429_with_retry_after_while_the_genuine_server_reg
 #[tokio::test]
 async fn a_stranger_on_p_does_not_become_the_hidden_server() {
     let home = TestLabel::new("home");
-    let relay = TestRelay::start(&[home.clone()]).await;
+    let relay = TestRelay::start(&[&home]).await;
     let p = relay.register(&home).await;
     // 127.0.0.2 connects first: refused (closed), not parked.
     let socket = TcpSocket::new_v4().unwrap();
@@ -310,13 +342,16 @@ async fn a_stranger_on_p_does_not_become_the_hidden_server() {
     let _hidden = TcpStream::connect(p).await.unwrap();
     relay.wait_parked("home", 1).await;
     // And the port is closed after its one connection.
-    eventually("p closed", || async { TcpStream::connect(p).await.is_err() }).await;
+    eventually("p closed", || async {
+        TcpStream::connect(p).await.is_err()
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn without_source_pinning_any_source_may_connect() {
     let home = TestLabel::new("home").with("sourcePinning: false");
-    let relay = TestRelay::start(&[home.clone()]).await;
+    let relay = TestRelay::start(&[&home]).await;
     let p = relay.register(&home).await;
     let socket = TcpSocket::new_v4().unwrap();
     socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
@@ -327,7 +362,7 @@ async fn without_source_pinning_any_source_may_connect() {
 #[tokio::test]
 async fn an_unclaimed_rendezvous_port_is_released_after_its_timeout() {
     let home = TestLabel::new("home").with("maxParked: 1");
-    let relay = TestRelay::start_with(&[home.clone()], |o| {
+    let relay = TestRelay::start_with(&[&home], |o| {
         o.timeouts.rendezvous = Duration::from_millis(300);
     })
     .await;
@@ -339,7 +374,10 @@ async fn an_unclaimed_rendezvous_port_is_released_after_its_timeout() {
     let response = session.put("home", &home.authorization()).await;
     assert_eq!(response.status, 503);
     assert!(response.header("retry-after").is_some());
-    eventually("p released", || async { TcpStream::connect(p).await.is_err() }).await;
+    eventually("p released", || async {
+        TcpStream::connect(p).await.is_err()
+    })
+    .await;
     // The slot is free again.
     let mut status = 0;
     for _ in 0..100 {
@@ -362,7 +400,7 @@ async fn several_labels_per_id_each_authorised() {
     let a = TestLabel::new("alpha").id("shared-id");
     let mut b = TestLabel::new("beta").id("shared-id");
     b.secret_b32 = a.secret_b32.clone();
-    let relay = TestRelay::start(&[a.clone(), b.clone()]).await;
+    let relay = TestRelay::start(&[&a, &b]).await;
     let _pa = relay.park(&a).await;
     let _pb = relay.park(&b).await;
     assert_eq!((relay.parked("alpha"), relay.parked("beta")), (1, 1));
@@ -375,7 +413,7 @@ async fn ipv6_front_end_and_rendezvous() {
         return;
     }
     let home = TestLabel::new("home");
-    let relay = TestRelay::start_with(&[home.clone()], |o| {
+    let relay = TestRelay::start_with(&[&home], |o| {
         o.listen = "[::1]:0".parse().unwrap();
     })
     .await;

@@ -26,7 +26,10 @@ pub fn port_block(len: u16) -> (PortRange, PortRange) {
     static NEXT: AtomicU16 = AtomicU16::new(0);
     let slot = NEXT.fetch_add(1, Ordering::Relaxed);
     let blocks = 9_000 / (2 * len);
-    let index = (std::process::id() as u16).wrapping_mul(7).wrapping_add(slot) % blocks;
+    let index = (std::process::id() as u16)
+        .wrapping_mul(7)
+        .wrapping_add(slot)
+        % blocks;
     let base = 22_000 + index * 2 * len;
     (
         PortRange::new(base, base + len - 1).unwrap(),
@@ -94,12 +97,19 @@ impl TestLabel {
 
     /// The header the steward sends.
     pub fn authorization(&self) -> String {
-        format!("TOTP username=\"{}\", response=\"{}\"", self.id, self.token())
+        format!(
+            "TOTP username=\"{}\", response=\"{}\"",
+            self.id,
+            self.token()
+        )
     }
 }
 
 pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }
 
 pub fn write_label(dir: &Path, label: &TestLabel) {
@@ -115,11 +125,11 @@ pub struct TestRelay {
 }
 
 impl TestRelay {
-    pub async fn start(labels: &[TestLabel]) -> Self {
+    pub async fn start(labels: &[&TestLabel]) -> Self {
         Self::start_with(labels, |_| {}).await
     }
 
-    pub async fn start_with(labels: &[TestLabel], adjust: impl FnOnce(&mut ServeOptions)) -> Self {
+    pub async fn start_with(labels: &[&TestLabel], adjust: impl FnOnce(&mut ServeOptions)) -> Self {
         init_logs();
         let dir = tempfile::tempdir().unwrap();
         let labels_dir = dir.path().join("labels");
@@ -231,7 +241,9 @@ impl TestRelay {
 
     /// A mobile client connected to q (no 307 asked for).
     pub async fn client(&self, label: &str) -> TcpStream {
-        TcpStream::connect(("127.0.0.1", self.q(label))).await.unwrap()
+        TcpStream::connect(("127.0.0.1", self.q(label)))
+            .await
+            .unwrap()
     }
 
     /// A GET for `LABEL.<domain>` on the front end.
@@ -284,7 +296,9 @@ pub async fn tls_connect(
     ca: &Path,
     server_name: &str,
 ) -> tokio_rustls::client::TlsStream<TcpStream> {
-    let config = taas_relay::tls::client_config(Some(ca)).unwrap();
+    let config =
+        taas_relay::agent::client_tls_config(&taas_relay::agent::Trust::PemFile(ca.to_path_buf()))
+            .unwrap();
     let connector = tokio_rustls::TlsConnector::from(config);
     let tcp = TcpStream::connect(addr).await.unwrap();
     let name = rustls_pki_types::ServerName::try_from(server_name.to_string()).unwrap();
@@ -319,7 +333,11 @@ pub async fn read_response<S: AsyncRead + Unpin>(stream: &mut S) -> Response {
             .await
             .expect("response within patience")
             .unwrap();
-        assert!(n == 1, "connection closed inside the head: {:?}", String::from_utf8_lossy(&head));
+        assert!(
+            n == 1,
+            "connection closed inside the head: {:?}",
+            String::from_utf8_lossy(&head)
+        );
         head.push(byte[0]);
         assert!(head.len() < 64 * 1024);
     }
@@ -435,10 +453,14 @@ impl TlsPage {
         let addr = listener.local_addr().unwrap();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((tcp, _)) = listener.accept().await else { return };
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
-                    let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
                     let mut buf = vec![0u8; 4096];
                     let mut seen = Vec::new();
                     while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -476,7 +498,9 @@ pub async fn echo_server() -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let addr = listener.local_addr().unwrap();
     let task = tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = listener.accept().await else { return };
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
             tokio::spawn(async move {
                 let (mut r, mut w) = s.split();
                 let _ = tokio::io::copy(&mut r, &mut w).await;

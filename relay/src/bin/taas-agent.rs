@@ -1,0 +1,301 @@
+//! `taas-agent`: the hidden-server side of TAAS. Flags → `taas_relay::agent::run`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{ArgGroup, Parser, ValueEnum};
+use taas_relay::agent::{self, AgentConfig, Trust};
+use taas_relay::config::Algorithm;
+
+/// Keeps connections registered and parked at a TAAS relay, and forwards each connection a
+/// mobile client is paired onto to a local service.
+///
+/// Every flag can also be given as an environment variable TAAS_<FLAG> (e.g. TAAS_PARKED=16).
+/// Prefer TAAS_SECRET or --secret-file to --secret: command lines are visible to other users.
+/// Logs go to stderr; the level comes from RUST_LOG (default info).
+#[derive(Debug, Parser)]
+#[command(name = "taas-agent", version, about, long_about)]
+#[command(group(ArgGroup::new("credentials").required(true).args(["secret_file", "secret", "label_file"])))]
+struct Args {
+    /// The registrar, e.g. https://taas-registrar.localhost:8443 (the Host header and TLS
+    /// server name come from it).
+    #[arg(long, env = "TAAS_RELAY", value_name = "URL")]
+    relay: String,
+
+    /// Connect to this address instead of resolving the URL's host (HOST:PORT, IP:PORT, or a
+    /// bare host/IP with the URL's port).
+    #[arg(long, env = "TAAS_CONNECT", value_name = "ADDR")]
+    connect: Option<String>,
+
+    /// The hidden server's ID (TOTP username), as provisioned. Overrides --label-file.
+    #[arg(long, env = "TAAS_ID", required_unless_present = "label_file")]
+    id: Option<String>,
+
+    /// The label to register, as provisioned. Overrides --label-file.
+    #[arg(long, env = "TAAS_LABEL", required_unless_present = "label_file")]
+    label: Option<String>,
+
+    /// A file holding the base32 TOTP secret.
+    #[arg(long, env = "TAAS_SECRET_FILE", value_name = "FILE")]
+    secret_file: Option<PathBuf>,
+
+    /// The base32 TOTP secret (prefer the TAAS_SECRET environment variable).
+    #[arg(long, env = "TAAS_SECRET", value_name = "B32", hide_env_values = true)]
+    secret: Option<String>,
+
+    /// The YAML file `taas-relay label new` wrote (TaasLabel + Secret): ID, label, secret,
+    /// algorithm and period are read from it.
+    #[arg(long, env = "TAAS_LABEL_FILE", value_name = "FILE")]
+    label_file: Option<PathBuf>,
+
+    /// TOTP algorithm (without --label-file).
+    #[arg(
+        long,
+        env = "TAAS_ALGORITHM",
+        value_enum,
+        conflicts_with = "label_file"
+    )]
+    algorithm: Option<AlgorithmArg>,
+
+    /// TOTP step in seconds (without --label-file; default 30).
+    #[arg(long, env = "TAAS_PERIOD", value_name = "SECS", conflicts_with = "label_file",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    period: Option<u64>,
+
+    /// TOTP digits.
+    #[arg(long, env = "TAAS_DIGITS", default_value_t = 6,
+          value_parser = clap::value_parser!(u32).range(6..=8))]
+    digits: u32,
+
+    /// The local service each paired connection is forwarded to, e.g. 127.0.0.1:8888.
+    #[arg(long, env = "TAAS_FORWARD", value_name = "ADDR")]
+    forward: String,
+
+    /// Connections kept registered and waiting.
+    #[arg(long, env = "TAAS_PARKED", value_name = "N", default_value_t = agent::DEFAULT_PARKED,
+          value_parser = parse_parked)]
+    parked: usize,
+
+    /// Trust this certificate (PEM) for the registrar, e.g. a self-signed relay's
+    /// certificate; default: the system's roots.
+    #[arg(long, env = "TAAS_CA", value_name = "FILE")]
+    ca: Option<PathBuf>,
+
+    /// Serve /metrics, /healthz and /readyz on this address (off by default).
+    #[arg(long, env = "TAAS_METRICS", value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
+
+    /// Longest wait between failed attempts, seconds.
+    #[arg(long, env = "TAAS_MAX_BACKOFF", value_name = "SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_backoff: u64,
+
+    /// Log format on stderr.
+    #[arg(long, env = "TAAS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+#[value(rename_all = "UPPER")]
+enum AlgorithmArg {
+    Sha1,
+    Sha256,
+    Sha512,
+}
+
+fn parse_parked(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=4096).contains(&n) => Ok(n),
+        _ => Err("expected a number from 1 to 4096".into()),
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn config(args: Args) -> anyhow::Result<AgentConfig> {
+    let mut config = if let Some(path) = &args.label_file {
+        let label = agent::read_label_file(path)?;
+        AgentConfig::from_label(&args.relay, &label, &args.forward)
+    } else {
+        let secret = match (&args.secret_file, &args.secret) {
+            (Some(path), _) => agent::read_secret_file(path)?,
+            (None, Some(b32)) => agent::decode_secret(b32).context("--secret / TAAS_SECRET")?,
+            (None, None) => anyhow::bail!("give --secret-file, --secret or --label-file"),
+        };
+        let mut config = AgentConfig::new(&args.relay, "", "", secret, &args.forward);
+        if let Some(algorithm) = args.algorithm {
+            config.algorithm = match algorithm {
+                AlgorithmArg::Sha1 => Algorithm::SHA1,
+                AlgorithmArg::Sha256 => Algorithm::SHA256,
+                AlgorithmArg::Sha512 => Algorithm::SHA512,
+            };
+        }
+        if let Some(period) = args.period {
+            config.period = period;
+        }
+        config
+    };
+    if let Some(id) = args.id {
+        config.id = id;
+    }
+    if let Some(label) = args.label {
+        config.label = label;
+    }
+    config.connect = args.connect;
+    config.digits = args.digits;
+    config.parked = args.parked;
+    config.trust = match args.ca {
+        Some(path) => Trust::PemFile(path),
+        None => Trust::System,
+    };
+    config.metrics = args.metrics;
+    config.max_backoff = Duration::from_secs(args.max_backoff);
+    Ok(config)
+}
+
+/// Ctrl-C, or SIGTERM on Unix.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = terminate => {}
+    }
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    init_logging(args.log_format);
+    let result = match config(args) {
+        Ok(config) => agent::run(config, shutdown_signal())
+            .await
+            .map_err(anyhow::Error::from),
+        Err(error) => Err(error),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            // One line with the causes, no backtrace: these are configuration mistakes.
+            eprintln!("taas-agent: {error:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn flags() {
+        let args = Args::try_parse_from([
+            "taas-agent",
+            "--relay",
+            "https://r.example:8443",
+            "--id",
+            "id-1",
+            "--label",
+            "home",
+            "--secret",
+            "GEZDGNBV",
+            "--forward",
+            "127.0.0.1:8888",
+            "--parked",
+            "3",
+            "--algorithm",
+            "SHA256",
+        ])
+        .unwrap();
+        let config = config(args).unwrap();
+        assert_eq!(config.parked, 3);
+        assert_eq!(config.algorithm, Algorithm::SHA256);
+        assert_eq!(config.secret, b"12345");
+        assert_eq!(config.id, "id-1");
+
+        // A credential source is required.
+        assert!(Args::try_parse_from([
+            "taas-agent",
+            "--relay",
+            "https://r",
+            "--id",
+            "i",
+            "--label",
+            "l",
+            "--forward",
+            "h:1",
+        ])
+        .is_err());
+        // Only one.
+        assert!(Args::try_parse_from([
+            "taas-agent",
+            "--relay",
+            "https://r",
+            "--id",
+            "i",
+            "--label",
+            "l",
+            "--forward",
+            "h:1",
+            "--secret",
+            "GEZDGNBV",
+            "--secret-file",
+            "/x",
+        ])
+        .is_err());
+        assert!(Args::try_parse_from([
+            "taas-agent",
+            "--relay",
+            "https://r",
+            "--id",
+            "i",
+            "--label",
+            "l",
+            "--forward",
+            "h:1",
+            "--secret",
+            "GEZDGNBV",
+            "--parked",
+            "0",
+        ])
+        .is_err());
+    }
+}

@@ -118,9 +118,10 @@ async fn serve_page(listener: TcpListener, tls: Arc<rustls::ServerConfig>) {
             else {
                 return;
             };
-            let service = hyper::service::service_fn(|request: Request<hyper::body::Incoming>| {
-                async move { Ok::<_, Infallible>(page(&request)) }
-            });
+            let service =
+                hyper::service::service_fn(|request: Request<hyper::body::Incoming>| async move {
+                    Ok::<_, Infallible>(page(&request))
+                });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tls), service)
                 .await;

@@ -426,3 +426,77 @@ async fn ipv6_front_end_and_rendezvous() {
     let redirect = relay.mobile_get("home", "/").await;
     assert_eq!(redirect.status, 307);
 }
+
+#[tokio::test]
+async fn the_client_chooses_the_number_of_digits() {
+    let home = TestLabel::new("home");
+    let relay = TestRelay::start(&[&home]).await;
+    let mut session = relay.session().await;
+    for digits in [6, 7, 8] {
+        let token = taas_relay::totp::code(
+            &home.secret(),
+            taas_relay::config::Algorithm::SHA1,
+            digits,
+            30,
+            unix_now(),
+        );
+        let header = format!("TOTP username=\"{}\", response=\"{token}\"", home.id);
+        assert_eq!(
+            session.put("home", &header).await.status,
+            200,
+            "{digits} digits"
+        );
+    }
+}
+
+#[tokio::test]
+async fn sha256_and_sha512_labels() {
+    for algorithm in ["SHA256", "SHA512"] {
+        let home = TestLabel::new("home").with(&format!("algorithm: {algorithm}"));
+        let relay = TestRelay::start(&[&home]).await;
+        let alg = if algorithm == "SHA256" {
+            taas_relay::config::Algorithm::SHA256
+        } else {
+            taas_relay::config::Algorithm::SHA512
+        };
+        let token = taas_relay::totp::code(&home.secret(), alg, 6, 30, unix_now());
+        let header = format!("TOTP username=\"{}\", response=\"{token}\"", home.id);
+        assert_eq!(relay.put("home", &header).await.status, 200, "{algorithm}");
+        // The SHA1 code of the same secret is not accepted (unless equal by chance).
+        if home.token() != token {
+            assert_eq!(relay.put("home", &home.authorization()).await.status, 401);
+        }
+    }
+}
+
+#[tokio::test]
+async fn health_and_metrics_endpoints() {
+    let home = TestLabel::new("home");
+    let relay = TestRelay::start(&[&home]).await;
+    let _parked = relay.park(&home).await;
+    let addr = relay.standalone.metrics.unwrap();
+    for (path, expected) in [("/healthz", "200"), ("/readyz", "200"), ("/nope", "404")] {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+            )
+            .await
+            .unwrap();
+        let text = String::from_utf8(read_to_end(&mut stream).await).unwrap();
+        assert!(
+            text.starts_with(&format!("HTTP/1.1 {expected}")),
+            "{path}: {text}"
+        );
+    }
+    let metrics = relay.metrics().await;
+    for line in [
+        "taas_registrations_total{label=\"home\",kind=\"ok\"} 1",
+        "taas_parked{label=\"home\"} 1",
+        "taas_active_pairs{label=\"home\"} 0",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
+    // Secrets and tokens never reach the metrics.
+    assert!(!metrics.contains(&home.secret_b32));
+}

@@ -238,6 +238,11 @@ fn remove_dot_segments(path: &str) -> String {
 /// `--connect` is `host:port`, `[v6]:port`, or a bare host or IP (then the URL's port).
 pub fn connect_address(connect: Option<&str>, target: &Target) -> String {
     let Some(connect) = connect.map(str::trim).filter(|c| !c.is_empty()) else {
+        // RFC 6761: `localhost` and `*.localhost` are loopback, as curl and browsers treat
+        // them; the system resolver often does not know the subdomains.
+        if target.host == "localhost" || target.host.ends_with(".localhost") {
+            return std::net::SocketAddr::from(([127, 0, 0, 1], target.port)).to_string();
+        }
         return target.authority();
     };
     if connect.parse::<std::net::SocketAddr>().is_ok() {
@@ -385,5 +390,8 @@ mod tests {
         assert_eq!(connect_address(Some("[::1]:1"), &url), "[::1]:1");
         assert_eq!(connect_address(Some("relay.lan"), &url), "relay.lan:8443");
         assert_eq!(connect_address(Some("relay.lan:1"), &url), "relay.lan:1");
+        let local = t("https://taas-registrar.localhost:8443");
+        assert_eq!(connect_address(None, &local), "127.0.0.1:8443");
+        assert_eq!(connect_address(Some("[::1]"), &local), "[::1]:8443");
     }
 }

@@ -141,7 +141,8 @@ pub struct Timeouts {
     pub client_wait: Duration,
     /// TLS handshake and request head on the front end.
     pub handshake: Duration,
-    /// An idle kept-alive front-end connection is closed after this.
+    /// Time for each request head on the front end; an idle kept-alive connection is closed
+    /// after this.
     pub keep_alive: Duration,
     /// How long a 307 admits its source on q (with `ClientAdmission::Redirected`).
     pub admission: Duration,
@@ -153,7 +154,7 @@ impl Default for Timeouts {
             rendezvous: Duration::from_secs(30),
             client_wait: Duration::from_secs(10),
             handshake: Duration::from_secs(10),
-            keep_alive: Duration::from_secs(90),
+            keep_alive: Duration::from_secs(30),
             admission: Duration::from_secs(60),
         }
     }

@@ -34,6 +34,9 @@ pub struct FrontendSettings {
     /// IP literals that count as the registrar (besides the local address of a connection).
     pub own_ips: Vec<IpAddr>,
     pub handshake_timeout: Duration,
+    /// Time allowed for each request head, the wait for the next one on a kept-alive
+    /// connection included.
+    pub request_timeout: Duration,
     pub max_connections: usize,
 }
 
@@ -92,6 +95,7 @@ async fn serve_connection<B: LabelBackend>(
     };
     let connection = Arc::new(ConnectionAuth::default());
     let source = peer.ip().to_canonical();
+    let request_timeout = settings.request_timeout;
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
         let (settings, backend, connection) =
             (settings.clone(), backend.clone(), connection.clone());
@@ -102,7 +106,7 @@ async fn serve_connection<B: LabelBackend>(
     });
     let result = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(settings_timeout())
+        .header_read_timeout(request_timeout)
         .max_buf_size(MAX_HEAD_BYTES)
         .max_headers(MAX_HEADERS)
         .serve_connection(TokioIo::new(tls), service)
@@ -110,11 +114,6 @@ async fn serve_connection<B: LabelBackend>(
     if let Err(error) = result {
         tracing::debug!(%peer, %error, "front-end connection ended with an error");
     }
-}
-
-/// Time allowed for a request head (also how long an idle kept-alive connection stays open).
-fn settings_timeout() -> Duration {
-    Duration::from_secs(30)
 }
 
 async fn answer<B: LabelBackend>(

@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
+use bytes::BufMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, Semaphore};
@@ -312,8 +313,9 @@ impl Label {
         mut conn: ParkedConn,
         mut claimed: oneshot::Receiver<oneshot::Sender<ParkedConn>>,
     ) {
+        // No read buffer lives in this future: thousands of parked connections stay small.
+        // Early bytes go straight into `early`, which is only allocated if any arrive.
         let limit = self.shared.limits.early_bytes;
-        let mut chunk = [0u8; 2048];
         loop {
             tokio::select! {
                 claim = &mut claimed => {
@@ -327,13 +329,17 @@ impl Label {
                     if ready.is_err() {
                         break;
                     }
-                    match conn.stream.try_read(&mut chunk) {
+                    let room = limit.saturating_sub(conn.early.len());
+                    if room == 0 {
+                        tracing::warn!(label = %self.name, limit, "a parked connection sent more than the early-data limit before pairing; dropped");
+                        break;
+                    }
+                    conn.early.reserve(room.min(4096));
+                    let spare = conn.early.capacity() - conn.early.len();
+                    let mut window = (&mut conn.early).limit(spare.min(room));
+                    match conn.stream.try_read_buf(&mut window) {
                         Ok(0) => break, // EOF: the hidden server went away
-                        Ok(n) if conn.early.len() + n <= limit => conn.early.extend_from_slice(&chunk[..n]),
-                        Ok(_) => {
-                            tracing::warn!(label = %self.name, limit, "a parked connection sent more than the early-data limit before pairing; dropped");
-                            break;
-                        }
+                        Ok(_) => {}
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                         Err(_) => break, // reset
                     }

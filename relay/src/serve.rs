@@ -245,6 +245,7 @@ pub async fn start(options: ServeOptions) -> Result<Standalone, ServeError> {
             .filter(|ip: &IpAddr| !ip.is_unspecified())
             .collect(),
         handshake_timeout: settings.timeouts.handshake,
+        request_timeout: settings.timeouts.keep_alive,
         max_connections: settings.limits.frontend_connections,
     };
     tasks.push(tokio::spawn(frontend::serve(

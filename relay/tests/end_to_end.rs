@@ -316,21 +316,7 @@ struct Redirector {
 impl Redirector {
     async fn start(target: String) -> Self {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let names = taas_relay::tls::CertNames {
-            registrar: "old-registrar.localhost".into(),
-            domain: "old.localhost".into(),
-            ips: vec![],
-        };
-        let (cert, key) = taas_relay::tls::generate(&names).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let files = taas_relay::tls::CertFiles {
-            cert: dir.path().join("c.pem"),
-            key: dir.path().join("k.pem"),
-        };
-        std::fs::write(&files.cert, &cert).unwrap();
-        std::fs::write(&files.key, &key).unwrap();
-        let acceptor =
-            tokio_rustls::TlsAcceptor::from(taas_relay::tls::server_config(&files).unwrap());
+        let (acceptor, cert) = tls_acceptor("old-registrar.localhost");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let task = tokio::spawn(async move {

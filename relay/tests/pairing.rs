@@ -385,3 +385,20 @@ async fn reloading_the_directory_adds_and_removes_labels_without_dropping_other_
     client.read_exact(&mut one).await.unwrap();
     assert_eq!(relay.parked("home"), 1);
 }
+
+#[tokio::test]
+async fn a_parked_connection_flooding_before_pairing_is_dropped_at_the_limit() {
+    let home = TestLabel::new("home");
+    let relay = TestRelay::start(&[&home]).await;
+    let mut hidden = relay.park(&home).await;
+    let limit = taas_relay::config::Limits::default().early_bytes;
+    let _ = hidden.write_all(&vec![b'x'; limit + 1]).await;
+    relay.wait_parked("home", 0).await;
+    // Below the limit, nothing is dropped.
+    let mut polite = relay.park(&home).await;
+    polite.write_all(&vec![b'y'; limit / 2]).await.unwrap();
+    let mut client = relay.client("home").await;
+    let mut got = vec![0u8; limit / 2];
+    client.read_exact(&mut got).await.unwrap();
+    assert!(got.iter().all(|b| *b == b'y'));
+}

@@ -418,6 +418,26 @@ pub fn init_logs() {
     taas_relay::logging::init(taas_relay::logging::LogFormat::Text);
 }
 
+/// A TLS acceptor with a fresh self-signed certificate for `host` (not the relay's), and
+/// that certificate's PEM for clients to trust.
+pub fn tls_acceptor(host: &str) -> (tokio_rustls::TlsAcceptor, String) {
+    let names = taas_relay::tls::CertNames {
+        registrar: host.to_string(),
+        domain: format!("page.{host}"),
+        ips: vec![],
+    };
+    let (cert_pem, key_pem) = taas_relay::tls::generate(&names).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let files = taas_relay::tls::CertFiles {
+        cert: dir.path().join("c.pem"),
+        key: dir.path().join("k.pem"),
+    };
+    std::fs::write(&files.cert, &cert_pem).unwrap();
+    std::fs::write(&files.key, &key_pem).unwrap();
+    let config = taas_relay::tls::server_config(&files).unwrap();
+    (tokio_rustls::TlsAcceptor::from(config), cert_pem)
+}
+
 /// A TLS server with its own certificate (not the relay's), answering every connection with
 /// a fixed HTTP page: the hidden server behind an agent.
 pub struct TlsPage {
@@ -434,21 +454,7 @@ impl Drop for TlsPage {
 
 impl TlsPage {
     pub async fn start(host: &str, body: &'static str) -> Self {
-        let names = taas_relay::tls::CertNames {
-            registrar: host.to_string(),
-            domain: format!("page.{host}"),
-            ips: vec![],
-        };
-        let (cert_pem, key_pem) = taas_relay::tls::generate(&names).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let files = taas_relay::tls::CertFiles {
-            cert: dir.path().join("c.pem"),
-            key: dir.path().join("k.pem"),
-        };
-        std::fs::write(&files.cert, &cert_pem).unwrap();
-        std::fs::write(&files.key, &key_pem).unwrap();
-        let config = taas_relay::tls::server_config(&files).unwrap();
-        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        let (acceptor, cert_pem) = tls_acceptor(host);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let task = tokio::spawn(async move {

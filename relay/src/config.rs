@@ -113,6 +113,32 @@ pub enum RedirectHost {
     Advertise,
 }
 
+/// How this relay is reached from outside: the host hidden servers and clients are told, and
+/// the external port of each local port where something (a Kubernetes Service, a NAT) maps
+/// them. Standalone, ports map to themselves. It can change while the relay runs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+pub struct ExternalAddress {
+    /// Host written in the 200 body and (with `RedirectHost::Advertise`) the 307.
+    pub host: String,
+    /// Local port → external port; a port not listed is reached as itself.
+    #[serde(default)]
+    pub ports: std::collections::BTreeMap<u16, u16>,
+}
+
+impl ExternalAddress {
+    pub fn new(host: impl Into<String>) -> Self {
+        Self {
+            host: host.into(),
+            ports: Default::default(),
+        }
+    }
+
+    /// The port clients and hidden servers must use for local `port`.
+    pub fn port(&self, port: u16) -> u16 {
+        self.ports.get(&port).copied().unwrap_or(port)
+    }
+}
+
 /// Settings of the relay process (`taas-relay serve`), independent of any label.
 #[derive(Clone, Debug)]
 pub struct RelaySettings {

@@ -5,6 +5,10 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::Duration;
 
+/// Header a gateway adds when it forwards a request to a label's relay: the original client's
+/// address (trusted only from gateway addresses).
+pub const CLIENT_ADDR_HEADER: &str = "taas-client-addr";
+
 /// An HTTP answer: status, extra headers, body.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Answer {
@@ -142,7 +146,6 @@ pub struct Registration<'a> {
     pub authorization: Option<&'a [u8]>,
     /// The registering hidden server's address (for pinning and rate limits).
     pub source: IpAddr,
-    pub connection: &'a ConnectionAuth,
 }
 
 /// One mobile client's request for `LABEL.<domain>`.

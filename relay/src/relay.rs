@@ -12,12 +12,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use prometheus_client::registry::Registry;
 use tokio::sync::Semaphore;
 
-use crate::config::{LabelConfig, RedirectHost, RelaySettings};
+use crate::config::{ExternalAddress, LabelConfig, RedirectHost, RelaySettings};
 use crate::guard::{AuthGuard, GuardLimits};
 use crate::label::{Label, Shared, Unavailable};
 use crate::metrics::{Registered, RelayMetrics};
 use crate::ports::{PortError, PortPool};
-use crate::registrar::{Answer, ClientRequest, Registration};
+use crate::registrar::{Answer, ClientRequest, ConnectionAuth, Registration};
 use crate::{authorization, totp};
 
 /// How long a hidden server is told to wait when its label is full or no port is free.
@@ -28,12 +28,22 @@ const RETRY_NOT_PARKED: Duration = Duration::from_secs(5);
 /// Where the front end sends registrations and mobile clients. The standalone relay answers
 /// them itself; a gateway forwards them to each label's relay.
 pub trait LabelBackend: Send + Sync + 'static {
-    fn register(&self, request: Registration<'_>) -> Answer;
-    fn client(&self, request: ClientRequest<'_>) -> Answer;
+    /// State kept per front-end connection (the relay: IDs authenticated on it; a gateway:
+    /// its upstream connections).
+    type Connection: Default + Send + Sync + 'static;
+
+    fn register(
+        &self,
+        request: Registration<'_>,
+        connection: &Self::Connection,
+    ) -> impl std::future::Future<Output = Answer> + Send;
+
+    fn client(&self, request: ClientRequest<'_>) -> impl std::future::Future<Output = Answer> + Send;
 }
 
 pub struct Relay {
     settings: RelaySettings,
+    external: RwLock<Arc<ExternalAddress>>,
     labels: RwLock<HashMap<String, Arc<Label>>>,
     guard: AuthGuard,
     shared: Arc<Shared>,
@@ -67,6 +77,7 @@ impl Relay {
             client_admission: Default::default(),
         };
         Arc::new(Self {
+            external: RwLock::new(Arc::new(ExternalAddress::new(settings.advertise.clone()))),
             settings,
             labels: RwLock::default(),
             guard: AuthGuard::new(GuardLimits::default()),
@@ -78,6 +89,24 @@ impl Relay {
 
     pub fn settings(&self) -> &RelaySettings {
         &self.settings
+    }
+
+    /// How hidden servers and clients reach this relay now.
+    pub fn external(&self) -> Arc<ExternalAddress> {
+        self.external
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Changes the external address (a Service's ports or address changed): new answers use
+    /// it at once; nothing running is touched.
+    pub fn set_external(&self, external: ExternalAddress) {
+        let mut current = self.external.write().unwrap_or_else(|e| e.into_inner());
+        if **current != external {
+            tracing::info!(host = %external.host, ports = ?external.ports, "external address changed");
+            *current = Arc::new(external);
+        }
     }
 
     /// The running label, if configured.
@@ -169,7 +198,20 @@ fn unix_now() -> u64 {
 }
 
 impl LabelBackend for Relay {
-    fn register(&self, request: Registration<'_>) -> Answer {
+    type Connection = ConnectionAuth;
+
+    async fn register(&self, request: Registration<'_>, connection: &ConnectionAuth) -> Answer {
+        self.register_now(request, connection)
+    }
+
+    async fn client(&self, request: ClientRequest<'_>) -> Answer {
+        self.redirect_now(request)
+    }
+}
+
+impl Relay {
+    /// A registration, answered without waiting on anything.
+    fn register_now(&self, request: Registration<'_>, connection: &ConnectionAuth) -> Answer {
         let Some(header) = request.authorization else {
             self.metrics.rejected("no_authorization");
             return Answer::unauthorized();
@@ -217,7 +259,7 @@ impl LabelBackend for Relay {
             label.metrics().registered(Registered::Unavailable);
             return Answer::unavailable(RETRY_UNAVAILABLE);
         }
-        let on_this_connection = request.connection.has(id);
+        let on_this_connection = connection.has(id);
         if let Err(refusal) = self.guard.admit(
             id,
             step,
@@ -230,12 +272,13 @@ impl LabelBackend for Relay {
             tracing::info!(label = %label.name(), source = %request.source, %refusal, "token refused");
             return self.refuse(Some(&label), request.source, id, now);
         }
-        request.connection.add(id);
+        connection.add(id);
         match label.open_rendezvous(request.source) {
             Ok(port) => {
                 label.metrics().registered(Registered::Ok);
                 tracing::debug!(label = %label.name(), source = %request.source, port, "registered");
-                Answer::rendezvous(&self.settings.advertise, port)
+                let external = self.external();
+                Answer::rendezvous(&external.host, external.port(port))
             }
             Err(error) => {
                 label.metrics().registered(Registered::Unavailable);
@@ -250,17 +293,19 @@ impl LabelBackend for Relay {
         }
     }
 
-    fn client(&self, request: ClientRequest<'_>) -> Answer {
+    /// A mobile client's request, answered without waiting on anything.
+    fn redirect_now(&self, request: ClientRequest<'_>) -> Answer {
         let Some(label) = self.label(request.label) else {
             return Answer::not_found();
         };
         match label.redirect(request.source) {
             Some(port) => {
+                let external = self.external();
                 let host = match self.settings.redirect_host {
                     RedirectHost::Requested => request.host,
-                    RedirectHost::Advertise => self.settings.advertise.as_str(),
+                    RedirectHost::Advertise => external.host.as_str(),
                 };
-                Answer::redirect(host, port, request.path_and_query)
+                Answer::redirect(host, external.port(port), request.path_and_query)
             }
             None => Answer::unavailable(RETRY_NOT_PARKED),
         }

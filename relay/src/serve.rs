@@ -250,7 +250,7 @@ pub async fn start(options: ServeOptions) -> Result<Standalone, ServeError> {
     };
     tasks.push(tokio::spawn(frontend::serve(
         front,
-        tls,
+        frontend::Transport::Tls(tls),
         front_settings,
         relay.clone(),
     )));

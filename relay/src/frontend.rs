@@ -84,7 +84,9 @@ pub async fn serve<B: LabelBackend>(
             continue;
         };
         let (acceptor, settings, backend) = (acceptor.clone(), settings.clone(), backend.clone());
-        let peer_trusted = trusted.iter().any(|net| net.contains(&peer.ip().to_canonical()));
+        let peer_trusted = trusted
+            .iter()
+            .any(|net| net.contains(&peer.ip().to_canonical()));
         tokio::spawn(async move {
             let _slot = slot;
             let _ = stream.set_nodelay(true);
@@ -98,7 +100,9 @@ pub async fn serve<B: LabelBackend>(
                 Some(acceptor) => {
                     let handshake = acceptor.accept(stream);
                     match tokio::time::timeout(settings.handshake_timeout, handshake).await {
-                        Ok(Ok(tls)) => serve_http(TokioIo::new(tls), context, settings, backend).await,
+                        Ok(Ok(tls)) => {
+                            serve_http(TokioIo::new(tls), context, settings, backend).await
+                        }
                         Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }

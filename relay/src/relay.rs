@@ -38,7 +38,10 @@ pub trait LabelBackend: Send + Sync + 'static {
         connection: &Self::Connection,
     ) -> impl std::future::Future<Output = Answer> + Send;
 
-    fn client(&self, request: ClientRequest<'_>) -> impl std::future::Future<Output = Answer> + Send;
+    fn client(
+        &self,
+        request: ClientRequest<'_>,
+    ) -> impl std::future::Future<Output = Answer> + Send;
 }
 
 pub struct Relay {

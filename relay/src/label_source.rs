@@ -553,6 +553,33 @@ pub async fn watch(
     }
 }
 
+/// One label as a cluster mounts it into its relay pod: `label_file` holds the `TaasLabel`
+/// manifest (from a ConfigMap), and the Secret is a mounted directory with one file per key.
+pub fn read_mounted_label(label_file: &Path, secret_dir: &Path) -> Result<LabelConfig, LoadError> {
+    let invalid = |problems| LoadError::Invalid {
+        place: label_file.to_path_buf(),
+        problems,
+    };
+    let text = fs::read_to_string(label_file).map_err(|error| LoadError::Io {
+        path: label_file.to_path_buf(),
+        error,
+    })?;
+    let objects = parse_documents(&text).map_err(|e| invalid(vec![e.to_string()]))?;
+    let mut labels = objects.into_iter().filter_map(|object| match object {
+        Object::Label(label) => Some(label),
+        _ => None,
+    });
+    let (Some(label), None) = (labels.next(), labels.next()) else {
+        return Err(invalid(vec!["expected exactly one TaasLabel".into()]));
+    };
+    let secret_path = secret_dir.join(&label.spec.secret_ref.key);
+    let secret = fs::read(&secret_path).map_err(|error| LoadError::Io {
+        path: secret_path,
+        error,
+    })?;
+    validate_label(&label.spec, &secret).map_err(|problem| invalid(vec![problem]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -188,8 +188,27 @@ fn cert_files(options: &ServeOptions, settings: &RelaySettings) -> Result<CertFi
     }
 }
 
-async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, ServeError> {
+pub(crate) async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, ServeError> {
     crate::ports::listen(addr, 1024).map_err(|source| ServeError::Listen { addr, source })
+}
+
+/// Binds and serves the metrics endpoint when asked for; returns its address and task.
+pub(crate) async fn spawn_metrics(
+    addr: Option<SocketAddr>,
+    registry: Registry,
+    ready: &Arc<AtomicBool>,
+) -> Result<(Option<SocketAddr>, Vec<JoinHandle<()>>), ServeError> {
+    let Some(addr) = addr else {
+        return Ok((None, Vec::new()));
+    };
+    let listener = bind(addr).await?;
+    let local = listener.local_addr().ok();
+    let task = tokio::spawn(crate::metrics::serve(
+        listener,
+        Arc::new(registry),
+        ready.clone(),
+    ));
+    Ok((local, vec![task]))
 }
 
 /// Starts the standalone relay: every configuration error is reported here, before anything
@@ -204,11 +223,6 @@ pub async fn start(options: ServeOptions) -> Result<Standalone, ServeError> {
         addr: options.listen,
         source,
     })?;
-    let metrics_listener = match options.metrics {
-        Some(addr) => Some(bind(addr).await?),
-        None => None,
-    };
-
     let mut registry = Registry::default();
     let relay = Relay::new(settings.clone(), &mut registry);
     let problems = relay.apply(&labels.labels);
@@ -223,17 +237,14 @@ pub async fn start(options: ServeOptions) -> Result<Standalone, ServeError> {
         );
     }
 
-    let mut tasks = Vec::new();
     let ready = Arc::new(AtomicBool::new(false));
-    let mut metrics = None;
-    if let Some(listener) = metrics_listener {
-        metrics = listener.local_addr().ok();
-        tasks.push(tokio::spawn(crate::metrics::serve(
-            listener,
-            Arc::new(registry),
-            ready.clone(),
-        )));
-    }
+    let (metrics, mut tasks) = match spawn_metrics(options.metrics, registry, &ready).await {
+        Ok(spawned) => spawned,
+        Err(error) => {
+            relay.close();
+            return Err(error);
+        }
+    };
     let front_settings = FrontendSettings {
         names: Names {
             registrar: settings.registrar.clone(),

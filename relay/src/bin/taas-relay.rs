@@ -31,6 +31,93 @@ enum Command {
     /// Manage labels.
     #[command(subcommand)]
     Label(LabelCommand),
+    /// Run the cluster's registrar and redirect front end: terminate TLS, dispatch by Host,
+    /// forward each request to the label's relay (see --routes-file).
+    Gateway(GatewayArgs),
+    /// Run one label's relay, as the operator does in a pod: the label from mounted files,
+    /// requests from the gateways on a plain-HTTP control port.
+    LabelRelay(LabelRelayArgs),
+}
+
+#[derive(Args)]
+struct GatewayArgs {
+    /// HTTPS front end.
+    #[arg(long, env = "TAAS_LISTEN", default_value = "0.0.0.0:8443")]
+    listen: SocketAddr,
+    /// Host name of the registrar role.
+    #[arg(
+        long,
+        env = "TAAS_REGISTRAR",
+        default_value = "taas-registrar.localhost"
+    )]
+    registrar: String,
+    /// Servers domain: mobile clients ask for LABEL.<domain>.
+    #[arg(long, env = "TAAS_DOMAIN", default_value = "taas.localhost")]
+    domain: String,
+    /// Certificate (PEM) [default: self-signed, generated in --state-dir].
+    #[arg(long, env = "TAAS_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, env = "TAAS_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Where a generated certificate is kept.
+    #[arg(long, env = "TAAS_STATE_DIR", default_value = ".taas")]
+    state_dir: PathBuf,
+    /// Routes: a YAML file `LABEL: {relay: HOST:PORT, ready: true}`, re-read on change.
+    #[arg(long, env = "TAAS_ROUTES_FILE")]
+    routes_file: PathBuf,
+    /// Seconds between reads of --routes-file.
+    #[arg(long, env = "TAAS_RELOAD_INTERVAL", default_value_t = 1.0)]
+    reload_interval: f64,
+    /// /metrics, /healthz, /readyz (plain HTTP); "off" to disable.
+    #[arg(long, env = "TAAS_METRICS", default_value = "0.0.0.0:9464")]
+    metrics: String,
+}
+
+#[derive(Args)]
+struct LabelRelayArgs {
+    /// The TaasLabel manifest (mounted from a ConfigMap).
+    #[arg(long, env = "TAAS_LABEL_FILE")]
+    label_file: PathBuf,
+    /// The label's Secret, mounted as a directory (one file per key).
+    #[arg(long, env = "TAAS_SECRET_DIR")]
+    secret_dir: PathBuf,
+    /// External host and ports (`host:` and `ports: {LOCAL: EXTERNAL}`), re-read on change.
+    #[arg(long, env = "TAAS_EXTERNAL_FILE")]
+    external_file: Option<PathBuf>,
+    /// Plain-HTTP control port for the gateways.
+    #[arg(long, env = "TAAS_CONTROL", default_value = "0.0.0.0:8080")]
+    control: SocketAddr,
+    /// Networks of the gateways (comma-separated CIDRs): only they may name the client.
+    #[arg(
+        long,
+        env = "TAAS_TRUSTED_PROXIES",
+        value_delimiter = ',',
+        default_value = "10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,100.64.0.0/10,fc00::/7,127.0.0.0/8,::1/128"
+    )]
+    trusted_proxies: Vec<ipnet::IpNet>,
+    /// Host name of the registrar role (as the gateway's).
+    #[arg(
+        long,
+        env = "TAAS_REGISTRAR",
+        default_value = "taas-registrar.localhost"
+    )]
+    registrar: String,
+    /// Servers domain (as the gateway's).
+    #[arg(long, env = "TAAS_DOMAIN", default_value = "taas.localhost")]
+    domain: String,
+    /// The pod's rendezvous ports.
+    #[arg(long, env = "TAAS_P_PORTS", default_value = "20000-20007")]
+    p_ports: PortRange,
+    /// The pod's client port q.
+    #[arg(long, env = "TAAS_CLIENT_PORT", default_value_t = 21000)]
+    client_port: u16,
+    /// /metrics, /healthz, /readyz (plain HTTP); "off" to disable.
+    #[arg(long, env = "TAAS_METRICS", default_value = "0.0.0.0:9464")]
+    metrics: String,
+    /// Seconds between reads of the mounted files.
+    #[arg(long, env = "TAAS_RELOAD_INTERVAL", default_value_t = 2.0)]
+    reload_interval: f64,
 }
 
 #[derive(Subcommand)]
@@ -135,14 +222,17 @@ fn seconds(flag: &str, value: f64) -> anyhow::Result<Duration> {
         .with_context(|| format!("{flag} {value}: expected a positive number of seconds"))
 }
 
+fn metrics_addr(value: &str) -> anyhow::Result<Option<SocketAddr>> {
+    match value.trim() {
+        "off" | "" => Ok(None),
+        addr => Ok(Some(addr.parse().with_context(|| {
+            format!("--metrics {addr:?}: expected ADDR:PORT or off")
+        })?)),
+    }
+}
+
 fn serve_options(args: &ServeArgs) -> anyhow::Result<ServeOptions> {
-    let metrics = match args.metrics.trim() {
-        "off" | "" => None,
-        addr => Some(
-            addr.parse()
-                .with_context(|| format!("--metrics {addr:?}: expected ADDR:PORT or off"))?,
-        ),
-    };
+    let metrics = metrics_addr(&args.metrics)?;
     let n = &args.names;
     Ok(ServeOptions {
         listen: n.listen,
@@ -183,6 +273,46 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
+    let _gateway = taas_relay::gateway::start(taas_relay::gateway::GatewayOptions {
+        listen: args.listen,
+        registrar: args.registrar,
+        domain: args.domain,
+        tls_cert: args.tls_cert,
+        tls_key: args.tls_key,
+        state_dir: args.state_dir,
+        routes: taas_relay::gateway::RouteSource::File(args.routes_file),
+        reload_interval: seconds("--reload-interval", args.reload_interval)?,
+        metrics: metrics_addr(&args.metrics)?,
+        timeouts: Timeouts::default(),
+        max_connections: taas_relay::config::Limits::default().frontend_connections,
+    })
+    .await?;
+    shutdown_signal().await;
+    Ok(())
+}
+
+async fn run_label_relay(args: LabelRelayArgs) -> anyhow::Result<()> {
+    let _relay = taas_relay::label_relay::start(taas_relay::label_relay::LabelRelayOptions {
+        label_file: args.label_file,
+        secret_dir: args.secret_dir,
+        external_file: args.external_file,
+        control: args.control,
+        trusted: args.trusted_proxies,
+        registrar: args.registrar,
+        domain: args.domain,
+        p_ports: args.p_ports,
+        client_port: args.client_port,
+        metrics: metrics_addr(&args.metrics)?,
+        reload_interval: seconds("--reload-interval", args.reload_interval)?,
+        timeouts: Timeouts::default(),
+        limits: Default::default(),
+    })
+    .await?;
+    shutdown_signal().await;
+    Ok(())
+}
+
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
@@ -219,15 +349,21 @@ fn run_label_new(args: LabelNewArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn run_async(task: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(task)
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_format);
     let result = match cli.command {
-        Command::Serve(args) => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .context("starting the async runtime")
-            .and_then(|runtime| runtime.block_on(run_serve(args))),
+        Command::Serve(args) => run_async(run_serve(args)),
+        Command::Gateway(args) => run_async(run_gateway(args)),
+        Command::LabelRelay(args) => run_async(run_label_relay(args)),
         Command::Label(LabelCommand::New(args)) => run_label_new(args),
     };
     match result {

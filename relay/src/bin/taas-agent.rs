@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{ArgGroup, Parser, ValueEnum};
 use taas_relay::agent::{self, AgentConfig, Trust};
 use taas_relay::config::Algorithm;
+use taas_relay::process::{self, LogFormat};
 
 /// Keeps connections registered and parked at a TAAS relay, and forwards each connection a
 /// mobile client is paired onto to a local service.
@@ -98,12 +99,6 @@ struct Args {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
 #[value(rename_all = "UPPER")]
 enum AlgorithmArg {
     Sha1,
@@ -115,18 +110,6 @@ fn parse_parked(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
         Ok(n) if (1..=4096).contains(&n) => Ok(n),
         _ => Err("expected a number from 1 to 4096".into()),
-    }
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
     }
 }
 
@@ -171,36 +154,13 @@ fn config(args: Args) -> anyhow::Result<AgentConfig> {
     Ok(config)
 }
 
-/// Ctrl-C, or SIGTERM on Unix.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = terminate => {}
-    }
-}
-
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    init_logging(args.log_format);
+    process::init(args.log_format);
+    process::raise_fd_limit();
     let result = match config(args) {
-        Ok(config) => agent::run(config, shutdown_signal())
+        Ok(config) => agent::run(config, process::shutdown_signal())
             .await
             .map_err(anyhow::Error::from),
         Err(error) => Err(error),

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use taas_relay::config::{PortRange, RedirectHost, Timeouts};
-use taas_relay::logging::{self, LogFormat};
+use taas_relay::process::{self, shutdown_signal, LogFormat};
 use taas_relay::serve::{self, ServeOptions};
 
 #[derive(Parser)]
@@ -313,24 +313,6 @@ async fn run_label_relay(args: LabelRelayArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(term) => term,
-                Err(_) => return std::future::pending().await,
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-}
-
 fn run_label_new(args: LabelNewArgs) -> anyhow::Result<()> {
     let out = taas_relay::provision::label_new(&taas_relay::provision::LabelNewOptions {
         id: args.id,
@@ -359,7 +341,8 @@ fn run_async(task: impl std::future::Future<Output = anyhow::Result<()>>) -> any
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    logging::init(cli.log_format);
+    process::init(cli.log_format);
+    process::raise_fd_limit();
     let result = match cli.command {
         Command::Serve(args) => run_async(run_serve(args)),
         Command::Gateway(args) => run_async(run_gateway(args)),

@@ -415,7 +415,7 @@ pub async fn assert_closed<S: AsyncRead + Unpin>(stream: &mut S) {
 }
 
 pub fn init_logs() {
-    taas_relay::logging::init(taas_relay::logging::LogFormat::Text);
+    taas_relay::process::init(taas_relay::process::LogFormat::Text);
 }
 
 /// A TLS acceptor with a fresh self-signed certificate for `host` (not the relay's), and

@@ -3,35 +3,123 @@
 //!
 //! The same YAML a user would `kubectl apply` is what `taas-relay serve --labels DIR` reads,
 //! so the types here are the single source of truth for both.
+//!
+//! With the `kube` feature (on by default; the standalone relay turns it off) the spec also
+//! derives kube's `CustomResource` and a JSON schema: that gives the [`TaasLabel`] resource,
+//! its [`TaasLabelStatus`], and the CRD manifest `crds/taaslabels.yaml` ([`crd_yaml`], printed
+//! by the `crdgen` binary). Schema validation (patterns, ranges) and CEL rules
+//! (`x-kubernetes-validations`) are written next to the fields they check.
 #![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
 pub mod manifest;
+#[cfg(feature = "kube")]
+mod status;
+
+#[cfg(feature = "kube")]
+pub use status::{
+    crd_yaml, Condition, ConditionStatus, StatusPorts, TaasLabelStatus, CRDGEN_COMMAND,
+};
 
 pub const GROUP: &str = "taas.dev";
 pub const VERSION: &str = "v1alpha1";
 pub const API_VERSION: &str = "taas.dev/v1alpha1";
 pub const KIND: &str = "TaasLabel";
 
+/// A DNS subdomain name in lower case (RFC 1123): dot-separated parts of 1–63 characters of
+/// `[a-z0-9-]`, none starting or ending with `-`; at most 253 characters in all (`maxLength`).
+/// What `LABEL` and Kubernetes object names must look like.
+pub const DNS_SUBDOMAIN_PATTERN: &str =
+    r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*$";
+/// The hidden server's ID: no whitespace or control characters (it travels in an HTTP header).
+pub const ID_PATTERN: &str = r"^[^\s\x00-\x1F\x7F]+$";
+/// A key of a Secret's `data`.
+pub const SECRET_KEY_PATTERN: &str = r"^[-._a-zA-Z0-9]+$";
+
 /// The desired state of one label: who may register it and how its relay behaves.
+///
+/// The fields up to `clientAdmission` are what the relay serves; `service` and
+/// `rendezvousPorts` shape the label's relay pod and Service in a cluster and are ignored by
+/// the standalone relay.
+// Clippy takes the printer columns' repeated `type_ = "string"` for duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(
+    feature = "kube",
+    derive(kube::CustomResource, schemars::JsonSchema),
+    kube(
+        group = "taas.dev",
+        version = "v1alpha1",
+        kind = "TaasLabel",
+        plural = "taaslabels",
+        singular = "taaslabel",
+        shortname = "tl",
+        namespaced,
+        status = "TaasLabelStatus",
+        derive = "PartialEq",
+        doc = "A hidden server's LABEL: who may register it, and the relay that serves it.",
+        printcolumn(name = "LABEL", type_ = "string", json_path = ".spec.label"),
+        printcolumn(name = "ID", type_ = "string", json_path = ".spec.id"),
+        printcolumn(
+            name = "ENDPOINT",
+            type_ = "string",
+            json_path = ".status.endpoint",
+            description = "host:port where mobile clients are redirected"
+        ),
+        printcolumn(
+            name = "READY",
+            type_ = "string",
+            json_path = r#".status.conditions[?(@.type=="Ready")].status"#
+        ),
+        printcolumn(
+            name = "AGE",
+            type_ = "date",
+            json_path = ".metadata.creationTimestamp"
+        )
+    )
+)]
 #[serde(rename_all = "camelCase")]
 pub struct TaasLabelSpec {
-    /// The hidden server's ID: the TOTP `username` it registers with.
+    /// The hidden server's ID: the TOTP `username` it registers with. Immutable.
+    #[cfg_attr(
+        feature = "kube",
+        schemars(
+            length(min = 1, max = 256),
+            pattern(ID_PATTERN),
+            extend("x-kubernetes-validations" = [
+                {"rule": "self == oldSelf", "message": "id is immutable"}
+            ])
+        )
+    )]
     pub id: String,
     /// LABEL: mobile clients ask for `LABEL.<domain>`; the hidden server registers
-    /// `/register/LABEL`. DNS syntax, lower case; may contain dots.
+    /// `/register/LABEL`. DNS syntax, lower case; may contain dots. Immutable.
+    #[cfg_attr(
+        feature = "kube",
+        schemars(
+            length(min = 1, max = 253),
+            pattern(DNS_SUBDOMAIN_PATTERN),
+            extend("x-kubernetes-validations" = [
+                {"rule": "self == oldSelf", "message": "label is immutable"}
+            ])
+        )
+    )]
     pub label: String,
     /// The Secret (same namespace) and key holding the base32 TOTP secret.
     pub secret_ref: SecretKeyRef,
+    /// The TOTP HMAC.
     #[serde(default)]
     pub algorithm: Algorithm,
     /// TOTP step in seconds.
     #[serde(default = "default_period")]
+    #[cfg_attr(feature = "kube", schemars(range(min = 1, max = 300)))]
     pub period: u32,
     /// Parked connections allowed at once; further registrations get 503.
     #[serde(default = "default_max_parked")]
+    #[cfg_attr(feature = "kube", schemars(range(min = 1, max = 1024)))]
     pub max_parked: u32,
     /// The rendezvous port accepts only the address that registered.
     #[serde(default = "default_true")]
@@ -41,11 +129,20 @@ pub struct TaasLabelSpec {
     pub proxy_protocol: ProxyProtocol,
     /// Pin the client port q; otherwise one is allocated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "kube", schemars(range(min = 1, max = 65535)))]
     pub client_port: Option<u16>,
     /// Who may connect to q: anyone, or only sources that received a 307 for this label
     /// in the last minute.
     #[serde(default)]
     pub client_admission: ClientAdmission,
+    /// How the label's relay is exposed in a cluster (its Service).
+    #[serde(default)]
+    pub service: LabelService,
+    /// Size of the fixed pool of rendezvous ports p that the label's relay pod and Service
+    /// expose in a cluster (a Service cannot grow a port per registration).
+    #[serde(default = "default_rendezvous_ports")]
+    #[cfg_attr(feature = "kube", schemars(range(min = 1, max = 64)))]
+    pub rendezvous_ports: u32,
 }
 
 pub fn default_period() -> u32 {
@@ -54,15 +151,29 @@ pub fn default_period() -> u32 {
 pub fn default_max_parked() -> u32 {
     32
 }
+pub fn default_rendezvous_ports() -> u32 {
+    8
+}
 fn default_true() -> bool {
     true
 }
 
 /// A key of a Secret in the label's namespace.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 pub struct SecretKeyRef {
+    /// The Secret's name.
+    #[cfg_attr(
+        feature = "kube",
+        schemars(length(min = 1, max = 253), pattern(DNS_SUBDOMAIN_PATTERN))
+    )]
     pub name: String,
+    /// The key in the Secret's data.
     #[serde(default = "default_secret_key")]
+    #[cfg_attr(
+        feature = "kube",
+        schemars(length(min = 1, max = 253), pattern(SECRET_KEY_PATTERN))
+    )]
     pub key: String,
 }
 
@@ -72,6 +183,7 @@ pub fn default_secret_key() -> String {
 
 /// The TOTP HMAC (RFC 6238).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 pub enum Algorithm {
     #[default]
     SHA1,
@@ -81,6 +193,7 @@ pub enum Algorithm {
 
 /// The PROXY protocol header the relay sends to the hidden server.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum ProxyProtocol {
     #[default]
@@ -91,10 +204,62 @@ pub enum ProxyProtocol {
 
 /// Admission to a label's client port q.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 pub enum ClientAdmission {
     /// Anyone may connect (the original's behaviour).
     #[default]
     Open,
     /// Only sources that received a 307 for this label recently.
     Redirected,
+}
+
+/// The Service exposing a label's relay (its client port q and its pool of rendezvous ports).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(
+    feature = "kube",
+    derive(schemars::JsonSchema),
+    // Kubernetes refuses a Service with a loadBalancerClass of another type: refuse the label
+    // at the door rather than let the operator fail on every reconcile.
+    schemars(extend("x-kubernetes-validations" = [{
+        "rule": "!has(self.loadBalancerClass) || self.type == 'LoadBalancer'",
+        "message": "loadBalancerClass may only be set when type is LoadBalancer",
+        "fieldPath": ".loadBalancerClass",
+        "reason": "FieldValueForbidden"
+    }]))
+)]
+#[serde(rename_all = "camelCase")]
+pub struct LabelService {
+    /// The Service type.
+    #[serde(default, rename = "type")]
+    pub type_: ServiceType,
+    /// Annotations for the Service (e.g. a cloud load balancer's settings).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// `Local` keeps mobile clients' source addresses (needed for source pinning and
+    /// `Redirected` admission); `Cluster` spreads traffic but hides them.
+    #[serde(default)]
+    pub external_traffic_policy: ExternalTrafficPolicy,
+    /// The load balancer implementation (only with type `LoadBalancer`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "kube", schemars(length(min = 1, max = 253)))]
+    pub load_balancer_class: Option<String>,
+}
+
+/// The type of a label's Service.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
+pub enum ServiceType {
+    #[default]
+    LoadBalancer,
+    NodePort,
+    ClusterIP,
+}
+
+/// The Service's `externalTrafficPolicy`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
+pub enum ExternalTrafficPolicy {
+    #[default]
+    Local,
+    Cluster,
 }

@@ -110,7 +110,8 @@ enum Shape {
     Empty,
     Label,
     Secret,
-    Other(Object),
+    /// Always an `Object::Other` (boxed: a label would make every `Shape` large).
+    Other(Box<Object>),
 }
 
 /// Parses every document of `yaml`. Empty documents are skipped; any problem is an error
@@ -146,7 +147,7 @@ pub fn parse_documents(yaml: &str) -> Result<Vec<Object>, ManifestError> {
             }
             Shape::Other(object) => {
                 IgnoredAny::deserialize(doc).map_err(|e| err(e.to_string()))?;
-                objects.push(object);
+                objects.push(*object);
             }
             Shape::Label => {
                 let d = LabelDoc::deserialize(doc).map_err(|e| err(e.to_string()))?;
@@ -221,7 +222,7 @@ fn shape(value: &serde_yaml::Value) -> Result<Shape, String> {
     match kind {
         KIND => expect(API_VERSION, Shape::Label),
         "Secret" => expect("v1", Shape::Secret),
-        _ => Ok(Shape::Other(Object::Other {
+        _ => Ok(Shape::Other(Box::new(Object::Other {
             api_version: api_version.to_string(),
             kind: kind.to_string(),
             name: value
@@ -229,7 +230,7 @@ fn shape(value: &serde_yaml::Value) -> Result<Shape, String> {
                 .and_then(|m| m.get("name"))
                 .and_then(|n| n.as_str())
                 .map(str::to_string),
-        })),
+        }))),
     }
 }
 
@@ -321,7 +322,10 @@ fn to_yaml<T: Serialize>(value: &T) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Algorithm, ClientAdmission, ProxyProtocol, SecretKeyRef};
+    use crate::{
+        Algorithm, ClientAdmission, ExternalTrafficPolicy, LabelService, ProxyProtocol,
+        SecretKeyRef, ServiceType,
+    };
 
     fn spec() -> TaasLabelSpec {
         TaasLabelSpec {
@@ -338,6 +342,13 @@ mod tests {
             proxy_protocol: ProxyProtocol::V2,
             client_port: Some(21000),
             client_admission: ClientAdmission::Redirected,
+            service: LabelService {
+                type_: ServiceType::NodePort,
+                annotations: [("a.example/b".to_string(), "c".to_string())].into(),
+                external_traffic_policy: ExternalTrafficPolicy::Cluster,
+                load_balancer_class: None,
+            },
+            rendezvous_ports: 4,
         }
     }
 
@@ -381,6 +392,13 @@ mod tests {
         assert_eq!(l.spec.period, 30);
         assert_eq!(l.spec.max_parked, 32);
         assert!(l.spec.source_pinning);
+        assert_eq!(l.spec.rendezvous_ports, 8);
+        assert_eq!(l.spec.service, LabelService::default());
+        assert_eq!(l.spec.service.type_, ServiceType::LoadBalancer);
+        assert_eq!(
+            l.spec.service.external_traffic_policy,
+            ExternalTrafficPolicy::Local
+        );
         assert!(parse_documents("").unwrap().is_empty());
     }
 

@@ -180,6 +180,8 @@ pub fn write_label(dir: &Path, new: &NewLabel) -> Result<Provisioned, ProvisionE
         proxy_protocol: Default::default(),
         client_port: None,
         client_admission: Default::default(),
+        service: Default::default(),
+        rendezvous_ports: taas_crds::default_rendezvous_ports(),
     };
     let config = validate_label(&spec, secret_b32.as_bytes()).map_err(ProvisionError::Invalid)?;
     let text = render_label_file(

@@ -69,30 +69,28 @@ pid_of() {
   echo "$pid"
 }
 
-stop_one() {
-  local name=$1 pid i
-  if pid=$(pid_of "$name"); then
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < 100; i++)); do
-      kill -0 "$pid" 2>/dev/null || break
-      sleep 0.1
-    done
-    if kill -0 "$pid" 2>/dev/null; then
-      log "$name ($pid) ignored SIGTERM; SIGKILL"
-      kill -KILL "$pid" 2>/dev/null || true
-      for ((i = 0; i < 50; i++)); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-      done
-    fi
-    kill -0 "$pid" 2>/dev/null && die "$name ($pid) is still running"
-  fi
-  rm -f "$DIR/$name.pid"
-}
-
+# Stops every process of DIR: SIGTERM to all at once (a throwaway cluster needs no ordered
+# shutdown), SIGKILL after 10 s, then checks they are gone.
 stop_all() {
-  local i
-  for ((i = ${#PROCS[@]} - 1; i >= 0; i--)); do stop_one "${PROCS[$i]}"; done
+  local p pid pids=() i alive
+  for p in "${PROCS[@]}"; do
+    if pid=$(pid_of "$p"); then
+      pids+=("$pid")
+      kill -TERM "$pid" 2>/dev/null || true
+    fi
+  done
+  for ((i = 0; i < 150; i++)); do
+    alive=()
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive+=("$pid"); done
+    ((${#alive[@]})) || break
+    if ((i == 100)); then
+      log "still running after SIGTERM: ${alive[*]}; SIGKILL"
+      kill -KILL "${alive[@]}" 2>/dev/null || true
+    fi
+    sleep 0.1
+  done
+  ((${#alive[@]} == 0)) || die "could not stop: ${alive[*]}"
+  for p in "${PROCS[@]}"; do rm -f "$DIR/$p.pid"; done
 }
 
 # start NAME BINARY ARGS...: detached (own session), output to logs/NAME.log, no inherited fds.
@@ -363,7 +361,7 @@ cmd_down() {
   local ports=()
   [ -f "$DIR/ports" ] && read -r -a ports <"$DIR/ports"
   stop_all
-  rm -f "$DIR/env" "$DIR/ports"
+  rm -f "$DIR/env" "$DIR/ports" "$DIR/admin.kubeconfig" "$DIR/tokens.csv"
   rm -rf "$DIR/etcd-data"
   local left
   left=$(listening_ports "${ports[@]}")

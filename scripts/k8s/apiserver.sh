@@ -16,7 +16,9 @@
 #                       TAAS_K8S_TOKEN, TAAS_K8S_DIR, TAAS_K8S_ETCD, TAAS_K8S_BIN
 #   admin.kubeconfig    admin (group system:masters), bearer token, CA embedded
 #   ca.crt              CA of the apiserver's serving certificate (also in the kubeconfigs)
-#   *.pid, logs/*.log   one per process
+#   *.pid, logs/*.log   one per process; `ports` (etcd client, etcd peer, apiserver)
+# `up` prints the path of DIR/env on stdout (progress on stderr) and returns once /readyz
+# answers and kube-controller-manager has made the default ServiceAccount.
 # `up` on a DIR whose cluster is not running starts a fresh, empty cluster (new etcd data,
 # new admin token); certificates and ServiceAccount keys are kept and reused. `up` on a DIR
 # whose cluster runs and is ready does nothing. Stale pid files of a run that died are
@@ -53,6 +55,10 @@ CMD=$1
 DIR_ARG=$2
 case "$DIR_ARG" in *[[:space:]]*) die "DIR must not contain whitespace: '$DIR_ARG'" ;; esac
 if [ "$CMD" = up ]; then mkdir -p "$DIR_ARG"; fi
+if [ "$CMD" = down ] && [ ! -e "$DIR_ARG" ]; then
+  log "nothing to stop: no $DIR_ARG"
+  exit 0
+fi
 [ -d "$DIR_ARG" ] || die "no such directory: $DIR_ARG"
 DIR=$(cd "$DIR_ARG" && pwd)
 
@@ -208,7 +214,10 @@ show_log() {
 }
 
 # --- commands --------------------------------------------------------------------------------
+elapsed() { echo "$((($(date +%s%N) - T0) / 1000000)) ms"; }
+
 cmd_up() {
+  T0=$(date +%s%N)
   exec 9>"$DIR/.lock"
   flock 9
   if is_up; then
@@ -271,6 +280,7 @@ cmd_up() {
       log "etcd did not become healthy (attempt $attempt)"
       continue
     fi
+    log "etcd healthy ($(elapsed))"
 
     start kube-apiserver "$bin/kube-apiserver" \
       --etcd-servers "http://127.0.0.1:$etcd_port" \
@@ -306,6 +316,7 @@ cmd_up() {
   done
   [ "$started" = 1 ] || die "could not start etcd + kube-apiserver (logs in $DIR/logs)"
 
+  log "kube-apiserver ready ($(elapsed))"
   TAAS_K8S_TOKEN=$admin_token
   write_kubeconfig "$DIR/admin.kubeconfig" admin "$admin_token"
   start kube-controller-manager "$bin/kube-controller-manager" \
@@ -344,7 +355,7 @@ EOF
   chmod 600 "$tmp"
   mv -f "$tmp" "$DIR/env"
   UP_OK=1
-  log "up: $TAAS_K8S_SERVER (etcd 127.0.0.1:$etcd_port), env in $DIR/env"
+  log "up in $(elapsed): $TAAS_K8S_SERVER (etcd 127.0.0.1:$etcd_port), env in $DIR/env"
   echo "$DIR/env"
 }
 

@@ -13,10 +13,16 @@ cargo fmt --all --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
-echo "== cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-cargo test --workspace --locked 2>&1 | tee "$log"
+
+echo "== cargo test"
+cargo test --workspace --locked 2>&1 | tee -a "$log"
+
+echo "== Helm chart"
+bash scripts/test-chart.sh 2>&1 | tee -a "$log"
+
 # One closing line for the whole run (cargo prints one per test binary, the last often 0).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1) } }
-     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+     /^chart: [0-9]+ passed, [0-9]+ failed$/ { p += $2; f += $4 }
+     END { printf "all: %d passed, %d failed\n", p, f }' "$log"

@@ -72,8 +72,8 @@ pub struct Condition {
     /// Why the condition last changed, in CamelCase (`Ready`, `SecretMissing`, ...).
     #[schemars(length(min = 1, max = 1024), pattern(CONDITION_REASON_PATTERN))]
     pub reason: String,
-    /// A human-readable explanation; may be empty.
-    #[serde(default)]
+    /// A human-readable explanation; may be empty. No schema default: Kubernetes 1.20
+    /// refuses a `default` on a status field of a list item.
     #[schemars(length(max = 32768))]
     pub message: String,
     /// When the status last changed.

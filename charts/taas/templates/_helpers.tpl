@@ -1,0 +1,155 @@
+{{/*
+Names. Kubernetes names of most kinds are DNS labels: at most 63 characters, so every name is
+truncated to 63 and loses a trailing "-".
+*/}}
+
+{{/* The chart name, or nameOverride. */}}
+{{- define "taas.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* <release>-<chart>, or just <release> when it already contains the chart name, or fullnameOverride. */}}
+{{- define "taas.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Component names: <fullname>-<component>, truncated to 63. */}}
+{{- define "taas.operator.fullname" -}}
+{{- printf "%s-operator" (include "taas.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "taas.gateway.fullname" -}}
+{{- printf "%s-gateway" (include "taas.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* The ConfigMap the operator writes the gateway's routes into (the chart never creates it). */}}
+{{- define "taas.routesConfigMap" -}}
+{{- if .Values.operator.routesConfigMap -}}
+{{- .Values.operator.routesConfigMap -}}
+{{- else -}}
+{{- printf "%s-routes" (include "taas.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "taas.operator.serviceAccountName" -}}
+{{- if .Values.operator.serviceAccount.create -}}
+{{- default (include "taas.operator.fullname" .) .Values.operator.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.operator.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "taas.gateway.serviceAccountName" -}}
+{{- if .Values.gateway.serviceAccount.create -}}
+{{- default (include "taas.gateway.fullname" .) .Values.gateway.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.gateway.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The Secret holding the gateway's certificate, or "" for a self-signed one per pod. */}}
+{{- define "taas.gateway.tlsSecretName" -}}
+{{- if .Values.gateway.tls.secretName -}}
+{{- .Values.gateway.tls.secretName -}}
+{{- else if .Values.gateway.tls.certManager.enabled -}}
+{{- printf "%s-tls" (include "taas.gateway.fullname" .) | trunc 253 -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The image, by digest when one is given; the same for operator, gateway and relay pods. */}}
+{{- define "taas.image" -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* helm.sh/chart label value. */}}
+{{- define "taas.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Labels of every object. */}}
+{{- define "taas.labels" -}}
+helm.sh/chart: {{ include "taas.chart" . }}
+app.kubernetes.io/name: {{ include "taas.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ default .Chart.AppVersion .Values.image.tag | trunc 63 | trimSuffix "-" | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: taas
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* Selector labels of a component: include "taas.selectorLabels" (dict "ctx" $ "component" "gateway"). */}}
+{{- define "taas.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "taas.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{/* Labels of a component's objects. */}}
+{{- define "taas.componentLabels" -}}
+{{ include "taas.labels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{/* The environment every TAAS process gets: log format and filter. */}}
+{{- define "taas.logEnv" -}}
+- name: TAAS_LOG_FORMAT
+  value: {{ .Values.logFormat | quote }}
+- name: RUST_LOG
+  value: {{ .Values.logLevel | quote }}
+{{- end -}}
+
+{{/* An HTTP probe on the metrics port: include "taas.probe" (dict "probe" .Values.x.livenessProbe "path" "/healthz"). */}}
+{{- define "taas.probe" -}}
+httpGet:
+  path: {{ .path }}
+  port: metrics
+  scheme: HTTP
+initialDelaySeconds: {{ .probe.initialDelaySeconds }}
+periodSeconds: {{ .probe.periodSeconds }}
+timeoutSeconds: {{ .probe.timeoutSeconds }}
+successThreshold: 1
+failureThreshold: {{ .probe.failureThreshold }}
+{{- end -}}
+
+{{/* Fails rendering on combinations of values the schema cannot express. */}}
+{{- define "taas.validate" -}}
+{{- if and (gt (int .Values.operator.replicas) 1) (not .Values.operator.leaderElection.enabled) -}}
+{{- fail (printf "operator.replicas is %d but operator.leaderElection.enabled is false: several operators would reconcile the same labels at once. Set operator.leaderElection.enabled=true, or operator.replicas=1." (int .Values.operator.replicas)) -}}
+{{- end -}}
+{{- if and (gt (int .Values.gateway.replicas) 1) (not (include "taas.gateway.tlsSecretName" .)) -}}
+{{- fail (printf "gateway.replicas is %d but no shared certificate is configured: each gateway pod would generate its own self-signed one, and clients would see a different certificate on every connection. Set gateway.tls.secretName (an existing kubernetes.io/tls Secret) or gateway.tls.certManager.enabled=true with gateway.tls.certManager.issuerRef.name, or gateway.replicas=1." (int .Values.gateway.replicas)) -}}
+{{- end -}}
+{{- if and .Values.gateway.tls.certManager.enabled (not .Values.gateway.tls.certManager.issuerRef.name) -}}
+{{- fail "gateway.tls.certManager.enabled is true but gateway.tls.certManager.issuerRef.name is empty: name the cert-manager Issuer or ClusterIssuer that signs the gateway's certificate." -}}
+{{- end -}}
+{{- if and .Values.gateway.service.loadBalancerClass (ne .Values.gateway.service.type "LoadBalancer") -}}
+{{- fail "gateway.service.loadBalancerClass is only valid with gateway.service.type=LoadBalancer." -}}
+{{- end -}}
+{{- if and .Values.gateway.podDisruptionBudget.enabled (not (kindIs "invalid" .Values.gateway.podDisruptionBudget.minAvailable)) (not (kindIs "invalid" .Values.gateway.podDisruptionBudget.maxUnavailable)) -}}
+{{- fail "gateway.podDisruptionBudget: set either minAvailable or maxUnavailable, not both (set the other to null)." -}}
+{{- end -}}
+{{- if eq (int .Values.networkPolicy.relayControlPort) (int .Values.networkPolicy.relayMetricsPort) -}}
+{{- fail "networkPolicy.relayControlPort and networkPolicy.relayMetricsPort must differ." -}}
+{{- end -}}
+{{- if and .Values.networkPolicy.enabled (semverCompare "<1.22.0-0" .Capabilities.KubeVersion.Version) -}}
+{{- fail (printf "networkPolicy.enabled needs Kubernetes 1.22 or later (this is %s): the relay pods' policy opens their rendezvous and client ports with port ranges (endPort) while keeping the control port closed." .Capabilities.KubeVersion.Version) -}}
+{{- end -}}
+{{- if eq (int .Values.gateway.metricsPort) 8443 -}}
+{{- fail "gateway.metricsPort cannot be 8443: the gateway's HTTPS port." -}}
+{{- end -}}
+{{- end -}}

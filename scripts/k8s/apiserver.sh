@@ -11,6 +11,9 @@
 #                              write OUT, a kubeconfig authenticating as ServiceAccount
 #                              NAMESPACE/NAME (created, with its namespace, if missing)
 #
+# TAAS_K8S_CONTROLLERS picks kube-controller-manager's controllers (default `*`); e.g.
+# `*,-deployment,-replicaset` lets a test set Deployments' status itself, as a kubelet would.
+#
 # After `up`, DIR holds (DIR must be a path without whitespace):
 #   env                 KEY=VALUE lines: KUBECONFIG, TAAS_K8S_SERVER, TAAS_K8S_CA,
 #                       TAAS_K8S_TOKEN, TAAS_K8S_DIR, TAAS_K8S_ETCD, TAAS_K8S_BIN
@@ -322,7 +325,7 @@ cmd_up() {
   start kube-controller-manager "$bin/kube-controller-manager" \
     --kubeconfig "$DIR/admin.kubeconfig" \
     --bind-address 127.0.0.1 --secure-port 0 --port 0 \
-    --controllers '*' \
+    --controllers "${TAAS_K8S_CONTROLLERS:-*}" \
     --service-account-private-key-file "$DIR/sa.key" \
     --root-ca-file "$DIR/ca.crt" \
     --use-service-account-credentials=false \

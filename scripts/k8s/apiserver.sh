@@ -296,7 +296,7 @@ cmd_up() {
       --service-account-issuer https://kubernetes.default.svc \
       --service-account-key-file "$DIR/sa.pub" \
       --service-account-signing-key-file "$DIR/sa.key" \
-      --service-cluster-ip-range 10.0.0.0/24 \
+      --service-cluster-ip-range 10.0.0.0/16 \
       --disable-admission-plugins ServiceAccount \
       --endpoint-reconciler-type none \
       --profiling=false

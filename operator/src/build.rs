@@ -1,0 +1,744 @@
+//! The objects a label needs, built from its spec and the operator's settings (pure and
+//! deterministic: the same inputs give byte-identical apply bodies, so re-applying them
+//! changes nothing).
+//!
+//! For a `TaasLabel` `X` in namespace `N`, all controlled by it (garbage collection removes
+//! them with it):
+//! - Service `taas-X`: the external face (`client` → the pod's q, `p0..` → its p pool);
+//! - Service `taas-X-control`: ClusterIP, the relay's control port, where gateways forward;
+//! - ConfigMap `taas-X`: `label.yaml` (the TaasLabel manifest) and `external.yaml` (the
+//!   external host and ports), mounted into the relay, which re-reads both;
+//! - Deployment `taas-X`: one relay pod.
+//!
+//! The pod template depends only on the settings, the object name, the Secret's name and the
+//! number of rendezvous ports: every other spec change, and every address change, reaches
+//! the running relay through the mounted ConfigMap and Secret, without a restart.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, HTTPGetAction,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile,
+    SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::Resource as _;
+use serde::Serialize;
+use taas_crds::{ExternalTrafficPolicy, ServiceType, TaasLabel, TaasLabelSpec};
+
+use crate::address::External;
+use crate::names::{self, CLIENT_PORT, CONTROL_PORT, METRICS_PORT};
+use crate::settings::Settings;
+
+/// The relay runs as this non-root user (and group), as in distroless images.
+pub const RELAY_UID: i64 = 65532;
+
+/// Metadata of a child object: name, namespace, our labels, and the label as controller.
+fn meta(label: &TaasLabel, name: String) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: Some(names::namespace(label).to_string()),
+        labels: Some(names::labels(label)),
+        owner_references: label.controller_owner_ref(&()).map(|owner| vec![owner]),
+        ..Default::default()
+    }
+}
+
+fn tcp(name: String, port: u16, target: u16, node_port: Option<u16>) -> ServicePort {
+    ServicePort {
+        name: Some(name),
+        port: port.into(),
+        target_port: Some(IntOrString::Int(target.into())),
+        node_port: node_port.map(i32::from),
+        // Kubernetes 1.20's server-side apply needs the protocol (a key of the ports list).
+        protocol: Some("TCP".to_string()),
+        ..Default::default()
+    }
+}
+
+/// Service `taas-X`: the label's client port and rendezvous ports, of the spec's type.
+pub fn service(label: &TaasLabel) -> Service {
+    let spec = &label.spec.service;
+    let type_ = match spec.type_ {
+        ServiceType::LoadBalancer => "LoadBalancer",
+        ServiceType::NodePort => "NodePort",
+        ServiceType::ClusterIP => "ClusterIP",
+    };
+    let (client_port, client_node_port) = match spec.type_ {
+        ServiceType::NodePort => (CLIENT_PORT, label.spec.client_port),
+        _ => (label.spec.client_port.unwrap_or(CLIENT_PORT), None),
+    };
+    let external = spec.type_ != ServiceType::ClusterIP;
+    let mut ports = vec![tcp(
+        "client".to_string(),
+        client_port,
+        CLIENT_PORT,
+        client_node_port,
+    )];
+    ports.extend(
+        names::p_ports(label)
+            .enumerate()
+            .map(|(i, p)| tcp(format!("p{i}"), p, p, None)),
+    );
+    let mut metadata = meta(label, names::relay_name(label));
+    metadata.annotations = (!spec.annotations.is_empty()).then(|| spec.annotations.clone());
+    Service {
+        metadata,
+        spec: Some(ServiceSpec {
+            type_: Some(type_.to_string()),
+            selector: Some(names::selector(label)),
+            ports: Some(ports),
+            external_traffic_policy: external.then(|| {
+                match spec.external_traffic_policy {
+                    ExternalTrafficPolicy::Local => "Local",
+                    ExternalTrafficPolicy::Cluster => "Cluster",
+                }
+                .to_string()
+            }),
+            load_balancer_class: spec
+                .load_balancer_class
+                .clone()
+                .filter(|_| spec.type_ == ServiceType::LoadBalancer),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+/// Service `taas-X-control`: the relay's control port inside the cluster (for gateways).
+pub fn control_service(label: &TaasLabel) -> Service {
+    Service {
+        metadata: meta(label, names::control_name(label)),
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".to_string()),
+            // Headless: the name resolves to the relay pod itself, so thousands of labels
+            // use no cluster IPs (a /24 service range would run out at ~125 labels).
+            cluster_ip: Some("None".to_string()),
+            selector: Some(names::selector(label)),
+            ports: Some(vec![tcp(
+                "control".to_string(),
+                CONTROL_PORT,
+                CONTROL_PORT,
+                None,
+            )]),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+/// `label.yaml`: the TaasLabel as the relay reads it (no status; the secret stays in its
+/// Secret).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct LabelManifest<'a> {
+    api_version: &'a str,
+    kind: &'a str,
+    metadata: ManifestMeta<'a>,
+    spec: &'a TaasLabelSpec,
+}
+
+#[derive(Serialize)]
+struct ManifestMeta<'a> {
+    name: &'a str,
+    namespace: &'a str,
+}
+
+/// ConfigMap `taas-X`: `label.yaml` and `external.yaml` for the relay.
+pub fn config_map(label: &TaasLabel, external: &External) -> Result<ConfigMap, serde_yaml::Error> {
+    let manifest = LabelManifest {
+        api_version: taas_crds::API_VERSION,
+        kind: taas_crds::KIND,
+        metadata: ManifestMeta {
+            name: names::object_name(label),
+            namespace: names::namespace(label),
+        },
+        spec: &label.spec,
+    };
+    Ok(ConfigMap {
+        metadata: meta(label, names::relay_name(label)),
+        data: Some(BTreeMap::from([
+            (
+                names::LABEL_KEY.to_string(),
+                serde_yaml::to_string(&manifest)?,
+            ),
+            (
+                names::EXTERNAL_KEY.to_string(),
+                serde_yaml::to_string(external)?,
+            ),
+        ])),
+        ..Default::default()
+    })
+}
+
+fn container_port(name: String, port: u16) -> ContainerPort {
+    ContainerPort {
+        name: Some(name),
+        container_port: port.into(),
+        protocol: Some("TCP".to_string()),
+        ..Default::default()
+    }
+}
+
+fn probe(path: &str) -> HTTPGetAction {
+    HTTPGetAction {
+        path: Some(path.to_string()),
+        port: IntOrString::String("metrics".to_string()),
+        ..Default::default()
+    }
+}
+
+/// The relay's command line.
+pub fn relay_args(label: &TaasLabel, settings: &Settings) -> Vec<String> {
+    let last_p = names::p_ports(label).last().unwrap_or(names::P_PORT_BASE);
+    [
+        "label-relay".to_string(),
+        "--label-file".to_string(),
+        format!("{}/{}", names::LABEL_DIR, names::LABEL_KEY),
+        "--secret-dir".to_string(),
+        names::SECRET_DIR.to_string(),
+        "--external-file".to_string(),
+        format!("{}/{}", names::LABEL_DIR, names::EXTERNAL_KEY),
+        "--control".to_string(),
+        format!("0.0.0.0:{CONTROL_PORT}"),
+        "--p-ports".to_string(),
+        format!("{}-{last_p}", names::P_PORT_BASE),
+        "--client-port".to_string(),
+        CLIENT_PORT.to_string(),
+        "--registrar".to_string(),
+        settings.registrar.clone(),
+        "--domain".to_string(),
+        settings.domain.clone(),
+        "--metrics".to_string(),
+        format!("0.0.0.0:{METRICS_PORT}"),
+    ]
+    .into()
+}
+
+fn quantities(pairs: [(&str, Option<&String>); 2]) -> Option<BTreeMap<String, Quantity>> {
+    let map: BTreeMap<String, Quantity> = pairs
+        .into_iter()
+        .filter_map(|(name, value)| Some((name.to_string(), Quantity(value?.clone()))))
+        .collect();
+    (!map.is_empty()).then_some(map)
+}
+
+/// Deployment `taas-X`: one relay pod (Recreate: never two relays for one label), with the
+/// ConfigMap and the Secret mounted, no API access, and the restricted Pod Security
+/// Standard.
+pub fn deployment(label: &TaasLabel, settings: &Settings) -> Deployment {
+    let mut ports = vec![
+        container_port("control".to_string(), CONTROL_PORT),
+        container_port("metrics".to_string(), METRICS_PORT),
+        container_port("client".to_string(), CLIENT_PORT),
+    ];
+    ports.extend(
+        names::p_ports(label)
+            .enumerate()
+            .map(|(i, p)| container_port(format!("p{i}"), p)),
+    );
+    let resources = &settings.resources;
+    let container = Container {
+        name: "relay".to_string(),
+        image: Some(settings.relay_image.clone()),
+        image_pull_policy: Some(settings.image_pull_policy.clone()),
+        args: Some(relay_args(label, settings)),
+        ports: Some(ports),
+        readiness_probe: Some(Probe {
+            http_get: Some(probe("/readyz")),
+            period_seconds: Some(5),
+            timeout_seconds: Some(2),
+            failure_threshold: Some(3),
+            ..Default::default()
+        }),
+        liveness_probe: Some(Probe {
+            http_get: Some(probe("/healthz")),
+            initial_delay_seconds: Some(10),
+            period_seconds: Some(20),
+            timeout_seconds: Some(5),
+            failure_threshold: Some(6),
+            ..Default::default()
+        }),
+        resources: Some(ResourceRequirements {
+            requests: quantities([
+                ("cpu", Some(&resources.cpu_request)),
+                ("memory", Some(&resources.memory_request)),
+            ]),
+            limits: quantities([
+                ("cpu", resources.cpu_limit.as_ref()),
+                ("memory", resources.memory_limit.as_ref()),
+            ]),
+            ..Default::default()
+        }),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".to_string()]),
+                ..Default::default()
+            }),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            run_as_user: Some(RELAY_UID),
+            run_as_group: Some(RELAY_UID),
+            ..Default::default()
+        }),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: "label".to_string(),
+                mount_path: names::LABEL_DIR.to_string(),
+                read_only: Some(true),
+                ..Default::default()
+            },
+            VolumeMount {
+                name: "secret".to_string(),
+                mount_path: names::SECRET_DIR.to_string(),
+                read_only: Some(true),
+                ..Default::default()
+            },
+        ]),
+        ..Default::default()
+    };
+    let pod_labels = names::labels(label);
+    Deployment {
+        metadata: meta(label, names::relay_name(label)),
+        spec: Some(DeploymentSpec {
+            replicas: Some(1),
+            selector: LabelSelector {
+                match_labels: Some(names::selector(label)),
+                ..Default::default()
+            },
+            strategy: Some(DeploymentStrategy {
+                type_: Some("Recreate".to_string()),
+                ..Default::default()
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    automount_service_account_token: Some(false),
+                    enable_service_links: Some(false),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(RELAY_UID),
+                        run_as_group: Some(RELAY_UID),
+                        // The Secret's files are group-readable by the relay only.
+                        fs_group: Some(RELAY_UID),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".to_string(),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    containers: vec![container],
+                    volumes: Some(vec![
+                        Volume {
+                            name: "label".to_string(),
+                            config_map: Some(ConfigMapVolumeSource {
+                                name: names::relay_name(label),
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        },
+                        Volume {
+                            name: "secret".to_string(),
+                            // The whole Secret (no `items`): a changed `secretRef.key` is
+                            // read from the same directory without a restart.
+                            secret: Some(SecretVolumeSource {
+                                secret_name: Some(label.spec.secret_ref.name.clone()),
+                                default_mode: Some(0o440),
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        },
+                    ]),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::address::tests::{applied, ip};
+    use crate::address::{exposure, external};
+    use k8s_openapi::api::core::v1::LoadBalancerIngress;
+
+    /// A label as the API server returns it: `default/home`, LABEL `home`, two rendezvous
+    /// ports.
+    pub fn label() -> TaasLabel {
+        let mut label: TaasLabel = serde_yaml::from_str(
+            "apiVersion: taas.dev/v1alpha1\n\
+             kind: TaasLabel\n\
+             metadata: {name: home, namespace: default, uid: 0c1d-uid, generation: 1}\n\
+             spec:\n  id: id-1\n  label: home\n  secretRef: {name: home-totp}\n  \
+             rendezvousPorts: 2\n",
+        )
+        .unwrap();
+        label.metadata.resource_version = Some("1".into());
+        label
+    }
+
+    /// Metadata of an object named `name` controlled by `label`.
+    pub fn owned_meta(label: &TaasLabel, name: &str) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(name.into()),
+            owner_references: label.controller_owner_ref(&()).map(|o| vec![o]),
+            ..Default::default()
+        }
+    }
+
+    fn json<T: Serialize>(value: &T) -> serde_json::Value {
+        serde_json::to_value(value).unwrap()
+    }
+
+    const OWNER: &str = r#"[{"apiVersion":"taas.dev/v1alpha1","kind":"TaasLabel","name":"home","uid":"0c1d-uid","controller":true}]"#;
+
+    fn owner() -> serde_json::Value {
+        serde_json::from_str(OWNER).unwrap()
+    }
+
+    fn labels() -> serde_json::Value {
+        serde_json::json!({
+            "app.kubernetes.io/name": "taas-relay",
+            "app.kubernetes.io/instance": "home",
+            "app.kubernetes.io/managed-by": "taas-operator",
+            "taas.dev/label": "home",
+        })
+    }
+
+    #[test]
+    fn load_balancer_service() {
+        let mut l = label();
+        l.spec
+            .service
+            .annotations
+            .insert("lb.example/internal".into(), "true".into());
+        l.spec.service.load_balancer_class = Some("example.net/lb".into());
+        assert_eq!(
+            json(&service(&l)),
+            serde_json::json!({
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {
+                    "name": "taas-home",
+                    "namespace": "default",
+                    "labels": labels(),
+                    "annotations": {"lb.example/internal": "true"},
+                    "ownerReferences": owner(),
+                },
+                "spec": {
+                    "type": "LoadBalancer",
+                    "selector": {"app.kubernetes.io/name": "taas-relay", "app.kubernetes.io/instance": "home"},
+                    "externalTrafficPolicy": "Local",
+                    "loadBalancerClass": "example.net/lb",
+                    "ports": [
+                        {"name": "client", "port": 21000, "targetPort": 21000, "protocol": "TCP"},
+                        {"name": "p0", "port": 20000, "targetPort": 20000, "protocol": "TCP"},
+                        {"name": "p1", "port": 20001, "targetPort": 20001, "protocol": "TCP"},
+                    ],
+                },
+            })
+        );
+    }
+
+    #[test]
+    fn pinned_client_port_by_service_type() {
+        let mut l = label();
+        l.spec.client_port = Some(30443);
+        let client = |l: &TaasLabel| json(&service(l))["spec"]["ports"][0].clone();
+        // LoadBalancer: the Service port.
+        assert_eq!(
+            client(&l),
+            serde_json::json!({"name": "client", "port": 30443, "targetPort": 21000, "protocol": "TCP"})
+        );
+        // NodePort: the node port.
+        l.spec.service.type_ = ServiceType::NodePort;
+        l.spec.service.external_traffic_policy = ExternalTrafficPolicy::Cluster;
+        assert_eq!(
+            client(&l),
+            serde_json::json!({"name": "client", "port": 21000, "targetPort": 21000, "nodePort": 30443, "protocol": "TCP"})
+        );
+        let spec = json(&service(&l))["spec"].clone();
+        assert_eq!(spec["type"], "NodePort");
+        assert_eq!(spec["externalTrafficPolicy"], "Cluster");
+        // ClusterIP: the Service port, and no external traffic policy or load balancer class.
+        l.spec.service.type_ = ServiceType::ClusterIP;
+        l.spec.service.load_balancer_class = Some("example.net/lb".into());
+        assert_eq!(
+            client(&l),
+            serde_json::json!({"name": "client", "port": 30443, "targetPort": 21000, "protocol": "TCP"})
+        );
+        let spec = json(&service(&l))["spec"].clone();
+        assert_eq!(spec["type"], "ClusterIP");
+        assert!(spec.get("externalTrafficPolicy").is_none());
+        assert!(spec.get("loadBalancerClass").is_none());
+    }
+
+    #[test]
+    fn control_service_is_cluster_internal() {
+        assert_eq!(
+            json(&control_service(&label())),
+            serde_json::json!({
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {
+                    "name": "taas-home-control",
+                    "namespace": "default",
+                    "labels": labels(),
+                    "ownerReferences": owner(),
+                },
+                "spec": {
+                    "type": "ClusterIP",
+                    "clusterIP": "None",
+                    "selector": {"app.kubernetes.io/name": "taas-relay", "app.kubernetes.io/instance": "home"},
+                    "ports": [{"name": "control", "port": 8080, "targetPort": 8080, "protocol": "TCP"}],
+                },
+            })
+        );
+    }
+
+    #[test]
+    fn config_map_holds_the_manifest_and_the_external_address() {
+        let l = label();
+        let service = applied(&l, ip("203.0.113.7"));
+        let exposure = exposure(&l, &service, &[], &[]).unwrap();
+        let cm = config_map(&l, &external(&l, &service, Some(&exposure))).unwrap();
+        assert_eq!(cm.metadata.name.as_deref(), Some("taas-home"));
+        assert_eq!(json(&cm.metadata.owner_references), owner());
+        let data = cm.data.unwrap();
+        assert_eq!(
+            data["label.yaml"],
+            "apiVersion: taas.dev/v1alpha1\n\
+             kind: TaasLabel\n\
+             metadata:\n  name: home\n  namespace: default\n\
+             spec:\n  id: id-1\n  label: home\n  secretRef:\n    name: home-totp\n    key: secret\n  \
+             algorithm: SHA1\n  period: 30\n  maxParked: 32\n  sourcePinning: true\n  \
+             proxyProtocol: none\n  clientAdmission: Open\n  service:\n    type: LoadBalancer\n    \
+             externalTrafficPolicy: Local\n  rendezvousPorts: 2\n"
+        );
+        assert_eq!(
+            data["external.yaml"],
+            "host: 203.0.113.7\nports:\n  20000: 20000\n  20001: 20001\n  21000: 21000\n"
+        );
+        // What the relay reads back.
+        let parsed = taas_crds::manifest::parse_documents(&data["label.yaml"]).unwrap();
+        assert!(matches!(
+            &parsed[..],
+            [taas_crds::manifest::Object::Label(object)] if object.spec == l.spec
+                && object.name == "home" && object.namespace == "default"
+        ));
+    }
+
+    #[test]
+    fn deployment_runs_one_restricted_relay() {
+        let l = label();
+        let settings = Settings::default();
+        let d = json(&deployment(&l, &settings));
+        assert_eq!(d["metadata"]["name"], "taas-home");
+        assert_eq!(d["metadata"]["ownerReferences"], owner());
+        assert_eq!(d["metadata"]["labels"], labels());
+        let spec = &d["spec"];
+        assert_eq!(spec["replicas"], 1);
+        assert_eq!(spec["strategy"], serde_json::json!({"type": "Recreate"}));
+        assert_eq!(
+            spec["selector"],
+            serde_json::json!({"matchLabels": {"app.kubernetes.io/name": "taas-relay", "app.kubernetes.io/instance": "home"}})
+        );
+        let template = &spec["template"];
+        assert_eq!(
+            template["metadata"],
+            serde_json::json!({"labels": labels()})
+        );
+        let pod = &template["spec"];
+        assert_eq!(pod["automountServiceAccountToken"], false);
+        assert_eq!(
+            pod["securityContext"],
+            serde_json::json!({
+                "runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532, "fsGroup": 65532,
+                "seccompProfile": {"type": "RuntimeDefault"},
+            })
+        );
+        assert_eq!(
+            pod["volumes"],
+            serde_json::json!([
+                {"name": "label", "configMap": {"name": "taas-home"}},
+                {"name": "secret", "secret": {"secretName": "home-totp", "defaultMode": 0o440}},
+            ])
+        );
+        let c = &pod["containers"][0];
+        assert_eq!(c["image"], settings.relay_image);
+        assert_eq!(c["imagePullPolicy"], "IfNotPresent");
+        assert_eq!(
+            c["args"],
+            serde_json::json!([
+                "label-relay",
+                "--label-file",
+                "/etc/taas/label/label.yaml",
+                "--secret-dir",
+                "/etc/taas/secret",
+                "--external-file",
+                "/etc/taas/label/external.yaml",
+                "--control",
+                "0.0.0.0:8080",
+                "--p-ports",
+                "20000-20001",
+                "--client-port",
+                "21000",
+                "--registrar",
+                "taas-registrar.localhost",
+                "--domain",
+                "taas.localhost",
+                "--metrics",
+                "0.0.0.0:9464",
+            ])
+        );
+        let ports: Vec<(String, u64)> = c["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                assert_eq!(p["protocol"], "TCP");
+                (
+                    p["name"].as_str().unwrap().to_string(),
+                    p["containerPort"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            ports,
+            [
+                ("control", 8080),
+                ("metrics", 9464),
+                ("client", 21000),
+                ("p0", 20000),
+                ("p1", 20001)
+            ]
+            .map(|(n, p)| (n.to_string(), p))
+        );
+        assert_eq!(
+            c["securityContext"],
+            serde_json::json!({
+                "allowPrivilegeEscalation": false,
+                "capabilities": {"drop": ["ALL"]},
+                "readOnlyRootFilesystem": true,
+                "runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532,
+            })
+        );
+        assert_eq!(
+            c["resources"],
+            serde_json::json!({
+                "requests": {"cpu": "10m", "memory": "32Mi"},
+                "limits": {"cpu": "500m", "memory": "128Mi"},
+            })
+        );
+        assert_eq!(
+            c["readinessProbe"]["httpGet"],
+            serde_json::json!({"path": "/readyz", "port": "metrics"})
+        );
+        assert_eq!(
+            c["livenessProbe"]["httpGet"],
+            serde_json::json!({"path": "/healthz", "port": "metrics"})
+        );
+        assert_eq!(c["livenessProbe"]["failureThreshold"], 6);
+        assert_eq!(
+            c["volumeMounts"],
+            serde_json::json!([
+                {"name": "label", "mountPath": "/etc/taas/label", "readOnly": true},
+                {"name": "secret", "mountPath": "/etc/taas/secret", "readOnly": true},
+            ])
+        );
+    }
+
+    #[test]
+    fn resources_without_limits() {
+        let mut settings = Settings::default();
+        settings.resources.cpu_limit = None;
+        settings.resources.memory_limit = None;
+        let d = json(&deployment(&label(), &settings));
+        assert_eq!(
+            d["spec"]["template"]["spec"]["containers"][0]["resources"],
+            serde_json::json!({"requests": {"cpu": "10m", "memory": "32Mi"}})
+        );
+    }
+
+    #[test]
+    fn only_image_args_and_port_count_change_the_pod() {
+        let settings = Settings::default();
+        let base = deployment(&label(), &settings);
+        let mut l = label();
+        l.spec.max_parked = 5;
+        l.spec.period = 60;
+        l.spec.client_port = Some(443);
+        l.spec.secret_ref.key = "other".into();
+        l.spec.service.type_ = ServiceType::NodePort;
+        l.spec.service.annotations.insert("a".into(), "b".into());
+        l.metadata.generation = Some(7);
+        assert_eq!(deployment(&l, &settings), base);
+
+        l.spec.rendezvous_ports = 3;
+        let more = json(&deployment(&l, &settings));
+        let c = &more["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(c["args"][10], "20000-20002");
+        assert_eq!(c["ports"].as_array().unwrap().len(), 6);
+
+        let mut new_image = settings.clone();
+        new_image.relay_image = "taas-relay:next".into();
+        assert_ne!(deployment(&label(), &new_image), base);
+    }
+
+    #[test]
+    fn a_long_label_is_not_a_label_value() {
+        let mut l = label();
+        l.spec.label = format!("{}.example", "a".repeat(60));
+        let labels = deployment(&l, &Settings::default())
+            .metadata
+            .labels
+            .unwrap();
+        assert!(!labels.contains_key("taas.dev/label"));
+        assert_eq!(labels["app.kubernetes.io/instance"], "home");
+    }
+
+    #[test]
+    fn build_is_deterministic() {
+        let mut l = label();
+        for i in 0..20 {
+            l.spec
+                .service
+                .annotations
+                .insert(format!("k{i}"), format!("v{i}"));
+        }
+        let settings = Settings::default();
+        let service_with = |ingress: Option<LoadBalancerIngress>| applied(&l, ingress);
+        let bodies = || {
+            let svc = service_with(ip("203.0.113.7"));
+            let e = exposure(&l, &svc, &[], &[]).ok();
+            (
+                serde_json::to_string(&service(&l)).unwrap(),
+                serde_json::to_string(&control_service(&l)).unwrap(),
+                serde_json::to_string(&config_map(&l, &external(&l, &svc, e.as_ref())).unwrap())
+                    .unwrap(),
+                serde_json::to_string(&deployment(&l, &settings)).unwrap(),
+            )
+        };
+        let first = bodies();
+        for _ in 0..5 {
+            assert_eq!(bodies(), first);
+        }
+        // The same label read back from the API server (with a status) builds the same.
+        let mut with_status = l.clone();
+        with_status.status = Some(Default::default());
+        assert_eq!(
+            serde_json::to_string(&deployment(&with_status, &settings)).unwrap(),
+            first.3
+        );
+    }
+}

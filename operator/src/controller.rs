@@ -1,0 +1,138 @@
+//! The controller: watches TaasLabels (all namespaces, or one), the Deployments, Services and
+//! ConfigMaps it made (by label), and Secrets (mapped to the TaasLabels that use them); runs
+//! [`reconcile`] for each change, the routes publisher beside it, and stops gracefully on
+//! SIGTERM or Ctrl-C (reconciles in flight finish). With leader election, all of that starts
+//! only once this replica holds the Lease.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use futures::StreamExt as _;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::NamespaceResourceScope;
+use kube::runtime::{watcher, Controller};
+use kube::{Api, Client, Resource};
+use taas_crds::TaasLabel;
+
+use crate::leader::Elector;
+use crate::metrics::Metrics;
+use crate::names::MANAGED_SELECTOR;
+use crate::reconcile::{error_policy, labels_using, reconcile, Context};
+use crate::routes;
+use crate::settings::Settings;
+
+fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(namespace) => Api::namespaced(client.clone(), namespace),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Leadership was lost: the process should exit (and be restarted as a candidate).
+#[derive(Debug, thiserror::Error)]
+#[error("lost the leader election Lease")]
+pub struct LostLeadership;
+
+/// Resolves on Ctrl-C, or SIGTERM (how Kubernetes stops a pod).
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
+}
+
+/// Runs the operator until a shutdown signal. `ready` is true while a standby waits for the
+/// Lease (so rolling updates proceed), and for the leader once the TaasLabels are listed.
+pub async fn run(
+    client: Client,
+    settings: Settings,
+    namespace: Option<String>,
+    metrics: Metrics,
+    ready: Arc<AtomicBool>,
+    mut elector: Option<Elector>,
+) -> Result<(), LostLeadership> {
+    if let Some(elector) = elector.as_mut() {
+        ready.store(true, Ordering::Relaxed);
+        tracing::info!(identity = elector.identity(), "leader election: candidate");
+        tokio::select! {
+            _ = elector.acquire() => {}
+            _ = shutdown_signal() => return Ok(()),
+        }
+        ready.store(false, Ordering::Relaxed);
+    }
+    let ns = namespace.as_deref();
+    let controller = Controller::new(api::<TaasLabel>(&client, ns), watcher::Config::default());
+    let labels = controller.store();
+    let ours = watcher::Config::default().labels(MANAGED_SELECTOR);
+    let secret_labels = labels.clone();
+    let controller = controller
+        .owns(api::<Deployment>(&client, ns), ours.clone())
+        .owns(api::<Service>(&client, ns), ours.clone())
+        .owns(api::<ConfigMap>(&client, ns), ours)
+        .watches(
+            api::<Secret>(&client, ns),
+            watcher::Config::default(),
+            move |secret| labels_using(&secret_labels.state(), &secret),
+        )
+        .shutdown_on_signal();
+
+    let context = Arc::new(Context::new(
+        client.clone(),
+        settings.clone(),
+        labels,
+        metrics,
+    ));
+    let publisher = tokio::spawn(routes::run(
+        client.clone(),
+        settings,
+        api::<TaasLabel>(&client, ns),
+        ready,
+    ));
+
+    tracing::info!(namespace = ns.unwrap_or("(all)"), "watching TaasLabels");
+    let controller =
+        controller
+            .run(reconcile, error_policy, context)
+            .for_each(|result| async move {
+                match result {
+                    Ok((object, _)) => tracing::debug!(%object, "reconciled"),
+                    // Reconcile errors are logged by the error policy; these are watch errors.
+                    Err(kube::runtime::controller::Error::ReconcilerFailed(..)) => {}
+                    // A child changed after its TaasLabel was deleted: nothing to do.
+                    Err(kube::runtime::controller::Error::ObjectNotFound(object)) => {
+                        tracing::debug!(%object, "gone")
+                    }
+                    Err(error) => tracing::warn!(%error, "controller"),
+                }
+            });
+    let result = {
+        let lost = async {
+            match elector.as_mut() {
+                Some(elector) => elector.hold().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = controller => Ok(()),
+            _ = lost => Err(LostLeadership),
+        }
+    };
+    publisher.abort();
+    if let (Ok(()), Some(elector)) = (&result, &elector) {
+        elector.release().await;
+    }
+    tracing::info!("stopped");
+    result
+}

@@ -1,0 +1,320 @@
+//! `taas-operator`: runs one relay per `TaasLabel` (see the library's documentation);
+//! `taas-operator crd` prints the CustomResourceDefinition, `taas-operator rbac` the RBAC
+//! rules it needs.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use prometheus_client::registry::Registry;
+use taas_operator::metrics::{self, Metrics};
+use taas_operator::settings::{RelayResources, Settings};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "TAAS operator: reconciles TaasLabel objects into a relay Deployment, its Services \
+             and ConfigMap each, reports their addresses in the labels' status, and publishes \
+             the gateways' routes",
+    long_about = None,
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the TaasLabel CustomResourceDefinition (YAML, as crds/taaslabels.yaml).
+    Crd,
+    /// Print the RBAC rules the operator needs (a ClusterRole's `rules:`, YAML).
+    Rbac,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Watch TaasLabels in this namespace only [default: all namespaces].
+    #[arg(long, env = "TAAS_NAMESPACE")]
+    namespace: Option<String>,
+    /// Namespace of the routes ConfigMap [default: $POD_NAMESPACE, else taas-system].
+    #[arg(long, env = "TAAS_OPERATOR_NAMESPACE")]
+    operator_namespace: Option<String>,
+    /// Name of the ConfigMap holding the gateways' routes (key routes.yaml).
+    #[arg(long, env = "TAAS_ROUTES_CONFIGMAP", default_value = "taas-routes")]
+    routes_configmap: String,
+    /// Image of the relay pods (taas-relay).
+    #[arg(long, env = "TAAS_RELAY_IMAGE", default_value = concat!("taas-relay:", env!("CARGO_PKG_VERSION")))]
+    relay_image: String,
+    /// Pull policy of the relay image.
+    #[arg(long, env = "TAAS_RELAY_IMAGE_PULL_POLICY", value_enum, default_value_t = PullPolicy::IfNotPresent)]
+    relay_image_pull_policy: PullPolicy,
+    /// Host name of the registrar role, passed to every relay (as the gateways').
+    #[arg(
+        long,
+        env = "TAAS_REGISTRAR",
+        default_value = "taas-registrar.localhost"
+    )]
+    registrar: String,
+    /// Servers domain, passed to every relay (as the gateways').
+    #[arg(long, env = "TAAS_DOMAIN", default_value = "taas.localhost")]
+    domain: String,
+    /// CPU request of a relay container.
+    #[arg(long, env = "TAAS_RELAY_CPU_REQUEST", default_value = "10m")]
+    relay_cpu_request: String,
+    /// Memory request of a relay container.
+    #[arg(long, env = "TAAS_RELAY_MEMORY_REQUEST", default_value = "32Mi")]
+    relay_memory_request: String,
+    /// CPU limit of a relay container ("none": no limit).
+    #[arg(long, env = "TAAS_RELAY_CPU_LIMIT", default_value = "500m")]
+    relay_cpu_limit: String,
+    /// Memory limit of a relay container ("none": no limit).
+    #[arg(long, env = "TAAS_RELAY_MEMORY_LIMIT", default_value = "128Mi")]
+    relay_memory_limit: String,
+    /// Node address types for NodePort Services, most preferred first (comma-separated).
+    #[arg(
+        long,
+        env = "TAAS_NODE_ADDRESS_TYPE",
+        value_delimiter = ',',
+        default_value = "ExternalIP,InternalIP"
+    )]
+    node_address_type: Vec<String>,
+    /// Seconds before a label that needs a user's fix (missing Secret, foreign object, LABEL
+    /// conflict, rejected object) is looked at again; watches notice most fixes sooner.
+    #[arg(long, env = "TAAS_USER_FIX_REQUEUE", default_value_t = 300)]
+    user_fix_requeue: u64,
+    /// /metrics, /healthz, /readyz (plain HTTP); "off" to disable.
+    #[arg(long, env = "TAAS_METRICS", default_value = "0.0.0.0:9464")]
+    metrics: String,
+    /// Elect one active replica through a Lease in --operator-namespace (for replicas > 1).
+    #[arg(long, env = "TAAS_LEADER_ELECT")]
+    leader_elect: bool,
+    /// Name of the leader election Lease.
+    #[arg(long, env = "TAAS_LEADER_ELECT_LEASE", default_value = "taas-operator")]
+    leader_elect_lease: String,
+    /// Log format on stderr (level from RUST_LOG, default info).
+    #[arg(long, env = "TAAS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+#[value(rename_all = "PascalCase")]
+enum PullPolicy {
+    Always,
+    IfNotPresent,
+    Never,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn limit(value: &str) -> Option<String> {
+    match value.trim() {
+        "" | "none" => None,
+        value => Some(value.to_string()),
+    }
+}
+
+fn settings(args: &RunArgs) -> anyhow::Result<Settings> {
+    anyhow::ensure!(
+        args.user_fix_requeue > 0,
+        "--user-fix-requeue must be positive"
+    );
+    anyhow::ensure!(
+        !args.node_address_type.is_empty(),
+        "--node-address-type needs at least one type"
+    );
+    Ok(Settings {
+        relay_image: args.relay_image.clone(),
+        image_pull_policy: match args.relay_image_pull_policy {
+            PullPolicy::Always => "Always",
+            PullPolicy::IfNotPresent => "IfNotPresent",
+            PullPolicy::Never => "Never",
+        }
+        .to_string(),
+        registrar: args.registrar.to_ascii_lowercase(),
+        domain: args.domain.to_ascii_lowercase(),
+        resources: RelayResources {
+            cpu_request: args.relay_cpu_request.clone(),
+            memory_request: args.relay_memory_request.clone(),
+            cpu_limit: limit(&args.relay_cpu_limit),
+            memory_limit: limit(&args.relay_memory_limit),
+        },
+        node_address_types: args
+            .node_address_type
+            .iter()
+            .map(|t| t.trim().to_string())
+            .collect(),
+        operator_namespace: args
+            .operator_namespace
+            .clone()
+            .or_else(|| std::env::var("POD_NAMESPACE").ok())
+            .filter(|ns| !ns.is_empty())
+            .unwrap_or_else(|| "taas-system".to_string()),
+        routes_configmap: args.routes_configmap.clone(),
+        user_fix_requeue: Duration::from_secs(args.user_fix_requeue),
+    })
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let settings = settings(&args)?;
+    let metrics_addr: Option<SocketAddr> = match args.metrics.trim() {
+        "off" | "" => None,
+        addr => Some(
+            addr.parse()
+                .with_context(|| format!("--metrics {addr:?}: expected ADDR:PORT or off"))?,
+        ),
+    };
+    // KUBECONFIG, ~/.kube/config, or the in-cluster service account.
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (KUBECONFIG or in-cluster)")?;
+    let mut registry = Registry::default();
+    let reconcile_metrics = Metrics::new(&mut registry);
+    let ready = Arc::new(AtomicBool::new(false));
+    let _metrics_task = match metrics_addr {
+        Some(addr) => {
+            let (local, task) = metrics::spawn(addr, registry, ready.clone())
+                .await
+                .with_context(|| format!("--metrics {addr}"))?;
+            tracing::info!(%local, "metrics");
+            Some(task)
+        }
+        None => None,
+    };
+    tracing::info!(
+        image = %settings.relay_image,
+        routes = %format!("{}/{}", settings.operator_namespace, settings.routes_configmap),
+        "starting"
+    );
+    let elector = args.leader_elect.then(|| {
+        taas_operator::leader::Elector::new(
+            client.clone(),
+            &settings.operator_namespace,
+            &args.leader_elect_lease,
+            taas_operator::leader::identity(),
+        )
+    });
+    taas_operator::controller::run(
+        client,
+        settings,
+        args.namespace,
+        reconcile_metrics,
+        ready,
+        elector,
+    )
+    .await?;
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Crd) => {
+            print!("{}", taas_crds::crd_yaml());
+            Ok(())
+        }
+        Some(Command::Rbac) => {
+            print!("{}", taas_operator::rbac::cluster_role_rules());
+            Ok(())
+        }
+        None => {
+            init_logs(cli.run.log_format);
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")
+                .and_then(|runtime| runtime.block_on(run(cli.run)))
+        }
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("taas-operator: error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory as _;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_flag_has_a_taas_env() {
+        let command = Cli::command();
+        for arg in command.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if matches!(long, "help" | "version") {
+                continue;
+            }
+            let expected = format!("TAAS_{}", long.to_ascii_uppercase().replace('-', "_"));
+            assert_eq!(
+                arg.get_env().and_then(|e| e.to_str()),
+                Some(expected.as_str()),
+                "--{long}"
+            );
+        }
+    }
+
+    #[test]
+    fn defaults_make_the_default_settings() {
+        let cli = Cli::try_parse_from(["taas-operator"]).unwrap();
+        let mut got = settings(&cli.run).unwrap();
+        got.operator_namespace = "taas-system".into(); // POD_NAMESPACE may be set
+        assert_eq!(got, Settings::default());
+        let cli = Cli::try_parse_from([
+            "taas-operator",
+            "--relay-cpu-limit",
+            "none",
+            "--node-address-type",
+            "InternalIP",
+            "--operator-namespace",
+            "ops",
+        ])
+        .unwrap();
+        let got = settings(&cli.run).unwrap();
+        assert_eq!(got.resources.cpu_limit, None);
+        assert_eq!(got.node_address_types, ["InternalIP"]);
+        assert_eq!(got.operator_namespace, "ops");
+        assert!(Cli::try_parse_from(["taas-operator", "crd"]).is_ok());
+        // The chart passes Kubernetes' own spelling.
+        for policy in ["Always", "IfNotPresent", "Never"] {
+            let cli = Cli::try_parse_from([
+                "taas-operator",
+                &format!("--relay-image-pull-policy={policy}"),
+                "--leader-elect",
+            ])
+            .unwrap();
+            assert_eq!(settings(&cli.run).unwrap().image_pull_policy, policy);
+            assert!(cli.run.leader_elect);
+        }
+    }
+}

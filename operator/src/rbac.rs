@@ -1,0 +1,128 @@
+//! Every Kubernetes API call the operator makes, in one table: the Helm chart's ClusterRole
+//! is written from it, and nothing in the code may call beyond it.
+//!
+//! | API group | resource | verbs | where |
+//! |---|---|---|---|
+//! | `taas.dev` | `taaslabels` | get, list, watch | the controller's watch and cache |
+//! | `taas.dev` | `taaslabels/status` | patch | `reconcile`: status (server-side apply) |
+//! | `apps` | `deployments` | get, list, watch, create, patch | `reconcile`: foreign check, apply; `.owns()` |
+//! | `""` | `services` | get, list, watch, create, patch | the same |
+//! | `""` | `configmaps` | get, list, watch, create, patch | the same, and the routes ConfigMap |
+//! | `""` | `secrets` | get, list, watch | `reconcile`: the label's Secret; `.watches()` |
+//! | `""` | `nodes` | list | `reconcile`: node addresses for NodePort Services |
+//! | `events.k8s.io` | `events` | create, patch | events on TaasLabels (kube's `Recorder`) |
+//! | `coordination.k8s.io` | `leases` | get, create, update | `--leader-elect` only, in the operator's namespace |
+//!
+//! `create` is listed with `patch` because server-side apply of an object that does not exist
+//! yet creates it (the API server authorizes a PATCH that creates as `create` too). Nothing
+//! is ever deleted: the children carry a controller ownerReference to their TaasLabel and the
+//! garbage collector removes them. No finalizers are set (so no `update` on `taaslabels`), and
+//! owner references do not set `blockOwnerDeletion` (which would need `update` on
+//! `taaslabels/finalizers` where the OwnerReferencesPermissionEnforcement admission plugin
+//! runs).
+//!
+//! The routes ConfigMap and the leader election Lease live in the operator's namespace
+//! (`--operator-namespace`); everything else in the labels' namespaces (with `--namespace`,
+//! that one only) except `nodes`, which are cluster-scoped.
+
+/// One rule of the operator's ClusterRole.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rule {
+    pub api_group: &'static str,
+    pub resource: &'static str,
+    pub verbs: &'static [&'static str],
+}
+
+/// The table above, for code (and tests) that need it.
+pub const RULES: &[Rule] = &[
+    Rule {
+        api_group: "taas.dev",
+        resource: "taaslabels",
+        verbs: &["get", "list", "watch"],
+    },
+    Rule {
+        api_group: "taas.dev",
+        resource: "taaslabels/status",
+        verbs: &["patch"],
+    },
+    Rule {
+        api_group: "apps",
+        resource: "deployments",
+        verbs: &["get", "list", "watch", "create", "patch"],
+    },
+    Rule {
+        api_group: "",
+        resource: "services",
+        verbs: &["get", "list", "watch", "create", "patch"],
+    },
+    Rule {
+        api_group: "",
+        resource: "configmaps",
+        verbs: &["get", "list", "watch", "create", "patch"],
+    },
+    Rule {
+        api_group: "",
+        resource: "secrets",
+        verbs: &["get", "list", "watch"],
+    },
+    Rule {
+        api_group: "",
+        resource: "nodes",
+        verbs: &["list"],
+    },
+    Rule {
+        api_group: "events.k8s.io",
+        resource: "events",
+        verbs: &["create", "patch"],
+    },
+    Rule {
+        api_group: "coordination.k8s.io",
+        resource: "leases",
+        verbs: &["get", "create", "update"],
+    },
+];
+
+/// The ClusterRole's `rules:` as YAML (what the chart's template holds).
+pub fn cluster_role_rules() -> String {
+    let mut out = String::new();
+    for rule in RULES {
+        out.push_str(&format!(
+            "- apiGroups: [\"{}\"]\n  resources: [\"{}\"]\n  verbs: [{}]\n",
+            rule.api_group,
+            rule.resource,
+            rule.verbs
+                .iter()
+                .map(|v| format!("\"{v}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    out
+}
+
+/// Whether `verb` on `resource` (`group/resource[/subresource]`, core group empty) is in the
+/// table: the reconcile tests check every request they see against it.
+pub fn allows(api_group: &str, resource: &str, verb: &str) -> bool {
+    RULES
+        .iter()
+        .any(|r| r.api_group == api_group && r.resource == resource && r.verbs.contains(&verb))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_render_as_yaml() {
+        let yaml = cluster_role_rules();
+        let parsed: serde_yaml::Value = serde_yaml::from_str(&yaml).unwrap();
+        assert_eq!(parsed.as_sequence().unwrap().len(), RULES.len());
+        assert!(yaml.contains(
+            "- apiGroups: [\"taas.dev\"]\n  resources: [\"taaslabels/status\"]\n  verbs: [\"patch\"]\n"
+        ));
+        assert!(allows("", "nodes", "list"));
+        assert!(!allows("", "secrets", "patch"));
+        assert!(!allows("", "services", "delete"));
+        assert!(allows("coordination.k8s.io", "leases", "update"));
+    }
+}

@@ -1,0 +1,385 @@
+//! One reconcile of one `TaasLabel`: dereference → validate → build → apply → status.
+//!
+//! 1. dereference: the label's Secret, any existing objects under its child names (to
+//!    refuse foreign ones), and for a NodePort Service the nodes;
+//! 2. validate ([`crate::validate`], pure);
+//! 3. unless a problem blocks it, build ([`crate::build`], pure) and server-side apply, in this
+//!    order: the Service `taas-X` (its answer carries the allocated node ports, cluster IP and
+//!    load balancer address), the Service `taas-X-control`, the ConfigMap (whose
+//!    `external.yaml` is derived from that answer), the Deployment;
+//! 4. status ([`crate::status`], pure) written only when it changed, and an event when the
+//!    Ready reason changed.
+//!
+//! Problems only a user can fix end the reconcile successfully (they are in the status and
+//! an event) and requeue it slowly; API errors are returned and retried with exponential
+//! backoff ([`error_policy`]).
+
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Secret, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Api, Client, Resource, ResourceExt as _};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use taas_crds::{ServiceType, TaasLabel, TaasLabelStatus};
+
+use crate::metrics::Metrics;
+use crate::names::{self, FIELD_MANAGER};
+use crate::settings::Settings;
+use crate::status::{self, Outcome, Reason};
+use crate::validate::{self, Observed, Problem};
+use crate::{address, build};
+
+/// How soon a label is looked at again when nothing else triggers it.
+const REQUEUE_READY: Duration = Duration::from_secs(600);
+const REQUEUE_PROGRESSING: Duration = Duration::from_secs(60);
+/// Backoff after API errors: 1 s, 2 s, 4 s, ... up to this.
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{action}: {source}")]
+    Kube {
+        action: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("writing {what}: {source}")]
+    Yaml {
+        what: &'static str,
+        #[source]
+        source: serde_yaml::Error,
+    },
+    #[error("the TaasLabel has no metadata.{0}")]
+    Metadata(&'static str),
+}
+
+impl Error {
+    /// The `reason` label of the failures metric.
+    pub fn metric_reason(&self) -> &'static str {
+        match self {
+            Error::Kube { .. } => "kube_api",
+            Error::Yaml { .. } => "yaml",
+            Error::Metadata(_) => "metadata",
+        }
+    }
+}
+
+fn kube_error(action: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
+    let action = action.into();
+    move |source| Error::Kube { action, source }
+}
+
+/// What every reconcile shares.
+pub struct Context {
+    pub client: Client,
+    pub settings: Settings,
+    /// Every `TaasLabel` the controller watches (for LABEL conflicts and routes).
+    pub labels: Store<TaasLabel>,
+    pub recorder: Recorder,
+    pub metrics: Metrics,
+    /// The time for status conditions (whole seconds, as the API server stores them).
+    pub now: fn() -> Time,
+    /// Consecutive failures per label, for the backoff.
+    failures: Mutex<HashMap<ObjectRef<TaasLabel>, u32>>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        settings: Settings,
+        labels: Store<TaasLabel>,
+        metrics: Metrics,
+    ) -> Self {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: FIELD_MANAGER.to_string(),
+                instance: None,
+            },
+        );
+        Self {
+            client,
+            settings,
+            labels,
+            recorder,
+            metrics,
+            now: now_seconds,
+            failures: Mutex::default(),
+        }
+    }
+
+    fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectRef<TaasLabel>, u32>> {
+        self.failures.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Now, in whole seconds.
+pub fn now_seconds() -> Time {
+    let now = k8s_openapi::jiff::Timestamp::now();
+    Time(k8s_openapi::jiff::Timestamp::from_second(now.as_second()).unwrap_or(now))
+}
+
+/// The controller's reconcile function.
+pub async fn reconcile(label: Arc<TaasLabel>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let result = reconcile_label(&label, &ctx).await;
+    ctx.metrics.reconciled(started.elapsed());
+    match &result {
+        Ok(Some(reason)) if reason.needs_user_fix() => ctx.metrics.failed(reason.as_str()),
+        Ok(_) => {}
+        Err(error) => ctx.metrics.failed(error.metric_reason()),
+    }
+    if result.is_ok() {
+        ctx.failures().remove(&ObjectRef::from_obj(label.as_ref()));
+    }
+    Ok(match result? {
+        None => Action::await_change(),
+        Some(reason) if reason.needs_user_fix() => Action::requeue(ctx.settings.user_fix_requeue),
+        Some(Reason::Ready) => Action::requeue(REQUEUE_READY),
+        Some(_) => Action::requeue(REQUEUE_PROGRESSING),
+    })
+}
+
+/// After an error: retry with exponential backoff (1 s, 2 s, 4 s, ... 5 min).
+pub fn error_policy(label: Arc<TaasLabel>, error: &Error, ctx: Arc<Context>) -> Action {
+    let mut failures = ctx.failures();
+    let count = failures
+        .entry(ObjectRef::from_obj(label.as_ref()))
+        .or_default();
+    *count = count.saturating_add(1);
+    let delay = backoff(*count);
+    tracing::warn!(
+        namespace = names::namespace(&label),
+        name = names::object_name(&label),
+        %error,
+        retry_in = ?delay,
+        "reconcile failed"
+    );
+    Action::requeue(delay)
+}
+
+/// The delay after `failures` consecutive failures.
+pub fn backoff(failures: u32) -> Duration {
+    let exponent = failures.saturating_sub(1).min(16);
+    Duration::from_secs(1u64 << exponent).min(MAX_BACKOFF)
+}
+
+/// Reconciles one label; the Ready reason it ended with (`None`: nothing to do).
+async fn reconcile_label(label: &TaasLabel, ctx: &Context) -> Result<Option<Reason>, Error> {
+    if label.metadata.deletion_timestamp.is_some() {
+        // Being deleted: garbage collection removes the children, the routes drop it.
+        return Ok(None);
+    }
+    if label.metadata.uid.is_none() {
+        return Err(Error::Metadata("uid"));
+    }
+    let observed = dereference(label, ctx).await?;
+    let problems = validate::validate(label, &observed, &ctx.labels.state());
+    let outcome = if problems.iter().any(Problem::blocks_apply) {
+        Outcome::Blocked(problems)
+    } else {
+        match apply_objects(label, ctx, &observed, problems).await {
+            Ok(outcome) => outcome,
+            Err(Error::Kube {
+                action,
+                source: kube::Error::Api(status),
+            }) if status.code == 422 => Outcome::Rejected(format!("{action}: {}", status.message)),
+            Err(error) => return Err(error),
+        }
+    };
+    let status = status::status(label, &outcome, &(ctx.now)());
+    let (reason, message) = status::ready_reason(&outcome);
+    write_status(label, ctx, &status).await?;
+    if status::current_reason(label.status.as_ref()) != Some(reason.as_str()) {
+        publish_event(label, ctx, reason, message).await;
+    }
+    Ok(Some(reason))
+}
+
+fn namespaced<K>(ctx: &Context, label: &TaasLabel) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    Api::namespaced(ctx.client.clone(), names::namespace(label))
+}
+
+/// Reads what the label refers to.
+async fn dereference(label: &TaasLabel, ctx: &Context) -> Result<Observed, Error> {
+    let secret_name = &label.spec.secret_ref.name;
+    let secret = namespaced::<Secret>(ctx, label)
+        .get_opt(secret_name)
+        .await
+        .map_err(kube_error(format!("reading Secret {secret_name}")))?;
+    let mut existing = Vec::new();
+    let services = namespaced::<Service>(ctx, label);
+    for name in [names::relay_name(label), names::control_name(label)] {
+        if let Some(found) = get(&services, "Service", &name).await? {
+            existing.push(("Service", found.metadata));
+        }
+    }
+    let relay = names::relay_name(label);
+    if let Some(found) = get(&namespaced::<Deployment>(ctx, label), "Deployment", &relay).await? {
+        existing.push(("Deployment", found.metadata));
+    }
+    if let Some(found) = get(&namespaced::<ConfigMap>(ctx, label), "ConfigMap", &relay).await? {
+        existing.push(("ConfigMap", found.metadata));
+    }
+    let nodes = if label.spec.service.type_ == ServiceType::NodePort {
+        Api::<Node>::all(ctx.client.clone())
+            .list(&ListParams::default())
+            .await
+            .map_err(kube_error("listing nodes"))?
+            .items
+    } else {
+        Vec::new()
+    };
+    Ok(Observed {
+        secret,
+        existing,
+        nodes,
+    })
+}
+
+async fn get<K>(api: &Api<K>, kind: &str, name: &str) -> Result<Option<K>, Error>
+where
+    K: Resource + Clone + DeserializeOwned + Debug,
+{
+    api.get_opt(name)
+        .await
+        .map_err(kube_error(format!("reading {kind} {name}")))
+}
+
+/// Server-side apply of one object (forcing: the operator owns these fields).
+async fn apply<K>(api: &Api<K>, kind: &str, object: &K) -> Result<K, Error>
+where
+    K: Resource + Clone + DeserializeOwned + Serialize + Debug,
+{
+    let name = object.meta().name.clone().unwrap_or_default();
+    api.patch(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(object),
+    )
+    .await
+    .map_err(kube_error(format!("applying {kind} {name}")))
+}
+
+/// Applies the label's objects, Service first (its answer gives the external address).
+async fn apply_objects(
+    label: &TaasLabel,
+    ctx: &Context,
+    observed: &Observed,
+    problems: Vec<Problem>,
+) -> Result<Outcome, Error> {
+    let services = namespaced::<Service>(ctx, label);
+    let service = apply(&services, "Service", &build::service(label)).await?;
+    apply(&services, "Service", &build::control_service(label)).await?;
+    let exposure = address::exposure(
+        label,
+        &service,
+        &observed.nodes,
+        &ctx.settings.node_address_types,
+    );
+    let external = address::external(label, &service, exposure.as_ref().ok());
+    let config_map = build::config_map(label, &external).map_err(|source| Error::Yaml {
+        what: "the relay's ConfigMap",
+        source,
+    })?;
+    apply(
+        &namespaced::<ConfigMap>(ctx, label),
+        "ConfigMap",
+        &config_map,
+    )
+    .await?;
+    let deployment = apply(
+        &namespaced::<Deployment>(ctx, label),
+        "Deployment",
+        &build::deployment(label, &ctx.settings),
+    )
+    .await?;
+    let relay_ready = deployment
+        .status
+        .and_then(|status| status.ready_replicas)
+        .unwrap_or(0)
+        >= 1;
+    Ok(Outcome::Applied {
+        problems,
+        exposure,
+        relay_ready,
+    })
+}
+
+/// Writes the status (server-side apply on the status subresource) if it changed.
+async fn write_status(
+    label: &TaasLabel,
+    ctx: &Context,
+    status: &TaasLabelStatus,
+) -> Result<(), Error> {
+    if label.status.as_ref() == Some(status) {
+        return Ok(());
+    }
+    let body = serde_json::json!({
+        "apiVersion": taas_crds::API_VERSION,
+        "kind": taas_crds::KIND,
+        "metadata": {"name": label.name_any(), "namespace": names::namespace(label)},
+        "status": status,
+    });
+    namespaced::<TaasLabel>(ctx, label)
+        .patch_status(
+            &label.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await
+        .map_err(kube_error("writing the status"))?;
+    Ok(())
+}
+
+/// An event on the label (best effort: a failure is logged, not retried).
+async fn publish_event(label: &TaasLabel, ctx: &Context, reason: Reason, message: String) {
+    let event = Event {
+        type_: if reason.needs_user_fix() {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: reason.as_str().to_string(),
+        note: Some(message),
+        action: "Reconcile".to_string(),
+        secondary: None,
+    };
+    if let Err(error) = ctx.recorder.publish(&event, &label.object_ref(&())).await {
+        tracing::warn!(%error, name = names::object_name(label), "could not publish an event");
+    }
+}
+
+/// The labels that use `secret` (for the Secret watch).
+pub fn labels_using(all: &[Arc<TaasLabel>], secret: &Secret) -> Vec<ObjectRef<TaasLabel>> {
+    let namespace = secret.metadata.namespace.as_deref().unwrap_or("default");
+    let name = secret.metadata.name.as_deref().unwrap_or_default();
+    all.iter()
+        .filter(|label| names::namespace(label) == namespace && label.spec.secret_ref.name == name)
+        .map(|label| ObjectRef::from_obj(label.as_ref()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_five_minutes() {
+        let delays: Vec<u64> = (1..=11).map(|n| backoff(n).as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300]);
+        assert_eq!(backoff(u32::MAX), MAX_BACKOFF);
+    }
+}

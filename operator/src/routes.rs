@@ -1,0 +1,257 @@
+//! The gateways' routes: a ConfigMap (`--routes-configmap` in `--operator-namespace`) whose
+//! `routes.yaml` is the gateway's `--routes-file` format,
+//! `LABEL: {relay: "taas-X-control.N.svc:8080", ready: true|false}`, one entry per LABEL,
+//! pointing at the TaasLabel that won it (the oldest; see [`crate::validate::winners`]).
+//! `ready` is the label's Ready condition.
+//!
+//! Rebuilt on every change of any TaasLabel (its status included, and deletions, for which
+//! there is no reconcile) and applied (server-side) only when the table changed, plus every
+//! few minutes in case someone edited it.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::{reflector, watcher, WatchStreamExt as _};
+use kube::{Api, Client};
+use serde::Serialize;
+use taas_crds::TaasLabel;
+
+use crate::names::{self, FIELD_MANAGER};
+use crate::settings::Settings;
+use crate::status;
+use crate::validate::winners;
+
+/// How often the routes are re-applied unchanged, and the pause after a failed apply.
+const REFRESH: Duration = Duration::from_secs(300);
+const RETRY: Duration = Duration::from_secs(5);
+
+/// One route, as the gateway reads it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Route {
+    pub relay: String,
+    pub ready: bool,
+}
+
+/// LABEL → route for every LABEL some TaasLabel wins.
+pub fn routes(all: &[Arc<TaasLabel>]) -> BTreeMap<String, Route> {
+    winners(all)
+        .into_iter()
+        .map(|(label, winner)| {
+            let route = Route {
+                relay: names::relay_address(&winner),
+                ready: status::is_ready(&winner),
+            };
+            (label, route)
+        })
+        .collect()
+}
+
+/// The routes ConfigMap holding `routes`.
+pub fn config_map(
+    settings: &Settings,
+    routes: &BTreeMap<String, Route>,
+) -> Result<ConfigMap, serde_yaml::Error> {
+    Ok(ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(settings.routes_configmap.clone()),
+            namespace: Some(settings.operator_namespace.clone()),
+            labels: Some(BTreeMap::from([(
+                names::MANAGED_BY_LABEL.to_string(),
+                FIELD_MANAGER.to_string(),
+            )])),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([(
+            names::ROUTES_KEY.to_string(),
+            serde_yaml::to_string(routes)?,
+        )])),
+        ..Default::default()
+    })
+}
+
+/// Applies the routes ConfigMap.
+pub async fn publish(client: &Client, config_map: &ConfigMap) -> Result<(), kube::Error> {
+    let api: Api<ConfigMap> = Api::namespaced(
+        client.clone(),
+        config_map
+            .metadata
+            .namespace
+            .as_deref()
+            .unwrap_or("default"),
+    );
+    api.patch(
+        config_map.metadata.name.as_deref().unwrap_or_default(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(config_map),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Keeps the routes ConfigMap in step with the TaasLabels `labels` lists and watches, until
+/// the task is dropped. It keeps its own cache (a second watch of the TaasLabels), so it sees
+/// every change, deletions included, and knows when its first full list is in: it never
+/// publishes a partial table, and sets `ready` then (the operator's `/readyz`).
+///
+/// (Not the controller's cache: kube's `Store::wait_until_ready` wakes only one waiter, and the
+/// controller is already waiting on its own store.)
+pub async fn run(
+    client: Client,
+    settings: Settings,
+    labels: Api<TaasLabel>,
+    ready: Arc<AtomicBool>,
+) {
+    let (cache, writer) = reflector::store();
+    let mut events = reflector(writer, watcher(labels, watcher::Config::default()))
+        .default_backoff()
+        .boxed();
+    let mut synced = false;
+    let mut published: Option<(BTreeMap<String, Route>, Instant)> = None;
+    loop {
+        tokio::select! {
+            event = events.next() => match event {
+                Some(Ok(watcher::Event::InitDone)) if !synced => {
+                    synced = true;
+                    ready.store(true, Ordering::Relaxed);
+                    tracing::info!(labels = cache.len(), "TaasLabels listed: ready");
+                }
+                Some(Ok(_)) => {}
+                Some(Err(error)) => tracing::warn!(%error, "watching TaasLabels for the routes"),
+                None => return,
+            },
+            _ = tokio::time::sleep(REFRESH) => {}
+        }
+        if !synced {
+            continue;
+        }
+        let routes = routes(&cache.state());
+        let due = match &published {
+            Some((last, at)) => *last != routes || at.elapsed() >= REFRESH,
+            None => true,
+        };
+        if !due {
+            continue;
+        }
+        let result = match config_map(&settings, &routes) {
+            Ok(config_map) => publish(&client, &config_map)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(error) => Err(error.to_string()),
+        };
+        match result {
+            Ok(()) => {
+                tracing::info!(labels = routes.len(), "routes published");
+                published = Some((routes, Instant::now()));
+            }
+            Err(error) => {
+                tracing::warn!(%error, "could not publish the routes (retrying)");
+                published = None;
+                tokio::time::sleep(RETRY).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::build::tests::label;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use taas_crds::{Condition, ConditionStatus, TaasLabelStatus};
+
+    fn labelled(
+        namespace: &str,
+        name: &str,
+        label_name: &str,
+        second: i64,
+        ready: bool,
+    ) -> Arc<TaasLabel> {
+        let mut l = label();
+        l.metadata.namespace = Some(namespace.into());
+        l.metadata.name = Some(name.into());
+        l.spec.label = label_name.into();
+        let time = Time(k8s_openapi::jiff::Timestamp::from_second(1_700_000_000 + second).unwrap());
+        l.metadata.creation_timestamp = Some(time.clone());
+        l.status = Some(TaasLabelStatus {
+            conditions: vec![Condition {
+                type_: "Ready".into(),
+                status: if ready {
+                    ConditionStatus::True
+                } else {
+                    ConditionStatus::False
+                },
+                reason: "x".into(),
+                message: String::new(),
+                last_transition_time: time,
+                observed_generation: None,
+            }],
+            ..Default::default()
+        });
+        Arc::new(l)
+    }
+
+    #[test]
+    fn one_route_per_label_to_the_winner() {
+        let all = vec![
+            labelled("b", "home2", "home", 5, true),
+            labelled("a", "home", "home", 1, false),
+            labelled("a", "office", "office.example", 1, true),
+        ];
+        let settings = Settings::default();
+        let cm = config_map(&settings, &routes(&all)).unwrap();
+        assert_eq!(cm.metadata.name.as_deref(), Some("taas-routes"));
+        assert_eq!(cm.metadata.namespace.as_deref(), Some("taas-system"));
+        assert_eq!(
+            cm.data.unwrap()["routes.yaml"],
+            "home:\n  relay: taas-home-control.a.svc:8080\n  ready: false\n\
+             office.example:\n  relay: taas-office-control.a.svc:8080\n  ready: true\n"
+        );
+    }
+
+    #[test]
+    fn deleted_labels_drop_out() {
+        let mut going = (*labelled("a", "home", "home", 1, true)).clone();
+        going.metadata.deletion_timestamp = going.metadata.creation_timestamp.clone();
+        let all = vec![Arc::new(going), labelled("b", "home", "home", 5, true)];
+        let routes = routes(&all);
+        assert_eq!(routes["home"].relay, "taas-home-control.b.svc:8080");
+        assert_eq!(super::routes(&[]), BTreeMap::new());
+        assert_eq!(
+            config_map(&Settings::default(), &BTreeMap::new())
+                .unwrap()
+                .data
+                .unwrap()["routes.yaml"],
+            "{}\n"
+        );
+    }
+
+    #[test]
+    fn the_gateway_format_parses() {
+        // The gateway's reader: `LABEL: {relay: HOST:PORT, ready: BOOL}`.
+        #[derive(serde::Deserialize, Debug, PartialEq)]
+        struct GatewayRoute {
+            relay: String,
+            ready: bool,
+        }
+        let all = vec![labelled("a", "home", "home", 1, true)];
+        let yaml = config_map(&Settings::default(), &routes(&all))
+            .unwrap()
+            .data
+            .unwrap()["routes.yaml"]
+            .clone();
+        let parsed: BTreeMap<String, GatewayRoute> = serde_yaml::from_str(&yaml).unwrap();
+        assert_eq!(
+            parsed["home"],
+            GatewayRoute {
+                relay: "taas-home-control.a.svc:8080".into(),
+                ready: true
+            }
+        );
+    }
+}

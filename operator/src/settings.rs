@@ -1,0 +1,59 @@
+//! The operator's configuration (from its flags): what every label's relay pod gets.
+
+use std::time::Duration;
+
+/// How the relay pods are run and where the routes go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// The relay pods' image (`taas-relay`) and its pull policy.
+    pub relay_image: String,
+    pub image_pull_policy: String,
+    /// Passed to every relay (`--registrar`, `--domain`): the gateways' names.
+    pub registrar: String,
+    pub domain: String,
+    pub resources: RelayResources,
+    /// Node address types to use for NodePort Services, most preferred first.
+    pub node_address_types: Vec<String>,
+    /// Where the gateways' routes ConfigMap lives.
+    pub operator_namespace: String,
+    pub routes_configmap: String,
+    /// How often a label that needs a user's fix (missing Secret, foreign object, conflict)
+    /// is looked at again, besides the watches that notice the fix.
+    pub user_fix_requeue: Duration,
+}
+
+/// The relay container's resource requests and limits (Kubernetes quantities).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RelayResources {
+    pub cpu_request: String,
+    pub memory_request: String,
+    pub cpu_limit: Option<String>,
+    pub memory_limit: Option<String>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            relay_image: concat!("taas-relay:", env!("CARGO_PKG_VERSION")).to_string(),
+            image_pull_policy: "IfNotPresent".to_string(),
+            registrar: "taas-registrar.localhost".to_string(),
+            domain: "taas.localhost".to_string(),
+            resources: RelayResources::default(),
+            node_address_types: vec!["ExternalIP".to_string(), "InternalIP".to_string()],
+            operator_namespace: "taas-system".to_string(),
+            routes_configmap: "taas-routes".to_string(),
+            user_fix_requeue: Duration::from_secs(300),
+        }
+    }
+}
+
+impl Default for RelayResources {
+    fn default() -> Self {
+        Self {
+            cpu_request: "10m".to_string(),
+            memory_request: "32Mi".to_string(),
+            cpu_limit: Some("500m".to_string()),
+            memory_limit: Some("128Mi".to_string()),
+        }
+    }
+}

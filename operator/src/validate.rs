@@ -1,0 +1,456 @@
+//! What stops a label from being served, decided without the API server from what
+//! [`crate::reconcile`] read (pure functions).
+//!
+//! - `InvalidSpec`: the object's name does not make valid child names, or the pinned client
+//!   port collides with a rendezvous port of the Service.
+//! - `LabelConflict`: another `TaasLabel` (any namespace) has the same LABEL and is older
+//!   (the oldest `creationTimestamp` wins; ties go to namespace/name order).
+//! - `ForeignObject`: a Service, Deployment or ConfigMap with one of the label's names exists
+//!   and is not controlled by this label: the operator never adopts or overwrites it.
+//! - `SecretMissing`: the Secret or its key is missing. Unlike the others this does not stop
+//!   the objects being applied: the relay pod waits for its Secret volume and starts on its
+//!   own the moment the Secret appears, and the Service gets its address meanwhile.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Node, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use taas_crds::{ServiceType, TaasLabel};
+
+use crate::names;
+use crate::status::Reason;
+
+/// What dereferencing a label found.
+#[derive(Clone, Debug, Default)]
+pub struct Observed {
+    /// The Secret named by `spec.secretRef`, if it exists.
+    pub secret: Option<Secret>,
+    /// Objects that exist under one of the label's child names: (kind, metadata).
+    pub existing: Vec<(&'static str, ObjectMeta)>,
+    /// The nodes, for a NodePort Service's address (listed only for NodePort).
+    pub nodes: Vec<Node>,
+}
+
+/// One reason the label is not (fully) served, with a message for its status and events.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub reason: Reason,
+    pub message: String,
+}
+
+impl Problem {
+    fn new(reason: Reason, message: impl Into<String>) -> Self {
+        Self {
+            reason,
+            message: message.into(),
+        }
+    }
+
+    /// Whether the label's objects must not be applied while this problem lasts.
+    pub fn blocks_apply(&self) -> bool {
+        self.reason != Reason::SecretMissing
+    }
+}
+
+/// Every problem of `label`, the most important first. `all` is every `TaasLabel` the
+/// operator knows of (it may or may not contain `label` itself).
+pub fn validate(label: &TaasLabel, observed: &Observed, all: &[Arc<TaasLabel>]) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    problems.extend(check_name(label));
+    problems.extend(check_ports(label));
+    problems.extend(check_conflict(label, all));
+    problems.extend(check_foreign(label, &observed.existing));
+    problems.extend(check_secret(label, observed.secret.as_ref()));
+    problems
+}
+
+fn check_name(label: &TaasLabel) -> Option<Problem> {
+    let name = names::object_name(label);
+    let valid = !name.is_empty()
+        && name.len() <= names::MAX_OBJECT_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.ends_with('-');
+    (!valid).then(|| {
+        Problem::new(
+            Reason::InvalidSpec,
+            format!(
+                "the object name {name:?} cannot name its Services: use at most {} characters \
+                 of a-z, 0-9 and '-', without dots",
+                names::MAX_OBJECT_NAME
+            ),
+        )
+    })
+}
+
+fn check_ports(label: &TaasLabel) -> Option<Problem> {
+    let spec = &label.spec;
+    let client = spec.client_port?;
+    // A NodePort Service pins the node port, which cannot clash with the Service's ports.
+    if spec.service.type_ == ServiceType::NodePort {
+        return None;
+    }
+    names::p_ports(label).any(|p| p == client).then(|| {
+        Problem::new(
+            Reason::InvalidSpec,
+            format!(
+                "clientPort {client} is one of the Service's rendezvous ports {}-{}",
+                names::P_PORT_BASE,
+                names::P_PORT_BASE + spec.rendezvous_ports.clamp(1, 64) as u16 - 1
+            ),
+        )
+    })
+}
+
+fn check_conflict(label: &TaasLabel, all: &[Arc<TaasLabel>]) -> Option<Problem> {
+    let winner = all
+        .iter()
+        .map(|other| other.as_ref())
+        .filter(|other| {
+            other.spec.label == label.spec.label && other.metadata.deletion_timestamp.is_none()
+        })
+        .chain(std::iter::once(label))
+        .min_by(|a, b| precedence(a).cmp(&precedence(b)))?;
+    (key(winner) != key(label)).then(|| {
+        Problem::new(
+            Reason::LabelConflict,
+            format!(
+                "LABEL {:?} is already served by TaasLabel {}/{} (the oldest one wins)",
+                label.spec.label,
+                names::namespace(winner),
+                names::object_name(winner)
+            ),
+        )
+    })
+}
+
+fn check_foreign(label: &TaasLabel, existing: &[(&'static str, ObjectMeta)]) -> Option<Problem> {
+    let foreign: Vec<String> = existing
+        .iter()
+        .filter(|(_, meta)| !is_controlled_by(meta, label))
+        .map(|(kind, meta)| format!("{kind} {}", meta.name.as_deref().unwrap_or_default()))
+        .collect();
+    (!foreign.is_empty()).then(|| {
+        Problem::new(
+            Reason::ForeignObject,
+            format!(
+                "{} already exist{} and {} not controlled by this TaasLabel: not adopting; \
+                 delete or rename {}",
+                foreign.join(", "),
+                if foreign.len() == 1 { "s" } else { "" },
+                if foreign.len() == 1 { "is" } else { "are" },
+                if foreign.len() == 1 { "it" } else { "them" },
+            ),
+        )
+    })
+}
+
+fn check_secret(label: &TaasLabel, secret: Option<&Secret>) -> Option<Problem> {
+    let reference = &label.spec.secret_ref;
+    let Some(secret) = secret else {
+        return Some(Problem::new(
+            Reason::SecretMissing,
+            format!(
+                "Secret {}/{} not found",
+                names::namespace(label),
+                reference.name
+            ),
+        ));
+    };
+    let has_key = secret
+        .data
+        .as_ref()
+        .and_then(|data| data.get(&reference.key))
+        .is_some_and(|value| !value.0.is_empty())
+        || secret
+            .string_data
+            .as_ref()
+            .and_then(|data| data.get(&reference.key))
+            .is_some_and(|value| !value.is_empty());
+    (!has_key).then(|| {
+        Problem::new(
+            Reason::SecretMissing,
+            format!(
+                "Secret {}/{} has no key {:?}",
+                names::namespace(label),
+                reference.name,
+                reference.key
+            ),
+        )
+    })
+}
+
+/// Whether `meta`'s controller owner is `label` (by UID).
+pub fn is_controlled_by(meta: &ObjectMeta, label: &TaasLabel) -> bool {
+    let Some(uid) = label.metadata.uid.as_deref() else {
+        return false;
+    };
+    meta.owner_references.iter().flatten().any(|owner| {
+        owner.controller == Some(true)
+            && owner.uid == uid
+            && owner.kind == taas_crds::KIND
+            && owner.api_version == taas_crds::API_VERSION
+    })
+}
+
+/// The `TaasLabel` serving each LABEL: the oldest of those that name it (labels being deleted
+/// do not count).
+pub fn winners(all: &[Arc<TaasLabel>]) -> BTreeMap<String, Arc<TaasLabel>> {
+    let mut winners: BTreeMap<String, Arc<TaasLabel>> = BTreeMap::new();
+    for label in all
+        .iter()
+        .filter(|label| label.metadata.deletion_timestamp.is_none())
+    {
+        match winners.get(&label.spec.label) {
+            Some(current) if precedence(current) <= precedence(label) => {}
+            _ => {
+                winners.insert(label.spec.label.clone(), label.clone());
+            }
+        }
+    }
+    winners
+}
+
+/// Sort key: older first; an object without a creation time (never from the API server)
+/// last; then namespace and name, so the order is total.
+fn precedence(label: &TaasLabel) -> (bool, Option<i64>, (&str, &str)) {
+    let created = label.metadata.creation_timestamp.as_ref();
+    (
+        created.is_none(),
+        created.map(|time| time.0.as_second()),
+        key(label),
+    )
+}
+
+fn key(label: &TaasLabel) -> (&str, &str) {
+    (names::namespace(label), names::object_name(label))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::build::tests::{label, owned_meta};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use k8s_openapi::ByteString;
+
+    fn secret(key: &str, value: &str) -> Secret {
+        Secret {
+            metadata: ObjectMeta {
+                name: Some("home-totp".into()),
+                namespace: Some("default".into()),
+                ..Default::default()
+            },
+            data: Some(BTreeMap::from([(
+                key.to_string(),
+                ByteString(value.as_bytes().to_vec()),
+            )])),
+            ..Default::default()
+        }
+    }
+
+    fn observed_ok() -> Observed {
+        Observed {
+            secret: Some(secret("secret", "JBSWY3DPEHPK3PXP")),
+            ..Default::default()
+        }
+    }
+
+    fn created(mut label: TaasLabel, namespace: &str, name: &str, second: i64) -> Arc<TaasLabel> {
+        label.metadata.namespace = Some(namespace.into());
+        label.metadata.name = Some(name.into());
+        label.metadata.uid = Some(format!("uid-{namespace}-{name}"));
+        label.metadata.creation_timestamp = Some(Time(
+            k8s_openapi::jiff::Timestamp::from_second(1_700_000_000 + second).unwrap(),
+        ));
+        Arc::new(label)
+    }
+
+    fn reasons(problems: &[Problem]) -> Vec<Reason> {
+        problems.iter().map(|p| p.reason).collect()
+    }
+
+    #[test]
+    fn a_good_label_has_no_problems() {
+        assert_eq!(validate(&label(), &observed_ok(), &[]), vec![]);
+        let me = Arc::new(label());
+        assert_eq!(validate(&label(), &observed_ok(), &[me]), vec![]);
+    }
+
+    #[test]
+    fn missing_secret_and_missing_key() {
+        let mut observed = observed_ok();
+        observed.secret = None;
+        let problems = validate(&label(), &observed, &[]);
+        assert_eq!(reasons(&problems), vec![Reason::SecretMissing]);
+        assert_eq!(problems[0].message, "Secret default/home-totp not found");
+        assert!(!problems[0].blocks_apply());
+
+        observed.secret = Some(secret("other", "JBSWY3DPEHPK3PXP"));
+        let problems = validate(&label(), &observed, &[]);
+        assert_eq!(reasons(&problems), vec![Reason::SecretMissing]);
+        assert_eq!(
+            problems[0].message,
+            "Secret default/home-totp has no key \"secret\""
+        );
+
+        observed.secret = Some(secret("secret", ""));
+        assert_eq!(
+            reasons(&validate(&label(), &observed, &[])),
+            vec![Reason::SecretMissing]
+        );
+
+        // stringData (never returned by the API server, but harmless) counts too.
+        let mut with_string_data = secret("other", "x");
+        with_string_data.string_data = Some(BTreeMap::from([(
+            "secret".to_string(),
+            "JBSWY3DPEHPK3PXP".to_string(),
+        )]));
+        observed.secret = Some(with_string_data);
+        assert_eq!(validate(&label(), &observed, &[]), vec![]);
+    }
+
+    #[test]
+    fn foreign_same_named_objects_are_refused() {
+        let me = label();
+        let mut observed = observed_ok();
+        observed.existing = vec![
+            ("Service", owned_meta(&me, "taas-home")),
+            (
+                "Deployment",
+                ObjectMeta {
+                    name: Some("taas-home".into()),
+                    ..Default::default()
+                },
+            ),
+        ];
+        let problems = validate(&me, &observed, &[]);
+        assert_eq!(reasons(&problems), vec![Reason::ForeignObject]);
+        assert_eq!(
+            problems[0].message,
+            "Deployment taas-home already exists and is not controlled by this TaasLabel: \
+             not adopting; delete or rename it"
+        );
+        assert!(problems[0].blocks_apply());
+
+        // Owned, but by another TaasLabel (same name, earlier incarnation: another UID).
+        let mut other_uid = owned_meta(&me, "taas-home");
+        other_uid.owner_references.as_mut().unwrap()[0].uid = "old".into();
+        // Owned by us but not as controller.
+        let mut not_controller = owned_meta(&me, "taas-home");
+        not_controller.owner_references.as_mut().unwrap()[0].controller = None;
+        observed.existing = vec![("ConfigMap", other_uid), ("Service", not_controller)];
+        let problems = validate(&me, &observed, &[]);
+        assert_eq!(
+            problems[0].message,
+            "ConfigMap taas-home, Service taas-home already exist and are not controlled by \
+             this TaasLabel: not adopting; delete or rename them"
+        );
+
+        // Everything ours: fine.
+        observed.existing = vec![
+            ("Service", owned_meta(&me, "taas-home")),
+            ("Service", owned_meta(&me, "taas-home-control")),
+            ("Deployment", owned_meta(&me, "taas-home")),
+            ("ConfigMap", owned_meta(&me, "taas-home")),
+        ];
+        assert_eq!(validate(&me, &observed, &[]), vec![]);
+    }
+
+    #[test]
+    fn the_oldest_label_wins_a_conflict() {
+        let old = created(label(), "team-a", "home", 0);
+        let new = created(label(), "team-b", "home", 10);
+        let all = vec![new.clone(), old.clone()];
+        assert_eq!(validate(&old, &observed_ok(), &all), vec![]);
+        let problems = validate(&new, &observed_ok(), &all);
+        assert_eq!(reasons(&problems), vec![Reason::LabelConflict]);
+        assert_eq!(
+            problems[0].message,
+            "LABEL \"home\" is already served by TaasLabel team-a/home (the oldest one wins)"
+        );
+        // The newer one conflicts even if the store has not seen it yet.
+        assert_eq!(
+            reasons(&validate(&new, &observed_ok(), std::slice::from_ref(&old))),
+            vec![Reason::LabelConflict]
+        );
+        // Same age: namespace/name order decides.
+        let twin = created(label(), "team-0", "home", 10);
+        let all = vec![new.clone(), twin.clone()];
+        assert_eq!(validate(&twin, &observed_ok(), &all), vec![]);
+        assert_eq!(
+            reasons(&validate(&new, &observed_ok(), &all)),
+            vec![Reason::LabelConflict]
+        );
+        // A label being deleted does not hold on to its LABEL.
+        let mut going = (*old).clone();
+        going.metadata.deletion_timestamp = old.metadata.creation_timestamp.clone();
+        let all = vec![Arc::new(going), new.clone()];
+        assert_eq!(validate(&new, &observed_ok(), &all), vec![]);
+        // Other LABELs do not conflict.
+        let mut other = (*old).clone();
+        other.spec.label = "office".into();
+        assert_eq!(validate(&new, &observed_ok(), &[Arc::new(other)]), vec![]);
+
+        let winners = winners(&[new.clone(), old.clone(), twin.clone()]);
+        assert_eq!(winners.len(), 1);
+        assert_eq!(
+            winners["home"].metadata.namespace.as_deref(),
+            Some("team-a")
+        );
+    }
+
+    #[test]
+    fn names_that_cannot_name_services_are_invalid() {
+        for bad in ["a.b", &"x".repeat(51), "a-", "A", "a_b"] {
+            let mut l = label();
+            l.metadata.name = Some(bad.to_string());
+            let problems = validate(&l, &observed_ok(), &[]);
+            assert_eq!(reasons(&problems), vec![Reason::InvalidSpec], "{bad}");
+        }
+        let mut l = label();
+        l.metadata.name = Some("x".repeat(50));
+        assert_eq!(validate(&l, &observed_ok(), &[]), vec![]);
+    }
+
+    #[test]
+    fn a_pinned_client_port_must_not_be_a_rendezvous_port() {
+        let mut l = label();
+        l.spec.client_port = Some(20003);
+        l.spec.rendezvous_ports = 4;
+        let problems = validate(&l, &observed_ok(), &[]);
+        assert_eq!(reasons(&problems), vec![Reason::InvalidSpec]);
+        assert_eq!(
+            problems[0].message,
+            "clientPort 20003 is one of the Service's rendezvous ports 20000-20003"
+        );
+        l.spec.client_port = Some(20004);
+        assert_eq!(validate(&l, &observed_ok(), &[]), vec![]);
+        // With NodePort the pin is the node port, not the Service port.
+        l.spec.client_port = Some(20003);
+        l.spec.service.type_ = ServiceType::NodePort;
+        assert_eq!(validate(&l, &observed_ok(), &[]), vec![]);
+    }
+
+    #[test]
+    fn problems_come_most_important_first() {
+        let mut l = label();
+        l.metadata.name = Some("a.b".into());
+        let old = created(label(), "aaa", "home", -5);
+        let observed = Observed {
+            secret: None,
+            existing: vec![("Service", ObjectMeta::default())],
+            ..Default::default()
+        };
+        assert_eq!(
+            reasons(&validate(&l, &observed, &[old])),
+            vec![
+                Reason::InvalidSpec,
+                Reason::LabelConflict,
+                Reason::ForeignObject,
+                Reason::SecretMissing
+            ]
+        );
+    }
+}

@@ -1,0 +1,889 @@
+//! `reconcile()` against a mocked API server (tower-test behind a real `kube::Client`): the
+//! exact requests of each scenario, in order, with the answers an API server would give.
+//! Every request is also checked against the RBAC table (`taas_operator::rbac`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Method, Request, Response, StatusCode};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::client::Body;
+use kube::runtime::controller::Action;
+use kube::runtime::reflector;
+use kube::runtime::watcher;
+use kube::Client;
+use prometheus_client::registry::Registry;
+use serde_json::{json, Value};
+use taas_crds::TaasLabel;
+use taas_operator::reconcile::{error_policy, reconcile, Context};
+use taas_operator::{metrics::Metrics, rbac, routes, Settings};
+
+// ---------------------------------------------------------------------------------------
+// The mock API server: a script of expected requests, each with its answer.
+
+/// How the mock answers one request.
+enum Answer {
+    /// This status and body.
+    Json(u16, Value),
+    /// 404 with a `Status` body.
+    NotFound,
+    /// The request body, changed by the function (what the API server adds: cluster IPs,
+    /// node ports, status...).
+    Echo(fn(&mut Value)),
+}
+
+struct Step {
+    method: Method,
+    path: String,
+    answer: Answer,
+}
+
+fn step(method: Method, path: &str, answer: Answer) -> Step {
+    Step {
+        method,
+        path: path.to_string(),
+        answer,
+    }
+}
+
+/// A request the mock received.
+#[derive(Clone, Debug)]
+struct Seen {
+    method: Method,
+    path: String,
+    body: Value,
+}
+
+const NS: &str = "/api/v1/namespaces/default";
+const APPS: &str = "/apis/apps/v1/namespaces/default";
+const LABELS: &str = "/apis/taas.dev/v1alpha1/namespaces/default/taaslabels";
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/default/events";
+
+fn no_change(_: &mut Value) {}
+
+/// The RBAC rule a request needs: (group, resource[/subresource], verb).
+fn rbac_of(method: &Method, path: &str) -> (String, String, &'static str) {
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let (group, rest) = match parts[0] {
+        "api" => ("", &parts[2..]),
+        _ => (parts[1], &parts[3..]),
+    };
+    let rest = match rest {
+        ["namespaces", _, rest @ ..] => rest,
+        rest => rest,
+    };
+    let (resource, named) = match rest {
+        [resource] => (resource.to_string(), false),
+        [resource, _name] => (resource.to_string(), true),
+        [resource, _name, sub] => (format!("{resource}/{sub}"), true),
+        other => panic!("unexpected path {other:?}"),
+    };
+    let verb = match (method.as_str(), named) {
+        ("GET", true) => "get",
+        ("GET", false) => "list",
+        ("PATCH", _) => "patch",
+        ("POST", _) => "create",
+        (other, _) => panic!("unexpected method {other}"),
+    };
+    (group.to_string(), resource, verb)
+}
+
+/// Serves `steps` in order and returns what it saw; panics (failing the test) on any
+/// unexpected request, and on requests after the script ends.
+async fn serve(
+    mut handle: tower_test::mock::Handle<Request<Body>, Response<Body>>,
+    steps: Vec<Step>,
+) -> Vec<Seen> {
+    let mut seen = Vec::new();
+    for (i, step) in steps.into_iter().enumerate() {
+        let (request, send) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "step {i}: no request; expected {} {}",
+                    step.method, step.path
+                )
+            })
+            .expect("client gone");
+        let method = request.method().clone();
+        let path = request.uri().path().to_string();
+        let query = request.uri().query().unwrap_or_default().to_string();
+        assert_eq!(
+            (&method, path.as_str()),
+            (&step.method, step.path.as_str()),
+            "step {i} (after {:?})",
+            seen.iter()
+                .map(|s: &Seen| format!("{} {}", s.method, s.path))
+                .collect::<Vec<_>>()
+        );
+        let (group, resource, verb) = rbac_of(&method, &path);
+        assert!(
+            rbac::allows(&group, &resource, verb),
+            "{verb} {group}/{resource} is not in the RBAC table"
+        );
+        if method == Method::PATCH && !path.starts_with(EVENTS) {
+            assert!(
+                query.contains("fieldManager=taas-operator") && query.contains("force=true"),
+                "{path}?{query}: not a forced server-side apply by taas-operator"
+            );
+            assert_eq!(
+                request.headers()["content-type"],
+                "application/apply-patch+yaml"
+            );
+        }
+        let bytes = request.into_body().collect_bytes().await.unwrap();
+        let body: Value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap()
+        };
+        let (status, answer) = match step.answer {
+            Answer::Json(status, value) => (status, value),
+            Answer::NotFound => (
+                404,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                       "message": "not found", "reason": "NotFound", "code": 404}),
+            ),
+            Answer::Echo(change) => {
+                let mut value = body.clone();
+                change(&mut value);
+                (if method == Method::POST { 201 } else { 200 }, value)
+            }
+        };
+        seen.push(Seen { method, path, body });
+        let mut response = Response::new(Body::from(serde_json::to_vec(&answer).unwrap()));
+        *response.status_mut() = StatusCode::from_u16(status).unwrap();
+        send.send_response(response);
+    }
+    if let Ok(Some((request, _))) =
+        tokio::time::timeout(Duration::from_millis(100), handle.next_request()).await
+    {
+        panic!(
+            "unexpected request after the script: {} {}",
+            request.method(),
+            request.uri()
+        );
+    }
+    seen
+}
+
+/// A test set-up: the labels the controller's cache holds, and the operator's settings.
+struct Harness {
+    cache: Vec<TaasLabel>,
+    settings: Settings,
+}
+
+impl Harness {
+    fn new() -> Self {
+        Self {
+            cache: Vec::new(),
+            settings: Settings::default(),
+        }
+    }
+
+    fn context(&self, client: Client) -> Arc<Context> {
+        let (store, mut writer) = reflector::store();
+        for label in &self.cache {
+            writer.apply_watcher_event(&watcher::Event::Apply(label.clone()));
+        }
+        let mut context = Context::new(
+            client,
+            self.settings.clone(),
+            store,
+            Metrics::new(&mut Registry::default()),
+        );
+        context.now = || Time(k8s_openapi::jiff::Timestamp::from_second(1_700_000_100).unwrap());
+        Arc::new(context)
+    }
+
+    /// Runs one reconcile of `label` against `steps`.
+    async fn reconcile(
+        &self,
+        label: &TaasLabel,
+        steps: Vec<Step>,
+    ) -> (Result<Action, String>, Vec<Seen>) {
+        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let server = tokio::spawn(serve(handle, steps));
+        let context = self.context(Client::new(service, "default"));
+        let result = reconcile(Arc::new(label.clone()), context)
+            .await
+            .map_err(|e| e.to_string());
+        match server.await {
+            Ok(seen) => (result, seen),
+            Err(error) => {
+                eprintln!("reconcile returned {result:?}");
+                std::panic::resume_unwind(error.into_panic())
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Fixtures.
+
+fn label() -> TaasLabel {
+    serde_json::from_value(json!({
+        "apiVersion": "taas.dev/v1alpha1",
+        "kind": "TaasLabel",
+        "metadata": {
+            "name": "home", "namespace": "default", "uid": "uid-home",
+            "generation": 1, "resourceVersion": "10",
+            "creationTimestamp": "2023-11-14T22:13:20Z",
+        },
+        "spec": {"id": "id-1", "label": "home", "secretRef": {"name": "home-totp"}, "rendezvousPorts": 2},
+    }))
+    .unwrap()
+}
+
+fn secret() -> Value {
+    json!({"apiVersion": "v1", "kind": "Secret",
+           "metadata": {"name": "home-totp", "namespace": "default"},
+           "data": {"secret": "SkJTV1kzRFBFSFBLM1BYUA=="}})
+}
+
+/// An object named `name` controlled by the fixture label.
+fn owned(kind: &str, api_version: &str, name: &str) -> Value {
+    json!({"apiVersion": api_version, "kind": kind,
+           "metadata": {"name": name, "namespace": "default",
+                        "ownerReferences": [{"apiVersion": "taas.dev/v1alpha1", "kind": "TaasLabel",
+                                             "name": "home", "uid": "uid-home", "controller": true}]}})
+}
+
+/// What the API server adds to an applied LoadBalancer Service with an address.
+fn lb_with_address(service: &mut Value) {
+    service["spec"]["clusterIP"] = json!("10.0.0.7");
+    service["status"] = json!({"loadBalancer": {"ingress": [{"ip": "203.0.113.7"}]}});
+}
+
+fn cluster_ip(service: &mut Value) {
+    service["spec"]["clusterIP"] = json!("10.0.0.8");
+}
+
+fn node_ports(service: &mut Value) {
+    service["spec"]["clusterIP"] = json!("10.0.0.7");
+    for (i, port) in service["spec"]["ports"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .enumerate()
+    {
+        if port.get("nodePort").is_none() {
+            port["nodePort"] = json!(32000 + i);
+        }
+    }
+}
+
+fn relay_ready(deployment: &mut Value) {
+    deployment["status"] = json!({"replicas": 1, "readyReplicas": 1});
+}
+
+/// The five reads of every reconcile, with nothing there but the Secret.
+fn reads_fresh() -> Vec<Step> {
+    vec![
+        step(
+            Method::GET,
+            &format!("{NS}/secrets/home-totp"),
+            Answer::Json(200, secret()),
+        ),
+        step(
+            Method::GET,
+            &format!("{NS}/services/taas-home"),
+            Answer::NotFound,
+        ),
+        step(
+            Method::GET,
+            &format!("{NS}/services/taas-home-control"),
+            Answer::NotFound,
+        ),
+        step(
+            Method::GET,
+            &format!("{APPS}/deployments/taas-home"),
+            Answer::NotFound,
+        ),
+        step(
+            Method::GET,
+            &format!("{NS}/configmaps/taas-home"),
+            Answer::NotFound,
+        ),
+    ]
+}
+
+/// The same reads once the label's objects exist.
+fn reads_existing() -> Vec<Step> {
+    vec![
+        step(
+            Method::GET,
+            &format!("{NS}/secrets/home-totp"),
+            Answer::Json(200, secret()),
+        ),
+        step(
+            Method::GET,
+            &format!("{NS}/services/taas-home"),
+            Answer::Json(200, owned("Service", "v1", "taas-home")),
+        ),
+        step(
+            Method::GET,
+            &format!("{NS}/services/taas-home-control"),
+            Answer::Json(200, owned("Service", "v1", "taas-home-control")),
+        ),
+        step(
+            Method::GET,
+            &format!("{APPS}/deployments/taas-home"),
+            Answer::Json(200, owned("Deployment", "apps/v1", "taas-home")),
+        ),
+        step(
+            Method::GET,
+            &format!("{NS}/configmaps/taas-home"),
+            Answer::Json(200, owned("ConfigMap", "v1", "taas-home")),
+        ),
+    ]
+}
+
+/// The four applies, in order, with the Service and Deployment answers given.
+fn applies(service: fn(&mut Value), deployment: fn(&mut Value)) -> Vec<Step> {
+    vec![
+        step(
+            Method::PATCH,
+            &format!("{NS}/services/taas-home"),
+            Answer::Echo(service),
+        ),
+        step(
+            Method::PATCH,
+            &format!("{NS}/services/taas-home-control"),
+            Answer::Echo(cluster_ip),
+        ),
+        step(
+            Method::PATCH,
+            &format!("{NS}/configmaps/taas-home"),
+            Answer::Echo(no_change),
+        ),
+        step(
+            Method::PATCH,
+            &format!("{APPS}/deployments/taas-home"),
+            Answer::Echo(deployment),
+        ),
+    ]
+}
+
+/// The API server answers a status write with the whole object.
+fn whole_label(body: &mut Value) {
+    body["spec"] = serde_json::to_value(&label().spec).unwrap();
+}
+
+fn status_write() -> Step {
+    step(
+        Method::PATCH,
+        &format!("{LABELS}/home/status"),
+        Answer::Echo(whole_label),
+    )
+}
+
+fn event() -> Step {
+    step(Method::POST, EVENTS, Answer::Echo(no_change))
+}
+
+fn script(parts: Vec<Vec<Step>>) -> Vec<Step> {
+    parts.into_iter().flatten().collect()
+}
+
+fn find<'a>(seen: &'a [Seen], method: Method, path: &str) -> &'a Value {
+    &seen
+        .iter()
+        .find(|s| s.method == method && s.path == path)
+        .unwrap_or_else(|| panic!("no {method} {path}"))
+        .body
+}
+
+/// The label with the status a status write carried (what the next watch event brings).
+fn with_status(label: &TaasLabel, seen: &[Seen]) -> TaasLabel {
+    let mut next = label.clone();
+    next.status = Some(
+        serde_json::from_value(
+            find(seen, Method::PATCH, &format!("{LABELS}/home/status"))["status"].clone(),
+        )
+        .unwrap(),
+    );
+    next
+}
+
+fn ready_condition(seen: &[Seen]) -> Value {
+    find(seen, Method::PATCH, &format!("{LABELS}/home/status"))["status"]["conditions"][0].clone()
+}
+
+// ---------------------------------------------------------------------------------------
+// Scenarios.
+
+#[tokio::test]
+async fn first_pass_creates_everything_and_reports_the_address() {
+    let harness = Harness::new();
+    let (result, seen) = harness
+        .reconcile(
+            &label(),
+            script(vec![
+                reads_fresh(),
+                applies(lb_with_address, no_change),
+                vec![status_write(), event()],
+            ]),
+        )
+        .await;
+    assert_eq!(result, Ok(Action::requeue(Duration::from_secs(60))));
+
+    // The Service went first, then the ConfigMap carries the address read back from it.
+    let cm = find(&seen, Method::PATCH, &format!("{NS}/configmaps/taas-home"));
+    assert_eq!(
+        cm["data"]["external.yaml"],
+        "host: 203.0.113.7\nports:\n  20000: 20000\n  20001: 20001\n  21000: 21000\n"
+    );
+    assert!(cm["data"]["label.yaml"]
+        .as_str()
+        .unwrap()
+        .contains("label: home\n"));
+    let deployment = find(
+        &seen,
+        Method::PATCH,
+        &format!("{APPS}/deployments/taas-home"),
+    );
+    assert_eq!(deployment["spec"]["replicas"], 1);
+
+    let status = &find(&seen, Method::PATCH, &format!("{LABELS}/home/status"));
+    assert_eq!(status["apiVersion"], "taas.dev/v1alpha1");
+    assert_eq!(status["kind"], "TaasLabel");
+    assert_eq!(
+        status["status"],
+        json!({
+            "observedGeneration": 1,
+            "conditions": [{"type": "Ready", "status": "False", "reason": "RelayNotReady",
+                            "message": "the relay pod is not ready yet",
+                            "lastTransitionTime": "2023-11-14T22:15:00Z", "observedGeneration": 1}],
+            "endpoint": "203.0.113.7:21000",
+            "relay": "taas-home-control.default.svc:8080",
+            "ports": {"client": 21000, "rendezvous": [20000, 20001]},
+        })
+    );
+    let event = find(&seen, Method::POST, EVENTS);
+    assert_eq!(event["type"], "Normal");
+    assert_eq!(event["reason"], "RelayNotReady");
+    assert_eq!(event["regarding"]["name"], "home");
+    assert_eq!(event["reportingController"], "taas-operator");
+}
+
+#[tokio::test]
+async fn second_pass_sends_the_same_bodies_and_nothing_else() {
+    let harness = Harness::new();
+    let (_, first) = harness
+        .reconcile(
+            &label(),
+            script(vec![
+                reads_fresh(),
+                applies(lb_with_address, no_change),
+                vec![status_write(), event()],
+            ]),
+        )
+        .await;
+    let label = with_status(&label(), &first);
+    // Same answers: no status write, no event.
+    let (result, second) = harness
+        .reconcile(
+            &label,
+            script(vec![reads_existing(), applies(lb_with_address, no_change)]),
+        )
+        .await;
+    assert_eq!(result, Ok(Action::requeue(Duration::from_secs(60))));
+    let applied = |seen: &[Seen]| -> Vec<(String, Value)> {
+        seen.iter()
+            .filter(|s| s.method == Method::PATCH)
+            .map(|s| (s.path.clone(), s.body.clone()))
+            .take(4)
+            .collect()
+    };
+    assert_eq!(applied(&second), applied(&first));
+
+    // The relay becomes ready: one status write, one event, a slow requeue.
+    let (result, third) = harness
+        .reconcile(
+            &label,
+            script(vec![
+                reads_existing(),
+                applies(lb_with_address, relay_ready),
+                vec![status_write(), event()],
+            ]),
+        )
+        .await;
+    assert_eq!(result, Ok(Action::requeue(Duration::from_secs(600))));
+    let ready = ready_condition(&third);
+    assert_eq!(
+        (ready["status"].as_str(), ready["reason"].as_str()),
+        (Some("True"), Some("Ready"))
+    );
+    assert_eq!(find(&third, Method::POST, EVENTS)["reason"], "Ready");
+}
+
+#[tokio::test]
+async fn spec_updates_reach_the_config_map_and_roll_the_pod_only_for_port_count() {
+    let harness = Harness::new();
+    let (_, first) = harness
+        .reconcile(
+            &label(),
+            script(vec![
+                reads_fresh(),
+                applies(lb_with_address, no_change),
+                vec![status_write(), event()],
+            ]),
+        )
+        .await;
+    let deployment_before = find(
+        &first,
+        Method::PATCH,
+        &format!("{APPS}/deployments/taas-home"),
+    )
+    .clone();
+    let cm_before = find(&first, Method::PATCH, &format!("{NS}/configmaps/taas-home")).clone();
+
+    // maxParked and clientAdmission change: the ConfigMap changes, the Deployment does not.
+    let mut label = with_status(&label(), &first);
+    label.metadata.generation = Some(2);
+    label.spec.max_parked = 4;
+    label.spec.client_admission = taas_crds::ClientAdmission::Redirected;
+    let (_, seen) = harness
+        .reconcile(
+            &label,
+            script(vec![
+                reads_existing(),
+                applies(lb_with_address, no_change),
+                vec![status_write()],
+            ]),
+        )
+        .await;
+    let cm = find(&seen, Method::PATCH, &format!("{NS}/configmaps/taas-home"));
+    assert_ne!(cm, &cm_before);
+    assert!(cm["data"]["label.yaml"]
+        .as_str()
+        .unwrap()
+        .contains("maxParked: 4\n"));
+    assert_eq!(
+        cm["data"]["external.yaml"],
+        cm_before["data"]["external.yaml"]
+    );
+    assert_eq!(
+        find(
+            &seen,
+            Method::PATCH,
+            &format!("{APPS}/deployments/taas-home")
+        ),
+        &deployment_before
+    );
+    // The status now observes generation 2 (same reason: no event).
+    let status = find(&seen, Method::PATCH, &format!("{LABELS}/home/status"));
+    assert_eq!(status["status"]["observedGeneration"], 2);
+    assert_eq!(
+        status["status"]["conditions"][0]["lastTransitionTime"],
+        "2023-11-14T22:15:00Z"
+    );
+
+    // One more rendezvous port: the Service and the pod grow a port.
+    let mut label = with_status(&label, &seen);
+    label.metadata.generation = Some(3);
+    label.spec.rendezvous_ports = 3;
+    let (_, seen) = harness
+        .reconcile(
+            &label,
+            script(vec![
+                reads_existing(),
+                applies(lb_with_address, no_change),
+                vec![status_write()],
+            ]),
+        )
+        .await;
+    let service = find(&seen, Method::PATCH, &format!("{NS}/services/taas-home"));
+    assert_eq!(
+        service["spec"]["ports"][3],
+        json!({"name": "p2", "port": 20002, "targetPort": 20002, "protocol": "TCP"})
+    );
+    let deployment = find(
+        &seen,
+        Method::PATCH,
+        &format!("{APPS}/deployments/taas-home"),
+    );
+    assert_eq!(
+        deployment["spec"]["template"]["spec"]["containers"][0]["args"][10],
+        "20000-20002"
+    );
+    let status = find(&seen, Method::PATCH, &format!("{LABELS}/home/status"));
+    assert_eq!(
+        status["status"]["ports"]["rendezvous"],
+        json!([20000, 20001, 20002])
+    );
+}
+
+#[tokio::test]
+async fn a_deleted_label_makes_no_requests_and_leaves_the_routes() {
+    let harness = Harness::new();
+    let mut going = label();
+    going.metadata.deletion_timestamp = going.metadata.creation_timestamp.clone();
+    let (result, seen) = harness.reconcile(&going, vec![]).await;
+    assert_eq!(result, Ok(Action::await_change()));
+    assert!(seen.is_empty());
+
+    // The routes publisher, from a cache where the label is gone (or going): an empty table.
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let server = tokio::spawn(serve(
+        handle,
+        vec![step(
+            Method::PATCH,
+            "/api/v1/namespaces/taas-system/configmaps/taas-routes",
+            Answer::Echo(no_change),
+        )],
+    ));
+    let table = routes::routes(&[Arc::new(going)]);
+    let config_map = routes::config_map(&Settings::default(), &table).unwrap();
+    routes::publish(&Client::new(service, "default"), &config_map)
+        .await
+        .unwrap();
+    let seen = server.await.unwrap();
+    assert_eq!(seen[0].body["data"], json!({"routes.yaml": "{}\n"}));
+    assert_eq!(seen[0].body["metadata"]["name"], "taas-routes");
+}
+
+#[tokio::test]
+async fn a_foreign_service_is_never_applied_over() {
+    let harness = Harness::new();
+    let foreign = json!({"apiVersion": "v1", "kind": "Service",
+                         "metadata": {"name": "taas-home", "namespace": "default"}});
+    let (result, seen) = harness
+        .reconcile(
+            &label(),
+            vec![
+                step(
+                    Method::GET,
+                    &format!("{NS}/secrets/home-totp"),
+                    Answer::Json(200, secret()),
+                ),
+                step(
+                    Method::GET,
+                    &format!("{NS}/services/taas-home"),
+                    Answer::Json(200, foreign),
+                ),
+                step(
+                    Method::GET,
+                    &format!("{NS}/services/taas-home-control"),
+                    Answer::NotFound,
+                ),
+                step(
+                    Method::GET,
+                    &format!("{APPS}/deployments/taas-home"),
+                    Answer::NotFound,
+                ),
+                step(
+                    Method::GET,
+                    &format!("{NS}/configmaps/taas-home"),
+                    Answer::NotFound,
+                ),
+                status_write(),
+                event(),
+            ],
+        )
+        .await;
+    assert_eq!(result, Ok(Action::requeue(Duration::from_secs(300))));
+    assert_eq!(
+        seen.iter().filter(|s| s.method == Method::PATCH).count(),
+        1,
+        "only the status"
+    );
+    let ready = ready_condition(&seen);
+    assert_eq!(ready["status"], "False");
+    assert_eq!(ready["reason"], "ForeignObject");
+    assert_eq!(
+        ready["message"],
+        "Service taas-home already exists and is not controlled by this TaasLabel: not adopting; \
+         delete or rename it"
+    );
+    let status = &find(&seen, Method::PATCH, &format!("{LABELS}/home/status"))["status"];
+    assert!(status.get("endpoint").is_none() && status.get("relay").is_none());
+    let event = find(&seen, Method::POST, EVENTS);
+    assert_eq!(
+        (event["type"].as_str(), event["reason"].as_str()),
+        (Some("Warning"), Some("ForeignObject"))
+    );
+}
+
+#[tokio::test]
+async fn a_missing_secret_is_reported_but_the_objects_are_applied() {
+    let harness = Harness::new();
+    let mut steps = reads_fresh();
+    steps[0] = step(
+        Method::GET,
+        &format!("{NS}/secrets/home-totp"),
+        Answer::NotFound,
+    );
+    let (result, seen) = harness
+        .reconcile(
+            &label(),
+            script(vec![
+                steps,
+                applies(lb_with_address, no_change),
+                vec![status_write(), event()],
+            ]),
+        )
+        .await;
+    assert_eq!(result, Ok(Action::requeue(Duration::from_secs(300))));
+    let ready = ready_condition(&seen);
+    assert_eq!(ready["reason"], "SecretMissing");
+    assert_eq!(ready["message"], "Secret default/home-totp not found");
+    assert_eq!(find(&seen, Method::POST, EVENTS)["type"], "Warning");
+
+    // A Secret without the key: the same reason, and no new event for it.
+    let label = with_status(&label(), &seen);
+    let mut steps = reads_existing();
+    let mut wrong_key = secret();
+    wrong_key["data"] = json!({"other": "eA=="});
+    steps[0] = step(
+        Method::GET,
+        &format!("{NS}/secrets/home-totp"),
+        Answer::Json(200, wrong_key),
+    );
+    let (_, seen) = harness
+        .reconcile(
+            &label,
+            script(vec![
+                steps,
+                applies(lb_with_address, no_change),
+                vec![status_write()],
+            ]),
+        )
+        .await;
+    assert_eq!(
+        ready_condition(&seen)["message"],
+        "Secret default/home-totp has no key \"secret\""
+    );
+}
+
+#[tokio::test]
+async fn the_newer_of_two_labels_with_one_label_is_refused() {
+    let mut harness = Harness::new();
+    let mut older = label();
+    older.metadata.namespace = Some("team-a".into());
+    older.metadata.uid = Some("uid-older".into());
+    older.metadata.creation_timestamp = Some(Time(
+        k8s_openapi::jiff::Timestamp::from_second(1_600_000_000).unwrap(),
+    ));
+    harness.cache = vec![older, label()];
+    let (result, seen) = harness
+        .reconcile(
+            &label(),
+            script(vec![reads_fresh(), vec![status_write(), event()]]),
+        )
+        .await;
+    assert_eq!(result, Ok(Action::requeue(Duration::from_secs(300))));
+    let ready = ready_condition(&seen);
+    assert_eq!(ready["reason"], "LabelConflict");
+    assert_eq!(
+        ready["message"],
+        "LABEL \"home\" is already served by TaasLabel team-a/home (the oldest one wins)"
+    );
+}
+
+#[tokio::test]
+async fn node_port_uses_node_addresses_and_allocated_ports() {
+    let harness = Harness::new();
+    let mut label = label();
+    label.spec.service.type_ = taas_crds::ServiceType::NodePort;
+    label.spec.client_port = Some(30443);
+    let nodes = json!({"apiVersion": "v1", "kind": "NodeList", "metadata": {}, "items": [
+        {"metadata": {"name": "n1"}, "status": {"addresses": [{"type": "InternalIP", "address": "192.168.5.10"}],
+                                                "conditions": [{"type": "Ready", "status": "True"}]}},
+    ]});
+    let mut steps = reads_fresh();
+    steps.push(step(Method::GET, "/api/v1/nodes", Answer::Json(200, nodes)));
+    let (result, seen) = harness
+        .reconcile(
+            &label,
+            script(vec![
+                steps,
+                applies(node_ports, relay_ready),
+                vec![status_write(), event()],
+            ]),
+        )
+        .await;
+    assert_eq!(result, Ok(Action::requeue(Duration::from_secs(600))));
+    let service = find(&seen, Method::PATCH, &format!("{NS}/services/taas-home"));
+    assert_eq!(service["spec"]["ports"][0]["nodePort"], 30443);
+    assert_eq!(
+        find(&seen, Method::PATCH, &format!("{NS}/configmaps/taas-home"))["data"]["external.yaml"],
+        "host: 192.168.5.10\nports:\n  20000: 32001\n  20001: 32002\n  21000: 30443\n"
+    );
+    let status = &find(&seen, Method::PATCH, &format!("{LABELS}/home/status"))["status"];
+    assert_eq!(status["endpoint"], "192.168.5.10:30443");
+    assert_eq!(
+        status["ports"],
+        json!({"client": 30443, "rendezvous": [32001, 32002]})
+    );
+}
+
+#[tokio::test]
+async fn a_rejected_object_is_reported_for_the_user() {
+    let harness = Harness::new();
+    let invalid = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 422,
+                         "reason": "Invalid",
+                         "message": "Service \"taas-home\" is invalid: spec.ports[0].nodePort: Invalid value: 30443: provided port is already allocated"});
+    let (result, seen) = harness
+        .reconcile(
+            &label(),
+            script(vec![
+                reads_fresh(),
+                vec![
+                    step(
+                        Method::PATCH,
+                        &format!("{NS}/services/taas-home"),
+                        Answer::Json(422, invalid),
+                    ),
+                    status_write(),
+                    event(),
+                ],
+            ]),
+        )
+        .await;
+    assert_eq!(result, Ok(Action::requeue(Duration::from_secs(300))));
+    let ready = ready_condition(&seen);
+    assert_eq!(ready["reason"], "ApplyRejected");
+    assert!(ready["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("applying Service taas-home: Service \"taas-home\" is invalid"));
+}
+
+#[tokio::test]
+async fn api_errors_back_off_exponentially() {
+    let harness = Harness::new();
+    let broken = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 500,
+                        "reason": "InternalError", "message": "etcd is sad"});
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let steps = (0..2)
+        .map(|_| {
+            step(
+                Method::GET,
+                &format!("{NS}/secrets/home-totp"),
+                Answer::Json(500, broken.clone()),
+            )
+        })
+        .collect();
+    let server = tokio::spawn(serve(handle, steps));
+    let context = harness.context(Client::new(service, "default"));
+    let label = Arc::new(label());
+    let mut delays = Vec::new();
+    for _ in 0..2 {
+        let error = reconcile(label.clone(), context.clone()).await.unwrap_err();
+        assert!(
+            error.to_string().starts_with("reading Secret home-totp: "),
+            "{error}"
+        );
+        delays.push(error_policy(label.clone(), &error, context.clone()));
+    }
+    assert_eq!(
+        delays,
+        [
+            Action::requeue(Duration::from_secs(1)),
+            Action::requeue(Duration::from_secs(2))
+        ]
+    );
+    server.await.unwrap();
+}

@@ -764,3 +764,163 @@ fn the_operator_against_a_real_api_server() {
     eprint!("{report}");
     std::fs::write(repo().join("target/operator-200-labels.txt"), report).ok();
 }
+
+fn helm(k8s: &ApiServer, args: &[&str]) -> Output {
+    Command::new(k8s.tools.join("helm"))
+        .env("HOME", k8s.dir())
+        .env("KUBECONFIG", &k8s.admin)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn helm_ok(k8s: &ApiServer, args: &[&str]) -> String {
+    let out = helm(k8s, args);
+    assert!(
+        out.status.success(),
+        "helm {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn names(k8s: &ApiServer, kind: &str, namespace: &str) -> Vec<String> {
+    k8s.get(&[kind, "-n", namespace])
+        .and_then(|v| {
+            v["items"].as_array().map(|items| {
+                items
+                    .iter()
+                    .filter_map(|i| i["metadata"]["name"].as_str().map(String::from))
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn the_chart_installs_upgrades_and_uninstalls_on_a_real_api_server() {
+    let k8s = ApiServer::up();
+    let chart = repo().join("charts/taas");
+    let chart = chart.to_str().unwrap();
+    // 1.20 has no CEL: the chart leaves the rules out below 1.25 by itself.
+    helm_ok(
+        &k8s,
+        &[
+            "install",
+            "taas",
+            chart,
+            "-n",
+            NS,
+            "--create-namespace",
+            "--wait=false",
+        ],
+    );
+    k8s.wait("CRD established", &["crd", "taaslabels.taas.dev"], |crd| {
+        crd["status"]["conditions"].as_array().is_some_and(|c| {
+            c.iter()
+                .any(|c| c["type"] == "Established" && c["status"] == "True")
+        })
+    });
+    let deployments = names(&k8s, "deployments", NS);
+    assert!(
+        deployments.contains(&"taas-operator".to_string()),
+        "{deployments:?}"
+    );
+    assert!(
+        deployments.contains(&"taas-gateway".to_string()),
+        "{deployments:?}"
+    );
+    assert!(names(&k8s, "services", NS).contains(&"taas-gateway".to_string()));
+    assert!(names(&k8s, "serviceaccounts", NS).contains(&"taas-operator".to_string()));
+
+    let example = std::fs::read_to_string(repo().join("examples/label.yaml")).unwrap();
+    k8s.ok(&["apply", "-f", "-"], Some(&example));
+
+    // The operator under the chart's ServiceAccount: it reconciles with no `forbidden`.
+    let log = k8s.dir().join("operator.log");
+    let kubeconfig = k8s.service_account(NS, "taas-operator");
+    let operator = start_operator(&kubeconfig, &log);
+    k8s.wait(
+        "the label reconciled",
+        &["taaslabel", "home", "-n", "default"],
+        |l| l["status"]["observedGeneration"] == l["metadata"]["generation"],
+    );
+    k8s.wait(
+        "the routes published",
+        &["configmap", "taas-routes", "-n", NS],
+        |_| true,
+    );
+    drop(operator);
+    let text = std::fs::read_to_string(&log).unwrap().to_ascii_lowercase();
+    assert!(
+        !text.contains("forbidden"),
+        "the operator was refused something:\n{text}"
+    );
+
+    // An upgrade with changed values rolls out.
+    helm_ok(
+        &k8s,
+        &[
+            "upgrade",
+            "taas",
+            chart,
+            "-n",
+            NS,
+            "--wait=false",
+            "--set",
+            "gateway.service.type=NodePort",
+            "--set",
+            "operator.leaderElection.enabled=true",
+        ],
+    );
+    let gateway = k8s.get(&["service", "taas-gateway", "-n", NS]).unwrap();
+    assert_eq!(gateway["spec"]["type"], "NodePort");
+    let operator_deployment = k8s.get(&["deployment", "taas-operator", "-n", NS]).unwrap();
+    let args = operator_deployment["spec"]["template"]["spec"]["containers"][0].to_string();
+    assert!(args.contains("leader-elect"), "{args}");
+
+    // Uninstall: everything of the release goes but the CRD and the labels.
+    helm_ok(&k8s, &["uninstall", "taas", "-n", NS, "--wait=false"]);
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let left: Vec<String> = [
+            "deployments",
+            "services",
+            "serviceaccounts",
+            "roles",
+            "rolebindings",
+        ]
+        .iter()
+        .flat_map(|kind| {
+            names(&k8s, kind, NS)
+                .into_iter()
+                .map(move |n| format!("{kind}/{n}"))
+        })
+        .filter(|n| {
+            n.starts_with("deployments/taas")
+                || n.starts_with("services/taas")
+                || n == "serviceaccounts/taas-operator"
+                || n == "serviceaccounts/taas-gateway"
+        })
+        .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "left after uninstall: {left:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let roles = k8s.ok(
+        &["get", "clusterroles,clusterrolebindings", "-o", "name"],
+        None,
+    );
+    assert!(!roles.contains("taas"), "cluster RBAC left: {roles}");
+    assert!(
+        k8s.get(&["crd", "taaslabels.taas.dev"]).is_some(),
+        "the CRD is kept"
+    );
+    assert!(
+        k8s.get(&["taaslabel", "home", "-n", "default"]).is_some(),
+        "labels are kept"
+    );
+}

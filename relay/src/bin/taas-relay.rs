@@ -44,25 +44,10 @@ struct GatewayArgs {
     /// HTTPS front end.
     #[arg(long, env = "TAAS_LISTEN", default_value = "0.0.0.0:8443")]
     listen: SocketAddr,
-    /// Host name of the registrar role.
-    #[arg(
-        long,
-        env = "TAAS_REGISTRAR",
-        default_value = "taas-registrar.localhost"
-    )]
-    registrar: String,
-    /// Servers domain: mobile clients ask for LABEL.<domain>.
-    #[arg(long, env = "TAAS_DOMAIN", default_value = "taas.localhost")]
-    domain: String,
-    /// Certificate (PEM) [default: self-signed, generated in --state-dir].
-    #[arg(long, env = "TAAS_TLS_CERT", requires = "tls_key")]
-    tls_cert: Option<PathBuf>,
-    /// Private key (PEM) of --tls-cert.
-    #[arg(long, env = "TAAS_TLS_KEY", requires = "tls_cert")]
-    tls_key: Option<PathBuf>,
-    /// Where a generated certificate is kept.
-    #[arg(long, env = "TAAS_STATE_DIR", default_value = ".taas")]
-    state_dir: PathBuf,
+    #[command(flatten)]
+    names: Names,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// Routes: a YAML file `LABEL: {relay: HOST:PORT, ready: true}`, re-read on change.
     #[arg(long, env = "TAAS_ROUTES_FILE")]
     routes_file: PathBuf,
@@ -96,16 +81,9 @@ struct LabelRelayArgs {
         default_value = "10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,100.64.0.0/10,fc00::/7,127.0.0.0/8,::1/128"
     )]
     trusted_proxies: Vec<ipnet::IpNet>,
-    /// Host name of the registrar role (as the gateway's).
-    #[arg(
-        long,
-        env = "TAAS_REGISTRAR",
-        default_value = "taas-registrar.localhost"
-    )]
-    registrar: String,
-    /// Servers domain (as the gateway's).
-    #[arg(long, env = "TAAS_DOMAIN", default_value = "taas.localhost")]
-    domain: String,
+    /// The same names as the gateways'.
+    #[command(flatten)]
+    names: Names,
     /// The pod's rendezvous ports.
     #[arg(long, env = "TAAS_P_PORTS", default_value = "20000-20007")]
     p_ports: PortRange,
@@ -133,6 +111,21 @@ struct RelayNames {
     /// HTTPS front end (registrar + mobile clients).
     #[arg(long, env = "TAAS_LISTEN", default_value = "127.0.0.1:8443")]
     listen: SocketAddr,
+    #[command(flatten)]
+    names: Names,
+    /// Host written in the 200 body (HOST:p) [default: the listen IP].
+    #[arg(long, env = "TAAS_ADVERTISE")]
+    advertise: Option<String>,
+    /// Directory of TaasLabel + Secret YAML manifests.
+    #[arg(long, env = "TAAS_LABELS", default_value = "labels")]
+    labels: PathBuf,
+    #[command(flatten)]
+    tls: TlsArgs,
+}
+
+/// The names of the two roles: every front end and relay must agree on them.
+#[derive(Args, Clone)]
+struct Names {
     /// Host name of the registrar role.
     #[arg(
         long,
@@ -143,12 +136,11 @@ struct RelayNames {
     /// Servers domain: mobile clients ask for LABEL.<domain>.
     #[arg(long, env = "TAAS_DOMAIN", default_value = "taas.localhost")]
     domain: String,
-    /// Host written in the 200 body (HOST:p) [default: the listen IP].
-    #[arg(long, env = "TAAS_ADVERTISE")]
-    advertise: Option<String>,
-    /// Directory of TaasLabel + Secret YAML manifests.
-    #[arg(long, env = "TAAS_LABELS", default_value = "labels")]
-    labels: PathBuf,
+}
+
+/// The front end's certificate.
+#[derive(Args, Clone)]
+struct TlsArgs {
     /// Certificate (PEM) of the front end [default: self-signed, generated in --state-dir].
     #[arg(long, env = "TAAS_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -236,8 +228,8 @@ fn serve_options(args: &ServeArgs) -> anyhow::Result<ServeOptions> {
     let n = &args.names;
     Ok(ServeOptions {
         listen: n.listen,
-        registrar: n.registrar.clone(),
-        domain: n.domain.clone(),
+        registrar: n.names.registrar.clone(),
+        domain: n.names.domain.clone(),
         advertise: n.advertise.clone(),
         redirect_host: match args.redirect_host {
             RedirectHostArg::Requested => RedirectHost::Requested,
@@ -246,9 +238,9 @@ fn serve_options(args: &ServeArgs) -> anyhow::Result<ServeOptions> {
         p_ports: args.p_ports,
         q_ports: args.q_ports,
         labels: n.labels.clone(),
-        tls_cert: n.tls_cert.clone(),
-        tls_key: n.tls_key.clone(),
-        state_dir: n.state_dir.clone(),
+        tls_cert: n.tls.tls_cert.clone(),
+        tls_key: n.tls.tls_key.clone(),
+        state_dir: n.tls.state_dir.clone(),
         metrics,
         reload_interval: seconds("--reload-interval", args.reload_interval)?,
         timeouts: Timeouts {
@@ -276,11 +268,11 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
 async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
     let _gateway = taas_relay::gateway::start(taas_relay::gateway::GatewayOptions {
         listen: args.listen,
-        registrar: args.registrar,
-        domain: args.domain,
-        tls_cert: args.tls_cert,
-        tls_key: args.tls_key,
-        state_dir: args.state_dir,
+        registrar: args.names.registrar,
+        domain: args.names.domain,
+        tls_cert: args.tls.tls_cert,
+        tls_key: args.tls.tls_key,
+        state_dir: args.tls.state_dir,
         routes: taas_relay::gateway::RouteSource::File(args.routes_file),
         reload_interval: seconds("--reload-interval", args.reload_interval)?,
         metrics: metrics_addr(&args.metrics)?,
@@ -299,8 +291,8 @@ async fn run_label_relay(args: LabelRelayArgs) -> anyhow::Result<()> {
         external_file: args.external_file,
         control: args.control,
         trusted: args.trusted_proxies,
-        registrar: args.registrar,
-        domain: args.domain,
+        registrar: args.names.registrar,
+        domain: args.names.domain,
         p_ports: args.p_ports,
         client_port: args.client_port,
         metrics: metrics_addr(&args.metrics)?,
@@ -320,12 +312,12 @@ fn run_label_new(args: LabelNewArgs) -> anyhow::Result<()> {
         namespace: args.namespace,
         steward: args.steward,
         listen: args.names.listen,
-        registrar: args.names.registrar,
-        domain: args.names.domain,
+        registrar: args.names.names.registrar,
+        domain: args.names.names.domain,
         advertise: args.names.advertise,
         labels: args.names.labels,
-        tls_cert: args.names.tls_cert,
-        state_dir: args.names.state_dir,
+        tls_cert: args.names.tls.tls_cert,
+        state_dir: args.names.tls.state_dir,
     })?;
     print!("{out}");
     Ok(())

@@ -20,7 +20,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
-use bytes::BufMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, Semaphore};
@@ -313,9 +312,10 @@ impl Label {
         mut conn: ParkedConn,
         mut claimed: oneshot::Receiver<oneshot::Sender<ParkedConn>>,
     ) {
-        // No read buffer lives in this future: thousands of parked connections stay small.
-        // Early bytes go straight into `early`, which is only allocated if any arrive.
+        // A small buffer in this future and nothing on the heap until bytes arrive: ten
+        // thousand parked connections stay small. (Readiness can fire with nothing to read.)
         let limit = self.shared.limits.early_bytes;
+        let mut chunk = [0u8; 256];
         loop {
             tokio::select! {
                 claim = &mut claimed => {
@@ -329,17 +329,15 @@ impl Label {
                     if ready.is_err() {
                         break;
                     }
-                    let room = limit.saturating_sub(conn.early.len());
-                    if room == 0 {
-                        tracing::warn!(label = %self.name, limit, "a parked connection sent more than the early-data limit before pairing; dropped");
-                        break;
-                    }
-                    conn.early.reserve(room.min(4096));
-                    let spare = conn.early.capacity() - conn.early.len();
-                    let mut window = (&mut conn.early).limit(spare.min(room));
-                    match conn.stream.try_read_buf(&mut window) {
+                    match conn.stream.try_read(&mut chunk) {
                         Ok(0) => break, // EOF: the hidden server went away
-                        Ok(_) => {}
+                        Ok(n) if conn.early.len() + n <= limit => {
+                            conn.early.extend_from_slice(&chunk[..n]);
+                        }
+                        Ok(_) => {
+                            tracing::warn!(label = %self.name, limit, "a parked connection sent more than the early-data limit before pairing; dropped");
+                            break;
+                        }
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                         Err(_) => break, // reset
                     }
@@ -473,6 +471,14 @@ impl Label {
             }
         };
         tune(&client);
+        // A client that goes away before sending a byte (a port scan, a health check) gives
+        // the parked connection back untouched: its hidden server has seen nothing yet.
+        let untouched = config.proxy_protocol == ProxyProtocol::None && server.early.is_empty();
+        if untouched && left_silently(&client, &server.stream).await {
+            tracing::debug!(label = %self.name, %peer, "client left without a byte; connection parked again");
+            self.park(server);
+            return;
+        }
         self.metrics.pairings.inc();
         self.metrics.active_pairs.inc();
         let result = self
@@ -512,6 +518,16 @@ impl Label {
         let mut copied = splice::splice(client, &mut server.stream).await?;
         copied.b_to_a += server.early.len() as u64;
         Ok(copied)
+    }
+}
+
+/// Waits for the first sign of life of a new pair: true if the client closed (or reset)
+/// before sending anything, false as soon as either side has bytes to deliver.
+async fn left_silently(client: &TcpStream, server: &TcpStream) -> bool {
+    let mut probe = [0u8; 1];
+    tokio::select! {
+        peeked = client.peek(&mut probe) => !matches!(peeked, Ok(n) if n > 0),
+        _ = server.readable() => false,
     }
 }
 

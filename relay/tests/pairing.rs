@@ -402,3 +402,29 @@ async fn a_parked_connection_flooding_before_pairing_is_dropped_at_the_limit() {
     client.read_exact(&mut got).await.unwrap();
     assert!(got.iter().all(|b| *b == b'y'));
 }
+
+#[tokio::test]
+async fn a_client_that_leaves_without_a_byte_does_not_use_up_a_parked_connection() {
+    let home = TestLabel::new("home");
+    let relay = TestRelay::start(&[&home]).await;
+    let mut hidden = relay.park(&home).await;
+    // Port scans and health checks: connect and close, or reset.
+    for reset in [false, true, false] {
+        let client = relay.client("home").await;
+        if reset {
+            socket2::SockRef::from(&client)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
+        }
+        drop(client);
+        relay.wait_parked("home", 1).await;
+    }
+    // The hidden server saw nothing, and still serves the next real client.
+    let mut client = relay.client("home").await;
+    echo_both(&mut client, &mut hidden, b"a real request").await;
+    let metrics = relay.metrics().await;
+    assert!(
+        metrics.contains("taas_pairings_total{label=\"home\"} 1"),
+        "{metrics}"
+    );
+}

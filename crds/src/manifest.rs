@@ -159,7 +159,9 @@ pub fn parse_documents(yaml: &str) -> Result<Vec<Object>, ManifestError> {
                 }));
             }
             Shape::Secret => {
-                let d = SecretDoc::deserialize(doc).map_err(|e| err(e.to_string()))?;
+                // serde quotes the offending value (`invalid type: string "…"`), which here
+                // may be the secret itself: the message keeps the problem and drops the value.
+                let d = SecretDoc::deserialize(doc).map_err(|e| err(without_values(&e)))?;
                 let (name, namespace) = d.metadata.namespace();
                 let mut data = BTreeMap::new();
                 for (key, b64) in d.data.unwrap_or_default() {
@@ -182,6 +184,30 @@ pub fn parse_documents(yaml: &str) -> Result<Vec<Object>, ManifestError> {
         }
     }
     Ok(objects)
+}
+
+/// serde's message without the values it quotes (`"…"` and `` `…` ``).
+fn without_values(error: &serde_yaml::Error) -> String {
+    let (text, mut out) = (error.to_string(), String::new());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' | '`' => {
+                while let Some(inner) = chars.next() {
+                    match inner {
+                        '\\' => {
+                            chars.next();
+                        }
+                        _ if inner == c => break,
+                        _ => {}
+                    }
+                }
+                out.push_str("(value not shown)");
+            }
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// `Kind "name"`, as far as the document tells, for error messages.

@@ -272,7 +272,7 @@ impl Label {
         match accepted {
             Some(stream) if !self.closed.load(Ordering::SeqCst) => {
                 self.metrics.rendezvous(Rendezvous::Connected);
-                tune(&stream);
+                crate::splice::tune(&stream);
                 self.park(ParkedConn {
                     stream,
                     early: Vec::new(),
@@ -470,7 +470,7 @@ impl Label {
                 return;
             }
         };
-        tune(&client);
+        crate::splice::tune(&client);
         // A client that goes away before sending a byte (a port scan, a health check) gives
         // the parked connection back untouched: its hidden server has seen nothing yet.
         let untouched = config.proxy_protocol == ProxyProtocol::None && server.early.is_empty();
@@ -556,15 +556,4 @@ async fn accept_clients(label: std::sync::Weak<Label>, listener: TcpListener, le
             }
         }
     }
-}
-
-/// Socket options for relayed connections: no Nagle delay, and TCP keepalive so that a peer
-/// that vanished silently (NAT mapping expired, link down) is noticed within about a minute.
-pub fn tune(stream: &TcpStream) {
-    let _ = stream.set_nodelay(true);
-    let keepalive = socket2::TcpKeepalive::new()
-        .with_time(Duration::from_secs(30))
-        .with_interval(Duration::from_secs(10))
-        .with_retries(3);
-    let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive);
 }

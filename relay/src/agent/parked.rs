@@ -149,22 +149,10 @@ pub async fn rendezvous(
     }
 }
 
-/// TCP_NODELAY, and keepalive so that a dead relay path is noticed (30 s idle, 10 s, 3 probes).
+/// The relay's socket options (no Nagle delay; keepalive noticing a dead path within 40 s).
 pub fn tune(stream: &TcpStream) -> io::Result<()> {
-    stream.set_nodelay(true)?;
-    let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(30));
-    #[cfg(any(
-        target_os = "linux",
-        target_os = "android",
-        target_os = "macos",
-        target_os = "ios",
-        target_os = "freebsd",
-        target_os = "netbsd"
-    ))]
-    let keepalive = keepalive
-        .with_interval(Duration::from_secs(10))
-        .with_retries(3);
-    socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive)
+    crate::splice::tune(stream);
+    Ok(())
 }
 
 /// Connects to `--forward` and splices; if that fails, closes the relay side cleanly.

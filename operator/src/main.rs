@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use prometheus_client::registry::Registry;
 use taas_operator::metrics::{self, Metrics};
 use taas_operator::settings::{RelayResources, Settings};
-use tracing_subscriber::EnvFilter;
+use taas_relay::process::LogFormat;
 
 #[derive(Parser)]
 #[command(
@@ -112,12 +112,6 @@ enum PullPolicy {
     Never,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
 fn limit(value: &str) -> Option<String> {
     match value.trim() {
         "" | "none" => None,
@@ -164,17 +158,6 @@ fn settings(args: &RunArgs) -> anyhow::Result<Settings> {
         routes_configmap: args.routes_configmap.clone(),
         user_fix_requeue: Duration::from_secs(args.user_fix_requeue),
     })
-}
-
-fn init_logs(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -240,7 +223,7 @@ fn main() -> std::process::ExitCode {
             Ok(())
         }
         None => {
-            init_logs(cli.run.log_format);
+            taas_relay::process::init(cli.run.log_format);
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()

@@ -7,7 +7,6 @@ mod common;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 use common::*;
 use taas_relay::agent::{Agent, AgentConfig, AgentStatus, Trust};
@@ -45,15 +44,7 @@ impl RunningAgent {
         forward: SocketAddr,
         adjust: impl FnOnce(&mut AgentConfig),
     ) -> Self {
-        let mut config = AgentConfig::new(
-            format!("https://{REGISTRAR}:{}", front.port()),
-            label.id.clone(),
-            label.label.clone(),
-            label.secret(),
-            forward.to_string(),
-        );
-        config.connect = Some(front.to_string());
-        config.max_backoff = Duration::from_millis(500);
+        let mut config = agent_config(front, label, forward);
         adjust(&mut config);
         let agent = Agent::new(config).expect("agent configuration");
         let status = agent.status();

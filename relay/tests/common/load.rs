@@ -21,7 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::common::{
-    read_response, tls_connect, write_label, TestLabel, DOMAIN, PATIENCE, REGISTRAR,
+    agent_config, read_response, tls_connect, write_label, TestLabel, DOMAIN, PATIENCE, REGISTRAR,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -636,17 +636,9 @@ impl Agent {
         parked: usize,
         adjust: impl FnOnce(&mut taas_relay::agent::AgentConfig),
     ) -> Self {
-        let mut config = taas_relay::agent::AgentConfig::new(
-            format!("https://{REGISTRAR}:{}", front.port()),
-            label.id.clone(),
-            label.label.clone(),
-            label.secret(),
-            forward.to_string(),
-        );
-        config.connect = Some(front.to_string());
+        let mut config = agent_config(front, label, forward);
         config.trust = taas_relay::agent::Trust::PemFile(ca.to_path_buf());
         config.parked = parked;
-        config.max_backoff = Duration::from_millis(500);
         adjust(&mut config);
         let agent = taas_relay::agent::Agent::new(config).expect("agent configuration");
         let status = agent.status();

@@ -498,6 +498,25 @@ impl TlsPage {
     }
 }
 
+/// An agent configuration for `label` at the relay front end `front`, forwarding to
+/// `forward`, with the short backoff tests want. Callers set trust and the parked count.
+pub fn agent_config(
+    front: SocketAddr,
+    label: &TestLabel,
+    forward: SocketAddr,
+) -> taas_relay::agent::AgentConfig {
+    let mut config = taas_relay::agent::AgentConfig::new(
+        format!("https://{REGISTRAR}:{}", front.port()),
+        label.id.clone(),
+        label.label.clone(),
+        label.secret(),
+        forward.to_string(),
+    );
+    config.connect = Some(front.to_string());
+    config.max_backoff = Duration::from_millis(500);
+    config
+}
+
 /// An echo server on loopback (a forwarded local service).
 pub async fn echo_server() -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -11,7 +11,7 @@ scripts/install-test-deps.sh
 # ~/.cache/taas; about 8 minutes the first time).
 PATH="$(bash scripts/k8s/tools.sh):$PATH"
 export PATH
-bash scripts/k8s/build-apiserver.sh >/dev/null
+bash scripts/k8s/build-kubernetes.sh >/dev/null
 
 echo "== cargo fmt --check"
 cargo fmt --all --check

@@ -18,9 +18,10 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, HTTPGetAction,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile,
-    SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar,
+    HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
+    SeccompProfile, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume,
+    VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -212,6 +213,8 @@ pub fn relay_args(label: &TaasLabel, settings: &Settings) -> Vec<String> {
         settings.registrar.clone(),
         "--domain".to_string(),
         settings.domain.clone(),
+        "--redirect-host".to_string(),
+        settings.redirect_host.clone(),
         "--metrics".to_string(),
         format!("0.0.0.0:{METRICS_PORT}"),
     ]
@@ -246,11 +249,22 @@ pub fn deployment(label: &TaasLabel, settings: &Settings) -> Deployment {
         image: Some(settings.relay_image.clone()),
         image_pull_policy: Some(settings.image_pull_policy.clone()),
         args: Some(relay_args(label, settings)),
+        env: (!settings.relay_log_env.is_empty()).then(|| {
+            settings
+                .relay_log_env
+                .iter()
+                .map(|(name, value)| EnvVar {
+                    name: name.clone(),
+                    value: Some(value.clone()),
+                    ..Default::default()
+                })
+                .collect()
+        }),
         ports: Some(ports),
         readiness_probe: Some(Probe {
             http_get: Some(probe("/readyz")),
             period_seconds: Some(5),
-            timeout_seconds: Some(2),
+            timeout_seconds: Some(3),
             failure_threshold: Some(3),
             ..Default::default()
         }),
@@ -539,6 +553,25 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn relay_containers_get_the_log_settings() {
+        let settings = Settings {
+            relay_log_env: vec![
+                ("TAAS_LOG_FORMAT".into(), "json".into()),
+                ("RUST_LOG".into(), "debug".into()),
+            ],
+            ..Settings::default()
+        };
+        let d = json(&deployment(&label(), &settings));
+        assert_eq!(
+            d["spec"]["template"]["spec"]["containers"][0]["env"],
+            serde_json::json!([
+                {"name": "TAAS_LOG_FORMAT", "value": "json"},
+                {"name": "RUST_LOG", "value": "debug"},
+            ])
+        );
+    }
+
+    #[test]
     fn deployment_runs_one_restricted_relay() {
         let l = label();
         let settings = Settings::default();
@@ -575,6 +608,7 @@ pub(crate) mod tests {
             ])
         );
         let c = &pod["containers"][0];
+        assert_eq!(c["env"], serde_json::Value::Null);
         assert_eq!(c["image"], settings.relay_image);
         assert_eq!(c["imagePullPolicy"], "IfNotPresent");
         assert_eq!(
@@ -597,6 +631,8 @@ pub(crate) mod tests {
                 "taas-registrar.localhost",
                 "--domain",
                 "taas.localhost",
+                "--redirect-host",
+                "requested",
                 "--metrics",
                 "0.0.0.0:9464",
             ])

@@ -56,6 +56,11 @@ struct RunArgs {
     /// Pull policy of the relay image.
     #[arg(long, env = "TAAS_RELAY_IMAGE_PULL_POLICY", value_enum, default_value_t = PullPolicy::IfNotPresent)]
     relay_image_pull_policy: PullPolicy,
+    /// Host in the relays' 307 Location: the requested LABEL.<domain> (end-to-end TLS checks
+    /// that name; *.<domain> must reach each label's client port, e.g. NodePort or load
+    /// balancers sharing the gateway's address), or each label Service's own address.
+    #[arg(long, env = "TAAS_RELAY_REDIRECT_HOST", value_enum, default_value_t = RedirectHost::Requested)]
+    relay_redirect_host: RedirectHost,
     /// Host name of the registrar role, passed to every relay (as the gateways').
     #[arg(
         long,
@@ -105,6 +110,12 @@ struct RunArgs {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum RedirectHost {
+    Requested,
+    Advertise,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 #[value(rename_all = "PascalCase")]
 enum PullPolicy {
     Always,
@@ -136,6 +147,11 @@ fn settings(args: &RunArgs) -> anyhow::Result<Settings> {
             PullPolicy::Never => "Never",
         }
         .to_string(),
+        redirect_host: match args.relay_redirect_host {
+            RedirectHost::Requested => "requested",
+            RedirectHost::Advertise => "advertise",
+        }
+        .to_string(),
         registrar: args.registrar.to_ascii_lowercase(),
         domain: args.domain.to_ascii_lowercase(),
         resources: RelayResources {
@@ -157,7 +173,21 @@ fn settings(args: &RunArgs) -> anyhow::Result<Settings> {
             .unwrap_or_else(|| "taas-system".to_string()),
         routes_configmap: args.routes_configmap.clone(),
         user_fix_requeue: Duration::from_secs(args.user_fix_requeue),
+        relay_log_env: relay_log_env(args.log_format, std::env::var("RUST_LOG").ok()),
     })
+}
+
+/// The operator's own log settings, handed on to the relay pods it runs.
+fn relay_log_env(format: LogFormat, filter: Option<String>) -> Vec<(String, String)> {
+    let format = match format {
+        LogFormat::Text => "text",
+        LogFormat::Json => "json",
+    };
+    let mut env = vec![("TAAS_LOG_FORMAT".to_string(), format.to_string())];
+    if let Some(filter) = filter.filter(|f| !f.trim().is_empty()) {
+        env.push(("RUST_LOG".to_string(), filter));
+    }
+    env
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -268,10 +298,30 @@ mod tests {
     }
 
     #[test]
+    fn relay_pods_get_the_operators_log_settings() {
+        assert_eq!(
+            relay_log_env(LogFormat::Json, Some("info,taas_relay=debug".into())),
+            [
+                ("TAAS_LOG_FORMAT".to_string(), "json".to_string()),
+                ("RUST_LOG".to_string(), "info,taas_relay=debug".to_string()),
+            ]
+        );
+        assert_eq!(
+            relay_log_env(LogFormat::Text, Some(" ".into())),
+            [("TAAS_LOG_FORMAT".to_string(), "text".to_string())]
+        );
+    }
+
+    #[test]
     fn defaults_make_the_default_settings() {
         let cli = Cli::try_parse_from(["taas-operator"]).unwrap();
         let mut got = settings(&cli.run).unwrap();
         got.operator_namespace = "taas-system".into(); // POD_NAMESPACE may be set
+        assert_eq!(
+            got.relay_log_env[0],
+            ("TAAS_LOG_FORMAT".into(), "text".into())
+        );
+        got.relay_log_env.clear(); // RUST_LOG may be set
         assert_eq!(got, Settings::default());
         let cli = Cli::try_parse_from([
             "taas-operator",

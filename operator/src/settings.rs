@@ -11,6 +11,10 @@ pub struct Settings {
     /// Passed to every relay (`--registrar`, `--domain`): the gateways' names.
     pub registrar: String,
     pub domain: String,
+    /// Passed to every relay (`--redirect-host`): `requested` keeps LABEL.<domain> in the
+    /// 307 (the name the hidden server's certificate carries; *.<domain> must reach the
+    /// label's client port), `advertise` names the label Service's address instead.
+    pub redirect_host: String,
     pub resources: RelayResources,
     /// Node address types to use for NodePort Services, most preferred first.
     pub node_address_types: Vec<String>,
@@ -20,6 +24,10 @@ pub struct Settings {
     /// How often a label that needs a user's fix (missing Secret, foreign object, conflict)
     /// is looked at again, besides the watches that notice the fix.
     pub user_fix_requeue: Duration,
+    /// Log settings the relay containers get as environment variables (`TAAS_LOG_FORMAT`,
+    /// `RUST_LOG`): the operator's own, so the chart's `logFormat`/`logLevel` reach every
+    /// TAAS process, relay pods included.
+    pub relay_log_env: Vec<(String, String)>,
 }
 
 /// The relay container's resource requests and limits (Kubernetes quantities).
@@ -38,11 +46,13 @@ impl Default for Settings {
             image_pull_policy: "IfNotPresent".to_string(),
             registrar: "taas-registrar.localhost".to_string(),
             domain: "taas.localhost".to_string(),
+            redirect_host: "requested".to_string(),
             resources: RelayResources::default(),
             node_address_types: vec!["ExternalIP".to_string(), "InternalIP".to_string()],
             operator_namespace: "taas-system".to_string(),
             routes_configmap: "taas-routes".to_string(),
             user_fix_requeue: Duration::from_secs(300),
+            relay_log_env: Vec::new(),
         }
     }
 }

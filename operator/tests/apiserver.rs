@@ -8,7 +8,7 @@
 //! a registration and a mobile client then go through them. A load balancer is played by
 //! patching the Service's `status.loadBalancer`, as a cloud controller would.
 //!
-//! Needs `scripts/k8s/build-apiserver.sh` and `scripts/k8s/tools.sh` to have run (the test
+//! Needs `scripts/k8s/build-kubernetes.sh` and `scripts/k8s/tools.sh` to have run (the test
 //! script does both; the binaries are cached outside the clone).
 
 use std::collections::BTreeMap;
@@ -571,7 +571,7 @@ fn the_operator_against_a_real_api_server() {
     assert_eq!(status, 307, "{head}");
     assert!(
         head.to_ascii_lowercase()
-            .contains("location: https://127.0.0.1:21000/hello?x=1"),
+            .contains("location: https://home.taas.localhost:21000/hello?x=1"),
         "{head}"
     );
     let mut client = std::net::TcpStream::connect("127.0.0.1:21000").unwrap();

@@ -39,6 +39,9 @@ pub struct LabelRelayOptions {
     pub trusted: Vec<ipnet::IpNet>,
     pub registrar: String,
     pub domain: String,
+    /// Host in the 307: the requested LABEL.<domain> (end-to-end TLS names it), or the
+    /// label's external address.
+    pub redirect_host: RedirectHost,
     /// The pod's rendezvous ports (each exposed by the label's Service).
     pub p_ports: PortRange,
     /// The pod's client port q.
@@ -96,8 +99,7 @@ pub async fn start(options: LabelRelayOptions) -> Result<LabelRelay, ServeError>
         registrar: options.registrar.to_ascii_lowercase(),
         domain: options.domain.to_ascii_lowercase(),
         advertise: external.host.clone(),
-        // Each label has its own address in a cluster: the 307 names it.
-        redirect_host: RedirectHost::Advertise,
+        redirect_host: options.redirect_host,
         p_ports: options.p_ports,
         q_ports: PortRange::new(options.client_port, options.client_port)
             .map_err(ServeError::Config)?,

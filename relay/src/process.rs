@@ -1,6 +1,8 @@
 //! Process set-up shared by the binaries: logs (stderr, level from `RUST_LOG`, default
 //! `info`, text or JSON lines), the open-file limit, and the shutdown signal.
 
+use std::io::IsTerminal as _;
+
 use tracing_subscriber::EnvFilter;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -10,11 +12,13 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global subscriber; a second call (tests) is a no-op.
+/// Installs the global subscriber; a second call (tests) is a no-op. Colours only on a
+/// terminal: logs collected from a pipe or file (kubectl logs, journald) stay plain text.
 pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),

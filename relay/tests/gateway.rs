@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::*;
-use taas_relay::config::{Limits, Timeouts};
+use taas_relay::config::{Limits, RedirectHost, Timeouts};
 use taas_relay::gateway::{self, GatewayOptions, Route, RouteSource, RunningGateway};
 use taas_relay::label_relay::{self, LabelRelay, LabelRelayOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -39,7 +39,7 @@ fn write_external(path: &Path, host: &str, ports: &[(u16, u16)]) {
     std::fs::write(path, text).unwrap();
 }
 
-async fn start_label_relay(dir: &Path, label: &TestLabel) -> PodRelay {
+async fn start_label_relay(dir: &Path, label: &TestLabel, redirect_host: RedirectHost) -> PodRelay {
     let base = dir.join(&label.label);
     std::fs::create_dir_all(base.join("secret")).unwrap();
     std::fs::write(base.join("label.yaml"), label.manifest()).unwrap();
@@ -59,6 +59,7 @@ async fn start_label_relay(dir: &Path, label: &TestLabel) -> PodRelay {
         trusted: vec!["127.0.0.1/32".parse().unwrap()],
         registrar: REGISTRAR.into(),
         domain: DOMAIN.into(),
+        redirect_host,
         p_ports,
         client_port: q.lo,
         metrics: None,
@@ -171,8 +172,8 @@ async fn registrations_and_clients_reach_the_right_relay_with_external_addresses
     let cluster = Cluster::start().await;
     let home = TestLabel::new("home");
     let lab = TestLabel::new("lab");
-    let home_pod = start_label_relay(cluster.dir.path(), &home).await;
-    let lab_pod = start_label_relay(cluster.dir.path(), &lab).await;
+    let home_pod = start_label_relay(cluster.dir.path(), &home, RedirectHost::Advertise).await;
+    let lab_pod = start_label_relay(cluster.dir.path(), &lab, RedirectHost::Advertise).await;
     cluster.set_routes(&[
         ("home", home_pod.relay.control.to_string(), true),
         ("lab", lab_pod.relay.control.to_string(), true),
@@ -236,10 +237,52 @@ async fn registrations_and_clients_reach_the_right_relay_with_external_addresses
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redirect_names_the_requested_host_and_the_external_client_port() {
+    // The default in a cluster: the 307 keeps LABEL.<domain>, the name the hidden server's
+    // certificate carries, with the client port as the label's Service exposes it.
+    let cluster = Cluster::start().await;
+    let home = TestLabel::new("home");
+    let pod = start_label_relay(cluster.dir.path(), &home, RedirectHost::Requested).await;
+    write_external(
+        &pod.external_file,
+        "203.0.113.7",
+        &[(pod.client_port, 31000)],
+    );
+    eventually("external address applied", || async {
+        pod.relay.relay.external().host == "203.0.113.7"
+    })
+    .await;
+    cluster.set_routes(&[("home", pod.relay.control.to_string(), true)]);
+    cluster.wait_route("home", true).await;
+    let response = cluster.register_from("127.0.0.1", &home).await;
+    assert_eq!(response.status, 200);
+    assert!(
+        response.body_str().starts_with("203.0.113.7:"),
+        "{}",
+        response.body_str()
+    );
+    // 203.0.113.7 stands for the Service's address; p itself is reached here directly.
+    let (_, p) = response.body_str().rsplit_once(':').unwrap();
+    let _parked = TcpStream::connect(("127.0.0.1", p.parse::<u16>().unwrap()))
+        .await
+        .unwrap();
+    eventually("parked", || async {
+        pod.relay.relay.label("home").unwrap().parked() == 1
+    })
+    .await;
+    let redirect = cluster.mobile_get("home", "/x?y=1").await;
+    assert_eq!(redirect.status, 307);
+    assert_eq!(
+        redirect.header("location").unwrap(),
+        format!("https://home.{DOMAIN}:31000/x?y=1")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_original_client_address_reaches_the_relay() {
     let cluster = Cluster::start().await;
     let home = TestLabel::new("home");
-    let pod = start_label_relay(cluster.dir.path(), &home).await;
+    let pod = start_label_relay(cluster.dir.path(), &home, RedirectHost::Requested).await;
     cluster.set_routes(&[("home", pod.relay.control.to_string(), true)]);
     cluster.wait_route("home", true).await;
     // Registered from 127.0.0.2 (through the gateway): p is pinned to 127.0.0.2, not to the
@@ -262,7 +305,7 @@ async fn the_original_client_address_reaches_the_relay() {
 async fn a_client_address_header_from_an_untrusted_peer_is_ignored() {
     let dir = tempfile::tempdir().unwrap();
     let home = TestLabel::new("home");
-    let pod = start_label_relay(dir.path(), &home).await;
+    let pod = start_label_relay(dir.path(), &home, RedirectHost::Requested).await;
     // 127.0.0.3 is not a trusted gateway: its claim to be 127.0.0.2 is ignored, so p is
     // pinned to 127.0.0.3.
     let socket = TcpSocket::new_v4().unwrap();
@@ -325,7 +368,7 @@ async fn unknown_unready_and_vanished_relays_get_clean_answers() {
 
     // A relay that stops answering mid-way: its pod is dropped while the gateway holds an
     // upstream connection; the next request is answered, not hung.
-    let pod = start_label_relay(cluster.dir.path(), &home).await;
+    let pod = start_label_relay(cluster.dir.path(), &home, RedirectHost::Requested).await;
     cluster.set_routes(&[("home", pod.relay.control.to_string(), true)]);
     cluster.wait_route("home", true).await;
     assert_eq!(cluster.mobile_get("home", "/").await.status, 503);

@@ -25,7 +25,7 @@
 # `up` on a DIR whose cluster is not running starts a fresh, empty cluster (new etcd data,
 # new admin token); certificates and ServiceAccount keys are kept and reused. `up` on a DIR
 # whose cluster runs and is ready does nothing. Stale pid files of a run that died are
-# cleaned up. Nothing outside DIR is written except the binary cache of build-apiserver.sh.
+# cleaned up. Nothing outside DIR is written except the binary cache of build-kubernetes.sh.
 #
 # ServiceAccount credentials: sa-kubeconfig uses the TokenRequest API
 # (POST .../serviceaccounts/NAME/token, authentication.k8s.io/v1), which 1.20 serves when the
@@ -36,7 +36,7 @@
 # created too.)
 #
 # Env: TAAS_K8S_READY_TIMEOUT (seconds, default 60), TAAS_K8S_BIN (dir with kube-apiserver and
-# kube-controller-manager; default: built/cached by build-apiserver.sh).
+# kube-controller-manager; default: built/cached by build-kubernetes.sh).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -235,7 +235,7 @@ cmd_up() {
   mkdir -p "$DIR/logs"
 
   local bin etcd_bin
-  bin=${TAAS_K8S_BIN:-$("$HERE/build-apiserver.sh")}
+  bin=${TAAS_K8S_BIN:-$("$HERE/build-kubernetes.sh")}
   [ -x "$bin/kube-apiserver" ] && [ -x "$bin/kube-controller-manager" ] ||
     die "kube-apiserver/kube-controller-manager not found in $bin"
   if ! etcd_bin=$(command -v etcd); then

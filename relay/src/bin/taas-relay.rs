@@ -96,6 +96,11 @@ struct LabelRelayArgs {
     /// Seconds between reads of the mounted files.
     #[arg(long, env = "TAAS_RELOAD_INTERVAL", default_value_t = 2.0)]
     reload_interval: f64,
+    /// Host in the 307 Location: the requested name (LABEL.<domain>, which the hidden
+    /// server's certificate names; needs *.<domain> to reach this label's client port), or
+    /// the label's external address from --external-file.
+    #[arg(long, env = "TAAS_REDIRECT_HOST", value_enum, default_value_t = RedirectHostArg::Requested)]
+    redirect_host: RedirectHostArg,
 }
 
 #[derive(Subcommand)]
@@ -189,6 +194,15 @@ enum RedirectHostArg {
     Advertise,
 }
 
+impl From<RedirectHostArg> for RedirectHost {
+    fn from(arg: RedirectHostArg) -> Self {
+        match arg {
+            RedirectHostArg::Requested => RedirectHost::Requested,
+            RedirectHostArg::Advertise => RedirectHost::Advertise,
+        }
+    }
+}
+
 #[derive(Args)]
 struct LabelNewArgs {
     /// The hidden server's ID (its TOTP username).
@@ -231,10 +245,7 @@ fn serve_options(args: &ServeArgs) -> anyhow::Result<ServeOptions> {
         registrar: n.names.registrar.clone(),
         domain: n.names.domain.clone(),
         advertise: n.advertise.clone(),
-        redirect_host: match args.redirect_host {
-            RedirectHostArg::Requested => RedirectHost::Requested,
-            RedirectHostArg::Advertise => RedirectHost::Advertise,
-        },
+        redirect_host: args.redirect_host.into(),
         p_ports: args.p_ports,
         q_ports: args.q_ports,
         labels: n.labels.clone(),
@@ -293,6 +304,7 @@ async fn run_label_relay(args: LabelRelayArgs) -> anyhow::Result<()> {
         trusted: args.trusted_proxies,
         registrar: args.names.registrar,
         domain: args.names.domain,
+        redirect_host: args.redirect_host.into(),
         p_ports: args.p_ports,
         client_port: args.client_port,
         metrics: metrics_addr(&args.metrics)?,

@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# Builds kube-apiserver and kube-controller-manager v1.20.2 from Debian bookworm's `kubernetes`
-# source package (all Go dependencies vendored) with Debian's Go, and caches the two static
-# binaries outside the clone:
+# Builds the Kubernetes v1.20.2 components from Debian bookworm's `kubernetes` source package
+# (all Go dependencies vendored) with Debian's Go, plus the pause container's static binary from
+# the same source, and caches them outside the clone:
 #
-#   ${XDG_CACHE_HOME:-$HOME/.cache}/taas/k8s-1.20.2/bin/{kube-apiserver,kube-controller-manager}
+#   ${XDG_CACHE_HOME:-$HOME/.cache}/taas/k8s-1.20.2/bin/{kube-apiserver,kube-controller-manager,
+#                                                      kube-scheduler,kubelet,kube-proxy,pause}
+#
+# The API server tests (scripts/k8s/apiserver.sh) use the first two; the pod-running cluster
+# (e2e/cluster.sh) uses all of them. They are built in one pass: one cold build per machine.
 #
 # A second run finds them there and returns at once. The only output on stdout is that bin
-# directory (progress goes to stderr), so callers can do BIN=$(scripts/k8s/build-apiserver.sh).
+# directory (progress goes to stderr), so callers can do BIN=$(scripts/k8s/build-kubernetes.sh).
 #
 # Cold: installs golang-go etcd-server make rsync from Debian if missing, downloads the source
 # package through a private apt sources list (the system's apt configuration is not changed),
@@ -21,8 +25,8 @@ set -euo pipefail
 K8S_VERSION=1.20.2
 DEB_VERSION=1.20.5+really1.20.2-1.1+deb12u1
 # Bump when the build recipe (patch, flags) changes, so cached binaries are rebuilt.
-RECIPE=1
-BINS=(kube-apiserver kube-controller-manager)
+RECIPE=2
+BINS=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy)
 
 CACHE_ROOT=${TAAS_K8S_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/taas}
 KDIR=$CACHE_ROOT/k8s-$K8S_VERSION
@@ -30,12 +34,12 @@ OUT=$KDIR/bin
 STAMP=$OUT/.built
 WANT_STAMP="kubernetes $DEB_VERSION recipe $RECIPE"
 
-log() { echo "build-apiserver: $*" >&2; }
+log() { echo "build-kubernetes: $*" >&2; }
 
 cached() {
   [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT_STAMP" ] || return 1
   local b
-  for b in "${BINS[@]}"; do [ -x "$OUT/$b" ] || return 1; done
+  for b in "${BINS[@]}" pause; do [ -x "$OUT/$b" ] || return 1; done
 }
 
 if [ "${TAAS_K8S_REBUILD:-0}" != 1 ] && cached; then
@@ -60,6 +64,7 @@ command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v make >/dev/null 2>&1 || need+=(make)
 command -v rsync >/dev/null 2>&1 || need+=(rsync)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
+command -v gcc >/dev/null 2>&1 || need+=(gcc libc6-dev)
 if ((${#need[@]})); then
   log "installing from Debian: ${need[*]}"
   $SUDO apt-get update -qq >&2
@@ -198,6 +203,10 @@ for b in "${BINS[@]}"; do
   cp "$f" "$OUT/.$b.tmp"
   mv -f "$OUT/.$b.tmp" "$OUT/$b"
 done
+# The pod sandbox ("pause") image's only binary; static, so the image needs nothing else.
+gcc -Os -static -Wall -o "$OUT/.pause.tmp" "$SRC/build/pause/linux/pause.c" \
+  -DVERSION="\"$K8S_VERSION-taas\""
+mv -f "$OUT/.pause.tmp" "$OUT/pause"
 echo "$WANT_STAMP" >"$STAMP"
 "$OUT/kube-apiserver" --version >&2
 echo "$OUT"

@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""Hidden servers for the end-to-end test, run behind taas-agent (in the hidden server's
+network namespace), and a raw mobile client.
+
+    backend.py https PORT CERT KEY TEXT   an HTTPS server answering every GET with TEXT
+    backend.py proxy-echo PORT            reads a PROXY v1 header line and one more line, and
+                                          answers "header=<the PROXY line> line=<the line>"
+    backend.py tcp-client HOST PORT LINE  connects, sends LINE, prints the first line answered
+
+Each server prints "listening" once its socket is bound, so the caller waits on that, not on
+time. Every socket operation has a timeout.
+"""
+
+import http.server
+import socket
+import socketserver
+import ssl
+import sys
+import threading
+
+
+def https(port, cert, key, text):
+    body = text.encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's naming)
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+        daemon_threads = True
+
+        def get_request(self):
+            conn, addr = super().get_request()
+            conn.settimeout(10)
+            return conn, addr
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    server = Server(("127.0.0.1", port), Handler)
+    server.socket = ctx.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
+    print("listening", flush=True)
+    server.serve_forever()
+
+
+def read_line(conn, limit=512):
+    data = b""
+    while not data.endswith(b"\n") and len(data) < limit:
+        chunk = conn.recv(1)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace").rstrip("\r\n")
+
+
+def proxy_echo(port):
+    def serve(conn):
+        with conn:
+            conn.settimeout(10)
+            try:
+                header = read_line(conn)
+                line = read_line(conn)
+                conn.sendall(f"header={header} line={line}\n".encode())
+            except OSError:
+                pass
+
+    sock = socket.create_server(("127.0.0.1", port))
+    print("listening", flush=True)
+    while True:
+        conn, _ = sock.accept()
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+
+def tcp_client(host, port, line):
+    with socket.create_connection((host, port), timeout=10) as conn:
+        conn.sendall(line.encode() + b"\n")
+        print(read_line(conn))
+
+
+def main():
+    mode = sys.argv[1] if len(sys.argv) > 1 else ""
+    if mode == "https" and len(sys.argv) == 6:
+        https(int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5])
+    elif mode == "proxy-echo" and len(sys.argv) == 3:
+        proxy_echo(int(sys.argv[2]))
+    elif mode == "tcp-client" and len(sys.argv) == 5:
+        tcp_client(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+    else:
+        sys.exit(__doc__)
+
+
+if __name__ == "__main__":
+    main()

@@ -6,9 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/install-test-deps.sh
-# helm, kubectl, kubernetes-validate (into .tools/), and a real kube-apiserver + etcd for the
-# operator's end-to-end test (built once per machine from Debian's sources, cached in
-# ~/.cache/taas; about 8 minutes the first time).
+# helm, kubectl, kubernetes-validate (into .tools/), and the Kubernetes components for the
+# operator's API-server test and the cluster end-to-end test (built once per machine from
+# Debian's sources, cached in ~/.cache/taas; about 8 minutes the first time).
 PATH="$(bash scripts/k8s/tools.sh):$PATH"
 export PATH
 bash scripts/k8s/build-kubernetes.sh >/dev/null
@@ -28,7 +28,12 @@ cargo test --workspace --locked 2>&1 | tee -a "$log"
 echo "== Helm chart"
 bash scripts/test-chart.sh 2>&1 | tee -a "$log"
 
+# The whole system on a real single-node cluster that runs pods (needs root; builds the image
+# from the release binaries; about 3 minutes plus the release build).
+echo "== end to end on a real cluster (e2e/test.sh)"
+bash e2e/test.sh 2>&1 | tee -a "$log"
+
 # One closing line for the whole run (cargo prints one per test binary, the last often 0).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1) } }
-     /^chart: [0-9]+ passed, [0-9]+ failed$/ { p += $2; f += $4 }
+     /^(chart|e2e): [0-9]+ passed, [0-9]+ failed$/ { p += $2; f += $4 }
      END { printf "all: %d passed, %d failed\n", p, f }' "$log"

@@ -621,13 +621,16 @@ def _():
     expect(not kinds(render(values_files=[ci("nodeport")]), "Certificate"), "Certificate without certManager.enabled")
 
 
-@check("operator: flags for names, image, namespace, routes, leader election; POD_NAMESPACE")
+@check("operator: flags for names, image, namespace, routes, leader election; POD_NAMESPACE; Recreate unless elected")
 def _():
     docs = render()
     pod = named(docs, "Deployment", f"{RELEASE}-operator")["spec"]["template"]["spec"]
     c = pod["containers"][0]
     args = c["args"]
+    strategy = named(docs, "Deployment", f"{RELEASE}-operator")["spec"].get("strategy")
+    expect(strategy == {"type": "Recreate"}, f"operator without leader election: strategy {strategy}, not Recreate")
     for want in ("--registrar=taas-registrar.localhost", "--domain=taas.localhost", "--routes-configmap=taas-routes",
+                 "--relay-redirect-host=requested",
                  f"--relay-image={c['image']}", "--relay-image-pull-policy=IfNotPresent",
                  "--node-address-type=ExternalIP,InternalIP", "--metrics=0.0.0.0:9464"):
         expect(want in args, f"missing {want} in {args}")
@@ -640,6 +643,8 @@ def _():
     docs = render(values_files=[ci("everything-on")])
     c = named(docs, "Deployment", f"{RELEASE}-operator")["spec"]["template"]["spec"]["containers"][0]
     expect("--leader-elect" in c["args"] and "--namespace=hidden-servers" in c["args"], f"everything-on args {c['args']}")
+    strategy = named(docs, "Deployment", f"{RELEASE}-operator")["spec"].get("strategy")
+    expect(strategy is None, f"operator with leader election: strategy {strategy} (rolling updates are safe)")
     expect(c["image"].startswith("registry.example.com/taas@sha256:"), f"digest image {c['image']}")
     expect(f"--relay-image={c['image']}" in c["args"], "relay image is not the operator's")
     gw = gateway_container(docs)["containers"][0]

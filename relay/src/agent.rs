@@ -3,8 +3,10 @@
 //!
 //! Life of one slot: `PUT /register/LABEL` (TOTP) on a kept-alive TLS connection → `200`
 //! with `HOST:PORT` → TCP connection to that p, parked → first bytes arrive (a mobile client
-//! was paired onto it) → a replacement is registered at once, and this connection is spliced
-//! with a fresh connection to `--forward`. A parked connection the relay closes is replaced.
+//! was paired onto it) → its replacement is registered (with the others missing, in one
+//! request: the relay's several-ports extension; within `REFILL_DELAY` while at least half the
+//! pool is parked, at once below half), and this connection is spliced with a fresh
+//! connection to `--forward`. A parked connection the relay closes is replaced the same way.
 //!
 //! Pieces: `target` (URLs, redirects), `registrar` (HTTPS client), `endpoint` (the 200 body),
 //! `parked` (one rendezvous and its pair), `backoff`, `explain` (failure → advice),
@@ -50,6 +52,11 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// A parked connection the relay closes sooner than this counts as a failure (backoff), so a
 /// relay that accepts and drops at once is not hammered.
 const SHORT_LIVED: Duration = Duration::from_secs(5);
+/// While at least half of the connections are still parked, replacements for the ones used
+/// up are registered this long after the first of them, together in one request: one
+/// registration per batch instead of per connection, and none of it on the path of the
+/// connection that was just paired. Below half, replacements are registered at once.
+const REFILL_DELAY: Duration = Duration::from_millis(5);
 
 /// Which certificates the registrar's must chain to.
 #[derive(Clone, Debug, Default)]
@@ -440,6 +447,8 @@ struct Supervisor {
     tasks: JoinSet<()>,
     backoff: Backoff,
     next_attempt: Instant,
+    /// The earliest next registration while the pool is at least half full (`REFILL_DELAY`).
+    refill_at: Instant,
     connecting: usize,
     parked: usize,
     pairs_active: usize,
@@ -479,6 +488,7 @@ impl Supervisor {
             tasks: JoinSet::new(),
             backoff,
             next_attempt: Instant::now(),
+            refill_at: Instant::now(),
             connecting: 0,
             parked: 0,
             pairs_active: 0,
@@ -493,6 +503,38 @@ impl Supervisor {
         self.connecting + self.parked < self.agent.config.parked
     }
 
+    /// When the next registration may go: after the backoff, and while at least half of the
+    /// pool is parked or on its way, after the refill delay too.
+    fn due(&self) -> Instant {
+        if 2 * (self.connecting + self.parked) >= self.agent.config.parked {
+            self.next_attempt.max(self.refill_at)
+        } else {
+            self.next_attempt
+        }
+    }
+
+    /// A parked connection was used up or lost: its replacement joins the next batch.
+    fn replace_later(&mut self) {
+        let now = Instant::now();
+        if self.refill_at <= now {
+            self.refill_at = now + REFILL_DELAY;
+        }
+    }
+
+    /// Rendezvous ports to ask for in the next registration: every missing one, up to the
+    /// relay's per-request maximum (the several-ports extension; a relay without it answers
+    /// one port, and the next registration asks for the rest).
+    fn missing(&self) -> u32 {
+        let missing = self
+            .agent
+            .config
+            .parked
+            .saturating_sub(self.connecting + self.parked);
+        u32::try_from(missing)
+            .unwrap_or(u32::MAX)
+            .clamp(1, crate::registrar::MAX_RENDEZVOUS_PER_REQUEST)
+    }
+
     async fn run(&mut self, mut shutdown: std::pin::Pin<&mut impl Future<Output = ()>>) {
         loop {
             while let Ok(event) = self.events.try_recv() {
@@ -500,21 +542,22 @@ impl Supervisor {
             }
             while self.tasks.try_join_next().is_some() {}
 
-            if self.wanted() && Instant::now() >= self.next_attempt {
+            if self.wanted() && Instant::now() >= self.due() {
                 let result = tokio::select! {
                     biased;
                     _ = shutdown.as_mut() => return,
-                    result = self.registrar.register(&self.credentials) => result,
+                    result = self.registrar.register(&self.credentials, self.missing()) => result,
                 };
                 self.registered(result);
                 continue;
             }
             let wanted = self.wanted();
+            let due = self.due();
             tokio::select! {
                 biased;
                 _ = shutdown.as_mut() => return,
                 Some(event) = self.events.recv() => self.handle(event),
-                _ = tokio::time::sleep_until(self.next_attempt), if wanted => {}
+                _ = tokio::time::sleep_until(due), if wanted => {}
                 Some(_) = self.tasks.join_next(), if !self.tasks.is_empty() => {}
             }
         }
@@ -615,6 +658,7 @@ impl Supervisor {
             }
             Event::Lost { lived, error } => {
                 self.parked = self.parked.saturating_sub(1);
+                self.replace_later();
                 self.agent.metrics.parked_lost.inc();
                 let how = match &error {
                     Some(e) => e.to_string(),
@@ -643,6 +687,7 @@ impl Supervisor {
             }
             Event::Paired => {
                 self.parked = self.parked.saturating_sub(1);
+                self.replace_later();
                 self.pairs_active += 1;
                 self.pairings += 1;
                 tracing::debug!(

@@ -190,10 +190,18 @@ async fn answer<B: LabelBackend>(
                 .headers
                 .get(header::AUTHORIZATION)
                 .map(|v| v.as_bytes());
+            let count = parts
+                .headers
+                .get(registrar::RENDEZVOUS_COUNT_HEADER)
+                .map(|v| v.as_bytes());
+            let Some(count) = registrar::rendezvous_count(count) else {
+                return Answer::bad_request();
+            };
             let registration = Registration {
                 label: &label,
                 authorization,
                 source,
+                count,
             };
             backend.register(registration, connection).await
         }

@@ -21,7 +21,9 @@ use hyper::Request;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::registrar::{Answer, ClientRequest, Registration, CLIENT_ADDR_HEADER};
+use crate::registrar::{
+    Answer, ClientRequest, Registration, CLIENT_ADDR_HEADER, RENDEZVOUS_COUNT_HEADER,
+};
 use crate::relay::LabelBackend;
 
 /// How long the gateway waits to connect to a relay, and for its answer. A relay that went
@@ -177,6 +179,10 @@ impl LabelBackend for Gateway {
         if let Some(authorization) = registration.authorization {
             builder = builder.header(hyper::header::AUTHORIZATION, authorization);
         }
+        if registration.count > 1 {
+            // The several-ports extension, passed on to the label's relay.
+            builder = builder.header(RENDEZVOUS_COUNT_HEADER, registration.count);
+        }
         match builder.body(Empty::new()) {
             Ok(forwarded) => self.forward(upstreams, registration.label, forwarded).await,
             Err(_) => Answer::bad_request(),
@@ -302,7 +308,17 @@ pub struct RunningGateway {
     pub metrics: Option<std::net::SocketAddr>,
     pub routes: Arc<RouteTable>,
     pub cert: crate::tls::CertFiles,
+    ready: Arc<std::sync::atomic::AtomicBool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl RunningGateway {
+    /// The first step of stopping: `/readyz` answers 503 so no new traffic is sent here,
+    /// while requests keep being served until the gateway is dropped.
+    pub fn drain(&self) {
+        self.ready
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl Drop for RunningGateway {
@@ -375,6 +391,7 @@ pub async fn start(options: GatewayOptions) -> Result<RunningGateway, crate::ser
         metrics,
         routes,
         cert,
+        ready,
         tasks,
     })
 }

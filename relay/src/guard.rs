@@ -169,7 +169,41 @@ impl AuthGuard {
         connection_authenticated: bool,
         now: Instant,
     ) -> Result<(), TokenRefusal> {
+        self.admit_many(
+            id,
+            step,
+            source,
+            max_uses,
+            pin_source,
+            connection_authenticated,
+            1,
+            now,
+        )
+        .map(|_| ())
+    }
+
+    /// [`admit`](Self::admit) for a request that asks for `wanted` rendezvous ports at once
+    /// (the several-ports extension): returns how many of them the token may still be used
+    /// for, at least 1. On a new connection every granted port counts as one use, so a token
+    /// yields no more rendezvous ports over new connections than before (`max_uses`); on an
+    /// authenticated connection nothing is counted, as for single requests.
+    #[allow(clippy::too_many_arguments)]
+    pub fn admit_many(
+        &self,
+        id: &str,
+        step: u64,
+        source: IpAddr,
+        max_uses: u32,
+        pin_source: bool,
+        connection_authenticated: bool,
+        wanted: u32,
+        now: Instant,
+    ) -> Result<u32, TokenRefusal> {
         let (source, id) = (source.to_canonical(), self.id_key(id));
+        let wanted = wanted.max(1);
+        // A new step: as many as asked for up to the limit, and always the one port a single
+        // request got before.
+        let first = wanted.min(max_uses).max(1);
         let limits = &self.limits;
         let mut state = self.lock();
         let fresh = |uses| Token {
@@ -183,12 +217,12 @@ impl AuthGuard {
             .get(&id)
             .filter(|t| !t.expired(now, limits))
             .copied();
-        let next = match current {
-            None if connection_authenticated => fresh(0),
-            None => fresh(1),
+        let (next, granted) = match current {
+            None if connection_authenticated => (fresh(0), wanted),
+            None => (fresh(first), first),
             Some(t) if connection_authenticated => match step > t.newest {
-                true => fresh(0),
-                false => Token { touched: now, ..t },
+                true => (fresh(0), wanted),
+                false => (Token { touched: now, ..t }, wanted),
             },
             Some(t) if step < t.newest => return Err(TokenRefusal::Stale),
             Some(t) if step == t.newest => {
@@ -198,17 +232,19 @@ impl AuthGuard {
                 if t.uses >= max_uses {
                     return Err(TokenRefusal::Exhausted);
                 }
-                Token {
-                    uses: t.uses + 1,
+                let granted = wanted.min(max_uses - t.uses);
+                let next = Token {
+                    uses: t.uses + granted,
                     touched: now,
                     ..t
-                }
+                };
+                (next, granted)
             }
-            Some(_) => fresh(1),
+            Some(_) => (fresh(first), first),
         };
         put(&mut state.tokens, id, next, limits, now);
         put(&mut state.good_sources, (id, source), now, limits, now);
-        Ok(())
+        Ok(granted)
     }
 
     fn id_key(&self, id: &str) -> u64 {
@@ -390,6 +426,45 @@ mod tests {
         assert_eq!(
             g.admit(ID, S, ip(1), 16, true, false, t0 + secs(16)),
             Err(TokenRefusal::Exhausted)
+        );
+    }
+
+    #[test]
+    fn several_ports_per_request_count_each_port_as_a_use() {
+        let (g, t0) = (AuthGuard::default(), Instant::now());
+        // New connections: 10 of 15 uses, then the 5 left, then nothing.
+        assert_eq!(g.admit_many(ID, S, ip(1), 15, true, false, 10, t0), Ok(10));
+        assert_eq!(g.admit_many(ID, S, ip(1), 15, true, false, 10, t0), Ok(5));
+        assert_eq!(
+            g.admit_many(ID, S, ip(1), 15, true, false, 10, t0),
+            Err(TokenRefusal::Exhausted)
+        );
+        assert_eq!(
+            g.admit(ID, S, ip(1), 15, true, false, t0),
+            Err(TokenRefusal::Exhausted)
+        );
+        // Pinning and staleness as for single requests.
+        assert_eq!(
+            g.admit_many(ID, S, ip(2), 32, true, false, 4, t0),
+            Err(TokenRefusal::Replayed)
+        );
+        assert_eq!(
+            g.admit_many(ID, S + 1, ip(1), 32, true, false, 40, t0),
+            Ok(32)
+        );
+        assert_eq!(
+            g.admit_many(ID, S, ip(1), 32, true, false, 1, t0),
+            Err(TokenRefusal::Stale)
+        );
+        // On an authenticated connection nothing is counted.
+        assert_eq!(
+            g.admit_many(ID, S + 1, ip(1), 32, true, true, 16, t0),
+            Ok(16)
+        );
+        // A request for 0 is a request for 1.
+        assert_eq!(
+            g.admit_many("other", S, ip(1), 4, true, false, 0, t0),
+            Ok(1)
         );
     }
 

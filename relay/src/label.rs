@@ -194,6 +194,9 @@ impl Label {
                 .bind_random(self.shared.bind_ip, Q_BACKLOG),
         }?;
         let (listener, lease) = bound;
+        // Set once on q, inherited by every accepted client connection (Linux copies these
+        // options from the listening socket): none of them per connection.
+        crate::splice::tune_listener(&listener);
         let port = lease.port();
         let accept_loop = tokio::spawn(accept_clients(Arc::downgrade(self), listener, lease));
         if let Some(old) = lock(&self.q).replace(ClientPort { port, accept_loop }) {
@@ -205,8 +208,14 @@ impl Label {
 
     /// Whether a registration could get a rendezvous port now (the label is below its limit).
     pub fn has_room(&self) -> bool {
+        self.room() > 0
+    }
+
+    /// How many more rendezvous ports the label's parked-connection limit allows now.
+    pub fn room(&self) -> usize {
+        let max_parked = self.config().max_parked;
         let pool = lock(&self.pool);
-        pool.parked.len() + pool.reserved < self.config().max_parked
+        max_parked.saturating_sub(pool.parked.len() + pool.reserved)
     }
 
     /// Hands out a one-shot rendezvous port for a hidden server registering from `source`:
@@ -273,10 +282,16 @@ impl Label {
             Some(stream) if !self.closed.load(Ordering::SeqCst) => {
                 self.metrics.rendezvous(Rendezvous::Connected);
                 crate::splice::tune(&stream);
-                self.park(ParkedConn {
+                let watch = self.enqueue(ParkedConn {
                     stream,
                     early: Vec::new(),
                 });
+                drop(reservation);
+                // This task goes on as the parked connection's watcher: no second task.
+                if let Some((id, conn, claimed)) = watch {
+                    self.watch_parked(id, conn, claimed).await;
+                }
+                return;
             }
             Some(_) => {}
             None => {
@@ -289,11 +304,27 @@ impl Label {
 
     /// Puts a hidden server's connection in the pool, or straight into the hands of the
     /// longest-waiting client.
-    fn park(self: &Arc<Self>, mut conn: ParkedConn) {
+    fn park(self: &Arc<Self>, conn: ParkedConn) {
+        if let Some((id, conn, claimed)) = self.enqueue(conn) {
+            tokio::spawn(self.clone().watch_parked(id, conn, claimed));
+        }
+    }
+
+    /// `park` without the watcher: hands `conn` to a waiting client, or puts its handle in the
+    /// pool and returns what its watcher needs (the caller runs `watch_parked`).
+    #[allow(clippy::type_complexity)]
+    fn enqueue(
+        &self,
+        mut conn: ParkedConn,
+    ) -> Option<(
+        u64,
+        ParkedConn,
+        oneshot::Receiver<oneshot::Sender<ParkedConn>>,
+    )> {
         let mut pool = lock(&self.pool);
         while let Some(waiter) = pool.waiting.pop_front() {
             match waiter.send(conn) {
-                Ok(()) => return,
+                Ok(()) => return None,
                 Err(back) => conn = back, // that client gave up: try the next one
             }
         }
@@ -301,8 +332,7 @@ impl Label {
         let (claim, claimed) = oneshot::channel();
         pool.parked.push(ParkedHandle { id, claim });
         self.metrics.parked.inc();
-        drop(pool);
-        tokio::spawn(self.clone().watch_parked(id, conn, claimed));
+        Some((id, conn, claimed))
     }
 
     /// Holds one parked connection until a client claims it or its hidden server goes away.
@@ -470,6 +500,8 @@ impl Label {
                 return;
             }
         };
+        // q's options (no Nagle, keepalive) were inherited from its listener on Linux.
+        #[cfg(not(target_os = "linux"))]
         crate::splice::tune(&client);
         // A client that goes away before sending a byte (a port scan, a health check) gives
         // the parked connection back untouched: its hidden server has seen nothing yet.

@@ -3,7 +3,9 @@
 
 use std::io::IsTerminal as _;
 
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -12,17 +14,29 @@ pub enum LogFormat {
     Json,
 }
 
+/// The log filter from a `RUST_LOG` value: comma-separated `LEVEL` and `TARGET=LEVEL`
+/// directives (e.g. `warn`, `info,taas_relay=debug,hyper=trace`). Unset, empty or
+/// unparsable: `info`. (Span and field filters of `EnvFilter` are not supported: they would
+/// bring a regex engine into every binary.)
+pub fn log_filter(value: Option<&str>) -> Targets {
+    value
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO))
+}
+
 /// Installs the global subscriber; a second call (tests) is a no-op. Colours only on a
 /// terminal: logs collected from a pipe or file (kubectl logs, journald) stay plain text.
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let filter = log_filter(std::env::var("RUST_LOG").ok().as_deref());
+    let layer = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
     let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => registry.with(layer).try_init(),
+        LogFormat::Json => registry.with(layer.json()).try_init(),
     };
 }
 
@@ -56,5 +70,33 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {}
         _ = terminate => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracing::level_filters::LevelFilter;
+    use tracing::Level;
+
+    #[test]
+    fn rust_log_values() {
+        let info = log_filter(None);
+        assert!(info.would_enable("taas_relay", &Level::INFO));
+        assert!(!info.would_enable("taas_relay", &Level::DEBUG));
+        for fallback in ["", "  ", "taas_relay=loud"] {
+            assert_eq!(
+                log_filter(Some(fallback)).default_level(),
+                Some(LevelFilter::INFO),
+                "{fallback:?}"
+            );
+        }
+        let warn = log_filter(Some("warn"));
+        assert!(warn.would_enable("hyper", &Level::WARN));
+        assert!(!warn.would_enable("hyper", &Level::INFO));
+        let mixed = log_filter(Some("info,taas_relay::label=debug,hyper=off"));
+        assert!(mixed.would_enable("taas_relay::label", &Level::DEBUG));
+        assert!(!mixed.would_enable("taas_relay::relay", &Level::DEBUG));
+        assert!(!mixed.would_enable("hyper::proto", &Level::ERROR));
     }
 }

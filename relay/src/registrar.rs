@@ -9,6 +9,34 @@ use std::time::Duration;
 /// address (trusted only from gateway addresses).
 pub const CLIENT_ADDR_HEADER: &str = "taas-client-addr";
 
+/// Extension (PROTOCOL.md §2, "several rendezvous ports at once"): a registration carrying
+/// this header with a number N from 1 up asks for up to N rendezvous ports in one request
+/// (values above [`MAX_RENDEZVOUS_PER_REQUEST`] count as that maximum). The `200` body then
+/// holds one `HOST:PORT` per port granted, one per line, `\n`-separated, no final newline;
+/// fewer than N are granted when the label's parked-connection limit or the token's reuse
+/// limit leaves fewer (never 0: that is the `503` or `401` of a single request). Every port is
+/// a separate one-shot p with all of §3's rules. The original's clients never send the header,
+/// and a request without it is answered exactly as before (one `HOST:PORT`); a value that is
+/// not a number from 1 up gets `400`.
+pub const RENDEZVOUS_COUNT_HEADER: &str = "taas-rendezvous-count";
+
+/// Most rendezvous ports handed out by one request of the extension.
+pub const MAX_RENDEZVOUS_PER_REQUEST: u32 = 16;
+
+/// The number of rendezvous ports a registration asks for: 1 without the extension's header,
+/// `None` (answer `400`) for a value that is not a decimal number from 1 up.
+pub fn rendezvous_count(value: Option<&[u8]>) -> Option<u32> {
+    let Some(value) = value else { return Some(1) };
+    let text = std::str::from_utf8(value).ok()?.trim();
+    if text.is_empty() || text.len() > 10 || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    match text.parse::<u64>().ok()? {
+        0 => None,
+        n => Some(n.min(u64::from(MAX_RENDEZVOUS_PER_REQUEST)) as u32),
+    }
+}
+
 /// An HTTP answer: status, extra headers, body.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Answer {
@@ -35,6 +63,24 @@ impl Answer {
     pub fn rendezvous(host: &str, port: u16) -> Self {
         let mut answer = Self::empty(200).with("content-type", "text/plain");
         answer.body = format!("{}:{port}", bracket_v6(host));
+        answer
+    }
+
+    /// `200` with one `HOST:PORT` per line (the several-ports extension); for one port, the
+    /// same bytes as [`Answer::rendezvous`].
+    pub fn rendezvous_many(host: &str, ports: &[u16]) -> Self {
+        let mut answer = Self::empty(200).with("content-type", "text/plain");
+        let host = bracket_v6(host);
+        let mut body = String::with_capacity(ports.len() * (host.len() + 7));
+        for (i, port) in ports.iter().enumerate() {
+            if i > 0 {
+                body.push('\n');
+            }
+            body.push_str(&host);
+            body.push(':');
+            body.push_str(&port.to_string());
+        }
+        answer.body = body;
         answer
     }
 
@@ -146,6 +192,9 @@ pub struct Registration<'a> {
     pub authorization: Option<&'a [u8]>,
     /// The registering hidden server's address (for pinning and rate limits).
     pub source: IpAddr,
+    /// Rendezvous ports asked for: 1, or more with the extension's
+    /// [`RENDEZVOUS_COUNT_HEADER`] (already capped at [`MAX_RENDEZVOUS_PER_REQUEST`]).
+    pub count: u32,
 }
 
 /// One mobile client's request for `LABEL.<domain>`.
@@ -202,6 +251,28 @@ mod tests {
             Answer::redirect("::1", 1, "*").headers[0].1,
             "https://[::1]:1/"
         );
+    }
+
+    #[test]
+    fn several_ports_in_one_answer() {
+        let one = Answer::rendezvous_many("127.0.0.1", &[20001]);
+        assert_eq!(one, Answer::rendezvous("127.0.0.1", 20001));
+        let three = Answer::rendezvous_many("::1", &[1, 2, 3]);
+        assert_eq!(three.body, "[::1]:1\n[::1]:2\n[::1]:3");
+        assert_eq!(three.headers, one.headers);
+    }
+
+    #[test]
+    fn rendezvous_count_header_values() {
+        assert_eq!(rendezvous_count(None), Some(1));
+        assert_eq!(rendezvous_count(Some(b"1")), Some(1));
+        assert_eq!(rendezvous_count(Some(b" 8 ")), Some(8));
+        assert_eq!(rendezvous_count(Some(b"16")), Some(16));
+        assert_eq!(rendezvous_count(Some(b"17")), Some(16));
+        assert_eq!(rendezvous_count(Some(b"99999999999999999999")), None);
+        for bad in [&b""[..], b"0", b"-1", b"+2", b"2.0", b"x", b"1,2", b"\xff"] {
+            assert_eq!(rendezvous_count(Some(bad)), None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -258,42 +258,67 @@ impl Relay {
         };
         // A full label is said before the token is spent, so that the hidden server's retry
         // later is not refused for reusing it too often.
-        if !label.has_room() {
+        let room = label.room();
+        if room == 0 {
             label.metrics().registered(Registered::Unavailable);
             return Answer::unavailable(RETRY_UNAVAILABLE);
         }
+        // The several-ports extension asks for up to `count`; never more than the label has
+        // room for, so that no token use is spent on a port that cannot be granted.
+        let wanted = request.count.min(u32::try_from(room).unwrap_or(u32::MAX));
         let on_this_connection = connection.has(id);
-        if let Err(refusal) = self.guard.admit(
+        let granted = match self.guard.admit_many(
             id,
             step,
             request.source,
             u32::try_from(config.max_parked).unwrap_or(u32::MAX),
             config.source_pinning,
             on_this_connection,
+            wanted,
             now,
         ) {
-            tracing::info!(label = %label.name(), source = %request.source, %refusal, "token refused");
-            return self.refuse(Some(&label), request.source, id, now);
-        }
+            Ok(granted) => granted,
+            Err(refusal) => {
+                tracing::info!(label = %label.name(), source = %request.source, %refusal, "token refused");
+                return self.refuse(Some(&label), request.source, id, now);
+            }
+        };
         connection.add(id);
-        match label.open_rendezvous(request.source) {
-            Ok(port) => {
-                label.metrics().registered(Registered::Ok);
-                tracing::debug!(label = %label.name(), source = %request.source, port, "registered");
-                let external = self.external();
-                Answer::rendezvous(&external.host, external.port(port))
-            }
-            Err(error) => {
-                label.metrics().registered(Registered::Unavailable);
-                match error {
-                    Unavailable::LabelFull(_) => {
-                        tracing::debug!(label = %label.name(), %error, "registration refused")
-                    }
-                    _ => tracing::warn!(label = %label.name(), %error, "registration refused"),
+        let mut ports = Vec::with_capacity(granted as usize);
+        let mut refused = None;
+        for _ in 0..granted {
+            match label.open_rendezvous(request.source) {
+                Ok(port) => ports.push(port),
+                Err(error) => {
+                    refused = Some(error);
+                    break;
                 }
-                Answer::unavailable(RETRY_UNAVAILABLE)
             }
         }
+        if ports.is_empty() {
+            label.metrics().registered(Registered::Unavailable);
+            match refused {
+                Some(error @ Unavailable::LabelFull(_)) => {
+                    tracing::debug!(label = %label.name(), %error, "registration refused")
+                }
+                Some(error) => {
+                    tracing::warn!(label = %label.name(), %error, "registration refused")
+                }
+                None => {}
+            }
+            return Answer::unavailable(RETRY_UNAVAILABLE);
+        }
+        for _ in &ports {
+            label.metrics().registered(Registered::Ok);
+        }
+        tracing::debug!(label = %label.name(), source = %request.source, ?ports, "registered");
+        let external = self.external();
+        if request.count == 1 {
+            // Without the extension: exactly the original's answer.
+            return Answer::rendezvous(&external.host, external.port(ports[0]));
+        }
+        let ports: Vec<u16> = ports.iter().map(|&p| external.port(p)).collect();
+        Answer::rendezvous_many(&external.host, &ports)
     }
 
     /// A mobile client's request, answered without waiting on anything.

@@ -224,3 +224,88 @@ fn every_flag_reads_its_environment_variable() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("30050-30060"), "{}", stderr(&out));
 }
+
+/// GET `path` on a plain-HTTP endpoint; the status code, or None if nothing answers.
+fn http_status(addr: &str, path: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(PATIENCE)).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut head = String::new();
+    stream.read_to_string(&mut head).ok()?;
+    head.split(' ').nth(1)?.parse().ok()
+}
+
+fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn the_gateway_drains_before_it_stops() {
+    // On SIGTERM the gateway turns unready but keeps accepting for --shutdown-delay, so
+    // kube-proxy and load balancers move new connections elsewhere before it closes.
+    let dir = tempfile::tempdir().unwrap();
+    let routes = dir.path().join("routes.yaml");
+    std::fs::write(&routes, "{}\n").unwrap();
+    let (ports, _) = port_block(2);
+    let front = format!("127.0.0.1:{}", ports.lo);
+    let metrics = format!("127.0.0.1:{}", ports.lo + 1);
+    let mut child = relay_bin()
+        .current_dir(dir.path())
+        .args([
+            "gateway",
+            "--listen",
+            &front,
+            "--metrics",
+            &metrics,
+            "--shutdown-delay",
+            "3",
+        ])
+        .arg("--routes-file")
+        .arg(&routes)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("ready", || http_status(&metrics, "/readyz") == Some(200));
+    let signalled = Instant::now();
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    wait_until("unready", || http_status(&metrics, "/readyz") == Some(503));
+    assert!(
+        std::net::TcpStream::connect(&front).is_ok(),
+        "still accepting while draining"
+    );
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "exited before the delay"
+    );
+    let deadline = Instant::now() + PATIENCE + Duration::from_secs(3);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("the gateway did not stop after its shutdown delay");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+    assert!(
+        signalled.elapsed() >= Duration::from_secs(3),
+        "stopped after {:?}, before the 3 s delay",
+        signalled.elapsed()
+    );
+}

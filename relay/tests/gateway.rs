@@ -376,3 +376,35 @@ async fn unknown_unready_and_vanished_relays_get_clean_answers() {
     let response = cluster.mobile_get("home", "/").await;
     assert_eq!(response.status, 503);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_rendezvous_ports_are_asked_for_through_the_gateway() {
+    let cluster = Cluster::start().await;
+    let home = TestLabel::new("home");
+    let home_pod = start_label_relay(cluster.dir.path(), &home, RedirectHost::Requested).await;
+    cluster.set_routes(&[("home", home_pod.relay.control.to_string(), true)]);
+    cluster.wait_route("home", true).await;
+    let p_range = home_pod.relay.relay.settings().p_ports;
+    let request = format!(
+        "PUT /register/home HTTP/1.1\r\nHost: {REGISTRAR}\r\nAuthorization: {}\r\nTAAS-Rendezvous-Count: 3\r\nConnection: close\r\n\r\n",
+        home.authorization()
+    );
+    let response = cluster.raw_from("127.0.0.1", &request).await;
+    assert_eq!(response.status, 200, "{response:?}");
+    let lines: Vec<&str> = response.body_str().split('\n').collect();
+    assert_eq!(lines.len(), 3, "{response:?}");
+    let mut parked = Vec::new();
+    for line in lines {
+        let p: std::net::SocketAddr = line.parse().unwrap();
+        assert!(p_range.contains(p.port()), "{p}");
+        parked.push(TcpStream::connect(p).await.unwrap());
+    }
+    eventually("parked", || async {
+        home_pod.relay.relay.label("home").unwrap().parked() == 3
+    })
+    .await;
+    // Without the header, the gateway's answer is the original single line.
+    let single = cluster.register_from("127.0.0.1", &home).await;
+    assert_eq!(single.status, 200);
+    assert!(!single.body_str().contains('\n'));
+}

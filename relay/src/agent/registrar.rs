@@ -111,19 +111,27 @@ impl Registrar {
         }
     }
 
-    /// One registration, following up to `MAX_REDIRECTS` redirects.
-    pub async fn register(&mut self, credentials: &Credentials) -> Result<Registered, Failure> {
+    /// One registration for up to `count` rendezvous ports (more than 1 uses the relay's
+    /// several-ports extension; a relay without it answers one), following up to
+    /// `MAX_REDIRECTS` redirects.
+    pub async fn register(
+        &mut self,
+        credentials: &Credentials,
+        count: u32,
+    ) -> Result<Registered, Failure> {
         let mut target = self.origin.clone();
         let mut hops = 0;
         loop {
             let authorization = credentials.authorization();
-            let (response, body, peer_ip) = self.exchange(&target, &authorization).await?;
+            let (response, body, peer_ip) = self.exchange(&target, &authorization, count).await?;
             let status = response.status.as_u16();
             match status {
                 200 => {
-                    let endpoints = parse_body(&body).map_err(|e| {
+                    let mut endpoints = parse_body(&body).map_err(|e| {
                         Problem::new("bad_response", Severity::Error, e.to_string())
                     })?;
+                    // Never more connections than asked for, whatever the body says.
+                    endpoints.truncate(count.max(1) as usize);
                     return Ok(Registered {
                         endpoints,
                         registrar_ip: peer_ip,
@@ -173,6 +181,7 @@ impl Registrar {
         &mut self,
         target: &Target,
         authorization: &str,
+        count: u32,
     ) -> Result<(hyper::http::response::Parts, Bytes, IpAddr), Failure> {
         let key = (target.host.clone(), target.port);
         let mut reused = true;
@@ -190,7 +199,7 @@ impl Registrar {
                 unreachable!("inserted above");
             };
             let peer_ip = connection.peer_ip;
-            let request = build_request(target, authorization).map_err(|e| {
+            let request = build_request(target, authorization, count).map_err(|e| {
                 Problem::new(
                     "config",
                     Severity::Error,
@@ -297,21 +306,26 @@ impl Registrar {
     }
 }
 
-/// The registration request, exactly as the steward sends it (plus a length and an agent).
+/// The registration request, exactly as the steward sends it (plus a length and an agent);
+/// for `count` > 1, with the several-ports extension's header.
 pub fn build_request(
     target: &Target,
     authorization: &str,
+    count: u32,
 ) -> Result<Request<Empty<Bytes>>, hyper::http::Error> {
     let mut authorization = HeaderValue::from_str(authorization)?;
     authorization.set_sensitive(true);
-    Request::builder()
+    let mut builder = Request::builder()
         .method(Method::PUT)
         .uri(target.path.as_str())
         .header(header::HOST, target.host_header())
         .header(header::AUTHORIZATION, authorization)
         .header(header::CONTENT_LENGTH, "0")
-        .header(header::USER_AGENT, USER_AGENT)
-        .body(Empty::new())
+        .header(header::USER_AGENT, USER_AGENT);
+    if count > 1 {
+        builder = builder.header(crate::registrar::RENDEZVOUS_COUNT_HEADER, count);
+    }
+    builder.body(Empty::new())
 }
 
 fn redirect_problem(target: &Target, error: RedirectError) -> Problem {
@@ -364,7 +378,7 @@ mod tests {
     fn request_shape() {
         let target = Target::registration("https://Reg.Example:8443", "home").unwrap();
         let auth = crate::authorization::format("2f40-id", "123456");
-        let request = build_request(&target, &auth).unwrap();
+        let request = build_request(&target, &auth, 1).unwrap();
         assert_eq!(request.method(), Method::PUT);
         assert_eq!(request.uri().to_string(), "/register/home");
         let h = request.headers();
@@ -379,9 +393,15 @@ mod tests {
             h.get(header::CONNECTION).is_none(),
             "keep-alive is the default"
         );
+        assert!(h.get(crate::registrar::RENDEZVOUS_COUNT_HEADER).is_none());
+        let batch = build_request(&target, &auth, 8).unwrap();
+        assert_eq!(
+            batch.headers()[crate::registrar::RENDEZVOUS_COUNT_HEADER],
+            "8"
+        );
 
         let default_port = Target::registration("https://reg.example", "a.b").unwrap();
-        let request = build_request(&default_port, &auth).unwrap();
+        let request = build_request(&default_port, &auth, 1).unwrap();
         assert_eq!(request.headers()[header::HOST], "reg.example");
         assert_eq!(request.uri().to_string(), "/register/a.b");
     }

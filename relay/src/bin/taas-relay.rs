@@ -57,6 +57,10 @@ struct GatewayArgs {
     /// /metrics, /healthz, /readyz (plain HTTP); "off" to disable.
     #[arg(long, env = "TAAS_METRICS", default_value = "0.0.0.0:9464")]
     metrics: String,
+    /// Seconds to keep serving after SIGTERM, unready, before closing: load balancers and
+    /// kube-proxy stop sending new connections first, so a rolling update loses none.
+    #[arg(long, env = "TAAS_SHUTDOWN_DELAY", default_value_t = 5.0)]
+    shutdown_delay: f64,
 }
 
 #[derive(Args)]
@@ -277,7 +281,13 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
-    let _gateway = taas_relay::gateway::start(taas_relay::gateway::GatewayOptions {
+    let shutdown_delay = Duration::try_from_secs_f64(args.shutdown_delay).with_context(|| {
+        format!(
+            "--shutdown-delay {}: expected seconds (0 or more)",
+            args.shutdown_delay
+        )
+    })?;
+    let gateway = taas_relay::gateway::start(taas_relay::gateway::GatewayOptions {
         listen: args.listen,
         registrar: args.names.registrar,
         domain: args.names.domain,
@@ -292,6 +302,15 @@ async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
     })
     .await?;
     shutdown_signal().await;
+    gateway.drain();
+    tracing::info!(
+        seconds = shutdown_delay.as_secs_f64(),
+        "stopping: unready, still serving while traffic moves elsewhere"
+    );
+    tokio::select! {
+        () = tokio::time::sleep(shutdown_delay) => {}
+        () = shutdown_signal() => tracing::info!("second signal: stopping now"),
+    }
     Ok(())
 }
 

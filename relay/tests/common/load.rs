@@ -138,10 +138,20 @@ pub fn debug_logs() -> bool {
     static INSTALLED: OnceLock<bool> = OnceLock::new();
     *INSTALLED.get_or_init(|| {
         let level = std::env::var("TAAS_TEST_LOG").unwrap_or_else(|_| "debug".into());
-        tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new(level))
-            .with_ansi(false)
-            .with_writer(CaptureWriter)
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        let filter = level
+            .parse::<tracing_subscriber::filter::Targets>()
+            .unwrap_or_else(|_| {
+                tracing_subscriber::filter::Targets::new().with_default(tracing::Level::DEBUG)
+            });
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(false)
+                    .with_writer(CaptureWriter),
+            )
             .try_init()
             .is_ok()
     })

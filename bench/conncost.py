@@ -1,0 +1,195 @@
+#!/usr/bin/env python3
+"""Cost of one fresh connection, as counts that stay comparable on a busy machine (issue 6):
+CPU µs and system calls (strace -c) per connection of the relay side and the client side, and
+a perf profile, during `connbench rate` (8 workers) through the echo backend.
+Reuses bench.py's set-up (same labels, parked counts and ports as bench/run.sh).
+
+    python3 bench/conncost.py OUT_DIR [--peers taas,rathole] [--seconds 5] [--rounds 3] [--lat]
+                              [--strace] [--perf] [--no-cpu]
+
+Prints one line per measurement and writes OUT_DIR/conncost.jsonl (+ strace-*.txt, perf-*).
+strace and perf slow the processes: read them as counts per
+connection, not as time. Build first (bench/run.sh does): TAAS release, bench/tools, the peers.
+"""
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import types
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench as B  # noqa: E402
+
+# Another build of TAAS (e.g. a saved baseline) instead of target/release.
+B.TAAS = os.environ.get("TAAS_BIN_DIR", B.TAAS)
+
+work = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".run")
+
+
+def bench_for(out, peers, wrap=None):
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    args = types.SimpleNamespace(
+        out=out, work=work, port_base=17000, peers=["direct"] + peers,
+        parked={"bulk": 16, "echo": 64, "http": 64}, duration=3, settle=0.5, perf=False,
+        lat_count=500, wrk_conns=16, cases=[], rounds=1, parked_total=2000, park_timeout=240)
+    start = B.Procs.start
+    if wrap:
+        def wrapped(self, name, argv, env=None, cwd=None):
+            return start(self, name, wrap(name, argv), env, cwd)
+        B.Procs.start = wrapped
+    try:
+        b = B.Bench(args)
+        b.start_backends()
+        b.start_peers()
+    finally:
+        B.Procs.start = start
+    return b
+
+
+def pids(b, peer, role):
+    return [p.pid for p in b.roles[peer][role]]
+
+
+def rate(b, peer, seconds):
+    if peer == "taas":
+        B.until("TAAS agents refilled", b.taas_refilled, 60, 0.05)
+    port = b.peer_port(peer, "echo")
+    return b.connbench("rate", f"127.0.0.1:{port}", 8, seconds, timeout=seconds + 60)
+
+
+def cpu(out, peers, seconds, rounds, rec, lat=False):
+    b = bench_for(out, peers)
+    try:
+        for rnd in range(rounds):
+            for peer in peers:
+                c0 = {r: sum(B.cpu_seconds(p) for p in pids(b, peer, r)) for r in ("relay", "agent")}
+                j = rate(b, peer, seconds)
+                c1 = {r: sum(B.cpu_seconds(p) for p in pids(b, peer, r)) for r in ("relay", "agent")}
+                n = j.get("conns_total") or 0
+                us = {r: round((c1[r] - c0[r]) * 1e6 / n, 1) if n else None for r in c0}
+                rec(kind="cpu", peer=peer, round=rnd, conns=n, per_sec=j.get("per_sec"),
+                    errors=j.get("errors"), relay_us=us["relay"], agent_us=us["agent"],
+                    total_us=round(us["relay"] + us["agent"], 1) if n else None)
+            if lat:
+                for peer in ["direct"] + peers:
+                    if peer == "taas":
+                        B.until("TAAS agents refilled", b.taas_refilled, 60, 0.05)
+                    port = b.peer_port(peer, "echo")
+                    j = b.connbench("latency", f"127.0.0.1:{port}", 2000, 10, timeout=60)
+                    rec(kind="lat", peer=peer, round=rnd, p50_us=j.get("p50_us"),
+                        p99_us=j.get("p99_us"), count=j.get("count"))
+        for peer in peers:
+            r = b.roles[peer]
+            rec(kind="rss_idle", peer=peer,
+                relay_kib=sum(B.status_kib(p.pid, "VmRSS") for p in r["relay"]),
+                agent_kib=sum(B.status_kib(p.pid, "VmRSS") for p in r["agent"]))
+    finally:
+        b.procs.stop_all()
+
+
+def strace(out, peers, seconds, rec):
+    b = bench_for(out, peers)
+    try:
+        for peer in peers:
+            if peer == "taas":
+                B.until("TAAS agents refilled", b.taas_refilled, 60, 0.05)
+            mons, files = [], {}
+            for role in ("relay", "agent"):
+                f = os.path.join(out, f"strace-{peer}-{role}.txt")
+                files[role] = f
+                cmd = ["strace", "-c", "-f", "-o", f] + sum([["-p", str(p)] for p in pids(b, peer, role)], [])
+                mons.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                             start_new_session=True))
+            time.sleep(1.0)
+            j = rate(b, peer, seconds)
+            for m in mons:
+                m.send_signal(signal.SIGINT)
+            for m in mons:
+                m.wait(30)
+            n = j.get("conns_total") or 0
+            for role, f in files.items():
+                calls = {}
+                with open(f) as fh:
+                    for line in fh:
+                        parts = line.split()
+                        if len(parts) >= 5 and parts[0][0].isdigit() and parts[-1] != "total":
+                            calls[parts[-1]] = int(parts[3])
+                total = sum(calls.values())
+                top = sorted(calls.items(), key=lambda kv: -kv[1])[:12]
+                rec(kind="strace", peer=peer, role=role, conns=n,
+                    per_conn=round(total / n, 1) if n else None,
+                    top={k: round(v / n, 2) for k, v in top} if n else None)
+            time.sleep(1)
+    finally:
+        b.procs.stop_all()
+
+
+def perf(out, peers, seconds, rec):
+    b = bench_for(out, peers)
+    try:
+        for peer in peers:
+            if peer == "taas":
+                B.until("TAAS agents refilled", b.taas_refilled, 60, 0.05)
+            mons = {}
+            for role in ("relay", "agent"):
+                f = os.path.join(out, f"perf-{peer}-{role}.data")
+                cmd = ["perf", "record", "-e", "cpu-clock", "-F", "1999", "-g", "-o", f,
+                       "-p", ",".join(map(str, pids(b, peer, role)))]
+                mons[role] = (subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                               start_new_session=True), f)
+            time.sleep(0.5)
+            j = rate(b, peer, seconds)
+            for m, _ in mons.values():
+                m.send_signal(signal.SIGINT)
+            for m, _ in mons.values():
+                m.wait(60)
+            for role, (_, f) in mons.items():
+                for sort, suffix in (("dso,sym", "flat"), ("comm,dso", "dso")):
+                    with open(f.replace(".data", f"-{suffix}.txt"), "w") as fh:
+                        subprocess.run(["perf", "report", "-i", f, "--no-children", "--sort", sort,
+                                        "--stdio", "-g", "none", "--percent-limit", "0.3"],
+                                       stdout=fh, stderr=subprocess.DEVNULL, timeout=300)
+            rec(kind="perf", peer=peer, conns=j.get("conns_total"))
+    finally:
+        b.procs.stop_all()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--peers", default="taas")
+    ap.add_argument("--seconds", type=float, default=5)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--strace", action="store_true")
+    ap.add_argument("--perf", action="store_true")
+    ap.add_argument("--lat", action="store_true", help="also connbench latency (2,000 connections)")
+    ap.add_argument("--no-cpu", action="store_true")
+    a = ap.parse_args()
+    out = os.path.abspath(a.out)
+    os.makedirs(out, exist_ok=True)
+    os.makedirs(os.path.join(out, "logs"), exist_ok=True)
+    peers = a.peers.split(",")
+    jf = open(os.path.join(out, "conncost.jsonl"), "a")
+
+    def rec(**kw):
+        kw["loadavg1"] = float(open("/proc/loadavg").read().split()[0])
+        line = json.dumps(kw)
+        print(line, flush=True)
+        jf.write(line + "\n")
+        jf.flush()
+
+    if not a.no_cpu:
+        cpu(out, peers, a.seconds, a.rounds, rec, a.lat)
+    if a.strace:
+        strace(out, peers, a.seconds, rec)
+    if a.perf:
+        perf(out, peers, a.seconds, rec)
+
+
+if __name__ == "__main__":
+    main()

@@ -136,20 +136,22 @@ impl Gateway {
         let Some(route) = self.routes.get(label) else {
             return Answer::not_found();
         };
-        if !route.ready {
-            return Answer::unavailable(RETRY_NOT_READY);
+        // A route marked unready is still tried: the flag comes through a mounted ConfigMap,
+        // which kubelet refreshes up to a minute late, while the relay's control Service
+        // resolves to the new pod as soon as it is ready. Unreachable: 503 either way.
+        let problem =
+            match tokio::time::timeout(ANSWER_TIMEOUT, upstreams.send(&route.relay, request)).await
+            {
+                Ok(Ok(answer)) => return answer,
+                Ok(Err(error)) => format!("relay unreachable: {error}"),
+                Err(_) => "relay did not answer in time".to_string(),
+            };
+        if route.ready {
+            tracing::warn!(%label, relay = %route.relay, "{problem}");
+        } else {
+            tracing::debug!(%label, relay = %route.relay, "{problem} (route not ready yet)");
         }
-        match tokio::time::timeout(ANSWER_TIMEOUT, upstreams.send(&route.relay, request)).await {
-            Ok(Ok(answer)) => answer,
-            Ok(Err(error)) => {
-                tracing::warn!(%label, relay = %route.relay, %error, "relay unreachable");
-                Answer::unavailable(RETRY_NOT_READY)
-            }
-            Err(_) => {
-                tracing::warn!(%label, relay = %route.relay, "relay did not answer in time");
-                Answer::unavailable(RETRY_NOT_READY)
-            }
-        }
+        Answer::unavailable(RETRY_NOT_READY)
     }
 }
 

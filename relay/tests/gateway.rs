@@ -408,3 +408,16 @@ async fn several_rendezvous_ports_are_asked_for_through_the_gateway() {
     assert_eq!(single.status, 200);
     assert!(!single.body_str().contains('\n'));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_answers_is_used_before_its_route_says_ready() {
+    // The ready flag reaches the gateway through a mounted ConfigMap, late; the relay's own
+    // Service is the fresher signal, so an unready route is tried rather than refused.
+    let cluster = Cluster::start().await;
+    let home = TestLabel::new("home");
+    let pod = start_label_relay(cluster.dir.path(), &home, RedirectHost::Requested).await;
+    cluster.set_routes(&[("home", pod.relay.control.to_string(), false)]);
+    cluster.wait_route("home", false).await;
+    let response = cluster.register_from("127.0.0.1", &home).await;
+    assert_eq!(response.status, 200, "{response:?}");
+}

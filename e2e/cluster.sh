@@ -43,6 +43,8 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
+# shellcheck source=../scripts/k8s/lib.sh
+. "$ROOT/scripts/k8s/lib.sh"
 K8S_VERSION=1.20.2
 NODE=taas-e2e-node
 LAN_BR=taas-e2e-lan
@@ -370,35 +372,6 @@ gen_certs() {
   chmod 600 "$d"/*.key
 }
 
-kubeconfig() { # OUT USER TOKEN
-  (
-    umask 077
-    cat >"$1" <<EOF
-apiVersion: v1
-kind: Config
-clusters:
-- name: taas-e2e
-  cluster:
-    server: $SERVER
-    certificate-authority-data: $(base64 -w0 <"$DIR/pki/ca.crt")
-users:
-- name: $2
-  user:
-    token: $3
-contexts:
-- name: taas-e2e
-  context:
-    cluster: taas-e2e
-    user: $2
-current-context: taas-e2e
-EOF
-  )
-}
-
-free_port() { # ADDRESS
-  python3 -c 'import socket,sys; s=socket.socket(); s.bind((sys.argv[1],0)); print(s.getsockname()[1])' "$1"
-}
-
 wait_for() { # SECONDS WHAT COMMAND...: poll COMMAND every 0.2 s until it succeeds
   local deadline=$((SECONDS + $1)) what=$2
   shift 2
@@ -455,8 +428,7 @@ is_up() {
   [ -f "$DIR/env" ] || return 1
   local p
   for p in "${PROCS[@]}"; do pid_of "$p" >/dev/null || return 1; done
-  # shellcheck disable=SC1091
-  KUBECONFIG=$DIR/admin.kubeconfig kubectl_ok get node "$NODE" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' | grep -qx True
+  is_node_ready
 }
 
 kubectl_ok() {
@@ -521,8 +493,9 @@ $t_cm,system:kube-controller-manager,kube-controller-manager
 EOF
   )
 
-  local etcd_port peer_port api_port
-  etcd_port=$(free_port 127.0.0.1) peer_port=$(free_port 127.0.0.1) api_port=$(free_port "$NODE_IP")
+  local etcd_port peer_port api_port kubelet_port proxy_health_port proxy_metrics_port
+  read -r etcd_port peer_port proxy_health_port proxy_metrics_port <<<"$(free_ports 127.0.0.1 4)"
+  read -r api_port kubelet_port <<<"$(free_ports "$NODE_IP" 2)"
   start etcd etcd --name taas-e2e --data-dir "$DIR/etcd" \
     --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
     --listen-peer-urls "http://127.0.0.1:$peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
@@ -548,11 +521,11 @@ EOF
     -H "Authorization: Bearer $t_admin" "$SERVER/readyz"
   log "kube-apiserver ready at $SERVER ($(elapsed))"
 
-  kubeconfig "$DIR/admin.kubeconfig" admin "$t_admin"
-  kubeconfig "$DIR/node.kubeconfig" "system:node:$NODE" "$t_node"
-  kubeconfig "$DIR/proxy.kubeconfig" system:kube-proxy "$t_proxy"
-  kubeconfig "$DIR/scheduler.kubeconfig" system:kube-scheduler "$t_sched"
-  kubeconfig "$DIR/controller-manager.kubeconfig" system:kube-controller-manager "$t_cm"
+  write_kubeconfig "$DIR/admin.kubeconfig" "$SERVER" "$DIR/pki/ca.crt" admin "$t_admin"
+  write_kubeconfig "$DIR/node.kubeconfig" "$SERVER" "$DIR/pki/ca.crt" "system:node:$NODE" "$t_node"
+  write_kubeconfig "$DIR/proxy.kubeconfig" "$SERVER" "$DIR/pki/ca.crt" system:kube-proxy "$t_proxy"
+  write_kubeconfig "$DIR/scheduler.kubeconfig" "$SERVER" "$DIR/pki/ca.crt" system:kube-scheduler "$t_sched"
+  write_kubeconfig "$DIR/controller-manager.kubeconfig" "$SERVER" "$DIR/pki/ca.crt" system:kube-controller-manager "$t_cm"
 
   start kube-controller-manager "$bin/kube-controller-manager" \
     --kubeconfig "$DIR/controller-manager.kubeconfig" \
@@ -629,14 +602,14 @@ EOF
     --hostname-override "$NODE" --bind-address "$NODE_IP" --proxy-mode iptables \
     --cluster-cidr "$POD_CIDR" --nodeport-addresses "$LAN_CIDR,127.0.0.0/8" \
     --conntrack-max-per-core 0 --conntrack-tcp-timeout-established 0 --conntrack-tcp-timeout-close-wait 0 \
-    --healthz-bind-address "127.0.0.1:$(free_port 127.0.0.1)" --metrics-bind-address "127.0.0.1:$(free_port 127.0.0.1)" \
+    --healthz-bind-address "127.0.0.1:$proxy_health_port" --metrics-bind-address "127.0.0.1:$proxy_metrics_port" \
     --profiling=false
   wait_for 60 "kube-proxy's rules" iptables -w -t nat -S KUBE-SERVICES
 
   # Pods resolve cluster names only (no search of the host's resolvers).
   : >"$DIR/dns/.host-resolv.conf"
   start kubelet "$bin/kubelet" --kubeconfig "$DIR/node.kubeconfig" \
-    --hostname-override "$NODE" --node-ip "$NODE_IP" --address "$NODE_IP" --port "$(free_port "$NODE_IP")" \
+    --hostname-override "$NODE" --node-ip "$NODE_IP" --address "$NODE_IP" --port "$kubelet_port" \
     --healthz-port 0 --read-only-port 0 \
     --container-runtime remote --container-runtime-endpoint "unix://$DIR/containerd/containerd.sock" \
     --image-service-endpoint "unix://$DIR/containerd/containerd.sock" \
@@ -687,7 +660,7 @@ is_node_ready() {
     -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' | grep -qx True
 }
 
-pause_image_tar() { # BIN: writes the pause image tarball (cached beside the binary)
+pause_image_tar() { # BIN: writes the pause image tarball, prints its path
   local out=$DIR/run/pause.tar
   python3 "$HERE/image.py" "$out" "$PAUSE_IMAGE" --entrypoint /pause --user 65535:65535 \
     "$1/pause=/pause" 2>/dev/null
@@ -695,8 +668,7 @@ pause_image_tar() { # BIN: writes the pause image tarball (cached beside the bin
 }
 
 import_image_tar() {
-  ctr --address "$DIR/containerd/containerd.sock" -n k8s.io images import --no-unpack=false "$1" >&2 ||
-    ctr --address "$DIR/containerd/containerd.sock" -n k8s.io images import "$1" >&2
+  ctr --address "$DIR/containerd/containerd.sock" -n k8s.io images import "$1" >&2
 }
 
 cmd_down() {

@@ -214,7 +214,7 @@ pub fn relay_args(label: &TaasLabel, settings: &Settings) -> Vec<String> {
         "--domain".to_string(),
         settings.domain.clone(),
         "--redirect-host".to_string(),
-        settings.redirect_host.clone(),
+        settings.redirect_host.as_arg().to_string(),
         "--metrics".to_string(),
         format!("0.0.0.0:{METRICS_PORT}"),
     ]

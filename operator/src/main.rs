@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use prometheus_client::registry::Registry;
 use taas_operator::metrics::{self, Metrics};
 use taas_operator::settings::{RelayResources, Settings};
+use taas_relay::config::RedirectHost;
 use taas_relay::process::LogFormat;
 
 #[derive(Parser)]
@@ -110,12 +111,6 @@ struct RunArgs {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-enum RedirectHost {
-    Requested,
-    Advertise,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
 #[value(rename_all = "PascalCase")]
 enum PullPolicy {
     Always,
@@ -147,11 +142,7 @@ fn settings(args: &RunArgs) -> anyhow::Result<Settings> {
             PullPolicy::Never => "Never",
         }
         .to_string(),
-        redirect_host: match args.relay_redirect_host {
-            RedirectHost::Requested => "requested",
-            RedirectHost::Advertise => "advertise",
-        }
-        .to_string(),
+        redirect_host: args.relay_redirect_host,
         registrar: args.registrar.to_ascii_lowercase(),
         domain: args.domain.to_ascii_lowercase(),
         resources: RelayResources {
@@ -179,11 +170,7 @@ fn settings(args: &RunArgs) -> anyhow::Result<Settings> {
 
 /// The operator's own log settings, handed on to the relay pods it runs.
 fn relay_log_env(format: LogFormat, filter: Option<String>) -> Vec<(String, String)> {
-    let format = match format {
-        LogFormat::Text => "text",
-        LogFormat::Json => "json",
-    };
-    let mut env = vec![("TAAS_LOG_FORMAT".to_string(), format.to_string())];
+    let mut env = vec![("TAAS_LOG_FORMAT".to_string(), format.as_arg().to_string())];
     if let Some(filter) = filter.filter(|f| !f.trim().is_empty()) {
         env.push(("RUST_LOG".to_string(), filter));
     }

@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use taas_relay::config::RedirectHost;
+
 /// How the relay pods are run and where the routes go.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Settings {
@@ -14,7 +16,7 @@ pub struct Settings {
     /// Passed to every relay (`--redirect-host`): `requested` keeps LABEL.<domain> in the
     /// 307 (the name the hidden server's certificate carries; *.<domain> must reach the
     /// label's client port), `advertise` names the label Service's address instead.
-    pub redirect_host: String,
+    pub redirect_host: RedirectHost,
     pub resources: RelayResources,
     /// Node address types to use for NodePort Services, most preferred first.
     pub node_address_types: Vec<String>,
@@ -46,7 +48,7 @@ impl Default for Settings {
             image_pull_policy: "IfNotPresent".to_string(),
             registrar: "taas-registrar.localhost".to_string(),
             domain: "taas.localhost".to_string(),
-            redirect_host: "requested".to_string(),
+            redirect_host: RedirectHost::Requested,
             resources: RelayResources::default(),
             node_address_types: vec!["ExternalIP".to_string(), "InternalIP".to_string()],
             operator_namespace: "taas-system".to_string(),

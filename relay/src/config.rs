@@ -103,14 +103,24 @@ impl fmt::Display for PortRange {
     }
 }
 
-/// Which host the 307 `Location` names.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+/// Which host the 307 `Location` names (`--redirect-host requested|advertise`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum RedirectHost {
     /// The host name the mobile client asked for (the original's behaviour; needs wildcard DNS).
     #[default]
     Requested,
     /// The relay's advertised address.
     Advertise,
+}
+
+impl RedirectHost {
+    /// The command-line value (what `--redirect-host` takes).
+    pub fn as_arg(self) -> &'static str {
+        match self {
+            Self::Requested => "requested",
+            Self::Advertise => "advertise",
+        }
+    }
 }
 
 /// How this relay is reached from outside: the host hidden servers and clients are told, and

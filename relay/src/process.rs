@@ -14,6 +14,16 @@ pub enum LogFormat {
     Json,
 }
 
+impl LogFormat {
+    /// The value of `--log-format` / `TAAS_LOG_FORMAT`.
+    pub fn as_arg(self) -> &'static str {
+        match self {
+            Self::Text => "text",
+            Self::Json => "json",
+        }
+    }
+}
+
 /// The log filter from a `RUST_LOG` value: comma-separated `LEVEL` and `TARGET=LEVEL`
 /// directives (e.g. `warn`, `info,taas_relay=debug,hyper=trace`). Unset, empty or
 /// unparsable: `info`. (Span and field filters of `EnvFilter` are not supported: they would

@@ -40,6 +40,8 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=lib.sh
+. "$HERE/lib.sh"
 READY_TIMEOUT=${TAAS_K8S_READY_TIMEOUT:-60}
 PROCS=(etcd kube-apiserver kube-controller-manager)
 
@@ -142,47 +144,6 @@ api() {
 http_code_of() { tail -n1 <<<"$1"; }
 body_of() { sed '$d' <<<"$1"; }
 
-free_ports() {
-  python3 - "$1" <<'PY'
-import socket, sys
-socks = []
-for _ in range(int(sys.argv[1])):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    socks.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-PY
-}
-
-write_kubeconfig() { # OUT USER TOKEN
-  local out=$1 tmp
-  tmp=$(mktemp "$out.XXXXXX")
-  (
-    umask 077
-    cat >"$tmp" <<EOF
-apiVersion: v1
-kind: Config
-clusters:
-- name: taas-test
-  cluster:
-    server: $TAAS_K8S_SERVER
-    certificate-authority-data: $(base64 -w0 <"$DIR/ca.crt")
-users:
-- name: $2
-  user:
-    token: $3
-contexts:
-- name: taas-test
-  context:
-    cluster: taas-test
-    user: $2
-current-context: taas-test
-EOF
-  )
-  chmod 600 "$tmp"
-  mv -f "$tmp" "$out"
-}
-
 gen_certs() {
   local ossl="openssl"
   if [ ! -s "$DIR/sa.key" ] || [ ! -s "$DIR/sa.pub" ]; then
@@ -262,7 +223,7 @@ cmd_up() {
 
   local attempt ports etcd_port peer_port api_port deadline started=0
   for attempt in 1 2 3; do
-    read -r etcd_port peer_port api_port <<<"$(free_ports 3)"
+    read -r etcd_port peer_port api_port <<<"$(free_ports 127.0.0.1 3)"
     echo "$etcd_port $peer_port $api_port" >"$DIR/ports"
     rm -rf "$DIR/etcd-data"
     start etcd "$etcd_bin" --name taas-test --data-dir "$DIR/etcd-data" \
@@ -321,7 +282,7 @@ cmd_up() {
 
   log "kube-apiserver ready ($(elapsed))"
   TAAS_K8S_TOKEN=$admin_token
-  write_kubeconfig "$DIR/admin.kubeconfig" admin "$admin_token"
+  write_kubeconfig "$DIR/admin.kubeconfig" "$TAAS_K8S_SERVER" "$DIR/ca.crt" admin "$admin_token"
   start kube-controller-manager "$bin/kube-controller-manager" \
     --kubeconfig "$DIR/admin.kubeconfig" \
     --bind-address 127.0.0.1 --secure-port 0 --port 0 \
@@ -417,7 +378,7 @@ cmd_sa_kubeconfig() {
   token=$(body_of "$r" | python3 -c 'import json,sys; print(json.load(sys.stdin)["status"]["token"])')
   [ -n "$token" ] || die "empty token for $ns/$name"
   mkdir -p "$(dirname "$out")"
-  write_kubeconfig "$out" "system:serviceaccount:$ns:$name" "$token"
+  write_kubeconfig "$out" "$TAAS_K8S_SERVER" "$DIR/ca.crt" "system:serviceaccount:$ns:$name" "$token"
   log "wrote $out (ServiceAccount $ns/$name)"
 }
 

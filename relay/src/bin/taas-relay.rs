@@ -103,8 +103,8 @@ struct LabelRelayArgs {
     /// Host in the 307 Location: the requested name (LABEL.<domain>, which the hidden
     /// server's certificate names; needs *.<domain> to reach this label's client port), or
     /// the label's external address from --external-file.
-    #[arg(long, env = "TAAS_REDIRECT_HOST", value_enum, default_value_t = RedirectHostArg::Requested)]
-    redirect_host: RedirectHostArg,
+    #[arg(long, env = "TAAS_REDIRECT_HOST", value_enum, default_value_t = RedirectHost::Requested)]
+    redirect_host: RedirectHost,
 }
 
 #[derive(Subcommand)]
@@ -166,8 +166,8 @@ struct ServeArgs {
     #[command(flatten)]
     names: RelayNames,
     /// Host in the 307 Location: the requested name, or the advertised address.
-    #[arg(long, env = "TAAS_REDIRECT_HOST", value_enum, default_value_t = RedirectHostArg::Requested)]
-    redirect_host: RedirectHostArg,
+    #[arg(long, env = "TAAS_REDIRECT_HOST", value_enum, default_value_t = RedirectHost::Requested)]
+    redirect_host: RedirectHost,
     /// Range of one-shot rendezvous ports p.
     #[arg(long, env = "TAAS_P_PORTS", default_value = "20000-20999")]
     p_ports: PortRange,
@@ -190,21 +190,6 @@ struct ServeArgs {
     /// tiny HTTPS page), to see the whole path work with curl or a browser.
     #[arg(long, env = "TAAS_DEMO")]
     demo: bool,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum RedirectHostArg {
-    Requested,
-    Advertise,
-}
-
-impl From<RedirectHostArg> for RedirectHost {
-    fn from(arg: RedirectHostArg) -> Self {
-        match arg {
-            RedirectHostArg::Requested => RedirectHost::Requested,
-            RedirectHostArg::Advertise => RedirectHost::Advertise,
-        }
-    }
 }
 
 #[derive(Args)]
@@ -249,7 +234,7 @@ fn serve_options(args: &ServeArgs) -> anyhow::Result<ServeOptions> {
         registrar: n.names.registrar.clone(),
         domain: n.names.domain.clone(),
         advertise: n.advertise.clone(),
-        redirect_host: args.redirect_host.into(),
+        redirect_host: args.redirect_host,
         p_ports: args.p_ports,
         q_ports: args.q_ports,
         labels: n.labels.clone(),
@@ -323,7 +308,7 @@ async fn run_label_relay(args: LabelRelayArgs) -> anyhow::Result<()> {
         trusted: args.trusted_proxies,
         registrar: args.names.registrar,
         domain: args.names.domain,
-        redirect_host: args.redirect_host.into(),
+        redirect_host: args.redirect_host,
         p_ports: args.p_ports,
         client_port: args.client_port,
         metrics: metrics_addr(&args.metrics)?,

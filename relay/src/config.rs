@@ -167,6 +167,8 @@ pub struct RelaySettings {
     pub bind_ip: IpAddr,
     pub timeouts: Timeouts,
     pub limits: Limits,
+    /// Threads the labels' connections run on (`data_plane`).
+    pub data_threads: std::num::NonZeroUsize,
 }
 
 #[derive(Clone, Debug)]

@@ -26,6 +26,7 @@ use tokio::sync::{oneshot, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::config::{ClientAdmission, LabelConfig, Limits, ProxyProtocol, Timeouts};
+use crate::data_plane::Placement;
 use crate::metrics::{ClientRefused, LabelMetrics, Rendezvous};
 use crate::ports::{PortError, PortLease, PortPool};
 use crate::{proxy_header, splice};
@@ -99,6 +100,8 @@ pub struct Label {
     next_id: AtomicU64,
     metrics: LabelMetrics,
     shared: Arc<Shared>,
+    /// The data-plane thread this label's sockets and tasks live on.
+    placement: Placement,
 }
 
 impl std::fmt::Debug for Label {
@@ -113,11 +116,13 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Label {
-    /// Creates the label and binds its client port q (pinned, or from the q range).
+    /// Creates the label on its data-plane thread and binds its client port q (pinned, or
+    /// from the q range).
     pub fn start(
         config: LabelConfig,
         shared: Arc<Shared>,
         metrics: LabelMetrics,
+        placement: Placement,
     ) -> Result<Arc<Self>, PortError> {
         let label = Arc::new(Self {
             name: config.label.clone(),
@@ -129,6 +134,7 @@ impl Label {
             next_id: AtomicU64::new(0),
             metrics,
             shared,
+            placement,
         });
         label.bind_client_port()?;
         Ok(label)
@@ -184,6 +190,8 @@ impl Label {
     }
 
     fn bind_client_port(self: &Arc<Self>) -> Result<(), PortError> {
+        // q and its accept loop belong to the label's data-plane thread.
+        let _placed = self.placement.enter();
         let bound = match self.config().client_port {
             Some(port) => {
                 crate::ports::bind_fixed(SocketAddr::new(self.shared.bind_ip, port), Q_BACKLOG)
@@ -233,6 +241,8 @@ impl Label {
             pool.reserved += 1;
         }
         let reservation = Reservation(self.clone());
+        // p, and the parked connection it accepts, belong to the label's data-plane thread.
+        let _placed = self.placement.enter();
         let (listener, lease) = self
             .shared
             .p_ports

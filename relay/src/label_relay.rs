@@ -106,6 +106,8 @@ pub async fn start(options: LabelRelayOptions) -> Result<LabelRelay, ServeError>
         bind_ip: options.control.ip(),
         timeouts: options.timeouts.clone(),
         limits: options.limits.clone(),
+        // One label per pod: one data-plane thread.
+        data_threads: std::num::NonZeroUsize::MIN,
     };
     let control = crate::serve::bind(options.control).await?;
     let control_addr = control.local_addr().map_err(|source| ServeError::Listen {
@@ -113,7 +115,7 @@ pub async fn start(options: LabelRelayOptions) -> Result<LabelRelay, ServeError>
         source,
     })?;
     let mut registry = Registry::default();
-    let relay = Relay::new(settings.clone(), &mut registry);
+    let relay = Relay::new(settings.clone(), &mut registry).map_err(ServeError::DataPlane)?;
     relay.set_external(external);
     let problems = relay.apply(&BTreeMap::from([(label.label.clone(), label)]));
     if !problems.is_empty() {

@@ -8,6 +8,7 @@
 //! - `registrar`: the decision on one registration request (pure);
 //! - `label`: the per-label state machine (p ports, parked connections, q, pairing);
 //! - `splice`: the copy loop; `ports`: the rendezvous port pool;
+//! - `data_plane`: the threads the labels' connections run on;
 //! - `frontend`: the HTTPS listener (TLS, HTTP/1.1, dispatch) over `relay::Relay`;
 //! - `label_source`: labels from a directory of manifests; `provision`: `label new`;
 //! - `agent`: the hidden-server side; `tls`, `metrics`, `config`, `demo`.
@@ -16,6 +17,7 @@
 pub mod agent;
 pub mod authorization;
 pub mod config;
+pub mod data_plane;
 pub mod demo;
 pub mod frontend;
 pub mod gateway;

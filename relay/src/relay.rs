@@ -13,6 +13,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::Semaphore;
 
 use crate::config::{ExternalAddress, LabelConfig, RedirectHost, RelaySettings};
+use crate::data_plane::DataPlane;
 use crate::guard::{AuthGuard, GuardLimits};
 use crate::label::{Label, Shared, Unavailable};
 use crate::metrics::{Registered, RelayMetrics};
@@ -50,13 +51,17 @@ pub struct Relay {
     labels: RwLock<HashMap<String, Arc<Label>>>,
     guard: AuthGuard,
     shared: Arc<Shared>,
+    /// The threads the labels run on; dropped with the relay, which stops them.
+    data_plane: DataPlane,
     metrics: Arc<RelayMetrics>,
     /// Checked against when the ID or label is unknown, so every refusal costs the same.
     decoy: LabelConfig,
 }
 
 impl Relay {
-    pub fn new(settings: RelaySettings, registry: &mut Registry) -> Arc<Self> {
+    /// Fails only if the data-plane threads cannot be started.
+    pub fn new(settings: RelaySettings, registry: &mut Registry) -> std::io::Result<Arc<Self>> {
+        let data_plane = DataPlane::start(settings.data_threads)?;
         let metrics = Arc::new(RelayMetrics::default());
         metrics.register(registry);
         let shared = Arc::new(Shared {
@@ -79,15 +84,16 @@ impl Relay {
             client_port: None,
             client_admission: Default::default(),
         };
-        Arc::new(Self {
+        Ok(Arc::new(Self {
             external: RwLock::new(Arc::new(ExternalAddress::new(settings.advertise.clone()))),
             settings,
             labels: RwLock::default(),
             guard: AuthGuard::new(GuardLimits::default()),
             shared,
+            data_plane,
             metrics,
             decoy,
-        })
+        }))
     }
 
     pub fn settings(&self) -> &RelaySettings {
@@ -168,7 +174,12 @@ impl Relay {
             }
         }
         let metrics = self.metrics.for_label(&config.label);
-        Label::start(config.clone(), self.shared.clone(), metrics)
+        Label::start(
+            config.clone(),
+            self.shared.clone(),
+            metrics,
+            self.data_plane.place(),
+        )
     }
 
     /// Stops every label (at shutdown).

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -12,6 +13,7 @@ use prometheus_client::registry::Registry;
 use tokio::task::JoinHandle;
 
 use crate::config::{LabelConfig, Limits, PortRange, RedirectHost, RelaySettings, Timeouts};
+use crate::data_plane::DataPlane;
 use crate::frontend::{self, FrontendSettings};
 use crate::host::Names;
 use crate::label_source::{self, LabelSet};
@@ -37,6 +39,8 @@ pub struct ServeOptions {
     pub reload_interval: Duration,
     pub timeouts: Timeouts,
     pub limits: Limits,
+    /// Threads for the labels' connections (`None`: one per CPU; see `data_plane`).
+    pub data_threads: Option<NonZeroUsize>,
 }
 
 impl Default for ServeOptions {
@@ -63,6 +67,7 @@ impl Default for ServeOptions {
             reload_interval: Duration::from_secs(1),
             timeouts: Timeouts::default(),
             limits: Limits::default(),
+            data_threads: None,
         }
     }
 }
@@ -80,6 +85,8 @@ pub enum ServeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot start the data-plane threads: {0}")]
+    DataPlane(#[source] std::io::Error),
 }
 
 /// A running standalone relay. Dropping it stops every task it started.
@@ -164,6 +171,9 @@ fn settings(options: &ServeOptions) -> Result<RelaySettings, ServeError> {
         bind_ip: listen_ip,
         timeouts: options.timeouts.clone(),
         limits: options.limits.clone(),
+        data_threads: options
+            .data_threads
+            .unwrap_or_else(DataPlane::default_threads),
     })
 }
 
@@ -224,7 +234,7 @@ pub async fn start(options: ServeOptions) -> Result<Standalone, ServeError> {
         source,
     })?;
     let mut registry = Registry::default();
-    let relay = Relay::new(settings.clone(), &mut registry);
+    let relay = Relay::new(settings.clone(), &mut registry).map_err(ServeError::DataPlane)?;
     let problems = relay.apply(&labels.labels);
     if !problems.is_empty() {
         relay.close();

@@ -102,6 +102,27 @@ async fn a_hidden_server_that_disconnects_leaves_the_pool_at_once() {
     assert_eq!(relay.mobile_get("home", "/").await.status, 503);
 }
 
+/// The labels' connections live on the data-plane threads, which stop with the relay: parked
+/// connections, pairs and their clients are all closed (an embedding program that drops its
+/// relay gets its sockets back).
+#[tokio::test]
+async fn stopping_the_relay_closes_parked_connections_and_pairs() {
+    let home = TestLabel::new("home");
+    let work = TestLabel::new("work");
+    let relay = TestRelay::start_with(&[&home, &work], |o| {
+        o.data_threads = std::num::NonZeroUsize::new(2);
+    })
+    .await;
+    let mut idle = relay.park(&home).await;
+    let mut paired = relay.park(&work).await;
+    let mut client = relay.client("work").await;
+    echo_both(&mut client, &mut paired, b"paired").await;
+    drop(relay);
+    assert_closed(&mut idle).await;
+    assert_closed(&mut paired).await;
+    assert_closed(&mut client).await;
+}
+
 #[tokio::test]
 async fn pairing_takes_the_newest_parked_connection() {
     let home = TestLabel::new("home");

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Cost of one fresh connection, as counts that stay comparable on a busy machine (issue 6):
 CPU µs and system calls (strace -c) per connection of the relay side and the client side, and
-a perf profile, during `connbench rate` (8 workers) through the echo backend.
+a perf profile, during `connbench rate` (8 workers) through the echo backend. The CPU lines
+also give the whole machine's CPU per connection and its idle share during the run.
 Reuses bench.py's set-up (same labels, parked counts and ports as bench/run.sh).
 
     python3 bench/conncost.py OUT_DIR [--peers taas,rathole] [--seconds 5] [--rounds 3] [--lat]
@@ -62,19 +63,37 @@ def rate(b, peer, seconds):
     return b.connbench("rate", f"127.0.0.1:{port}", 8, seconds, timeout=seconds + 60)
 
 
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def machine_ticks():
+    """(busy, idle) clock ticks of all CPUs together, from /proc/stat (idle includes iowait)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]
+    return sum(fields[:8]) - idle, idle
+
+
 def cpu(out, peers, seconds, rounds, rec, lat=False):
     b = bench_for(out, peers)
     try:
         for rnd in range(rounds):
-            for peer in peers:
+            for peer in (peers if rnd % 2 == 0 else peers[::-1]):
                 c0 = {r: sum(B.cpu_seconds(p) for p in pids(b, peer, r)) for r in ("relay", "agent")}
+                m0 = machine_ticks()
                 j = rate(b, peer, seconds)
+                m1 = machine_ticks()
                 c1 = {r: sum(B.cpu_seconds(p) for p in pids(b, peer, r)) for r in ("relay", "agent")}
                 n = j.get("conns_total") or 0
                 us = {r: round((c1[r] - c0[r]) * 1e6 / n, 1) if n else None for r in c0}
+                busy, idle = m1[0] - m0[0], m1[1] - m0[1]
                 rec(kind="cpu", peer=peer, round=rnd, conns=n, per_sec=j.get("per_sec"),
                     errors=j.get("errors"), relay_us=us["relay"], agent_us=us["agent"],
-                    total_us=round(us["relay"] + us["agent"], 1) if n else None)
+                    total_us=round(us["relay"] + us["agent"], 1) if n else None,
+                    # The whole machine (clients, backend, kernel too): a closed loop that
+                    # leaves CPUs idle is waiting on wake-ups, not on work.
+                    machine_us=round(busy / TICKS * 1e6 / n, 1) if n else None,
+                    machine_idle_pct=round(100 * idle / (busy + idle), 1) if busy + idle else None)
             if lat:
                 for peer in ["direct"] + peers:
                     if peer == "taas":

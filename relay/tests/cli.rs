@@ -73,6 +73,11 @@ fn bad_flag_values_name_the_flag() {
     assert!(err.contains("--client-wait"), "{err}");
     let err = stderr(&serve_fails(dir.path(), &["--listen", "0.0.0.0:0"]));
     assert!(err.contains("--advertise"), "{err}");
+    let err = stderr(&serve_fails(dir.path(), &["--data-threads", "0"]));
+    assert!(
+        err.contains("--data-threads") && err.contains("1..=1024"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -186,10 +186,11 @@ struct ServeArgs {
     /// Seconds a client on q waits for a parked connection.
     #[arg(long, env = "TAAS_CLIENT_WAIT", default_value_t = 10.0)]
     client_wait: f64,
-    /// Threads for the labels' connections; each label's run on one of them
+    /// Threads for the labels' connections: each label's connections run on one of them
     /// [default: one per CPU].
-    #[arg(long, env = "TAAS_DATA_THREADS", value_name = "N")]
-    data_threads: Option<std::num::NonZeroUsize>,
+    #[arg(long, env = "TAAS_DATA_THREADS", value_name = "N",
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
+    data_threads: Option<u16>,
     /// Also provision a "demo" label and run a built-in hidden server (an agent in front of a
     /// tiny HTTPS page), to see the whole path work with curl or a browser.
     #[arg(long, env = "TAAS_DEMO")]
@@ -253,7 +254,9 @@ fn serve_options(args: &ServeArgs) -> anyhow::Result<ServeOptions> {
             ..Timeouts::default()
         },
         limits: Default::default(),
-        data_threads: args.data_threads,
+        data_threads: args
+            .data_threads
+            .and_then(|n| std::num::NonZeroUsize::new(usize::from(n))),
     })
 }
 

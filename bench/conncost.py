@@ -111,25 +111,34 @@ def cpu(out, peers, seconds, rounds, rec, lat=False):
         b.procs.stop_all()
 
 
+def monitored_rate(b, peer, seconds, monitor, settle):
+    """`rate` with a monitor attached to each role's processes: `monitor(role, pids)` gives the
+    monitor's argv and its output file. Monitors start `settle` seconds before the run and get
+    SIGINT after it. Returns the run's result and {role: output file}."""
+    if peer == "taas":
+        B.until("TAAS agents refilled", b.taas_refilled, 60, 0.05)
+    mons, files = [], {}
+    for role in ("relay", "agent"):
+        argv, files[role] = monitor(role, pids(b, peer, role))
+        mons.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True))
+    time.sleep(settle)
+    j = rate(b, peer, seconds)
+    for m in mons:
+        m.send_signal(signal.SIGINT)
+    for m in mons:
+        m.wait(60)
+    return j, files
+
+
 def strace(out, peers, seconds, rec):
     b = bench_for(out, peers)
     try:
         for peer in peers:
-            if peer == "taas":
-                B.until("TAAS agents refilled", b.taas_refilled, 60, 0.05)
-            mons, files = [], {}
-            for role in ("relay", "agent"):
+            def monitor(role, role_pids):
                 f = os.path.join(out, f"strace-{peer}-{role}.txt")
-                files[role] = f
-                cmd = ["strace", "-c", "-f", "-o", f] + sum([["-p", str(p)] for p in pids(b, peer, role)], [])
-                mons.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                             start_new_session=True))
-            time.sleep(1.0)
-            j = rate(b, peer, seconds)
-            for m in mons:
-                m.send_signal(signal.SIGINT)
-            for m in mons:
-                m.wait(30)
+                return ["strace", "-c", "-f", "-o", f] + sum([["-p", str(p)] for p in role_pids], []), f
+            j, files = monitored_rate(b, peer, seconds, monitor, settle=1.0)
             n = j.get("conns_total") or 0
             for role, f in files.items():
                 calls = {}
@@ -152,22 +161,12 @@ def perf(out, peers, seconds, rec):
     b = bench_for(out, peers)
     try:
         for peer in peers:
-            if peer == "taas":
-                B.until("TAAS agents refilled", b.taas_refilled, 60, 0.05)
-            mons = {}
-            for role in ("relay", "agent"):
+            def monitor(role, role_pids):
                 f = os.path.join(out, f"perf-{peer}-{role}.data")
-                cmd = ["perf", "record", "-e", "cpu-clock", "-F", "1999", "-g", "-o", f,
-                       "-p", ",".join(map(str, pids(b, peer, role)))]
-                mons[role] = (subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                               start_new_session=True), f)
-            time.sleep(0.5)
-            j = rate(b, peer, seconds)
-            for m, _ in mons.values():
-                m.send_signal(signal.SIGINT)
-            for m, _ in mons.values():
-                m.wait(60)
-            for role, (_, f) in mons.items():
+                return ["perf", "record", "-e", "cpu-clock", "-F", "1999", "-g", "-o", f,
+                        "-p", ",".join(map(str, role_pids))], f
+            j, files = monitored_rate(b, peer, seconds, monitor, settle=0.5)
+            for f in files.values():
                 for sort, suffix in (("dso,sym", "flat"), ("comm,dso", "dso")):
                     with open(f.replace(".data", f"-{suffix}.txt"), "w") as fh:
                         subprocess.run(["perf", "report", "-i", f, "--no-children", "--sort", sort,

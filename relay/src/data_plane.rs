@@ -6,9 +6,10 @@
 //! (accept on q, take a parked connection, splice, close), each waking the next task. On a
 //! work-stealing runtime every such wake may unpark another worker thread, which costs more
 //! than the step itself; on one thread they run back to back. Measured on 2 cores (issue 6,
-//! `connbench rate`): 7,700 fresh connections/s instead of 7,200, and 15 % less CPU per
-//! connection. Labels spread over the threads, so a relay with many labels still uses every
-//! core; one label's connections share one core (about 15 Gbit/s of copying on loopback).
+//! `bench/results/2026-11-25T153732/`): 8,000 fresh connections/s instead of 7,200, and 15 %
+//! less CPU per connection for the whole machine. Labels spread over the threads, so a relay
+//! with many labels still uses every core; one label's connections share one core (16 Gbit/s
+//! of copying on loopback, as before).
 //! The HTTPS front end (TLS, registrations, 307s) stays on the multi-threaded runtime.
 
 use std::num::NonZeroUsize;

@@ -9,6 +9,7 @@
 //! - `label`: the per-label state machine (p ports, parked connections, q, pairing);
 //! - `splice`: the copy loop; `ports`: the rendezvous port pool;
 //! - `data_plane`: the threads the labels' connections run on;
+//! - `gateway_auth`: how a label's relay knows a gateway of its install (per-label tokens);
 //! - `frontend`: the HTTPS listener (TLS, HTTP/1.1, dispatch) over `relay::Relay`;
 //! - `label_source`: labels from a directory of manifests; `provision`: `label new`;
 //! - `agent`: the hidden-server side; `tls`, `metrics`, `config`, `demo`.
@@ -21,6 +22,7 @@ pub mod data_plane;
 pub mod demo;
 pub mod frontend;
 pub mod gateway;
+pub mod gateway_auth;
 pub mod guard;
 pub mod host;
 pub mod label;

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use taas_relay::config::{Limits, RedirectHost, Timeouts};
-use taas_relay::gateway::{self, GatewayOptions, Route, RouteSource, RunningGateway};
+use taas_relay::gateway::{
+    self, GatewayOptions, Route, RouteSource, RunningGateway, UpstreamSettings,
+};
 use taas_relay::label_relay::{self, LabelRelay, LabelRelayOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -93,6 +95,8 @@ impl Cluster {
             metrics: None,
             timeouts: Timeouts::default(),
             max_connections: 1024,
+            install_secret_file: None,
+            upstream: UpstreamSettings::default(),
         })
         .await
         .expect("gateway starts");

@@ -758,3 +758,28 @@ async fn a_relay_that_drops_a_pooled_connection_costs_one_retry_not_an_error() {
     assert_eq!(heads.len(), 9, "{heads:?}");
     assert_eq!(relay.accepted(), 5);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_name_is_looked_up_once_for_many_connections() {
+    // No idle connections kept, so every request opens its own: the name's addresses come
+    // from the cache, not from a lookup each time.
+    let cluster = Cluster::start_with(|options, _| {
+        options.metrics = Some("127.0.0.1:0".parse().unwrap());
+        options.upstream.pool.idle_total = 0;
+    })
+    .await;
+    let relay = RecordingRelay::start(REDIRECT_ANSWER, usize::MAX).await;
+    cluster.set_routes(&[("home", format!("localhost:{}", relay.addr.port()), true)]);
+    cluster.wait_route("home", true).await;
+    let requests = 50;
+    for _ in 0..requests {
+        assert_eq!(cluster.mobile_get("home", "/").await.status, 307);
+    }
+    assert_eq!(relay.accepted(), requests, "one connection per request");
+    let lookups = metric(&cluster.metrics().await, "taas_gateway_relay_lookups_total");
+    // One, or two if the run crossed the cache's few seconds.
+    assert!(
+        (1.0..=2.0).contains(&lookups),
+        "{lookups} lookups for {requests} connections"
+    );
+}

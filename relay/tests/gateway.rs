@@ -597,6 +597,15 @@ struct RecordingRelay {
 
 impl RecordingRelay {
     async fn start(answer: &'static str, answers_per_connection: usize) -> Self {
+        Self::start_slow(answer, answers_per_connection, Duration::ZERO).await
+    }
+
+    /// Answers each request after `delay` (a busy relay).
+    async fn start_slow(
+        answer: &'static str,
+        answers_per_connection: usize,
+        delay: Duration,
+    ) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -631,6 +640,7 @@ impl RecordingRelay {
                             return;
                         }
                         answered += 1;
+                        tokio::time::sleep(delay).await;
                         if tcp.write_all(answer.as_bytes()).await.is_err() {
                             return;
                         }
@@ -782,4 +792,67 @@ async fn a_relay_name_is_looked_up_once_for_many_connections() {
         (1.0..=2.0).contains(&lookups),
         "{lookups} lookups for {requests} connections"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_pooled_connection_is_closed_by_the_gateway_after_its_timeout() {
+    // The gateway closes first (its socket ends in TIME_WAIT), well before the relay's own
+    // keep-alive timeout would, so the relay never closes under a request being sent.
+    let cluster = Cluster::start_with(|options, _| {
+        options.upstream.pool.idle_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let home = TestLabel::new("home");
+    let pod = start_label_relay(cluster.dir.path(), &home, RedirectHost::Requested).await;
+    let control = pod.relay.control.port();
+    cluster.set_routes(&[("home", pod.relay.control.to_string(), true)]);
+    cluster.wait_route("home", true).await;
+    assert_eq!(cluster.mobile_get("home", "/").await.status, 503);
+    let gateway_sides = || {
+        let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+        let target = format!("0100007F:{control:04X}");
+        table
+            .lines()
+            .skip(1)
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                (fields[2] == target).then(|| fields[3].to_string())
+            })
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        gateway_sides().iter().any(|state| state == "01"),
+        "a pooled connection is open: {:?}",
+        gateway_sides()
+    );
+    eventually("the gateway closed its idle connection", || async {
+        let states = gateway_sides();
+        !states.is_empty() && states.iter().all(|state| state == "06")
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_client_requests_share_at_most_the_per_relay_connections() {
+    let cluster = Cluster::start_with(|options, _| {
+        options.upstream.pool.per_relay = 2;
+    })
+    .await;
+    let relay =
+        RecordingRelay::start_slow(REDIRECT_ANSWER, usize::MAX, Duration::from_millis(50)).await;
+    cluster.set_routes(&[("home", relay.addr.to_string(), true)]);
+    cluster.wait_route("home", true).await;
+    let cluster = std::sync::Arc::new(cluster);
+    let mut clients = Vec::new();
+    for _ in 0..16 {
+        let cluster = cluster.clone();
+        clients.push(tokio::spawn(async move {
+            cluster.mobile_get("home", "/").await.status
+        }));
+    }
+    for client in clients {
+        assert_eq!(client.await.unwrap(), 307);
+    }
+    assert_eq!(relay.heads().len(), 16);
+    assert!(relay.accepted() <= 2, "{} connections", relay.accepted());
 }

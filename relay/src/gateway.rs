@@ -856,6 +856,20 @@ impl Drop for RunningGateway {
 
 pub async fn start(options: GatewayOptions) -> Result<RunningGateway, crate::serve::ServeError> {
     use crate::serve::ServeError;
+    let secret = match &options.install_secret_file {
+        Some(path) => {
+            let secret = InstallSecret::from_file(path)
+                .map_err(|error| ServeError::Config(format!("--gateway-secret-file: {error}")))?;
+            Some(secret)
+        }
+        None => {
+            tracing::warn!(
+                "no --gateway-secret-file: relays that check gateway tokens will refuse this gateway"
+            );
+            None
+        }
+    };
+    let secret = Arc::new(SecretSlot::new(secret));
     let registrar = options.registrar.to_ascii_lowercase();
     let domain = options.domain.to_ascii_lowercase();
     let cert = match (&options.tls_cert, &options.tls_key) {
@@ -880,20 +894,6 @@ pub async fn start(options: GatewayOptions) -> Result<RunningGateway, crate::ser
         addr: options.listen,
         source,
     })?;
-    let secret = match &options.install_secret_file {
-        Some(path) => {
-            let secret = InstallSecret::from_file(path)
-                .map_err(|error| ServeError::Config(format!("--gateway-secret-file: {error}")))?;
-            Some(secret)
-        }
-        None => {
-            tracing::warn!(
-                "no --gateway-secret-file: relays that check gateway tokens will refuse this gateway"
-            );
-            None
-        }
-    };
-    let secret = Arc::new(SecretSlot::new(secret));
     let routes = Arc::new(RouteTable::default());
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut registry = Registry::default();

@@ -4,9 +4,34 @@
 //! in `taas-client-addr`, to the control port of that label's relay, and the relay's answer
 //! is returned. Stateless: any number of replicas can run behind one Service.
 //!
-//! Each front-end connection keeps its own upstream connection to each relay it talked to,
-//! so a hidden server's kept-alive registrations stay one connection end to end (the relay's
-//! per-connection token rules see what the hidden server did).
+//! Upstream connections (issue 13, item 3):
+//! - **Registrations**: each front-end connection keeps its own upstream connection to each
+//!   relay it talked to, so a hidden server's kept-alive registrations stay one connection end
+//!   to end (the relay's per-connection token rules see what the hidden server did).
+//! - **Client requests** (the GETs answered with 307s) share a pool of kept-alive connections
+//!   per relay address. Before, each one opened and closed its own: 500 GETs on one TLS
+//!   connection left 500 TIME_WAIT sockets towards the relay's control port, which off
+//!   loopback exhausts the ephemeral ports at a few hundred requests a second, after which
+//!   the label's registrations fail too. Now the same 500 GETs use one connection
+//!   (`five_hundred_client_requests_on_one_connection_open_a_handful_of_upstream_connections`).
+//!   Bounded: [`PoolLimits::per_relay`] connections to one relay at once, in use or idle
+//!   (more requests wait for one, within the answer deadline); [`PoolLimits::idle_total`]
+//!   idle overall; idle ones closed by the gateway after [`PoolLimits::idle_timeout`] (10 s),
+//!   well before the relay's 30 s keep-alive, so the relay is not the one closing under a
+//!   request. A pooled connection found dead anyway (the relay restarted) costs the GET one
+//!   retry on a fresh connection, never a 503; a registration is never retried.
+//! - **Names** (`taas-X-control.NS.svc.cluster.local.:8080`) are resolved once and cached for
+//!   5 s (a relay's Service can be recreated with a new IP), a failure for 1 s, at most 4096
+//!   names.
+//!
+//! Strangers (issue 13, items 3 and 4):
+//! - A per-source token bucket on 307s ([`crate::rate_limit`], default 20/s, burst 100):
+//!   beyond it, 429 with `Retry-After`, counted in `taas_gateway_redirects_limited_total`.
+//!   Registrations are not limited here: the relay's guard limits their failures.
+//! - With `--gateway-secret-file`, every request forwarded to LABEL's relay carries LABEL's
+//!   gateway token ([`crate::gateway_auth`]), so relays can refuse anyone else on their
+//!   control port. The secret is re-read on change and never logged; the header value is
+//!   marked sensitive.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -297,20 +322,11 @@ impl LabelBackend for Gateway {
 }
 
 /// Limits of the gateway's upstream side.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct UpstreamSettings {
     pub pool: PoolLimits,
     /// The per-source limit on 307s.
     pub redirect_limit: RateLimit,
-}
-
-impl Default for UpstreamSettings {
-    fn default() -> Self {
-        Self {
-            pool: PoolLimits::default(),
-            redirect_limit: RateLimit::default(),
-        }
-    }
 }
 
 /// Bounds of the pool of kept-alive connections for client requests.

@@ -19,6 +19,16 @@ use taas_relay::label_relay::{self, LabelRelay, LabelRelayOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
+/// The install secret the test gateways read (the chart generates 32 random characters).
+const INSTALL_SECRET: &str = "0123456789abcdef0123456789abcdef\n";
+
+/// LABEL's gateway token under [`INSTALL_SECRET`]: what its relay is given.
+fn gateway_token(label: &str) -> taas_relay::gateway_auth::GatewayToken {
+    taas_relay::gateway_auth::InstallSecret::new(INSTALL_SECRET.as_bytes())
+        .unwrap()
+        .token_for(label)
+}
+
 struct Cluster {
     dir: tempfile::TempDir,
     gateway: RunningGateway,
@@ -87,6 +97,7 @@ impl Cluster {
         init_logs();
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("routes.yaml"), "{}\n").unwrap();
+        std::fs::write(dir.path().join("install-secret"), INSTALL_SECRET).unwrap();
         let mut options = GatewayOptions {
             listen: "127.0.0.1:0".parse().unwrap(),
             registrar: REGISTRAR.into(),
@@ -99,7 +110,8 @@ impl Cluster {
             metrics: None,
             timeouts: Timeouts::default(),
             max_connections: 1024,
-            install_secret_file: None,
+            // As the chart runs it: relays checking gateway tokens accept this gateway.
+            install_secret_file: Some(dir.path().join("install-secret")),
             upstream: UpstreamSettings::default(),
         };
         adjust(&mut options, dir.path());
@@ -683,13 +695,7 @@ const REDIRECT_ANSWER: &str =
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_forwarded_request_carries_the_labels_gateway_token() {
-    let secret_text = "0123456789abcdef0123456789abcdef\n";
-    let cluster = Cluster::start_with(|options, dir| {
-        let file = dir.join("install-secret");
-        std::fs::write(&file, secret_text).unwrap();
-        options.install_secret_file = Some(file);
-    })
-    .await;
+    let cluster = Cluster::start().await;
     let home_relay = RecordingRelay::start(REDIRECT_ANSWER, usize::MAX).await;
     let lab_relay = RecordingRelay::start(REDIRECT_ANSWER, usize::MAX).await;
     cluster.set_routes(&[
@@ -697,8 +703,7 @@ async fn every_forwarded_request_carries_the_labels_gateway_token() {
         ("lab", lab_relay.addr.to_string(), true),
     ]);
     cluster.wait_route("lab", true).await;
-    let secret = taas_relay::gateway_auth::InstallSecret::new(secret_text.as_bytes()).unwrap();
-    let home_token = secret.token_for("home");
+    let home_token = gateway_token("home");
 
     // A registration and a client request, each to its label's relay with its label's token.
     let home = TestLabel::new("home");
@@ -719,9 +724,9 @@ async fn every_forwarded_request_carries_the_labels_gateway_token() {
     let lab_heads = lab_relay.heads();
     assert_eq!(
         header_of(&lab_heads[0], "taas-gateway-auth"),
-        Some(secret.token_for("lab").expose())
+        Some(gateway_token("lab").expose())
     );
-    assert_ne!(home_token, secret.token_for("lab"));
+    assert_ne!(home_token, gateway_token("lab"));
 
     // The chart rotates the secret: the new token is sent once the file is re-read.
     let rotated_text = "another install secret, 32 bytes";
@@ -739,7 +744,7 @@ async fn every_forwarded_request_carries_the_labels_gateway_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_the_install_secret_no_gateway_token_is_sent() {
-    let cluster = Cluster::start().await;
+    let cluster = Cluster::start_with(|options, _| options.install_secret_file = None).await;
     let relay = RecordingRelay::start(REDIRECT_ANSWER, usize::MAX).await;
     cluster.set_routes(&[("home", relay.addr.to_string(), true)]);
     cluster.wait_route("home", true).await;

@@ -4,23 +4,55 @@
 //! in `taas-client-addr`, to the control port of that label's relay, and the relay's answer
 //! is returned. Stateless: any number of replicas can run behind one Service.
 //!
-//! Each front-end connection keeps its own upstream connection to each relay it talked to,
-//! so a hidden server's kept-alive registrations stay one connection end to end (the relay's
-//! per-connection token rules see what the hidden server did).
+//! Upstream connections (issue 13, item 3):
+//! - **Registrations**: each front-end connection keeps its own upstream connection to each
+//!   relay it talked to, so a hidden server's kept-alive registrations stay one connection end
+//!   to end (the relay's per-connection token rules see what the hidden server did).
+//! - **Client requests** (the GETs answered with 307s) share a pool of kept-alive connections
+//!   per relay address. Before, each one opened and closed its own: 500 GETs on one TLS
+//!   connection left 500 TIME_WAIT sockets towards the relay's control port, which off
+//!   loopback exhausts the ephemeral ports at a few hundred requests a second, after which
+//!   the label's registrations fail too. Now the same 500 GETs use one connection
+//!   (`five_hundred_client_requests_on_one_connection_open_a_handful_of_upstream_connections`).
+//!   Bounded: [`PoolLimits::per_relay`] connections to one relay at once, in use or idle
+//!   (more requests wait for one, within the answer deadline); [`PoolLimits::idle_total`]
+//!   idle overall; idle ones closed by the gateway after [`PoolLimits::idle_timeout`] (10 s),
+//!   well before the relay's 30 s keep-alive, so the relay is not the one closing under a
+//!   request. A pooled connection found dead anyway (the relay restarted) costs the GET one
+//!   retry on a fresh connection, never a 503; a registration is never retried.
+//! - **Names** (`taas-X-control.NS.svc.cluster.local.:8080`) are resolved once and cached for
+//!   5 s (a relay's Service can be recreated with a new IP), a failure for 1 s, at most 4096
+//!   names.
+//!
+//! Strangers (issue 13, items 3 and 4):
+//! - A per-source token bucket on 307s ([`crate::rate_limit`], default 20/s, burst 100):
+//!   beyond it, 429 with `Retry-After`, counted in `taas_gateway_redirects_limited_total`.
+//!   Registrations are not limited here: the relay's guard limits their failures.
+//! - With `--gateway-secret-file`, every request forwarded to LABEL's relay carries LABEL's
+//!   gateway token ([`crate::gateway_auth`]), so relays can refuse anyone else on their
+//!   control port. The secret is re-read on change and never logged; the header value is
+//!   marked sensitive.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper::client::conn::http1::SendRequest;
+use hyper::header::HeaderValue;
 use hyper::Request;
 use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
 use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::gateway_auth::{InstallSecret, GATEWAY_AUTH_HEADER};
+use crate::rate_limit::{RateLimit, SourceRateLimiter};
 use crate::registrar::{
     Answer, ClientRequest, Registration, CLIENT_ADDR_HEADER, RENDEZVOUS_COUNT_HEADER,
 };
@@ -117,35 +149,84 @@ pub async fn follow_route_file(path: PathBuf, interval: Duration, table: Arc<Rou
 pub struct Gateway {
     routes: Arc<RouteTable>,
     registrar: String,
+    upstream: Arc<UpstreamShared>,
+    redirect_limiter: Mutex<SourceRateLimiter>,
+    metrics: Arc<GatewayMetrics>,
+}
+
+/// What the gateway's upstream connections share: the client-request pool, the name cache,
+/// the install secret and the counters.
+struct UpstreamShared {
+    pool: UpstreamPool,
+    resolver: RelayResolver,
+    secret: Arc<SecretSlot>,
+    metrics: Arc<GatewayMetrics>,
+}
+
+/// The gateway's own counters.
+#[derive(Default)]
+pub struct GatewayMetrics {
+    redirects_limited: Counter,
+    upstream_connections_opened: Counter,
+    relay_lookups: Counter,
+}
+
+impl GatewayMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "taas_gateway_redirects_limited",
+            "Client requests answered 429 by the per-source limit on 307s",
+            self.redirects_limited.clone(),
+        );
+        registry.register(
+            "taas_gateway_upstream_connections_opened",
+            "TCP connections opened to relays' control ports (registrations and client requests)",
+            self.upstream_connections_opened.clone(),
+        );
+        registry.register(
+            "taas_gateway_relay_lookups",
+            "Name resolutions of relay addresses (cache misses)",
+            self.relay_lookups.clone(),
+        );
+    }
 }
 
 impl Gateway {
-    pub fn new(routes: Arc<RouteTable>, registrar: impl Into<String>) -> Self {
+    pub fn new(
+        routes: Arc<RouteTable>,
+        registrar: impl Into<String>,
+        settings: UpstreamSettings,
+        secret: Arc<SecretSlot>,
+        metrics: Arc<GatewayMetrics>,
+    ) -> Self {
         Self {
             routes,
             registrar: registrar.into(),
+            upstream: Arc::new(UpstreamShared {
+                pool: UpstreamPool::new(settings.pool),
+                resolver: RelayResolver::default(),
+                secret,
+                metrics: metrics.clone(),
+            }),
+            redirect_limiter: Mutex::new(SourceRateLimiter::new(settings.redirect_limit)),
+            metrics,
         }
     }
 
     async fn forward(
         &self,
-        upstreams: &Upstreams,
         label: &str,
-        request: Request<Empty<Bytes>>,
+        route: &Route,
+        send: impl Future<Output = Sent>,
     ) -> Answer {
-        let Some(route) = self.routes.get(label) else {
-            return Answer::not_found();
-        };
         // A route marked unready is still tried: the flag comes through a mounted ConfigMap,
         // which kubelet refreshes up to a minute late, while the relay's control Service
         // resolves to the new pod as soon as it is ready. Unreachable: 503 either way.
-        let problem =
-            match tokio::time::timeout(ANSWER_TIMEOUT, upstreams.send(&route.relay, request)).await
-            {
-                Ok(Ok(answer)) => return answer,
-                Ok(Err(error)) => format!("relay unreachable: {error}"),
-                Err(_) => "relay did not answer in time".to_string(),
-            };
+        let problem = match tokio::time::timeout(ANSWER_TIMEOUT, send).await {
+            Ok(Ok(answer)) => return answer,
+            Ok(Err(error)) => format!("relay unreachable: {error}"),
+            Err(_) => "relay did not answer in time".to_string(),
+        };
         if route.ready {
             tracing::warn!(%label, relay = %route.relay, "{problem}");
         } else {
@@ -153,15 +234,30 @@ impl Gateway {
         }
         Answer::unavailable(RETRY_NOT_READY)
     }
+
+    /// The request as forwarded to LABEL's relay: the client's address, and the gateway
+    /// token of that label when the install secret is known.
+    fn request(
+        &self,
+        method: &str,
+        path: &str,
+        host: &str,
+        source: IpAddr,
+        label: &str,
+    ) -> hyper::http::request::Builder {
+        let builder = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, host)
+            .header(CLIENT_ADDR_HEADER, source.to_string());
+        match self.upstream.secret.token_for(label) {
+            Some(token) => builder.header(GATEWAY_AUTH_HEADER, token),
+            None => builder,
+        }
+    }
 }
 
-fn request(method: &str, path: &str, host: &str, source: IpAddr) -> hyper::http::request::Builder {
-    Request::builder()
-        .method(method)
-        .uri(path)
-        .header(hyper::header::HOST, host)
-        .header(CLIENT_ADDR_HEADER, source.to_string())
-}
+type Sent = Result<Answer, UpstreamError>;
 
 impl LabelBackend for Gateway {
     type Connection = Upstreams;
@@ -169,14 +265,15 @@ impl LabelBackend for Gateway {
     async fn register(&self, registration: Registration<'_>, upstreams: &Upstreams) -> Answer {
         // An unknown label gets what the relay would say of a label not authorised for the
         // ID (401), so the gateway is no oracle for which labels exist.
-        if self.routes.get(registration.label).is_none() {
+        let Some(route) = self.routes.get(registration.label) else {
             return Answer::unauthorized();
-        }
-        let mut builder = request(
+        };
+        let mut builder = self.request(
             "PUT",
             &format!("/register/{}", registration.label),
             &self.registrar,
             registration.source,
+            registration.label,
         );
         if let Some(authorization) = registration.authorization {
             builder = builder.header(hyper::header::AUTHORIZATION, authorization);
@@ -186,24 +283,140 @@ impl LabelBackend for Gateway {
             builder = builder.header(RENDEZVOUS_COUNT_HEADER, registration.count);
         }
         match builder.body(Empty::new()) {
-            Ok(forwarded) => self.forward(upstreams, registration.label, forwarded).await,
+            Ok(forwarded) => {
+                let send = upstreams.send(&self.upstream, &route.relay, forwarded);
+                self.forward(registration.label, &route, send).await
+            }
             Err(_) => Answer::bad_request(),
         }
     }
 
     async fn client(&self, client: ClientRequest<'_>) -> Answer {
-        let builder = request("GET", client.path_and_query, client.host, client.source);
+        let limited = self
+            .redirect_limiter
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .check(client.source, Instant::now());
+        if let Err(retry_after) = limited {
+            self.metrics.redirects_limited.inc();
+            return Answer::too_many(retry_after);
+        }
+        let Some(route) = self.routes.get(client.label) else {
+            return Answer::not_found();
+        };
+        let builder = self.request(
+            "GET",
+            client.path_and_query,
+            client.host,
+            client.source,
+            client.label,
+        );
         match builder.body(Empty::new()) {
             Ok(forwarded) => {
-                self.forward(&Upstreams::default(), client.label, forwarded)
-                    .await
+                let send = self.upstream.send_pooled(&route.relay, forwarded);
+                self.forward(client.label, &route, send).await
             }
             Err(_) => Answer::bad_request(),
         }
     }
 }
 
-/// One front-end connection's connections to relays (by control address).
+/// Limits of the gateway's upstream side.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct UpstreamSettings {
+    pub pool: PoolLimits,
+    /// The per-source limit on 307s.
+    pub redirect_limit: RateLimit,
+}
+
+/// Bounds of the pool of kept-alive connections for client requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolLimits {
+    /// Connections to one relay at once (in use and idle); more requests wait, within the
+    /// answer deadline, for one to be free.
+    pub per_relay: usize,
+    /// Idle connections kept over all relays.
+    pub idle_total: usize,
+    /// An idle connection is closed after this; well under the relay's own keep-alive
+    /// timeout (30 s), so the gateway, not the relay, is the one to close.
+    pub idle_timeout: Duration,
+    /// Relays with pooled state at once (routes are operator-written, but bounded anyway).
+    pub relays: usize,
+}
+
+impl Default for PoolLimits {
+    fn default() -> Self {
+        Self {
+            per_relay: 32,
+            idle_total: 1024,
+            idle_timeout: Duration::from_secs(10),
+            relays: 4096,
+        }
+    }
+}
+
+/// The install secret, when the gateway has one; replaced when its file changes.
+#[derive(Debug, Default)]
+pub struct SecretSlot {
+    secret: RwLock<Option<Arc<InstallSecret>>>,
+}
+
+impl SecretSlot {
+    pub fn new(secret: Option<InstallSecret>) -> Self {
+        Self {
+            secret: RwLock::new(secret.map(Arc::new)),
+        }
+    }
+
+    /// LABEL's gateway token as a header value marked sensitive (never logged by hyper).
+    fn token_for(&self, label: &str) -> Option<HeaderValue> {
+        let secret = self
+            .secret
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()?;
+        let mut value = HeaderValue::from_str(secret.token_for(label).expose()).ok()?;
+        value.set_sensitive(true);
+        Some(value)
+    }
+
+    fn replace(&self, secret: InstallSecret) -> bool {
+        let mut current = self.secret.write().unwrap_or_else(PoisonError::into_inner);
+        if current.as_deref() == Some(&secret) {
+            return false;
+        }
+        *current = Some(Arc::new(secret));
+        true
+    }
+}
+
+/// Re-reads the install secret every `interval` (a Secret mounted as a file is updated in
+/// place when the chart rotates it); an unreadable or short file is reported once and the
+/// last good secret kept. The secret itself is never logged.
+pub async fn follow_secret_file(path: PathBuf, interval: Duration, slot: Arc<SecretSlot>) {
+    let mut last_problem = None;
+    loop {
+        tokio::time::sleep(interval).await;
+        match InstallSecret::from_file(&path) {
+            Ok(secret) => {
+                if slot.replace(secret) {
+                    tracing::info!(file = %path.display(), "install secret changed");
+                }
+                last_problem = None;
+            }
+            Err(error) => {
+                let problem = error.to_string();
+                if last_problem.as_ref() != Some(&problem) {
+                    tracing::warn!(%problem, "install secret not updated");
+                }
+                last_problem = Some(problem);
+            }
+        }
+    }
+}
+
+/// One front-end connection's connections to relays (by control address), for
+/// registrations: a hidden server's kept-alive registrations stay one connection end to end.
 #[derive(Default)]
 pub struct Upstreams {
     connections: tokio::sync::Mutex<HashMap<String, SendRequest<Empty<Bytes>>>>,
@@ -211,6 +424,8 @@ pub struct Upstreams {
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
+    #[error("resolve: {0}")]
+    Resolve(String),
     #[error("connect: {0}")]
     Connect(std::io::Error),
     #[error("connect: timed out")]
@@ -224,6 +439,7 @@ pub enum UpstreamError {
 impl Upstreams {
     async fn send(
         &self,
+        shared: &UpstreamShared,
         relay: &str,
         request: Request<Empty<Bytes>>,
     ) -> Result<Answer, UpstreamError> {
@@ -237,37 +453,111 @@ impl Upstreams {
             if connections.len() >= MAX_UPSTREAMS {
                 connections.clear();
             }
-            connections.insert(relay.to_string(), connect(relay).await?);
+            connections.insert(relay.to_string(), shared.connect(relay).await?);
         }
         let sender = connections
             .get_mut(relay)
             .ok_or(UpstreamError::ConnectTimeout)?;
-        let response = match sender.send_request(request).await {
-            Ok(response) => response,
+        match exchange(sender, request).await {
+            Ok((answer, _)) => Ok(answer),
             Err(error) => {
                 connections.remove(relay);
-                return Err(error.into());
-            }
-        };
-        let (parts, body) = response.into_parts();
-        let body = Limited::new(body, MAX_ANSWER_BODY)
-            .collect()
-            .await
-            .map_err(|_| UpstreamError::Body)?
-            .to_bytes();
-        let mut answer = Answer::empty(parts.status.as_u16());
-        answer.body = String::from_utf8_lossy(&body).into_owned();
-        for name in PASSED_HEADERS {
-            if let Some(value) = parts.headers.get(name).and_then(|v| v.to_str().ok()) {
-                answer.headers.push((name, value.to_string()));
+                Err(error)
             }
         }
+    }
+}
+
+impl UpstreamShared {
+    async fn connect(&self, relay: &str) -> Result<SendRequest<Empty<Bytes>>, UpstreamError> {
+        let addresses = self.resolver.resolve(relay, &self.metrics).await?;
+        let sender = connect(&addresses).await?;
+        self.metrics.upstream_connections_opened.inc();
+        Ok(sender)
+    }
+
+    /// A client request (an idempotent GET) on a pooled connection. A pooled connection that
+    /// turns out dead (the relay closed it while idle, or restarted) costs one retry on a
+    /// fresh connection, never an error to the client.
+    async fn send_pooled(&self, relay: &str, request: Request<Empty<Bytes>>) -> Sent {
+        let checkout = self.pool.checkout(relay, Instant::now()).await;
+        if let Some(mut sender) = checkout.idle {
+            if sender.ready().await.is_ok() {
+                match exchange(&mut sender, copy_request(&request)).await {
+                    Ok((answer, reusable)) => {
+                        if reusable {
+                            self.pool.checkin(relay, sender, Instant::now());
+                        }
+                        return Ok(answer);
+                    }
+                    Err(UpstreamError::Http(error)) => {
+                        tracing::debug!(%relay, %error, "pooled connection failed: once more on a fresh one");
+                    }
+                    Err(error) => return Err(error),
+                }
+            }
+        }
+        let mut sender = self.connect(relay).await?;
+        let (answer, reusable) = exchange(&mut sender, request).await?;
+        if reusable && checkout.pooled {
+            self.pool.checkin(relay, sender, Instant::now());
+        }
+        drop(checkout.permit);
         Ok(answer)
     }
 }
 
-async fn connect(relay: &str) -> Result<SendRequest<Empty<Bytes>>, UpstreamError> {
-    let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(relay)).await {
+/// A GET's copy for its one retry (no body to copy).
+fn copy_request(request: &Request<Empty<Bytes>>) -> Request<Empty<Bytes>> {
+    let mut copy = Request::new(Empty::new());
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.headers_mut() = request.headers().clone();
+    copy
+}
+
+/// Sends one request and reads the relay's answer; also says whether the connection may be
+/// used again.
+async fn exchange(
+    sender: &mut SendRequest<Empty<Bytes>>,
+    request: Request<Empty<Bytes>>,
+) -> Result<(Answer, bool), UpstreamError> {
+    let response = sender.send_request(request).await?;
+    let (parts, body) = response.into_parts();
+    let body = Limited::new(body, MAX_ANSWER_BODY)
+        .collect()
+        .await
+        .map_err(|_| UpstreamError::Body)?
+        .to_bytes();
+    let mut answer = Answer::empty(parts.status.as_u16());
+    answer.body = String::from_utf8_lossy(&body).into_owned();
+    for name in PASSED_HEADERS {
+        if let Some(value) = parts.headers.get(name).and_then(|v| v.to_str().ok()) {
+            answer.headers.push((name, value.to_string()));
+        }
+    }
+    let closing = parts
+        .headers
+        .get(hyper::header::CONNECTION)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.to_ascii_lowercase().contains("close"));
+    let reusable = !closing && parts.version == hyper::Version::HTTP_11 && !sender.is_closed();
+    Ok((answer, reusable))
+}
+
+async fn connect(addresses: &[SocketAddr]) -> Result<SendRequest<Empty<Bytes>>, UpstreamError> {
+    // The addresses in turn (a name may resolve to IPv6 and IPv4), within one deadline.
+    let attempt = async {
+        let mut last = None;
+        for address in addresses {
+            match TcpStream::connect(address).await {
+                Ok(tcp) => return Ok(tcp),
+                Err(error) => last = Some(error),
+            }
+        }
+        Err(last.unwrap_or_else(|| std::io::Error::other("no address")))
+    };
+    let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
         Ok(Ok(tcp)) => tcp,
         Ok(Err(error)) => return Err(UpstreamError::Connect(error)),
         Err(_) => return Err(UpstreamError::ConnectTimeout),
@@ -280,6 +570,250 @@ async fn connect(relay: &str) -> Result<SendRequest<Empty<Bytes>>, UpstreamError
         }
     });
     Ok(sender)
+}
+
+/// Kept-alive connections for client requests, per relay address (the route's string).
+/// Bounded: at most `per_relay` connections to one relay exist at once (a new one is opened
+/// only by a request holding one of the relay's permits, when none is idle), at most
+/// `idle_total` idle overall, at most `relays` relays tracked.
+struct UpstreamPool {
+    limits: PoolLimits,
+    state: Mutex<PoolState>,
+}
+
+#[derive(Default)]
+struct PoolState {
+    relays: HashMap<String, RelayPool>,
+    idle_total: usize,
+}
+
+struct RelayPool {
+    /// Newest last: checkout takes the most recently used, so the others age out.
+    idle: Vec<(SendRequest<Empty<Bytes>>, Instant)>,
+    permits: Arc<Semaphore>,
+}
+
+/// A request's claim on a relay's connections.
+struct Checkout {
+    /// An idle connection to try first.
+    idle: Option<SendRequest<Empty<Bytes>>>,
+    /// Held while the request uses a connection (None when not pooled).
+    permit: Option<OwnedSemaphorePermit>,
+    /// Whether the connection may go back to the pool afterwards.
+    pooled: bool,
+}
+
+impl UpstreamPool {
+    fn new(limits: PoolLimits) -> Self {
+        Self {
+            limits,
+            state: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, PoolState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    async fn checkout(&self, relay: &str, now: Instant) -> Checkout {
+        let permits = {
+            let mut state = self.lock();
+            if !state.relays.contains_key(relay) && state.relays.len() >= self.limits.relays.max(1)
+            {
+                state.forget_unused_relays(self.limits.per_relay);
+            }
+            if !state.relays.contains_key(relay) && state.relays.len() >= self.limits.relays.max(1)
+            {
+                // Every tracked relay busy: this request goes unpooled.
+                return Checkout {
+                    idle: None,
+                    permit: None,
+                    pooled: false,
+                };
+            }
+            state
+                .relays
+                .entry(relay.to_string())
+                .or_insert_with(|| RelayPool {
+                    idle: Vec::new(),
+                    permits: Arc::new(Semaphore::new(self.limits.per_relay.max(1))),
+                })
+                .permits
+                .clone()
+        };
+        // Waits for a free connection slot; the caller's answer deadline bounds the wait.
+        let Ok(permit) = permits.acquire_owned().await else {
+            return Checkout {
+                idle: None,
+                permit: None,
+                pooled: false,
+            };
+        };
+        let mut state = self.lock();
+        let mut found = None;
+        let mut taken = 0;
+        if let Some(pool) = state.relays.get_mut(relay) {
+            while let Some((sender, since)) = pool.idle.pop() {
+                taken += 1;
+                let fresh = now.saturating_duration_since(since) < self.limits.idle_timeout;
+                if fresh && !sender.is_closed() {
+                    found = Some(sender);
+                    break;
+                }
+            }
+        }
+        state.idle_total = state.idle_total.saturating_sub(taken);
+        Checkout {
+            idle: found,
+            permit: Some(permit),
+            pooled: true,
+        }
+    }
+
+    fn checkin(&self, relay: &str, sender: SendRequest<Empty<Bytes>>, now: Instant) {
+        let mut state = self.lock();
+        if state.idle_total >= self.limits.idle_total {
+            return;
+        }
+        if let Some(pool) = state.relays.get_mut(relay) {
+            pool.idle.push((sender, now));
+            state.idle_total += 1;
+        }
+    }
+
+    /// Closes idle connections older than the idle timeout, and forgets relays with nothing
+    /// pooled or in use.
+    fn sweep(&self, now: Instant) {
+        let timeout = self.limits.idle_timeout;
+        let mut state = self.lock();
+        let mut closed = 0;
+        for pool in state.relays.values_mut() {
+            let before = pool.idle.len();
+            pool.idle.retain(|(sender, since)| {
+                now.saturating_duration_since(*since) < timeout && !sender.is_closed()
+            });
+            closed += before - pool.idle.len();
+        }
+        state.idle_total = state.idle_total.saturating_sub(closed);
+        state.forget_unused_relays(self.limits.per_relay);
+    }
+}
+
+impl PoolState {
+    fn forget_unused_relays(&mut self, per_relay: usize) {
+        self.relays.retain(|_, pool| {
+            !pool.idle.is_empty() || pool.permits.available_permits() < per_relay.max(1)
+        });
+    }
+}
+
+/// How long a relay name's addresses are used before asking again: kube Service IPs are
+/// stable, but a relay's Service can be deleted and created again with a new one.
+const RESOLVED_TTL: Duration = Duration::from_secs(5);
+/// How long a failed resolution is remembered: briefly, so a burst of requests for a relay
+/// whose Service is not there yet costs one lookup, and its creation is seen within a second.
+const FAILED_TTL: Duration = Duration::from_secs(1);
+/// Names remembered at once.
+const MAX_RESOLVED: usize = 4096;
+
+/// Resolves relay addresses (`HOST:PORT`) with tokio's resolver, cached briefly; a literal
+/// `IP:PORT` needs no lookup.
+#[derive(Default)]
+struct RelayResolver {
+    cache: Mutex<ResolveCache>,
+}
+
+impl RelayResolver {
+    async fn resolve(
+        &self,
+        relay: &str,
+        metrics: &GatewayMetrics,
+    ) -> Result<Vec<SocketAddr>, UpstreamError> {
+        if let Ok(address) = relay.parse::<SocketAddr>() {
+            return Ok(vec![address]);
+        }
+        let cached = self
+            .cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(relay, Instant::now());
+        let result = match cached {
+            Some(result) => result,
+            None => {
+                metrics.relay_lookups.inc();
+                let looked_up =
+                    match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::lookup_host(relay))
+                        .await
+                    {
+                        Ok(Ok(addresses)) => {
+                            let addresses: Vec<SocketAddr> = addresses.collect();
+                            if addresses.is_empty() {
+                                Err("no addresses".to_string())
+                            } else {
+                                Ok(addresses)
+                            }
+                        }
+                        Ok(Err(error)) => Err(error.to_string()),
+                        Err(_) => Err("timed out".to_string()),
+                    };
+                self.cache
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .put(relay, looked_up.clone(), Instant::now());
+                looked_up
+            }
+        };
+        result.map_err(UpstreamError::Resolve)
+    }
+}
+
+type Resolved = Result<Vec<SocketAddr>, String>;
+
+/// The resolver's memory (pure: the caller passes the time).
+#[derive(Debug)]
+struct ResolveCache {
+    entries: HashMap<String, (Resolved, Instant)>,
+    max: usize,
+}
+
+impl Default for ResolveCache {
+    fn default() -> Self {
+        Self {
+            entries: HashMap::new(),
+            max: MAX_RESOLVED,
+        }
+    }
+}
+
+impl ResolveCache {
+    fn get(&self, name: &str, now: Instant) -> Option<Resolved> {
+        self.entries
+            .get(name)
+            .filter(|(_, expires)| now < *expires)
+            .map(|(resolved, _)| resolved.clone())
+    }
+
+    fn put(&mut self, name: &str, resolved: Resolved, now: Instant) {
+        let ttl = if resolved.is_ok() {
+            RESOLVED_TTL
+        } else {
+            FAILED_TTL
+        };
+        if self.entries.len() >= self.max.max(1) && !self.entries.contains_key(name) {
+            self.entries.retain(|_, (_, expires)| now < *expires);
+            if self.entries.len() >= self.max.max(1) {
+                let soonest = self
+                    .entries
+                    .iter()
+                    .min_by_key(|(_, (_, expires))| *expires)
+                    .map(|(name, _)| name.clone());
+                if let Some(soonest) = soonest {
+                    self.entries.remove(&soonest);
+                }
+            }
+        }
+        self.entries.insert(name.to_string(), (resolved, now + ttl));
+    }
 }
 
 /// Where the gateway learns its routes.
@@ -302,6 +836,11 @@ pub struct GatewayOptions {
     pub metrics: Option<std::net::SocketAddr>,
     pub timeouts: crate::config::Timeouts,
     pub max_connections: usize,
+    /// The install secret's file: every forwarded request then carries LABEL's gateway
+    /// token. Without it, relays that check tokens refuse the gateway.
+    pub install_secret_file: Option<PathBuf>,
+    /// The upstream pool's bounds and the per-source limit on 307s.
+    pub upstream: UpstreamSettings,
 }
 
 /// A running gateway; dropping it stops it.
@@ -333,6 +872,20 @@ impl Drop for RunningGateway {
 
 pub async fn start(options: GatewayOptions) -> Result<RunningGateway, crate::serve::ServeError> {
     use crate::serve::ServeError;
+    let secret = match &options.install_secret_file {
+        Some(path) => {
+            let secret = InstallSecret::from_file(path)
+                .map_err(|error| ServeError::Config(format!("--gateway-secret-file: {error}")))?;
+            Some(secret)
+        }
+        None => {
+            tracing::warn!(
+                "no --gateway-secret-file: relays that check gateway tokens will refuse this gateway"
+            );
+            None
+        }
+    };
+    let secret = Arc::new(SecretSlot::new(secret));
     let registrar = options.registrar.to_ascii_lowercase();
     let domain = options.domain.to_ascii_lowercase();
     let cert = match (&options.tls_cert, &options.tls_key) {
@@ -359,7 +912,9 @@ pub async fn start(options: GatewayOptions) -> Result<RunningGateway, crate::ser
     })?;
     let routes = Arc::new(RouteTable::default());
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let registry = prometheus_client::registry::Registry::default();
+    let mut registry = Registry::default();
+    let gateway_metrics = Arc::new(GatewayMetrics::default());
+    gateway_metrics.register(&mut registry);
     let (metrics, mut tasks) =
         crate::serve::spawn_metrics(options.metrics, registry, &ready).await?;
     match options.routes.clone() {
@@ -368,6 +923,13 @@ pub async fn start(options: GatewayOptions) -> Result<RunningGateway, crate::ser
             options.reload_interval,
             routes.clone(),
         ))),
+    }
+    if let Some(path) = options.install_secret_file.clone() {
+        tasks.push(tokio::spawn(follow_secret_file(
+            path,
+            options.reload_interval,
+            secret.clone(),
+        )));
     }
     let settings = crate::frontend::FrontendSettings {
         names: crate::host::Names {
@@ -379,7 +941,21 @@ pub async fn start(options: GatewayOptions) -> Result<RunningGateway, crate::ser
         request_timeout: options.timeouts.keep_alive,
         max_connections: options.max_connections,
     };
-    let backend = Arc::new(Gateway::new(routes.clone(), registrar));
+    let backend = Arc::new(Gateway::new(
+        routes.clone(),
+        registrar,
+        options.upstream,
+        secret,
+        gateway_metrics,
+    ));
+    let upstream = backend.upstream.clone();
+    let sweep_every = (options.upstream.pool.idle_timeout / 2).max(Duration::from_millis(100));
+    tasks.push(tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(sweep_every).await;
+            upstream.pool.sweep(Instant::now());
+        }
+    }));
     tasks.push(tokio::spawn(crate::frontend::serve(
         listener,
         crate::frontend::Transport::Tls(tls),
@@ -396,4 +972,77 @@ pub async fn start(options: GatewayOptions) -> Result<RunningGateway, crate::ser
         ready,
         tasks,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn address(port: u16) -> Resolved {
+        Ok(vec![SocketAddr::from(([10, 0, 0, 1], port))])
+    }
+
+    #[test]
+    fn a_resolved_name_is_used_for_a_few_seconds_then_asked_again() {
+        let mut cache = ResolveCache::default();
+        let t0 = Instant::now();
+        assert_eq!(cache.get("relay:8080", t0), None);
+        cache.put("relay:8080", address(8080), t0);
+        assert_eq!(cache.get("relay:8080", t0), Some(address(8080)));
+        let almost = t0 + RESOLVED_TTL - Duration::from_millis(1);
+        assert_eq!(cache.get("relay:8080", almost), Some(address(8080)));
+        assert_eq!(cache.get("relay:8080", t0 + RESOLVED_TTL), None);
+        assert_eq!(cache.get("other:8080", t0), None);
+    }
+
+    #[test]
+    fn a_failed_lookup_is_remembered_only_briefly() {
+        let mut cache = ResolveCache::default();
+        let t0 = Instant::now();
+        cache.put("gone:8080", Err("no such host".into()), t0);
+        assert_eq!(cache.get("gone:8080", t0), Some(Err("no such host".into())));
+        assert!(FAILED_TTL < RESOLVED_TTL);
+        assert_eq!(cache.get("gone:8080", t0 + FAILED_TTL), None);
+    }
+
+    #[test]
+    fn the_cache_stays_bounded_and_forgets_what_expires_soonest() {
+        let mut cache = ResolveCache {
+            entries: HashMap::new(),
+            max: 3,
+        };
+        let t0 = Instant::now();
+        cache.put("a:1", address(1), t0);
+        cache.put("b:1", Err("refused".into()), t0);
+        cache.put("c:1", address(3), t0 + Duration::from_millis(10));
+        cache.put("d:1", address(4), t0 + Duration::from_millis(20));
+        assert_eq!(cache.entries.len(), 3);
+        assert_eq!(cache.get("b:1", t0), None, "the failure expired soonest");
+        for n in 0..100u16 {
+            cache.put(
+                &format!("n{n}:1"),
+                address(n),
+                t0 + Duration::from_millis(30),
+            );
+            assert!(cache.entries.len() <= 3);
+        }
+    }
+
+    #[test]
+    fn a_forwarded_request_carries_the_labels_token_only_with_a_secret() {
+        let none = SecretSlot::new(None);
+        assert!(none.token_for("home").is_none());
+        let secret = InstallSecret::new(b"0123456789abcdef0123456789abcdef").unwrap();
+        let slot = SecretSlot::new(Some(secret.clone()));
+        let value = slot.token_for("home").unwrap();
+        assert!(value.is_sensitive());
+        assert_eq!(value.to_str().unwrap(), secret.token_for("home").expose());
+        assert!(!slot.replace(secret), "same secret: no change");
+        let rotated = InstallSecret::new(b"another install secret, 32 bytes").unwrap();
+        assert!(slot.replace(rotated.clone()));
+        assert_eq!(
+            slot.token_for("home").unwrap().to_str().unwrap(),
+            rotated.token_for("home").expose()
+        );
+    }
 }

@@ -314,3 +314,60 @@ fn the_gateway_drains_before_it_stops() {
         signalled.elapsed()
     );
 }
+
+/// Runs `gateway` with `args` and a routes file in `dir`, expecting a configuration error.
+fn gateway_fails(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> String {
+    std::fs::write(dir.join("routes.yaml"), "{}\n").unwrap();
+    let mut command = relay_bin();
+    command
+        .current_dir(dir)
+        .env("TAAS_LISTEN", "127.0.0.1:0")
+        .args([
+            "gateway",
+            "--metrics",
+            "off",
+            "--routes-file",
+            "routes.yaml",
+        ])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let mut child = command.spawn().unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("gateway {args:?} kept running: expected a configuration error");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let output = child.wait_with_output().unwrap();
+    assert!(!output.status.success(), "gateway {args:?} should fail");
+    stderr(&output)
+}
+
+#[test]
+fn gateway_secret_and_rate_flags_are_checked_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = gateway_fails(
+        dir.path(),
+        &["--gateway-secret-file", "no-such-secret"],
+        &[],
+    );
+    assert!(
+        err.contains("--gateway-secret-file") && err.contains("no-such-secret"),
+        "{err}"
+    );
+    // A short secret is refused, and never shown.
+    std::fs::write(dir.path().join("short"), "tiny-secret\n").unwrap();
+    let err = gateway_fails(dir.path(), &[], &[("TAAS_GATEWAY_SECRET_FILE", "short")]);
+    assert!(err.contains("too short"), "{err}");
+    assert!(!err.contains("tiny-secret"), "{err}");
+    let err = gateway_fails(dir.path(), &["--redirect-rate=-1"], &[]);
+    assert!(err.contains("--redirect-rate"), "{err}");
+    let err = gateway_fails(dir.path(), &[], &[("TAAS_REDIRECT_BURST", "0")]);
+    assert!(err.contains("--redirect-burst"), "{err}");
+}

@@ -12,10 +12,22 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use taas_relay::config::{Limits, RedirectHost, Timeouts};
-use taas_relay::gateway::{self, GatewayOptions, Route, RouteSource, RunningGateway};
+use taas_relay::gateway::{
+    self, GatewayOptions, Route, RouteSource, RunningGateway, UpstreamSettings,
+};
 use taas_relay::label_relay::{self, LabelRelay, LabelRelayOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
+
+/// The install secret the test gateways read (the chart generates 32 random characters).
+const INSTALL_SECRET: &str = "0123456789abcdef0123456789abcdef\n";
+
+/// LABEL's gateway token under [`INSTALL_SECRET`]: what its relay is given.
+fn gateway_token(label: &str) -> taas_relay::gateway_auth::GatewayToken {
+    taas_relay::gateway_auth::InstallSecret::new(INSTALL_SECRET.as_bytes())
+        .unwrap()
+        .token_for(label)
+}
 
 struct Cluster {
     dir: tempfile::TempDir,
@@ -78,10 +90,15 @@ async fn start_label_relay(dir: &Path, label: &TestLabel, redirect_host: Redirec
 
 impl Cluster {
     async fn start() -> Self {
+        Self::start_with(|_, _| {}).await
+    }
+
+    async fn start_with(adjust: impl FnOnce(&mut GatewayOptions, &Path)) -> Self {
         init_logs();
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("routes.yaml"), "{}\n").unwrap();
-        let gateway = gateway::start(GatewayOptions {
+        std::fs::write(dir.path().join("install-secret"), INSTALL_SECRET).unwrap();
+        let mut options = GatewayOptions {
             listen: "127.0.0.1:0".parse().unwrap(),
             registrar: REGISTRAR.into(),
             domain: DOMAIN.into(),
@@ -93,9 +110,12 @@ impl Cluster {
             metrics: None,
             timeouts: Timeouts::default(),
             max_connections: 1024,
-        })
-        .await
-        .expect("gateway starts");
+            // As the chart runs it: relays checking gateway tokens accept this gateway.
+            install_secret_file: Some(dir.path().join("install-secret")),
+            upstream: UpstreamSettings::default(),
+        };
+        adjust(&mut options, dir.path());
+        let gateway = gateway::start(options).await.expect("gateway starts");
         Self { dir, gateway }
     }
 
@@ -132,7 +152,7 @@ impl Cluster {
         .await;
     }
 
-    async fn raw_from(&self, source: &str, raw: &str) -> Response {
+    async fn tls_from(&self, source: &str) -> tokio_rustls::client::TlsStream<TcpStream> {
         let socket = TcpSocket::new_v4().unwrap();
         socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
         let tcp = socket.connect(self.gateway.frontend).await.unwrap();
@@ -141,12 +161,25 @@ impl Cluster {
         ))
         .unwrap();
         let name = rustls_pki_types::ServerName::try_from(REGISTRAR.to_string()).unwrap();
-        let mut tls = tokio_rustls::TlsConnector::from(config)
+        tokio_rustls::TlsConnector::from(config)
             .connect(name, tcp)
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    async fn raw_from(&self, source: &str, raw: &str) -> Response {
+        let mut tls = self.tls_from(source).await;
         tls.write_all(raw.as_bytes()).await.unwrap();
         read_response(&mut tls).await
+    }
+
+    async fn metrics(&self) -> String {
+        let addr = self.gateway.metrics.expect("metrics enabled");
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        String::from_utf8(read_to_end(&mut tcp).await).unwrap()
     }
 
     async fn register_from(&self, source: &str, label: &TestLabel) -> Response {
@@ -420,4 +453,411 @@ async fn a_relay_that_answers_is_used_before_its_route_says_ready() {
     cluster.wait_route("home", false).await;
     let response = cluster.register_from("127.0.0.1", &home).await;
     assert_eq!(response.status, 200, "{response:?}");
+}
+
+/// A metric's value from Prometheus text (0 when absent).
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix(name)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
+/// The TCP connections with one end on 127.0.0.1:`port` (any state but LISTEN, TIME_WAIT
+/// included), by the port of their other end: what the kernel holds, whoever closed first.
+fn connections_to(port: u16) -> std::collections::HashSet<u16> {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    let endpoint = |field: &str| {
+        let (ip, port) = field.split_once(':').unwrap();
+        (ip.to_string(), u16::from_str_radix(port, 16).unwrap())
+    };
+    let loopback = "0100007F";
+    let mut others = std::collections::HashSet::new();
+    for line in table.lines().skip(1) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (local, remote, state) = (endpoint(fields[1]), endpoint(fields[2]), fields[3]);
+        if state == "0A" {
+            continue;
+        }
+        if remote == (loopback.to_string(), port) {
+            others.insert(local.1);
+        } else if local == (loopback.to_string(), port) {
+            others.insert(remote.1);
+        }
+    }
+    others
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_client_requests_on_one_connection_open_a_handful_of_upstream_connections() {
+    // Before: every 307 opened (and closed) its own connection to the relay's control port,
+    // and looked its name up; 500 requests left 500 TIME_WAIT sockets behind.
+    let cluster = Cluster::start_with(|options, _| {
+        options.metrics = Some("127.0.0.1:0".parse().unwrap());
+        options.upstream.redirect_limit.per_second = 0.0;
+    })
+    .await;
+    let home = TestLabel::new("home");
+    let pod = start_label_relay(cluster.dir.path(), &home, RedirectHost::Requested).await;
+    let control = pod.relay.control.port();
+    // A name, as in a cluster (`taas-X-control.NS.svc.cluster.local.:8080`), not an address.
+    cluster.set_routes(&[("home", format!("localhost:{control}"), true)]);
+    cluster.wait_route("home", true).await;
+    let response = cluster.register_from("127.0.0.1", &home).await;
+    assert_eq!(response.status, 200, "{response:?}");
+    let _parked = TcpStream::connect(response.body_str()).await.unwrap();
+    eventually("parked", || async {
+        pod.relay.relay.label("home").unwrap().parked() == 1
+    })
+    .await;
+    let before = connections_to(control);
+
+    let mut tls = cluster.tls_from("127.0.0.1").await;
+    let requests = 500;
+    let started = Instant::now();
+    for n in 0..requests {
+        let get = format!("GET /page/{n} HTTP/1.1\r\nHost: home.{DOMAIN}\r\n\r\n");
+        tls.write_all(get.as_bytes()).await.unwrap();
+        let response = read_response(&mut tls).await;
+        assert_eq!(response.status, 307, "request {n}: {response:?}");
+    }
+    let elapsed = started.elapsed();
+    let opened = connections_to(control).difference(&before).count();
+    let metrics = cluster.metrics().await;
+    let lookups = metric(&metrics, "taas_gateway_relay_lookups_total");
+    println!(
+        "figure: {requests} GETs on one TLS connection through the gateway: {opened} new \
+         connections to the relay's control port, {lookups} name lookups, {:.0} µs per GET",
+        elapsed.as_secs_f64() * 1e6 / f64::from(requests)
+    );
+    assert!(
+        opened <= 4,
+        "{opened} connections to the control port for {requests} requests"
+    );
+    assert!(lookups <= 4.0, "{lookups} lookups for {requests} requests");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_source_gets_429_while_another_source_still_gets_307s() {
+    let cluster = Cluster::start_with(|options, _| {
+        options.metrics = Some("127.0.0.1:0".parse().unwrap());
+        options.upstream.redirect_limit.per_second = 0.5;
+        options.upstream.redirect_limit.burst = 5;
+    })
+    .await;
+    let home = TestLabel::new("home");
+    let pod = start_label_relay(cluster.dir.path(), &home, RedirectHost::Requested).await;
+    cluster.set_routes(&[("home", pod.relay.control.to_string(), true)]);
+    cluster.wait_route("home", true).await;
+    let response = cluster.register_from("127.0.0.1", &home).await;
+    let _parked = TcpStream::connect(response.body_str()).await.unwrap();
+    eventually("parked", || async {
+        pod.relay.relay.label("home").unwrap().parked() == 1
+    })
+    .await;
+
+    let get = format!("GET / HTTP/1.1\r\nHost: home.{DOMAIN}\r\n\r\n");
+    let mut flood = cluster.tls_from("127.0.0.1").await;
+    let mut statuses = Vec::new();
+    let mut retry_after = None;
+    for _ in 0..20 {
+        flood.write_all(get.as_bytes()).await.unwrap();
+        let response = read_response(&mut flood).await;
+        if response.status == 429 {
+            retry_after = response.header("retry-after").map(str::to_string);
+        }
+        statuses.push(response.status);
+    }
+    let allowed = statuses.iter().filter(|s| **s == 307).count();
+    let limited = statuses.iter().filter(|s| **s == 429).count();
+    // The burst, plus at most one token refilled (0.5/s) while the loop ran.
+    assert!((5..=6).contains(&allowed), "{statuses:?}");
+    assert_eq!(allowed + limited, 20, "{statuses:?}");
+    let retry_after: u64 = retry_after
+        .expect("429 carries Retry-After")
+        .parse()
+        .unwrap();
+    assert!((1..=2).contains(&retry_after), "{retry_after}");
+
+    // Another source is not held back by the flood.
+    let mut other = cluster.tls_from("127.0.0.2").await;
+    for _ in 0..3 {
+        other.write_all(get.as_bytes()).await.unwrap();
+        assert_eq!(read_response(&mut other).await.status, 307);
+    }
+    let metrics = cluster.metrics().await;
+    assert_eq!(
+        metric(&metrics, "taas_gateway_redirects_limited_total"),
+        limited as f64
+    );
+}
+
+/// A stand-in for a label relay's control port that records every request head and answers
+/// each with `answer`; after `answers_per_connection` answers on one connection, it reads the
+/// next request and closes without a word (a relay that restarted under a pooled connection).
+struct RecordingRelay {
+    addr: SocketAddr,
+    heads: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RecordingRelay {
+    async fn start(answer: &'static str, answers_per_connection: usize) -> Self {
+        Self::start_slow(answer, answers_per_connection, Duration::ZERO).await
+    }
+
+    /// Answers each request after `delay` (a busy relay).
+    async fn start_slow(
+        answer: &'static str,
+        answers_per_connection: usize,
+        delay: Duration,
+    ) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (h, a) = (heads.clone(), accepted.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                a.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let heads = h.clone();
+                tokio::spawn(async move {
+                    let mut answered = 0;
+                    loop {
+                        let mut head = Vec::new();
+                        let mut byte = [0u8; 1];
+                        while !head.ends_with(b"\r\n\r\n") {
+                            match tcp.read(&mut byte).await {
+                                Ok(1) => head.push(byte[0]),
+                                _ => return,
+                            }
+                            if head.len() > 16 * 1024 {
+                                return;
+                            }
+                        }
+                        heads
+                            .lock()
+                            .unwrap()
+                            .push(String::from_utf8_lossy(&head).into_owned());
+                        if answered == answers_per_connection {
+                            return;
+                        }
+                        answered += 1;
+                        tokio::time::sleep(delay).await;
+                        if tcp.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            heads,
+            accepted,
+            task,
+        }
+    }
+
+    fn heads(&self) -> Vec<String> {
+        self.heads.lock().unwrap().clone()
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for RecordingRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn header_of<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.split("\r\n").find_map(|line| {
+        let (n, v) = line.split_once(':')?;
+        n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+const REDIRECT_ANSWER: &str =
+    "HTTP/1.1 307 Temporary Redirect\r\nLocation: https://home.taas.localhost:31000/\r\nContent-Length: 0\r\n\r\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_forwarded_request_carries_the_labels_gateway_token() {
+    let cluster = Cluster::start().await;
+    let home_relay = RecordingRelay::start(REDIRECT_ANSWER, usize::MAX).await;
+    let lab_relay = RecordingRelay::start(REDIRECT_ANSWER, usize::MAX).await;
+    cluster.set_routes(&[
+        ("home", home_relay.addr.to_string(), true),
+        ("lab", lab_relay.addr.to_string(), true),
+    ]);
+    cluster.wait_route("lab", true).await;
+    let home_token = gateway_token("home");
+
+    // A registration and a client request, each to its label's relay with its label's token.
+    let home = TestLabel::new("home");
+    cluster.register_from("127.0.0.1", &home).await;
+    assert_eq!(cluster.mobile_get("home", "/").await.status, 307);
+    assert_eq!(cluster.mobile_get("lab", "/").await.status, 307);
+    let heads = home_relay.heads();
+    assert_eq!(heads.len(), 2, "{heads:?}");
+    assert!(heads[0].starts_with("PUT /register/home "), "{heads:?}");
+    assert!(heads[1].starts_with("GET / "), "{heads:?}");
+    for head in &heads {
+        assert_eq!(
+            header_of(head, "taas-gateway-auth"),
+            Some(home_token.expose()),
+            "{head}"
+        );
+    }
+    let lab_heads = lab_relay.heads();
+    assert_eq!(
+        header_of(&lab_heads[0], "taas-gateway-auth"),
+        Some(gateway_token("lab").expose())
+    );
+    assert_ne!(home_token, gateway_token("lab"));
+
+    // The chart rotates the secret: the new token is sent once the file is re-read.
+    let rotated_text = "another install secret, 32 bytes";
+    std::fs::write(cluster.dir.path().join("install-secret"), rotated_text).unwrap();
+    let rotated = taas_relay::gateway_auth::InstallSecret::new(rotated_text.as_bytes())
+        .unwrap()
+        .token_for("home");
+    eventually("rotated token sent", || async {
+        cluster.mobile_get("home", "/").await;
+        let heads = home_relay.heads();
+        header_of(heads.last().unwrap(), "taas-gateway-auth") == Some(rotated.expose())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_install_secret_no_gateway_token_is_sent() {
+    let cluster = Cluster::start_with(|options, _| options.install_secret_file = None).await;
+    let relay = RecordingRelay::start(REDIRECT_ANSWER, usize::MAX).await;
+    cluster.set_routes(&[("home", relay.addr.to_string(), true)]);
+    cluster.wait_route("home", true).await;
+    assert_eq!(cluster.mobile_get("home", "/").await.status, 307);
+    let heads = relay.heads();
+    assert_eq!(heads.len(), 1);
+    assert_eq!(header_of(&heads[0], "taas-gateway-auth"), None, "{heads:?}");
+    assert_eq!(header_of(&heads[0], "taas-client-addr"), Some("127.0.0.1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_drops_a_pooled_connection_costs_one_retry_not_an_error() {
+    // The relay answers one request per connection, then takes the next and closes without
+    // answering, as a relay restarting under a kept-alive connection does. Each client GET
+    // after the first lands on such a dead pooled connection first.
+    let cluster = Cluster::start().await;
+    let relay = RecordingRelay::start(REDIRECT_ANSWER, 1).await;
+    cluster.set_routes(&[("home", relay.addr.to_string(), true)]);
+    cluster.wait_route("home", true).await;
+    for n in 0..5 {
+        let response = cluster.mobile_get("home", "/").await;
+        assert_eq!(response.status, 307, "request {n}: {response:?}");
+    }
+    // Each request after the first used the pooled connection and then one fresh one.
+    let heads = relay.heads();
+    assert_eq!(heads.len(), 9, "{heads:?}");
+    assert_eq!(relay.accepted(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_name_is_looked_up_once_for_many_connections() {
+    // No idle connections kept, so every request opens its own: the name's addresses come
+    // from the cache, not from a lookup each time.
+    let cluster = Cluster::start_with(|options, _| {
+        options.metrics = Some("127.0.0.1:0".parse().unwrap());
+        options.upstream.pool.idle_total = 0;
+    })
+    .await;
+    let relay = RecordingRelay::start(REDIRECT_ANSWER, usize::MAX).await;
+    cluster.set_routes(&[("home", format!("localhost:{}", relay.addr.port()), true)]);
+    cluster.wait_route("home", true).await;
+    let requests = 50;
+    for _ in 0..requests {
+        assert_eq!(cluster.mobile_get("home", "/").await.status, 307);
+    }
+    assert_eq!(relay.accepted(), requests, "one connection per request");
+    let lookups = metric(&cluster.metrics().await, "taas_gateway_relay_lookups_total");
+    // One, or two if the run crossed the cache's few seconds.
+    assert!(
+        (1.0..=2.0).contains(&lookups),
+        "{lookups} lookups for {requests} connections"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_pooled_connection_is_closed_by_the_gateway_after_its_timeout() {
+    // The gateway closes first (its socket ends in TIME_WAIT), well before the relay's own
+    // keep-alive timeout would, so the relay never closes under a request being sent.
+    let cluster = Cluster::start_with(|options, _| {
+        options.upstream.pool.idle_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let home = TestLabel::new("home");
+    let pod = start_label_relay(cluster.dir.path(), &home, RedirectHost::Requested).await;
+    let control = pod.relay.control.port();
+    cluster.set_routes(&[("home", pod.relay.control.to_string(), true)]);
+    cluster.wait_route("home", true).await;
+    assert_eq!(cluster.mobile_get("home", "/").await.status, 503);
+    let gateway_sides = || {
+        let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+        let target = format!("0100007F:{control:04X}");
+        table
+            .lines()
+            .skip(1)
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                (fields[2] == target).then(|| fields[3].to_string())
+            })
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        gateway_sides().iter().any(|state| state == "01"),
+        "a pooled connection is open: {:?}",
+        gateway_sides()
+    );
+    eventually("the gateway closed its idle connection", || async {
+        let states = gateway_sides();
+        !states.is_empty() && states.iter().all(|state| state == "06")
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_client_requests_share_at_most_the_per_relay_connections() {
+    let cluster = Cluster::start_with(|options, _| {
+        options.upstream.pool.per_relay = 2;
+    })
+    .await;
+    let relay =
+        RecordingRelay::start_slow(REDIRECT_ANSWER, usize::MAX, Duration::from_millis(50)).await;
+    cluster.set_routes(&[("home", relay.addr.to_string(), true)]);
+    cluster.wait_route("home", true).await;
+    let cluster = std::sync::Arc::new(cluster);
+    let mut clients = Vec::new();
+    for _ in 0..16 {
+        let cluster = cluster.clone();
+        clients.push(tokio::spawn(async move {
+            cluster.mobile_get("home", "/").await.status
+        }));
+    }
+    for client in clients {
+        assert_eq!(client.await.unwrap(), 307);
+    }
+    assert_eq!(relay.heads().len(), 16);
+    assert!(relay.accepted() <= 2, "{} connections", relay.accepted());
 }

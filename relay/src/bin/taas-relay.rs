@@ -61,6 +61,18 @@ struct GatewayArgs {
     /// kube-proxy stop sending new connections first, so a rolling update loses none.
     #[arg(long, env = "TAAS_SHUTDOWN_DELAY", default_value_t = 5.0)]
     shutdown_delay: f64,
+    /// The install secret (mounted from the Secret the chart creates): every request
+    /// forwarded to LABEL's relay carries LABEL's gateway token, derived from it. Re-read on
+    /// change. Without it, relays that check gateway tokens refuse this gateway.
+    #[arg(long, env = "TAAS_GATEWAY_SECRET_FILE")]
+    gateway_secret_file: Option<PathBuf>,
+    /// 307s per second one client source may get (an IPv4 address, or an IPv6 /64); beyond
+    /// it, 429 with Retry-After. Generous for carrier-grade NAT; 0 disables the limit.
+    #[arg(long, env = "TAAS_REDIRECT_RATE", default_value_t = 20.0)]
+    redirect_rate: f64,
+    /// 307s one client source may get at once, before --redirect-rate applies.
+    #[arg(long, env = "TAAS_REDIRECT_BURST", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    redirect_burst: u32,
 }
 
 #[derive(Args)]
@@ -274,6 +286,12 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
+    if !(args.redirect_rate.is_finite() && args.redirect_rate >= 0.0) {
+        anyhow::bail!(
+            "--redirect-rate {}: expected 307s per second (0 or more; 0 disables the limit)",
+            args.redirect_rate
+        );
+    }
     let shutdown_delay = Duration::try_from_secs_f64(args.shutdown_delay).with_context(|| {
         format!(
             "--shutdown-delay {}: expected seconds (0 or more)",
@@ -292,6 +310,15 @@ async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
         metrics: metrics_addr(&args.metrics)?,
         timeouts: Timeouts::default(),
         max_connections: taas_relay::config::Limits::default().frontend_connections,
+        install_secret_file: args.gateway_secret_file,
+        upstream: taas_relay::gateway::UpstreamSettings {
+            redirect_limit: taas_relay::rate_limit::RateLimit {
+                per_second: args.redirect_rate,
+                burst: args.redirect_burst,
+                ..Default::default()
+            },
+            ..Default::default()
+        },
     })
     .await?;
     shutdown_signal().await;

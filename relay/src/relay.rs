@@ -54,7 +54,8 @@ pub struct Relay {
     /// The threads the labels run on; dropped with the relay, which stops them.
     data_plane: DataPlane,
     metrics: Arc<RelayMetrics>,
-    /// Checked against when the ID or label is unknown, so every refusal costs the same.
+    /// Checked against when the ID or label is unknown, so every refusal costs the same. Its
+    /// algorithm does not matter: every check computes all of them (`totp::verify`).
     decoy: LabelConfig,
 }
 

@@ -6,6 +6,18 @@
 //! accepted step, where it came from and how many new connections used it, and counts failures
 //! per source and per ID in fixed windows. Every map is bounded, so a flood of sources or IDs
 //! costs bounded memory; IDs are stored as keyed 64-bit hashes, so their length does not matter.
+//!
+//! Failures of configured IDs (the ID of the label asked for) and of unknown IDs are kept in
+//! separate maps (issue 13). With one shared map, a flood of failures for made-up IDs filled
+//! it, and making room evicted the oldest entries: the counter of the ID someone was guessing
+//! (19 failures of 20, say) went with them, and its guessing could start again from zero after
+//! every flood. Only configured IDs enter their map, so junk cannot push them out: it holds
+//! at most the IDs of the labels attacked within a window (and `max_entries`, as every map).
+//! Unknown IDs keep a bounded map of their own, counted and blocked exactly as configured ones,
+//! so the answers do not tell which IDs exist; evicting there forgives only other unknown IDs,
+//! which can never succeed anyway (blocked ones last: it takes a flood of more blocked made-up
+//! IDs than the map holds, about 1.2 M failures from 120,000 sources within a block, to make a
+//! blocked made-up ID answer differently from a blocked configured one).
 
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
@@ -57,15 +69,26 @@ pub enum TokenRefusal {
 /// Shared, thread-safe guard for all registrations of one relay.
 #[derive(Debug)]
 pub struct AuthGuard {
-    limits: GuardLimits,
     id_hasher: RandomState,
     state: Mutex<State>,
 }
 
+/// Whether the ID of a failed registration is the one configured for the label it named.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdKind {
+    /// The label exists and this is its ID: a guess that could succeed.
+    Configured,
+    /// Any other ID: it can never succeed here.
+    Unknown,
+}
+
 #[derive(Debug, Default)]
 struct State {
+    limits: GuardLimits,
     source_failures: HashMap<IpAddr, Failures>,
-    id_failures: HashMap<u64, Failures>,
+    /// Failures of configured IDs only: junk never enters, so it never evicts them.
+    configured_failures: HashMap<u64, Failures>,
+    unknown_failures: HashMap<u64, Failures>,
     tokens: HashMap<u64, Token>,
     /// (ID, source) → last successful registration.
     good_sources: HashMap<(u64, IpAddr), Instant>,
@@ -93,14 +116,21 @@ struct Token {
 impl AuthGuard {
     pub fn new(limits: GuardLimits) -> Self {
         Self {
-            limits,
             id_hasher: RandomState::new(),
-            state: Mutex::default(),
+            state: Mutex::new(State {
+                limits,
+                ..State::default()
+            }),
         }
     }
 
     pub fn limits(&self) -> GuardLimits {
-        self.limits
+        self.lock().limits
+    }
+
+    /// Changes the limits; what was counted so far is kept and judged by the new limits.
+    pub fn set_limits(&self, limits: GuardLimits) {
+        self.lock().limits = limits;
     }
 
     /// How long `source` must wait before trying `id` again, if it is blocked: the source has
@@ -108,8 +138,8 @@ impl AuthGuard {
     /// (the genuine hidden server keeps registering while someone guesses from elsewhere).
     pub fn blocked(&self, source: IpAddr, id: &str, now: Instant) -> Option<Duration> {
         let (source, id) = (source.to_canonical(), self.id_key(id));
-        let block = self.limits.block;
         let state = self.lock();
+        let block = state.limits.block;
         let by_source = state
             .source_failures
             .get(&source)
@@ -117,24 +147,25 @@ impl AuthGuard {
         let known_good = state
             .good_sources
             .get(&(id, source))
-            .is_some_and(|t| !t.expired(now, &self.limits));
+            .is_some_and(|t| !t.expired(now, &state.limits));
+        // An ID may have failures in both maps (its label was added or removed meanwhile).
         let by_id = match known_good {
             true => None,
-            false => state
-                .id_failures
-                .get(&id)
-                .and_then(|f| f.retry_after(now, block)),
+            false => [&state.configured_failures, &state.unknown_failures]
+                .iter()
+                .filter_map(|map| map.get(&id)?.retry_after(now, block))
+                .max(),
         };
         by_source.max(by_id)
     }
 
     /// Counts a failed registration (bad token, unknown ID, refused token) against both the
-    /// source and the ID.
-    pub fn record_failure(&self, source: IpAddr, id: &str, now: Instant) {
+    /// source and the ID; `kind` says which map the ID's count is kept in.
+    pub fn record_failure(&self, source: IpAddr, id: &str, kind: IdKind, now: Instant) {
         let (source, id) = (source.to_canonical(), self.id_key(id));
-        let limits = &self.limits;
         let mut state = self.lock();
         let state = &mut *state;
+        let limits = &state.limits;
         bump(
             &mut state.source_failures,
             source,
@@ -142,13 +173,11 @@ impl AuthGuard {
             limits,
             now,
         );
-        bump(
-            &mut state.id_failures,
-            id,
-            limits.failures_per_id,
-            limits,
-            now,
-        );
+        let id_failures = match kind {
+            IdKind::Configured => &mut state.configured_failures,
+            IdKind::Unknown => &mut state.unknown_failures,
+        };
+        bump(id_failures, id, limits.failures_per_id, limits, now);
     }
 
     /// Decides whether a token whose TOTP matched `step` may be used for this registration.
@@ -204,8 +233,9 @@ impl AuthGuard {
         // A new step: as many as asked for up to the limit, and always the one port a single
         // request got before.
         let first = wanted.min(max_uses).max(1);
-        let limits = &self.limits;
         let mut state = self.lock();
+        let limits = state.limits;
+        let limits = &limits;
         let fresh = |uses| Token {
             newest: step,
             source,
@@ -257,11 +287,12 @@ impl AuthGuard {
     }
 
     #[cfg(test)]
-    fn sizes(&self) -> [usize; 4] {
+    fn sizes(&self) -> [usize; 5] {
         let s = self.lock();
         [
             s.source_failures.len(),
-            s.id_failures.len(),
+            s.configured_failures.len(),
+            s.unknown_failures.len(),
             s.tokens.len(),
             s.good_sources.len(),
         ]
@@ -530,10 +561,10 @@ mod tests {
     fn source_failures_block_that_source() {
         let (g, t0) = (AuthGuard::default(), Instant::now());
         for i in 0..9 {
-            g.record_failure(ip(1), ID, t0 + secs(i));
+            g.record_failure(ip(1), ID, IdKind::Configured, t0 + secs(i));
         }
         assert_eq!(g.blocked(ip(1), ID, t0 + secs(9)), None);
-        g.record_failure(ip(1), ID, t0 + secs(9));
+        g.record_failure(ip(1), ID, IdKind::Configured, t0 + secs(9));
         assert_eq!(g.blocked(ip(1), ID, t0 + secs(9)), Some(secs(60)));
         assert_eq!(g.blocked(ip(1), "other", t0 + secs(30)), Some(secs(39)));
         assert_eq!(g.blocked(ip(2), ID, t0 + secs(10)), None);
@@ -542,7 +573,7 @@ mod tests {
         let mapped = IpAddr::V6(Ipv4Addr::new(192, 0, 2, 1).to_ipv6_mapped());
         assert!(g.blocked(mapped, ID, t0 + secs(10)).is_some());
         // After the block the count starts again.
-        g.record_failure(ip(1), ID, t0 + secs(70));
+        g.record_failure(ip(1), ID, IdKind::Configured, t0 + secs(70));
         assert_eq!(g.blocked(ip(1), ID, t0 + secs(70)), None);
     }
 
@@ -551,7 +582,7 @@ mod tests {
         let (g, t0) = (AuthGuard::default(), Instant::now());
         assert_eq!(g.admit(ID, S, ip(1), 32, true, false, t0), Ok(()));
         for i in 0..20u8 {
-            g.record_failure(ip(100 + i), ID, t0 + secs(1));
+            g.record_failure(ip(100 + i), ID, IdKind::Configured, t0 + secs(1));
         }
         let now = t0 + secs(2);
         assert_eq!(g.blocked(ip(99), ID, now), Some(secs(59)));
@@ -563,7 +594,7 @@ mod tests {
         let g = AuthGuard::default();
         assert_eq!(g.admit(ID, S, ip(1), 32, true, false, t0), Ok(()));
         for i in 0..20u8 {
-            g.record_failure(ip(100 + i), ID, t0 + secs(120));
+            g.record_failure(ip(100 + i), ID, IdKind::Configured, t0 + secs(120));
         }
         assert!(g.blocked(ip(1), ID, t0 + secs(121)).is_some());
     }
@@ -572,16 +603,16 @@ mod tests {
     fn window_expiry() {
         let (g, t0) = (AuthGuard::default(), Instant::now());
         for i in 0..9 {
-            g.record_failure(ip(1), ID, t0 + secs(i));
+            g.record_failure(ip(1), ID, IdKind::Configured, t0 + secs(i));
         }
         // The window started at t0: these are in a new one.
-        g.record_failure(ip(1), ID, t0 + secs(60));
+        g.record_failure(ip(1), ID, IdKind::Configured, t0 + secs(60));
         assert_eq!(g.blocked(ip(1), ID, t0 + secs(60)), None);
         for i in 0..8 {
-            g.record_failure(ip(1), ID, t0 + secs(61 + i));
+            g.record_failure(ip(1), ID, IdKind::Configured, t0 + secs(61 + i));
         }
         assert_eq!(g.blocked(ip(1), ID, t0 + secs(70)), None);
-        g.record_failure(ip(1), ID, t0 + secs(119));
+        g.record_failure(ip(1), ID, IdKind::Configured, t0 + secs(119));
         assert!(g.blocked(ip(1), ID, t0 + secs(119)).is_some());
         // Token state expires after window + block; an older step is then not known to be old.
         assert_eq!(g.admit(ID, S + 1, ip(1), 32, true, false, t0), Ok(()));
@@ -604,7 +635,7 @@ mod tests {
         };
         let (g, t0) = (AuthGuard::new(limits), Instant::now());
         for _ in 0..1000 {
-            g.record_failure(ip(1), ID, t0);
+            g.record_failure(ip(1), ID, IdKind::Configured, t0);
         }
         assert_eq!(g.blocked(ip(1), ID, t0), None);
     }
@@ -619,7 +650,7 @@ mod tests {
         for i in 0..200_000u32 {
             let source = IpAddr::V6(Ipv6Addr::from(u128::from(i) | (0x2001_0db8 << 96)));
             let now = t0 + Duration::from_millis(u64::from(i));
-            g.record_failure(source, &format!("id-{i}"), now);
+            g.record_failure(source, &format!("id-{i}"), IdKind::Unknown, now);
             if i % 10 == 0 {
                 let _ = g.admit(&format!("id-{i}"), S, source, 32, true, false, now);
             }
@@ -628,11 +659,145 @@ mod tests {
         // A recently blocked source survives the flood of newer, unblocked ones.
         let end = t0 + Duration::from_millis(200_000);
         for _ in 0..10 {
-            g.record_failure(ip(1), ID, end);
+            g.record_failure(ip(1), ID, IdKind::Configured, end);
         }
         for i in 0..5_000u32 {
-            g.record_failure(IpAddr::V6(Ipv6Addr::from(u128::from(i))), "x", end);
+            g.record_failure(
+                IpAddr::V6(Ipv6Addr::from(u128::from(i))),
+                "x",
+                IdKind::Unknown,
+                end,
+            );
         }
         assert!(g.blocked(ip(1), "y", end).is_some());
+    }
+
+    /// What an attacker can do to a guessed ID's count: fail for made-up IDs (from a pool
+    /// larger than the map) and for the other configured IDs (fewer than the map holds),
+    /// from many sources, at any time within the window.
+    mod junk {
+        use super::*;
+        use proptest::prelude::*;
+
+        const GUESSED: &str = "the-guessed-id";
+
+        #[derive(Debug, Clone)]
+        struct Junk {
+            configured: bool,
+            id: u16,
+            source: u16,
+            /// Milliseconds after the guessed ID's first failure, below the 60 s window.
+            at: u64,
+        }
+
+        fn junk(max_entries: usize) -> impl Strategy<Value = Vec<Junk>> {
+            let one = (
+                any::<bool>(),
+                0..(max_entries as u16 * 4),
+                any::<u16>(),
+                0..59_000u64,
+            )
+                .prop_map(|(configured, id, source, at)| Junk {
+                    configured,
+                    id,
+                    source,
+                    at,
+                });
+            proptest::collection::vec(one, 0..1500).prop_map(|mut junk| {
+                junk.sort_by_key(|j| j.at);
+                junk
+            })
+        }
+
+        fn source(n: u16) -> IpAddr {
+            IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 1, n))
+        }
+
+        /// Never used by the attacker: asks whether the guessed ID is blocked.
+        fn fresh() -> IpAddr {
+            IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 2, 1))
+        }
+
+        /// Plays `junk` from `t0` on; returns the time of the last failure.
+        fn play(g: &AuthGuard, junk: &[Junk], max_entries: usize, t0: Instant) -> Instant {
+            let mut last = t0;
+            for j in junk {
+                last = t0 + Duration::from_millis(j.at);
+                // Other configured IDs: fewer than the map holds, as labels are.
+                let (id, kind) = match j.configured {
+                    true => (
+                        format!("label-{}", usize::from(j.id) % (max_entries - 1)),
+                        IdKind::Configured,
+                    ),
+                    false => (format!("junk-{}", j.id), IdKind::Unknown),
+                };
+                g.record_failure(source(j.source), &id, kind, last);
+            }
+            last
+        }
+
+        fn limits(max_entries: usize, failures_per_id: u32) -> GuardLimits {
+            GuardLimits {
+                failures_per_id,
+                max_entries,
+                ..GuardLimits::default()
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(128))]
+
+            #[test]
+            fn after_any_junk_a_blocked_configured_id_stays_blocked(
+                max_entries in 2usize..48,
+                failures_per_id in 1u32..8,
+                junk in junk(48),
+            ) {
+                let (g, t0) = (AuthGuard::new(limits(max_entries, failures_per_id)), Instant::now());
+                for n in 0..failures_per_id {
+                    g.record_failure(source(n as u16), GUESSED, IdKind::Configured, t0);
+                }
+                prop_assert!(g.blocked(fresh(), GUESSED, t0).is_some());
+                let last = play(&g, &junk, max_entries, t0);
+                prop_assert!(g.blocked(fresh(), GUESSED, last).is_some());
+                prop_assert!(g.sizes().iter().all(|&n| n <= max_entries));
+            }
+
+            #[test]
+            fn after_any_junk_a_guessed_configured_id_keeps_its_count(
+                max_entries in 2usize..48,
+                failures_per_id in 2u32..8,
+                before in 1u32..7,
+                junk in junk(48),
+            ) {
+                let before = before.min(failures_per_id - 1);
+                let (g, t0) = (AuthGuard::new(limits(max_entries, failures_per_id)), Instant::now());
+                for n in 0..before {
+                    g.record_failure(source(n as u16), GUESSED, IdKind::Configured, t0);
+                }
+                let last = play(&g, &junk, max_entries, t0);
+                prop_assert!(g.blocked(fresh(), GUESSED, last).is_none());
+                // The guesses left before the limit, and no more.
+                for n in before..failures_per_id {
+                    g.record_failure(source(n as u16), GUESSED, IdKind::Configured, last);
+                }
+                prop_assert!(g.blocked(fresh(), GUESSED, last).is_some());
+            }
+        }
+
+        /// Unknown IDs are counted and blocked like configured ones: the answer does not say
+        /// which IDs exist.
+        #[test]
+        fn unknown_ids_are_blocked_like_configured_ones() {
+            let (g, t0) = (AuthGuard::default(), Instant::now());
+            for n in 0..20 {
+                assert_eq!(g.blocked(source(n), "made-up", t0), None);
+                assert_eq!(g.blocked(source(n), GUESSED, t0), None);
+                g.record_failure(source(n), "made-up", IdKind::Unknown, t0);
+                g.record_failure(source(n), GUESSED, IdKind::Configured, t0);
+            }
+            assert_eq!(g.blocked(fresh(), "made-up", t0), Some(secs(60)));
+            assert_eq!(g.blocked(fresh(), GUESSED, t0), Some(secs(60)));
+        }
     }
 }

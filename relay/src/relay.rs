@@ -14,7 +14,7 @@ use tokio::sync::Semaphore;
 
 use crate::config::{ExternalAddress, LabelConfig, RedirectHost, RelaySettings};
 use crate::data_plane::DataPlane;
-use crate::guard::{AuthGuard, GuardLimits};
+use crate::guard::{AuthGuard, GuardLimits, IdKind};
 use crate::label::{Label, Shared, Unavailable};
 use crate::metrics::{Registered, RelayMetrics};
 use crate::ports::{PortError, PortPool};
@@ -54,7 +54,8 @@ pub struct Relay {
     /// The threads the labels run on; dropped with the relay, which stops them.
     data_plane: DataPlane,
     metrics: Arc<RelayMetrics>,
-    /// Checked against when the ID or label is unknown, so every refusal costs the same.
+    /// Checked against when the ID or label is unknown, so every refusal costs the same. Its
+    /// algorithm does not matter: every check computes all of them (`totp::verify`).
     decoy: LabelConfig,
 }
 
@@ -116,6 +117,11 @@ impl Relay {
             tracing::info!(host = %external.host, ports = ?external.ports, "external address changed");
             *current = Arc::new(external);
         }
+    }
+
+    /// The guard that counts failed registrations and limits token reuse.
+    pub fn guard(&self) -> &AuthGuard {
+        &self.guard
     }
 
     /// The running label, if configured.
@@ -194,8 +200,15 @@ impl Relay {
         }
     }
 
-    fn refuse(&self, label: Option<&Label>, source: IpAddr, id: &str, now: Instant) -> Answer {
-        self.guard.record_failure(source, id, now);
+    fn refuse(
+        &self,
+        label: Option<&Label>,
+        source: IpAddr,
+        id: &str,
+        kind: IdKind,
+        now: Instant,
+    ) -> Answer {
+        self.guard.record_failure(source, id, kind, now);
         match label {
             Some(label) => label.metrics().registered(Registered::Unauthorized),
             None => self.metrics.rejected("unauthorized"),
@@ -264,8 +277,13 @@ impl Relay {
             &credentials.response,
             unix_now(),
         );
+        // Kept apart so that failures for made-up IDs cannot evict a guessed ID's count.
+        let kind = match authorised {
+            Some(_) => IdKind::Configured,
+            None => IdKind::Unknown,
+        };
         let (Some((label, config)), Some(step)) = (authorised, step) else {
-            return self.refuse(label.as_deref(), request.source, id, now);
+            return self.refuse(label.as_deref(), request.source, id, kind, now);
         };
         // A full label is said before the token is spent, so that the hidden server's retry
         // later is not refused for reusing it too often.
@@ -291,7 +309,7 @@ impl Relay {
             Ok(granted) => granted,
             Err(refusal) => {
                 tracing::info!(label = %label.name(), source = %request.source, %refusal, "token refused");
-                return self.refuse(Some(&label), request.source, id, now);
+                return self.refuse(Some(&label), request.source, id, IdKind::Configured, now);
             }
         };
         connection.add(id);

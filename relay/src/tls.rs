@@ -4,7 +4,7 @@
 use std::fs;
 use std::io::Write;
 use std::net::IpAddr;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -79,29 +79,83 @@ pub struct CertFiles {
 }
 
 /// Returns the self-signed certificate in `state_dir`, generating it on first use or when the
-/// names it must cover have changed. The key is written with mode 0600.
+/// names it must cover have changed.
+///
+/// The state directory is created 0700; one that already exists and is group- or
+/// world-writable is warned about but left alone (it may be shared, like `/tmp`, and is not
+/// ours to change). The key is 0600 from the moment it exists: every file is written to a
+/// fresh, randomly named temporary file created exclusively (no existing file or planted
+/// symbolic link is ever opened) and renamed into place (a link at the final name is
+/// replaced, not followed). A reused key that has become readable by others is tightened
+/// back to 0600, and a key that is not a regular file is not trusted: a new pair is made.
 pub fn load_or_generate(state_dir: &Path, names: &CertNames) -> Result<CertFiles, TlsError> {
     let files = CertFiles {
         cert: state_dir.join("relay-cert.pem"),
         key: state_dir.join("relay-key.pem"),
     };
     let names_file = state_dir.join("relay-cert.names");
-    let wanted = names.san_lines().join("\n") + "\n";
-    let current = fs::read_to_string(&names_file).ok();
-    if current.as_deref() == Some(wanted.as_str()) && files.cert.exists() && files.key.exists() {
-        return Ok(files);
-    }
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| TlsError::Io { path, source }
     };
-    fs::create_dir_all(state_dir).map_err(io(state_dir))?;
+    create_state_dir(state_dir).map_err(io(state_dir))?;
+    let wanted = names.san_lines().join("\n") + "\n";
+    let current = fs::read_to_string(&names_file).ok();
+    if current.as_deref() == Some(wanted.as_str())
+        && files.cert.exists()
+        && reusable_key(&files.key).map_err(io(&files.key))?
+    {
+        return Ok(files);
+    }
     let (cert_pem, key_pem) = generate(names)?;
     write_file(&files.key, key_pem.as_bytes(), 0o600).map_err(io(&files.key))?;
     write_file(&files.cert, cert_pem.as_bytes(), 0o644).map_err(io(&files.cert))?;
     write_file(&names_file, wanted.as_bytes(), 0o644).map_err(io(&names_file))?;
     tracing::info!(cert = %files.cert.display(), "generated a self-signed certificate");
     Ok(files)
+}
+
+/// Creates `dir` (and missing parents) with mode 0700; warns about an existing one that
+/// others may write to.
+fn create_state_dir(dir: &Path) -> std::io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let mode = fs::metadata(dir)?.permissions().mode();
+    if mode & 0o022 != 0 {
+        tracing::warn!(
+            dir = %dir.display(),
+            mode = format_args!("{:o}", mode & 0o7777),
+            "the state directory is writable by other users, who could replace the generated \
+             certificate and key; use a directory only this user can write to (--state-dir)"
+        );
+    }
+    Ok(())
+}
+
+/// Whether the generated key at `path` can be reused: a regular file (not a link), which is
+/// made 0600 again if its mode was loosened.
+fn reusable_key(path: &Path) -> std::io::Result<bool> {
+    let metadata = match fs::symlink_metadata(path) {
+        Ok(metadata) => metadata,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(error) => return Err(error),
+    };
+    if !metadata.file_type().is_file() {
+        tracing::warn!(key = %path.display(), "the generated key is not a regular file; generating a new one");
+        return Ok(false);
+    }
+    let mode = metadata.permissions().mode();
+    if mode & 0o077 != 0 {
+        tracing::warn!(
+            key = %path.display(),
+            mode = format_args!("{:o}", mode & 0o7777),
+            "the generated key was readable by other users; its mode is now 0600"
+        );
+        fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(true)
 }
 
 /// A self-signed ECDSA P-256 certificate (PEM) and its key (PEM) covering `names`.
@@ -129,18 +183,33 @@ pub fn generate(names: &CertNames) -> Result<(String, String), TlsError> {
     Ok((cert.pem(), key.serialize_pem()))
 }
 
+/// Writes `contents` to `path` atomically, with `mode` from creation on.
+///
+/// The temporary file beside the target has a random name and is created exclusively
+/// (`O_CREAT | O_EXCL`, which also refuses a symbolic link planted at that name), so nothing
+/// that already exists is ever opened or written through. The rename then replaces whatever
+/// is at `path` (a link included, not its target), so a reader never sees half a file.
 fn write_file(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
-    // Write beside the target and rename, so a reader never sees half a file.
-    let tmp = path.with_extension("tmp");
+    let name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::other("not a file path"))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".{:016x}.tmp", rand::random::<u64>()));
+    let tmp = path.with_file_name(tmp_name);
     let mut file = fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(mode)
         .open(&tmp)?;
-    file.write_all(contents)?;
-    file.sync_all()?;
-    fs::rename(&tmp, path)
+    let written = file
+        .write_all(contents)
+        .and_then(|()| file.sync_all())
+        .and_then(|()| fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp); // no stray copy of a key left behind
+    }
+    written
 }
 
 pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -225,6 +294,118 @@ mod tests {
         server_config(&changed).unwrap();
         crate::agent::client_tls_config(&crate::agent::Trust::PemFile(changed.cert.clone()))
             .unwrap();
+    }
+
+    fn mode(path: &Path) -> u32 {
+        fs::symlink_metadata(path).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn the_generated_key_is_0600_in_a_0700_state_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("new").join("state");
+        let files = load_or_generate(&state, &names()).unwrap();
+        assert_eq!(mode(&files.key), 0o600, "key");
+        assert_eq!(mode(&state), 0o700, "state directory");
+        // Nothing but the three files: no temporary file left behind.
+        let mut left: Vec<_> = fs::read_dir(&state)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            ["relay-cert.names", "relay-cert.pem", "relay-key.pem"]
+        );
+    }
+
+    #[test]
+    fn a_link_planted_at_the_old_temporary_name_is_not_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        fs::create_dir(&state).unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, "precious\n").unwrap();
+        fs::set_permissions(&victim, fs::Permissions::from_mode(0o644)).unwrap();
+        // The fixed names the key and the certificate used to be written through.
+        std::os::unix::fs::symlink(&victim, state.join("relay-key.tmp")).unwrap();
+        std::os::unix::fs::symlink(&victim, state.join("relay-cert.tmp")).unwrap();
+        let files = load_or_generate(&state, &names()).unwrap();
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "precious\n");
+        assert_eq!(mode(&victim), 0o644);
+        assert!(fs::symlink_metadata(&files.key)
+            .unwrap()
+            .file_type()
+            .is_file());
+        assert_eq!(mode(&files.key), 0o600);
+        read_key(&files.key).unwrap();
+    }
+
+    #[test]
+    fn a_link_planted_at_the_key_is_replaced_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        fs::create_dir(&state).unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, "precious\n").unwrap();
+        std::os::unix::fs::symlink(&victim, state.join("relay-key.pem")).unwrap();
+        let files = load_or_generate(&state, &names()).unwrap();
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "precious\n");
+        assert!(fs::symlink_metadata(&files.key)
+            .unwrap()
+            .file_type()
+            .is_file());
+        assert_eq!(mode(&files.key), 0o600);
+        // Also when the names match: a link is not a key this relay generated.
+        let victim_key = dir.path().join("victim-key");
+        fs::copy(&files.key, &victim_key).unwrap();
+        fs::remove_file(&files.key).unwrap();
+        std::os::unix::fs::symlink(&victim_key, &files.key).unwrap();
+        let again = load_or_generate(&state, &names()).unwrap();
+        assert!(fs::symlink_metadata(&again.key)
+            .unwrap()
+            .file_type()
+            .is_file());
+        assert_ne!(
+            fs::read(&again.key).unwrap(),
+            fs::read(&victim_key).unwrap()
+        );
+    }
+
+    #[test]
+    fn a_reused_key_readable_by_others_is_tightened_to_0600() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = load_or_generate(dir.path(), &names()).unwrap();
+        let key = fs::read(&first.key).unwrap();
+        fs::set_permissions(&first.key, fs::Permissions::from_mode(0o644)).unwrap();
+        let again = load_or_generate(dir.path(), &names()).unwrap();
+        assert_eq!(
+            fs::read(&again.key).unwrap(),
+            key,
+            "reused, not regenerated"
+        );
+        assert_eq!(mode(&again.key), 0o600);
+    }
+
+    #[test]
+    fn a_key_written_over_a_0644_one_is_0600() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = load_or_generate(dir.path(), &names()).unwrap();
+        fs::set_permissions(&first.key, fs::Permissions::from_mode(0o644)).unwrap();
+        let mut other = names();
+        other.domain = "example.test".into();
+        let changed = load_or_generate(dir.path(), &other).unwrap();
+        assert_eq!(mode(&changed.key), 0o600);
+    }
+
+    #[test]
+    fn an_existing_state_directory_keeps_its_mode() {
+        // Shared directories (like /tmp) are not ours to change: warned about, used as is.
+        let dir = tempfile::tempdir().unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777)).unwrap();
+        let files = load_or_generate(dir.path(), &names()).unwrap();
+        assert_eq!(mode(dir.path()), 0o777);
+        assert_eq!(mode(&files.key), 0o600);
     }
 
     #[test]

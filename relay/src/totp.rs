@@ -4,6 +4,15 @@
 //! contract needs on top: base32 secrets in any spelling an operator may paste, the number of
 //! digits taken from the client's response (6 to 8), a ±1 step window, and a verification that
 //! does the same work and compares in constant time whichever step matches.
+//!
+//! The same work also whichever algorithm the label uses (issue 13): a refusal for an unknown
+//! ID is checked against a decoy, and when the decoy used SHA1 while a label used SHA512, a
+//! wrong token for that label's ID took measurably longer than one for a made-up ID (a whole
+//! refusal in-process: 6.5 µs against 2.3 µs in a release build, 144 µs against 30 µs in a
+//! debug build), which told which IDs exist. Now every check computes the code under all three
+//! algorithms for each of the three steps (9 HMACs) and keeps the one asked for in constant
+//! time: every refusal costs what a SHA512 one did (6.3 µs, next to a TLS handshake's ~1 ms),
+//! and an unknown ID has no algorithm to give away.
 
 use subtle::{Choice, ConditionallySelectable, ConstantTimeEq};
 use thiserror::Error;
@@ -110,8 +119,24 @@ pub fn code(
 ///
 /// The number of digits is the length of `response` (6 to 8 ASCII digits, else `None`), as the
 /// original did. All three codes are computed and compared in constant time, so the timing does
-/// not say which step matched, or whether any did.
+/// not say which step matched, or whether any did; and each is computed with every algorithm,
+/// so the timing does not say which algorithm `algorithm` is either.
 pub fn verify(
+    secret: &[u8],
+    algorithm: Algorithm,
+    period: u64,
+    response: &str,
+    unix_time: u64,
+) -> Option<u64> {
+    verify_with(hotp, secret, algorithm, period, response, unix_time)
+}
+
+/// Every algorithm a label may use: each check computes all of them.
+const ALGORITHMS: [Algorithm; 3] = [Algorithm::SHA1, Algorithm::SHA256, Algorithm::SHA512];
+
+/// [`verify`] with the HOTP function as a parameter, so that tests can count the work.
+fn verify_with(
+    mut hotp: impl FnMut(&[u8], Algorithm, u32, u64) -> String,
     secret: &[u8],
     algorithm: Algorithm,
     period: u64,
@@ -132,10 +157,13 @@ pub fn verify(
         // A step that does not exist (at the ends of u64) is still computed, never accepted.
         let counter = candidate.unwrap_or(now);
         let exists = Choice::from(u8::from(candidate.is_some()));
-        let expected = hotp(secret, algorithm, digits, counter);
-        let hit = expected.as_bytes().ct_eq(response) & exists & !found;
-        matched.conditional_assign(&counter, hit);
-        found |= hit;
+        for each in ALGORITHMS {
+            let expected = hotp(secret, each, digits, counter);
+            let wanted = (each as u8).ct_eq(&(algorithm as u8));
+            let hit = expected.as_bytes().ct_eq(response) & wanted & exists & !found;
+            matched.conditional_assign(&counter, hit);
+            found |= hit;
+        }
     }
     bool::from(found).then_some(matched)
 }
@@ -277,6 +305,44 @@ mod tests {
                 "{response}"
             );
         }
+    }
+
+    /// The HMACs one check computes, per algorithm, for each label algorithm and outcome.
+    fn work(algorithm: Algorithm, response: &str) -> (Option<u64>, [usize; 3]) {
+        let mut counts = [0usize; 3];
+        let counting = |secret: &[u8], each: Algorithm, digits: u32, counter: u64| {
+            counts[each as usize] += 1;
+            hotp(secret, each, digits, counter)
+        };
+        let result = verify_with(counting, SHA512_KEY, algorithm, 30, response, 1111111109);
+        (result, counts)
+    }
+
+    #[test]
+    fn every_check_does_the_same_work_whatever_the_algorithm() {
+        let s = step(1111111109, 30);
+        for algorithm in ALGORITHMS {
+            let right = code(SHA512_KEY, algorithm, 8, 30, 1111111109);
+            let previous = code(SHA512_KEY, algorithm, 6, 30, 1111111109 - 30);
+            for (response, expected) in [
+                (right.as_str(), Some(s)),
+                (previous.as_str(), Some(s - 1)),
+                ("000000", None),
+                ("12345678", None),
+            ] {
+                assert_eq!(
+                    work(algorithm, response),
+                    (expected, [3, 3, 3]),
+                    "{algorithm:?} {response}"
+                );
+            }
+        }
+        // A code of another algorithm is not accepted for this one.
+        let sha1 = code(SHA512_KEY, Algorithm::SHA1, 8, 30, 1111111109);
+        let sha512 = code(SHA512_KEY, Algorithm::SHA512, 8, 30, 1111111109);
+        assert_ne!(sha1, sha512);
+        assert_eq!(work(Algorithm::SHA512, &sha1).0, None);
+        assert_eq!(work(Algorithm::SHA1, &sha512).0, None);
     }
 
     #[test]

@@ -184,6 +184,9 @@ pub struct Timeouts {
     pub keep_alive: Duration,
     /// How long a 307 admits its source on q (with `ClientAdmission::Redirected`).
     pub admission: Duration,
+    /// Time for a request's body on the front end once its head is in (408 and a close
+    /// after it): with `keep_alive`, the deadline of a whole request.
+    pub request_body: Duration,
 }
 
 impl Default for Timeouts {
@@ -194,6 +197,7 @@ impl Default for Timeouts {
             handshake: Duration::from_secs(10),
             keep_alive: Duration::from_secs(30),
             admission: Duration::from_secs(60),
+            request_body: Duration::from_secs(10),
         }
     }
 }
@@ -202,6 +206,9 @@ impl Default for Timeouts {
 pub struct Limits {
     /// Front-end connections open at once (TLS handshakes included).
     pub frontend_connections: usize,
+    /// Front-end connections one source (IPv4 address or IPv6 /64) may hold at once on the
+    /// public (TLS) front end; see `frontend` for the choice of default.
+    pub frontend_connections_per_source: usize,
     /// Clients waiting on one label's q for a parked connection.
     pub waiting_clients_per_label: usize,
     /// Spliced pairs open at once, all labels together.
@@ -214,6 +221,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             frontend_connections: 16_384,
+            frontend_connections_per_source: 1024,
             waiting_clients_per_label: 256,
             active_pairs: 65_536,
             early_bytes: 16 * 1024,

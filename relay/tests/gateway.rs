@@ -56,6 +56,7 @@ async fn start_label_relay(dir: &Path, label: &TestLabel, redirect_host: Redirec
         secret_dir: base.join("secret"),
         external_file: Some(external_file.clone()),
         control: "127.0.0.1:0".parse().unwrap(),
+        gateway_token: None,
         trusted: vec!["127.0.0.1/32".parse().unwrap()],
         registrar: REGISTRAR.into(),
         domain: DOMAIN.into(),

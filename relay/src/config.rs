@@ -202,6 +202,11 @@ impl Default for Timeouts {
     }
 }
 
+/// Front-end connections open at once in the gateway and label-relay pods (their
+/// `--max-connections` default): at the measured cost of a held connection (`frontend`
+/// module docs) the cap fits the chart's 256 MiB memory limit with room to spare.
+pub const POD_FRONTEND_CONNECTIONS: usize = 4096;
+
 #[derive(Clone, Debug)]
 pub struct Limits {
     /// Front-end connections open at once (TLS handshakes included).

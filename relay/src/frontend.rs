@@ -468,8 +468,11 @@ async fn answer<B: LabelBackend>(
             return refused;
         }
     };
-    // Read (and drop) a small body, within its deadline, so the connection can be kept
-    // alive; refuse a large one at once.
+    // Refuse an announced body over the bound at once; read (and drop) a small one, within
+    // its deadline, so the connection can be kept alive.
+    if body.size_hint().lower() > MAX_BODY_BYTES as u64 {
+        return closing(Answer::empty(413));
+    }
     if !body.is_end_stream() {
         let read = Limited::new(body, MAX_BODY_BYTES).collect();
         match tokio::time::timeout(settings.body_timeout, read).await {

@@ -247,9 +247,8 @@ struct LabelNewArgs {
     names: RelayNames,
 }
 
-/// Connection cap of the gateway and label-relay pods: per-connection memory (frontend module
-/// docs) times this stays inside the chart's 256 MiB limit.
-const POD_MAX_CONNECTIONS: u32 = 4096;
+/// Connection cap of the gateway and label-relay pods (see `config::POD_FRONTEND_CONNECTIONS`).
+const POD_MAX_CONNECTIONS: u32 = taas_relay::config::POD_FRONTEND_CONNECTIONS as u32;
 
 fn seconds(flag: &str, value: f64) -> anyhow::Result<Duration> {
     Duration::try_from_secs_f64(value)

@@ -395,3 +395,75 @@ async fn held_partial_heads_cost_a_bounded_amount_of_memory_each() {
         );
     }
 }
+
+/// Waits (bounded) until the relay closes `stream`; returns how long that took.
+async fn time_to_close<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> Duration {
+    let started = Instant::now();
+    let mut buf = [0u8; 256];
+    loop {
+        match tokio::time::timeout(PATIENCE, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return started.elapsed(),
+            Ok(Ok(_)) => continue, // TLS session tickets, or a 408
+            Err(_) => panic!("still open after {PATIENCE:?}"),
+        }
+    }
+}
+
+/// The handshake and head deadlines: a silent peer, a peer that sends one byte of a
+/// ClientHello and stalls, and one that stalls inside a request head are all closed at
+/// their deadline, and every connection's place is given back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_and_stalled_peers_are_closed_at_the_handshake_and_head_deadlines() {
+    const HANDSHAKE: Duration = Duration::from_secs(1);
+    const HEAD: Duration = Duration::from_secs(2);
+    let relay = TestRelay::start_with(&[], |o| {
+        o.timeouts.handshake = HANDSHAKE;
+        o.timeouts.keep_alive = HEAD;
+    })
+    .await;
+    let front = relay.addr();
+    let mut silent = tcp_from("127.0.0.1", front).await;
+    let mut one_byte = tcp_from("127.0.0.1", front).await;
+    one_byte.write_all(&[0x16]).await.unwrap();
+    let mut partial_head = tls_from("127.0.0.1", front, relay.ca()).await;
+    partial_head
+        .write_all(
+            format!("PUT /register/home HTTP/1.1\r\nHost: {REGISTRAR}\r\nX-Pad: aaa").as_bytes(),
+        )
+        .await
+        .unwrap();
+    let (silent, one_byte, partial_head) = tokio::join!(
+        time_to_close(&mut silent),
+        time_to_close(&mut one_byte),
+        time_to_close(&mut partial_head)
+    );
+    figure(
+        "closed after (silent TCP / one ClientHello byte / partial head)",
+        format!(
+            "{:.0} / {:.0} / {:.0} ms (handshake deadline {} ms, head deadline {} ms)",
+            silent.as_secs_f64() * 1000.0,
+            one_byte.as_secs_f64() * 1000.0,
+            partial_head.as_secs_f64() * 1000.0,
+            HANDSHAKE.as_millis(),
+            HEAD.as_millis()
+        ),
+    );
+    let margin = PATIENCE / 4;
+    for (what, took, deadline) in [
+        ("silent", silent, HANDSHAKE),
+        ("one byte", one_byte, HANDSHAKE),
+        ("partial head", partial_head, HEAD),
+    ] {
+        assert!(
+            took + Duration::from_millis(100) >= deadline && took < deadline + margin,
+            "{what}: closed after {took:?}, deadline {deadline:?}"
+        );
+    }
+    eventually("every front-end connection's place given back", || async {
+        relay
+            .metrics()
+            .await
+            .contains("taas_frontend_connections 0")
+    })
+    .await;
+}

@@ -11,8 +11,8 @@
 //!   timeout); the body, which the protocol never uses, then has `body_timeout`. A body that
 //!   does not arrive in time gets `408` and the connection is closed, so a whole request takes
 //!   at most `request_timeout + body_timeout` (30 s + 10 s by default).
-//! - **Bodies.** Registrations and client requests carry none; the steward sends
-//!   `Content-Length: 0` or an empty chunked body. An announced body over
+//! - **Bodies.** Registrations and client requests carry none (the steward's PUT has none;
+//!   some clients announce an empty one). An announced body over
 //!   [`MAX_BODY_BYTES`] gets `413` at once; a smaller one is read and dropped within
 //!   `body_timeout`. Every `408`/`413` closes the connection.
 //! - **Sources.** On the public (TLS) front end one source (an IPv4 address, or an IPv6 /64,
@@ -27,19 +27,27 @@
 //!   control port (`Transport::Control`) has no per-source cap: all of its traffic comes
 //!   from a few gateways.
 //! - **Memory.** The head is bounded by [`MAX_HEAD_BYTES`] (hyper's read buffer never grows
-//!   past it) and a TLS connection's buffers by rustls' defaults (one record, 16 KiB +
-//!   overhead). Measured (release build, `frontend_abuse::
-//!   held_partial_heads_cost_a_bounded_amount_of_memory_each`): about 40 KiB of RSS per TLS
-//!   connection holding a 15 KB partial head. So `max_connections × 40 KiB + base` must
-//!   fit the pod's memory limit: the gateway and label-relay modes default to 4,096
-//!   connections (4,096 × 40 KiB = 160 MiB, + ~20 MiB base, under the chart's 256 MiB
-//!   limit); the standalone `serve` keeps 16,384 (≈ 660 MiB at worst, for a VPS).
+//!   past it: it starts at 8 KiB and grows with a longer head), and a TLS connection's record
+//!   buffer shrinks back to 4 KiB once a record is read (rustls). Nothing cheaper was left
+//!   without lowering the head limit.
+//!   Measured on a spawned `serve` (debug build, `frontend_abuse::
+//!   held_partial_heads_cost_a_bounded_amount_of_memory_each`): 35 KiB of RSS per TLS
+//!   connection holding a 15 KiB partial head, 25 KiB per TLS connection holding a 100-byte
+//!   one (1,000 and 500 connections, base 19 MiB). A control-port connection (plain HTTP)
+//!   costs less. So the cap must satisfy `max_connections × per-connection ≤ limit − base`:
+//!   with the bound the test asserts (48 KiB), the gateway and label-relay pods' default of
+//!   [`POD_FRONTEND_CONNECTIONS`](crate::config::POD_FRONTEND_CONNECTIONS) = 4,096 needs
+//!   4,096 × 48 KiB + 19 MiB = 211 MiB, under the chart's 256 MiB limit (the old 16,384
+//!   would need 787 MiB); the standalone `serve` keeps 16,384 (≈ 570 MiB at 35 KiB, for a
+//!   host sized by its operator: `--max-connections`).
 //!
 //! # The control port is authenticated (issue 13, item 4)
 //! With a gateway token (see `gateway_auth`), a control-port request without the right
 //! [`GATEWAY_AUTH_HEADER`] gets `403` and is not processed; only an authenticated request may
 //! name the original client with `taas-client-addr`. Without a token, nothing may name the
-//! client: the TCP peer is the client.
+//! client: the TCP peer is the client (and a warning at start says the port is open). The
+//! relay trusts no network by default; `gateway_networks` (`--trusted-proxies`) only narrows
+//! who may present the token. The token is compared in constant time and never logged.
 
 use std::collections::HashMap;
 use std::convert::Infallible;

@@ -286,6 +286,7 @@ pub async fn serve<B: LabelBackend>(
             (None, Some(Arc::new(auth)), None)
         }
     };
+    let mut last_full_warning = None;
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -298,7 +299,14 @@ pub async fn serve<B: LabelBackend>(
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             settings.metrics.refused("full");
-            tracing::warn!(%peer, "front-end connection limit reached; closing");
+            // At most one line a second: a flood at the cap must not flood the log too.
+            let now = tokio::time::Instant::now();
+            if last_full_warning.is_none_or(|at| now - at >= Duration::from_secs(1)) {
+                last_full_warning = Some(now);
+                tracing::warn!(%peer, max = settings.max_connections,
+                    "front-end connection limit reached; closing new connections (counted in \
+                     taas_frontend_connections_refused)");
+            }
             continue;
         };
         let source_slot = match &per_source {

@@ -467,3 +467,39 @@ async fn silent_and_stalled_peers_are_closed_at_the_handshake_and_head_deadlines
     })
     .await;
 }
+
+/// At the connection cap a new connection, from any source, is closed at once and counted;
+/// a freed place is taken again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_connection_cap_new_connections_are_closed_at_once_and_counted() {
+    const CAP: usize = 4;
+    let relay = TestRelay::start_with(&[], |o| o.limits.frontend_connections = CAP).await;
+    let front = relay.addr();
+    let mut held = Vec::new();
+    for i in 0..CAP {
+        held.push(tls_from(&format!("127.0.3.{}", i + 1), front, relay.ca()).await);
+    }
+    for i in 0..3 {
+        let mut refused = tcp_from(&format!("127.0.4.{}", i + 1), front).await;
+        let started = Instant::now();
+        assert!(
+            closed_by_peer(&mut refused).await,
+            "a connection over the cap stays open"
+        );
+        assert!(started.elapsed() < PATIENCE / 4);
+    }
+    let metrics = relay.metrics().await;
+    assert!(
+        metrics.contains("taas_frontend_connections_refused_total{reason=\"full\"} 3"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!("taas_frontend_connections {CAP}")),
+        "{metrics}"
+    );
+    held.pop();
+    eventually("a freed place is taken again", || async {
+        try_tls_from("127.0.4.9", front, relay.ca()).await.is_ok()
+    })
+    .await;
+}

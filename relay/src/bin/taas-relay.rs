@@ -59,7 +59,7 @@ struct GatewayArgs {
     #[arg(long, env = "TAAS_METRICS", default_value = "0.0.0.0:9464")]
     metrics: String,
     /// Front-end connections open at once, TLS handshakes included (the default fits the
-    /// chart's 256 MiB memory limit: see the `frontend` module docs).
+    /// chart's 256 MiB memory limit at ~36 KiB per held connection).
     #[arg(long, env = "TAAS_MAX_CONNECTIONS", default_value_t = POD_MAX_CONNECTIONS,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     max_connections: u32,
@@ -86,7 +86,7 @@ struct LabelRelayArgs {
     /// The gateway token of this label (the operator derives it from the install secret):
     /// every control-port request must carry it in `taas-gateway-auth` (403 otherwise), and
     /// only such requests may name the client. Without it the control port is
-    /// unauthenticated: anyone who reaches it is taken to be the client.
+    /// unauthenticated: whoever connects is taken to be the client itself.
     #[arg(
         long,
         env = "TAAS_GATEWAY_TOKEN",
@@ -99,7 +99,7 @@ struct LabelRelayArgs {
     #[arg(long, env = "TAAS_TRUSTED_PROXIES", value_delimiter = ',')]
     trusted_proxies: Vec<ipnet::IpNet>,
     /// Control-port connections open at once (the default fits the chart's 256 MiB memory
-    /// limit: see the `frontend` module docs).
+    /// limit at ~36 KiB per held connection).
     #[arg(long, env = "TAAS_MAX_CONNECTIONS", default_value_t = POD_MAX_CONNECTIONS,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     max_connections: u32,
@@ -204,8 +204,8 @@ struct ServeArgs {
     /// Seconds a client on q waits for a parked connection.
     #[arg(long, env = "TAAS_CLIENT_WAIT", default_value_t = 10.0)]
     client_wait: f64,
-    /// Front-end connections open at once, TLS handshakes included (each holds up to
-    /// ~40 KiB: see the `frontend` module docs).
+    /// Front-end connections open at once, TLS handshakes included (a held connection costs
+    /// up to ~36 KiB of memory: size the cap to the host).
     #[arg(long, env = "TAAS_MAX_CONNECTIONS", default_value_t = 16_384,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     max_connections: u32,

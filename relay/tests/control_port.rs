@@ -46,6 +46,16 @@ async fn start(
     gateway_token: Option<GatewayToken>,
     trusted: &[&str],
 ) -> LabelRelay {
+    start_with_limits(dir, label, gateway_token, trusted, Limits::default()).await
+}
+
+async fn start_with_limits(
+    dir: &Path,
+    label: &TestLabel,
+    gateway_token: Option<GatewayToken>,
+    trusted: &[&str],
+    limits: Limits,
+) -> LabelRelay {
     let (label_file, secret_dir) = mount_label(dir, label);
     let (p_ports, q) = port_block(8);
     label_relay::start(LabelRelayOptions {
@@ -63,7 +73,7 @@ async fn start(
         metrics: Some("127.0.0.1:0".parse().unwrap()),
         reload_interval: Duration::from_millis(100),
         timeouts: Timeouts::default(),
-        limits: Limits::default(),
+        limits,
     })
     .await
     .expect("label relay starts")
@@ -327,4 +337,33 @@ async fn the_gateway_token_never_appears_in_the_relays_debug_logs_or_help() {
         !help.contains(token.expose()),
         "the token is in --help:\n{help}"
     );
+}
+
+/// The per-source cap is for the public front end: a gateway holds many control-port
+/// connections from one address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_source_cap_does_not_apply_to_the_gateways_on_the_control_port() {
+    const CAP: usize = 2;
+    let dir = tempfile::tempdir().unwrap();
+    let home = TestLabel::new("home");
+    let token = token_for("home");
+    let limits = Limits {
+        frontend_connections_per_source: CAP,
+        ..Limits::default()
+    };
+    let relay = start_with_limits(dir.path(), &home, Some(token.clone()), &[], limits).await;
+    let mut connections = Vec::new();
+    for _ in 0..CAP * 3 {
+        connections.push(connect_from("127.0.0.1", relay.control).await);
+    }
+    // Every one of them is served (a mobile request: 503 while nothing is parked).
+    for control in &mut connections {
+        let request = format!(
+            "{}{GATEWAY_AUTH_HEADER}: {}\r\n\r\n",
+            mobile_get("home"),
+            token.expose()
+        );
+        control.write_all(request.as_bytes()).await.unwrap();
+        assert_eq!(read_response(control).await.status, 503);
+    }
 }

@@ -184,6 +184,9 @@ pub struct Timeouts {
     pub keep_alive: Duration,
     /// How long a 307 admits its source on q (with `ClientAdmission::Redirected`).
     pub admission: Duration,
+    /// Time for a request's body on the front end once its head is in (408 and a close
+    /// after it): with `keep_alive`, the deadline of a whole request.
+    pub request_body: Duration,
 }
 
 impl Default for Timeouts {
@@ -194,14 +197,23 @@ impl Default for Timeouts {
             handshake: Duration::from_secs(10),
             keep_alive: Duration::from_secs(30),
             admission: Duration::from_secs(60),
+            request_body: Duration::from_secs(10),
         }
     }
 }
+
+/// Front-end connections open at once in the gateway and label-relay pods (their
+/// `--max-connections` default): at the measured cost of a held connection (`frontend`
+/// module docs) the cap fits the chart's 256 MiB memory limit with room to spare.
+pub const POD_FRONTEND_CONNECTIONS: usize = 4096;
 
 #[derive(Clone, Debug)]
 pub struct Limits {
     /// Front-end connections open at once (TLS handshakes included).
     pub frontend_connections: usize,
+    /// Front-end connections one source (IPv4 address or IPv6 /64) may hold at once on the
+    /// public (TLS) front end; see `frontend` for the choice of default.
+    pub frontend_connections_per_source: usize,
     /// Clients waiting on one label's q for a parked connection.
     pub waiting_clients_per_label: usize,
     /// Spliced pairs open at once, all labels together.
@@ -214,6 +226,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             frontend_connections: 16_384,
+            frontend_connections_per_source: 1024,
             waiting_clients_per_label: 256,
             active_pairs: 65_536,
             early_bytes: 16 * 1024,

@@ -940,6 +940,8 @@ pub async fn start(options: GatewayOptions) -> Result<RunningGateway, crate::ser
         handshake_timeout: options.timeouts.handshake,
         request_timeout: options.timeouts.keep_alive,
         max_connections: options.max_connections,
+        body_timeout: options.timeouts.request_body,
+        ..Default::default()
     };
     let backend = Arc::new(Gateway::new(
         routes.clone(),

@@ -1,7 +1,8 @@
 //! `taas-relay label-relay`: one label's relay, as the operator runs it in a pod. The same
 //! per-label code as `serve`, with three differences: the label comes from a mounted
 //! ConfigMap (`TaasLabel` manifest) and Secret volume; requests arrive from the gateways as
-//! plain HTTP on a control port (the gateway terminates TLS and names the client); and the
+//! plain HTTP on a control port (the gateway terminates TLS and names the client, and proves
+//! it is a gateway of this install with the label's gateway token, see `gateway_auth`); and the
 //! addresses handed out are the external ones the operator read back from the label's
 //! Service, from a mounted file that can change while the relay runs.
 
@@ -18,7 +19,8 @@ use tokio::task::JoinHandle;
 use crate::config::{
     ExternalAddress, LabelConfig, Limits, PortRange, RedirectHost, RelaySettings, Timeouts,
 };
-use crate::frontend::{self, FrontendSettings, Transport};
+use crate::frontend::{self, ControlAuth, FrontendMetrics, FrontendSettings, Transport};
+use crate::gateway_auth::GatewayToken;
 use crate::host::Names;
 use crate::label_source::{self, LoadError};
 use crate::relay::Relay;
@@ -35,7 +37,12 @@ pub struct LabelRelayOptions {
     pub external_file: Option<PathBuf>,
     /// Plain-HTTP port for the gateways.
     pub control: SocketAddr,
-    /// Gateways' addresses: only they may name the original client.
+    /// The gateway token (`gateway_auth`): with it, every control-port request must carry
+    /// it (403 otherwise) and only such requests may name the original client. Without it,
+    /// the control port is unauthenticated and nothing may name the client.
+    pub gateway_token: Option<GatewayToken>,
+    /// When not empty, only peers in these networks count as gateways (with a token, a
+    /// request from elsewhere gets 403). Empty: any peer with the token.
     pub trusted: Vec<ipnet::IpNet>,
     pub registrar: String,
     pub domain: String,
@@ -123,6 +130,8 @@ pub async fn start(options: LabelRelayOptions) -> Result<LabelRelay, ServeError>
         return Err(ServeError::Config(problems.join("\n")));
     }
 
+    let frontend_metrics = FrontendMetrics::default();
+    frontend_metrics.register(&mut registry);
     let ready = Arc::new(AtomicBool::new(false));
     let (metrics, mut tasks) =
         match crate::serve::spawn_metrics(options.metrics, registry, &ready).await {
@@ -140,11 +149,16 @@ pub async fn start(options: LabelRelayOptions) -> Result<LabelRelay, ServeError>
         own_ips: Vec::new(),
         handshake_timeout: settings.timeouts.handshake,
         request_timeout: settings.timeouts.keep_alive,
+        body_timeout: settings.timeouts.request_body,
         max_connections: settings.limits.frontend_connections,
+        // Not applied on the control port: its peers are the gateways.
+        max_connections_per_source: settings.limits.frontend_connections,
+        metrics: frontend_metrics,
     };
-    let transport = Transport::Control {
-        trusted: options.trusted.clone(),
-    };
+    let transport = Transport::Control(ControlAuth {
+        gateway_token: options.gateway_token.clone(),
+        gateway_networks: options.trusted.clone(),
+    });
     tasks.push(tokio::spawn(frontend::serve(
         control,
         transport,

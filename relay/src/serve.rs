@@ -247,6 +247,8 @@ pub async fn start(options: ServeOptions) -> Result<Standalone, ServeError> {
         );
     }
 
+    let frontend_metrics = frontend::FrontendMetrics::default();
+    frontend_metrics.register(&mut registry);
     let ready = Arc::new(AtomicBool::new(false));
     let (metrics, mut tasks) = match spawn_metrics(options.metrics, registry, &ready).await {
         Ok(spawned) => spawned,
@@ -267,7 +269,10 @@ pub async fn start(options: ServeOptions) -> Result<Standalone, ServeError> {
             .collect(),
         handshake_timeout: settings.timeouts.handshake,
         request_timeout: settings.timeouts.keep_alive,
+        body_timeout: settings.timeouts.request_body,
         max_connections: settings.limits.frontend_connections,
+        max_connections_per_source: settings.limits.frontend_connections_per_source,
+        metrics: frontend_metrics,
     };
     tasks.push(tokio::spawn(frontend::serve(
         front,

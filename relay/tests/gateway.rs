@@ -68,6 +68,7 @@ async fn start_label_relay(dir: &Path, label: &TestLabel, redirect_host: Redirec
         secret_dir: base.join("secret"),
         external_file: Some(external_file.clone()),
         control: "127.0.0.1:0".parse().unwrap(),
+        gateway_token: Some(gateway_token(&label.label)),
         trusted: vec!["127.0.0.1/32".parse().unwrap()],
         registrar: REGISTRAR.into(),
         domain: DOMAIN.into(),
@@ -335,12 +336,13 @@ async fn the_original_client_address_reaches_the_relay() {
 }
 
 #[tokio::test]
-async fn a_client_address_header_from_an_untrusted_peer_is_ignored() {
+async fn a_client_address_header_from_a_peer_without_the_gateway_token_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let home = TestLabel::new("home");
     let pod = start_label_relay(dir.path(), &home, RedirectHost::Requested).await;
-    // 127.0.0.3 is not a trusted gateway: its claim to be 127.0.0.2 is ignored, so p is
-    // pinned to 127.0.0.3.
+    // 127.0.0.3 is no gateway: it has no gateway token, so its claim to be 127.0.0.2 is not
+    // believed; the relay refuses the request outright (issue 13: relays trust nothing
+    // without the token) and hands out no rendezvous port.
     let socket = TcpSocket::new_v4().unwrap();
     socket.bind("127.0.0.3:0".parse().unwrap()).unwrap();
     let mut control = socket.connect(pod.relay.control).await.unwrap();
@@ -350,12 +352,12 @@ async fn a_client_address_header_from_an_untrusted_peer_is_ignored() {
     );
     control.write_all(request.as_bytes()).await.unwrap();
     let response = read_response(&mut control).await;
-    assert_eq!(response.status, 200);
-    let p: SocketAddr = response.body_str().parse().unwrap();
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
-    let mut forged = socket.connect(p).await.unwrap();
-    assert_closed(&mut forged).await;
+    assert_eq!(response.status, 403);
+    assert!(
+        !response.body_str().contains(':'),
+        "no HOST:PORT in a refusal: {:?}",
+        response.body_str()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

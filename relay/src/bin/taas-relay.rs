@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use taas_relay::config::{PortRange, RedirectHost, Timeouts};
+use taas_relay::config::{Limits, PortRange, RedirectHost, Timeouts};
+use taas_relay::gateway_auth::GatewayToken;
 use taas_relay::process::{self, shutdown_signal, LogFormat};
 use taas_relay::serve::{self, ServeOptions};
 
@@ -57,6 +58,11 @@ struct GatewayArgs {
     /// /metrics, /healthz, /readyz (plain HTTP); "off" to disable.
     #[arg(long, env = "TAAS_METRICS", default_value = "0.0.0.0:9464")]
     metrics: String,
+    /// Front-end connections open at once, TLS handshakes included (the default fits the
+    /// chart's 256 MiB memory limit at ~36 KiB per held connection).
+    #[arg(long, env = "TAAS_MAX_CONNECTIONS", default_value_t = POD_MAX_CONNECTIONS,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    max_connections: u32,
     /// Seconds to keep serving after SIGTERM, unready, before closing: load balancers and
     /// kube-proxy stop sending new connections first, so a rolling update loses none.
     #[arg(long, env = "TAAS_SHUTDOWN_DELAY", default_value_t = 5.0)]
@@ -89,14 +95,26 @@ struct LabelRelayArgs {
     /// Plain-HTTP control port for the gateways.
     #[arg(long, env = "TAAS_CONTROL", default_value = "0.0.0.0:8080")]
     control: SocketAddr,
-    /// Networks of the gateways (comma-separated CIDRs): only they may name the client.
+    /// The gateway token of this label (the operator derives it from the install secret):
+    /// every control-port request must carry it in `taas-gateway-auth` (403 otherwise), and
+    /// only such requests may name the client. Without it the control port is
+    /// unauthenticated: whoever connects is taken to be the client itself.
     #[arg(
         long,
-        env = "TAAS_TRUSTED_PROXIES",
-        value_delimiter = ',',
-        default_value = "10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,100.64.0.0/10,fc00::/7,127.0.0.0/8,::1/128"
+        env = "TAAS_GATEWAY_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
     )]
+    gateway_token: Option<String>,
+    /// Extra restriction: only peers in these networks (comma-separated CIDRs) count as
+    /// gateways; with a token, requests from elsewhere get 403 [default: any network].
+    #[arg(long, env = "TAAS_TRUSTED_PROXIES", value_delimiter = ',')]
     trusted_proxies: Vec<ipnet::IpNet>,
+    /// Control-port connections open at once (the default fits the chart's 256 MiB memory
+    /// limit at ~36 KiB per held connection).
+    #[arg(long, env = "TAAS_MAX_CONNECTIONS", default_value_t = POD_MAX_CONNECTIONS,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    max_connections: u32,
     /// The same names as the gateways'.
     #[command(flatten)]
     names: Names,
@@ -198,6 +216,20 @@ struct ServeArgs {
     /// Seconds a client on q waits for a parked connection.
     #[arg(long, env = "TAAS_CLIENT_WAIT", default_value_t = 10.0)]
     client_wait: f64,
+    /// Front-end connections open at once, TLS handshakes included (a held connection costs
+    /// up to ~36 KiB of memory: size the cap to the host).
+    #[arg(long, env = "TAAS_MAX_CONNECTIONS", default_value_t = 16_384,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    max_connections: u32,
+    /// Front-end connections one source (an IPv4 address or an IPv6 /64) may hold at once;
+    /// more are closed before the TLS handshake. Sized for carrier-grade NAT, where many
+    /// phones share one address.
+    #[arg(long, env = "TAAS_MAX_CONNECTIONS_PER_SOURCE", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    max_connections_per_source: u32,
+    /// Seconds a request's body may take once its head is in (then 408 and a close).
+    #[arg(long, env = "TAAS_REQUEST_BODY_TIMEOUT", default_value_t = 10.0)]
+    request_body_timeout: f64,
     /// Threads for the labels' connections: each label's connections run on one of them
     /// [default: one per CPU].
     #[arg(long, env = "TAAS_DATA_THREADS", value_name = "N",
@@ -226,6 +258,9 @@ struct LabelNewArgs {
     #[command(flatten)]
     names: RelayNames,
 }
+
+/// Connection cap of the gateway and label-relay pods (see `config::POD_FRONTEND_CONNECTIONS`).
+const POD_MAX_CONNECTIONS: u32 = taas_relay::config::POD_FRONTEND_CONNECTIONS as u32;
 
 fn seconds(flag: &str, value: f64) -> anyhow::Result<Duration> {
     Duration::try_from_secs_f64(value)
@@ -263,9 +298,14 @@ fn serve_options(args: &ServeArgs) -> anyhow::Result<ServeOptions> {
         timeouts: Timeouts {
             rendezvous: seconds("--rendezvous-timeout", args.rendezvous_timeout)?,
             client_wait: seconds("--client-wait", args.client_wait)?,
+            request_body: seconds("--request-body-timeout", args.request_body_timeout)?,
             ..Timeouts::default()
         },
-        limits: Default::default(),
+        limits: Limits {
+            frontend_connections: args.max_connections as usize,
+            frontend_connections_per_source: args.max_connections_per_source as usize,
+            ..Limits::default()
+        },
         data_threads: args
             .data_threads
             .and_then(|n| std::num::NonZeroUsize::new(usize::from(n))),
@@ -309,7 +349,7 @@ async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
         reload_interval: seconds("--reload-interval", args.reload_interval)?,
         metrics: metrics_addr(&args.metrics)?,
         timeouts: Timeouts::default(),
-        max_connections: taas_relay::config::Limits::default().frontend_connections,
+        max_connections: args.max_connections as usize,
         install_secret_file: args.gateway_secret_file,
         upstream: taas_relay::gateway::UpstreamSettings {
             redirect_limit: taas_relay::rate_limit::RateLimit {
@@ -340,6 +380,12 @@ async fn run_label_relay(args: LabelRelayArgs) -> anyhow::Result<()> {
         secret_dir: args.secret_dir,
         external_file: args.external_file,
         control: args.control,
+        gateway_token: args
+            .gateway_token
+            .as_deref()
+            .map(GatewayToken::new)
+            .transpose()
+            .context("--gateway-token")?,
         trusted: args.trusted_proxies,
         registrar: args.names.registrar,
         domain: args.names.domain,
@@ -349,7 +395,10 @@ async fn run_label_relay(args: LabelRelayArgs) -> anyhow::Result<()> {
         metrics: metrics_addr(&args.metrics)?,
         reload_interval: seconds("--reload-interval", args.reload_interval)?,
         timeouts: Timeouts::default(),
-        limits: Default::default(),
+        limits: Limits {
+            frontend_connections: args.max_connections as usize,
+            ..Limits::default()
+        },
     })
     .await?;
     shutdown_signal().await;

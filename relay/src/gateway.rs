@@ -836,6 +836,8 @@ pub struct GatewayOptions {
     pub metrics: Option<std::net::SocketAddr>,
     pub timeouts: crate::config::Timeouts,
     pub max_connections: usize,
+    /// Connections one source (IPv4 address or IPv6 /64) may hold on the front end.
+    pub max_connections_per_source: usize,
     /// The install secret's file: every forwarded request then carries LABEL's gateway
     /// token. Without it, relays that check tokens refuse the gateway.
     pub install_secret_file: Option<PathBuf>,
@@ -915,6 +917,8 @@ pub async fn start(options: GatewayOptions) -> Result<RunningGateway, crate::ser
     let mut registry = Registry::default();
     let gateway_metrics = Arc::new(GatewayMetrics::default());
     gateway_metrics.register(&mut registry);
+    let frontend_metrics = crate::frontend::FrontendMetrics::default();
+    frontend_metrics.register(&mut registry);
     let (metrics, mut tasks) =
         crate::serve::spawn_metrics(options.metrics, registry, &ready).await?;
     match options.routes.clone() {
@@ -940,8 +944,9 @@ pub async fn start(options: GatewayOptions) -> Result<RunningGateway, crate::ser
         handshake_timeout: options.timeouts.handshake,
         request_timeout: options.timeouts.keep_alive,
         max_connections: options.max_connections,
+        max_connections_per_source: options.max_connections_per_source,
         body_timeout: options.timeouts.request_body,
-        ..Default::default()
+        metrics: frontend_metrics,
     };
     let backend = Arc::new(Gateway::new(
         routes.clone(),

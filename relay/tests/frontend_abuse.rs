@@ -131,6 +131,9 @@ async fn a_body_that_never_arrives_at_the_gateway_gets_408_and_a_close_at_its_de
         metrics: None,
         timeouts: short_body_deadline(),
         max_connections: 64,
+        max_connections_per_source: 64,
+        install_secret_file: None,
+        upstream: Default::default(),
     })
     .await
     .expect("gateway starts");

@@ -63,6 +63,11 @@ struct GatewayArgs {
     #[arg(long, env = "TAAS_MAX_CONNECTIONS", default_value_t = POD_MAX_CONNECTIONS,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     max_connections: u32,
+    /// Front-end connections one source (an IPv4 address or an IPv6 /64) may hold at once;
+    /// more are closed before the TLS handshake. Sized for carrier-grade NAT.
+    #[arg(long, env = "TAAS_MAX_CONNECTIONS_PER_SOURCE", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    max_connections_per_source: u32,
     /// Seconds to keep serving after SIGTERM, unready, before closing: load balancers and
     /// kube-proxy stop sending new connections first, so a rolling update loses none.
     #[arg(long, env = "TAAS_SHUTDOWN_DELAY", default_value_t = 5.0)]
@@ -350,6 +355,7 @@ async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
         metrics: metrics_addr(&args.metrics)?,
         timeouts: Timeouts::default(),
         max_connections: args.max_connections as usize,
+        max_connections_per_source: args.max_connections_per_source as usize,
         install_secret_file: args.gateway_secret_file,
         upstream: taas_relay::gateway::UpstreamSettings {
             redirect_limit: taas_relay::rate_limit::RateLimit {

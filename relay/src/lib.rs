@@ -36,6 +36,7 @@ pub mod proxy_header;
 pub mod registrar;
 pub mod relay;
 pub mod serve;
+pub mod sources;
 pub mod splice;
 pub mod tls;
 pub mod totp;

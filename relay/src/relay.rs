@@ -83,6 +83,7 @@ impl Relay {
             proxy_protocol: Default::default(),
             client_port: None,
             client_admission: Default::default(),
+            server_speaks_first: false,
         };
         Ok(Arc::new(Self {
             external: RwLock::new(Arc::new(ExternalAddress::new(settings.advertise.clone()))),

@@ -12,7 +12,19 @@
 //! Each parked connection is watched by its own task, which reads nothing it cannot deliver:
 //! bytes the hidden server sends before pairing are kept (bounded) and written to the client
 //! first; EOF or a reset removes it from the pool at once. Everything here is per label: no
-//! lock is shared with other labels.
+//! lock is shared with other labels (but the relay-wide count of q connections per source).
+//!
+//! A client on q takes a parked connection only once it has sent its first byte (within the
+//! first-byte timeout, 3 s by default): a TCP connection that sends nothing would otherwise
+//! hold a parked connection that the hidden server cannot tell from a pairing (its agent
+//! replaces a parked connection when bytes arrive), and four idle connections were enough to
+//! turn a label's 307s into 503s for as long as they stayed open. Once a byte has arrived, the
+//! pairing costs the hidden server a connection, never the pool: the byte reaches the agent,
+//! which registers a replacement at once. Labels whose server speaks first pair at accept;
+//! their PROXY header (required for them) plays the part of that first byte.
+//!
+//! Bounded per source (an IPv4 address or IPv6 /64, `sources`): connections open on one
+//! label's q and on all labels' together; per label: pairs; per pair: an idle timeout.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -29,6 +41,7 @@ use crate::config::{ClientAdmission, LabelConfig, Limits, ProxyProtocol, Timeout
 use crate::data_plane::Placement;
 use crate::metrics::{ClientRefused, LabelMetrics, Rendezvous};
 use crate::ports::{PortError, PortLease, PortPool};
+use crate::sources::{SourceCounts, SourceKey};
 use crate::{proxy_header, splice};
 
 /// Sources remembered per label for client admission (older ones are forgotten first).
@@ -37,6 +50,9 @@ const MAX_ADMITTED_SOURCES: usize = 4096;
 const P_BACKLOG: u32 = 8;
 /// Backlog of a client port.
 const Q_BACKLOG: u32 = 1024;
+/// A stranger on a pinned rendezvous port is logged at warn at most this often per label;
+/// the others at debug (every one is counted in `taas_rendezvous_total{kind="stranger"}`).
+const STRANGER_WARN_INTERVAL: Duration = Duration::from_secs(60);
 
 /// What every label of one relay shares: settings and the global pair limit.
 #[derive(Debug)]
@@ -49,6 +65,8 @@ pub struct Shared {
     pub q_ports: Arc<PortPool>,
     /// Permits for spliced pairs, all labels together.
     pub pairs: Arc<Semaphore>,
+    /// Connections open on client ports from each source, all labels together.
+    pub client_sources: SourceCounts,
 }
 
 /// Why a rendezvous port could not be handed out (the registration gets 503).
@@ -96,6 +114,11 @@ pub struct Label {
     pool: Mutex<Pool>,
     q: Mutex<Option<ClientPort>>,
     admitted: Mutex<HashMap<IpAddr, Instant>>,
+    /// Connections open on this label's q from each source.
+    client_sources: SourceCounts,
+    /// Permits for this label's pairs (and clients waiting for one).
+    pairs: Arc<Semaphore>,
+    stranger_warn: Mutex<WarnEvery>,
     closed: AtomicBool,
     next_id: AtomicU64,
     metrics: LabelMetrics,
@@ -130,6 +153,11 @@ impl Label {
             pool: Mutex::default(),
             q: Mutex::new(None),
             admitted: Mutex::default(),
+            client_sources: SourceCounts::default(),
+            pairs: Arc::new(Semaphore::new(
+                shared.limits.pairs_per_label.min(Semaphore::MAX_PERMITS),
+            )),
+            stranger_warn: Mutex::new(WarnEvery::new(STRANGER_WARN_INTERVAL)),
             closed: AtomicBool::new(false),
             next_id: AtomicU64::new(0),
             metrics,
@@ -273,7 +301,13 @@ impl Label {
                         if pinned.is_some_and(|ip| ip != peer.ip().to_canonical()) {
                             // A stranger does not become the hidden server, nor use up the slot.
                             self.metrics.rendezvous(Rendezvous::Stranger);
-                            tracing::warn!(label = %self.name, %peer, "refused a connection to a rendezvous port from another source");
+                            // A flood of strangers must not flood the log: one warning per
+                            // label and interval, with the count of those not written.
+                            let loud = lock(&self.stranger_warn).check(Instant::now());
+                            match loud {
+                                Some(suppressed) => tracing::warn!(label = %self.name, %peer, suppressed, "refused a connection to a rendezvous port from another source (and `suppressed` more since the last warning; each is counted in taas_rendezvous_total)"),
+                                None => tracing::debug!(label = %self.name, %peer, "refused a connection to a rendezvous port from another source"),
+                            }
                             continue;
                         }
                         break Some(stream);
@@ -489,14 +523,51 @@ impl Label {
         }
     }
 
-    /// Serves one connection accepted on q: pair it, then splice until both sides are done.
-    async fn serve_client(self: Arc<Self>, mut client: TcpStream, peer: SocketAddr) {
+    /// Serves one connection accepted on q: wait for its first byte (unless the server speaks
+    /// first), pair it, then splice until both sides are done or the pair idles.
+    async fn serve_client(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
         let config = self.config();
         if config.client_admission == ClientAdmission::Redirected && !self.is_admitted(peer.ip()) {
             self.metrics.client_refused(ClientRefused::NotAdmitted);
             tracing::debug!(label = %self.name, %peer, "client not admitted: no recent 307");
             return;
         }
+        let limits = &self.shared.limits;
+        let source = SourceKey::of(peer.ip());
+        // Held until the connection closes: one source cannot hold all of q.
+        let Some(_relay_slot) = self
+            .shared
+            .client_sources
+            .try_acquire(source, limits.clients_per_source)
+        else {
+            return self.refuse_source(peer);
+        };
+        let Some(_label_slot) = self
+            .client_sources
+            .try_acquire(source, limits.clients_per_source_per_label)
+        else {
+            return self.refuse_source(peer);
+        };
+        if !config.server_speaks_first {
+            match first_byte(&client, self.shared.timeouts.first_byte).await {
+                FirstByte::Arrived => {}
+                FirstByte::Closed => {
+                    // A port scan, a health check: it never touched the pool.
+                    tracing::debug!(label = %self.name, %peer, "client left before its first byte");
+                    return;
+                }
+                FirstByte::Silent => {
+                    self.metrics.client_refused(ClientRefused::Silent);
+                    tracing::debug!(label = %self.name, %peer, "client sent nothing within the first-byte timeout; closed");
+                    return;
+                }
+            }
+        }
+        let Ok(_label_permit) = self.pairs.clone().try_acquire_owned() else {
+            self.metrics.client_refused(ClientRefused::LabelPairs);
+            tracing::debug!(label = %self.name, %peer, "the label's pair limit is reached; client closed");
+            return;
+        };
         let Ok(_permit) = self.shared.pairs.clone().try_acquire_owned() else {
             self.metrics.client_refused(ClientRefused::Overloaded);
             tracing::warn!(label = %self.name, "global pair limit reached; client closed");
@@ -510,17 +581,10 @@ impl Label {
                 return;
             }
         };
+        let mut client = client;
         // q's options (no Nagle, keepalive) were inherited from its listener on Linux.
         #[cfg(not(target_os = "linux"))]
         crate::splice::tune(&client);
-        // A client that goes away before sending a byte (a port scan, a health check) gives
-        // the parked connection back untouched: its hidden server has seen nothing yet.
-        let untouched = config.proxy_protocol == ProxyProtocol::None && server.early.is_empty();
-        if untouched && left_silently(&client, &server.stream).await {
-            tracing::debug!(label = %self.name, %peer, "client left without a byte; connection parked again");
-            self.park(server);
-            return;
-        }
         self.metrics.pairings.inc();
         self.metrics.active_pairs.inc();
         let result = self
@@ -528,15 +592,24 @@ impl Label {
             .await;
         self.metrics.active_pairs.dec();
         match result {
-            Ok(copied) => {
+            Ok(spliced) => {
+                let copied = spliced.copied;
                 self.metrics.bytes_to_server.inc_by(copied.a_to_b);
                 self.metrics.bytes_to_client.inc_by(copied.b_to_a);
-                tracing::debug!(label = %self.name, %peer, to_server = copied.a_to_b, to_client = copied.b_to_a, "pair finished");
+                if spliced.idle {
+                    self.metrics.idle_pairs_closed.inc();
+                }
+                tracing::debug!(label = %self.name, %peer, to_server = copied.a_to_b, to_client = copied.b_to_a, idle = spliced.idle, "pair finished");
             }
             Err(error) => {
                 tracing::debug!(label = %self.name, %peer, %error, "pair ended with an error");
             }
         }
+    }
+
+    fn refuse_source(&self, peer: SocketAddr) {
+        self.metrics.client_refused(ClientRefused::SourceLimit);
+        tracing::debug!(label = %self.name, %peer, "too many connections on q from this source; client closed");
     }
 
     async fn splice_pair(
@@ -545,7 +618,7 @@ impl Label {
         peer: SocketAddr,
         server: &mut ParkedConn,
         proxy: ProxyProtocol,
-    ) -> std::io::Result<splice::Copied> {
+    ) -> std::io::Result<splice::Spliced> {
         let header = match proxy {
             ProxyProtocol::None => None,
             ProxyProtocol::V1 => Some(proxy_header::v1(peer, client.local_addr()?)),
@@ -557,19 +630,64 @@ impl Label {
         if !server.early.is_empty() {
             client.write_all(&server.early).await?;
         }
-        let mut copied = splice::splice(client, &mut server.stream).await?;
-        copied.b_to_a += server.early.len() as u64;
-        Ok(copied)
+        let mut spliced =
+            splice::splice_until_idle(client, &mut server.stream, self.shared.timeouts.pair_idle)
+                .await?;
+        spliced.copied.b_to_a += server.early.len() as u64;
+        Ok(spliced)
     }
 }
 
-/// Waits for the first sign of life of a new pair: true if the client closed (or reset)
-/// before sending anything, false as soon as either side has bytes to deliver.
-async fn left_silently(client: &TcpStream, server: &TcpStream) -> bool {
+/// What a new client on q did first.
+#[derive(Debug, PartialEq, Eq)]
+enum FirstByte {
+    /// It has bytes waiting (they stay in the socket for the splice).
+    Arrived,
+    /// It closed (or reset) without sending anything.
+    Closed,
+    /// Nothing within the first-byte timeout.
+    Silent,
+}
+
+async fn first_byte(client: &TcpStream, timeout: Duration) -> FirstByte {
     let mut probe = [0u8; 1];
-    tokio::select! {
-        peeked = client.peek(&mut probe) => !matches!(peeked, Ok(n) if n > 0),
-        _ = server.readable() => false,
+    match tokio::time::timeout(timeout, client.peek(&mut probe)).await {
+        Ok(Ok(n)) if n > 0 => FirstByte::Arrived,
+        Ok(_) => FirstByte::Closed,
+        Err(_) => FirstByte::Silent,
+    }
+}
+
+/// At most one loud log line per interval: says whether to log this event loudly, and how
+/// many were kept quiet since the last loud one.
+#[derive(Debug)]
+struct WarnEvery {
+    interval: Duration,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl WarnEvery {
+    fn new(interval: Duration) -> Self {
+        Self {
+            interval,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// `Some(quiet ones since the last loud one)` if this event is to be logged loudly.
+    fn check(&mut self, now: Instant) -> Option<u64> {
+        match self.last {
+            Some(last) if now.duration_since(last) < self.interval => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
     }
 }
 
@@ -597,5 +715,49 @@ async fn accept_clients(label: std::sync::Weak<Label>, listener: TcpListener, le
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_warning_per_interval_with_the_count_kept_quiet() {
+        let mut warn = WarnEvery::new(Duration::from_secs(60));
+        let t0 = Instant::now();
+        assert_eq!(warn.check(t0), Some(0));
+        for i in 1..=500 {
+            assert_eq!(warn.check(t0 + Duration::from_millis(i * 100)), None);
+        }
+        assert_eq!(warn.check(t0 + Duration::from_secs(60)), Some(500));
+        assert_eq!(warn.check(t0 + Duration::from_secs(61)), None);
+        assert_eq!(warn.check(t0 + Duration::from_secs(200)), Some(1));
+    }
+
+    #[tokio::test]
+    async fn first_byte_tells_bytes_from_a_close_and_from_silence() {
+        use tokio::io::AsyncWriteExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let wait = Duration::from_millis(200);
+
+        let mut talker = TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        talker.write_all(b"x").await.unwrap();
+        assert_eq!(first_byte(&accepted, wait).await, FirstByte::Arrived);
+        let mut kept = [0u8; 1];
+        assert_eq!(accepted.try_read(&mut kept).unwrap(), 1, "the byte stays");
+
+        let leaver = TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        drop(leaver);
+        assert_eq!(first_byte(&accepted, wait).await, FirstByte::Closed);
+
+        let _silent = TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        let started = Instant::now();
+        assert_eq!(first_byte(&accepted, wait).await, FirstByte::Silent);
+        assert!(started.elapsed() >= wait);
     }
 }

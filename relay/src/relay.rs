@@ -71,6 +71,7 @@ impl Relay {
             p_ports: PortPool::new(settings.p_ports),
             q_ports: PortPool::new(settings.q_ports),
             pairs: Arc::new(Semaphore::new(settings.limits.active_pairs)),
+            client_sources: Default::default(),
         });
         let decoy = LabelConfig {
             label: String::new(),

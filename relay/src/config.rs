@@ -238,10 +238,11 @@ impl Default for Limits {
             active_pairs: 65_536,
             early_bytes: 16 * 1024,
             // A browser opens about 6 connections per host, and one carrier-grade NAT address
-            // may carry many phones: 64 is ten browsers on one label at once, 256 forty over
-            // all labels, while one address still cannot hold more than that.
-            clients_per_source_per_label: 64,
-            clients_per_source: 256,
+            // may carry many phones: 256 is some 40 browsers on one label at once, 1024 some
+            // 170 over all labels; one address still cannot hold more than that (a stalled
+            // pair is closed by the pair idle timeout).
+            clients_per_source_per_label: 256,
+            clients_per_source: 1024,
             pairs_per_label: 4096,
         }
     }

@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::config::{ClientAdmission, LabelConfig, Limits, ProxyProtocol, Timeouts};
@@ -91,6 +91,9 @@ struct ParkedConn {
 struct ParkedHandle {
     id: u64,
     claim: oneshot::Sender<oneshot::Sender<ParkedConn>>,
+    /// Its hidden server has sent bytes while parked (it speaks first, unasked): a client
+    /// may have it before sending anything.
+    spoke: bool,
 }
 
 #[derive(Default)]
@@ -374,7 +377,11 @@ impl Label {
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (claim, claimed) = oneshot::channel();
-        pool.parked.push(ParkedHandle { id, claim });
+        pool.parked.push(ParkedHandle {
+            id,
+            claim,
+            spoke: !conn.early.is_empty(),
+        });
         self.metrics.parked.inc();
         Some((id, conn, claimed))
     }
@@ -406,6 +413,9 @@ impl Label {
                     match conn.stream.try_read(&mut chunk) {
                         Ok(0) => break, // EOF: the hidden server went away
                         Ok(n) if conn.early.len() + n <= limit => {
+                            if conn.early.is_empty() {
+                                self.mark_spoke(id);
+                            }
                             conn.early.extend_from_slice(&chunk[..n]);
                         }
                         Ok(_) => {
@@ -427,6 +437,14 @@ impl Label {
         tracing::debug!(label = %self.name, "a parked connection closed before pairing");
     }
 
+    /// Notes that parked connection `id` has sent bytes (once, when its first ones arrive).
+    fn mark_spoke(&self, id: u64) {
+        let mut pool = lock(&self.pool);
+        if let Some(handle) = pool.parked.iter_mut().rev().find(|h| h.id == id) {
+            handle.spoke = true;
+        }
+    }
+
     /// The newest live parked connection, if any.
     async fn take_parked(&self) -> Option<ParkedConn> {
         loop {
@@ -436,19 +454,42 @@ impl Label {
                 self.metrics.parked.dec();
                 handle
             };
-            let (reply, answer) = oneshot::channel();
-            if handle.claim.send(reply).is_err() {
-                continue; // its watcher just saw the connection end
-            }
-            if let Ok(conn) = answer.await {
+            if let Some(conn) = Self::claim(handle).await {
                 return Some(conn);
             }
+            // its watcher just saw the connection end: the next one
         }
     }
 
-    /// A parked connection for a client: one now, or the next one to be parked within the
-    /// client wait. `Err` says why the client is turned away.
-    async fn pair_for_client(self: &Arc<Self>) -> Result<ParkedConn, ClientRefused> {
+    /// The newest parked connection if its hidden server has spoken already (it speaks
+    /// first, unasked, and gets its client as soon as one connects).
+    async fn take_parked_that_spoke(&self) -> Option<ParkedConn> {
+        let handle = {
+            let mut pool = lock(&self.pool);
+            if !pool.parked.last()?.spoke {
+                return None;
+            }
+            let handle = pool.parked.pop()?;
+            self.metrics.parked.dec();
+            handle
+        };
+        Self::claim(handle).await
+    }
+
+    /// Asks a parked connection's watcher for it; `None` if it has just ended.
+    async fn claim(handle: ParkedHandle) -> Option<ParkedConn> {
+        let (reply, answer) = oneshot::channel();
+        handle.claim.send(reply).ok()?;
+        answer.await.ok()
+    }
+
+    /// A parked connection for a client: one now, or the next one to be parked before
+    /// `wait_until` (the client wait after its accept). `Err` says why the client is turned
+    /// away.
+    async fn pair_for_client(
+        self: &Arc<Self>,
+        wait_until: tokio::time::Instant,
+    ) -> Result<ParkedConn, ClientRefused> {
         if let Some(conn) = self.take_parked().await {
             return Ok(conn);
         }
@@ -466,12 +507,10 @@ impl Label {
         let mut arrival = arrival;
         let outcome = match self.take_parked().await {
             Some(conn) => Ok(conn),
-            None => {
-                match tokio::time::timeout(self.shared.timeouts.client_wait, &mut arrival).await {
-                    Ok(Ok(conn)) => Ok(conn),
-                    _ => Err(ClientRefused::Timeout),
-                }
-            }
+            None => match tokio::time::timeout_at(wait_until, &mut arrival).await {
+                Ok(Ok(conn)) => Ok(conn),
+                _ => Err(ClientRefused::Timeout),
+            },
         };
         // A connection handed to us just as we stopped waiting must not be lost.
         arrival.close();
@@ -548,38 +587,59 @@ impl Label {
         else {
             return self.refuse_source(peer);
         };
-        if !config.server_speaks_first {
-            match first_byte(&client, self.shared.timeouts.first_byte).await {
-                FirstByte::Arrived => {}
+        let accepted_at = tokio::time::Instant::now();
+        let wait_until = accepted_at + self.shared.timeouts.client_wait;
+        let silent_at = accepted_at + self.shared.timeouts.first_byte;
+        // Open when the client may have a parked connection: it has sent a byte, or the
+        // label's server speaks first, or the newest parked connection's server already has.
+        let spoken = if config.server_speaks_first {
+            None
+        } else if let Some(conn) = self.take_parked_that_spoke().await {
+            Some(conn)
+        } else {
+            match first_byte(&client, silent_at.min(wait_until)).await {
+                FirstByte::Arrived => None,
                 FirstByte::Closed => {
                     // A port scan, a health check: it never touched the pool.
                     tracing::debug!(label = %self.name, %peer, "client left before its first byte");
                     return;
                 }
                 FirstByte::Silent => {
-                    self.metrics.client_refused(ClientRefused::Silent);
-                    tracing::debug!(label = %self.name, %peer, "client sent nothing within the first-byte timeout; closed");
+                    // The client wait can end first (when shorter); then it was a timeout
+                    // as long as there was nothing to pair it with anyway.
+                    let reason = if silent_at <= wait_until || self.parked() > 0 {
+                        ClientRefused::Silent
+                    } else {
+                        ClientRefused::Timeout
+                    };
+                    self.metrics.client_refused(reason);
+                    tracing::debug!(label = %self.name, %peer, ?reason, "client sent nothing in time; closed");
                     return;
                 }
             }
-        }
-        let Ok(_label_permit) = self.pairs.clone().try_acquire_owned() else {
-            self.metrics.client_refused(ClientRefused::LabelPairs);
-            tracing::debug!(label = %self.name, %peer, "the label's pair limit is reached; client closed");
-            return;
         };
-        let Ok(_permit) = self.shared.pairs.clone().try_acquire_owned() else {
-            self.metrics.client_refused(ClientRefused::Overloaded);
-            tracing::warn!(label = %self.name, "global pair limit reached; client closed");
-            return;
-        };
-        let mut server = match self.pair_for_client().await {
-            Ok(conn) => conn,
+        let permits = self.pair_permits();
+        let (_label_permit, _permit) = match permits {
+            Ok(permits) => permits,
             Err(reason) => {
+                if let Some(conn) = spoken {
+                    self.park(conn); // untouched: its hidden server saw nothing
+                }
                 self.metrics.client_refused(reason);
-                tracing::debug!(label = %self.name, %peer, ?reason, "client closed unpaired");
+                tracing::debug!(label = %self.name, %peer, ?reason, "pair limit reached; client closed");
                 return;
             }
+        };
+        let mut server = match spoken {
+            Some(conn) => conn,
+            None => match self.pair_for_client(wait_until).await {
+                Ok(conn) => conn,
+                Err(reason) => {
+                    self.metrics.client_refused(reason);
+                    tracing::debug!(label = %self.name, %peer, ?reason, "client closed unpaired");
+                    return;
+                }
+            },
         };
         let mut client = client;
         // q's options (no Nagle, keepalive) were inherited from its listener on Linux.
@@ -605,6 +665,18 @@ impl Label {
                 tracing::debug!(label = %self.name, %peer, %error, "pair ended with an error");
             }
         }
+    }
+
+    /// A permit of the label's pair limit, then one of the relay's.
+    fn pair_permits(&self) -> Result<(OwnedSemaphorePermit, OwnedSemaphorePermit), ClientRefused> {
+        let Ok(label) = self.pairs.clone().try_acquire_owned() else {
+            return Err(ClientRefused::LabelPairs);
+        };
+        let Ok(relay) = self.shared.pairs.clone().try_acquire_owned() else {
+            tracing::warn!(label = %self.name, "global pair limit reached; client closed");
+            return Err(ClientRefused::Overloaded);
+        };
+        Ok((label, relay))
     }
 
     fn refuse_source(&self, peer: SocketAddr) {
@@ -649,9 +721,9 @@ enum FirstByte {
     Silent,
 }
 
-async fn first_byte(client: &TcpStream, timeout: Duration) -> FirstByte {
+async fn first_byte(client: &TcpStream, deadline: tokio::time::Instant) -> FirstByte {
     let mut probe = [0u8; 1];
-    match tokio::time::timeout(timeout, client.peek(&mut probe)).await {
+    match tokio::time::timeout_at(deadline, client.peek(&mut probe)).await {
         Ok(Ok(n)) if n > 0 => FirstByte::Arrived,
         Ok(_) => FirstByte::Closed,
         Err(_) => FirstByte::Silent,
@@ -741,23 +813,24 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let wait = Duration::from_millis(200);
+        let deadline = || tokio::time::Instant::now() + wait;
 
         let mut talker = TcpStream::connect(addr).await.unwrap();
         let (accepted, _) = listener.accept().await.unwrap();
         talker.write_all(b"x").await.unwrap();
-        assert_eq!(first_byte(&accepted, wait).await, FirstByte::Arrived);
+        assert_eq!(first_byte(&accepted, deadline()).await, FirstByte::Arrived);
         let mut kept = [0u8; 1];
         assert_eq!(accepted.try_read(&mut kept).unwrap(), 1, "the byte stays");
 
         let leaver = TcpStream::connect(addr).await.unwrap();
         let (accepted, _) = listener.accept().await.unwrap();
         drop(leaver);
-        assert_eq!(first_byte(&accepted, wait).await, FirstByte::Closed);
+        assert_eq!(first_byte(&accepted, deadline()).await, FirstByte::Closed);
 
         let _silent = TcpStream::connect(addr).await.unwrap();
         let (accepted, _) = listener.accept().await.unwrap();
         let started = Instant::now();
-        assert_eq!(first_byte(&accepted, wait).await, FirstByte::Silent);
+        assert_eq!(first_byte(&accepted, deadline()).await, FirstByte::Silent);
         assert!(started.elapsed() >= wait);
     }
 }

@@ -308,7 +308,7 @@ impl Label {
                             // label and interval, with the count of those not written.
                             let loud = lock(&self.stranger_warn).check(Instant::now());
                             match loud {
-                                Some(suppressed) => tracing::warn!(label = %self.name, %peer, suppressed, "refused a connection to a rendezvous port from another source (and `suppressed` more since the last warning; each is counted in taas_rendezvous_total)"),
+                                Some(suppressed) => tracing::warn!(label = %self.name, %peer, suppressed, "refused a connection to a rendezvous port from another source (more are logged at debug for a minute; `suppressed` were since the last warning)"),
                                 None => tracing::debug!(label = %self.name, %peer, "refused a connection to a rendezvous port from another source"),
                             }
                             continue;

@@ -21,9 +21,9 @@
 //! replaces a parked connection when bytes arrive), and four idle connections were enough to
 //! turn a label's 307s into 503s for as long as they stayed open. Once a byte has arrived, the
 //! pairing costs the hidden server a connection, never the pool: the byte reaches the agent,
-//! which registers a replacement at once (measured with the real agent: 20 connections that
-//! sent one byte and stalled, the pool full again 26 ms after the last; 30 phones out of 30
-//! served while those and 20 silent ones were held). Labels whose server speaks first pair at
+//! which registers a replacement at once (measured with the real agent, `q_abuse.rs`: 20
+//! silent and 20 one-byte-then-stalled connections opened and the pool full again within
+//! 26–103 ms; then 30 phones out of 30 served while all of them were held). Labels whose server speaks first pair at
 //! accept; their PROXY header (required for them) plays the part of that first byte. A hidden
 //! server that speaks unasked (its bytes arrive while parked) is paired at accept too, as
 //! before: it cannot tell a silent client from any other, and the TAAS agent never does this.

@@ -164,7 +164,7 @@ async fn stalled_connections_cost_the_hidden_server_a_connection_never_the_pool(
     relay.wait_parked("home", 4).await;
     let refilled = started.elapsed();
     figure(
-        "q abuse: pool full again after N stalled connections (N = 20)",
+        "q abuse: 20 silent + 20 stalled connections opened, each stalled one paired, pool full again, in",
         ms(refilled),
     );
 

@@ -41,7 +41,7 @@ pub const SECRET_KEY_PATTERN: &str = r"^[-._a-zA-Z0-9]+$";
 
 /// The desired state of one label: who may register it and how its relay behaves.
 ///
-/// The fields up to `clientAdmission` are what the relay serves; `service` and
+/// The fields up to `serverSpeaksFirst` are what the relay serves; `service` and
 /// `rendezvousPorts` shape the label's relay pod and Service in a cluster and are ignored by
 /// the standalone relay.
 // Clippy takes the printer columns' repeated `type_ = "string"` for duplicated attributes.
@@ -80,6 +80,17 @@ pub const SECRET_KEY_PATTERN: &str = r"^[-._a-zA-Z0-9]+$";
             json_path = ".metadata.creationTimestamp"
         )
     )
+)]
+// A server-first label without a PROXY header would never be served by the TAAS agent (it
+// waits for the first bytes): refuse it at the door, as the relay does.
+#[cfg_attr(
+    feature = "kube",
+    schemars(extend("x-kubernetes-validations" = [{
+        "rule": "!has(self.serverSpeaksFirst) || !self.serverSpeaksFirst || (has(self.proxyProtocol) && self.proxyProtocol != 'none')",
+        "message": "serverSpeaksFirst needs proxyProtocol v1 or v2",
+        "fieldPath": ".proxyProtocol",
+        "reason": "FieldValueInvalid"
+    }]))
 )]
 #[serde(rename_all = "camelCase")]
 pub struct TaasLabelSpec {
@@ -135,6 +146,11 @@ pub struct TaasLabelSpec {
     /// in the last minute.
     #[serde(default)]
     pub client_admission: ClientAdmission,
+    /// The protocol has the server speak first (SSH, SMTP): q pairs a client as soon as it
+    /// connects instead of waiting for its first byte. Needs `proxyProtocol` v1 or v2: that
+    /// header is how the hidden server's agent learns it was paired.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub server_speaks_first: bool,
     /// How the label's relay is exposed in a cluster (its Service).
     #[serde(default)]
     pub service: LabelService,
@@ -156,6 +172,9 @@ pub fn default_rendezvous_ports() -> u32 {
 }
 fn default_true() -> bool {
     true
+}
+fn is_false(value: &bool) -> bool {
+    !value
 }
 
 /// A key of a Secret in the label's namespace.

@@ -368,6 +368,7 @@ mod tests {
             proxy_protocol: ProxyProtocol::V2,
             client_port: Some(21000),
             client_admission: ClientAdmission::Redirected,
+            server_speaks_first: true,
             service: LabelService {
                 type_: ServiceType::NodePort,
                 annotations: [("a.example/b".to_string(), "c".to_string())].into(),
@@ -418,6 +419,7 @@ mod tests {
         assert_eq!(l.spec.period, 30);
         assert_eq!(l.spec.max_parked, 32);
         assert!(l.spec.source_pinning);
+        assert!(!l.spec.server_speaks_first);
         assert_eq!(l.spec.rendezvous_ports, 8);
         assert_eq!(l.spec.service, LabelService::default());
         assert_eq!(l.spec.service.type_, ServiceType::LoadBalancer);

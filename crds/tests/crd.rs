@@ -208,8 +208,8 @@ fn cel_rules_compile() {
         .matches("\"rule\"")
         .count();
     assert_eq!(
-        rules, 3,
-        "id and label immutable, loadBalancerClass needs LoadBalancer"
+        rules, 4,
+        "id and label immutable, loadBalancerClass needs LoadBalancer, serverSpeaksFirst needs proxyProtocol"
     );
 }
 
@@ -270,6 +270,8 @@ fn schema_accepts_good_specs() {
         json!({"clientPort": 65535, "period": 300, "maxParked": 1024, "rendezvousPorts": 64}),
         json!({"clientPort": null}),
         json!({"algorithm": "SHA512", "proxyProtocol": "v2", "clientAdmission": "Redirected"}),
+        json!({"serverSpeaksFirst": true, "proxyProtocol": "v1"}),
+        json!({"serverSpeaksFirst": false}),
         json!({"service": {"type": "NodePort", "externalTrafficPolicy": "Cluster"}}),
         json!({"service": {"type": "LoadBalancer", "loadBalancerClass": "example.com/lb",
                            "annotations": {"a.example/b": "c"}}}),
@@ -342,6 +344,26 @@ fn schema_rejects_bad_specs() {
     assert!(schema_errors(&no_id)
         .iter()
         .any(|e| e.contains("\"id\" is a required")));
+}
+
+#[test]
+fn cel_rejects_server_speaks_first_without_a_proxy_header() {
+    for spec in [
+        json!({"serverSpeaksFirst": true}),
+        json!({"serverSpeaksFirst": true, "proxyProtocol": "none"}),
+    ] {
+        let errors = cel_errors(&label_with(spec.clone()), None);
+        assert!(
+            errors.len() == 1
+                && errors[0].contains("serverSpeaksFirst needs proxyProtocol v1 or v2"),
+            "{spec}: {errors:?}"
+        );
+    }
+    assert_eq!(
+        schema_errors(&label_with(json!({"serverSpeaksFirst": "yes"}))).len(),
+        1,
+        "a boolean"
+    );
 }
 
 #[test]

@@ -31,6 +31,10 @@ pub struct LabelConfig {
     pub client_port: Option<u16>,
     /// Who may connect to q: anyone, or only sources that got a 307 for this label lately.
     pub client_admission: ClientAdmission,
+    /// The label's protocol has the server speak first (SSH, SMTP): q pairs a client at
+    /// accept instead of waiting for its first byte. Needs a PROXY header (`proxy_protocol`):
+    /// it is what tells the hidden server's agent that it was paired.
+    pub server_speaks_first: bool,
 }
 
 impl fmt::Debug for LabelConfig {
@@ -47,6 +51,7 @@ impl fmt::Debug for LabelConfig {
             .field("proxy_protocol", &self.proxy_protocol)
             .field("client_port", &self.client_port)
             .field("client_admission", &self.client_admission)
+            .field("server_speaks_first", &self.server_speaks_first)
             .finish()
     }
 }
@@ -187,6 +192,11 @@ pub struct Timeouts {
     /// Time for a request's body on the front end once its head is in (408 and a close
     /// after it): with `keep_alive`, the deadline of a whole request.
     pub request_body: Duration,
+    /// A client on q must send its first byte within this before it is paired (labels whose
+    /// server speaks first excepted): a silent connection never holds a parked one.
+    pub first_byte: Duration,
+    /// A spliced pair with no byte either way for this long is closed (`None`: never).
+    pub pair_idle: Option<Duration>,
 }
 
 impl Default for Timeouts {
@@ -198,6 +208,8 @@ impl Default for Timeouts {
             keep_alive: Duration::from_secs(30),
             admission: Duration::from_secs(60),
             request_body: Duration::from_secs(10),
+            first_byte: Duration::from_secs(3),
+            pair_idle: Some(Duration::from_secs(15 * 60)),
         }
     }
 }
@@ -220,6 +232,14 @@ pub struct Limits {
     pub active_pairs: usize,
     /// Bytes a hidden server may send before pairing (kept and delivered to the client).
     pub early_bytes: usize,
+    /// Connections open at once on one label's q from one source (an IPv4 address or an IPv6
+    /// /64), from accept to close.
+    pub clients_per_source_per_label: usize,
+    /// The same over all labels of the relay.
+    pub clients_per_source: usize,
+    /// Spliced pairs (and clients waiting for one) open at once on one label, so that one
+    /// label cannot take all of `active_pairs`.
+    pub pairs_per_label: usize,
 }
 
 impl Default for Limits {
@@ -230,6 +250,13 @@ impl Default for Limits {
             waiting_clients_per_label: 256,
             active_pairs: 65_536,
             early_bytes: 16 * 1024,
+            // A browser opens about 6 connections per host, and one carrier-grade NAT address
+            // may carry many phones: 256 is some 40 browsers on one label at once, 1024 some
+            // 170 over all labels; one address still cannot hold more than that (a stalled
+            // pair is closed by the pair idle timeout).
+            clients_per_source_per_label: 256,
+            clients_per_source: 1024,
+            pairs_per_label: 4096,
         }
     }
 }

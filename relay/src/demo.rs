@@ -61,6 +61,7 @@ pub async fn start(relay: &Standalone) -> Result<Demo, DemoError> {
         proxy_protocol: Default::default(),
         client_port: None,
         client_admission: Default::default(),
+        server_speaks_first: false,
     };
     let problems = relay.add_label(config.clone());
     if !problems.is_empty() {

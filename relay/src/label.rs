@@ -4,7 +4,8 @@
 //! ```text
 //! registration ──reserve──▶ p bound ──accept (from the registering source)──▶ parked
 //!                               └─ timeout: port released, slot freed          │
-//! client on q ──────────────────────────────── take the newest live parked ◀───┘
+//! client on q ──first byte (or serverSpeaksFirst)──▶ take the newest live parked ◀───┘
+//!    ├─ nothing within the first-byte timeout, or closed: gone, the pool untouched
 //!    └─ none parked: wait (bounded) in a FIFO queue; a newly parked connection goes
 //!       straight to the longest-waiting client
 //! ```
@@ -12,7 +13,23 @@
 //! Each parked connection is watched by its own task, which reads nothing it cannot deliver:
 //! bytes the hidden server sends before pairing are kept (bounded) and written to the client
 //! first; EOF or a reset removes it from the pool at once. Everything here is per label: no
-//! lock is shared with other labels.
+//! lock is shared with other labels (but the relay-wide count of q connections per source).
+//!
+//! A client on q takes a parked connection only once it has sent its first byte (within the
+//! first-byte timeout, 3 s by default): a TCP connection that sends nothing would otherwise
+//! hold a parked connection that the hidden server cannot tell from a pairing (its agent
+//! replaces a parked connection when bytes arrive), and four idle connections were enough to
+//! turn a label's 307s into 503s for as long as they stayed open. Once a byte has arrived, the
+//! pairing costs the hidden server a connection, never the pool: the byte reaches the agent,
+//! which registers a replacement at once (measured with the real agent, `q_abuse.rs`: 20
+//! silent and 20 one-byte-then-stalled connections opened and the pool full again within
+//! 26–103 ms; then 30 phones out of 30 served while all of them were held). Labels whose server speaks first pair at
+//! accept; their PROXY header (required for them) plays the part of that first byte. A hidden
+//! server that speaks unasked (its bytes arrive while parked) is paired at accept too, as
+//! before: it cannot tell a silent client from any other, and the TAAS agent never does this.
+//!
+//! Bounded per source (an IPv4 address or IPv6 /64, `sources`): connections open on one
+//! label's q and on all labels' together; per label: pairs; per pair: an idle timeout.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -22,13 +39,14 @@ use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::config::{ClientAdmission, LabelConfig, Limits, ProxyProtocol, Timeouts};
 use crate::data_plane::Placement;
 use crate::metrics::{ClientRefused, LabelMetrics, Rendezvous};
 use crate::ports::{PortError, PortLease, PortPool};
+use crate::sources::{SourceCounts, SourceKey};
 use crate::{proxy_header, splice};
 
 /// Sources remembered per label for client admission (older ones are forgotten first).
@@ -37,6 +55,9 @@ const MAX_ADMITTED_SOURCES: usize = 4096;
 const P_BACKLOG: u32 = 8;
 /// Backlog of a client port.
 const Q_BACKLOG: u32 = 1024;
+/// A stranger on a pinned rendezvous port is logged at warn at most this often per label;
+/// the others at debug (every one is counted in `taas_rendezvous_total{kind="stranger"}`).
+const STRANGER_WARN_INTERVAL: Duration = Duration::from_secs(60);
 
 /// What every label of one relay shares: settings and the global pair limit.
 #[derive(Debug)]
@@ -49,6 +70,8 @@ pub struct Shared {
     pub q_ports: Arc<PortPool>,
     /// Permits for spliced pairs, all labels together.
     pub pairs: Arc<Semaphore>,
+    /// Connections open on client ports from each source, all labels together.
+    pub client_sources: SourceCounts,
 }
 
 /// Why a rendezvous port could not be handed out (the registration gets 503).
@@ -73,6 +96,9 @@ struct ParkedConn {
 struct ParkedHandle {
     id: u64,
     claim: oneshot::Sender<oneshot::Sender<ParkedConn>>,
+    /// Its hidden server has sent bytes while parked (it speaks first, unasked): a client
+    /// may have it before sending anything.
+    spoke: bool,
 }
 
 #[derive(Default)]
@@ -96,6 +122,11 @@ pub struct Label {
     pool: Mutex<Pool>,
     q: Mutex<Option<ClientPort>>,
     admitted: Mutex<HashMap<IpAddr, Instant>>,
+    /// Connections open on this label's q from each source.
+    client_sources: SourceCounts,
+    /// Permits for this label's pairs (and clients waiting for one).
+    pairs: Arc<Semaphore>,
+    stranger_warn: Mutex<WarnEvery>,
     closed: AtomicBool,
     next_id: AtomicU64,
     metrics: LabelMetrics,
@@ -130,6 +161,11 @@ impl Label {
             pool: Mutex::default(),
             q: Mutex::new(None),
             admitted: Mutex::default(),
+            client_sources: SourceCounts::default(),
+            pairs: Arc::new(Semaphore::new(
+                shared.limits.pairs_per_label.min(Semaphore::MAX_PERMITS),
+            )),
+            stranger_warn: Mutex::new(WarnEvery::new(STRANGER_WARN_INTERVAL)),
             closed: AtomicBool::new(false),
             next_id: AtomicU64::new(0),
             metrics,
@@ -273,7 +309,13 @@ impl Label {
                         if pinned.is_some_and(|ip| ip != peer.ip().to_canonical()) {
                             // A stranger does not become the hidden server, nor use up the slot.
                             self.metrics.rendezvous(Rendezvous::Stranger);
-                            tracing::warn!(label = %self.name, %peer, "refused a connection to a rendezvous port from another source");
+                            // A flood of strangers must not flood the log: one warning per
+                            // label and interval, with the count of those not written.
+                            let loud = lock(&self.stranger_warn).check(Instant::now());
+                            match loud {
+                                Some(suppressed) => tracing::warn!(label = %self.name, %peer, suppressed, "refused a connection to a rendezvous port from another source (more are logged at debug for a minute; `suppressed` were since the last warning)"),
+                                None => tracing::debug!(label = %self.name, %peer, "refused a connection to a rendezvous port from another source"),
+                            }
                             continue;
                         }
                         break Some(stream);
@@ -340,7 +382,11 @@ impl Label {
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (claim, claimed) = oneshot::channel();
-        pool.parked.push(ParkedHandle { id, claim });
+        pool.parked.push(ParkedHandle {
+            id,
+            claim,
+            spoke: !conn.early.is_empty(),
+        });
         self.metrics.parked.inc();
         Some((id, conn, claimed))
     }
@@ -372,6 +418,9 @@ impl Label {
                     match conn.stream.try_read(&mut chunk) {
                         Ok(0) => break, // EOF: the hidden server went away
                         Ok(n) if conn.early.len() + n <= limit => {
+                            if conn.early.is_empty() {
+                                self.mark_spoke(id);
+                            }
                             conn.early.extend_from_slice(&chunk[..n]);
                         }
                         Ok(_) => {
@@ -393,6 +442,14 @@ impl Label {
         tracing::debug!(label = %self.name, "a parked connection closed before pairing");
     }
 
+    /// Notes that parked connection `id` has sent bytes (once, when its first ones arrive).
+    fn mark_spoke(&self, id: u64) {
+        let mut pool = lock(&self.pool);
+        if let Some(handle) = pool.parked.iter_mut().rev().find(|h| h.id == id) {
+            handle.spoke = true;
+        }
+    }
+
     /// The newest live parked connection, if any.
     async fn take_parked(&self) -> Option<ParkedConn> {
         loop {
@@ -402,19 +459,42 @@ impl Label {
                 self.metrics.parked.dec();
                 handle
             };
-            let (reply, answer) = oneshot::channel();
-            if handle.claim.send(reply).is_err() {
-                continue; // its watcher just saw the connection end
-            }
-            if let Ok(conn) = answer.await {
+            if let Some(conn) = Self::claim(handle).await {
                 return Some(conn);
             }
+            // its watcher just saw the connection end: the next one
         }
     }
 
-    /// A parked connection for a client: one now, or the next one to be parked within the
-    /// client wait. `Err` says why the client is turned away.
-    async fn pair_for_client(self: &Arc<Self>) -> Result<ParkedConn, ClientRefused> {
+    /// The newest parked connection if its hidden server has spoken already (it speaks
+    /// first, unasked, and gets its client as soon as one connects).
+    async fn take_parked_that_spoke(&self) -> Option<ParkedConn> {
+        let handle = {
+            let mut pool = lock(&self.pool);
+            if !pool.parked.last()?.spoke {
+                return None;
+            }
+            let handle = pool.parked.pop()?;
+            self.metrics.parked.dec();
+            handle
+        };
+        Self::claim(handle).await
+    }
+
+    /// Asks a parked connection's watcher for it; `None` if it has just ended.
+    async fn claim(handle: ParkedHandle) -> Option<ParkedConn> {
+        let (reply, answer) = oneshot::channel();
+        handle.claim.send(reply).ok()?;
+        answer.await.ok()
+    }
+
+    /// A parked connection for a client: one now, or the next one to be parked before
+    /// `wait_until` (the client wait after its accept). `Err` says why the client is turned
+    /// away.
+    async fn pair_for_client(
+        self: &Arc<Self>,
+        wait_until: tokio::time::Instant,
+    ) -> Result<ParkedConn, ClientRefused> {
         if let Some(conn) = self.take_parked().await {
             return Ok(conn);
         }
@@ -432,12 +512,10 @@ impl Label {
         let mut arrival = arrival;
         let outcome = match self.take_parked().await {
             Some(conn) => Ok(conn),
-            None => {
-                match tokio::time::timeout(self.shared.timeouts.client_wait, &mut arrival).await {
-                    Ok(Ok(conn)) => Ok(conn),
-                    _ => Err(ClientRefused::Timeout),
-                }
-            }
+            None => match tokio::time::timeout_at(wait_until, &mut arrival).await {
+                Ok(Ok(conn)) => Ok(conn),
+                _ => Err(ClientRefused::Timeout),
+            },
         };
         // A connection handed to us just as we stopped waiting must not be lost.
         arrival.close();
@@ -489,38 +567,89 @@ impl Label {
         }
     }
 
-    /// Serves one connection accepted on q: pair it, then splice until both sides are done.
-    async fn serve_client(self: Arc<Self>, mut client: TcpStream, peer: SocketAddr) {
+    /// Serves one connection accepted on q: wait for its first byte (unless the server speaks
+    /// first), pair it, then splice until both sides are done or the pair idles.
+    async fn serve_client(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
         let config = self.config();
         if config.client_admission == ClientAdmission::Redirected && !self.is_admitted(peer.ip()) {
             self.metrics.client_refused(ClientRefused::NotAdmitted);
             tracing::debug!(label = %self.name, %peer, "client not admitted: no recent 307");
             return;
         }
-        let Ok(_permit) = self.shared.pairs.clone().try_acquire_owned() else {
-            self.metrics.client_refused(ClientRefused::Overloaded);
-            tracing::warn!(label = %self.name, "global pair limit reached; client closed");
-            return;
+        let limits = &self.shared.limits;
+        let source = SourceKey::of(peer.ip());
+        // Held until the connection closes: one source cannot hold all of q.
+        let Some(_relay_slot) = self
+            .shared
+            .client_sources
+            .try_acquire(source, limits.clients_per_source)
+        else {
+            return self.refuse_source(peer);
         };
-        let mut server = match self.pair_for_client().await {
-            Ok(conn) => conn,
+        let Some(_label_slot) = self
+            .client_sources
+            .try_acquire(source, limits.clients_per_source_per_label)
+        else {
+            return self.refuse_source(peer);
+        };
+        let accepted_at = tokio::time::Instant::now();
+        let wait_until = accepted_at + self.shared.timeouts.client_wait;
+        let silent_at = accepted_at + self.shared.timeouts.first_byte;
+        // Open when the client may have a parked connection: it has sent a byte, or the
+        // label's server speaks first, or the newest parked connection's server already has.
+        let spoken = if config.server_speaks_first {
+            None
+        } else if let Some(conn) = self.take_parked_that_spoke().await {
+            Some(conn)
+        } else {
+            match first_byte(&client, silent_at.min(wait_until)).await {
+                FirstByte::Arrived => None,
+                FirstByte::Closed => {
+                    // A port scan, a health check: it never touched the pool.
+                    tracing::debug!(label = %self.name, %peer, "client left before its first byte");
+                    return;
+                }
+                FirstByte::Silent => {
+                    // The client wait can end first (when shorter); then it was a timeout
+                    // as long as there was nothing to pair it with anyway.
+                    let reason = if silent_at <= wait_until || self.parked() > 0 {
+                        ClientRefused::Silent
+                    } else {
+                        ClientRefused::Timeout
+                    };
+                    self.metrics.client_refused(reason);
+                    tracing::debug!(label = %self.name, %peer, ?reason, "client sent nothing in time; closed");
+                    return;
+                }
+            }
+        };
+        let permits = self.pair_permits();
+        let (_label_permit, _permit) = match permits {
+            Ok(permits) => permits,
             Err(reason) => {
+                if let Some(conn) = spoken {
+                    self.park(conn); // untouched: its hidden server saw nothing
+                }
                 self.metrics.client_refused(reason);
-                tracing::debug!(label = %self.name, %peer, ?reason, "client closed unpaired");
+                tracing::debug!(label = %self.name, %peer, ?reason, "pair limit reached; client closed");
                 return;
             }
         };
+        let mut server = match spoken {
+            Some(conn) => conn,
+            None => match self.pair_for_client(wait_until).await {
+                Ok(conn) => conn,
+                Err(reason) => {
+                    self.metrics.client_refused(reason);
+                    tracing::debug!(label = %self.name, %peer, ?reason, "client closed unpaired");
+                    return;
+                }
+            },
+        };
+        let mut client = client;
         // q's options (no Nagle, keepalive) were inherited from its listener on Linux.
         #[cfg(not(target_os = "linux"))]
         crate::splice::tune(&client);
-        // A client that goes away before sending a byte (a port scan, a health check) gives
-        // the parked connection back untouched: its hidden server has seen nothing yet.
-        let untouched = config.proxy_protocol == ProxyProtocol::None && server.early.is_empty();
-        if untouched && left_silently(&client, &server.stream).await {
-            tracing::debug!(label = %self.name, %peer, "client left without a byte; connection parked again");
-            self.park(server);
-            return;
-        }
         self.metrics.pairings.inc();
         self.metrics.active_pairs.inc();
         let result = self
@@ -528,15 +657,36 @@ impl Label {
             .await;
         self.metrics.active_pairs.dec();
         match result {
-            Ok(copied) => {
+            Ok(spliced) => {
+                let copied = spliced.copied;
                 self.metrics.bytes_to_server.inc_by(copied.a_to_b);
                 self.metrics.bytes_to_client.inc_by(copied.b_to_a);
-                tracing::debug!(label = %self.name, %peer, to_server = copied.a_to_b, to_client = copied.b_to_a, "pair finished");
+                if spliced.idle {
+                    self.metrics.idle_pairs_closed.inc();
+                }
+                tracing::debug!(label = %self.name, %peer, to_server = copied.a_to_b, to_client = copied.b_to_a, idle = spliced.idle, "pair finished");
             }
             Err(error) => {
                 tracing::debug!(label = %self.name, %peer, %error, "pair ended with an error");
             }
         }
+    }
+
+    /// A permit of the label's pair limit, then one of the relay's.
+    fn pair_permits(&self) -> Result<(OwnedSemaphorePermit, OwnedSemaphorePermit), ClientRefused> {
+        let Ok(label) = self.pairs.clone().try_acquire_owned() else {
+            return Err(ClientRefused::LabelPairs);
+        };
+        let Ok(relay) = self.shared.pairs.clone().try_acquire_owned() else {
+            tracing::warn!(label = %self.name, "global pair limit reached; client closed");
+            return Err(ClientRefused::Overloaded);
+        };
+        Ok((label, relay))
+    }
+
+    fn refuse_source(&self, peer: SocketAddr) {
+        self.metrics.client_refused(ClientRefused::SourceLimit);
+        tracing::debug!(label = %self.name, %peer, "too many connections on q from this source; client closed");
     }
 
     async fn splice_pair(
@@ -545,7 +695,7 @@ impl Label {
         peer: SocketAddr,
         server: &mut ParkedConn,
         proxy: ProxyProtocol,
-    ) -> std::io::Result<splice::Copied> {
+    ) -> std::io::Result<splice::Spliced> {
         let header = match proxy {
             ProxyProtocol::None => None,
             ProxyProtocol::V1 => Some(proxy_header::v1(peer, client.local_addr()?)),
@@ -557,19 +707,64 @@ impl Label {
         if !server.early.is_empty() {
             client.write_all(&server.early).await?;
         }
-        let mut copied = splice::splice(client, &mut server.stream).await?;
-        copied.b_to_a += server.early.len() as u64;
-        Ok(copied)
+        let mut spliced =
+            splice::splice_until_idle(client, &mut server.stream, self.shared.timeouts.pair_idle)
+                .await?;
+        spliced.copied.b_to_a += server.early.len() as u64;
+        Ok(spliced)
     }
 }
 
-/// Waits for the first sign of life of a new pair: true if the client closed (or reset)
-/// before sending anything, false as soon as either side has bytes to deliver.
-async fn left_silently(client: &TcpStream, server: &TcpStream) -> bool {
+/// What a new client on q did first.
+#[derive(Debug, PartialEq, Eq)]
+enum FirstByte {
+    /// It has bytes waiting (they stay in the socket for the splice).
+    Arrived,
+    /// It closed (or reset) without sending anything.
+    Closed,
+    /// Nothing within the first-byte timeout.
+    Silent,
+}
+
+async fn first_byte(client: &TcpStream, deadline: tokio::time::Instant) -> FirstByte {
     let mut probe = [0u8; 1];
-    tokio::select! {
-        peeked = client.peek(&mut probe) => !matches!(peeked, Ok(n) if n > 0),
-        _ = server.readable() => false,
+    match tokio::time::timeout_at(deadline, client.peek(&mut probe)).await {
+        Ok(Ok(n)) if n > 0 => FirstByte::Arrived,
+        Ok(_) => FirstByte::Closed,
+        Err(_) => FirstByte::Silent,
+    }
+}
+
+/// At most one loud log line per interval: says whether to log this event loudly, and how
+/// many were kept quiet since the last loud one.
+#[derive(Debug)]
+struct WarnEvery {
+    interval: Duration,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl WarnEvery {
+    fn new(interval: Duration) -> Self {
+        Self {
+            interval,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// `Some(quiet ones since the last loud one)` if this event is to be logged loudly.
+    fn check(&mut self, now: Instant) -> Option<u64> {
+        match self.last {
+            Some(last) if now.duration_since(last) < self.interval => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
     }
 }
 
@@ -597,5 +792,50 @@ async fn accept_clients(label: std::sync::Weak<Label>, listener: TcpListener, le
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_warning_per_interval_with_the_count_kept_quiet() {
+        let mut warn = WarnEvery::new(Duration::from_secs(60));
+        let t0 = Instant::now();
+        assert_eq!(warn.check(t0), Some(0));
+        for i in 1..=500 {
+            assert_eq!(warn.check(t0 + Duration::from_millis(i * 100)), None);
+        }
+        assert_eq!(warn.check(t0 + Duration::from_secs(60)), Some(500));
+        assert_eq!(warn.check(t0 + Duration::from_secs(61)), None);
+        assert_eq!(warn.check(t0 + Duration::from_secs(200)), Some(1));
+    }
+
+    #[tokio::test]
+    async fn first_byte_tells_bytes_from_a_close_and_from_silence() {
+        use tokio::io::AsyncWriteExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let wait = Duration::from_millis(200);
+        let deadline = || tokio::time::Instant::now() + wait;
+
+        let mut talker = TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        talker.write_all(b"x").await.unwrap();
+        assert_eq!(first_byte(&accepted, deadline()).await, FirstByte::Arrived);
+        let mut kept = [0u8; 1];
+        assert_eq!(accepted.try_read(&mut kept).unwrap(), 1, "the byte stays");
+
+        let leaver = TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        drop(leaver);
+        assert_eq!(first_byte(&accepted, deadline()).await, FirstByte::Closed);
+
+        let _silent = TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        let started = Instant::now();
+        assert_eq!(first_byte(&accepted, deadline()).await, FirstByte::Silent);
+        assert!(started.elapsed() >= wait);
     }
 }

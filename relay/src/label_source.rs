@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use taas_crds::manifest::{parse_documents, LabelObject, Object, SecretObject};
-use taas_crds::TaasLabelSpec;
+use taas_crds::{ProxyProtocol, TaasLabelSpec};
 
 use crate::config::LabelConfig;
 
@@ -143,6 +143,12 @@ pub fn validate_label(spec: &TaasLabelSpec, secret_b32: &[u8]) -> Result<LabelCo
     if spec.client_port == Some(0) {
         problems.push("clientPort must be 1 to 65535".into());
     }
+    // The TAAS agent (like the original steward) waits for the first bytes of a parked
+    // connection to know it was paired: without a PROXY header, a client waiting for the
+    // server's banner and an agent waiting for the client's first byte would wait forever.
+    if spec.server_speaks_first && spec.proxy_protocol == ProxyProtocol::None {
+        problems.push("serverSpeaksFirst needs proxyProtocol v1 or v2".into());
+    }
     if !problems.is_empty() {
         return Err(problems.join("; "));
     }
@@ -157,6 +163,7 @@ pub fn validate_label(spec: &TaasLabelSpec, secret_b32: &[u8]) -> Result<LabelCo
         proxy_protocol: spec.proxy_protocol,
         client_port: spec.client_port,
         client_admission: spec.client_admission,
+        server_speaks_first: spec.server_speaks_first,
     })
 }
 
@@ -668,6 +675,30 @@ mod tests {
         symlink("..data/b.yaml", dir.path().join("b.yaml")).unwrap();
         let set = load_dir(dir.path()).unwrap();
         assert_eq!(set.labels.keys().collect::<Vec<_>>(), ["home", "other"]);
+    }
+
+    #[test]
+    fn server_speaks_first_is_carried_and_needs_a_proxy_header() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "a.yaml",
+            &labelled("ssh", "  serverSpeaksFirst: true\n  proxyProtocol: v1\n"),
+        );
+        write(dir.path(), "b.yaml", &labelled("web", ""));
+        let set = load_dir(dir.path()).unwrap();
+        assert!(set.labels["ssh"].server_speaks_first);
+        assert!(!set.labels["web"].server_speaks_first);
+        write(
+            dir.path(),
+            "a.yaml",
+            &labelled("ssh", "  serverSpeaksFirst: true\n"),
+        );
+        let msg = problems(dir.path());
+        assert!(
+            msg.contains("serverSpeaksFirst needs proxyProtocol v1 or v2"),
+            "{msg}"
+        );
     }
 
     #[test]

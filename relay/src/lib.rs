@@ -38,6 +38,7 @@ pub mod rate_limit;
 pub mod registrar;
 pub mod relay;
 pub mod serve;
+pub mod sources;
 pub mod splice;
 pub mod tls;
 pub mod totp;

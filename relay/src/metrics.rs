@@ -101,7 +101,15 @@ struct ByReason {
 }
 
 const REGISTRATION_RESULTS: [&str; 4] = ["ok", "unauthorized", "rate_limited", "unavailable"];
-const CLIENT_REFUSALS: [&str; 4] = ["timeout", "not_admitted", "queue_full", "overloaded"];
+const CLIENT_REFUSALS: [&str; 7] = [
+    "timeout",
+    "not_admitted",
+    "queue_full",
+    "overloaded",
+    "silent",
+    "source_limit",
+    "label_pairs",
+];
 const RENDEZVOUS_RESULTS: [&str; 3] = ["connected", "expired", "stranger"];
 
 /// A registration's result, as counted per label.
@@ -124,6 +132,14 @@ pub enum ClientRefused {
     QueueFull = 2,
     /// The relay's global limit of pairs is reached.
     Overloaded = 3,
+    /// The client sent nothing within the first-byte timeout (it never held a parked
+    /// connection).
+    Silent = 4,
+    /// Its source already has as many connections open on q as allowed (on this label or
+    /// over all labels).
+    SourceLimit = 5,
+    /// The label's own limit of pairs is reached.
+    LabelPairs = 6,
 }
 
 /// How a one-shot rendezvous port ended (or a stranger it turned away).
@@ -147,6 +163,7 @@ pub struct RelayMetrics {
     clients_refused: Family<ByLabelAnd, Counter>,
     redirects: Family<ByLabel, Counter>,
     rendezvous: Family<ByLabelAnd, Counter>,
+    idle_pairs_closed: Family<ByLabel, Counter>,
 }
 
 /// One label's metric handles: plain atomics, so the data path takes no lock to count.
@@ -158,9 +175,11 @@ pub struct LabelMetrics {
     pub active_pairs: Gauge,
     pub bytes_to_server: Counter,
     pub bytes_to_client: Counter,
-    clients_refused: [Counter; 4],
+    clients_refused: [Counter; 7],
     pub redirects: Counter,
     rendezvous: [Counter; 3],
+    /// Pairs closed by the relay after no byte either way for the idle timeout.
+    pub idle_pairs_closed: Counter,
 }
 
 impl LabelMetrics {
@@ -223,6 +242,11 @@ impl RelayMetrics {
             "One-shot rendezvous ports by outcome (kind: connected, expired, stranger)",
             m.rendezvous.clone(),
         );
+        registry.register(
+            "taas_idle_pairs_closed",
+            "Spliced pairs closed after no byte either way for the pair idle timeout",
+            m.idle_pairs_closed.clone(),
+        );
     }
 
     pub fn for_label(&self, label: &str) -> LabelMetrics {
@@ -261,6 +285,12 @@ impl RelayMetrics {
                 })
                 .clone(),
             rendezvous: RENDEZVOUS_RESULTS.map(|k| kinds(&self.rendezvous, k)),
+            idle_pairs_closed: self
+                .idle_pairs_closed
+                .get_or_create(&ByLabel {
+                    label: label.into(),
+                })
+                .clone(),
         }
     }
 
@@ -273,6 +303,7 @@ impl RelayMetrics {
         self.pairings.remove(&key);
         self.active_pairs.remove(&key);
         self.redirects.remove(&key);
+        self.idle_pairs_closed.remove(&key);
         let kinds = REGISTRATION_RESULTS
             .iter()
             .chain(&CLIENT_REFUSALS)

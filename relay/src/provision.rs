@@ -180,6 +180,7 @@ pub fn write_label(dir: &Path, new: &NewLabel) -> Result<Provisioned, ProvisionE
         proxy_protocol: Default::default(),
         client_port: None,
         client_admission: Default::default(),
+        server_speaks_first: false,
         service: Default::default(),
         rendezvous_ports: taas_crds::default_rendezvous_ports(),
     };

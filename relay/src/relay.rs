@@ -72,6 +72,7 @@ impl Relay {
             p_ports: PortPool::new(settings.p_ports),
             q_ports: PortPool::new(settings.q_ports),
             pairs: Arc::new(Semaphore::new(settings.limits.active_pairs)),
+            client_sources: Default::default(),
         });
         let decoy = LabelConfig {
             label: String::new(),
@@ -84,6 +85,7 @@ impl Relay {
             proxy_protocol: Default::default(),
             client_port: None,
             client_admission: Default::default(),
+            server_speaks_first: false,
         };
         Ok(Arc::new(Self {
             external: RwLock::new(Arc::new(ExternalAddress::new(settings.advertise.clone()))),

@@ -80,6 +80,56 @@ fn bad_flag_values_name_the_flag() {
     );
 }
 
+/// The q limits (issue 13): bad values name their flag, on `serve` and `label-relay`, and
+/// each flag reads its `TAAS_*` variable.
+#[test]
+fn q_limit_flags_refuse_bad_values_and_read_their_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    for (flag, value) in [
+        ("--first-byte-timeout", "0"),
+        ("--pair-idle-timeout", "-1"),
+        ("--max-label-clients-per-source", "0"),
+        ("--max-clients-per-source", "0"),
+        ("--max-label-pairs", "0"),
+    ] {
+        let arg = format!("{flag}={value}");
+        let err = stderr(&serve_fails(dir.path(), &[&arg]));
+        assert!(err.contains(flag), "{arg}: {err}");
+        let out = relay_bin()
+            .current_dir(dir.path())
+            .args([
+                "label-relay",
+                "--label-file",
+                "none.yaml",
+                "--secret-dir",
+                "none",
+            ])
+            .arg(&arg)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        assert!(
+            stderr(&out).contains(flag),
+            "label-relay {flag} {value}: {}",
+            stderr(&out)
+        );
+    }
+    for (var, flag) in [
+        ("TAAS_FIRST_BYTE_TIMEOUT", "--first-byte-timeout"),
+        ("TAAS_MAX_LABEL_PAIRS", "--max-label-pairs"),
+    ] {
+        let out = relay_bin()
+            .current_dir(dir.path())
+            .env("TAAS_LISTEN", "127.0.0.1:0")
+            .env(var, "0")
+            .args(["serve", "--metrics", "off"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        assert!(stderr(&out).contains(flag), "{var}=0: {}", stderr(&out));
+    }
+}
+
 #[test]
 fn unreadable_certificate_files_are_named() {
     let dir = tempfile::tempdir().unwrap();

@@ -573,6 +573,7 @@ fn validate_label_never_panics_and_keeps_its_invariants() {
                 proxy_protocol: Default::default(),
                 client_port,
                 client_admission: Default::default(),
+                server_speaks_first: false,
                 service: Default::default(),
                 rendezvous_ports: 8,
             };

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
+use clap::builder::TypedValueParser as _;
 use clap::{Args, Parser, Subcommand};
 use taas_relay::config::{Limits, PortRange, RedirectHost, Timeouts};
 use taas_relay::gateway_auth::GatewayToken;
@@ -140,6 +141,62 @@ struct LabelRelayArgs {
     /// the label's external address from --external-file.
     #[arg(long, env = "TAAS_REDIRECT_HOST", value_enum, default_value_t = RedirectHost::Requested)]
     redirect_host: RedirectHost,
+    #[command(flatten)]
+    clients: ClientArgs,
+}
+
+/// What one client on q may hold, and for how long (`serve` and `label-relay`).
+#[derive(Args)]
+struct ClientArgs {
+    /// Seconds a client on q has to send its first byte before it is closed; it takes a
+    /// parked connection only then (labels with serverSpeaksFirst are paired at once).
+    #[arg(
+        long,
+        env = "TAAS_FIRST_BYTE_TIMEOUT",
+        value_name = "S",
+        default_value_t = 3.0
+    )]
+    first_byte_timeout: f64,
+    /// Seconds without a byte either way after which a spliced pair is closed; 0: never.
+    #[arg(
+        long,
+        env = "TAAS_PAIR_IDLE_TIMEOUT",
+        value_name = "S",
+        default_value_t = 900.0
+    )]
+    pair_idle_timeout: f64,
+    /// Connections one source (an IPv4 address or an IPv6 /64) may have open on one label's
+    /// q. A browser opens about 6 per host, and many phones may share one carrier-grade NAT
+    /// address.
+    #[arg(long, env = "TAAS_MAX_LABEL_CLIENTS_PER_SOURCE", value_name = "N",
+          default_value_t = Limits::default().clients_per_source_per_label,
+          value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
+    max_label_clients_per_source: usize,
+    /// Connections one source may have open on the client ports of all labels together.
+    #[arg(long, env = "TAAS_MAX_CLIENTS_PER_SOURCE", value_name = "N",
+          default_value_t = Limits::default().clients_per_source,
+          value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
+    max_clients_per_source: usize,
+    /// Spliced pairs (and clients waiting for one) one label may have at once, so that one
+    /// label cannot take every pair the relay allows.
+    #[arg(long, env = "TAAS_MAX_LABEL_PAIRS", value_name = "N",
+          default_value_t = Limits::default().pairs_per_label,
+          value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
+    max_label_pairs: usize,
+}
+
+impl ClientArgs {
+    fn apply(&self, timeouts: &mut Timeouts, limits: &mut Limits) -> anyhow::Result<()> {
+        timeouts.first_byte = seconds("--first-byte-timeout", self.first_byte_timeout)?;
+        timeouts.pair_idle = match self.pair_idle_timeout {
+            0.0 => None,
+            s => Some(seconds("--pair-idle-timeout", s)?),
+        };
+        limits.clients_per_source_per_label = self.max_label_clients_per_source;
+        limits.clients_per_source = self.max_clients_per_source;
+        limits.pairs_per_label = self.max_label_pairs;
+        Ok(())
+    }
 }
 
 #[derive(Subcommand)]
@@ -240,6 +297,8 @@ struct ServeArgs {
     #[arg(long, env = "TAAS_DATA_THREADS", value_name = "N",
           value_parser = clap::value_parser!(u16).range(1..=1024))]
     data_threads: Option<u16>,
+    #[command(flatten)]
+    clients: ClientArgs,
     /// Also provision a "demo" label and run a built-in hidden server (an agent in front of a
     /// tiny HTTPS page), to see the whole path work with curl or a browser.
     #[arg(long, env = "TAAS_DEMO")]
@@ -286,6 +345,18 @@ fn metrics_addr(value: &str) -> anyhow::Result<Option<SocketAddr>> {
 fn serve_options(args: &ServeArgs) -> anyhow::Result<ServeOptions> {
     let metrics = metrics_addr(&args.metrics)?;
     let n = &args.names;
+    let mut timeouts = Timeouts {
+        rendezvous: seconds("--rendezvous-timeout", args.rendezvous_timeout)?,
+        client_wait: seconds("--client-wait", args.client_wait)?,
+        request_body: seconds("--request-body-timeout", args.request_body_timeout)?,
+        ..Timeouts::default()
+    };
+    let mut limits = Limits {
+        frontend_connections: args.max_connections as usize,
+        frontend_connections_per_source: args.max_connections_per_source as usize,
+        ..Limits::default()
+    };
+    args.clients.apply(&mut timeouts, &mut limits)?;
     Ok(ServeOptions {
         listen: n.listen,
         registrar: n.names.registrar.clone(),
@@ -300,17 +371,8 @@ fn serve_options(args: &ServeArgs) -> anyhow::Result<ServeOptions> {
         state_dir: n.tls.state_dir.clone(),
         metrics,
         reload_interval: seconds("--reload-interval", args.reload_interval)?,
-        timeouts: Timeouts {
-            rendezvous: seconds("--rendezvous-timeout", args.rendezvous_timeout)?,
-            client_wait: seconds("--client-wait", args.client_wait)?,
-            request_body: seconds("--request-body-timeout", args.request_body_timeout)?,
-            ..Timeouts::default()
-        },
-        limits: Limits {
-            frontend_connections: args.max_connections as usize,
-            frontend_connections_per_source: args.max_connections_per_source as usize,
-            ..Limits::default()
-        },
+        timeouts,
+        limits,
         data_threads: args
             .data_threads
             .and_then(|n| std::num::NonZeroUsize::new(usize::from(n))),
@@ -381,6 +443,12 @@ async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
 }
 
 async fn run_label_relay(args: LabelRelayArgs) -> anyhow::Result<()> {
+    let mut timeouts = Timeouts::default();
+    let mut limits = Limits {
+        frontend_connections: args.max_connections as usize,
+        ..Limits::default()
+    };
+    args.clients.apply(&mut timeouts, &mut limits)?;
     let _relay = taas_relay::label_relay::start(taas_relay::label_relay::LabelRelayOptions {
         label_file: args.label_file,
         secret_dir: args.secret_dir,
@@ -400,11 +468,8 @@ async fn run_label_relay(args: LabelRelayArgs) -> anyhow::Result<()> {
         client_port: args.client_port,
         metrics: metrics_addr(&args.metrics)?,
         reload_interval: seconds("--reload-interval", args.reload_interval)?,
-        timeouts: Timeouts::default(),
-        limits: Limits {
-            frontend_connections: args.max_connections as usize,
-            ..Limits::default()
-        },
+        timeouts,
+        limits,
     })
     .await?;
     shutdown_signal().await;

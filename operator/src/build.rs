@@ -854,8 +854,10 @@ pub(crate) mod tests {
     fn no_gateway_secret_no_token() {
         let c = relay_container(&label(), &Settings::default());
         assert_eq!(c["env"], serde_json::Value::Null);
-        let mut logged = Settings::default();
-        logged.relay_log_env = vec![("TAAS_LOG_FORMAT".into(), "json".into())];
+        let logged = Settings {
+            relay_log_env: vec![("TAAS_LOG_FORMAT".into(), "json".into())],
+            ..Settings::default()
+        };
         let env = relay_container(&label(), &logged)["env"].to_string();
         assert!(!env.contains("TAAS_GATEWAY_TOKEN"), "{env}");
     }

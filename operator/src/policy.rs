@@ -200,10 +200,8 @@ fn type_name(type_: ServiceType) -> &'static str {
 impl TenantPolicy {
     pub fn from_yaml(text: &str) -> Result<Self, PolicyError> {
         // An empty file (or one holding only comments) is no policy.
-        let policy: TenantPolicy = match serde_yaml::from_str::<Option<TenantPolicy>>(text)? {
-            Some(policy) => policy,
-            None => TenantPolicy::default(),
-        };
+        let policy: TenantPolicy =
+            serde_yaml::from_str::<Option<TenantPolicy>>(text)?.unwrap_or_default();
         policy.check()?;
         Ok(policy)
     }

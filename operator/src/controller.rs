@@ -9,7 +9,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use futures::StreamExt as _;
+use futures::{Stream, StreamExt as _};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::NamespaceResourceScope;
@@ -33,6 +33,21 @@ where
         Some(namespace) => Api::namespaced(client.clone(), namespace),
         None => Api::all(client.clone()),
     }
+}
+
+/// Every Secret that changes (in `namespace`, or all), as metadata only: an Api of
+/// `PartialObjectMeta` asks the API server for `PartialObjectMetadataList`s, so no Secret's
+/// data ever reaches (or stays in) the operator.
+pub fn secret_changes(
+    client: &Client,
+    namespace: Option<&str>,
+) -> impl Stream<Item = Result<PartialObjectMeta<Secret>, watcher::Error>> + Send + 'static {
+    watcher(
+        api::<PartialObjectMeta<Secret>>(client, namespace),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .touched_objects()
 }
 
 /// Leadership was lost: the process should exit (and be restarted as a candidate).
@@ -84,16 +99,9 @@ pub async fn run(
         .owns(api::<Deployment>(&client, ns), ours.clone())
         .owns(api::<Service>(&client, ns), ours.clone())
         .owns(api::<ConfigMap>(&client, ns), ours)
-        .watches_stream(
-            // An Api of PartialObjectMeta asks the API server for metadata only.
-            watcher(
-                api::<PartialObjectMeta<Secret>>(&client, ns),
-                watcher::Config::default(),
-            )
-            .default_backoff()
-            .touched_objects(),
-            move |secret| labels_using(&secret_labels.state(), &secret.metadata),
-        )
+        .watches_stream(secret_changes(&client, ns), move |secret| {
+            labels_using(&secret_labels.state(), &secret.metadata)
+        })
         .shutdown_on_signal();
 
     let context = Arc::new(Context::new(

@@ -981,3 +981,41 @@ async fn with_a_gateway_secret_the_relay_gets_its_labels_token_and_nothing_else_
         }
     }
 }
+
+#[tokio::test]
+async fn secrets_are_watched_as_metadata_only() {
+    use futures::StreamExt as _;
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "default");
+    let mut changes = taas_operator::controller::secret_changes(&client, None).boxed();
+    let poll = tokio::spawn(async move { changes.next().await.map(|r| r.map(|m| m.metadata)) });
+    let (request, send) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
+        .await
+        .expect("the Secret watch lists")
+        .expect("client gone");
+    assert_eq!(request.uri().path(), "/api/v1/secrets");
+    let (group, resource, verb) = rbac_of(request.method(), request.uri().path());
+    assert!(rbac::allows(&group, &resource, verb));
+    // Only metadata is asked for: the API server then sends no Secret's data.
+    let accept = request.headers()["accept"].to_str().unwrap().to_string();
+    assert!(
+        accept.starts_with("application/json;as=PartialObjectMetadataList"),
+        "{accept}"
+    );
+    let list = json!({
+        "apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList",
+        "metadata": {"resourceVersion": "5"},
+        "items": [{"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+                   "metadata": {"name": "home-totp", "namespace": "default", "resourceVersion": "4"}}],
+    });
+    send.send_response(Response::new(Body::from(
+        serde_json::to_vec(&list).unwrap(),
+    )));
+    let first = tokio::time::timeout(Duration::from_secs(5), poll)
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("a change")
+        .expect("no error");
+    assert_eq!(first.name.as_deref(), Some("home-totp"));
+}

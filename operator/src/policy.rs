@@ -385,6 +385,11 @@ services:
             TenantPolicy::from_yaml("").unwrap(),
             TenantPolicy::from_yaml("# nothing\n").unwrap(),
             TenantPolicy::from_yaml("labels: {}\nservices: {}\n").unwrap(),
+            // What the chart renders from a release's values stored before these keys existed.
+            TenantPolicy::from_yaml(
+                "labels:\n  {}\nservices:\n  default:\n    {}\n  namespaces:\n    {}\n",
+            )
+            .unwrap(),
         ] {
             assert!(!policy.restricts_labels());
             assert!(policy.allows_label("anyone", "home"));

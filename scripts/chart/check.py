@@ -778,6 +778,30 @@ def _():
     expect(after["checksum/policy"] != before and after.get("example.com/scrape") == "true", f"annotations {after}")
 
 
+@check("helm upgrade --reuse-values from a release made before the issue 13 values still renders (missing keys are defaults)")
+def _():
+    import shutil
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        chart = os.path.join(tmp, "taas")
+        shutil.copytree(CHART, chart)
+        with open(os.path.join(CHART, "values.yaml")) as f:
+            values = yaml.safe_load(f)
+        # --reuse-values renders with the stored values only, not the new chart's defaults.
+        for key in ("clusterDomain", "gatewayAuth", "labelPolicy", "servicePolicy"):
+            values.pop(key)
+        with open(os.path.join(chart, "values.yaml"), "w") as f:
+            yaml.safe_dump(values, f)
+        result = run([HELM, "template", RELEASE, chart, "--namespace", NAMESPACE])
+        expect(result.returncode == 0, result.stderr.strip())
+        docs = [d for d in yaml.safe_load_all(result.stdout) if d]
+        args = named(docs, "Deployment", f"{RELEASE}-operator")["spec"]["template"]["spec"]["containers"][0]["args"]
+        expect("--cluster-domain=cluster.local" in args, f"args {args}")
+        expect(named(docs, "Secret", f"{RELEASE}-gateway-auth"), "no gateway auth Secret")
+        policy = policy_of(docs)
+        expect(policy == {"labels": {}, "services": {"default": {}, "namespaces": {}}}, f"policy {policy}")
+
+
 @check("PodDisruptionBudget: policy/v1, selects the gateway pods")
 def _():
     docs = render(values_files=[ci("everything-on")], kube="1.30.0")

@@ -154,11 +154,24 @@ failureThreshold: {{ .probe.failureThreshold }}
 
 {{/* The Secret holding the install's gateway secret (key `secret`): an existing one, or the chart's. */}}
 {{- define "taas.gatewayAuth.secretName" -}}
-{{- if .Values.gatewayAuth.existingSecret -}}
-{{- .Values.gatewayAuth.existingSecret -}}
+{{- $existing := include "taas.gatewayAuth.existingSecret" . -}}
+{{- if $existing -}}
+{{- $existing -}}
 {{- else -}}
 {{- printf "%s-gateway-auth" (include "taas.fullname" .) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
+{{- end -}}
+
+{{/*
+The values added with issue 13, read so that `helm upgrade --reuse-values` from a release
+made before them (whose stored values lack these keys) still renders: missing means default.
+*/}}
+{{- define "taas.gatewayAuth.existingSecret" -}}
+{{- (.Values.gatewayAuth | default dict).existingSecret | default "" -}}
+{{- end -}}
+
+{{- define "taas.clusterDomain" -}}
+{{- .Values.clusterDomain | default "cluster.local" -}}
 {{- end -}}
 
 {{/* Where the gateway and the operator mount it. */}}
@@ -184,11 +197,13 @@ failureThreshold: {{ .probe.failureThreshold }}
 
 {{/* The operator's policy file (operator/src/policy.rs): what each namespace's labels may claim and ask for. */}}
 {{- define "taas.policyFile" -}}
+{{- $labels := (.Values.labelPolicy | default dict).namespaces | default dict -}}
+{{- $services := .Values.servicePolicy | default dict -}}
 labels:
-  {{- toYaml .Values.labelPolicy.namespaces | nindent 2 }}
+  {{- toYaml $labels | nindent 2 }}
 services:
   default:
-    {{- toYaml .Values.servicePolicy.default | nindent 4 }}
+    {{- toYaml ($services.default | default dict) | nindent 4 }}
   namespaces:
-    {{- toYaml .Values.servicePolicy.namespaces | nindent 4 }}
+    {{- toYaml ($services.namespaces | default dict) | nindent 4 }}
 {{- end -}}

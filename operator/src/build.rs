@@ -400,6 +400,16 @@ pub fn deployment(label: &TaasLabel, settings: &Settings) -> Deployment {
     }
 }
 
+/// The label's Deployment scaled to zero: what a relay the cluster's policy refuses is
+/// turned into (the operator never deletes; the same apply with one replica brings it back).
+pub fn stopped_deployment(label: &TaasLabel, settings: &Settings) -> Deployment {
+    let mut deployment = deployment(label, settings);
+    if let Some(spec) = deployment.spec.as_mut() {
+        spec.replicas = Some(0);
+    }
+    deployment
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;

@@ -3,7 +3,8 @@
 //! 1. dereference: the label's Secret, any existing objects under its child names (to
 //!    refuse foreign ones), and for a NodePort Service the nodes;
 //! 2. validate ([`crate::validate`], pure);
-//! 3. unless a problem blocks it, build ([`crate::build`], pure) and server-side apply, in this
+//! 3. unless a problem blocks it (when the cluster's policy refuses the label, a relay it
+//!    already has is scaled to zero), build ([`crate::build`], pure) and server-side apply, in this
 //!    order: the Service `taas-X` (its answer carries the allocated node ports, cluster IP and
 //!    load balancer address), the Service `taas-X-control`, the ConfigMap (whose
 //!    `external.yaml` is derived from that answer), the Deployment;
@@ -185,6 +186,15 @@ async fn reconcile_label(label: &TaasLabel, ctx: &Context) -> Result<Option<Reas
     let observed = dereference(label, ctx).await?;
     let problems = validate::validate(label, &observed, &ctx.labels.state(), &ctx.settings.policy);
     let outcome = if problems.iter().any(Problem::blocks_apply) {
+        if problems.iter().any(Problem::stops_relay) && Problem::has_relay(label, &observed) {
+            let stopped = build::stopped_deployment(label, &ctx.settings);
+            apply(
+                &namespaced::<Deployment>(ctx, label),
+                "Deployment",
+                &stopped,
+            )
+            .await?;
+        }
         Outcome::Blocked(problems)
     } else {
         match apply_objects(label, ctx, &observed, problems).await {

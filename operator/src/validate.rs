@@ -8,6 +8,8 @@
 //!   pre-claim a LABEL from the namespace the policy gives it to.
 //! - `ServiceNotAllowed`: the cluster's service policy refuses the Service type, an
 //!   annotation key or the pinned `clientPort` in this namespace.
+//!
+//!   For both, a relay the label already runs (from before the policy) is scaled to zero.
 //! - `LabelConflict`: another `TaasLabel` (any namespace) has the same LABEL and is older
 //!   (the oldest `creationTimestamp` wins; ties go to namespace/name order), among those the
 //!   label policy allows.
@@ -57,6 +59,24 @@ impl Problem {
     /// Whether the label's objects must not be applied while this problem lasts.
     pub fn blocks_apply(&self) -> bool {
         self.reason != Reason::SecretMissing
+    }
+
+    /// Whether a relay already running for the label must stop: the cluster owner's policy
+    /// refuses it (it may have started before the policy did). The operator deletes nothing,
+    /// so it scales the relay to zero; its other objects stay, and its route goes.
+    pub fn stops_relay(&self) -> bool {
+        matches!(
+            self.reason,
+            Reason::LabelNotAllowed | Reason::ServiceNotAllowed
+        )
+    }
+
+    /// Whether the label already has a relay Deployment of its own.
+    pub fn has_relay(label: &TaasLabel, observed: &Observed) -> bool {
+        observed
+            .existing
+            .iter()
+            .any(|(kind, meta)| *kind == "Deployment" && is_controlled_by(meta, label))
     }
 }
 

@@ -1019,3 +1019,56 @@ async fn secrets_are_watched_as_metadata_only() {
         .expect("no error");
     assert_eq!(first.name.as_deref(), Some("home-totp"));
 }
+
+#[tokio::test]
+async fn a_running_relay_the_policy_now_refuses_is_scaled_to_zero() {
+    let mut harness = Harness::new();
+    harness.settings.policy =
+        taas_operator::policy::TenantPolicy::from_yaml("labels: {team-a: [home]}").unwrap();
+    // The label's objects exist (made before the policy): the relay Deployment alone is
+    // applied again, with no replica; nothing else is touched, nothing deleted.
+    let (result, seen) = harness
+        .reconcile(
+            &label(),
+            script(vec![
+                reads_existing(),
+                vec![
+                    step(
+                        Method::PATCH,
+                        &format!("{APPS}/deployments/taas-home"),
+                        Answer::Echo(no_change),
+                    ),
+                    status_write(),
+                    event(),
+                ],
+            ]),
+        )
+        .await;
+    assert_eq!(result, Ok(Action::requeue(Duration::from_secs(300))));
+    let deployment = find(
+        &seen,
+        Method::PATCH,
+        &format!("{APPS}/deployments/taas-home"),
+    );
+    assert_eq!(deployment["spec"]["replicas"], 0);
+    assert_eq!(ready_condition(&seen)["reason"], "LabelNotAllowed");
+    // Once allowed again, the usual apply brings one replica back.
+    harness.settings.policy =
+        taas_operator::policy::TenantPolicy::from_yaml("labels: {default: [home]}").unwrap();
+    let (_, seen) = harness
+        .reconcile(
+            &label(),
+            script(vec![
+                reads_existing(),
+                applies(lb_with_address, no_change),
+                vec![status_write(), event()],
+            ]),
+        )
+        .await;
+    let deployment = find(
+        &seen,
+        Method::PATCH,
+        &format!("{APPS}/deployments/taas-home"),
+    );
+    assert_eq!(deployment["spec"]["replicas"], 1);
+}

@@ -238,6 +238,36 @@ rendezvous() {
 
 relay_saw_client() { kubectl -n default logs "deployment/taas-$1" | grep -q "peer=$TAAS_E2E_CLIENT_IP:"; }
 
+# Issue 13: only this install's gateways may use a relay's control port. The relay pod holds
+# the gateway token of its LABEL (derived by the operator from the chart's install secret),
+# the routes name it fully qualified, no log shows the token, and a request straight to the
+# pod's control port (from the node, which is no gateway) naming a forged client address is
+# refused with 403. The 403 needs a relay with gateway tokens (label-relay --gateway-token);
+# with an older relay binary the answer is printed, not asserted.
+gateway_only() {
+  local pod_ip token code routes
+  token=$(kubectl -n default get deployment taas-home \
+    -o jsonpath='{.spec.template.spec.containers[0].env[?(@.name=="TAAS_GATEWAY_TOKEN")].value}')
+  [[ "$token" =~ ^[0-9a-f]{64}$ ]] || { echo "relay pod without a gateway token"; return 1; }
+  kubectl -n "$NS" get secret taas-gateway-auth -o name
+  routes=$(kubectl -n "$NS" get configmap taas-routes -o jsonpath='{.data.routes\.yaml}')
+  echo "$routes"
+  grep -q "relay: taas-home-control.default.svc.cluster.local.:8080" <<<"$routes"
+  ! kubectl -n "$NS" logs deployment/taas-operator | grep -qF "$token"
+  ! kubectl -n "$NS" logs deployment/taas-gateway | grep -qF "$token"
+  ! kubectl -n default logs deployment/taas-home | grep -qF "$token"
+  pod_ip=$(kubectl -n default get pods -l app.kubernetes.io/instance=home \
+    --field-selector=status.phase=Running -o jsonpath='{.items[0].status.podIP}')
+  code=$(curl -sS -o "$W/forged.txt" -w '%{http_code}' --max-time 5 \
+    -H "Host: home.$TAAS_E2E_DOMAIN" -H "taas-client-addr: 203.0.113.9" "http://$pod_ip:8080/")
+  echo "forged taas-client-addr straight to the relay pod's control port ($pod_ip:8080): HTTP $code"
+  if target/release/taas-relay label-relay --help | grep -q -- --gateway-token; then
+    [ "$code" = 403 ]
+  else
+    echo "not asserted: this relay binary has no --gateway-token (issue 13's relay side not merged)"
+  fi
+}
+
 relay_pod_deleted() {
   local old t0
   old=$(kubectl -n default get pods -l app.kubernetes.io/instance=home -o jsonpath='{.items[0].metadata.name}')
@@ -411,6 +441,7 @@ step "certificates" certificates
 step "1. helm install: operator and gateway Ready, PSS restricted as running" helm_install
 step "2. kubectl apply examples/label.yaml: relay pod, Service, label Ready with its endpoint" apply_label
 step "3. agent through the gateway's node port, curl -L end to end, real client address" rendezvous
+step "3b. the relay's control port answers only the gateways: token in the pod only, FQDN routes, forged request 403" gateway_only
 step "4. relay pod deleted: recreated, agent back, client path within 30 s" relay_pod_deleted
 step "5. second label applied and deleted while home carries traffic" second_label
 step "6a. helm upgrade (operator and gateway rolled, gateway scaled): no client fails" upgrade

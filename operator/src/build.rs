@@ -10,9 +10,17 @@
 //!   external host and ports), mounted into the relay, which re-reads both;
 //! - Deployment `taas-X`: one relay pod.
 //!
-//! The pod template depends only on the settings, the object name, the Secret's name and the
-//! number of rendezvous ports: every other spec change, and every address change, reaches
-//! the running relay through the mounted ConfigMap and Secret, without a restart.
+//! The pod template depends only on the settings, the object name, the Secret's name, the
+//! number of rendezvous ports and the LABEL (immutable; it makes the gateway token): every
+//! other spec change, and every address change, reaches the running relay through the
+//! mounted ConfigMap and Secret, without a restart.
+//!
+//! With an install secret (`--gateway-secret-file`), the relay container gets the gateway
+//! token of its LABEL in `TAAS_GATEWAY_TOKEN` ([`taas_relay::gateway_auth`]): its control
+//! port then answers only requests carrying it, which only this install's gateways can
+//! compute. Each label's token is its own, so whoever can read one label's Deployment learns
+//! nothing that opens another label's relay. The relay gets no `--trusted-proxies`: whether
+//! a request may name the client is the token's business, not its source address's.
 
 use std::collections::BTreeMap;
 
@@ -33,6 +41,9 @@ use taas_crds::{ExternalTrafficPolicy, ServiceType, TaasLabel, TaasLabelSpec};
 use crate::address::External;
 use crate::names::{self, CLIENT_PORT, CONTROL_PORT, METRICS_PORT};
 use crate::settings::Settings;
+
+/// The relay's environment variable holding its gateway token (`label-relay --gateway-token`).
+pub const GATEWAY_TOKEN_ENV: &str = "TAAS_GATEWAY_TOKEN";
 
 /// The relay runs as this non-root user (and group), as in distroless images.
 pub const RELAY_UID: i64 = 65532;
@@ -221,6 +232,26 @@ pub fn relay_args(label: &TaasLabel, settings: &Settings) -> Vec<String> {
     .into()
 }
 
+/// The relay container's environment: the operator's log settings, and the label's gateway
+/// token when the install has a gateway secret.
+fn relay_env(label: &TaasLabel, settings: &Settings) -> Option<Vec<EnvVar>> {
+    let value = |name: &str, value: String| EnvVar {
+        name: name.to_string(),
+        value: Some(value),
+        ..Default::default()
+    };
+    let mut env: Vec<EnvVar> = settings
+        .relay_log_env
+        .iter()
+        .map(|(name, v)| value(name, v.clone()))
+        .collect();
+    if let Some(secret) = &settings.gateway_secret {
+        let token = secret.token_for(&label.spec.label);
+        env.push(value(GATEWAY_TOKEN_ENV, token.expose().to_string()));
+    }
+    (!env.is_empty()).then_some(env)
+}
+
 fn quantities(pairs: [(&str, Option<&String>); 2]) -> Option<BTreeMap<String, Quantity>> {
     let map: BTreeMap<String, Quantity> = pairs
         .into_iter()
@@ -249,17 +280,7 @@ pub fn deployment(label: &TaasLabel, settings: &Settings) -> Deployment {
         image: Some(settings.relay_image.clone()),
         image_pull_policy: Some(settings.image_pull_policy.clone()),
         args: Some(relay_args(label, settings)),
-        env: (!settings.relay_log_env.is_empty()).then(|| {
-            settings
-                .relay_log_env
-                .iter()
-                .map(|(name, value)| EnvVar {
-                    name: name.clone(),
-                    value: Some(value.clone()),
-                    ..Default::default()
-                })
-                .collect()
-        }),
+        env: relay_env(label, settings),
         ports: Some(ports),
         readiness_probe: Some(Probe {
             http_get: Some(probe("/readyz")),
@@ -377,6 +398,16 @@ pub fn deployment(label: &TaasLabel, settings: &Settings) -> Deployment {
         }),
         status: None,
     }
+}
+
+/// The label's Deployment scaled to zero: what a relay the cluster's policy refuses is
+/// turned into (the operator never deletes; the same apply with one replica brings it back).
+pub fn stopped_deployment(label: &TaasLabel, settings: &Settings) -> Deployment {
+    let mut deployment = deployment(label, settings);
+    if let Some(spec) = deployment.spec.as_mut() {
+        spec.replicas = Some(0);
+    }
+    deployment
 }
 
 #[cfg(test)]
@@ -776,5 +807,79 @@ pub(crate) mod tests {
             serde_json::to_string(&deployment(&with_status, &settings)).unwrap(),
             first.3
         );
+    }
+
+    fn with_secret() -> Settings {
+        Settings {
+            gateway_secret: Some(
+                taas_relay::gateway_auth::InstallSecret::new(b"an install secret of 32 chars!!!")
+                    .unwrap(),
+            ),
+            ..Settings::default()
+        }
+    }
+
+    fn relay_container(label: &TaasLabel, settings: &Settings) -> serde_json::Value {
+        json(&deployment(label, settings))["spec"]["template"]["spec"]["containers"][0].clone()
+    }
+
+    #[test]
+    fn each_relay_gets_the_gateway_token_of_its_own_label() {
+        let settings = with_secret();
+        let secret = settings.gateway_secret.clone().unwrap();
+        let home = relay_container(&label(), &settings);
+        assert_eq!(
+            home["env"],
+            serde_json::json!([
+                {"name": "TAAS_GATEWAY_TOKEN", "value": secret.token_for("home").expose()},
+            ])
+        );
+        // What a gateway of this install sends for LABEL "home" opens this relay only.
+        let token =
+            taas_relay::gateway_auth::GatewayToken::new(home["env"][0]["value"].as_str().unwrap())
+                .unwrap();
+        assert!(token.verify(secret.token_for("home").expose().as_bytes()));
+        assert!(!token.verify(secret.token_for("office").expose().as_bytes()));
+        let mut office = label();
+        office.metadata.name = Some("office".into());
+        office.spec.label = "office".into();
+        let office = relay_container(&office, &settings);
+        assert_eq!(
+            office["env"][0]["value"],
+            secret.token_for("office").expose()
+        );
+        assert_ne!(office["env"][0]["value"], home["env"][0]["value"]);
+        // Next to the log settings.
+        let mut logged = settings.clone();
+        logged.relay_log_env = vec![("TAAS_LOG_FORMAT".into(), "json".into())];
+        let env = relay_container(&label(), &logged)["env"].clone();
+        assert_eq!(env[0]["name"], "TAAS_LOG_FORMAT");
+        assert_eq!(env[1]["name"], "TAAS_GATEWAY_TOKEN");
+        // The token never shows in the arguments (they are in `ps` and in events).
+        let args = home["args"].to_string();
+        assert!(!args.contains(secret.token_for("home").expose()), "{args}");
+    }
+
+    #[test]
+    fn no_gateway_secret_no_token() {
+        let c = relay_container(&label(), &Settings::default());
+        assert_eq!(c["env"], serde_json::Value::Null);
+        let logged = Settings {
+            relay_log_env: vec![("TAAS_LOG_FORMAT".into(), "json".into())],
+            ..Settings::default()
+        };
+        let env = relay_container(&label(), &logged)["env"].to_string();
+        assert!(!env.contains("TAAS_GATEWAY_TOKEN"), "{env}");
+    }
+
+    #[test]
+    fn relays_are_not_told_to_trust_source_addresses() {
+        for settings in [Settings::default(), with_secret()] {
+            let args = relay_args(&label(), &settings);
+            assert!(
+                !args.iter().any(|a| a.contains("trusted-proxies")),
+                "{args:?}"
+            );
+        }
     }
 }

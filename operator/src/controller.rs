@@ -1,5 +1,7 @@
 //! The controller: watches TaasLabels (all namespaces, or one), the Deployments, Services and
-//! ConfigMaps it made (by label), and Secrets (mapped to the TaasLabels that use them); runs
+//! ConfigMaps it made (by label), and Secrets' metadata only (mapped to the TaasLabels that
+//! use them: a change of a Secret's data changes its resourceVersion, which is all the
+//! trigger needs, so no Secret's data is ever cached here); runs
 //! [`reconcile`] for each change, the routes publisher beside it, and stops gracefully on
 //! SIGTERM or Ctrl-C (reconciles in flight finish). With leader election, all of that starts
 //! only once this replica holds the Lease.
@@ -7,11 +9,12 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use futures::StreamExt as _;
+use futures::{Stream, StreamExt as _};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::NamespaceResourceScope;
-use kube::runtime::{watcher, Controller};
+use kube::core::PartialObjectMeta;
+use kube::runtime::{watcher, Controller, WatchStreamExt as _};
 use kube::{Api, Client, Resource};
 use taas_crds::TaasLabel;
 
@@ -30,6 +33,21 @@ where
         Some(namespace) => Api::namespaced(client.clone(), namespace),
         None => Api::all(client.clone()),
     }
+}
+
+/// Every Secret that changes (in `namespace`, or all), as metadata only: an Api of
+/// `PartialObjectMeta` asks the API server for `PartialObjectMetadataList`s, so no Secret's
+/// data ever reaches (or stays in) the operator.
+pub fn secret_changes(
+    client: &Client,
+    namespace: Option<&str>,
+) -> impl Stream<Item = Result<PartialObjectMeta<Secret>, watcher::Error>> + Send + 'static {
+    watcher(
+        api::<PartialObjectMeta<Secret>>(client, namespace),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .touched_objects()
 }
 
 /// Leadership was lost: the process should exit (and be restarted as a candidate).
@@ -81,11 +99,9 @@ pub async fn run(
         .owns(api::<Deployment>(&client, ns), ours.clone())
         .owns(api::<Service>(&client, ns), ours.clone())
         .owns(api::<ConfigMap>(&client, ns), ours)
-        .watches(
-            api::<Secret>(&client, ns),
-            watcher::Config::default(),
-            move |secret| labels_using(&secret_labels.state(), &secret),
-        )
+        .watches_stream(secret_changes(&client, ns), move |secret| {
+            labels_using(&secret_labels.state(), &secret.metadata)
+        })
         .shutdown_on_signal();
 
     let context = Arc::new(Context::new(

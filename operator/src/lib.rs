@@ -6,8 +6,8 @@
 //! - [`reconcile`] reads what the label refers to (Secret, same-named objects, nodes), applies
 //!   the objects and writes the status: the only module that talks to the API server for a
 //!   label;
-//! - [`validate`] and [`build`] are pure: problems that need a user's fix, and the desired
-//!   objects;
+//! - [`validate`] and [`build`] are pure: problems that need a user's fix (including what the
+//!   cluster owner's [`policy`] refuses), and the desired objects;
 //! - [`address`] and [`status`] are pure: the external address from the applied Service, and
 //!   the status from what was applied.
 //!
@@ -23,6 +23,7 @@ pub mod controller;
 pub mod leader;
 pub mod metrics;
 pub mod names;
+pub mod policy;
 pub mod rbac;
 pub mod reconcile;
 pub mod routes;

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,8 +13,10 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use prometheus_client::registry::Registry;
 use taas_operator::metrics::{self, Metrics};
+use taas_operator::policy::{is_dns_subdomain, TenantPolicy};
 use taas_operator::settings::{RelayResources, Settings};
 use taas_relay::config::RedirectHost;
+use taas_relay::gateway_auth::InstallSecret;
 use taas_relay::process::LogFormat;
 
 #[derive(Parser)]
@@ -105,6 +108,20 @@ struct RunArgs {
     /// Name of the leader election Lease.
     #[arg(long, env = "TAAS_LEADER_ELECT_LEASE", default_value = "taas-operator")]
     leader_elect_lease: String,
+    /// File holding this install's gateway secret (the chart mounts its Secret here). Each
+    /// relay gets the token derived from it for its LABEL (env TAAS_GATEWAY_TOKEN), so its
+    /// control port answers only this install's gateways [default: relays get no token].
+    #[arg(long, env = "TAAS_GATEWAY_SECRET_FILE")]
+    gateway_secret_file: Option<PathBuf>,
+    /// The cluster's DNS domain: routes name relays taas-X-control.N.svc.<DOMAIN>. (fully
+    /// qualified, so no DNS search path can redirect them).
+    #[arg(long, env = "TAAS_CLUSTER_DOMAIN", default_value = "cluster.local")]
+    cluster_domain: String,
+    /// YAML file of what each namespace's TaasLabels may claim (LABELs) and ask for (Service
+    /// types, annotation keys, a pinned clientPort); see the chart's labelPolicy and
+    /// servicePolicy [default: every namespace may claim any LABEL and ask for anything].
+    #[arg(long, env = "TAAS_POLICY_FILE")]
+    policy_file: Option<PathBuf>,
     /// Log format on stderr (level from RUST_LOG, default info).
     #[arg(long, env = "TAAS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -134,6 +151,24 @@ fn settings(args: &RunArgs) -> anyhow::Result<Settings> {
         !args.node_address_type.is_empty(),
         "--node-address-type needs at least one type"
     );
+    let cluster_domain = args
+        .cluster_domain
+        .trim()
+        .trim_end_matches('.')
+        .to_ascii_lowercase();
+    anyhow::ensure!(
+        is_dns_subdomain(&cluster_domain),
+        "--cluster-domain {:?}: expected a DNS name such as cluster.local",
+        args.cluster_domain
+    );
+    let gateway_secret = match &args.gateway_secret_file {
+        Some(path) => Some(InstallSecret::from_file(path).context("--gateway-secret-file")?),
+        None => None,
+    };
+    let policy = match &args.policy_file {
+        Some(path) => TenantPolicy::from_file(path).context("--policy-file")?,
+        None => TenantPolicy::default(),
+    };
     Ok(Settings {
         relay_image: args.relay_image.clone(),
         image_pull_policy: match args.relay_image_pull_policy {
@@ -165,6 +200,9 @@ fn settings(args: &RunArgs) -> anyhow::Result<Settings> {
         routes_configmap: args.routes_configmap.clone(),
         user_fix_requeue: Duration::from_secs(args.user_fix_requeue),
         relay_log_env: relay_log_env(args.log_format, std::env::var("RUST_LOG").ok()),
+        gateway_secret,
+        cluster_domain,
+        policy,
     })
 }
 
@@ -206,6 +244,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!(
         image = %settings.relay_image,
         routes = %format!("{}/{}", settings.operator_namespace, settings.routes_configmap),
+        cluster_domain = %settings.cluster_domain,
+        gateway_tokens = settings.gateway_secret.is_some(),
+        label_policy = settings.policy.restricts_labels(),
         "starting"
     );
     let elector = args.leader_elect.then(|| {
@@ -325,6 +366,12 @@ mod tests {
         assert_eq!(got.node_address_types, ["InternalIP"]);
         assert_eq!(got.operator_namespace, "ops");
         assert!(Cli::try_parse_from(["taas-operator", "crd"]).is_ok());
+        let cli =
+            Cli::try_parse_from(["taas-operator", "--cluster-domain", "K8s.Example.org."]).unwrap();
+        assert_eq!(
+            settings(&cli.run).unwrap().cluster_domain,
+            "k8s.example.org"
+        );
         // The chart passes Kubernetes' own spelling.
         for policy in ["Always", "IfNotPresent", "Never"] {
             let cli = Cli::try_parse_from([
@@ -336,5 +383,53 @@ mod tests {
             assert_eq!(settings(&cli.run).unwrap().image_pull_policy, policy);
             assert!(cli.run.leader_elect);
         }
+    }
+
+    fn settings_from(args: &[&str]) -> anyhow::Result<Settings> {
+        let mut all = vec!["taas-operator"];
+        all.extend_from_slice(args);
+        settings(&Cli::try_parse_from(all).unwrap().run)
+    }
+
+    #[test]
+    fn bad_cluster_domains_are_refused() {
+        for bad in ["", "cluster_local", "-x.local", "a..b", "Cluster Local"] {
+            let error = settings_from(&[&format!("--cluster-domain={bad}")]).unwrap_err();
+            assert!(
+                error.to_string().contains("expected a DNS name"),
+                "{bad:?}: {error}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_gateway_secret_and_the_policy_are_read_from_their_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "0123456789abcdefghijklmnopqrstuv\n").unwrap();
+        let policy = dir.path().join("policy.yaml");
+        std::fs::write(&policy, "labels: {team-a: [home]}\n").unwrap();
+        let got = settings_from(&[
+            "--gateway-secret-file",
+            secret.to_str().unwrap(),
+            "--policy-file",
+            policy.to_str().unwrap(),
+        ])
+        .unwrap();
+        assert_eq!(
+            got.gateway_secret,
+            Some(InstallSecret::new(b"0123456789abcdefghijklmnopqrstuv").unwrap())
+        );
+        assert!(got.policy.restricts_labels());
+        assert!(!got.policy.allows_label("team-b", "home"));
+        // A short secret, a missing file or a bad policy stop the operator at start.
+        std::fs::write(&secret, "short").unwrap();
+        let error = settings_from(&["--gateway-secret-file", secret.to_str().unwrap()]);
+        assert!(format!("{:#}", error.unwrap_err()).contains("too short"));
+        let error = settings_from(&["--gateway-secret-file", "/nonexistent/secret"]);
+        assert!(format!("{:#}", error.unwrap_err()).contains("cannot read"));
+        std::fs::write(&policy, "labels: {team-a: [\"Bad Label\"]}\n").unwrap();
+        let error = settings_from(&["--policy-file", policy.to_str().unwrap()]);
+        assert!(format!("{:#}", error.unwrap_err()).contains("is not a LABEL"));
     }
 }

@@ -45,12 +45,18 @@ pub fn control_name(label: &TaasLabel) -> String {
     format!("taas-{}-control", object_name(label))
 }
 
-/// Where the gateways reach the label's relay: `taas-X-control.N.svc:8080`.
-pub fn relay_address(label: &TaasLabel) -> String {
+/// Where the gateways reach the label's relay: `taas-X-control.N.svc.<cluster_domain>.:8080`.
+///
+/// Fully qualified, with the trailing dot: a relative name (`taas-X-control.N.svc`) goes
+/// through the pod's DNS search path first (`ndots:5`), so a namespace literally named `svc`
+/// (`taas-X-control.N.svc.svc.cluster.local`) would be tried before the real one and could
+/// capture the route. A trailing-dot name is looked up as is (getaddrinfo, which tokio uses).
+pub fn relay_address(label: &TaasLabel, cluster_domain: &str) -> String {
     format!(
-        "{}.{}.svc:{CONTROL_PORT}",
+        "{}.{}.svc.{}.:{CONTROL_PORT}",
         control_name(label),
-        namespace(label)
+        namespace(label),
+        cluster_domain.trim_end_matches('.')
     )
 }
 
@@ -89,4 +95,24 @@ pub fn p_ports(label: &TaasLabel) -> impl Iterator<Item = u16> {
     // overflow the port arithmetic.
     let n = label.spec.rendezvous_ports.clamp(1, 64) as u16;
     (0..n).map(|i| P_PORT_BASE + i)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::build::tests::label;
+
+    #[test]
+    fn relay_addresses_are_fully_qualified() {
+        let l = label();
+        assert_eq!(
+            relay_address(&l, "cluster.local"),
+            "taas-home-control.default.svc.cluster.local.:8080"
+        );
+        // A domain given with its trailing dot gets one dot, not two.
+        assert_eq!(
+            relay_address(&l, "k8s.example.org."),
+            "taas-home-control.default.svc.k8s.example.org.:8080"
+        );
+    }
 }

@@ -8,7 +8,7 @@
 //! | `apps` | `deployments` | get, list, watch, create, patch | `reconcile`: foreign check, apply; `.owns()` |
 //! | `""` | `services` | get, list, watch, create, patch | the same |
 //! | `""` | `configmaps` | get, list, watch, create, patch | the same, and the routes ConfigMap |
-//! | `""` | `secrets` | get, list, watch | `reconcile`: the label's Secret; `.watches()` |
+//! | `""` | `secrets` | get, list, watch | `reconcile`: the label's Secret (`get`); the controller's metadata-only watch (`list`, `watch`) |
 //! | `""` | `nodes` | list | `reconcile`: node addresses for NodePort Services |
 //! | `events.k8s.io` | `events` | create, patch | events on TaasLabels (kube's `Recorder`) |
 //! | `coordination.k8s.io` | `leases` | get, create, update | `--leader-elect` only, in the operator's namespace |
@@ -20,6 +20,18 @@
 //! owner references do not set `blockOwnerDeletion` (which would need `update` on
 //! `taaslabels/finalizers` where the OwnerReferencesPermissionEnforcement admission plugin
 //! runs).
+//!
+//! **Secrets: what the code asks for, and what the role allows.** The controller watches
+//! Secrets only to notice a label's Secret appearing or changing, so it watches their
+//! *metadata* (`PartialObjectMeta`, `Accept: ...;as=PartialObjectMetadataList`): no Secret's
+//! data is listed or cached. The one Secret a label names is read whole with `get` when the
+//! label is reconciled, to tell "no such Secret" from "no such key" in the status. RBAC,
+//! however, has no verb for "metadata only": `list` and `watch` on `secrets` let whoever holds
+//! the operator's ServiceAccount token read every Secret's data in the namespaces it watches
+//! (all of them with a ClusterRole). The chart limits that with `operator.watchNamespace`
+//! (a namespaced Role instead); otherwise the operator's token is as sensitive as a
+//! cluster-wide Secret reader's, and must be protected as such (its pod mounts it; nothing
+//! else does).
 //!
 //! The routes ConfigMap and the leader election Lease live in the operator's namespace
 //! (`--operator-namespace`); everything else in the labels' namespaces (with `--namespace`,

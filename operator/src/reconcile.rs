@@ -3,7 +3,8 @@
 //! 1. dereference: the label's Secret, any existing objects under its child names (to
 //!    refuse foreign ones), and for a NodePort Service the nodes;
 //! 2. validate ([`crate::validate`], pure);
-//! 3. unless a problem blocks it, build ([`crate::build`], pure) and server-side apply, in this
+//! 3. unless a problem blocks it (when the cluster's policy refuses the label, a relay it
+//!    already has is scaled to zero), build ([`crate::build`], pure) and server-side apply, in this
 //!    order: the Service `taas-X` (its answer carries the allocated node ports, cluster IP and
 //!    load balancer address), the Service `taas-X-control`, the ConfigMap (whose
 //!    `external.yaml` is derived from that answer), the Deployment;
@@ -21,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Secret, Service};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -183,8 +184,17 @@ async fn reconcile_label(label: &TaasLabel, ctx: &Context) -> Result<Option<Reas
         return Err(Error::Metadata("uid"));
     }
     let observed = dereference(label, ctx).await?;
-    let problems = validate::validate(label, &observed, &ctx.labels.state());
+    let problems = validate::validate(label, &observed, &ctx.labels.state(), &ctx.settings.policy);
     let outcome = if problems.iter().any(Problem::blocks_apply) {
+        if problems.iter().any(Problem::stops_relay) && Problem::has_relay(label, &observed) {
+            let stopped = build::stopped_deployment(label, &ctx.settings);
+            apply(
+                &namespaced::<Deployment>(ctx, label),
+                "Deployment",
+                &stopped,
+            )
+            .await?;
+        }
         Outcome::Blocked(problems)
     } else {
         match apply_objects(label, ctx, &observed, problems).await {
@@ -212,7 +222,9 @@ where
     Api::namespaced(ctx.client.clone(), names::namespace(label))
 }
 
-/// Reads what the label refers to.
+/// Reads what the label refers to. The label's own Secret is read whole (`get`), to tell a
+/// missing key from a missing Secret in the status; no other Secret's data is ever asked for
+/// (the controller watches Secrets' metadata only).
 async fn dereference(label: &TaasLabel, ctx: &Context) -> Result<Observed, Error> {
     let secret_name = &label.spec.secret_ref.name;
     let secret = namespaced::<Secret>(ctx, label)
@@ -315,6 +327,7 @@ async fn apply_objects(
         problems,
         exposure,
         relay_ready,
+        relay: names::relay_address(label, &ctx.settings.cluster_domain),
     })
 }
 
@@ -362,10 +375,11 @@ async fn publish_event(label: &TaasLabel, ctx: &Context, reason: Reason, message
     }
 }
 
-/// The labels that use `secret` (for the Secret watch).
-pub fn labels_using(all: &[Arc<TaasLabel>], secret: &Secret) -> Vec<ObjectRef<TaasLabel>> {
-    let namespace = secret.metadata.namespace.as_deref().unwrap_or("default");
-    let name = secret.metadata.name.as_deref().unwrap_or_default();
+/// The labels that use the Secret with this metadata (for the Secret watch, which sees only
+/// metadata).
+pub fn labels_using(all: &[Arc<TaasLabel>], secret: &ObjectMeta) -> Vec<ObjectRef<TaasLabel>> {
+    let namespace = secret.namespace.as_deref().unwrap_or("default");
+    let name = secret.name.as_deref().unwrap_or_default();
     all.iter()
         .filter(|label| names::namespace(label) == namespace && label.spec.secret_ref.name == name)
         .map(|label| ObjectRef::from_obj(label.as_ref()))
@@ -375,6 +389,27 @@ pub fn labels_using(all: &[Arc<TaasLabel>], secret: &Secret) -> Vec<ObjectRef<Ta
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_secret_change_wakes_the_labels_that_use_it() {
+        let mut a = crate::build::tests::label();
+        a.metadata.namespace = Some("team-a".into());
+        let mut other_ns = a.clone();
+        other_ns.metadata.namespace = Some("team-b".into());
+        let mut other_secret = a.clone();
+        other_secret.metadata.name = Some("office".into());
+        other_secret.spec.secret_ref.name = "office-totp".into();
+        let all: Vec<Arc<TaasLabel>> = [a.clone(), other_ns, other_secret]
+            .into_iter()
+            .map(Arc::new)
+            .collect();
+        let meta = ObjectMeta {
+            name: Some("home-totp".into()),
+            namespace: Some("team-a".into()),
+            ..Default::default()
+        };
+        assert_eq!(labels_using(&all, &meta), vec![ObjectRef::from_obj(&a)]);
+    }
 
     #[test]
     fn backoff_doubles_up_to_five_minutes() {

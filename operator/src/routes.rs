@@ -1,8 +1,9 @@
 //! The gateways' routes: a ConfigMap (`--routes-configmap` in `--operator-namespace`) whose
 //! `routes.yaml` is the gateway's `--routes-file` format,
-//! `LABEL: {relay: "taas-X-control.N.svc:8080", ready: true|false}`, one entry per LABEL,
-//! pointing at the TaasLabel that won it (the oldest; see [`crate::validate::winners`]).
-//! `ready` is the label's Ready condition.
+//! `LABEL: {relay: "taas-X-control.N.svc.<cluster domain>.:8080", ready: true|false}`, one
+//! entry per LABEL, pointing at the TaasLabel that won it (the oldest of those the cluster's
+//! label policy lets claim it; see [`crate::validate::winners`]). `ready` is the label's
+//! Ready condition.
 //!
 //! Rebuilt on every change of any TaasLabel (its status included, and deletions, for which
 //! there is no reconcile) and applied (server-side) only when the table changed, plus every
@@ -38,13 +39,14 @@ pub struct Route {
     pub ready: bool,
 }
 
-/// LABEL → route for every LABEL some TaasLabel wins.
-pub fn routes(all: &[Arc<TaasLabel>]) -> BTreeMap<String, Route> {
-    winners(all)
+/// LABEL → route for every LABEL some TaasLabel wins (a label the policy refuses wins
+/// nothing).
+pub fn routes(all: &[Arc<TaasLabel>], settings: &Settings) -> BTreeMap<String, Route> {
+    winners(all, &settings.policy)
         .into_iter()
         .map(|(label, winner)| {
             let route = Route {
-                relay: names::relay_address(&winner),
+                relay: names::relay_address(&winner, &settings.cluster_domain),
                 ready: status::is_ready(&winner),
             };
             (label, route)
@@ -130,7 +132,7 @@ pub async fn run(
         if !synced {
             continue;
         }
-        let routes = routes(&cache.state());
+        let routes = routes(&cache.state(), &settings);
         let due = match &published {
             Some((last, at)) => *last != routes || at.elapsed() >= REFRESH,
             None => true,
@@ -204,13 +206,13 @@ mod tests {
             labelled("a", "office", "office.example", 1, true),
         ];
         let settings = Settings::default();
-        let cm = config_map(&settings, &routes(&all)).unwrap();
+        let cm = config_map(&settings, &routes(&all, &settings)).unwrap();
         assert_eq!(cm.metadata.name.as_deref(), Some("taas-routes"));
         assert_eq!(cm.metadata.namespace.as_deref(), Some("taas-system"));
         assert_eq!(
             cm.data.unwrap()["routes.yaml"],
-            "home:\n  relay: taas-home-control.a.svc:8080\n  ready: false\n\
-             office.example:\n  relay: taas-office-control.a.svc:8080\n  ready: true\n"
+            "home:\n  relay: taas-home-control.a.svc.cluster.local.:8080\n  ready: false\n\
+             office.example:\n  relay: taas-office-control.a.svc.cluster.local.:8080\n  ready: true\n"
         );
     }
 
@@ -219,9 +221,12 @@ mod tests {
         let mut going = (*labelled("a", "home", "home", 1, true)).clone();
         going.metadata.deletion_timestamp = going.metadata.creation_timestamp.clone();
         let all = vec![Arc::new(going), labelled("b", "home", "home", 5, true)];
-        let routes = routes(&all);
-        assert_eq!(routes["home"].relay, "taas-home-control.b.svc:8080");
-        assert_eq!(super::routes(&[]), BTreeMap::new());
+        let routes = routes(&all, &Settings::default());
+        assert_eq!(
+            routes["home"].relay,
+            "taas-home-control.b.svc.cluster.local.:8080"
+        );
+        assert_eq!(super::routes(&[], &Settings::default()), BTreeMap::new());
         assert_eq!(
             config_map(&Settings::default(), &BTreeMap::new())
                 .unwrap()
@@ -240,7 +245,7 @@ mod tests {
             ready: bool,
         }
         let all = vec![labelled("a", "home", "home", 1, true)];
-        let yaml = config_map(&Settings::default(), &routes(&all))
+        let yaml = config_map(&Settings::default(), &routes(&all, &Settings::default()))
             .unwrap()
             .data
             .unwrap()["routes.yaml"]
@@ -249,9 +254,42 @@ mod tests {
         assert_eq!(
             parsed["home"],
             GatewayRoute {
-                relay: "taas-home-control.a.svc:8080".into(),
+                relay: "taas-home-control.a.svc.cluster.local.:8080".into(),
                 ready: true
             }
+        );
+    }
+
+    #[test]
+    fn routes_follow_the_cluster_domain() {
+        let settings = Settings {
+            cluster_domain: "k8s.example.org".into(),
+            ..Settings::default()
+        };
+        let all = vec![labelled("a", "home", "home", 1, true)];
+        assert_eq!(
+            routes(&all, &settings)["home"].relay,
+            "taas-home-control.a.svc.k8s.example.org.:8080"
+        );
+    }
+
+    #[test]
+    fn a_label_the_policy_refuses_gets_no_route_and_takes_no_label() {
+        let settings = Settings {
+            policy: crate::policy::TenantPolicy::from_yaml("labels: {owner: [home]}").unwrap(),
+            ..Settings::default()
+        };
+        // The squatter is older, but its namespace may not claim "home".
+        let squatter = labelled("squatter", "home", "home", 1, true);
+        assert_eq!(
+            routes(std::slice::from_ref(&squatter), &settings),
+            BTreeMap::new()
+        );
+        let owner = labelled("owner", "home", "home", 5, false);
+        let routes = routes(&[squatter, owner], &settings);
+        assert_eq!(
+            routes["home"].relay,
+            "taas-home-control.owner.svc.cluster.local.:8080"
         );
     }
 }

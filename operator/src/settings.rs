@@ -3,6 +3,9 @@
 use std::time::Duration;
 
 use taas_relay::config::RedirectHost;
+use taas_relay::gateway_auth::InstallSecret;
+
+use crate::policy::TenantPolicy;
 
 /// How the relay pods are run and where the routes go.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -30,6 +33,16 @@ pub struct Settings {
     /// `RUST_LOG`): the operator's own, so the chart's `logFormat`/`logLevel` reach every
     /// TAAS process, relay pods included.
     pub relay_log_env: Vec<(String, String)>,
+    /// The install secret the gateways share (`--gateway-secret-file`): each relay gets the
+    /// token derived from it for its LABEL (`TAAS_GATEWAY_TOKEN`). `None`: relays get no
+    /// token. Its `Debug` is redacted, so logging the settings never shows it.
+    pub gateway_secret: Option<InstallSecret>,
+    /// The cluster's DNS domain (`--cluster-domain`): routes name relays by their fully
+    /// qualified name, `taas-X-control.N.svc.<cluster_domain>.`, which no DNS search path
+    /// can redirect.
+    pub cluster_domain: String,
+    /// What each namespace's labels may claim and ask for (`--policy-file`).
+    pub policy: TenantPolicy,
 }
 
 /// The relay container's resource requests and limits (Kubernetes quantities).
@@ -55,6 +68,9 @@ impl Default for Settings {
             routes_configmap: "taas-routes".to_string(),
             user_fix_requeue: Duration::from_secs(300),
             relay_log_env: Vec::new(),
+            gateway_secret: None,
+            cluster_domain: "cluster.local".to_string(),
+            policy: TenantPolicy::default(),
         }
     }
 }
@@ -67,5 +83,24 @@ impl Default for RelayResources {
             cpu_limit: Some("500m".to_string()),
             memory_limit: Some("128Mi".to_string()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_shows_the_install_secret() {
+        let settings = Settings {
+            gateway_secret: Some(InstallSecret::new(b"0123456789abcdef-very-secret").unwrap()),
+            ..Settings::default()
+        };
+        let shown = format!("{settings:?}");
+        assert!(
+            shown.contains("gateway_secret: Some(InstallSecret(<redacted>))"),
+            "{shown}"
+        );
+        assert!(!shown.contains("very-secret"), "{shown}");
     }
 }

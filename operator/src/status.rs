@@ -11,6 +11,8 @@
 //! | `ForeignObject` | False | a same-named object the operator does not control is in the way |
 //! | `LabelConflict` | False | an older TaasLabel serves this LABEL |
 //! | `InvalidSpec` | False | the name or ports cannot make valid objects |
+//! | `LabelNotAllowed` | False | the cluster's label policy does not let this namespace claim the LABEL |
+//! | `ServiceNotAllowed` | False | the cluster's service policy refuses the Service type, an annotation or the pinned port |
 //! | `ApplyRejected` | False | the API server refused an object (e.g. a node port in use) |
 //!
 //! `lastTransitionTime` changes only when the condition's status does.
@@ -19,7 +21,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use taas_crds::{Condition, ConditionStatus, StatusPorts, TaasLabel, TaasLabelStatus};
 
 use crate::address::Exposure;
-use crate::names;
 use crate::validate::Problem;
 
 pub const READY: &str = "Ready";
@@ -34,6 +35,8 @@ pub enum Reason {
     ForeignObject,
     LabelConflict,
     InvalidSpec,
+    LabelNotAllowed,
+    ServiceNotAllowed,
     ApplyRejected,
 }
 
@@ -47,6 +50,8 @@ impl Reason {
             Reason::ForeignObject => "ForeignObject",
             Reason::LabelConflict => "LabelConflict",
             Reason::InvalidSpec => "InvalidSpec",
+            Reason::LabelNotAllowed => "LabelNotAllowed",
+            Reason::ServiceNotAllowed => "ServiceNotAllowed",
             Reason::ApplyRejected => "ApplyRejected",
         }
     }
@@ -73,6 +78,8 @@ pub enum Outcome {
         exposure: Result<Exposure, String>,
         /// Whether the relay Deployment has a ready pod.
         relay_ready: bool,
+        /// Where the gateways reach the relay ([`names::relay_address`]).
+        relay: String,
     },
     /// The API server refused an object: its message.
     Rejected(String),
@@ -88,8 +95,11 @@ pub fn status(label: &TaasLabel, outcome: &Outcome, now: &Time) -> TaasLabelStat
         parked: None,
         ..Default::default()
     };
-    if let Outcome::Applied { exposure, .. } = outcome {
-        status.relay = Some(names::relay_address(label));
+    if let Outcome::Applied {
+        exposure, relay, ..
+    } = outcome
+    {
+        status.relay = Some(relay.clone());
         if let Ok(exposure) = exposure {
             status.endpoint = Some(host_port(&exposure.host, exposure.client));
             status.ports = Some(StatusPorts {
@@ -120,6 +130,7 @@ pub fn ready_reason(outcome: &Outcome) -> (Reason, String) {
             problems,
             exposure,
             relay_ready,
+            ..
         } => {
             if let Some(first) = problems.first() {
                 (first.reason, joined(problems))
@@ -192,6 +203,7 @@ pub fn host_port(host: &str, port: u16) -> String {
 mod tests {
     use super::*;
     use crate::build::tests::label;
+    use crate::names;
     use k8s_openapi::jiff::Timestamp;
 
     fn at(second: i64) -> Time {
@@ -211,6 +223,7 @@ mod tests {
             problems: vec![],
             exposure,
             relay_ready,
+            relay: names::relay_address(&label(), "cluster.local"),
         }
     }
 
@@ -234,7 +247,7 @@ mod tests {
                     observed_generation: Some(1),
                 }],
                 endpoint: Some("203.0.113.7:21000".into()),
-                relay: Some("taas-home-control.default.svc:8080".into()),
+                relay: Some("taas-home-control.default.svc.cluster.local.:8080".into()),
                 ports: Some(StatusPorts {
                     client: 21000,
                     rendezvous: vec![20000, 20001]
@@ -258,7 +271,7 @@ mod tests {
         assert_eq!(s.ports, None);
         assert_eq!(
             s.relay.as_deref(),
-            Some("taas-home-control.default.svc:8080")
+            Some("taas-home-control.default.svc.cluster.local.:8080")
         );
 
         let s = status(&label(), &applied(Ok(exposure()), false), &at(100));
@@ -277,6 +290,7 @@ mod tests {
             problems: vec![secret.clone()],
             exposure: Ok(exposure()),
             relay_ready: false,
+            relay: names::relay_address(&label(), "cluster.local"),
         };
         let s = status(&label(), &outcome, &at(1));
         assert_eq!(ready(&s).reason, "SecretMissing");

@@ -3,8 +3,16 @@
 //!
 //! - `InvalidSpec`: the object's name does not make valid child names, or the pinned client
 //!   port collides with a rendezvous port of the Service.
+//! - `LabelNotAllowed`: the cluster's label policy ([`crate::policy`]) does not let the
+//!   label's namespace claim its LABEL. Such a label takes part in no conflict: it cannot
+//!   pre-claim a LABEL from the namespace the policy gives it to.
+//! - `ServiceNotAllowed`: the cluster's service policy refuses the Service type, an
+//!   annotation key or the pinned `clientPort` in this namespace.
+//!
+//!   For both, a relay the label already runs (from before the policy) is scaled to zero.
 //! - `LabelConflict`: another `TaasLabel` (any namespace) has the same LABEL and is older
-//!   (the oldest `creationTimestamp` wins; ties go to namespace/name order).
+//!   (the oldest `creationTimestamp` wins; ties go to namespace/name order), among those the
+//!   label policy allows.
 //! - `ForeignObject`: a Service, Deployment or ConfigMap with one of the label's names exists
 //!   and is not controlled by this label: the operator never adopts or overwrites it.
 //! - `SecretMissing`: the Secret or its key is missing. Unlike the others this does not stop
@@ -19,6 +27,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use taas_crds::{ServiceType, TaasLabel};
 
 use crate::names;
+use crate::policy::TenantPolicy;
 use crate::status::Reason;
 
 /// What dereferencing a label found.
@@ -51,15 +60,45 @@ impl Problem {
     pub fn blocks_apply(&self) -> bool {
         self.reason != Reason::SecretMissing
     }
+
+    /// Whether a relay already running for the label must stop: the cluster owner's policy
+    /// refuses it (it may have started before the policy did). The operator deletes nothing,
+    /// so it scales the relay to zero; its other objects stay, and its route goes.
+    pub fn stops_relay(&self) -> bool {
+        matches!(
+            self.reason,
+            Reason::LabelNotAllowed | Reason::ServiceNotAllowed
+        )
+    }
+
+    /// Whether the label already has a relay Deployment of its own.
+    pub fn has_relay(label: &TaasLabel, observed: &Observed) -> bool {
+        observed
+            .existing
+            .iter()
+            .any(|(kind, meta)| *kind == "Deployment" && is_controlled_by(meta, label))
+    }
 }
 
 /// Every problem of `label`, the most important first. `all` is every `TaasLabel` the
-/// operator knows of (it may or may not contain `label` itself).
-pub fn validate(label: &TaasLabel, observed: &Observed, all: &[Arc<TaasLabel>]) -> Vec<Problem> {
+/// operator knows of (it may or may not contain `label` itself); `policy` the cluster
+/// owner's.
+pub fn validate(
+    label: &TaasLabel,
+    observed: &Observed,
+    all: &[Arc<TaasLabel>],
+    policy: &TenantPolicy,
+) -> Vec<Problem> {
     let mut problems = Vec::new();
     problems.extend(check_name(label));
     problems.extend(check_ports(label));
-    problems.extend(check_conflict(label, all));
+    let label_denied = policy.label_denial(names::namespace(label), &label.spec.label);
+    let label_allowed = label_denied.is_none();
+    problems.extend(label_denied.map(|message| Problem::new(Reason::LabelNotAllowed, message)));
+    problems.extend(check_service_policy(label, policy));
+    if label_allowed {
+        problems.extend(check_conflict(label, all, policy));
+    }
     problems.extend(check_foreign(label, &observed.existing));
     problems.extend(check_secret(label, observed.secret.as_ref()));
     problems
@@ -104,13 +143,26 @@ fn check_ports(label: &TaasLabel) -> Option<Problem> {
     })
 }
 
-fn check_conflict(label: &TaasLabel, all: &[Arc<TaasLabel>]) -> Option<Problem> {
+fn check_service_policy(label: &TaasLabel, policy: &TenantPolicy) -> Option<Problem> {
+    let denials = policy.service_denials(names::namespace(label), &label.spec);
+    (!denials.is_empty()).then(|| Problem::new(Reason::ServiceNotAllowed, denials.join("; ")))
+}
+
+/// Whether `label` may hold its LABEL at all: not being deleted, and allowed by the policy.
+fn may_claim(label: &TaasLabel, policy: &TenantPolicy) -> bool {
+    label.metadata.deletion_timestamp.is_none()
+        && policy.allows_label(names::namespace(label), &label.spec.label)
+}
+
+fn check_conflict(
+    label: &TaasLabel,
+    all: &[Arc<TaasLabel>],
+    policy: &TenantPolicy,
+) -> Option<Problem> {
     let winner = all
         .iter()
         .map(|other| other.as_ref())
-        .filter(|other| {
-            other.spec.label == label.spec.label && other.metadata.deletion_timestamp.is_none()
-        })
+        .filter(|other| other.spec.label == label.spec.label && may_claim(other, policy))
         .chain(std::iter::once(label))
         .min_by(|a, b| precedence(a).cmp(&precedence(b)))?;
     (key(winner) != key(label)).then(|| {
@@ -195,14 +247,11 @@ pub fn is_controlled_by(meta: &ObjectMeta, label: &TaasLabel) -> bool {
     })
 }
 
-/// The `TaasLabel` serving each LABEL: the oldest of those that name it (labels being deleted
-/// do not count).
-pub fn winners(all: &[Arc<TaasLabel>]) -> BTreeMap<String, Arc<TaasLabel>> {
+/// The `TaasLabel` serving each LABEL: the oldest of those that name it (labels being deleted,
+/// and labels the policy does not let claim their LABEL, do not count).
+pub fn winners(all: &[Arc<TaasLabel>], policy: &TenantPolicy) -> BTreeMap<String, Arc<TaasLabel>> {
     let mut winners: BTreeMap<String, Arc<TaasLabel>> = BTreeMap::new();
-    for label in all
-        .iter()
-        .filter(|label| label.metadata.deletion_timestamp.is_none())
-    {
+    for label in all.iter().filter(|label| may_claim(label, policy)) {
         match winners.get(&label.spec.label) {
             Some(current) if precedence(current) <= precedence(label) => {}
             _ => {
@@ -267,28 +316,33 @@ mod tests {
         Arc::new(label)
     }
 
+    /// No policy: every namespace may claim any LABEL and ask for any Service.
+    fn open() -> TenantPolicy {
+        TenantPolicy::default()
+    }
+
     fn reasons(problems: &[Problem]) -> Vec<Reason> {
         problems.iter().map(|p| p.reason).collect()
     }
 
     #[test]
     fn a_good_label_has_no_problems() {
-        assert_eq!(validate(&label(), &observed_ok(), &[]), vec![]);
+        assert_eq!(validate(&label(), &observed_ok(), &[], &open()), vec![]);
         let me = Arc::new(label());
-        assert_eq!(validate(&label(), &observed_ok(), &[me]), vec![]);
+        assert_eq!(validate(&label(), &observed_ok(), &[me], &open()), vec![]);
     }
 
     #[test]
     fn missing_secret_and_missing_key() {
         let mut observed = observed_ok();
         observed.secret = None;
-        let problems = validate(&label(), &observed, &[]);
+        let problems = validate(&label(), &observed, &[], &open());
         assert_eq!(reasons(&problems), vec![Reason::SecretMissing]);
         assert_eq!(problems[0].message, "Secret default/home-totp not found");
         assert!(!problems[0].blocks_apply());
 
         observed.secret = Some(secret("other", "JBSWY3DPEHPK3PXP"));
-        let problems = validate(&label(), &observed, &[]);
+        let problems = validate(&label(), &observed, &[], &open());
         assert_eq!(reasons(&problems), vec![Reason::SecretMissing]);
         assert_eq!(
             problems[0].message,
@@ -297,7 +351,7 @@ mod tests {
 
         observed.secret = Some(secret("secret", ""));
         assert_eq!(
-            reasons(&validate(&label(), &observed, &[])),
+            reasons(&validate(&label(), &observed, &[], &open())),
             vec![Reason::SecretMissing]
         );
 
@@ -308,7 +362,7 @@ mod tests {
             "JBSWY3DPEHPK3PXP".to_string(),
         )]));
         observed.secret = Some(with_string_data);
-        assert_eq!(validate(&label(), &observed, &[]), vec![]);
+        assert_eq!(validate(&label(), &observed, &[], &open()), vec![]);
     }
 
     #[test]
@@ -325,7 +379,7 @@ mod tests {
                 },
             ),
         ];
-        let problems = validate(&me, &observed, &[]);
+        let problems = validate(&me, &observed, &[], &open());
         assert_eq!(reasons(&problems), vec![Reason::ForeignObject]);
         assert_eq!(
             problems[0].message,
@@ -341,7 +395,7 @@ mod tests {
         let mut not_controller = owned_meta(&me, "taas-home");
         not_controller.owner_references.as_mut().unwrap()[0].controller = None;
         observed.existing = vec![("ConfigMap", other_uid), ("Service", not_controller)];
-        let problems = validate(&me, &observed, &[]);
+        let problems = validate(&me, &observed, &[], &open());
         assert_eq!(
             problems[0].message,
             "ConfigMap taas-home, Service taas-home already exist and are not controlled by \
@@ -355,7 +409,7 @@ mod tests {
             ("Deployment", owned_meta(&me, "taas-home")),
             ("ConfigMap", owned_meta(&me, "taas-home")),
         ];
-        assert_eq!(validate(&me, &observed, &[]), vec![]);
+        assert_eq!(validate(&me, &observed, &[], &open()), vec![]);
     }
 
     #[test]
@@ -363,8 +417,8 @@ mod tests {
         let old = created(label(), "team-a", "home", 0);
         let new = created(label(), "team-b", "home", 10);
         let all = vec![new.clone(), old.clone()];
-        assert_eq!(validate(&old, &observed_ok(), &all), vec![]);
-        let problems = validate(&new, &observed_ok(), &all);
+        assert_eq!(validate(&old, &observed_ok(), &all, &open()), vec![]);
+        let problems = validate(&new, &observed_ok(), &all, &open());
         assert_eq!(reasons(&problems), vec![Reason::LabelConflict]);
         assert_eq!(
             problems[0].message,
@@ -372,28 +426,36 @@ mod tests {
         );
         // The newer one conflicts even if the store has not seen it yet.
         assert_eq!(
-            reasons(&validate(&new, &observed_ok(), std::slice::from_ref(&old))),
+            reasons(&validate(
+                &new,
+                &observed_ok(),
+                std::slice::from_ref(&old),
+                &open()
+            )),
             vec![Reason::LabelConflict]
         );
         // Same age: namespace/name order decides.
         let twin = created(label(), "team-0", "home", 10);
         let all = vec![new.clone(), twin.clone()];
-        assert_eq!(validate(&twin, &observed_ok(), &all), vec![]);
+        assert_eq!(validate(&twin, &observed_ok(), &all, &open()), vec![]);
         assert_eq!(
-            reasons(&validate(&new, &observed_ok(), &all)),
+            reasons(&validate(&new, &observed_ok(), &all, &open())),
             vec![Reason::LabelConflict]
         );
         // A label being deleted does not hold on to its LABEL.
         let mut going = (*old).clone();
         going.metadata.deletion_timestamp = old.metadata.creation_timestamp.clone();
         let all = vec![Arc::new(going), new.clone()];
-        assert_eq!(validate(&new, &observed_ok(), &all), vec![]);
+        assert_eq!(validate(&new, &observed_ok(), &all, &open()), vec![]);
         // Other LABELs do not conflict.
         let mut other = (*old).clone();
         other.spec.label = "office".into();
-        assert_eq!(validate(&new, &observed_ok(), &[Arc::new(other)]), vec![]);
+        assert_eq!(
+            validate(&new, &observed_ok(), &[Arc::new(other)], &open()),
+            vec![]
+        );
 
-        let winners = winners(&[new.clone(), old.clone(), twin.clone()]);
+        let winners = winners(&[new.clone(), old.clone(), twin.clone()], &open());
         assert_eq!(winners.len(), 1);
         assert_eq!(
             winners["home"].metadata.namespace.as_deref(),
@@ -406,12 +468,12 @@ mod tests {
         for bad in ["a.b", &"x".repeat(51), "a-", "A", "a_b"] {
             let mut l = label();
             l.metadata.name = Some(bad.to_string());
-            let problems = validate(&l, &observed_ok(), &[]);
+            let problems = validate(&l, &observed_ok(), &[], &open());
             assert_eq!(reasons(&problems), vec![Reason::InvalidSpec], "{bad}");
         }
         let mut l = label();
         l.metadata.name = Some("x".repeat(50));
-        assert_eq!(validate(&l, &observed_ok(), &[]), vec![]);
+        assert_eq!(validate(&l, &observed_ok(), &[], &open()), vec![]);
     }
 
     #[test]
@@ -419,18 +481,18 @@ mod tests {
         let mut l = label();
         l.spec.client_port = Some(20003);
         l.spec.rendezvous_ports = 4;
-        let problems = validate(&l, &observed_ok(), &[]);
+        let problems = validate(&l, &observed_ok(), &[], &open());
         assert_eq!(reasons(&problems), vec![Reason::InvalidSpec]);
         assert_eq!(
             problems[0].message,
             "clientPort 20003 is one of the Service's rendezvous ports 20000-20003"
         );
         l.spec.client_port = Some(20004);
-        assert_eq!(validate(&l, &observed_ok(), &[]), vec![]);
+        assert_eq!(validate(&l, &observed_ok(), &[], &open()), vec![]);
         // With NodePort the pin is the node port, not the Service port.
         l.spec.client_port = Some(20003);
         l.spec.service.type_ = ServiceType::NodePort;
-        assert_eq!(validate(&l, &observed_ok(), &[]), vec![]);
+        assert_eq!(validate(&l, &observed_ok(), &[], &open()), vec![]);
     }
 
     #[test]
@@ -444,7 +506,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            reasons(&validate(&l, &observed, &[old])),
+            reasons(&validate(&l, &observed, &[old], &open())),
             vec![
                 Reason::InvalidSpec,
                 Reason::LabelConflict,
@@ -452,5 +514,85 @@ mod tests {
                 Reason::SecretMissing
             ]
         );
+    }
+
+    #[test]
+    fn a_label_the_policy_does_not_allow_in_its_namespace_is_refused() {
+        let policy = TenantPolicy::from_yaml("labels: {team-a: [home, \"*.lab\"]}").unwrap();
+        let mine = created(label(), "team-a", "home", 10);
+        assert_eq!(validate(&mine, &observed_ok(), &[], &policy), vec![]);
+        // Another namespace: refused, with the reason, and nothing applied.
+        let squatter = created(label(), "team-b", "home", 0);
+        let problems = validate(&squatter, &observed_ok(), &[], &policy);
+        assert_eq!(reasons(&problems), vec![Reason::LabelNotAllowed]);
+        assert_eq!(
+            problems[0].message,
+            "the cluster's label policy does not let namespace team-b claim LABEL \"home\" \
+             (allowed here: none)"
+        );
+        assert!(problems[0].blocks_apply());
+        // The older squatter does not take the LABEL from its owner: no conflict.
+        let all = vec![squatter.clone(), mine.clone()];
+        assert_eq!(validate(&mine, &observed_ok(), &all, &policy), vec![]);
+        assert_eq!(
+            reasons(&validate(&squatter, &observed_ok(), &all, &policy)),
+            vec![Reason::LabelNotAllowed]
+        );
+        let winners = winners(&all, &policy);
+        assert_eq!(
+            winners["home"].metadata.namespace.as_deref(),
+            Some("team-a")
+        );
+        // Without the policy the older one would have won (today's behaviour).
+        assert_eq!(
+            reasons(&validate(&mine, &observed_ok(), &all, &open())),
+            vec![Reason::LabelConflict]
+        );
+        // Suffixes.
+        let mut lab = (*mine).clone();
+        lab.spec.label = "x.lab".into();
+        assert_eq!(validate(&lab, &observed_ok(), &[], &policy), vec![]);
+        lab.spec.label = "x.lab.evil".into();
+        assert_eq!(
+            reasons(&validate(&lab, &observed_ok(), &[], &policy)),
+            vec![Reason::LabelNotAllowed]
+        );
+    }
+
+    #[test]
+    fn a_service_the_policy_does_not_allow_is_refused() {
+        let policy = TenantPolicy::from_yaml(
+            "services: {default: {types: [ClusterIP]}, namespaces: {edge: {types: [LoadBalancer], \
+             annotations: [\"metallb.universe.tf/\"], clientPort: false}}}",
+        )
+        .unwrap();
+        let l = created(label(), "team-a", "home", 0); // LoadBalancer
+        let problems = validate(&l, &observed_ok(), &[], &policy);
+        assert_eq!(reasons(&problems), vec![Reason::ServiceNotAllowed]);
+        assert_eq!(
+            problems[0].message,
+            "Service type LoadBalancer is not allowed in namespace team-a (allowed: ClusterIP)"
+        );
+        assert!(problems[0].blocks_apply());
+        let mut edge = (*created(label(), "edge", "home", 0)).clone();
+        assert_eq!(validate(&edge, &observed_ok(), &[], &policy), vec![]);
+        edge.spec.client_port = Some(443);
+        edge.spec
+            .service
+            .annotations
+            .insert("cloud.example/public".into(), "true".into());
+        let problems = validate(&edge, &observed_ok(), &[], &policy);
+        assert_eq!(reasons(&problems), vec![Reason::ServiceNotAllowed]);
+        assert!(
+            problems[0]
+                .message
+                .contains("\"cloud.example/public\" is not allowed")
+                && problems[0].message.contains("; a pinned clientPort (443)"),
+            "{}",
+            problems[0].message
+        );
+        // Refused Services still hold their LABEL (the namespace may claim it).
+        let edge = Arc::new(edge);
+        assert_eq!(winners(&[edge], &policy).len(), 1);
     }
 }

@@ -203,8 +203,8 @@ fn ready_reason(label: &Value) -> String {
         .to_string()
 }
 
-/// The operator binary, under the given kubeconfig.
-fn start_operator(kubeconfig: &Path, log: &Path) -> Process {
+/// The operator binary, under the given kubeconfig, with `extra` flags.
+fn start_operator(kubeconfig: &Path, log: &Path, extra: &[&str]) -> Process {
     let log = std::fs::File::create(log).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_taas-operator"))
         .env("KUBECONFIG", kubeconfig)
@@ -217,6 +217,7 @@ fn start_operator(kubeconfig: &Path, log: &Path) -> Process {
             "taas.localhost",
         ])
         .args(["--user-fix-requeue", "5"])
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
@@ -326,8 +327,16 @@ fn start_relay_from_cluster(
                 .replace("0.0.0.0:9464", "off")
         })
         .collect();
+    // The container's environment too (the gateway token, log settings).
+    let env: Vec<(String, String)> = container["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| Some((e["name"].as_str()?.into(), e["value"].as_str()?.into())))
+        .collect();
     let child = Command::new(relay_bin())
         .args(&adapted)
+        .envs(env)
         .arg("--reload-interval")
         .arg("0.2")
         .stdin(Stdio::null())
@@ -367,11 +376,13 @@ fn base64_decode(text: &str) -> Vec<u8> {
 }
 
 /// The gateway, started here with the routes the operator published (the relay's in-cluster
-/// address replaced by where the test runs it).
+/// address replaced by where the test runs it) and the install secret (as the chart gives
+/// it: an environment variable naming the mounted file).
 fn start_gateway(
     k8s: &ApiServer,
     work: &Path,
     relays: &BTreeMap<String, SocketAddr>,
+    gateway_secret: &Path,
 ) -> (Process, SocketAddr) {
     let routes = k8s
         .get(&["configmap", "taas-routes", "-n", NS])
@@ -384,6 +395,7 @@ fn start_gateway(
     let listen: SocketAddr = ([127, 0, 0, 1], free_port()).into();
     let child = Command::new(relay_bin())
         .current_dir(work)
+        .env("TAAS_GATEWAY_SECRET_FILE", gateway_secret)
         .args([
             "gateway",
             "--metrics",
@@ -468,7 +480,19 @@ fn the_operator_against_a_real_api_server() {
     ]);
     k8s.ok(&["apply", "-f", "-"], Some(&rbac));
     let operator_kubeconfig = k8s.service_account(NS, "taas-operator");
-    let mut operator = start_operator(&operator_kubeconfig, &work.join("operator-1.log"));
+    // The install secret the chart would generate, in a file as the chart mounts it.
+    let gateway_secret = work.join("gateway-secret");
+    std::fs::write(
+        &gateway_secret,
+        "an-install-secret-of-the-test-0123456789\n",
+    )
+    .unwrap();
+    let secret_flag = ["--gateway-secret-file", gateway_secret.to_str().unwrap()];
+    let mut operator = start_operator(
+        &operator_kubeconfig,
+        &work.join("operator-1.log"),
+        &secret_flag,
+    );
 
     // The example label: children appear, with node ports allocated by the real server.
     let example = std::fs::read_to_string(repo().join("examples/label.yaml")).unwrap();
@@ -520,11 +544,31 @@ fn the_operator_against_a_real_api_server() {
 
     // The relay and the gateway as the cluster would run them; a hidden server registers
     // through the gateway, a mobile client follows the 307.
+    // The relay's pod carries the token of its LABEL, derived from the install secret.
+    let deployment = k8s
+        .get(&["deployment", "taas-home", "-n", "default"])
+        .unwrap();
+    let env = deployment["spec"]["template"]["spec"]["containers"][0]["env"].to_string();
+    let token = taas_relay::gateway_auth::InstallSecret::from_file(&gateway_secret)
+        .unwrap()
+        .token_for("home");
+    assert!(
+        env.contains(&format!(
+            r#"{{"name":"TAAS_GATEWAY_TOKEN","value":"{}"}}"#,
+            token.expose()
+        )),
+        "{env}"
+    );
     let (_relay, control) =
         start_relay_from_cluster(&k8s, "default", "taas-home", &work.join("relay"));
-    let routes_relay = "taas-home-control.default.svc:8080".to_string();
-    let (_gateway, gateway) =
-        start_gateway(&k8s, &work, &BTreeMap::from([(routes_relay, control)]));
+    // Routes name the relay fully qualified (no DNS search path applies).
+    let routes_relay = "taas-home-control.default.svc.cluster.local.:8080".to_string();
+    let (_gateway, gateway) = start_gateway(
+        &k8s,
+        &work,
+        &BTreeMap::from([(routes_relay, control)]),
+        &gateway_secret,
+    );
     let secret_b32 = {
         let secret = k8s.get(&["secret", "home-totp", "-n", "default"]).unwrap();
         let key = secret["data"]
@@ -636,7 +680,11 @@ fn the_operator_against_a_real_api_server() {
         .replace("name: home", "name: lab")
         .replace("label: home", "label: lab");
     k8s.ok(&["apply", "-f", "-"], Some(&second));
-    operator = start_operator(&operator_kubeconfig, &work.join("operator-2.log"));
+    operator = start_operator(
+        &operator_kubeconfig,
+        &work.join("operator-2.log"),
+        &secret_flag,
+    );
     k8s.wait(
         "the second label's Deployment",
         &["deployment", "taas-lab", "-n", "default"],
@@ -803,7 +851,9 @@ fn the_chart_installs_upgrades_and_uninstalls_on_a_real_api_server() {
     let k8s = ApiServer::up();
     let chart = repo().join("charts/taas");
     let chart = chart.to_str().unwrap();
-    // 1.20 has no CEL: the chart leaves the rules out below 1.25 by itself.
+    // 1.20 has no CEL: the chart leaves the rules out below 1.25 by itself; nor endPort: the
+    // NetworkPolicies (on by default) list the relay's ports one by one there. The label
+    // policy lets namespace "default" claim LABEL "home" only.
     helm_ok(
         &k8s,
         &[
@@ -814,6 +864,8 @@ fn the_chart_installs_upgrades_and_uninstalls_on_a_real_api_server() {
             NS,
             "--create-namespace",
             "--wait=false",
+            "--set-json",
+            r#"labelPolicy.namespaces={"default":["home"]}"#,
         ],
     );
     k8s.wait("CRD established", &["crd", "taaslabels.taas.dev"], |crd| {
@@ -833,29 +885,140 @@ fn the_chart_installs_upgrades_and_uninstalls_on_a_real_api_server() {
     );
     assert!(names(&k8s, "services", NS).contains(&"taas-gateway".to_string()));
     assert!(names(&k8s, "serviceaccounts", NS).contains(&"taas-operator".to_string()));
+    let policies = names(&k8s, "networkpolicies", NS);
+    assert!(
+        policies.contains(&"taas-relays".to_string()),
+        "{policies:?}"
+    );
+
+    // The install secret: generated once, mounted into the gateway and the operator.
+    let install_secret = |k8s: &ApiServer| -> Vec<u8> {
+        let secret = k8s
+            .get(&["secret", "taas-gateway-auth", "-n", NS])
+            .expect("the gateway auth Secret");
+        base64_decode(secret["data"]["secret"].as_str().unwrap())
+    };
+    let generated = install_secret(&k8s);
+    assert_eq!(
+        generated.len(),
+        48,
+        "{:?}",
+        String::from_utf8_lossy(&generated)
+    );
+    let work = k8s.dir().join("chart-work");
+    std::fs::create_dir_all(&work).unwrap();
+    let secret_file = work.join("gateway-secret");
+    std::fs::write(&secret_file, &generated).unwrap();
+    // The operator as its Deployment runs it: its policy file and its secret file.
+    let operator_deployment = k8s.get(&["deployment", "taas-operator", "-n", NS]).unwrap();
+    let container = &operator_deployment["spec"]["template"]["spec"]["containers"][0];
+    let args: Vec<&str> = container["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a.as_str())
+        .collect();
+    assert!(
+        args.contains(&"--policy-file=/etc/taas/policy/policy.yaml")
+            && args.contains(&"--cluster-domain=cluster.local"),
+        "{args:?}"
+    );
+    assert!(
+        container["env"].to_string().contains(
+            r#"{"name":"TAAS_GATEWAY_SECRET_FILE","value":"/etc/taas/gateway-auth/secret"}"#
+        ),
+        "{}",
+        container["env"]
+    );
+    let policy = k8s
+        .get(&["configmap", "taas-operator-policy", "-n", NS])
+        .unwrap();
+    let policy_file = work.join("policy.yaml");
+    std::fs::write(
+        &policy_file,
+        policy["data"]["policy.yaml"].as_str().unwrap(),
+    )
+    .unwrap();
 
     let example = std::fs::read_to_string(repo().join("examples/label.yaml")).unwrap();
+    // A squatter in another namespace, first: the policy does not let it claim "home".
+    k8s.ok(&["create", "namespace", "squat"], None);
+    let squatter = example.replace("namespace: default", "namespace: squat");
+    k8s.ok(&["apply", "-f", "-"], Some(&squatter));
     k8s.ok(&["apply", "-f", "-"], Some(&example));
 
     // The operator under the chart's ServiceAccount: it reconciles with no `forbidden`.
     let log = k8s.dir().join("operator.log");
     let kubeconfig = k8s.service_account(NS, "taas-operator");
-    let operator = start_operator(&kubeconfig, &log);
+    let operator = start_operator(
+        &kubeconfig,
+        &log,
+        &[
+            "--gateway-secret-file",
+            secret_file.to_str().unwrap(),
+            "--policy-file",
+            policy_file.to_str().unwrap(),
+        ],
+    );
     k8s.wait(
         "the label reconciled",
         &["taaslabel", "home", "-n", "default"],
         |l| l["status"]["observedGeneration"] == l["metadata"]["generation"],
     );
-    k8s.wait(
+    let refused = k8s.wait(
+        "the squatter refused",
+        &["taaslabel", "home", "-n", "squat"],
+        |l| ready_reason(l) == "LabelNotAllowed",
+    );
+    assert!(
+        condition(&refused, "Ready").unwrap()["message"]
+            .as_str()
+            .unwrap()
+            .contains("namespace squat"),
+        "{refused}"
+    );
+    assert!(k8s
+        .get(&["deployment", "taas-home", "-n", "squat"])
+        .is_none());
+    let relay = k8s
+        .wait(
+            "the relay Deployment",
+            &["deployment", "taas-home", "-n", "default"],
+            |_| true,
+        )
+        .to_string();
+    let token = taas_relay::gateway_auth::InstallSecret::new(&generated)
+        .unwrap()
+        .token_for("home");
+    assert!(
+        relay.contains(token.expose()),
+        "no gateway token in {relay}"
+    );
+    let routes = k8s.wait(
         "the routes published",
         &["configmap", "taas-routes", "-n", NS],
-        |_| true,
+        |c| {
+            c["data"]["routes.yaml"]
+                .as_str()
+                .is_some_and(|t| t.contains("home"))
+        },
+    );
+    assert!(
+        routes["data"]["routes.yaml"]
+            .as_str()
+            .unwrap()
+            .contains("relay: taas-home-control.default.svc.cluster.local.:8080"),
+        "{routes}"
     );
     drop(operator);
-    let text = std::fs::read_to_string(&log).unwrap().to_ascii_lowercase();
+    let text = std::fs::read_to_string(&log).unwrap();
     assert!(
-        !text.contains("forbidden"),
+        !text.to_ascii_lowercase().contains("forbidden"),
         "the operator was refused something:\n{text}"
+    );
+    assert!(
+        !text.contains(token.expose()) && !text.contains(std::str::from_utf8(&generated).unwrap()),
+        "the operator logged a secret:\n{text}"
     );
 
     // An upgrade with changed values rolls out.
@@ -876,6 +1039,8 @@ fn the_chart_installs_upgrades_and_uninstalls_on_a_real_api_server() {
     );
     let gateway = k8s.get(&["service", "taas-gateway", "-n", NS]).unwrap();
     assert_eq!(gateway["spec"]["type"], "NodePort");
+    // The install secret survives the upgrade (running relays keep their tokens).
+    assert_eq!(install_secret(&k8s), generated);
     let operator_deployment = k8s.get(&["deployment", "taas-operator", "-n", NS]).unwrap();
     let args = operator_deployment["spec"]["template"]["spec"]["containers"][0].to_string();
     assert!(args.contains("leader-elect"), "{args}");
@@ -919,6 +1084,9 @@ fn the_chart_installs_upgrades_and_uninstalls_on_a_real_api_server() {
         k8s.get(&["crd", "taaslabels.taas.dev"]).is_some(),
         "the CRD is kept"
     );
+    // So is the install secret (helm.sh/resource-policy: keep): a reinstall reuses it, and
+    // the relays that outlive the release keep their tokens.
+    assert_eq!(install_secret(&k8s), generated);
     assert!(
         k8s.get(&["taaslabel", "home", "-n", "default"]).is_some(),
         "labels are kept"

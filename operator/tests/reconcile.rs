@@ -456,7 +456,7 @@ async fn first_pass_creates_everything_and_reports_the_address() {
                             "message": "the relay pod is not ready yet",
                             "lastTransitionTime": "2023-11-14T22:15:00Z", "observedGeneration": 1}],
             "endpoint": "203.0.113.7:21000",
-            "relay": "taas-home-control.default.svc:8080",
+            "relay": "taas-home-control.default.svc.cluster.local.:8080",
             "ports": {"client": 21000, "rendezvous": [20000, 20001]},
         })
     );
@@ -634,7 +634,7 @@ async fn a_deleted_label_makes_no_requests_and_leaves_the_routes() {
             Answer::Echo(no_change),
         )],
     ));
-    let table = routes::routes(&[Arc::new(going)]);
+    let table = routes::routes(&[Arc::new(going)], &Settings::default());
     let config_map = routes::config_map(&Settings::default(), &table).unwrap();
     routes::publish(&Client::new(service, "default"), &config_map)
         .await
@@ -886,4 +886,189 @@ async fn api_errors_back_off_exponentially() {
         ]
     );
     server.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_label_the_policy_does_not_allow_in_its_namespace_gets_no_objects() {
+    let mut harness = Harness::new();
+    harness.settings.policy =
+        taas_operator::policy::TenantPolicy::from_yaml("labels: {team-a: [home]}").unwrap();
+    // The label is read, then refused: no apply at all (the script has none), a status and a
+    // Warning event say why.
+    let (result, seen) = harness
+        .reconcile(
+            &label(),
+            script(vec![reads_fresh(), vec![status_write(), event()]]),
+        )
+        .await;
+    assert_eq!(result, Ok(Action::requeue(Duration::from_secs(300))));
+    let ready = ready_condition(&seen);
+    assert_eq!(ready["status"], "False");
+    assert_eq!(ready["reason"], "LabelNotAllowed");
+    assert_eq!(
+        ready["message"],
+        "the cluster's label policy does not let namespace default claim LABEL \"home\" \
+         (allowed here: none)"
+    );
+    let status = &find(&seen, Method::PATCH, &format!("{LABELS}/home/status"))["status"];
+    assert!(status.get("relay").is_none(), "{status}");
+    let event = find(&seen, Method::POST, EVENTS);
+    assert_eq!(event["type"], "Warning");
+    assert_eq!(event["reason"], "LabelNotAllowed");
+}
+
+#[tokio::test]
+async fn a_service_the_policy_does_not_allow_is_not_applied() {
+    let mut harness = Harness::new();
+    harness.settings.policy = taas_operator::policy::TenantPolicy::from_yaml(
+        "services: {default: {types: [ClusterIP, NodePort], clientPort: false}}",
+    )
+    .unwrap();
+    let (result, seen) = harness
+        .reconcile(
+            &label(), // a LoadBalancer
+            script(vec![reads_fresh(), vec![status_write(), event()]]),
+        )
+        .await;
+    assert_eq!(result, Ok(Action::requeue(Duration::from_secs(300))));
+    let ready = ready_condition(&seen);
+    assert_eq!(ready["reason"], "ServiceNotAllowed");
+    assert_eq!(
+        ready["message"],
+        "Service type LoadBalancer is not allowed in namespace default (allowed: ClusterIP, NodePort)"
+    );
+}
+
+#[tokio::test]
+async fn with_a_gateway_secret_the_relay_gets_its_labels_token_and_nothing_else_shows_it() {
+    let mut harness = Harness::new();
+    let secret =
+        taas_relay::gateway_auth::InstallSecret::new(b"install secret for the tests 0123").unwrap();
+    harness.settings.gateway_secret = Some(secret.clone());
+    let (result, seen) = harness
+        .reconcile(
+            &label(),
+            script(vec![
+                reads_fresh(),
+                applies(lb_with_address, no_change),
+                vec![status_write(), event()],
+            ]),
+        )
+        .await;
+    assert_eq!(result, Ok(Action::requeue(Duration::from_secs(60))));
+    let token = secret.token_for("home");
+    let deployment = find(
+        &seen,
+        Method::PATCH,
+        &format!("{APPS}/deployments/taas-home"),
+    );
+    let env = &deployment["spec"]["template"]["spec"]["containers"][0]["env"];
+    assert!(
+        env.as_array()
+            .unwrap()
+            .contains(&json!({"name": "TAAS_GATEWAY_TOKEN", "value": token.expose()})),
+        "{env}"
+    );
+    // Only the Deployment carries it: not the Services, the ConfigMap, the status or the event.
+    for s in &seen {
+        if s.path != format!("{APPS}/deployments/taas-home") {
+            assert!(
+                !s.body.to_string().contains(token.expose()),
+                "{} {} shows the token",
+                s.method,
+                s.path
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn secrets_are_watched_as_metadata_only() {
+    use futures::StreamExt as _;
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "default");
+    let mut changes = taas_operator::controller::secret_changes(&client, None).boxed();
+    let poll = tokio::spawn(async move { changes.next().await.map(|r| r.map(|m| m.metadata)) });
+    let (request, send) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
+        .await
+        .expect("the Secret watch lists")
+        .expect("client gone");
+    assert_eq!(request.uri().path(), "/api/v1/secrets");
+    let (group, resource, verb) = rbac_of(request.method(), request.uri().path());
+    assert!(rbac::allows(&group, &resource, verb));
+    // Only metadata is asked for: the API server then sends no Secret's data.
+    let accept = request.headers()["accept"].to_str().unwrap().to_string();
+    assert!(
+        accept.starts_with("application/json;as=PartialObjectMetadataList"),
+        "{accept}"
+    );
+    let list = json!({
+        "apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList",
+        "metadata": {"resourceVersion": "5"},
+        "items": [{"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+                   "metadata": {"name": "home-totp", "namespace": "default", "resourceVersion": "4"}}],
+    });
+    send.send_response(Response::new(Body::from(
+        serde_json::to_vec(&list).unwrap(),
+    )));
+    let first = tokio::time::timeout(Duration::from_secs(5), poll)
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("a change")
+        .expect("no error");
+    assert_eq!(first.name.as_deref(), Some("home-totp"));
+}
+
+#[tokio::test]
+async fn a_running_relay_the_policy_now_refuses_is_scaled_to_zero() {
+    let mut harness = Harness::new();
+    harness.settings.policy =
+        taas_operator::policy::TenantPolicy::from_yaml("labels: {team-a: [home]}").unwrap();
+    // The label's objects exist (made before the policy): the relay Deployment alone is
+    // applied again, with no replica; nothing else is touched, nothing deleted.
+    let (result, seen) = harness
+        .reconcile(
+            &label(),
+            script(vec![
+                reads_existing(),
+                vec![
+                    step(
+                        Method::PATCH,
+                        &format!("{APPS}/deployments/taas-home"),
+                        Answer::Echo(no_change),
+                    ),
+                    status_write(),
+                    event(),
+                ],
+            ]),
+        )
+        .await;
+    assert_eq!(result, Ok(Action::requeue(Duration::from_secs(300))));
+    let deployment = find(
+        &seen,
+        Method::PATCH,
+        &format!("{APPS}/deployments/taas-home"),
+    );
+    assert_eq!(deployment["spec"]["replicas"], 0);
+    assert_eq!(ready_condition(&seen)["reason"], "LabelNotAllowed");
+    // Once allowed again, the usual apply brings one replica back.
+    harness.settings.policy =
+        taas_operator::policy::TenantPolicy::from_yaml("labels: {default: [home]}").unwrap();
+    let (_, seen) = harness
+        .reconcile(
+            &label(),
+            script(vec![
+                reads_existing(),
+                applies(lb_with_address, no_change),
+                vec![status_write(), event()],
+            ]),
+        )
+        .await;
+    let deployment = find(
+        &seen,
+        Method::PATCH,
+        &format!("{APPS}/deployments/taas-home"),
+    );
+    assert_eq!(deployment["spec"]["replicas"], 1);
 }

@@ -18,6 +18,9 @@ What is checked:
     1.25, which refuses them); `crds.enabled=false` renders no CRD;
     a ServiceMonitor only with the monitoring.coreos.com/v1 capability; TLS, Service and
     NetworkPolicy shapes; NOTES; names within 63 characters;
+  - the gateway auth Secret (random, kept, mounted into the gateway and operator only), the
+    cluster domain and the tenant policy reach the operator; NetworkPolicies on by default,
+    with the relay's ports listed one by one before Kubernetes 1.22;
   - values the schema forbids (unknown keys, wrong types, bad enums and patterns) and
     inconsistent combinations are rejected with a clear message; the schema is closed
     (additionalProperties) at every level; every value in values.yaml has a comment;
@@ -557,15 +560,16 @@ def _():
         expect(all(svc["metadata"]["labels"].get(k) == v for k, v in sel.items()), f"ServiceMonitor {sm['metadata']['name']} selects no Service")
 
 
-@check("defaults: optional parts off, routes ConfigMap not owned by the chart")
+@check("defaults: optional parts off (NetworkPolicies on), routes ConfigMap not owned by the chart")
 def _():
     docs = render(api_versions=[MONITORING_API])
-    for kind in ("ServiceMonitor", "PodDisruptionBudget", "NetworkPolicy", "Certificate", "Role", "RoleBinding"):
+    for kind in ("ServiceMonitor", "PodDisruptionBudget", "Certificate", "Role", "RoleBinding"):
         expect(not kinds(docs, kind), f"{kind} rendered by default")
+    expect(kinds(docs, "NetworkPolicy"), "no NetworkPolicy by default")
     for f in ci_files():
         docs = render(values_files=[os.path.join(CI_DIR, f)], api_versions=[MONITORING_API])
         cms = [d["metadata"]["name"] for d in kinds(docs, "ConfigMap")]
-        expect(not cms, f"ci/{f}: the chart renders ConfigMaps {cms}; the operator owns the routes")
+        expect(cms == [f"{RELEASE}-operator-policy"], f"ci/{f}: the chart renders ConfigMaps {cms}; the operator owns the routes, the chart only its policy")
 
 
 @check("gateway: Service 443 -> 8443, LoadBalancer with externalTrafficPolicy Local by default; NodePort; ClusterIP")
@@ -607,7 +611,7 @@ def _():
     spec = gateway_container(render(values_files=[ci("nodeport")]))
     args = spec["containers"][0]["args"]
     expect("--tls-cert=/etc/taas/tls/tls.crt" in args and "--tls-key=/etc/taas/tls/tls.key" in args, f"Secret args {args}")
-    secrets = [v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v]
+    secrets = [v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v and v["name"] != "gateway-auth"]
     expect(secrets == ["taas-gateway-tls"], f"TLS volume {secrets}")
     expect(not any(a.startswith("--state-dir") for a in args), "state dir with a Secret")
 
@@ -616,7 +620,7 @@ def _():
     expect(cert["spec"]["dnsNames"] == ["taas-registrar.example.com", "*.taas.example.com"], f"dnsNames {cert['spec']['dnsNames']}")
     expect(cert["spec"]["issuerRef"] == {"name": "letsencrypt-dns01", "kind": "ClusterIssuer", "group": "cert-manager.io"}, f"issuerRef {cert['spec']['issuerRef']}")
     spec = gateway_container(docs)
-    secrets = [v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v]
+    secrets = [v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v and v["name"] != "gateway-auth"]
     expect(secrets == [cert["spec"]["secretName"]], f"gateway mounts {secrets}, the Certificate writes {cert['spec']['secretName']}")
     expect(not kinds(render(values_files=[ci("nodeport")]), "Certificate"), "Certificate without certManager.enabled")
 
@@ -680,6 +684,124 @@ def _():
     expect([p["metadata"]["namespace"] for p in relay] == [NAMESPACE], "default relay policy namespace")
 
 
+@check("NetworkPolicy: on by default; before Kubernetes 1.22 (no endPort) the relay's own public ports one by one, never control or metrics")
+def _():
+    docs = render(kube="1.20.2")
+    relay = [p for p in kinds(docs, "NetworkPolicy") if p["metadata"]["name"] == f"{RELEASE}-relays"]
+    expect(len(relay) == 1 and relay[0]["metadata"]["namespace"] == NAMESPACE, f"relay policies {relay}")
+    public = [r for r in relay[0]["spec"]["ingress"] if not r.get("from")]
+    expect(len(public) == 1, f"public rules {public}")
+    ports = public[0]["ports"]
+    expect(all("endPort" not in p for p in ports), "endPort before 1.22 (dropped there: only the first port would be open)")
+    got = sorted(p["port"] for p in ports)
+    expect(got == list(range(20000, 20064)) + [21000], f"public ports before 1.22: {got}")
+    docs = render(kube="1.22.0")
+    relay = [p for p in kinds(docs, "NetworkPolicy") if p["metadata"]["name"] == f"{RELEASE}-relays"][0]
+    public = [r for r in relay["spec"]["ingress"] if not r.get("from")][0]["ports"]
+    covered = lambda port: any(p["port"] <= port <= p.get("endPort", p["port"]) for p in public)
+    expect(all(covered(p) for p in (1, 20000, 20063, 21000, 65535)) and not covered(8080) and not covered(9464), f"public port ranges {public}")
+    expect(not kinds(render(sets=["networkPolicy.enabled=false"]), "NetworkPolicy"), "NetworkPolicy rendered when disabled")
+
+
+def gateway_auth_volume(spec):
+    volumes = [v for v in spec["volumes"] if v["name"] == "gateway-auth"]
+    expect(len(volumes) == 1, f"gateway-auth volumes {volumes}")
+    return volumes[0]["secret"]
+
+
+@check("gateway auth: one random Secret, kept (resource policy), mounted into the gateway and the operator only, env TAAS_GATEWAY_SECRET_FILE")
+def _():
+    import base64
+    docs = render()
+    secrets = kinds(docs, "Secret")
+    expect([s["metadata"]["name"] for s in secrets] == [f"{RELEASE}-gateway-auth"], f"Secrets {[s['metadata']['name'] for s in secrets]}")
+    secret = secrets[0]
+    expect(secret["metadata"]["namespace"] == NAMESPACE, "gateway auth Secret outside the release namespace")
+    expect(secret["metadata"]["annotations"].get("helm.sh/resource-policy") == "keep", "gateway auth Secret not kept")
+    value = base64.b64decode(secret["data"]["secret"]).decode()
+    expect(re.fullmatch(r"[A-Za-z0-9]{48}", value), f"install secret is not 48 random letters and digits: {len(value)} characters")
+    again = [d for d in yaml.safe_load_all(run(template_args()).stdout) if d and d.get("kind") == "Secret"][0]
+    expect(again["data"]["secret"] != secret["data"]["secret"], "two fresh renders gave the same install secret")
+    for name in ("gateway", "operator"):
+        spec = named(docs, "Deployment", f"{RELEASE}-{name}")["spec"]["template"]["spec"]
+        vol = gateway_auth_volume(spec)
+        expect(vol["secretName"] == f"{RELEASE}-gateway-auth" and vol["defaultMode"] == 0o440 and vol["items"] == [{"key": "secret", "path": "secret"}], f"{name}: volume {vol}")
+        expect(spec["securityContext"].get("fsGroup") == 65532, f"{name}: no fsGroup 65532, the 0440 file is unreadable")
+        c = spec["containers"][0]
+        mounts = [m for m in c["volumeMounts"] if m["name"] == "gateway-auth"]
+        expect(mounts == [{"name": "gateway-auth", "mountPath": "/etc/taas/gateway-auth", "readOnly": True}], f"{name}: mounts {mounts}")
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        expect(env.get("TAAS_GATEWAY_SECRET_FILE") == "/etc/taas/gateway-auth/secret", f"{name}: env {env}")
+        expect(not any("gateway-secret" in a for a in c["args"]), f"{name}: the secret file as an argument (older binaries would refuse it)")
+    # Nothing else mounts it.
+    for name, spec in pod_specs(docs):
+        if name not in (f"Deployment/{RELEASE}-gateway", f"Deployment/{RELEASE}-operator"):
+            expect(not any(v["name"] == "gateway-auth" for v in spec.get("volumes") or []), f"{name} mounts the gateway secret")
+    # An existing Secret instead: none rendered, that one mounted.
+    docs = render(sets=["gatewayAuth.existingSecret=vault-taas"])
+    expect(not kinds(docs, "Secret"), "a Secret rendered with gatewayAuth.existingSecret")
+    for name in ("gateway", "operator"):
+        spec = named(docs, "Deployment", f"{RELEASE}-{name}")["spec"]["template"]["spec"]
+        expect(gateway_auth_volume(spec)["secretName"] == "vault-taas", f"{name} does not mount the existing Secret")
+
+
+@check("cluster domain: routes use --cluster-domain from clusterDomain (default cluster.local)")
+def _():
+    args = named(render(), "Deployment", f"{RELEASE}-operator")["spec"]["template"]["spec"]["containers"][0]["args"]
+    expect("--cluster-domain=cluster.local" in args, f"args {args}")
+    args = named(render(sets=["clusterDomain=k8s.example.org"]), "Deployment", f"{RELEASE}-operator")["spec"]["template"]["spec"]["containers"][0]["args"]
+    expect("--cluster-domain=k8s.example.org" in args, f"args {args}")
+
+
+def policy_of(docs):
+    cm = named(docs, "ConfigMap", f"{RELEASE}-operator-policy")
+    return yaml.safe_load(cm["data"]["policy.yaml"])
+
+
+@check("tenant policy: labelPolicy and servicePolicy reach the operator's --policy-file; a change restarts it")
+def _():
+    docs = render()
+    expect(policy_of(docs) == {"labels": {}, "services": {"default": {"types": ["LoadBalancer", "NodePort", "ClusterIP"], "annotations": ["*"], "clientPort": True}, "namespaces": {}}},
+           f"default policy {policy_of(docs)}")
+    operator = named(docs, "Deployment", f"{RELEASE}-operator")["spec"]["template"]
+    c = operator["spec"]["containers"][0]
+    expect("--policy-file=/etc/taas/policy/policy.yaml" in c["args"], f"args {c['args']}")
+    expect({"name": "policy", "mountPath": "/etc/taas/policy", "readOnly": True} in c["volumeMounts"], "policy not mounted")
+    expect({"name": "policy", "configMap": {"name": f"{RELEASE}-operator-policy"}} in operator["spec"]["volumes"], "policy volume")
+    before = operator["metadata"]["annotations"]["checksum/policy"]
+    docs = render(values_files=[ci("everything-on")])
+    policy = policy_of(docs)
+    expect(policy["labels"] == {"hidden-servers": ["home", "*.lab.example.com"], "platform": ["*"]}, f"labels {policy['labels']}")
+    expect(policy["services"]["namespaces"]["hidden-servers"] == {"types": ["ClusterIP", "NodePort"], "annotations": ["metallb.universe.tf/"], "clientPort": False},
+           f"services {policy['services']}")
+    after = named(docs, "Deployment", f"{RELEASE}-operator")["spec"]["template"]["metadata"]["annotations"]
+    expect(after["checksum/policy"] != before and after.get("example.com/scrape") == "true", f"annotations {after}")
+
+
+@check("helm upgrade --reuse-values from a release made before the issue 13 values still renders (missing keys are defaults)")
+def _():
+    import shutil
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        chart = os.path.join(tmp, "taas")
+        shutil.copytree(CHART, chart)
+        with open(os.path.join(CHART, "values.yaml")) as f:
+            values = yaml.safe_load(f)
+        # --reuse-values renders with the stored values only, not the new chart's defaults.
+        for key in ("clusterDomain", "gatewayAuth", "labelPolicy", "servicePolicy"):
+            values.pop(key)
+        with open(os.path.join(chart, "values.yaml"), "w") as f:
+            yaml.safe_dump(values, f)
+        result = run([HELM, "template", RELEASE, chart, "--namespace", NAMESPACE])
+        expect(result.returncode == 0, result.stderr.strip())
+        docs = [d for d in yaml.safe_load_all(result.stdout) if d]
+        args = named(docs, "Deployment", f"{RELEASE}-operator")["spec"]["template"]["spec"]["containers"][0]["args"]
+        expect("--cluster-domain=cluster.local" in args, f"args {args}")
+        expect(named(docs, "Secret", f"{RELEASE}-gateway-auth"), "no gateway auth Secret")
+        policy = policy_of(docs)
+        expect(policy == {"labels": {}, "services": {"default": {}, "namespaces": {}}}, f"policy {policy}")
+
+
 @check("PodDisruptionBudget: policy/v1, selects the gateway pods")
 def _():
     docs = render(values_files=[ci("everything-on")], kube="1.30.0")
@@ -731,6 +853,15 @@ SCHEMA_REJECTS = [
     ("bad pattern: memory quantity", ["gateway.resources.limits.memory=lots"], [], r"pattern|does not match|oneOf|memory"),
     ("out of range: node port", ["gateway.service.nodePort=70000"], [], r"maximum|70000|less than"),
     ("out of range: negative replicas", ["gateway.replicas=-1"], [], r"minimum|-1|greater"),
+    ("bad pattern: clusterDomain not a DNS name", ["clusterDomain=cluster_local"], [], r"pattern|does not match|clusterDomain"),
+    ("bad pattern: a LABEL pattern", ["labelPolicy.namespaces.team-a={Not A Label}"], [], r"pattern|does not match|labelPolicy"),
+    ("bad pattern: a LABEL pattern with a bare *.", ["labelPolicy.namespaces.team-a={*.}"], [], r"pattern|does not match|labelPolicy"),
+    ("bad pattern: a namespace in labelPolicy", ["labelPolicy.namespaces.Team_A={home}"], [], r"pattern|does not match|property name|labelPolicy"),
+    ("wrong type: labelPolicy namespace not a list", [], ["labelPolicy.namespaces.team-a=home"], r"array|type"),
+    ("bad enum: servicePolicy type", ["servicePolicy.default.types={Ingress}"], [], r"Ingress|enum|must be one of|value must be"),
+    ("wrong type: servicePolicy clientPort a string", [], ["servicePolicy.default.clientPort=no"], r"boolean|type"),
+    ("unknown key in a namespace's servicePolicy", ["servicePolicy.namespaces.team-a.nodePorts=false"], [], r"additional propert|additionalProperties|not allowed"),
+    ("empty annotation prefix", [], ["servicePolicy.default.annotations[0]="], r"minLength|too short|annotations"),
 ]
 
 # Values the schema allows but the templates refuse: (description, --set, expected message regex).
@@ -739,7 +870,6 @@ TEMPLATE_REJECTS = [
     ("gateway.replicas > 1 without a shared certificate", ["gateway.replicas=2"], r"gateway\.tls\.secretName"),
     ("cert-manager without an issuer", ["gateway.tls.certManager.enabled=true"], r"issuerRef\.name"),
     ("loadBalancerClass on a NodePort Service", ["gateway.service.type=NodePort", "gateway.service.loadBalancerClass=x"], r"loadBalancerClass"),
-    ("NetworkPolicies before Kubernetes 1.22 (no endPort)", ["networkPolicy.enabled=true", "@kube=1.21.0"], r"1\.22"),
     ("PodDisruptionBudget with both bounds", ["gateway.podDisruptionBudget.enabled=true", "gateway.podDisruptionBudget.minAvailable=1"], r"minAvailable or maxUnavailable"),
 ]
 

@@ -146,10 +146,64 @@ failureThreshold: {{ .probe.failureThreshold }}
 {{- if eq (int .Values.networkPolicy.relayControlPort) (int .Values.networkPolicy.relayMetricsPort) -}}
 {{- fail "networkPolicy.relayControlPort and networkPolicy.relayMetricsPort must differ." -}}
 {{- end -}}
-{{- if and .Values.networkPolicy.enabled (semverCompare "<1.22.0-0" .Capabilities.KubeVersion.Version) -}}
-{{- fail (printf "networkPolicy.enabled needs Kubernetes 1.22 or later (this is %s): the relay pods' policy opens their rendezvous and client ports with port ranges (endPort) while keeping the control port closed." .Capabilities.KubeVersion.Version) -}}
-{{- end -}}
+{{- /* Before Kubernetes 1.22 (no endPort) the relay policy lists the relay's own ports one by one (networkpolicy.yaml). */ -}}
 {{- if eq (int .Values.gateway.metricsPort) 8443 -}}
 {{- fail "gateway.metricsPort cannot be 8443: the gateway's HTTPS port." -}}
 {{- end -}}
+{{- end -}}
+
+{{/* The Secret holding the install's gateway secret (key `secret`): an existing one, or the chart's. */}}
+{{- define "taas.gatewayAuth.secretName" -}}
+{{- $existing := include "taas.gatewayAuth.existingSecret" . -}}
+{{- if $existing -}}
+{{- $existing -}}
+{{- else -}}
+{{- printf "%s-gateway-auth" (include "taas.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The values added with issue 13, read so that `helm upgrade --reuse-values` from a release
+made before them (whose stored values lack these keys) still renders: missing means default.
+*/}}
+{{- define "taas.gatewayAuth.existingSecret" -}}
+{{- (.Values.gatewayAuth | default dict).existingSecret | default "" -}}
+{{- end -}}
+
+{{- define "taas.clusterDomain" -}}
+{{- .Values.clusterDomain | default "cluster.local" -}}
+{{- end -}}
+
+{{/* Where the gateway and the operator mount it. */}}
+{{- define "taas.gatewayAuth.file" -}}
+/etc/taas/gateway-auth/secret
+{{- end -}}
+
+{{/* The volume of the gateway secret (gateway and operator pods; readable by fsGroup 65532). */}}
+{{- define "taas.gatewayAuth.volume" -}}
+- name: gateway-auth
+  secret:
+    secretName: {{ include "taas.gatewayAuth.secretName" . }}
+    defaultMode: 0440
+    items:
+      - key: secret
+        path: secret
+{{- end -}}
+
+{{/* The ConfigMap holding the operator's policy file (labelPolicy, servicePolicy). */}}
+{{- define "taas.policyConfigMap" -}}
+{{- printf "%s-operator-policy" (include "taas.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* The operator's policy file (operator/src/policy.rs): what each namespace's labels may claim and ask for. */}}
+{{- define "taas.policyFile" -}}
+{{- $labels := (.Values.labelPolicy | default dict).namespaces | default dict -}}
+{{- $services := .Values.servicePolicy | default dict -}}
+labels:
+  {{- toYaml $labels | nindent 2 }}
+services:
+  default:
+    {{- toYaml ($services.default | default dict) | nindent 4 }}
+  namespaces:
+    {{- toYaml ($services.namespaces | default dict) | nindent 4 }}
 {{- end -}}

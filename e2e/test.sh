@@ -242,8 +242,7 @@ relay_saw_client() { kubectl -n default logs "deployment/taas-$1" | grep -q "pee
 # the gateway token of its LABEL (derived by the operator from the chart's install secret),
 # the routes name it fully qualified, no log shows the token, and a request straight to the
 # pod's control port (from the node, which is no gateway) naming a forged client address is
-# refused with 403. The 403 needs a relay with gateway tokens (label-relay --gateway-token);
-# with an older relay binary the answer is printed, not asserted.
+# refused with 403.
 gateway_only() {
   local pod_ip token code routes
   token=$(kubectl -n default get deployment taas-home \
@@ -261,11 +260,7 @@ gateway_only() {
   code=$(curl -sS -o "$W/forged.txt" -w '%{http_code}' --max-time 5 \
     -H "Host: home.$TAAS_E2E_DOMAIN" -H "taas-client-addr: 203.0.113.9" "http://$pod_ip:8080/")
   echo "forged taas-client-addr straight to the relay pod's control port ($pod_ip:8080): HTTP $code"
-  if target/release/taas-relay label-relay --help | grep -q -- --gateway-token; then
-    [ "$code" = 403 ]
-  else
-    echo "not asserted: this relay binary has no --gateway-token (issue 13's relay side not merged)"
-  fi
+  [ "$code" = 403 ]
 }
 
 relay_pod_deleted() {

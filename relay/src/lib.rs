@@ -9,7 +9,8 @@
 //! - `label`: the per-label state machine (p ports, parked connections, q, pairing);
 //! - `splice`: the copy loop; `ports`: the rendezvous port pool;
 //! - `data_plane`: the threads the labels' connections run on;
-//! - `rate_limit`: the gateway's per-source token buckets for 307s;
+//! - `rate_limit`: the gateway's per-source token buckets for 307s; `sources`: per-source
+//!   connection counts on q;
 //! - `gateway_auth`: how a label's relay knows a gateway of its install (per-label tokens);
 //! - `frontend`: the HTTPS listener (TLS, HTTP/1.1, dispatch) over `relay::Relay`;
 //! - `label_source`: labels from a directory of manifests; `provision`: `label new`;

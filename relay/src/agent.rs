@@ -455,6 +455,11 @@ struct Supervisor {
     pairings: u64,
     problem: Option<Problem>,
     reached_target: bool,
+    /// A rendezvous failure (a refused connect to p, a parked connection dropped early) has
+    /// been counted since the last registration attempt. One event such as a relay restart
+    /// drops every parked connection at once: that is one failure for the backoff, not one
+    /// per connection (64 parked connections used to push the next attempt 16-29 s away).
+    rendezvous_failure_counted: bool,
 }
 
 impl Supervisor {
@@ -495,6 +500,7 @@ impl Supervisor {
             pairings: 0,
             problem: None,
             reached_target: false,
+            rendezvous_failure_counted: false,
             agent,
         }
     }
@@ -564,6 +570,7 @@ impl Supervisor {
     }
 
     fn registered(&mut self, result: Result<registrar::Registered, registrar::Failure>) {
+        self.rendezvous_failure_counted = false;
         match result {
             Ok(registered) => {
                 self.agent.metrics.registration("ok");
@@ -619,6 +626,18 @@ impl Supervisor {
         self.problem = Some(problem);
     }
 
+    /// A rendezvous failed: the first since the last registration attempt backs off (a relay
+    /// that accepts and drops at once is not hammered); the others of the same burst only
+    /// say so at debug.
+    fn rendezvous_failed(&mut self, problem: Problem) {
+        if self.rendezvous_failure_counted {
+            tracing::debug!(reason = problem.kind, "{}", problem.message);
+            return;
+        }
+        self.rendezvous_failure_counted = true;
+        self.failed(problem, None);
+    }
+
     fn handle(&mut self, event: Event) {
         match event {
             Event::Parked => {
@@ -654,7 +673,7 @@ impl Supervisor {
                     ),
                     severity: Severity::Warn,
                 };
-                self.failed(problem, None);
+                self.rendezvous_failed(problem);
             }
             Event::Lost { lived, error } => {
                 self.parked = self.parked.saturating_sub(1);
@@ -676,7 +695,7 @@ impl Supervisor {
                         ),
                         severity: Severity::Warn,
                     };
-                    self.failed(problem, None);
+                    self.rendezvous_failed(problem);
                 } else {
                     tracing::debug!(
                         lived_s = lived.as_secs(),

@@ -284,6 +284,67 @@ async fn relay_killed_during_transfers_the_agent_recovers_within_2_s() {
     );
 }
 
+/// A relay restart drops every parked connection at once: that is one failure for the
+/// agent's backoff, not one per connection. With 64 parked (young, so each drop counted as a
+/// failure) and pairs under way, the agent used to wait 16-29 s after the relay was back;
+/// now it is parked again within 1 s of the relay accepting, restart after restart, with the
+/// default backoff cap (30 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_each_relay_restart_an_agent_with_64_parked_is_back_within_1_s() {
+    let _serial = serial().await;
+    let dir = tempfile::tempdir().unwrap();
+    let home = TestLabel::new("home").with("maxParked: 64");
+    let mut spec = RelaySpec::new(RELAY_BIN, dir.path(), 100);
+    spec.metrics = false;
+    std::fs::create_dir_all(dir.path().join("labels")).unwrap();
+    write_label(&dir.path().join("labels"), &home);
+    let mut relay = SpawnedRelay::start(&spec).await;
+    let (echo, _echo) = echo_server().await;
+    // The harness's agents cap their backoff at 500 ms; this one has the real default (30 s).
+    let agent = Agent::start(relay.front, &relay.ca(), &home, echo, 64, |c| {
+        c.max_backoff = taas_relay::agent::DEFAULT_MAX_BACKOFF;
+    });
+    agent.wait("64 parked", PATIENCE, |s| s.parked == 64).await;
+    for restart in 1..=3 {
+        let q = SocketAddr::from(([127, 0, 0, 1], relay.q("home").await));
+        let streams: Vec<_> = (0..4)
+            .map(|i| tokio::spawn(stream_until_broken(q, restart * 10 + i)))
+            .collect();
+        // The four pairs are spliced at the agent: transfers under way when the relay dies.
+        agent
+            .wait("pairs under way", PATIENCE, |s| s.pairs_active >= 4)
+            .await;
+        relay.kill();
+        for stream in streams {
+            let (_, end) = tokio::time::timeout(PATIENCE * 2, stream)
+                .await
+                .expect("a client's connection ends when the relay dies")
+                .unwrap();
+            assert_ne!(end, "HANG");
+        }
+        relay = SpawnedRelay::start(&spec).await;
+        let up = Instant::now();
+        agent
+            .wait("parked again", PATIENCE * 3, |s| s.parked >= 1)
+            .await;
+        let first = up.elapsed();
+        agent
+            .wait("64 parked again", PATIENCE * 3, |s| s.parked == 64)
+            .await;
+        let all = up.elapsed();
+        figure(
+            &format!(
+                "restart {restart}: relay accepting to the agent parked again (first, all 64)"
+            ),
+            format!("{} ms, {} ms", first.as_millis(), all.as_millis()),
+        );
+        assert!(
+            all < Duration::from_secs(1),
+            "restart {restart}: 64 parked again {all:?} after the relay's return"
+        );
+    }
+}
+
 /// An agent killed outright (its task dropped: every socket closes at once): its parked
 /// connections leave the relay's pool at once, a pair it carried ends for the client, new
 /// clients get a clean 503 from the front end or a close on q after the client wait, never a

@@ -406,6 +406,20 @@ fn with_status(label: &TaasLabel, seen: &[Seen]) -> TaasLabel {
     next
 }
 
+/// Reconciles a label the operator refuses before applying anything (a LABEL conflict, a
+/// tenant policy): it reads what exists, writes the status and a Warning event, applies
+/// nothing (the script has no apply) and looks again after the user-fix requeue.
+async fn refused_before_applying(harness: &Harness, label: &TaasLabel) -> Vec<Seen> {
+    let (result, seen) = harness
+        .reconcile(
+            label,
+            script(vec![reads_fresh(), vec![status_write(), event()]]),
+        )
+        .await;
+    assert_eq!(result, Ok(Action::requeue(Duration::from_secs(300))));
+    seen
+}
+
 fn ready_condition(seen: &[Seen]) -> Value {
     find(seen, Method::PATCH, &format!("{LABELS}/home/status"))["status"]["conditions"][0].clone()
 }
@@ -767,13 +781,7 @@ async fn the_newer_of_two_labels_with_one_label_is_refused() {
         k8s_openapi::jiff::Timestamp::from_second(1_600_000_000).unwrap(),
     ));
     harness.cache = vec![older, label()];
-    let (result, seen) = harness
-        .reconcile(
-            &label(),
-            script(vec![reads_fresh(), vec![status_write(), event()]]),
-        )
-        .await;
-    assert_eq!(result, Ok(Action::requeue(Duration::from_secs(300))));
+    let seen = refused_before_applying(&harness, &label()).await;
     let ready = ready_condition(&seen);
     assert_eq!(ready["reason"], "LabelConflict");
     assert_eq!(
@@ -895,13 +903,7 @@ async fn a_label_the_policy_does_not_allow_in_its_namespace_gets_no_objects() {
         taas_operator::policy::TenantPolicy::from_yaml("labels: {team-a: [home]}").unwrap();
     // The label is read, then refused: no apply at all (the script has none), a status and a
     // Warning event say why.
-    let (result, seen) = harness
-        .reconcile(
-            &label(),
-            script(vec![reads_fresh(), vec![status_write(), event()]]),
-        )
-        .await;
-    assert_eq!(result, Ok(Action::requeue(Duration::from_secs(300))));
+    let seen = refused_before_applying(&harness, &label()).await;
     let ready = ready_condition(&seen);
     assert_eq!(ready["status"], "False");
     assert_eq!(ready["reason"], "LabelNotAllowed");
@@ -924,13 +926,7 @@ async fn a_service_the_policy_does_not_allow_is_not_applied() {
         "services: {default: {types: [ClusterIP, NodePort], clientPort: false}}",
     )
     .unwrap();
-    let (result, seen) = harness
-        .reconcile(
-            &label(), // a LoadBalancer
-            script(vec![reads_fresh(), vec![status_write(), event()]]),
-        )
-        .await;
-    assert_eq!(result, Ok(Action::requeue(Duration::from_secs(300))));
+    let seen = refused_before_applying(&harness, &label()).await; // a LoadBalancer
     let ready = ready_condition(&seen);
     assert_eq!(ready["reason"], "ServiceNotAllowed");
     assert_eq!(

@@ -49,10 +49,9 @@
 //! relay trusts no network by default; `gateway_networks` (`--trusted-proxies`) only narrows
 //! who may present the token. The token is compared in constant time and never logged.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -74,6 +73,7 @@ pub use crate::gateway_auth::GATEWAY_AUTH_HEADER;
 use crate::host::{self, Names, Role};
 use crate::registrar::{self, Answer, ClientRequest, Registration};
 use crate::relay::LabelBackend;
+use crate::sources::{SourceCounts, SourceKey};
 
 /// Largest request head accepted (hyper answers 431 beyond it).
 pub const MAX_HEAD_BYTES: usize = 16 * 1024;
@@ -181,86 +181,6 @@ pub struct ControlAuth {
     pub gateway_networks: Vec<ipnet::IpNet>,
 }
 
-/// The per-source connection counts of one front end. An entry exists only while its source
-/// has a connection open, so there are never more entries than open connections.
-#[derive(Debug)]
-pub struct SourceCounts {
-    max_per_source: usize,
-    counts: Mutex<HashMap<IpAddr, usize>>,
-}
-
-/// One connection's place in its source's count; dropping it gives the place back.
-#[derive(Debug)]
-pub struct SourceSlot {
-    counts: Arc<SourceCounts>,
-    key: IpAddr,
-}
-
-/// What a peer is counted as: its IPv4 address, or its IPv6 /64 (one subscriber's prefix:
-/// counting single IPv6 addresses would give one host 2^64 sources).
-pub fn source_key(peer: IpAddr) -> IpAddr {
-    match peer.to_canonical() {
-        IpAddr::V4(v4) => IpAddr::V4(v4),
-        IpAddr::V6(v6) => {
-            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
-            IpAddr::V6(Ipv6Addr::from(prefix))
-        }
-    }
-}
-
-impl SourceCounts {
-    pub fn new(max_per_source: usize) -> Arc<Self> {
-        Arc::new(Self {
-            max_per_source,
-            counts: Mutex::new(HashMap::new()),
-        })
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, usize>> {
-        self.counts.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// A place for one more connection from `peer`, or `None` when its source is at the cap.
-    pub fn try_open(self: &Arc<Self>, peer: IpAddr) -> Option<SourceSlot> {
-        let key = source_key(peer);
-        let mut counts = self.lock();
-        let count = counts.entry(key).or_insert(0);
-        if *count >= self.max_per_source {
-            if *count == 0 {
-                counts.remove(&key);
-            }
-            return None;
-        }
-        *count += 1;
-        Some(SourceSlot {
-            counts: self.clone(),
-            key,
-        })
-    }
-
-    /// Connections open from `peer`'s source.
-    pub fn open(&self, peer: IpAddr) -> usize {
-        self.lock().get(&source_key(peer)).copied().unwrap_or(0)
-    }
-
-    /// Sources with a connection open (entries in the map).
-    pub fn sources(&self) -> usize {
-        self.lock().len()
-    }
-}
-
-impl Drop for SourceSlot {
-    fn drop(&mut self) {
-        let mut counts = self.counts.lock();
-        if let Some(count) = counts.get_mut(&self.key) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                counts.remove(&self.key);
-            }
-        }
-    }
-}
-
 /// Accepts front-end connections until the task is dropped.
 pub async fn serve<B: LabelBackend>(
     listener: TcpListener,
@@ -274,7 +194,7 @@ pub async fn serve<B: LabelBackend>(
         Transport::Tls(config) => (
             Some(TlsAcceptor::from(config)),
             None,
-            Some(SourceCounts::new(settings.max_connections_per_source)),
+            Some(Arc::new(SourceCounts::default())),
         ),
         Transport::Control(auth) => {
             if auth.gateway_token.is_none() {
@@ -311,7 +231,10 @@ pub async fn serve<B: LabelBackend>(
         };
         let source_slot = match &per_source {
             None => None,
-            Some(counts) => match counts.try_open(peer.ip()) {
+            Some(counts) => match counts.try_acquire_owned(
+                SourceKey::of(peer.ip()),
+                settings.max_connections_per_source,
+            ) {
                 Some(source_slot) => Some(source_slot),
                 None => {
                     // Dropping the stream closes it before any TLS work is done.
@@ -568,49 +491,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_source_is_an_ipv4_address_or_an_ipv6_slash_64() {
-        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        assert_eq!(source_key(ip("203.0.113.5")), ip("203.0.113.5"));
-        assert_eq!(source_key(ip("::ffff:203.0.113.5")), ip("203.0.113.5"));
-        assert_eq!(
-            source_key(ip("2001:db8:1:2:aaaa:bbbb:cccc:dddd")),
-            ip("2001:db8:1:2::")
-        );
-        assert_eq!(
-            source_key(ip("2001:db8:1:2::1")),
-            source_key(ip("2001:db8:1:2:ffff::9"))
-        );
-        assert_ne!(
-            source_key(ip("2001:db8:1:2::1")),
-            source_key(ip("2001:db8:1:3::1"))
-        );
-    }
-
-    #[test]
     fn a_source_at_its_cap_is_refused_and_its_entry_goes_with_its_last_connection() {
-        let counts = SourceCounts::new(2);
+        let counts = Arc::new(SourceCounts::default());
         let (a, b) = (
-            "198.51.100.1".parse::<IpAddr>().unwrap(),
-            "198.51.100.2".parse::<IpAddr>().unwrap(),
+            SourceKey::of("198.51.100.1".parse().unwrap()),
+            SourceKey::of("198.51.100.2".parse().unwrap()),
         );
-        let first = counts.try_open(a).unwrap();
-        let second = counts.try_open(a).unwrap();
-        assert!(counts.try_open(a).is_none());
-        let other = counts.try_open(b).unwrap();
+        let first = counts.try_acquire_owned(a, 2).unwrap();
+        let second = counts.try_acquire_owned(a, 2).unwrap();
+        assert!(counts.try_acquire_owned(a, 2).is_none());
+        let other = counts.try_acquire_owned(b, 2).unwrap();
         assert_eq!(
             (counts.open(a), counts.open(b), counts.sources()),
             (2, 1, 2)
         );
         drop(first);
-        let third = counts.try_open(a).unwrap();
+        let third = counts.try_acquire_owned(a, 2).unwrap();
         drop((second, third, other));
         assert_eq!(counts.sources(), 0, "no entry outlives its connections");
     }
 
     #[test]
     fn a_cap_of_zero_refuses_every_connection_and_keeps_no_entry() {
-        let counts = SourceCounts::new(0);
-        assert!(counts.try_open("198.51.100.1".parse().unwrap()).is_none());
+        let counts = Arc::new(SourceCounts::default());
+        let source = SourceKey::of("198.51.100.1".parse().unwrap());
+        assert!(counts.try_acquire_owned(source, 0).is_none());
         assert_eq!(counts.sources(), 0);
     }
 }

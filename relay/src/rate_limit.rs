@@ -27,6 +27,8 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
+use crate::sources::SourceKey;
+
 /// Rate and burst of one source's bucket.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RateLimit {
@@ -51,22 +53,6 @@ impl Default for RateLimit {
 impl RateLimit {
     pub fn enabled(&self) -> bool {
         self.per_second > 0.0 && self.per_second.is_finite()
-    }
-}
-
-/// What a bucket is keyed by: the IPv4 address, or the IPv6 /64.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-enum SourceKey {
-    V4(u32),
-    V6Prefix(u64),
-}
-
-impl SourceKey {
-    fn of(source: IpAddr) -> Self {
-        match source.to_canonical() {
-            IpAddr::V4(v4) => Self::V4(u32::from(v4)),
-            IpAddr::V6(v6) => Self::V6Prefix((u128::from(v6) >> 64) as u64),
-        }
     }
 }
 

@@ -1,5 +1,7 @@
-//! Connections open on client ports q, counted per source, so that one source cannot hold
-//! a label's (or the relay's) client ports alone.
+//! What a connection's source is, and connections counted per source, so that one source
+//! cannot hold a label's (or the relay's) client ports, or the front end, alone. The front
+//! end, the client ports q and the gateway's 307 limit (`rate_limit`) all key by
+//! [`SourceKey`].
 //!
 //! A source is an IPv4 address, or an IPv6 /64: one subscriber usually gets a whole /64, so
 //! counting single IPv6 addresses would give an attacker 2^64 sources. IPv4-mapped IPv6
@@ -7,13 +9,13 @@
 //!
 //! Bounded by construction: an entry exists only while its source has a connection open (it
 //! is removed when its count returns to 0), so the map never holds more entries than there are
-//! open q connections.
+//! open connections.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-/// Whom a q connection is counted against.
+/// Whom a connection (or a request) is counted against.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SourceKey(IpAddr);
 
@@ -39,19 +41,37 @@ impl SourceCounts {
     /// Counts one more connection from `source` unless it already has `cap` open; the slot
     /// gives it back when dropped.
     pub fn try_acquire(&self, source: SourceKey, cap: usize) -> Option<SourceSlot<'_>> {
+        // `then`, not `then_some`: a slot built for a refusal would give back a place on drop.
+        self.count_in(source, cap).then(|| SourceSlot {
+            counts: self,
+            source,
+        })
+    }
+
+    /// [`try_acquire`](Self::try_acquire) for a slot that outlives the borrow (a connection's
+    /// task).
+    pub fn try_acquire_owned(
+        self: &Arc<Self>,
+        source: SourceKey,
+        cap: usize,
+    ) -> Option<OwnedSourceSlot> {
+        self.count_in(source, cap).then(|| OwnedSourceSlot {
+            counts: self.clone(),
+            source,
+        })
+    }
+
+    fn count_in(&self, source: SourceKey, cap: usize) -> bool {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         let count = open.entry(source).or_insert(0);
         if *count >= cap {
             if *count == 0 {
                 open.remove(&source); // cap 0: nothing is kept for a refused source
             }
-            return None;
+            return false;
         }
         *count += 1;
-        Some(SourceSlot {
-            counts: self,
-            source,
-        })
+        true
     }
 
     /// Connections open now from `source`.
@@ -84,6 +104,19 @@ pub struct SourceSlot<'a> {
 }
 
 impl Drop for SourceSlot<'_> {
+    fn drop(&mut self) {
+        self.counts.release(self.source);
+    }
+}
+
+/// A [`SourceSlot`] that owns its counts.
+#[derive(Debug)]
+pub struct OwnedSourceSlot {
+    counts: Arc<SourceCounts>,
+    source: SourceKey,
+}
+
+impl Drop for OwnedSourceSlot {
     fn drop(&mut self) {
         self.counts.release(self.source);
     }

@@ -7,7 +7,7 @@ mod common;
 mod load;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -24,20 +24,6 @@ fn token_for(label: &str) -> GatewayToken {
     InstallSecret::new(b"an install secret of this test, 32+ bytes")
         .unwrap()
         .token_for(label)
-}
-
-/// Writes the label's manifest and secret as the operator mounts them; returns the manifest
-/// path and the secret directory.
-fn mount_label(dir: &Path, label: &TestLabel) -> (PathBuf, PathBuf) {
-    let base = dir.join(&label.label);
-    std::fs::create_dir_all(base.join("secret")).unwrap();
-    std::fs::write(base.join("label.yaml"), label.manifest()).unwrap();
-    std::fs::write(
-        base.join("secret/secret"),
-        format!("{}\n", label.secret_b32),
-    )
-    .unwrap();
-    (base.join("label.yaml"), base.join("secret"))
 }
 
 async fn start(

@@ -52,20 +52,13 @@ fn write_external(path: &Path, host: &str, ports: &[(u16, u16)]) {
 }
 
 async fn start_label_relay(dir: &Path, label: &TestLabel, redirect_host: RedirectHost) -> PodRelay {
-    let base = dir.join(&label.label);
-    std::fs::create_dir_all(base.join("secret")).unwrap();
-    std::fs::write(base.join("label.yaml"), label.manifest()).unwrap();
-    std::fs::write(
-        base.join("secret/secret"),
-        format!("{}\n", label.secret_b32),
-    )
-    .unwrap();
-    let external_file = base.join("external.yaml");
+    let (label_file, secret_dir) = mount_label(dir, label);
+    let external_file = dir.join(&label.label).join("external.yaml");
     write_external(&external_file, "127.0.0.1", &[]);
     let (p_ports, q) = port_block(8);
     let relay = label_relay::start(LabelRelayOptions {
-        label_file: base.join("label.yaml"),
-        secret_dir: base.join("secret"),
+        label_file,
+        secret_dir,
         external_file: Some(external_file.clone()),
         control: "127.0.0.1:0".parse().unwrap(),
         gateway_token: Some(gateway_token(&label.label)),

@@ -116,6 +116,20 @@ pub fn write_label(dir: &Path, label: &TestLabel) {
     std::fs::write(dir.join(format!("{}.yaml", label.label)), label.manifest()).unwrap();
 }
 
+/// Writes a label's manifest and secret as the operator mounts them in a relay pod (under
+/// `dir/LABEL/`); returns the manifest's path and the secret directory.
+pub fn mount_label(dir: &Path, label: &TestLabel) -> (PathBuf, PathBuf) {
+    let base = dir.join(&label.label);
+    std::fs::create_dir_all(base.join("secret")).unwrap();
+    std::fs::write(base.join("label.yaml"), label.manifest()).unwrap();
+    std::fs::write(
+        base.join("secret/secret"),
+        format!("{}\n", label.secret_b32),
+    )
+    .unwrap();
+    (base.join("label.yaml"), base.join("secret"))
+}
+
 pub struct TestRelay {
     pub standalone: Standalone,
     pub dir: tempfile::TempDir,

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use taas_relay::authorization::{format, parse, MAX_HEADER_LEN};
+use taas_protocol::authorization::{format, parse, MAX_HEADER_LEN};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(c) = parse(data) {

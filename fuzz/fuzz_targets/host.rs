@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use taas_relay::host::{classify, host_only, Names, Role};
+use taas_protocol::host::{classify, host_only, Names, Role};
 
 fuzz_target!(|data: &[u8]| {
     let names = Names {

@@ -6,7 +6,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use libfuzzer_sys::fuzz_target;
-use taas_relay::proxy_header::{v1, v2, V2_SIGNATURE};
+use taas_protocol::proxy_header::{v1, v2, V2_SIGNATURE};
 
 fn addr(bytes: &[u8]) -> SocketAddr {
     let port = u16::from_be_bytes([bytes[0], bytes[1]]);

@@ -29,12 +29,12 @@ use tokio::time::Instant;
 use crate::config::{Algorithm, LabelConfig};
 
 pub mod backoff;
-pub mod endpoint;
 pub mod explain;
 pub mod metrics;
 pub mod parked;
 pub mod registrar;
-pub mod target;
+// Pure parsers in the protocol crate: the registrar URL and redirects.
+pub use taas_protocol::target;
 
 use backoff::Backoff;
 use explain::{Problem, Severity};
@@ -538,7 +538,7 @@ impl Supervisor {
             .saturating_sub(self.connecting + self.parked);
         u32::try_from(missing)
             .unwrap_or(u32::MAX)
-            .clamp(1, crate::registrar::MAX_RENDEZVOUS_PER_REQUEST)
+            .clamp(1, taas_protocol::answer::MAX_RENDEZVOUS_PER_REQUEST)
     }
 
     async fn run(&mut self, mut shutdown: std::pin::Pin<&mut impl Future<Output = ()>>) {

@@ -65,13 +65,13 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use taas_protocol::answer::{self, Answer, ClientRequest, Registration};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Limits, Timeouts};
 use crate::gateway_auth::GatewayToken;
 pub use crate::gateway_auth::GATEWAY_AUTH_HEADER;
 use crate::host::{self, Names, Role};
-use crate::registrar::{self, Answer, ClientRequest, Registration};
 use crate::relay::LabelBackend;
 use crate::sources::{SourceCounts, SourceKey};
 
@@ -385,7 +385,7 @@ fn client_address(context: &Context, headers: &hyper::HeaderMap) -> Result<IpAdd
         ));
     }
     let named = headers
-        .get(registrar::CLIENT_ADDR_HEADER)
+        .get(answer::CLIENT_ADDR_HEADER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<IpAddr>().ok());
     Ok(named.unwrap_or(peer).to_canonical())
@@ -434,7 +434,7 @@ async fn answer<B: LabelBackend>(
         Role::Missing => Answer::bad_request(),
         Role::Misdirected => Answer::misdirected(),
         Role::Registrar => {
-            let label = match registrar::route(parts.method.as_str(), parts.uri.path()) {
+            let label = match answer::route(parts.method.as_str(), parts.uri.path()) {
                 Ok(label) => label,
                 Err(answer) => return answer,
             };
@@ -444,9 +444,9 @@ async fn answer<B: LabelBackend>(
                 .map(|v| v.as_bytes());
             let count = parts
                 .headers
-                .get(registrar::RENDEZVOUS_COUNT_HEADER)
+                .get(answer::RENDEZVOUS_COUNT_HEADER)
                 .map(|v| v.as_bytes());
-            let Some(count) = registrar::rendezvous_count(count) else {
+            let Some(count) = answer::rendezvous_count(count) else {
                 return Answer::bad_request();
             };
             let registration = Registration {

@@ -48,14 +48,14 @@ use hyper::Request;
 use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
+use taas_protocol::answer::{
+    Answer, ClientRequest, Registration, CLIENT_ADDR_HEADER, RENDEZVOUS_COUNT_HEADER,
+};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::gateway_auth::{InstallSecret, GATEWAY_AUTH_HEADER};
 use crate::rate_limit::{RateLimit, SourceRateLimiter};
-use crate::registrar::{
-    Answer, ClientRequest, Registration, CLIENT_ADDR_HEADER, RENDEZVOUS_COUNT_HEADER,
-};
 use crate::relay::LabelBackend;
 
 /// How long the gateway waits to connect to a relay, and for its answer. A relay that went

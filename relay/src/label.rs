@@ -28,15 +28,22 @@
 //! server that speaks unasked (its bytes arrive while parked) is paired at accept too, as
 //! before: it cannot tell a silent client from any other, and the TAAS agent never does this.
 //!
+//! The pool's counting (reserved ports against maxParked, pairing order, dropping dead
+//! connections) is `taas_protocol::pool`, property-tested there; this file holds the sockets
+//! and the tasks.
+//!
 //! Bounded per source (an IPv4 address or IPv6 /64, `sources`): connections open on one
 //! label's q and on all labels' together; per label: pairs; per pair: an idle timeout.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use taas_protocol::pool::{self, ParkedId, Pool};
+use taas_protocol::proxy_header;
+use taas_protocol::sync::{lock, read, write};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
@@ -47,7 +54,7 @@ use crate::data_plane::Placement;
 use crate::metrics::{ClientRefused, LabelMetrics, Rendezvous};
 use crate::ports::{PortError, PortLease, PortPool};
 use crate::sources::{SourceCounts, SourceKey};
-use crate::{proxy_header, splice};
+use crate::splice;
 
 /// Sources remembered per label for client admission (older ones are forgotten first).
 const MAX_ADMITTED_SOURCES: usize = 4096;
@@ -92,24 +99,10 @@ struct ParkedConn {
     early: Vec<u8>,
 }
 
-/// A parked connection as the pool sees it: a way to ask its watcher task to hand it over.
-struct ParkedHandle {
-    id: u64,
-    claim: oneshot::Sender<oneshot::Sender<ParkedConn>>,
-    /// Its hidden server has sent bytes while parked (it speaks first, unasked): a client
-    /// may have it before sending anything.
-    spoke: bool,
-}
-
-#[derive(Default)]
-struct Pool {
-    /// Newest last: pairing pops from the end (LIFO: the newest is the likeliest alive).
-    parked: Vec<ParkedHandle>,
-    /// Clients waiting for a parked connection, oldest first.
-    waiting: VecDeque<oneshot::Sender<ParkedConn>>,
-    /// Rendezvous ports handed out and not yet connected (they count against max_parked).
-    reserved: usize,
-}
+/// A parked connection as the pool holds it: a way to ask its watcher task to hand it over.
+type Claim = oneshot::Sender<oneshot::Sender<ParkedConn>>;
+/// A client waiting for the next connection to be parked.
+type Waiter = oneshot::Sender<ParkedConn>;
 
 struct ClientPort {
     port: u16,
@@ -119,7 +112,9 @@ struct ClientPort {
 pub struct Label {
     name: String,
     config: RwLock<Arc<LabelConfig>>,
-    pool: Mutex<Pool>,
+    /// Parked connections, reserved ports and waiting clients: `taas_protocol::pool` counts,
+    /// this file holds the sockets.
+    pool: Mutex<Pool<Claim, Waiter>>,
     q: Mutex<Option<ClientPort>>,
     admitted: Mutex<HashMap<IpAddr, Instant>>,
     /// Connections open on this label's q from each source.
@@ -128,7 +123,6 @@ pub struct Label {
     pairs: Arc<Semaphore>,
     stranger_warn: Mutex<WarnEvery>,
     closed: AtomicBool,
-    next_id: AtomicU64,
     metrics: LabelMetrics,
     shared: Arc<Shared>,
     /// The data-plane thread this label's sockets and tasks live on.
@@ -139,11 +133,6 @@ impl std::fmt::Debug for Label {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Label").field("name", &self.name).finish()
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Nothing here can leave a guarded value half-updated across a panic.
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Label {
@@ -167,7 +156,6 @@ impl Label {
             )),
             stranger_warn: Mutex::new(WarnEvery::new(STRANGER_WARN_INTERVAL)),
             closed: AtomicBool::new(false),
-            next_id: AtomicU64::new(0),
             metrics,
             shared,
             placement,
@@ -181,10 +169,7 @@ impl Label {
     }
 
     pub fn config(&self) -> Arc<LabelConfig> {
-        self.config
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        read(&self.config).clone()
     }
 
     pub fn metrics(&self) -> &LabelMetrics {
@@ -198,14 +183,14 @@ impl Label {
 
     /// Parked connections ready for a client now.
     pub fn parked(&self) -> usize {
-        lock(&self.pool).parked.len()
+        lock(&self.pool).parked()
     }
 
     /// Applies a changed configuration without touching parked connections or pairs; only a
     /// change of the pinned client port rebinds q.
     pub fn update(self: &Arc<Self>, config: LabelConfig) -> Result<(), PortError> {
         let repin = config.client_port != self.config().client_port;
-        *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
+        *write(&self.config) = Arc::new(config);
         if repin {
             self.bind_client_port()?;
         }
@@ -219,9 +204,7 @@ impl Label {
         if let Some(q) = lock(&self.q).take() {
             q.accept_loop.abort();
         }
-        let mut pool = lock(&self.pool);
-        pool.parked.clear();
-        pool.waiting.clear();
+        lock(&self.pool).clear();
         self.metrics.parked.set(0);
     }
 
@@ -258,8 +241,7 @@ impl Label {
     /// How many more rendezvous ports the label's parked-connection limit allows now.
     pub fn room(&self) -> usize {
         let max_parked = self.config().max_parked;
-        let pool = lock(&self.pool);
-        max_parked.saturating_sub(pool.parked.len() + pool.reserved)
+        lock(&self.pool).room(max_parked)
     }
 
     /// Hands out a one-shot rendezvous port for a hidden server registering from `source`:
@@ -269,14 +251,13 @@ impl Label {
             return Err(Unavailable::Closed);
         }
         let config = self.config();
-        {
-            let mut pool = lock(&self.pool);
-            if pool.parked.len() + pool.reserved >= config.max_parked {
-                return Err(Unavailable::LabelFull(config.max_parked));
-            }
-            pool.reserved += 1;
-        }
-        let reservation = Reservation(self.clone());
+        let reservation = lock(&self.pool)
+            .reserve(config.max_parked)
+            .map_err(|full| Unavailable::LabelFull(full.max_parked))?;
+        let reservation = Reserved {
+            label: self.clone(),
+            reservation: Some(reservation),
+        };
         // p, and the parked connection it accepts, belong to the label's data-plane thread.
         let _placed = self.placement.enter();
         let (listener, lease) = self
@@ -297,7 +278,7 @@ impl Label {
         listener: TcpListener,
         lease: PortLease,
         pinned: Option<IpAddr>,
-        reservation: Reservation,
+        mut reservation: Reserved,
     ) {
         let deadline = tokio::time::sleep(self.shared.timeouts.rendezvous);
         tokio::pin!(deadline);
@@ -334,11 +315,14 @@ impl Label {
             Some(stream) if !self.closed.load(Ordering::SeqCst) => {
                 self.metrics.rendezvous(Rendezvous::Connected);
                 crate::splice::tune(&stream);
-                let watch = self.enqueue(ParkedConn {
-                    stream,
-                    early: Vec::new(),
-                });
-                drop(reservation);
+                // Parked (or handed to a waiting client) and unreserved in one step.
+                let watch = self.enqueue(
+                    ParkedConn {
+                        stream,
+                        early: Vec::new(),
+                    },
+                    reservation.reservation.take(),
+                );
                 // This task goes on as the parked connection's watcher: no second task.
                 if let Some((id, conn, claimed)) = watch {
                     self.watch_parked(id, conn, claimed).await;
@@ -357,36 +341,33 @@ impl Label {
     /// Puts a hidden server's connection in the pool, or straight into the hands of the
     /// longest-waiting client.
     fn park(self: &Arc<Self>, conn: ParkedConn) {
-        if let Some((id, conn, claimed)) = self.enqueue(conn) {
+        if let Some((id, conn, claimed)) = self.enqueue(conn, None) {
             tokio::spawn(self.clone().watch_parked(id, conn, claimed));
         }
     }
 
     /// `park` without the watcher: hands `conn` to a waiting client, or puts its handle in the
-    /// pool and returns what its watcher needs (the caller runs `watch_parked`).
-    #[allow(clippy::type_complexity)]
+    /// pool and returns what its watcher needs (the caller runs `watch_parked`). The
+    /// `reservation` it came through, if any, ends in the same step.
     fn enqueue(
         &self,
         mut conn: ParkedConn,
-    ) -> Option<(
-        u64,
-        ParkedConn,
-        oneshot::Receiver<oneshot::Sender<ParkedConn>>,
-    )> {
+        reservation: Option<pool::Reservation>,
+    ) -> Option<(ParkedId, ParkedConn, oneshot::Receiver<Waiter>)> {
         let mut pool = lock(&self.pool);
-        while let Some(waiter) = pool.waiting.pop_front() {
+        while let Some(waiter) = pool.next_waiter() {
             match waiter.send(conn) {
-                Ok(()) => return None,
+                Ok(()) => {
+                    if let Some(reservation) = reservation {
+                        pool.release(reservation);
+                    }
+                    return None;
+                }
                 Err(back) => conn = back, // that client gave up: try the next one
             }
         }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (claim, claimed) = oneshot::channel();
-        pool.parked.push(ParkedHandle {
-            id,
-            claim,
-            spoke: !conn.early.is_empty(),
-        });
+        let id = pool.park(claim, !conn.early.is_empty(), reservation);
         self.metrics.parked.inc();
         Some((id, conn, claimed))
     }
@@ -394,9 +375,9 @@ impl Label {
     /// Holds one parked connection until a client claims it or its hidden server goes away.
     async fn watch_parked(
         self: Arc<Self>,
-        id: u64,
+        id: ParkedId,
         mut conn: ParkedConn,
-        mut claimed: oneshot::Receiver<oneshot::Sender<ParkedConn>>,
+        mut claimed: oneshot::Receiver<Waiter>,
     ) {
         // A small buffer in this future and nothing on the heap until bytes arrive: ten
         // thousand parked connections stay small. (Readiness can fire with nothing to read.)
@@ -433,33 +414,23 @@ impl Label {
                 }
             }
         }
-        let mut pool = lock(&self.pool);
-        let before = pool.parked.len();
-        pool.parked.retain(|handle| handle.id != id);
-        if pool.parked.len() < before {
+        if lock(&self.pool).remove(id).is_some() {
             self.metrics.parked.dec();
         }
         tracing::debug!(label = %self.name, "a parked connection closed before pairing");
     }
 
     /// Notes that parked connection `id` has sent bytes (once, when its first ones arrive).
-    fn mark_spoke(&self, id: u64) {
-        let mut pool = lock(&self.pool);
-        if let Some(handle) = pool.parked.iter_mut().rev().find(|h| h.id == id) {
-            handle.spoke = true;
-        }
+    fn mark_spoke(&self, id: ParkedId) {
+        lock(&self.pool).mark_spoke(id);
     }
 
     /// The newest live parked connection, if any.
     async fn take_parked(&self) -> Option<ParkedConn> {
         loop {
-            let handle = {
-                let mut pool = lock(&self.pool);
-                let handle = pool.parked.pop()?;
-                self.metrics.parked.dec();
-                handle
-            };
-            if let Some(conn) = Self::claim(handle).await {
+            let claim = lock(&self.pool).take_newest()?;
+            self.metrics.parked.dec();
+            if let Some(conn) = Self::claim(claim).await {
                 return Some(conn);
             }
             // its watcher just saw the connection end: the next one
@@ -469,22 +440,15 @@ impl Label {
     /// The newest parked connection if its hidden server has spoken already (it speaks
     /// first, unasked, and gets its client as soon as one connects).
     async fn take_parked_that_spoke(&self) -> Option<ParkedConn> {
-        let handle = {
-            let mut pool = lock(&self.pool);
-            if !pool.parked.last()?.spoke {
-                return None;
-            }
-            let handle = pool.parked.pop()?;
-            self.metrics.parked.dec();
-            handle
-        };
-        Self::claim(handle).await
+        let claim = lock(&self.pool).take_newest_if_spoke()?;
+        self.metrics.parked.dec();
+        Self::claim(claim).await
     }
 
     /// Asks a parked connection's watcher for it; `None` if it has just ended.
-    async fn claim(handle: ParkedHandle) -> Option<ParkedConn> {
+    async fn claim(claim: Claim) -> Option<ParkedConn> {
         let (reply, answer) = oneshot::channel();
-        handle.claim.send(reply).ok()?;
+        claim.send(reply).ok()?;
         answer.await.ok()
     }
 
@@ -499,14 +463,10 @@ impl Label {
             return Ok(conn);
         }
         let (waiter, arrival) = oneshot::channel();
-        {
-            let mut pool = lock(&self.pool);
-            pool.waiting.retain(|w| !w.is_closed());
-            if pool.waiting.len() >= self.shared.limits.waiting_clients_per_label {
-                return Err(ClientRefused::QueueFull);
-            }
-            pool.waiting.push_back(waiter);
-        }
+        let limit = self.shared.limits.waiting_clients_per_label;
+        lock(&self.pool)
+            .wait(waiter, limit, |waiter| waiter.is_closed())
+            .map_err(|pool::QueueFull| ClientRefused::QueueFull)?;
         // A connection parked between the first look and joining the queue is in the pool:
         // `park` only hands over to clients already waiting. Look once more, then wait.
         let mut arrival = arrival;
@@ -768,13 +728,19 @@ impl WarnEvery {
     }
 }
 
-/// Gives a reserved slot back when its rendezvous ends, however it ends.
-struct Reservation(Arc<Label>);
+/// Gives a reserved slot back when its rendezvous ends without a parked connection, however
+/// it ends (expired, a bind error, the label closed, the task dropped).
+struct Reserved {
+    label: Arc<Label>,
+    /// Taken when the connection is parked: the pool ends it then.
+    reservation: Option<pool::Reservation>,
+}
 
-impl Drop for Reservation {
+impl Drop for Reserved {
     fn drop(&mut self) {
-        let mut pool = lock(&self.0.pool);
-        pool.reserved = pool.reserved.saturating_sub(1);
+        if let Some(reservation) = self.reservation.take() {
+            lock(&self.label.pool).release(reservation);
+        }
     }
 }
 

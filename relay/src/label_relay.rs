@@ -23,7 +23,7 @@ use crate::frontend::{self, ControlAuth, FrontendMetrics, FrontendSettings, Tran
 use crate::gateway_auth::GatewayToken;
 use crate::host::Names;
 use crate::label_source::{self, LoadError};
-use crate::relay::Relay;
+use crate::relay::StandaloneBackend;
 use crate::serve::ServeError;
 
 #[derive(Clone, Debug)]
@@ -61,7 +61,7 @@ pub struct LabelRelayOptions {
 
 /// A running label relay; dropping it stops it.
 pub struct LabelRelay {
-    pub relay: Arc<Relay>,
+    pub relay: Arc<StandaloneBackend>,
     pub control: SocketAddr,
     pub metrics: Option<SocketAddr>,
     tasks: Vec<JoinHandle<()>>,
@@ -122,7 +122,7 @@ pub async fn start(options: LabelRelayOptions) -> Result<LabelRelay, ServeError>
         source,
     })?;
     let mut registry = Registry::default();
-    let relay = Relay::new(settings.clone(), &mut registry).map_err(ServeError::DataPlane)?;
+    let relay = StandaloneBackend::new(settings.clone(), &mut registry).map_err(ServeError::DataPlane)?;
     relay.set_external(external);
     let problems = relay.apply(&BTreeMap::from([(label.label.clone(), label)]));
     if !problems.is_empty() {
@@ -178,7 +178,7 @@ pub async fn start(options: LabelRelayOptions) -> Result<LabelRelay, ServeError>
 
 /// Follows the mounted files: a changed spec or secret is applied in place; a broken one is
 /// reported once and the last good one kept.
-async fn reload(options: LabelRelayOptions, relay: Arc<Relay>) {
+async fn reload(options: LabelRelayOptions, relay: Arc<StandaloneBackend>) {
     let mut last_problem = String::new();
     loop {
         tokio::time::sleep(options.reload_interval).await;

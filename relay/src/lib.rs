@@ -2,31 +2,30 @@
 //! splicing) and the hidden-server agent. The binaries in `src/bin` are thin shells over this.
 //!
 //! Where each concept lives:
-//! - wire formats: `authorization` (the `TOTP` header), `host` (Host dispatch),
-//!   `proxy_header` (PROXY v1/v2);
-//! - `totp`: RFC 6238 codes; `guard`: token reuse, replay and failure rate limits;
-//! - `registrar`: the decision on one registration request (pure);
-//! - `label`: the per-label state machine (p ports, parked connections, q, pairing);
+//! - the wire contract and its decisions (no I/O) are the `taas-protocol` crate: the
+//!   `Authorization` header, Host dispatch, PROXY headers, TOTP, the guard, the registrar's
+//!   answers, the decision on one registration, the parked pool's arithmetic, the `200` body;
+//!   `authorization`, `guard`, `host`, `proxy_header` and `totp` are re-exported here;
+//! - `relay`: the standalone label backend (`StandaloneBackend`: every label in one process);
+//! - `label`: the per-label state machine (p ports, parked connections, q, pairing) over
+//!   `taas_protocol::pool`;
 //! - `splice`: the copy loop; `ports`: the rendezvous port pool;
 //! - `data_plane`: the threads the labels' connections run on;
 //! - `rate_limit`: the gateway's per-source token buckets for 307s; `sources`: per-source
 //!   connection counts on q;
 //! - `gateway_auth`: how a label's relay knows a gateway of its install (per-label tokens);
-//! - `frontend`: the HTTPS listener (TLS, HTTP/1.1, dispatch) over `relay::Relay`;
+//! - `frontend`: the HTTPS listener (TLS, HTTP/1.1, dispatch) over a `LabelBackend`;
 //! - `label_source`: labels from a directory of manifests; `provision`: `label new`;
 //! - `agent`: the hidden-server side; `tls`, `metrics`, `config`, `demo`.
 #![forbid(unsafe_code)]
 
 pub mod agent;
-pub mod authorization;
 pub mod config;
 pub mod data_plane;
 pub mod demo;
 pub mod frontend;
 pub mod gateway;
 pub mod gateway_auth;
-pub mod guard;
-pub mod host;
 pub mod label;
 pub mod label_relay;
 pub mod label_source;
@@ -34,12 +33,12 @@ pub mod metrics;
 pub mod ports;
 pub mod process;
 pub mod provision;
-pub mod proxy_header;
 pub mod rate_limit;
-pub mod registrar;
 pub mod relay;
 pub mod serve;
 pub mod sources;
 pub mod splice;
 pub mod tls;
-pub mod totp;
+
+// Protocol modules the rest of the relay, its tests and the operator name through this crate.
+pub use taas_protocol::{authorization, guard, host, proxy_header, totp};

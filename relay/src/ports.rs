@@ -68,7 +68,7 @@ impl PortPool {
 
     fn leased(&self) -> std::sync::MutexGuard<'_, HashSet<u16>> {
         // A panic while holding this lock cannot leave the set inconsistent: keep going.
-        self.leased.lock().unwrap_or_else(|e| e.into_inner())
+        taas_protocol::sync::lock(&self.leased)
     }
 
     /// Binds a listener on a random free port of the range: random candidates first (so p

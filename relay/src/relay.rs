@@ -1,5 +1,7 @@
-//! The standalone relay: every label in one process. It is the label backend the front end
-//! calls for registrations and mobile clients, and it owns the labels' state machines.
+//! The standalone label backend ([`StandaloneBackend`]): every label in one process. The
+//! front end calls it for registrations and mobile clients; it owns the labels' state
+//! machines. What a registration gets is decided by `taas_protocol::registration`; this file
+//! looks the label up, opens the ports and counts.
 //!
 //! The label map is read on the control path only (a registration, a 307); once a client is
 //! accepted on q, everything happens inside its `Label`.
@@ -10,19 +12,20 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use prometheus_client::registry::Registry;
+use taas_protocol::answer::{Answer, ClientRequest, ConnectionAuth, Registration};
+use taas_protocol::guard::{AuthGuard, GuardLimits};
+use taas_protocol::registration::{
+    self, Decoy, NamedLabel, Terms, Verdict, RETRY_UNAVAILABLE,
+};
+use taas_protocol::sync::{read, write};
 use tokio::sync::Semaphore;
 
 use crate::config::{ExternalAddress, LabelConfig, RedirectHost, RelaySettings};
 use crate::data_plane::DataPlane;
-use crate::guard::{AuthGuard, GuardLimits, IdKind};
 use crate::label::{Label, Shared, Unavailable};
 use crate::metrics::{Registered, RelayMetrics};
 use crate::ports::{PortError, PortPool};
-use crate::registrar::{Answer, ClientRequest, ConnectionAuth, Registration};
-use crate::{authorization, totp};
 
-/// How long a hidden server is told to wait when its label is full or no port is free.
-const RETRY_UNAVAILABLE: Duration = Duration::from_secs(5);
 /// How long a mobile client is told to wait when no hidden server is parked.
 const RETRY_NOT_PARKED: Duration = Duration::from_secs(5);
 
@@ -45,7 +48,8 @@ pub trait LabelBackend: Send + Sync + 'static {
     ) -> impl std::future::Future<Output = Answer> + Send;
 }
 
-pub struct Relay {
+/// The standalone relay's label backend: every label in one process.
+pub struct StandaloneBackend {
     settings: RelaySettings,
     external: RwLock<Arc<ExternalAddress>>,
     labels: RwLock<HashMap<String, Arc<Label>>>,
@@ -54,12 +58,11 @@ pub struct Relay {
     /// The threads the labels run on; dropped with the relay, which stops them.
     data_plane: DataPlane,
     metrics: Arc<RelayMetrics>,
-    /// Checked against when the ID or label is unknown, so every refusal costs the same. Its
-    /// algorithm does not matter: every check computes all of them (`totp::verify`).
-    decoy: LabelConfig,
+    /// Checked against when the ID or label is unknown, so every refusal costs the same.
+    decoy: Decoy,
 }
 
-impl Relay {
+impl StandaloneBackend {
     /// Fails only if the data-plane threads cannot be started.
     pub fn new(settings: RelaySettings, registry: &mut Registry) -> std::io::Result<Arc<Self>> {
         let data_plane = DataPlane::start(settings.data_threads)?;
@@ -74,19 +77,7 @@ impl Relay {
             pairs: Arc::new(Semaphore::new(settings.limits.active_pairs)),
             client_sources: Default::default(),
         });
-        let decoy = LabelConfig {
-            label: String::new(),
-            id: String::new(),
-            secret: rand::random::<[u8; 20]>().to_vec(),
-            algorithm: Default::default(),
-            period: 30,
-            max_parked: 1,
-            source_pinning: true,
-            proxy_protocol: Default::default(),
-            client_port: None,
-            client_admission: Default::default(),
-            server_speaks_first: false,
-        };
+        let decoy = Decoy::new(rand::random::<[u8; 20]>().to_vec());
         Ok(Arc::new(Self {
             external: RwLock::new(Arc::new(ExternalAddress::new(settings.advertise.clone()))),
             settings,
@@ -105,16 +96,13 @@ impl Relay {
 
     /// How hidden servers and clients reach this relay now.
     pub fn external(&self) -> Arc<ExternalAddress> {
-        self.external
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        read(&self.external).clone()
     }
 
     /// Changes the external address (a Service's ports or address changed): new answers use
     /// it at once; nothing running is touched.
     pub fn set_external(&self, external: ExternalAddress) {
-        let mut current = self.external.write().unwrap_or_else(|e| e.into_inner());
+        let mut current = write(&self.external);
         if **current != external {
             tracing::info!(host = %external.host, ports = ?external.ports, "external address changed");
             *current = Arc::new(external);
@@ -128,11 +116,7 @@ impl Relay {
 
     /// The running label, if configured.
     pub fn label(&self, name: &str) -> Option<Arc<Label>> {
-        self.labels
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(name)
-            .cloned()
+        read(&self.labels).get(name).cloned()
     }
 
     /// Makes the running labels match `wanted`: new labels start (binding q), changed ones
@@ -140,7 +124,7 @@ impl Relay {
     /// Returns one line per label that could not be started or updated.
     pub fn apply(&self, wanted: &BTreeMap<String, LabelConfig>) -> Vec<String> {
         let mut problems = Vec::new();
-        let mut labels = self.labels.write().unwrap_or_else(|e| e.into_inner());
+        let mut labels = write(&self.labels);
         labels.retain(|name, label| {
             let keep = wanted.contains_key(name);
             if !keep {
@@ -192,30 +176,9 @@ impl Relay {
 
     /// Stops every label (at shutdown).
     pub fn close(&self) {
-        for label in self
-            .labels
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-        {
+        for label in read(&self.labels).values() {
             label.close();
         }
-    }
-
-    fn refuse(
-        &self,
-        label: Option<&Label>,
-        source: IpAddr,
-        id: &str,
-        kind: IdKind,
-        now: Instant,
-    ) -> Answer {
-        self.guard.record_failure(source, id, kind, now);
-        match label {
-            Some(label) => label.metrics().registered(Registered::Unauthorized),
-            None => self.metrics.rejected("unauthorized"),
-        }
-        Answer::unauthorized()
     }
 }
 
@@ -226,7 +189,7 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-impl LabelBackend for Relay {
+impl LabelBackend for StandaloneBackend {
     type Connection = ConnectionAuth;
 
     async fn register(&self, request: Registration<'_>, connection: &ConnectionAuth) -> Answer {
@@ -238,83 +201,58 @@ impl LabelBackend for Relay {
     }
 }
 
-impl Relay {
-    /// A registration, answered without waiting on anything.
+/// A label as the registration decision sees it: its configuration at the time of the request.
+struct Named {
+    label: Arc<Label>,
+    config: Arc<LabelConfig>,
+}
+
+impl NamedLabel for Named {
+    fn terms(&self) -> Terms<'_> {
+        let config = &*self.config;
+        Terms {
+            id: &config.id,
+            secret: &config.secret,
+            algorithm: config.algorithm,
+            period: config.period,
+            max_parked: config.max_parked,
+            source_pinning: config.source_pinning,
+        }
+    }
+
+    fn room(&self) -> usize {
+        self.label.room()
+    }
+}
+
+impl StandaloneBackend {
+    /// A registration, answered without waiting on anything: `taas_protocol::registration`
+    /// decides, this opens the ports and counts.
     fn register_now(&self, request: Registration<'_>, connection: &ConnectionAuth) -> Answer {
-        let Some(header) = request.authorization else {
-            self.metrics.rejected("no_authorization");
-            return Answer::unauthorized();
-        };
-        let credentials = match authorization::parse(header) {
-            Ok(credentials) => credentials,
-            Err(error) => {
-                tracing::debug!(source = %request.source, %error, "malformed Authorization");
-                self.metrics.rejected("bad_request");
-                return Answer::bad_request();
-            }
-        };
-        let now = Instant::now();
-        let id = credentials.username.as_str();
-        let label = self.label(request.label);
-        if let Some(retry_after) = self.guard.blocked(request.source, id, now) {
-            match &label {
-                Some(label) => label.metrics().registered(Registered::RateLimited),
-                None => self.metrics.rejected("rate_limited"),
-            }
-            return Answer::too_many(retry_after);
-        }
-        // Unknown label, a label of another ID and a wrong token all do the same work and get
-        // the same answer.
-        let authorised = label
-            .as_ref()
-            .map(|label| (label.clone(), label.config()))
-            .filter(|(_, config)| config.id == id);
-        let checked = authorised
-            .as_ref()
-            .map_or(&self.decoy, |(_, config)| &**config);
-        let step = totp::verify(
-            &checked.secret,
-            checked.algorithm,
-            checked.period,
-            &credentials.response,
+        let named = self.label(request.label).map(|label| Named {
+            config: label.config(),
+            label,
+        });
+        let label = named.as_ref().map(|named| &named.label);
+        let verdict = registration::decide(
+            &self.guard,
+            &self.decoy,
+            &request,
+            named.as_ref().map(|named| named as &dyn NamedLabel),
+            connection,
             unix_now(),
+            Instant::now(),
         );
-        // Kept apart so that failures for made-up IDs cannot evict a guessed ID's count.
-        let kind = match authorised {
-            Some(_) => IdKind::Configured,
-            None => IdKind::Unknown,
-        };
-        let (Some((label, config)), Some(step)) = (authorised, step) else {
-            return self.refuse(label.as_deref(), request.source, id, kind, now);
-        };
-        // A full label is said before the token is spent, so that the hidden server's retry
-        // later is not refused for reusing it too often.
-        let room = label.room();
-        if room == 0 {
-            label.metrics().registered(Registered::Unavailable);
-            return Answer::unavailable(RETRY_UNAVAILABLE);
-        }
-        // The several-ports extension asks for up to `count`; never more than the label has
-        // room for, so that no token use is spent on a port that cannot be granted.
-        let wanted = request.count.min(u32::try_from(room).unwrap_or(u32::MAX));
-        let on_this_connection = connection.has(id);
-        let granted = match self.guard.admit_many(
-            id,
-            step,
-            request.source,
-            u32::try_from(config.max_parked).unwrap_or(u32::MAX),
-            config.source_pinning,
-            on_this_connection,
-            wanted,
-            now,
-        ) {
-            Ok(granted) => granted,
-            Err(refusal) => {
-                tracing::info!(label = %label.name(), source = %request.source, %refusal, "token refused");
-                return self.refuse(Some(&label), request.source, id, IdKind::Configured, now);
+        let granted = match verdict {
+            Verdict::Open(granted) => granted,
+            refused => {
+                self.count_refusal(&refused, label.map(|label| &**label), &request);
+                return refused
+                    .answer()
+                    .expect("every verdict but Open has its answer");
             }
         };
-        connection.add(id);
+        let label = label.expect("only a configured label's registration is admitted");
         let mut ports = Vec::with_capacity(granted as usize);
         let mut refused = None;
         for _ in 0..granted {
@@ -350,6 +288,32 @@ impl Relay {
         }
         let ports: Vec<u16> = ports.iter().map(|&p| external.port(p)).collect();
         Answer::rendezvous_many(&external.host, &ports)
+    }
+
+    /// Counts (and logs) a registration that gets no port: on its label when the label
+    /// exists, whatever the ID, else relay-wide.
+    fn count_refusal(&self, verdict: &Verdict, label: Option<&Label>, request: &Registration<'_>) {
+        let (registered, rejected) = match verdict {
+            Verdict::Challenge => (None, "no_authorization"),
+            Verdict::Malformed(error) => {
+                tracing::debug!(source = %request.source, %error, "malformed Authorization");
+                (None, "bad_request")
+            }
+            Verdict::RateLimited(_) => (Some(Registered::RateLimited), "rate_limited"),
+            Verdict::Unauthorized => (Some(Registered::Unauthorized), "unauthorized"),
+            Verdict::TokenRefused(refusal) => {
+                if let Some(label) = label {
+                    tracing::info!(label = %label.name(), source = %request.source, %refusal, "token refused");
+                }
+                (Some(Registered::Unauthorized), "unauthorized")
+            }
+            Verdict::Full => (Some(Registered::Unavailable), "unavailable"),
+            Verdict::Open(_) => return,
+        };
+        match (registered, label) {
+            (Some(registered), Some(label)) => label.metrics().registered(registered),
+            _ => self.metrics.rejected(rejected),
+        }
     }
 
     /// A mobile client's request, answered without waiting on anything.

@@ -17,7 +17,7 @@ use crate::data_plane::DataPlane;
 use crate::frontend::{self, FrontendSettings};
 use crate::host::Names;
 use crate::label_source::{self, LabelSet};
-use crate::relay::Relay;
+use crate::relay::StandaloneBackend;
 use crate::tls::{self, CertFiles, CertNames};
 
 /// Everything `serve` is configured with (the binary's flags).
@@ -91,7 +91,7 @@ pub enum ServeError {
 
 /// A running standalone relay. Dropping it stops every task it started.
 pub struct Standalone {
-    pub relay: Arc<Relay>,
+    pub relay: Arc<StandaloneBackend>,
     /// Where the HTTPS front end listens (the real port when 0 was asked for).
     pub frontend: SocketAddr,
     pub metrics: Option<SocketAddr>,
@@ -124,7 +124,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn apply(relay: &Relay, set: &LabelSet, extra: &BTreeMap<String, LabelConfig>) -> Vec<String> {
+fn apply(relay: &StandaloneBackend, set: &LabelSet, extra: &BTreeMap<String, LabelConfig>) -> Vec<String> {
     let mut wanted = set.labels.clone();
     for (name, config) in extra {
         wanted.entry(name.clone()).or_insert_with(|| config.clone());
@@ -234,7 +234,7 @@ pub async fn start(options: ServeOptions) -> Result<Standalone, ServeError> {
         source,
     })?;
     let mut registry = Registry::default();
-    let relay = Relay::new(settings.clone(), &mut registry).map_err(ServeError::DataPlane)?;
+    let relay = StandaloneBackend::new(settings.clone(), &mut registry).map_err(ServeError::DataPlane)?;
     let problems = relay.apply(&labels.labels);
     if !problems.is_empty() {
         relay.close();

@@ -115,7 +115,7 @@ async fn a_malformed_count_gets_400_and_a_large_one_the_per_request_maximum() {
     let response = put_with(&relay, &home, "TAAS-Rendezvous-Count: 1000\r\n").await;
     assert_eq!(
         endpoints(&relay, &response).len(),
-        taas_relay::registrar::MAX_RENDEZVOUS_PER_REQUEST as usize
+        taas_protocol::answer::MAX_RENDEZVOUS_PER_REQUEST as usize
     );
 }
 

@@ -13,10 +13,10 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request};
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
+use taas_protocol::rendezvous::{self, Endpoint, MAX_BODY};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use super::endpoint::{parse_body, Endpoint, MAX_BODY};
 use super::explain::{
     explain_connect, explain_status, explain_tls, find_rustls, parse_http_date, parse_retry_after,
     Problem, Severity,
@@ -127,7 +127,7 @@ impl Registrar {
             let status = response.status.as_u16();
             match status {
                 200 => {
-                    let mut endpoints = parse_body(&body).map_err(|e| {
+                    let mut endpoints = rendezvous::parse(&body).map_err(|e| {
                         Problem::new("bad_response", Severity::Error, e.to_string())
                     })?;
                     // Never more connections than asked for, whatever the body says.

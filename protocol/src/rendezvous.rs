@@ -1,4 +1,7 @@
-//! The body of a `200` to a registration: `HOST:PORT`, the one-shot rendezvous port p.
+//! The body of a `200` to a registration (PROTOCOL.md §2): `HOST:PORT`, the one-shot
+//! rendezvous port p, or one such line per port with the several-ports extension. The relay
+//! writes it with [`format`] and the agent reads it with [`parse`]: one module, so that the two
+//! sides cannot drift apart (a round-trip property test holds them together).
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -100,8 +103,34 @@ pub fn parse_endpoint(text: &str) -> Result<Endpoint, BodyError> {
     Ok(Endpoint { host, port })
 }
 
-/// Parses the whole body: one `HOST:PORT`, or (the multi-port extension) one per line.
-pub fn parse_body(body: &[u8]) -> Result<Vec<Endpoint>, BodyError> {
+/// The body for rendezvous ports `ports` on `host`: one `HOST:PORT` per port, `\n`-separated,
+/// no final newline; for one port exactly the original's `HOST:PORT`. An IPv6 host is
+/// bracketed.
+pub fn format(host: &str, ports: &[u16]) -> String {
+    let host = bracket_v6(host);
+    let mut body = String::with_capacity(ports.len() * (host.len() + 7));
+    for (i, port) in ports.iter().enumerate() {
+        if i > 0 {
+            body.push('\n');
+        }
+        body.push_str(&host);
+        body.push(':');
+        body.push_str(&port.to_string());
+    }
+    body
+}
+
+/// `::1` → `[::1]`, so that `HOST:PORT` and URLs stay parseable.
+pub fn bracket_v6(host: &str) -> String {
+    if host.parse::<std::net::Ipv6Addr>().is_ok() {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    }
+}
+
+/// Parses the whole body: one `HOST:PORT`, or (the several-ports extension) one per line.
+pub fn parse(body: &[u8]) -> Result<Vec<Endpoint>, BodyError> {
     let text = std::str::from_utf8(body).map_err(|_| bad("not UTF-8", ""))?;
     let endpoints = text
         .lines()
@@ -196,15 +225,15 @@ mod tests {
 
     #[test]
     fn parses_bodies() {
-        assert_eq!(parse_body(b"127.0.0.1:20000").unwrap().len(), 1);
-        let many = parse_body(b"127.0.0.1:20000\r\n[::1]:20001\n").unwrap();
+        assert_eq!(parse(b"127.0.0.1:20000").unwrap().len(), 1);
+        let many = parse(b"127.0.0.1:20000\r\n[::1]:20001\n").unwrap();
         assert_eq!(many.len(), 2);
-        assert!(parse_body(b"").is_err());
-        assert!(parse_body(b"\n\n").is_err());
-        assert!(parse_body(b"127.0.0.1:20000\ngarbage").is_err());
-        assert!(parse_body(&[0xff, 0xfe]).is_err());
+        assert!(parse(b"").is_err());
+        assert!(parse(b"\n\n").is_err());
+        assert!(parse(b"127.0.0.1:20000\ngarbage").is_err());
+        assert!(parse(&[0xff, 0xfe]).is_err());
         let long = "x".repeat(500);
-        let err = parse_body(long.as_bytes()).unwrap_err().to_string();
+        let err = parse(long.as_bytes()).unwrap_err().to_string();
         assert!(err.len() < 200, "{err}");
     }
 
@@ -216,5 +245,52 @@ mod tests {
         assert_eq!(e.connect_string(None), "0.0.0.0:20000");
         assert_eq!(ok("[::1]:5").connect_string(registrar), "[::1]:5");
         assert_eq!(ok("relay.lan:5").connect_string(registrar), "relay.lan:5");
+    }
+
+    #[test]
+    fn formats_one_or_several_lines() {
+        assert_eq!(format("127.0.0.1", &[20001]), "127.0.0.1:20001");
+        assert_eq!(format("::1", &[1, 2]), "[::1]:1\n[::1]:2");
+        assert_eq!(format("relay.example.com", &[5]), "relay.example.com:5");
+        assert_eq!(bracket_v6("2001:db8::7"), "[2001:db8::7]");
+        assert_eq!(bracket_v6("192.0.2.1"), "192.0.2.1");
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// The hosts a relay advertises: IPv4, IPv6 (written bare, bracketed by `format`) and
+        /// DNS names in any case.
+        fn host() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<std::net::Ipv4Addr>().prop_map(|ip| ip.to_string()),
+                any::<std::net::Ipv6Addr>().prop_map(|ip| ip.to_string()),
+                "[a-zA-Z]([a-zA-Z0-9_-]{0,20}[a-zA-Z0-9_])?(\\.[a-zA-Z][a-zA-Z0-9-]{0,10}[a-zA-Z0-9]){0,3}",
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn what_the_relay_formats_the_agent_parses_back(
+                host in host(),
+                ports in proptest::collection::vec(1..=u16::MAX, 1..=16),
+            ) {
+                let body = format(&host, &ports);
+                let endpoints = parse(body.as_bytes()).unwrap();
+                prop_assert_eq!(endpoints.len(), ports.len());
+                let expected = match host.parse::<IpAddr>() {
+                    Ok(ip) => Host::Ip(ip),
+                    Err(_) => Host::Name(host.to_ascii_lowercase()),
+                };
+                for (endpoint, port) in endpoints.iter().zip(&ports) {
+                    prop_assert_eq!(&endpoint.host, &expected);
+                    prop_assert_eq!(endpoint.port, *port);
+                }
+                if let [port] = ports[..] {
+                    prop_assert_eq!(body, std::format!("{}:{port}", bracket_v6(&host)));
+                }
+            }
+        }
     }
 }

@@ -1,9 +1,15 @@
-//! The HTTP answers of the front end (PROTOCOL.md §2 and §4), as plain data, and the routing
-//! of registrar requests. Nothing here does I/O: the relay decides, the front end writes.
+//! The front end's HTTP exchanges as plain data (PROTOCOL.md §2 and §4): the registration and
+//! client requests as a label backend sees them, the routing of `PUT /register/LABEL`, and
+//! every answer. Nothing here does I/O: a backend decides, the front end writes.
+//!
+//! (Named for what it holds: "registrar" is the host role that receives registrations.)
 
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::Duration;
+
+use crate::rendezvous::{self, bracket_v6};
+use crate::sync::lock;
 
 /// Header a gateway adds when it forwards a request to a label's relay: the original client's
 /// address (trusted only from gateway addresses).
@@ -61,26 +67,14 @@ impl Answer {
 
     /// `200` with `HOST:PORT` as the whole body (no newline).
     pub fn rendezvous(host: &str, port: u16) -> Self {
-        let mut answer = Self::empty(200).with("content-type", "text/plain");
-        answer.body = format!("{}:{port}", bracket_v6(host));
-        answer
+        Self::rendezvous_many(host, &[port])
     }
 
     /// `200` with one `HOST:PORT` per line (the several-ports extension); for one port, the
-    /// same bytes as [`Answer::rendezvous`].
+    /// same bytes as [`Answer::rendezvous`]. The body is [`rendezvous::format`]'s.
     pub fn rendezvous_many(host: &str, ports: &[u16]) -> Self {
         let mut answer = Self::empty(200).with("content-type", "text/plain");
-        let host = bracket_v6(host);
-        let mut body = String::with_capacity(ports.len() * (host.len() + 7));
-        for (i, port) in ports.iter().enumerate() {
-            if i > 0 {
-                body.push('\n');
-            }
-            body.push_str(&host);
-            body.push(':');
-            body.push_str(&port.to_string());
-        }
-        answer.body = body;
+        answer.body = rendezvous::format(host, ports);
         answer
     }
 
@@ -134,15 +128,6 @@ fn seconds(duration: Duration) -> String {
     duration.as_secs_f64().ceil().max(1.0).to_string()
 }
 
-/// `::1` → `[::1]`, so that `HOST:PORT` and URLs stay parseable.
-pub fn bracket_v6(host: &str) -> String {
-    if host.parse::<std::net::Ipv6Addr>().is_ok() {
-        format!("[{host}]")
-    } else {
-        host.to_string()
-    }
-}
-
 /// The registrar's routes: `PUT /register/LABEL` and nothing else. Returns the label (lower
 /// case) or the answer for a wrong path (404) or method (405).
 pub fn route(method: &str, path: &str) -> Result<String, Answer> {
@@ -168,15 +153,11 @@ const MAX_IDS_PER_CONNECTION: usize = 16;
 
 impl ConnectionAuth {
     pub fn has(&self, id: &str) -> bool {
-        self.ids
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .any(|known| known == id)
+        lock(&self.ids).iter().any(|known| known == id)
     }
 
     pub fn add(&self, id: &str) {
-        let mut ids = self.ids.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ids = lock(&self.ids);
         if !ids.iter().any(|known| known == id) && ids.len() < MAX_IDS_PER_CONNECTION {
             ids.push(id.to_string());
         }

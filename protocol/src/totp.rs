@@ -1,9 +1,10 @@
 //! RFC 6238 time-based one-time passwords, as the original registrar checked them.
 //!
 //! The HMAC and the RFC 4226 truncation come from `totp-rs`; this module adds what the TAAS
-//! contract needs on top: base32 secrets in any spelling an operator may paste, the number of
-//! digits taken from the client's response (6 to 8), a ±1 step window, and a verification that
-//! does the same work and compares in constant time whichever step matches.
+//! contract needs on top: base32 secrets (the codec is `data-encoding`'s) in any spelling an
+//! operator may paste, the number of digits taken from the client's response (6 to 8), a ±1
+//! step window, and a verification that does the same work and compares in constant time
+//! whichever step matches.
 //!
 //! The same work also whichever algorithm the label uses (issue 13): a refusal for an unknown
 //! ID is checked against a decoy, and when the decoy used SHA1 while a label used SHA512, a
@@ -14,11 +15,13 @@
 //! time: every refusal costs what a SHA512 one did (6.3 µs, next to a TLS handshake's ~1 ms),
 //! and an unknown ID has no algorithm to give away.
 
+use std::sync::LazyLock;
+
+use data_encoding::{Encoding, BASE32_NOPAD};
 use subtle::{Choice, ConditionallySelectable, ConstantTimeEq};
+use taas_crds::Algorithm;
 use thiserror::Error;
 use totp_rs::TOTP;
-
-use crate::config::Algorithm;
 
 /// Why a base32 secret could not be decoded. Never carries the secret itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
@@ -31,13 +34,22 @@ pub enum SecretError {
     InvalidLength,
 }
 
-const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+/// RFC 4648 base32 without padding, as secrets are stored. Decoding does not insist that the
+/// unused low bits of the last symbol be zero (the codec this replaced did not either, and an
+/// operator's pasted secret must keep working).
+static BASE32: LazyLock<Encoding> = LazyLock::new(|| {
+    let mut spec = BASE32_NOPAD.specification();
+    spec.check_trailing_bits = false;
+    spec.encoding()
+        .expect("base32 without trailing-bit checks is a valid specification")
+});
 
 /// Decodes an RFC 4648 base32 secret: any case, with or without `=` padding, whitespace
 /// anywhere ignored (authenticator apps show the secret in groups).
 pub fn decode_secret(b32: &str) -> Result<Vec<u8>, SecretError> {
-    let mut out = Vec::with_capacity(b32.len() * 5 / 8);
-    let (mut buffer, mut bits, mut symbols) = (0u32, 0u32, 0usize);
+    // The spelling is checked here (positions in the text as given); the codec then sees
+    // upper-case symbols only.
+    let mut symbols = String::with_capacity(b32.len());
     let mut padding = false;
     for (position, c) in b32.char_indices() {
         if c.is_whitespace() {
@@ -47,51 +59,25 @@ pub fn decode_secret(b32: &str) -> Result<Vec<u8>, SecretError> {
             padding = true;
             continue;
         }
-        let value = match c.to_ascii_uppercase() {
-            u @ 'A'..='Z' => u as u32 - 'A' as u32,
-            d @ '2'..='7' => d as u32 - '2' as u32 + 26,
-            _ => return Err(SecretError::InvalidChar(position)),
-        };
-        if padding {
-            // Data after padding.
+        let symbol = c.to_ascii_uppercase();
+        if !matches!(symbol, 'A'..='Z' | '2'..='7') || padding {
+            // Outside the alphabet, or data after padding.
             return Err(SecretError::InvalidChar(position));
         }
-        buffer = (buffer << 5) | value;
-        bits += 5;
-        symbols += 1;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((buffer >> bits) as u8);
-            buffer &= (1 << bits) - 1;
-        }
+        symbols.push(symbol);
     }
-    if symbols == 0 {
+    if symbols.is_empty() {
         return Err(SecretError::Empty);
     }
     // A final group of 1, 3 or 6 symbols cannot come from any byte string (a typo).
-    if matches!(symbols % 8, 1 | 3 | 6) {
-        return Err(SecretError::InvalidLength);
-    }
-    Ok(out)
+    BASE32
+        .decode(symbols.as_bytes())
+        .map_err(|_| SecretError::InvalidLength)
 }
 
 /// Encodes bytes as RFC 4648 base32, upper case, without padding (how secrets are stored).
 pub fn encode_secret(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len().div_ceil(5) * 8);
-    let (mut buffer, mut bits) = (0u32, 0u32);
-    for &b in bytes {
-        buffer = (buffer << 8) | u32::from(b);
-        bits += 8;
-        while bits >= 5 {
-            bits -= 5;
-            out.push(ALPHABET[((buffer >> bits) & 31) as usize] as char);
-        }
-        buffer &= (1 << bits) - 1;
-    }
-    if bits > 0 {
-        out.push(ALPHABET[((buffer << (5 - bits)) & 31) as usize] as char);
-    }
-    out
+    BASE32_NOPAD.encode(bytes)
 }
 
 /// The time step (RFC 6238 `T`) of `unix_time`. A `period` of 0 is treated as 1.

@@ -23,7 +23,7 @@ use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash};
 use std::net::IpAddr;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
@@ -64,6 +64,25 @@ pub enum TokenRefusal {
     Replayed,
     #[error("this token was used for as many connections as allowed")]
     Exhausted,
+}
+
+/// One registration's use of a token whose TOTP matched `step`, as
+/// [`AuthGuard::admit_many`] judges it.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenUse<'a> {
+    pub id: &'a str,
+    /// The TOTP step the token matched (`totp::verify`).
+    pub step: u64,
+    /// The registering hidden server's address.
+    pub source: IpAddr,
+    /// New connections one token may serve: the label's `maxParked`.
+    pub max_uses: u32,
+    /// The token is accepted again only from the source that used it first.
+    pub pin_source: bool,
+    /// The request came on a kept-alive connection that already authenticated this ID.
+    pub connection_authenticated: bool,
+    /// Rendezvous ports asked for (the several-ports extension; 1 without it).
+    pub wanted: u32,
 }
 
 /// Shared, thread-safe guard for all registrations of one relay.
@@ -180,54 +199,26 @@ impl AuthGuard {
         bump(id_failures, id, limits.failures_per_id, limits, now);
     }
 
-    /// Decides whether a token whose TOTP matched `step` may be used for this registration.
+    /// Decides whether a token whose TOTP matched its step may be used for this registration,
+    /// and for how many of the rendezvous ports it asks for: at least 1.
     ///
     /// On a new connection: a step older than the newest accepted for the ID is refused; the
     /// newest step is accepted again only from its source (if `pin_source`) and for at most
-    /// `max_uses` connections; a newer step replaces it. On a connection that already
-    /// authenticated this ID (`connection_authenticated`), any step the caller verified is
-    /// accepted and nothing is counted, but the newest step never moves backwards.
-    #[allow(clippy::too_many_arguments)]
-    pub fn admit(
-        &self,
-        id: &str,
-        step: u64,
-        source: IpAddr,
-        max_uses: u32,
-        pin_source: bool,
-        connection_authenticated: bool,
-        now: Instant,
-    ) -> Result<(), TokenRefusal> {
-        self.admit_many(
+    /// `max_uses` connections, every granted port counting as one use (so a token yields no
+    /// more rendezvous ports over new connections with the several-ports extension than
+    /// without); a newer step replaces it. On a connection that already authenticated this
+    /// ID (`connection_authenticated`), any step the caller verified is accepted for all the
+    /// ports asked for and nothing is counted, but the newest step never moves backwards.
+    pub fn admit_many(&self, token: &TokenUse<'_>, now: Instant) -> Result<u32, TokenRefusal> {
+        let TokenUse {
             id,
             step,
             source,
             max_uses,
             pin_source,
             connection_authenticated,
-            1,
-            now,
-        )
-        .map(|_| ())
-    }
-
-    /// [`admit`](Self::admit) for a request that asks for `wanted` rendezvous ports at once
-    /// (the several-ports extension): returns how many of them the token may still be used
-    /// for, at least 1. On a new connection every granted port counts as one use, so a token
-    /// yields no more rendezvous ports over new connections than before (`max_uses`); on an
-    /// authenticated connection nothing is counted, as for single requests.
-    #[allow(clippy::too_many_arguments)]
-    pub fn admit_many(
-        &self,
-        id: &str,
-        step: u64,
-        source: IpAddr,
-        max_uses: u32,
-        pin_source: bool,
-        connection_authenticated: bool,
-        wanted: u32,
-        now: Instant,
-    ) -> Result<u32, TokenRefusal> {
+            wanted,
+        } = *token;
         let (source, id) = (source.to_canonical(), self.id_key(id));
         let wanted = wanted.max(1);
         // A new step: as many as asked for up to the limit, and always the one port a single
@@ -282,8 +273,8 @@ impl AuthGuard {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        // The state stays consistent even if a holder panicked: every update is one insert.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        // Every update is one insert: the state stays consistent even if a holder panicked.
+        crate::sync::lock(&self.state)
     }
 
     #[cfg(test)]
@@ -434,6 +425,57 @@ mod tests {
         Duration::from_secs(n)
     }
 
+    /// [`AuthGuard::admit_many`] with the fields in a row, as the tables below read.
+    #[allow(clippy::too_many_arguments)]
+    fn admit_many(
+        g: &AuthGuard,
+        id: &str,
+        step: u64,
+        source: IpAddr,
+        max_uses: u32,
+        pin_source: bool,
+        connection_authenticated: bool,
+        wanted: u32,
+        now: Instant,
+    ) -> Result<u32, TokenRefusal> {
+        let token = TokenUse {
+            id,
+            step,
+            source,
+            max_uses,
+            pin_source,
+            connection_authenticated,
+            wanted,
+        };
+        g.admit_many(&token, now)
+    }
+
+    /// A single-port registration (no several-ports extension).
+    #[allow(clippy::too_many_arguments)]
+    fn admit(
+        g: &AuthGuard,
+        id: &str,
+        step: u64,
+        source: IpAddr,
+        max_uses: u32,
+        pin_source: bool,
+        connection_authenticated: bool,
+        now: Instant,
+    ) -> Result<(), TokenRefusal> {
+        admit_many(
+            g,
+            id,
+            step,
+            source,
+            max_uses,
+            pin_source,
+            connection_authenticated,
+            1,
+            now,
+        )
+        .map(|_| ())
+    }
+
     #[test]
     fn is_send_and_sync() {
         fn check<T: Send + Sync>() {}
@@ -444,18 +486,18 @@ mod tests {
     fn steward_burst_reuses_one_token() {
         let (g, t0) = (AuthGuard::default(), Instant::now());
         for i in 0..15 {
-            assert_eq!(g.admit(ID, S, ip(1), 15, true, false, t0 + secs(i)), Ok(()));
+            assert_eq!(admit(&g, ID, S, ip(1), 15, true, false, t0 + secs(i)), Ok(()));
         }
         assert_eq!(
-            g.admit(ID, S, ip(1), 15, true, false, t0 + secs(15)),
+            admit(&g, ID, S, ip(1), 15, true, false, t0 + secs(15)),
             Err(TokenRefusal::Exhausted)
         );
         assert_eq!(
-            g.admit(ID, S, ip(1), 16, true, false, t0 + secs(15)),
+            admit(&g, ID, S, ip(1), 16, true, false, t0 + secs(15)),
             Ok(())
         );
         assert_eq!(
-            g.admit(ID, S, ip(1), 16, true, false, t0 + secs(16)),
+            admit(&g, ID, S, ip(1), 16, true, false, t0 + secs(16)),
             Err(TokenRefusal::Exhausted)
         );
     }
@@ -464,37 +506,37 @@ mod tests {
     fn several_ports_per_request_count_each_port_as_a_use() {
         let (g, t0) = (AuthGuard::default(), Instant::now());
         // New connections: 10 of 15 uses, then the 5 left, then nothing.
-        assert_eq!(g.admit_many(ID, S, ip(1), 15, true, false, 10, t0), Ok(10));
-        assert_eq!(g.admit_many(ID, S, ip(1), 15, true, false, 10, t0), Ok(5));
+        assert_eq!(admit_many(&g, ID, S, ip(1), 15, true, false, 10, t0), Ok(10));
+        assert_eq!(admit_many(&g, ID, S, ip(1), 15, true, false, 10, t0), Ok(5));
         assert_eq!(
-            g.admit_many(ID, S, ip(1), 15, true, false, 10, t0),
+            admit_many(&g, ID, S, ip(1), 15, true, false, 10, t0),
             Err(TokenRefusal::Exhausted)
         );
         assert_eq!(
-            g.admit(ID, S, ip(1), 15, true, false, t0),
+            admit(&g, ID, S, ip(1), 15, true, false, t0),
             Err(TokenRefusal::Exhausted)
         );
         // Pinning and staleness as for single requests.
         assert_eq!(
-            g.admit_many(ID, S, ip(2), 32, true, false, 4, t0),
+            admit_many(&g, ID, S, ip(2), 32, true, false, 4, t0),
             Err(TokenRefusal::Replayed)
         );
         assert_eq!(
-            g.admit_many(ID, S + 1, ip(1), 32, true, false, 40, t0),
+            admit_many(&g, ID, S + 1, ip(1), 32, true, false, 40, t0),
             Ok(32)
         );
         assert_eq!(
-            g.admit_many(ID, S, ip(1), 32, true, false, 1, t0),
+            admit_many(&g, ID, S, ip(1), 32, true, false, 1, t0),
             Err(TokenRefusal::Stale)
         );
         // On an authenticated connection nothing is counted.
         assert_eq!(
-            g.admit_many(ID, S + 1, ip(1), 32, true, true, 16, t0),
+            admit_many(&g, ID, S + 1, ip(1), 32, true, true, 16, t0),
             Ok(16)
         );
         // A request for 0 is a request for 1.
         assert_eq!(
-            g.admit_many("other", S, ip(1), 4, true, false, 0, t0),
+            admit_many(&g, "other", S, ip(1), 4, true, false, 0, t0),
             Ok(1)
         );
     }
@@ -502,32 +544,32 @@ mod tests {
     #[test]
     fn source_pinning() {
         let (g, t0) = (AuthGuard::default(), Instant::now());
-        assert_eq!(g.admit(ID, S, ip(1), 32, true, false, t0), Ok(()));
+        assert_eq!(admit(&g, ID, S, ip(1), 32, true, false, t0), Ok(()));
         assert_eq!(
-            g.admit(ID, S, ip(2), 32, true, false, t0),
+            admit(&g, ID, S, ip(2), 32, true, false, t0),
             Err(TokenRefusal::Replayed)
         );
-        assert_eq!(g.admit(ID, S, ip(2), 32, false, false, t0), Ok(()));
+        assert_eq!(admit(&g, ID, S, ip(2), 32, false, false, t0), Ok(()));
         // An IPv4-mapped IPv6 address is the same source.
         let mapped = IpAddr::V6(Ipv4Addr::new(192, 0, 2, 1).to_ipv6_mapped());
-        assert_eq!(g.admit(ID, S, mapped, 32, true, false, t0), Ok(()));
+        assert_eq!(admit(&g, ID, S, mapped, 32, true, false, t0), Ok(()));
         // Another ID is independent.
-        assert_eq!(g.admit("other", S, ip(2), 32, true, false, t0), Ok(()));
+        assert_eq!(admit(&g, "other", S, ip(2), 32, true, false, t0), Ok(()));
     }
 
     #[test]
     fn older_step_refused_after_newer() {
         let (g, t0) = (AuthGuard::default(), Instant::now());
-        assert_eq!(g.admit(ID, S, ip(1), 32, true, false, t0), Ok(()));
-        assert_eq!(g.admit(ID, S + 1, ip(1), 32, true, false, t0), Ok(()));
+        assert_eq!(admit(&g, ID, S, ip(1), 32, true, false, t0), Ok(()));
+        assert_eq!(admit(&g, ID, S + 1, ip(1), 32, true, false, t0), Ok(()));
         assert_eq!(
-            g.admit(ID, S, ip(1), 32, true, false, t0),
+            admit(&g, ID, S, ip(1), 32, true, false, t0),
             Err(TokenRefusal::Stale)
         );
         // A newer step from another source takes over, even with pinning.
-        assert_eq!(g.admit(ID, S + 2, ip(2), 32, true, false, t0), Ok(()));
+        assert_eq!(admit(&g, ID, S + 2, ip(2), 32, true, false, t0), Ok(()));
         assert_eq!(
-            g.admit(ID, S + 2, ip(1), 32, true, false, t0),
+            admit(&g, ID, S + 2, ip(1), 32, true, false, t0),
             Err(TokenRefusal::Replayed)
         );
     }
@@ -535,26 +577,26 @@ mod tests {
     #[test]
     fn authenticated_connection_is_not_counted() {
         let (g, t0) = (AuthGuard::default(), Instant::now());
-        assert_eq!(g.admit(ID, S, ip(1), 2, true, false, t0), Ok(()));
+        assert_eq!(admit(&g, ID, S, ip(1), 2, true, false, t0), Ok(()));
         for _ in 0..100 {
-            assert_eq!(g.admit(ID, S, ip(1), 2, true, true, t0), Ok(()));
+            assert_eq!(admit(&g, ID, S, ip(1), 2, true, true, t0), Ok(()));
         }
         // Still one use left for a new connection.
-        assert_eq!(g.admit(ID, S, ip(1), 2, true, false, t0), Ok(()));
+        assert_eq!(admit(&g, ID, S, ip(1), 2, true, false, t0), Ok(()));
         // An older (caller-verified) step is fine on the connection but does not move newest back.
-        assert_eq!(g.admit(ID, S - 1, ip(1), 2, true, true, t0), Ok(()));
+        assert_eq!(admit(&g, ID, S - 1, ip(1), 2, true, true, t0), Ok(()));
         assert_eq!(
-            g.admit(ID, S - 1, ip(1), 2, true, false, t0),
+            admit(&g, ID, S - 1, ip(1), 2, true, false, t0),
             Err(TokenRefusal::Stale)
         );
         // A newer step on the connection moves newest forward without using it up.
-        assert_eq!(g.admit(ID, S + 1, ip(1), 2, true, true, t0), Ok(()));
+        assert_eq!(admit(&g, ID, S + 1, ip(1), 2, true, true, t0), Ok(()));
         assert_eq!(
-            g.admit(ID, S, ip(1), 2, true, false, t0),
+            admit(&g, ID, S, ip(1), 2, true, false, t0),
             Err(TokenRefusal::Stale)
         );
-        assert_eq!(g.admit(ID, S + 1, ip(1), 2, true, false, t0), Ok(()));
-        assert_eq!(g.admit(ID, S + 1, ip(1), 2, true, false, t0), Ok(()));
+        assert_eq!(admit(&g, ID, S + 1, ip(1), 2, true, false, t0), Ok(()));
+        assert_eq!(admit(&g, ID, S + 1, ip(1), 2, true, false, t0), Ok(()));
     }
 
     #[test]
@@ -580,7 +622,7 @@ mod tests {
     #[test]
     fn id_block_spares_known_good_source() {
         let (g, t0) = (AuthGuard::default(), Instant::now());
-        assert_eq!(g.admit(ID, S, ip(1), 32, true, false, t0), Ok(()));
+        assert_eq!(admit(&g, ID, S, ip(1), 32, true, false, t0), Ok(()));
         for i in 0..20u8 {
             g.record_failure(ip(100 + i), ID, IdKind::Configured, t0 + secs(1));
         }
@@ -592,7 +634,7 @@ mod tests {
         assert_eq!(g.blocked(ip(100), "other", now), None);
         // A source that last succeeded longer than block + window ago is no longer trusted.
         let g = AuthGuard::default();
-        assert_eq!(g.admit(ID, S, ip(1), 32, true, false, t0), Ok(()));
+        assert_eq!(admit(&g, ID, S, ip(1), 32, true, false, t0), Ok(()));
         for i in 0..20u8 {
             g.record_failure(ip(100 + i), ID, IdKind::Configured, t0 + secs(120));
         }
@@ -615,13 +657,13 @@ mod tests {
         g.record_failure(ip(1), ID, IdKind::Configured, t0 + secs(119));
         assert!(g.blocked(ip(1), ID, t0 + secs(119)).is_some());
         // Token state expires after window + block; an older step is then not known to be old.
-        assert_eq!(g.admit(ID, S + 1, ip(1), 32, true, false, t0), Ok(()));
+        assert_eq!(admit(&g, ID, S + 1, ip(1), 32, true, false, t0), Ok(()));
         assert_eq!(
-            g.admit(ID, S, ip(1), 32, true, false, t0 + secs(119)),
+            admit(&g, ID, S, ip(1), 32, true, false, t0 + secs(119)),
             Err(TokenRefusal::Stale)
         );
         assert_eq!(
-            g.admit(ID, S, ip(1), 32, true, false, t0 + secs(240)),
+            admit(&g, ID, S, ip(1), 32, true, false, t0 + secs(240)),
             Ok(())
         );
     }
@@ -652,7 +694,7 @@ mod tests {
             let now = t0 + Duration::from_millis(u64::from(i));
             g.record_failure(source, &format!("id-{i}"), IdKind::Unknown, now);
             if i % 10 == 0 {
-                let _ = g.admit(&format!("id-{i}"), S, source, 32, true, false, now);
+                let _ = admit(&g, &format!("id-{i}"), S, source, 32, true, false, now);
             }
             assert!(g.sizes().iter().all(|&n| n <= 1000));
         }

@@ -506,7 +506,7 @@ mod tests {
     fn secrets_stay_out_of_debug() {
         let label = Fake::new(1);
         let shown = format!("{:?} {:?}", label.terms(), Decoy::new(SECRET.to_vec()));
-        assert!(!shown.contains("1234567890"), "{shown}");
+        assert!(!shown.contains("49, 50"), "{shown}");
         assert!(shown.contains("redacted"), "{shown}");
     }
 }

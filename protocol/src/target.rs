@@ -55,7 +55,7 @@ impl Target {
     pub fn parse(url: &str) -> Result<Self, UrlError> {
         let url = url.trim();
         let without_fragment = url.split('#').next().unwrap_or_default();
-        let uri: hyper::Uri = without_fragment
+        let uri: http::Uri = without_fragment
             .parse()
             .map_err(|_| UrlError::Invalid(url.to_string()))?;
         match uri.scheme_str() {

@@ -99,10 +99,10 @@ struct ParkedConn {
     early: Vec<u8>,
 }
 
+/// Where a hidden server's connection is sent: a waiting client, or a client that claimed it.
+type Handover = oneshot::Sender<ParkedConn>;
 /// A parked connection as the pool holds it: a way to ask its watcher task to hand it over.
-type Claim = oneshot::Sender<oneshot::Sender<ParkedConn>>;
-/// A client waiting for the next connection to be parked.
-type Waiter = oneshot::Sender<ParkedConn>;
+type Claim = oneshot::Sender<Handover>;
 
 struct ClientPort {
     port: u16,
@@ -114,7 +114,7 @@ pub struct Label {
     config: RwLock<Arc<LabelConfig>>,
     /// Parked connections, reserved ports and waiting clients: `taas_protocol::pool` counts,
     /// this file holds the sockets.
-    pool: Mutex<Pool<Claim, Waiter>>,
+    pool: Mutex<Pool<Claim, Handover>>,
     q: Mutex<Option<ClientPort>>,
     admitted: Mutex<HashMap<IpAddr, Instant>>,
     /// Connections open on this label's q from each source.
@@ -353,7 +353,7 @@ impl Label {
         &self,
         mut conn: ParkedConn,
         reservation: Option<pool::Reservation>,
-    ) -> Option<(ParkedId, ParkedConn, oneshot::Receiver<Waiter>)> {
+    ) -> Option<(ParkedId, ParkedConn, oneshot::Receiver<Handover>)> {
         let mut pool = lock(&self.pool);
         while let Some(waiter) = pool.next_waiter() {
             match waiter.send(conn) {
@@ -377,7 +377,7 @@ impl Label {
         self: Arc<Self>,
         id: ParkedId,
         mut conn: ParkedConn,
-        mut claimed: oneshot::Receiver<Waiter>,
+        mut claimed: oneshot::Receiver<Handover>,
     ) {
         // A small buffer in this future and nothing on the heap until bytes arrive: ten
         // thousand parked connections stay small. (Readiness can fire with nothing to read.)

@@ -486,7 +486,10 @@ mod tests {
     fn steward_burst_reuses_one_token() {
         let (g, t0) = (AuthGuard::default(), Instant::now());
         for i in 0..15 {
-            assert_eq!(admit(&g, ID, S, ip(1), 15, true, false, t0 + secs(i)), Ok(()));
+            assert_eq!(
+                admit(&g, ID, S, ip(1), 15, true, false, t0 + secs(i)),
+                Ok(())
+            );
         }
         assert_eq!(
             admit(&g, ID, S, ip(1), 15, true, false, t0 + secs(15)),
@@ -506,7 +509,10 @@ mod tests {
     fn several_ports_per_request_count_each_port_as_a_use() {
         let (g, t0) = (AuthGuard::default(), Instant::now());
         // New connections: 10 of 15 uses, then the 5 left, then nothing.
-        assert_eq!(admit_many(&g, ID, S, ip(1), 15, true, false, 10, t0), Ok(10));
+        assert_eq!(
+            admit_many(&g, ID, S, ip(1), 15, true, false, 10, t0),
+            Ok(10)
+        );
         assert_eq!(admit_many(&g, ID, S, ip(1), 15, true, false, 10, t0), Ok(5));
         assert_eq!(
             admit_many(&g, ID, S, ip(1), 15, true, false, 10, t0),

@@ -396,7 +396,10 @@ mod tests {
         for _ in 0..3 {
             let verdict = case.decide(Some(&token), 1, source(1), Some(&full));
             assert_eq!(verdict, Verdict::Full);
-            assert_eq!(verdict.answer(), Some(Answer::unavailable(RETRY_UNAVAILABLE)));
+            assert_eq!(
+                verdict.answer(),
+                Some(Answer::unavailable(RETRY_UNAVAILABLE))
+            );
         }
         // maxParked 1: the token serves one new connection, which it still can.
         let room = Fake {

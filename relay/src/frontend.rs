@@ -63,9 +63,9 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use taas_protocol::answer::{self, Answer, ClientRequest, Registration};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use taas_protocol::answer::{self, Answer, ClientRequest, Registration};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Limits, Timeouts};

@@ -122,7 +122,8 @@ pub async fn start(options: LabelRelayOptions) -> Result<LabelRelay, ServeError>
         source,
     })?;
     let mut registry = Registry::default();
-    let relay = StandaloneBackend::new(settings.clone(), &mut registry).map_err(ServeError::DataPlane)?;
+    let relay =
+        StandaloneBackend::new(settings.clone(), &mut registry).map_err(ServeError::DataPlane)?;
     relay.set_external(external);
     let problems = relay.apply(&BTreeMap::from([(label.label.clone(), label)]));
     if !problems.is_empty() {

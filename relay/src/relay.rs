@@ -13,9 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use prometheus_client::registry::Registry;
 use taas_protocol::answer::{Answer, ClientRequest, ConnectionAuth, Registration};
 use taas_protocol::guard::{AuthGuard, GuardLimits};
-use taas_protocol::registration::{
-    self, Decoy, NamedLabel, Terms, Verdict, RETRY_UNAVAILABLE,
-};
+use taas_protocol::registration::{self, Decoy, NamedLabel, Terms, Verdict, RETRY_UNAVAILABLE};
 use taas_protocol::sync::{read, write};
 use tokio::sync::Semaphore;
 

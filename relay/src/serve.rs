@@ -124,7 +124,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn apply(relay: &StandaloneBackend, set: &LabelSet, extra: &BTreeMap<String, LabelConfig>) -> Vec<String> {
+fn apply(
+    relay: &StandaloneBackend,
+    set: &LabelSet,
+    extra: &BTreeMap<String, LabelConfig>,
+) -> Vec<String> {
     let mut wanted = set.labels.clone();
     for (name, config) in extra {
         wanted.entry(name.clone()).or_insert_with(|| config.clone());
@@ -234,7 +238,8 @@ pub async fn start(options: ServeOptions) -> Result<Standalone, ServeError> {
         source,
     })?;
     let mut registry = Registry::default();
-    let relay = StandaloneBackend::new(settings.clone(), &mut registry).map_err(ServeError::DataPlane)?;
+    let relay =
+        StandaloneBackend::new(settings.clone(), &mut registry).map_err(ServeError::DataPlane)?;
     let problems = relay.apply(&labels.labels);
     if !problems.is_empty() {
         relay.close();

@@ -323,7 +323,7 @@ pub fn build_request(
         .header(header::CONTENT_LENGTH, "0")
         .header(header::USER_AGENT, USER_AGENT);
     if count > 1 {
-        builder = builder.header(crate::registrar::RENDEZVOUS_COUNT_HEADER, count);
+        builder = builder.header(taas_protocol::answer::RENDEZVOUS_COUNT_HEADER, count);
     }
     builder.body(Empty::new())
 }
@@ -393,10 +393,12 @@ mod tests {
             h.get(header::CONNECTION).is_none(),
             "keep-alive is the default"
         );
-        assert!(h.get(crate::registrar::RENDEZVOUS_COUNT_HEADER).is_none());
+        assert!(h
+            .get(taas_protocol::answer::RENDEZVOUS_COUNT_HEADER)
+            .is_none());
         let batch = build_request(&target, &auth, 8).unwrap();
         assert_eq!(
-            batch.headers()[crate::registrar::RENDEZVOUS_COUNT_HEADER],
+            batch.headers()[taas_protocol::answer::RENDEZVOUS_COUNT_HEADER],
             "8"
         );
 

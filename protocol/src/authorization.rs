@@ -1,6 +1,6 @@
 //! The `Authorization: TOTP username="ID", response="TKN"` header of a registration.
 //!
-//! Deployed stewards send exactly what [`format`] produces, and the original registrar accepted
+//! Deployed stewards send exactly what [`format()`] produces, and the original registrar accepted
 //! a loose grammar around it (PROTOCOL.md §2), so the parser is lenient where the original was:
 //! parameters in any order, separated by commas and/or whitespace, values quoted or not, unknown
 //! parameters ignored, the last of a repeated name wins. It is stricter only where the original

@@ -1,7 +1,7 @@
 //! The body of a `200` to a registration (PROTOCOL.md §2): `HOST:PORT`, the one-shot
 //! rendezvous port p, or one such line per port with the several-ports extension. The relay
-//! writes it with [`format`] and the agent reads it with [`parse`]: one module, so that the two
-//! sides cannot drift apart (a round-trip property test holds them together).
+//! writes it with [`format()`] and the agent reads it with [`parse()`]: one module, so that the
+//! two sides cannot drift apart (a round-trip property test holds them together).
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};

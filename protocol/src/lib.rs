@@ -11,6 +11,7 @@
 //!   replay and failure limits), [`registration`] (the decision on one registration);
 //! - a label's parked connections: [`pool`] (reserved ports, parked connections, waiting
 //!   clients, pairing order);
+//! - how a label's relay knows a gateway of its install (per-label tokens): [`gateway_auth`];
 //! - Host dispatch (registrar, `LABEL.<domain>`, not ours): [`host`];
 //! - what a hidden server is told of its client: [`proxy_header`] (PROXY v1/v2);
 //! - the agent's registrar URL and redirects: [`target`];
@@ -19,6 +20,7 @@
 
 pub mod answer;
 pub mod authorization;
+pub mod gateway_auth;
 pub mod guard;
 pub mod host;
 pub mod pool;

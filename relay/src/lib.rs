@@ -25,7 +25,6 @@ pub mod data_plane;
 pub mod demo;
 pub mod frontend;
 pub mod gateway;
-pub mod gateway_auth;
 pub mod label;
 pub mod label_relay;
 pub mod label_source;
@@ -41,4 +40,4 @@ pub mod splice;
 pub mod tls;
 
 // Protocol modules the rest of the relay, its tests and the operator name through this crate.
-pub use taas_protocol::{authorization, guard, host, proxy_header, totp};
+pub use taas_protocol::{authorization, gateway_auth, guard, host, proxy_header, totp};

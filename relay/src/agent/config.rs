@@ -136,14 +136,8 @@ impl AgentConfig {
             return bad("--parked 0: at least one connection must be parked".into());
         }
         match self.forward.rsplit_once(':') {
-            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
-            }
-            _ => {
-                return bad(format!(
-                    "--forward {:?}: expected HOST:PORT",
-                    self.forward
-                ))
-            }
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {}
+            _ => return bad(format!("--forward {:?}: expected HOST:PORT", self.forward)),
         }
         Ok(())
     }

@@ -461,7 +461,8 @@ mod tests {
         let lost = explain_parked_lost(Duration::from_millis(12), "closed");
         assert_eq!(lost.kind, "rendezvous_closed");
         assert!(
-            lost.message.contains("after 12 ms (closed)") && lost.message.contains("source pinning"),
+            lost.message.contains("after 12 ms (closed)")
+                && lost.message.contains("source pinning"),
             "{}",
             lost.message
         );
@@ -471,7 +472,9 @@ mod tests {
     fn explains_registrar_exchanges() {
         let p = explain_redirect("https://r.example/register/home", "too many redirects");
         assert_eq!((p.kind, p.severity), ("redirect", Severity::Error));
-        assert!(p.message.contains("from https://r.example/register/home: too many"));
+        assert!(p
+            .message
+            .contains("from https://r.example/register/home: too many"));
         assert_eq!(explain_connect_timeout("192.0.2.1:443").kind, "connect");
         assert_eq!(explain_handshake_timeout("192.0.2.1:443").kind, "tls");
         let t = explain_request_timeout("r.example:443", Duration::from_secs(15));

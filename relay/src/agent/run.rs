@@ -261,8 +261,7 @@ impl Shell {
         );
         let _ = self.cancel.send(true);
         // Closes the kept-alive registrar connections.
-        self.client =
-            RegistrarClient::new(self.agent.origin.clone(), None, self.agent.tls.clone());
+        self.client = RegistrarClient::new(self.agent.origin.clone(), None, self.agent.tls.clone());
         let drained = tokio::time::timeout(grace, async {
             while self.tasks.join_next().await.is_some() {}
         })

@@ -611,10 +611,7 @@ mod tests {
         );
         assert_eq!(s.failures(), 0);
         assert_eq!(s.next(t1), Next::WaitUntil(t1 + REFILL_DELAY));
-        assert_eq!(
-            s.next(t1 + REFILL_DELAY),
-            Next::Register { count: 1 }
-        );
+        assert_eq!(s.next(t1 + REFILL_DELAY), Next::Register { count: 1 });
     }
 
     #[test]
@@ -662,11 +659,17 @@ mod tests {
         /// Time passes.
         Wait(u64),
         /// The shell asks what to do, and the registration (if any) answers.
-        Poll { ok: bool, extra_ports: usize },
+        Poll {
+            ok: bool,
+            extra_ports: usize,
+        },
         Park,
         Refuse,
         /// The relay drops `n` parked connections at once, each after `lived_ms`.
-        Drop { n: usize, lived_ms: u64 },
+        Drop {
+            n: usize,
+            lived_ms: u64,
+        },
         Pair,
         EndPair,
     }

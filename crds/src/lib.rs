@@ -203,6 +203,7 @@ pub fn default_secret_key() -> String {
 /// The TOTP HMAC (RFC 6238).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum), value(rename_all = "UPPER"))]
 pub enum Algorithm {
     #[default]
     SHA1,

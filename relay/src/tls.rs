@@ -259,6 +259,88 @@ pub fn server_config(files: &CertFiles) -> Result<Arc<rustls::ServerConfig>, Tls
     Ok(Arc::new(config))
 }
 
+/// Which certificates a server's must chain to, for the agent's connections to the registrar.
+#[derive(Clone, Debug, Default)]
+pub enum Trust {
+    /// The operating system's roots (rustls-native-certs).
+    #[default]
+    System,
+    /// PEM certificates from a file (`--ca`): e.g. a self-signed relay's certificate.
+    PemFile(PathBuf),
+    /// Certificates given in memory (tests, demo mode).
+    Certificates(Vec<CertificateDer<'static>>),
+}
+
+/// Why the client configuration cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientTlsError {
+    #[error("cannot read the CA file {}", path.display())]
+    CaFile {
+        path: PathBuf,
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("the CA file {} holds no PEM certificate", .0.display())]
+    CaEmpty(PathBuf),
+    #[error("a trusted certificate is unusable")]
+    CaInvalid(#[source] rustls::Error),
+    #[error(
+        "no trusted root certificates found on this system: pass --ca FILE with the relay's \
+         certificate"
+    )]
+    NoRoots,
+    #[error("invalid configuration: no trusted certificate given")]
+    NoCertificates,
+    #[error("TLS set-up failed")]
+    Rustls(#[source] rustls::Error),
+}
+
+/// The agent's client configuration: ring, the given trust, ALPN `http/1.1` (as the server's).
+pub fn client_tls_config(trust: &Trust) -> Result<Arc<rustls::ClientConfig>, ClientTlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    match trust {
+        Trust::System => {
+            let found = rustls_native_certs::load_native_certs();
+            for error in &found.errors {
+                tracing::debug!(%error, "while loading the system's root certificates");
+            }
+            let (added, _ignored) = roots.add_parsable_certificates(found.certs);
+            if added == 0 {
+                return Err(ClientTlsError::NoRoots);
+            }
+        }
+        Trust::PemFile(path) => {
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+                .map_err(|source| ClientTlsError::CaFile {
+                    path: path.clone(),
+                    source,
+                })?;
+            if certs.is_empty() {
+                return Err(ClientTlsError::CaEmpty(path.clone()));
+            }
+            for cert in certs {
+                roots.add(cert).map_err(ClientTlsError::CaInvalid)?;
+            }
+        }
+        Trust::Certificates(certs) => {
+            for cert in certs {
+                roots.add(cert.clone()).map_err(ClientTlsError::CaInvalid)?;
+            }
+            if roots.is_empty() {
+                return Err(ClientTlsError::NoCertificates);
+            }
+        }
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(ClientTlsError::Rustls)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -292,8 +374,7 @@ mod tests {
             "regenerated for new names"
         );
         server_config(&changed).unwrap();
-        crate::agent::client_tls_config(&crate::agent::Trust::PemFile(changed.cert.clone()))
-            .unwrap();
+        client_tls_config(&Trust::PemFile(changed.cert.clone())).unwrap();
     }
 
     fn mode(path: &Path) -> u32 {
@@ -420,5 +501,27 @@ mod tests {
             error.contains("nothing.pem") && error.contains("certificate"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn ca_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let err = client_tls_config(&Trust::PemFile(missing)).unwrap_err();
+        assert!(matches!(err, ClientTlsError::CaFile { .. }), "{err:?}");
+
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let err = client_tls_config(&Trust::PemFile(empty)).unwrap_err();
+        assert!(matches!(err, ClientTlsError::CaEmpty(_)), "{err:?}");
+
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params =
+            rcgen::CertificateParams::new(vec!["taas-registrar.localhost".into()]).unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let good = dir.path().join("relay.pem");
+        std::fs::write(&good, cert.pem()).unwrap();
+        let config = client_tls_config(&Trust::PemFile(good)).unwrap();
+        assert_eq!(config.alpn_protocols, vec![b"http/1.1".to_vec()]);
     }
 }

@@ -1,6 +1,9 @@
-//! Why a registration failed, in words an operator can act on. Pure functions.
+//! Why a registration or a rendezvous failed, in words an operator can act on. Pure
+//! functions: every piece of advice the agent gives is written here, so that one file shows
+//! what an operator may read.
 
 use std::error::Error as StdError;
+use std::fmt;
 use std::time::Duration;
 
 /// Clock difference (seconds) beyond which a 401 is blamed on the clock.
@@ -219,46 +222,132 @@ pub fn parse_retry_after(value: &str, now: u64) -> Option<Duration> {
 }
 
 /// An IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`, the only form servers may send) as unix
-/// seconds.
+/// seconds. `httpdate` also reads the two obsolete forms (RFC 850, asctime): a date is taken
+/// only if `httpdate` writes it back exactly as given, i.e. in the one form servers may send.
 pub fn parse_http_date(value: &str) -> Option<u64> {
-    let parts: Vec<&str> = value.split_ascii_whitespace().collect();
-    let [weekday, day, month, year, time, "GMT"] = parts.as_slice() else {
-        return None;
-    };
-    if !weekday.ends_with(',') || weekday.len() != 4 {
+    let date: httpdate::HttpDate = value.parse().ok()?;
+    if date.to_string() != value {
         return None;
     }
-    let day: u32 = day.parse().ok().filter(|d| (1..=31).contains(d))?;
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let month = MONTHS.iter().position(|m| m == month)? as u32 + 1;
-    let year: i64 = year.parse().ok().filter(|y| (1970..=9999).contains(y))?;
-    let hms: Vec<u64> = time
-        .split(':')
-        .map(|p| p.parse().ok())
-        .collect::<Option<Vec<u64>>>()?;
-    let [h, m, s] = hms.as_slice() else {
-        return None;
-    };
-    if *h > 23 || *m > 59 || *s > 60 {
-        return None;
-    }
-    let days = days_from_civil(year, month, day);
-    u64::try_from(days * 86_400)
+    std::time::SystemTime::from(date)
+        .duration_since(std::time::UNIX_EPOCH)
         .ok()
-        .map(|d| d + h * 3600 + m * 60 + s)
+        .map(|since| since.as_secs())
 }
 
-/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm).
-fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let m = i64::from(month);
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(day) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
+/// Registered, but the connection to the rendezvous port failed.
+pub fn explain_rendezvous(endpoint: &str, error: &std::io::Error) -> Problem {
+    Problem::new(
+        "rendezvous",
+        Severity::Warn,
+        format!(
+            "registered, but cannot connect to the rendezvous port {endpoint}: {error} (a \
+             firewall between here and the relay's rendezvous ports, or the relay advertises an \
+             address unreachable from here)"
+        ),
+    )
+    .with_detail(format!("{:?}", error.kind()))
+}
+
+/// The relay closed a parked connection soon after it parked (`how`: "closed" or the error).
+pub fn explain_parked_lost(lived: Duration, how: &str) -> Problem {
+    Problem::new(
+        "rendezvous_closed",
+        Severity::Warn,
+        format!(
+            "the relay dropped a parked connection after {} ms ({how}): it may refuse this \
+             source address (source pinning: registration and rendezvous must come from the \
+             same address) or be restarting",
+            lived.as_millis()
+        ),
+    )
+}
+
+/// A redirect from the registrar that cannot be followed.
+pub fn explain_redirect(from: impl fmt::Display, error: impl fmt::Display) -> Problem {
+    Problem::new(
+        "redirect",
+        Severity::Error,
+        format!("cannot follow the registrar's redirect from {from}: {error}"),
+    )
+}
+
+/// The HTTP exchange with the registrar (at `authority`) failed after the connection was set
+/// up, or its HTTP handshake did.
+pub fn explain_request(authority: &str, error: &(dyn StdError + 'static)) -> Problem {
+    if let Some(tls) = find_rustls(error) {
+        return explain_tls(tls);
+    }
+    let text = chain(error);
+    Problem::new(
+        "http",
+        Severity::Warn,
+        format!("the registration request to {authority} failed: {text}"),
+    )
+    .with_detail(text.chars().take(60).collect::<String>())
+}
+
+/// No TCP connection to the registrar within the connect timeout.
+pub fn explain_connect_timeout(address: &str) -> Problem {
+    Problem::new(
+        "connect",
+        Severity::Warn,
+        format!("timed out connecting to the registrar at {address}"),
+    )
+}
+
+/// No TLS handshake with the registrar within the handshake timeout.
+pub fn explain_handshake_timeout(address: &str) -> Problem {
+    Problem::new(
+        "tls",
+        Severity::Warn,
+        format!("TLS handshake with the registrar at {address} timed out"),
+    )
+}
+
+/// No answer from the registrar within the request timeout.
+pub fn explain_request_timeout(authority: &str, timeout: Duration) -> Problem {
+    Problem::new(
+        "timeout",
+        Severity::Warn,
+        format!(
+            "the registrar at {authority} did not answer within {} s",
+            timeout.as_secs()
+        ),
+    )
+}
+
+/// The URL's host cannot be a TLS server name.
+pub fn explain_server_name(host: &str) -> Problem {
+    Problem::new(
+        "config",
+        Severity::Error,
+        format!("{host:?} is not a valid TLS server name"),
+    )
+}
+
+/// The registration request cannot be built (a header value the configuration made).
+pub fn explain_request_build(error: impl fmt::Display) -> Problem {
+    Problem::new(
+        "config",
+        Severity::Error,
+        format!("cannot build the request: {error}"),
+    )
+}
+
+/// An error with its sources, `a: b: c`.
+pub fn chain(error: &(dyn StdError + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let s = e.to_string();
+        if !text.contains(&s) {
+            text.push_str(": ");
+            text.push_str(&s);
+        }
+        source = e.source();
+    }
+    text
 }
 
 #[cfg(test)]
@@ -356,6 +445,43 @@ mod tests {
         assert_eq!(parse_http_date("Sun, 06 Foo 1994 08:49:37 GMT"), None);
         assert_eq!(parse_http_date("Sun, 06 Nov 1994 24:49:37 GMT"), None);
         assert_eq!(parse_http_date(""), None);
+        // The other obsolete form httpdate reads, and a weekday that does not match the date.
+        assert_eq!(parse_http_date("Sun Nov  6 08:49:37 1994"), None);
+        assert_eq!(parse_http_date("Mon, 06 Nov 1994 08:49:37 GMT"), None);
+    }
+
+    #[test]
+    fn explains_rendezvous_failures() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let p = explain_rendezvous("192.0.2.7:40001", &refused);
+        assert_eq!((p.kind, p.severity), ("rendezvous", Severity::Warn));
+        assert!(p.message.contains("192.0.2.7:40001") && p.message.contains("firewall"));
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert!(!p.same_reason(&explain_rendezvous("192.0.2.7:40001", &reset)));
+        let lost = explain_parked_lost(Duration::from_millis(12), "closed");
+        assert_eq!(lost.kind, "rendezvous_closed");
+        assert!(
+            lost.message.contains("after 12 ms (closed)")
+                && lost.message.contains("source pinning"),
+            "{}",
+            lost.message
+        );
+    }
+
+    #[test]
+    fn explains_registrar_exchanges() {
+        let p = explain_redirect("https://r.example/register/home", "too many redirects");
+        assert_eq!((p.kind, p.severity), ("redirect", Severity::Error));
+        assert!(p
+            .message
+            .contains("from https://r.example/register/home: too many"));
+        assert_eq!(explain_connect_timeout("192.0.2.1:443").kind, "connect");
+        assert_eq!(explain_handshake_timeout("192.0.2.1:443").kind, "tls");
+        let t = explain_request_timeout("r.example:443", Duration::from_secs(15));
+        assert_eq!(t.kind, "timeout");
+        assert!(t.message.contains("within 15 s"), "{}", t.message);
+        assert_eq!(explain_server_name("a b").kind, "config");
+        assert_eq!(explain_request_build("bad header").kind, "config");
     }
 
     #[test]

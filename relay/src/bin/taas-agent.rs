@@ -1,11 +1,13 @@
-//! `taas-agent`: the hidden-server side of TAAS. Flags → `taas_relay::agent::run`.
+//! `taas-agent`: the hidden-server side of TAAS. Flags (and `TAAS_*` variables) →
+//! `taas_relay::agent::AgentConfig` → `taas_relay::agent::run`. Everything else (the
+//! supervisor, the registrar client, the rendezvous) lives in the library's `agent` module.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{ArgGroup, Parser, ValueEnum};
+use clap::{ArgGroup, Parser};
 use taas_relay::agent::{self, AgentConfig, Trust};
 use taas_relay::config::Algorithm;
 use taas_relay::process::{self, LogFormat};
@@ -58,7 +60,7 @@ struct Args {
         value_enum,
         conflicts_with = "label_file"
     )]
-    algorithm: Option<AlgorithmArg>,
+    algorithm: Option<Algorithm>,
 
     /// TOTP step in seconds (without --label-file; default 30).
     #[arg(long, env = "TAAS_PERIOD", value_name = "SECS", conflicts_with = "label_file",
@@ -105,14 +107,6 @@ struct Args {
     log_format: LogFormat,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
-#[value(rename_all = "UPPER")]
-enum AlgorithmArg {
-    Sha1,
-    Sha256,
-    Sha512,
-}
-
 fn parse_parked(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
         Ok(n) if (1..=4096).contains(&n) => Ok(n),
@@ -132,11 +126,7 @@ fn config(args: Args) -> anyhow::Result<AgentConfig> {
         };
         let mut config = AgentConfig::new(&args.relay, "", "", secret, &args.forward);
         if let Some(algorithm) = args.algorithm {
-            config.algorithm = match algorithm {
-                AlgorithmArg::Sha1 => Algorithm::SHA1,
-                AlgorithmArg::Sha256 => Algorithm::SHA256,
-                AlgorithmArg::Sha512 => Algorithm::SHA512,
-            };
+            config.algorithm = algorithm;
         }
         if let Some(period) = args.period {
             config.period = period;
@@ -274,5 +264,31 @@ mod tests {
             "0",
         ])
         .is_err());
+    }
+
+    #[test]
+    fn algorithm_spellings() {
+        let parse = |algorithm: &str| {
+            Args::try_parse_from([
+                "taas-agent",
+                "--relay",
+                "https://r",
+                "--id",
+                "i",
+                "--label",
+                "l",
+                "--forward",
+                "h:1",
+                "--secret",
+                "GEZDGNBV",
+                "--algorithm",
+                algorithm,
+            ])
+            .map(|args| args.algorithm)
+        };
+        assert_eq!(parse("SHA1").unwrap(), Some(Algorithm::SHA1));
+        assert_eq!(parse("SHA256").unwrap(), Some(Algorithm::SHA256));
+        assert_eq!(parse("SHA512").unwrap(), Some(Algorithm::SHA512));
+        assert!(parse("MD5").is_err());
     }
 }

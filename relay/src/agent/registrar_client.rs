@@ -1,4 +1,5 @@
-//! The HTTPS side: `PUT /register/LABEL` on kept-alive TLS connections, following redirects.
+//! The agent's HTTPS client of the registrar: `PUT /register/LABEL` on kept-alive TLS
+//! connections, following redirects. ("Registrar" is the relay's role; this is its client.)
 
 use std::collections::HashMap;
 use std::error::Error as StdError;
@@ -18,8 +19,9 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use super::explain::{
-    explain_connect, explain_status, explain_tls, find_rustls, parse_http_date, parse_retry_after,
-    Problem, Severity,
+    chain, explain_connect, explain_connect_timeout, explain_handshake_timeout, explain_redirect,
+    explain_request, explain_request_build, explain_request_timeout, explain_server_name,
+    explain_status, parse_http_date, parse_retry_after, Problem, Severity,
 };
 use super::target::{connect_address, resolve_redirect, RedirectError, Target, MAX_REDIRECTS};
 use crate::config::Algorithm;
@@ -92,14 +94,14 @@ struct Connection {
 }
 
 /// Registers with one registrar, reusing its connections (HTTP/1.1 keep-alive).
-pub struct Registrar {
+pub struct RegistrarClient {
     origin: Target,
     connect: Option<String>,
     tls: TlsConnector,
     connections: HashMap<(String, u16), Connection>,
 }
 
-impl Registrar {
+impl RegistrarClient {
     /// `origin` is the registration URL (`…/register/LABEL`); `connect` overrides the address
     /// of its host (not of other hosts a redirect may name).
     pub fn new(origin: Target, connect: Option<String>, tls: Arc<rustls::ClientConfig>) -> Self {
@@ -139,7 +141,7 @@ impl Registrar {
                 }
                 301 | 302 | 307 | 308 => {
                     if hops == MAX_REDIRECTS {
-                        return Err(redirect_problem(&target, RedirectError::TooMany).into());
+                        return Err(explain_redirect(&target, RedirectError::TooMany).into());
                     }
                     hops += 1;
                     let location = response
@@ -148,7 +150,7 @@ impl Registrar {
                         .and_then(|v| v.to_str().ok())
                         .unwrap_or("");
                     let next = resolve_redirect(&target, location)
-                        .map_err(|e| redirect_problem(&target, e))?;
+                        .map_err(|e| explain_redirect(&target, e))?;
                     tracing::debug!(from = %target, to = %next, status, "registration redirected");
                     target = next;
                 }
@@ -199,13 +201,8 @@ impl Registrar {
                 unreachable!("inserted above");
             };
             let peer_ip = connection.peer_ip;
-            let request = build_request(target, authorization, count).map_err(|e| {
-                Problem::new(
-                    "config",
-                    Severity::Error,
-                    format!("cannot build the request: {e}"),
-                )
-            })?;
+            let request =
+                build_request(target, authorization, count).map_err(explain_request_build)?;
             let sender = &mut connection.sender;
             let exchange = async {
                 sender
@@ -226,20 +223,13 @@ impl Registrar {
                         reused = false;
                         continue;
                     }
-                    return Err(request_problem(target, &*error).into());
+                    return Err(explain_request(&target.authority(), &*error).into());
                 }
                 Err(_) => {
                     self.connections.remove(&key);
-                    return Err(Problem::new(
-                        "timeout",
-                        Severity::Warn,
-                        format!(
-                            "the registrar at {} did not answer within {} s",
-                            target.authority(),
-                            REQUEST_TIMEOUT.as_secs()
-                        ),
-                    )
-                    .into());
+                    return Err(
+                        explain_request_timeout(&target.authority(), REQUEST_TIMEOUT).into(),
+                    );
                 }
             }
         }
@@ -258,44 +248,25 @@ impl Registrar {
         {
             Ok(Ok(tcp)) => tcp,
             Ok(Err(error)) => return Err(explain_connect(&address, &error).into()),
-            Err(_) => {
-                return Err(Problem::new(
-                    "connect",
-                    Severity::Warn,
-                    format!("timed out connecting to the registrar at {address}"),
-                )
-                .into())
-            }
+            Err(_) => return Err(explain_connect_timeout(&address).into()),
         };
         let _ = tcp.set_nodelay(true);
         let peer_ip = tcp
             .peer_addr()
             .map_err(|error| explain_connect(&address, &error))?
             .ip();
-        let server_name = ServerName::try_from(target.host.clone()).map_err(|_| {
-            Problem::new(
-                "config",
-                Severity::Error,
-                format!("{:?} is not a valid TLS server name", target.host),
-            )
-        })?;
+        let server_name = ServerName::try_from(target.host.clone())
+            .map_err(|_| explain_server_name(&target.host))?;
         let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.tls.connect(server_name, tcp))
             .await
         {
             Ok(Ok(tls)) => tls,
             Ok(Err(error)) => return Err(explain_connect(&address, &error).into()),
-            Err(_) => {
-                return Err(Problem::new(
-                    "tls",
-                    Severity::Warn,
-                    format!("TLS handshake with the registrar at {address} timed out"),
-                )
-                .into())
-            }
+            Err(_) => return Err(explain_handshake_timeout(&address).into()),
         };
         let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
-            .map_err(|error| request_problem(target, &error))?;
+            .map_err(|error| explain_request(&target.authority(), &error))?;
         tokio::spawn(async move {
             if let Err(error) = connection.await {
                 tracing::debug!(%error, "registrar connection ended");
@@ -326,48 +297,6 @@ pub fn build_request(
         builder = builder.header(taas_protocol::answer::RENDEZVOUS_COUNT_HEADER, count);
     }
     builder.body(Empty::new())
-}
-
-fn redirect_problem(target: &Target, error: RedirectError) -> Problem {
-    Problem::new(
-        "redirect",
-        Severity::Error,
-        format!("cannot follow the registrar's redirect from {target}: {error}"),
-    )
-}
-
-fn request_problem(target: &Target, error: &(dyn StdError + 'static)) -> Problem {
-    if let Some(tls) = find_rustls(error) {
-        return explain_tls(tls);
-    }
-    let text = chain(error);
-    let problem = Problem::new(
-        "http",
-        Severity::Warn,
-        format!(
-            "the registration request to {} failed: {text}",
-            target.authority()
-        ),
-    );
-    Problem {
-        detail: text.chars().take(60).collect(),
-        ..problem
-    }
-}
-
-/// An error with its sources, `a: b: c`.
-fn chain(error: &(dyn StdError + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        let s = e.to_string();
-        if !text.contains(&s) {
-            text.push_str(": ");
-            text.push_str(&s);
-        }
-        source = e.source();
-    }
-    text
 }
 
 #[cfg(test)]
@@ -432,7 +361,7 @@ mod tests {
         let outer = std::io::Error::other(inner);
         assert_eq!(chain(&outer), "inner");
         let target = Target::parse("https://r.example").unwrap();
-        let p = request_problem(&target, &outer);
+        let p = explain_request(&target.authority(), &outer);
         assert_eq!(p.kind, "http");
         assert!(p.message.contains("r.example:443"));
     }

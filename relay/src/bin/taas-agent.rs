@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{ArgGroup, Parser, ValueEnum};
 use taas_relay::agent::{self, AgentConfig, Trust};
 use taas_relay::config::Algorithm;
-use taas_relay::process::{self, LogFormat};
+use taas_process::{self as process, LogFormat};
 
 /// Keeps connections registered and parked at a TAAS relay, and forwards each connection a
 /// mobile client is paired onto to a local service.

@@ -15,9 +15,9 @@ use prometheus_client::registry::Registry;
 use taas_operator::metrics::{self, Metrics};
 use taas_operator::policy::{is_dns_subdomain, TenantPolicy};
 use taas_operator::settings::{RelayResources, Settings};
+use taas_process::LogFormat;
 use taas_relay::config::RedirectHost;
 use taas_relay::gateway_auth::InstallSecret;
-use taas_process::LogFormat;
 
 #[derive(Parser)]
 #[command(

@@ -12,7 +12,11 @@
 //! - `rate_limit`: the gateway's per-source token buckets for 307s; `sources`: per-source
 //!   connection counts on q;
 //! - `gateway_auth`: how a label's relay knows a gateway of its install (per-label tokens);
-//! - `frontend`: the HTTPS listener (TLS, HTTP/1.1, dispatch) over `relay::Relay`;
+//! - `frontend`: the HTTPS listener (TLS, HTTP/1.1, dispatch) and the `LabelBackend` it asks:
+//!   `relay::Relay` (every label here) or `gateway` (forwarded to each label's relay);
+//! - `run`: the three run modes, `standalone` (`serve`), `pod` (`label-relay`) and
+//!   `gateway`, over one shared set-up (certificate pair, front end, metrics, file
+//!   followers); logs, signals and the metrics endpoint are the `taas-process` crate;
 //! - `label_source`: labels from a directory of manifests; `provision`: `label new`;
 //! - `agent`: the hidden-server side; `tls`, `metrics`, `config`, `demo`.
 #![forbid(unsafe_code)]
@@ -28,17 +32,15 @@ pub mod gateway_auth;
 pub mod guard;
 pub mod host;
 pub mod label;
-pub mod label_relay;
 pub mod label_source;
 pub mod metrics;
 pub mod ports;
-pub mod process;
 pub mod provision;
 pub mod proxy_header;
 pub mod rate_limit;
 pub mod registrar;
 pub mod relay;
-pub mod serve;
+pub mod run;
 pub mod sources;
 pub mod splice;
 pub mod tls;

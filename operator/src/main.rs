@@ -15,9 +15,9 @@ use prometheus_client::registry::Registry;
 use taas_operator::metrics::{self, Metrics};
 use taas_operator::policy::{is_dns_subdomain, TenantPolicy};
 use taas_operator::settings::{RelayResources, Settings};
+use taas_process::LogFormat;
 use taas_relay::config::RedirectHost;
 use taas_relay::gateway_auth::InstallSecret;
-use taas_relay::process::LogFormat;
 
 #[derive(Parser)]
 #[command(
@@ -281,7 +281,7 @@ fn main() -> std::process::ExitCode {
             Ok(())
         }
         None => {
-            taas_relay::process::init(cli.run.log_format);
+            taas_process::init(cli.run.log_format);
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()

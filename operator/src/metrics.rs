@@ -81,7 +81,7 @@ impl Metrics {
 }
 
 /// `/metrics`, `/healthz` and `/readyz`: the same endpoint as the relay's.
-pub use taas_relay::metrics::serve;
+pub use taas_process::metrics::serve;
 
 /// Binds `addr` and serves it in a task.
 pub async fn spawn(

@@ -76,7 +76,7 @@ fn main() -> std::process::ExitCode {
         );
         return std::process::ExitCode::FAILURE;
     }
-    taas_relay::process::raise_fd_limit();
+    taas_process::raise_fd_limit();
     let dir = tempfile::tempdir().expect("temporary directory");
     let mut config = load::SoakConfig::new(&relay_bin, dir.path(), connections);
     config.labels = labels;

@@ -154,6 +154,12 @@ impl ExternalAddress {
     }
 }
 
+/// Host name of the registrar role unless told otherwise (`--registrar`): every front end
+/// and relay of an install must agree on it.
+pub const DEFAULT_REGISTRAR: &str = "taas-registrar.localhost";
+/// Servers domain unless told otherwise (`--domain`): clients ask for `LABEL.<domain>`.
+pub const DEFAULT_DOMAIN: &str = "taas.localhost";
+
 /// Settings of the relay process (`taas-relay serve`), independent of any label.
 #[derive(Clone, Debug)]
 pub struct RelaySettings {
@@ -176,7 +182,7 @@ pub struct RelaySettings {
     pub data_threads: std::num::NonZeroUsize,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Timeouts {
     /// A p port waits this long for its one connection.
     pub rendezvous: Duration,
@@ -219,7 +225,7 @@ impl Default for Timeouts {
 /// module docs) the cap fits the chart's 256 MiB memory limit with room to spare.
 pub const POD_FRONTEND_CONNECTIONS: usize = 4096;
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Limits {
     /// Front-end connections open at once (TLS handshakes included).
     pub frontend_connections: usize,

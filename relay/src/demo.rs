@@ -12,11 +12,11 @@ use http_body_util::Full;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 
 use crate::agent::{Agent, AgentConfig, Trust};
 use crate::config::LabelConfig;
-use crate::serve::Standalone;
+use crate::run::standalone::Standalone;
+use crate::run::Tasks;
 
 pub const DEMO_LABEL: &str = "demo";
 
@@ -36,15 +36,7 @@ pub enum DemoError {
 pub struct Demo {
     /// What a mobile client asks for.
     pub url: String,
-    tasks: Vec<JoinHandle<()>>,
-}
-
-impl Drop for Demo {
-    fn drop(&mut self) {
-        for task in &self.tasks {
-            task.abort();
-        }
-    }
+    _tasks: Tasks,
 }
 
 /// Adds the demo label to `relay`, starts the page and the agent, and prints how to try it.
@@ -73,7 +65,8 @@ pub async fn start(relay: &Standalone) -> Result<Demo, DemoError> {
     let page = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
     let page_addr = page.local_addr()?;
     let page_tls = crate::tls::server_config(&relay.cert)?;
-    let page_task = tokio::spawn(serve_page(page, page_tls));
+    let mut tasks = Tasks::new(None);
+    tasks.spawn(serve_page(page, page_tls));
 
     let port = relay.frontend.port();
     let registrar_url = format!("https://{}:{port}", settings.registrar);
@@ -82,7 +75,7 @@ pub async fn start(relay: &Standalone) -> Result<Demo, DemoError> {
     agent_config.trust = Trust::PemFile(relay.cert.cert.clone());
     agent_config.parked = 4;
     let agent = Agent::new(agent_config)?;
-    let agent_task = tokio::spawn(async move {
+    tasks.spawn(async move {
         if let Err(error) = agent.run(std::future::pending()).await {
             tracing::error!(%error, "demo agent stopped");
         }
@@ -98,10 +91,7 @@ pub async fn start(relay: &Standalone) -> Result<Demo, DemoError> {
          Stop with Ctrl-C.\n",
         cert = cert.display(),
     );
-    Ok(Demo {
-        url,
-        tasks: vec![page_task, agent_task],
-    })
+    Ok(Demo { url, _tasks: tasks })
 }
 
 async fn serve_page(listener: TcpListener, tls: Arc<rustls::ServerConfig>) {

@@ -72,7 +72,6 @@ use crate::config::{Limits, Timeouts};
 use crate::gateway_auth::GatewayToken;
 pub use crate::gateway_auth::GATEWAY_AUTH_HEADER;
 use crate::host::{self, Names, Role};
-use crate::relay::LabelBackend;
 use crate::sources::{SourceCounts, SourceKey};
 
 /// Largest request head accepted (hyper answers 431 beyond it).
@@ -81,6 +80,25 @@ pub const MAX_HEAD_BYTES: usize = 16 * 1024;
 pub const MAX_HEADERS: usize = 64;
 /// Largest request body read (and ignored); a larger one gets 413.
 pub const MAX_BODY_BYTES: usize = 4 * 1024;
+
+/// Where the front end sends registrations and mobile clients. The standalone relay answers
+/// them itself; a gateway forwards them to each label's relay.
+pub trait LabelBackend: Send + Sync + 'static {
+    /// State kept per front-end connection (the relay: IDs authenticated on it; a gateway:
+    /// its upstream connections).
+    type Connection: Default + Send + Sync + 'static;
+
+    fn register(
+        &self,
+        request: Registration<'_>,
+        connection: &Self::Connection,
+    ) -> impl std::future::Future<Output = Answer> + Send;
+
+    fn client(
+        &self,
+        request: ClientRequest<'_>,
+    ) -> impl std::future::Future<Output = Answer> + Send;
+}
 
 /// What the front end needs besides the backend.
 #[derive(Clone, Debug)]

@@ -2,7 +2,9 @@
 //! TLS and dispatches by Host like the standalone relay, but answers nothing itself: each
 //! registration and each mobile request is forwarded, as plain HTTP with the client's address
 //! in `taas-client-addr`, to the control port of that label's relay, and the relay's answer
-//! is returned. Stateless: any number of replicas can run behind one Service.
+//! is returned. Stateless: any number of replicas can run behind one Service. This module is
+//! the gateway's routing and upstream side (the `LabelBackend` the front end calls); its
+//! process set-up (listener, certificate, the files it follows) is `run::gateway`.
 //!
 //! Upstream connections (issue 13, item 3):
 //! - **Registrations**: each front-end connection keeps its own upstream connection to each
@@ -36,7 +38,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
@@ -54,9 +56,9 @@ use taas_protocol::answer::{
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::frontend::LabelBackend;
 use crate::gateway_auth::{InstallSecret, GATEWAY_AUTH_HEADER};
 use crate::rate_limit::{RateLimit, SourceRateLimiter};
-use crate::relay::LabelBackend;
 
 /// How long the gateway waits to connect to a relay, and for its answer. A relay that went
 /// away costs a client at most this, never a hang.
@@ -116,34 +118,16 @@ impl RouteTable {
     }
 }
 
-/// Reads routes from a YAML file (`LABEL: {relay: HOST:PORT, ready: true}`), every
-/// `interval`; a broken file is reported and the last good routes kept.
-pub async fn follow_route_file(path: PathBuf, interval: Duration, table: Arc<RouteTable>) {
-    let mut last_problem = None;
-    loop {
-        let read = std::fs::read_to_string(&path)
-            .map_err(|e| e.to_string())
-            .and_then(|text| {
-                serde_yaml::from_str::<HashMap<String, Route>>(&text).map_err(|e| e.to_string())
-            });
-        match read {
-            Ok(routes) => {
-                let routes = routes
-                    .into_iter()
-                    .map(|(label, route)| (label.to_ascii_lowercase(), route))
-                    .collect();
-                table.replace(routes);
-                last_problem = None;
-            }
-            Err(problem) => {
-                if last_problem.as_ref() != Some(&problem) {
-                    tracing::warn!(file = %path.display(), %problem, "routes not updated");
-                }
-                last_problem = Some(problem);
-            }
-        }
-        tokio::time::sleep(interval).await;
-    }
+/// Reads a routes file (YAML, `LABEL: {relay: HOST:PORT, ready: true}`); labels in lower
+/// case. A problem names what is wrong; the caller keeps the last good routes.
+pub fn read_route_file(path: &Path) -> Result<HashMap<String, Route>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let routes =
+        serde_yaml::from_str::<HashMap<String, Route>>(&text).map_err(|e| e.to_string())?;
+    Ok(routes
+        .into_iter()
+        .map(|(label, route)| (label.to_ascii_lowercase(), route))
+        .collect())
 }
 
 pub struct Gateway {
@@ -210,6 +194,19 @@ impl Gateway {
             }),
             redirect_limiter: Mutex::new(SourceRateLimiter::new(settings.redirect_limit)),
             metrics,
+        }
+    }
+
+    /// Closes the client-request pool's idle connections once past their idle timeout, every
+    /// half of it (at least every 100 ms), until the task is dropped.
+    pub fn sweep_idle_connections(&self) -> impl Future<Output = ()> + Send + 'static {
+        let upstream = self.upstream.clone();
+        let every = (upstream.pool.limits.idle_timeout / 2).max(Duration::from_millis(100));
+        async move {
+            loop {
+                tokio::time::sleep(every).await;
+                upstream.pool.sweep(Instant::now());
+            }
         }
     }
 
@@ -380,38 +377,14 @@ impl SecretSlot {
         Some(value)
     }
 
-    fn replace(&self, secret: InstallSecret) -> bool {
+    /// Puts `secret` in place; false if it is the one already there.
+    pub fn replace(&self, secret: InstallSecret) -> bool {
         let mut current = self.secret.write().unwrap_or_else(PoisonError::into_inner);
         if current.as_deref() == Some(&secret) {
             return false;
         }
         *current = Some(Arc::new(secret));
         true
-    }
-}
-
-/// Re-reads the install secret every `interval` (a Secret mounted as a file is updated in
-/// place when the chart rotates it); an unreadable or short file is reported once and the
-/// last good secret kept. The secret itself is never logged.
-pub async fn follow_secret_file(path: PathBuf, interval: Duration, slot: Arc<SecretSlot>) {
-    let mut last_problem = None;
-    loop {
-        tokio::time::sleep(interval).await;
-        match InstallSecret::from_file(&path) {
-            Ok(secret) => {
-                if slot.replace(secret) {
-                    tracing::info!(file = %path.display(), "install secret changed");
-                }
-                last_problem = None;
-            }
-            Err(error) => {
-                let problem = error.to_string();
-                if last_problem.as_ref() != Some(&problem) {
-                    tracing::warn!(%problem, "install secret not updated");
-                }
-                last_problem = Some(problem);
-            }
-        }
     }
 }
 
@@ -814,171 +787,6 @@ impl ResolveCache {
         }
         self.entries.insert(name.to_string(), (resolved, now + ttl));
     }
-}
-
-/// Where the gateway learns its routes.
-#[derive(Clone, Debug)]
-pub enum RouteSource {
-    /// A YAML file, polled.
-    File(PathBuf),
-}
-
-#[derive(Clone, Debug)]
-pub struct GatewayOptions {
-    pub listen: std::net::SocketAddr,
-    pub registrar: String,
-    pub domain: String,
-    pub tls_cert: Option<PathBuf>,
-    pub tls_key: Option<PathBuf>,
-    pub state_dir: PathBuf,
-    pub routes: RouteSource,
-    pub reload_interval: Duration,
-    pub metrics: Option<std::net::SocketAddr>,
-    pub timeouts: crate::config::Timeouts,
-    pub max_connections: usize,
-    /// Connections one source (IPv4 address or IPv6 /64) may hold on the front end.
-    pub max_connections_per_source: usize,
-    /// The install secret's file: every forwarded request then carries LABEL's gateway
-    /// token. Without it, relays that check tokens refuse the gateway.
-    pub install_secret_file: Option<PathBuf>,
-    /// The upstream pool's bounds and the per-source limit on 307s.
-    pub upstream: UpstreamSettings,
-}
-
-/// A running gateway; dropping it stops it.
-pub struct RunningGateway {
-    pub frontend: std::net::SocketAddr,
-    pub metrics: Option<std::net::SocketAddr>,
-    pub routes: Arc<RouteTable>,
-    pub cert: crate::tls::CertFiles,
-    ready: Arc<std::sync::atomic::AtomicBool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl RunningGateway {
-    /// The first step of stopping: `/readyz` answers 503 so no new traffic is sent here,
-    /// while requests keep being served until the gateway is dropped.
-    pub fn drain(&self) {
-        self.ready
-            .store(false, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-impl Drop for RunningGateway {
-    fn drop(&mut self) {
-        for task in &self.tasks {
-            task.abort();
-        }
-    }
-}
-
-pub async fn start(options: GatewayOptions) -> Result<RunningGateway, crate::serve::ServeError> {
-    use crate::serve::ServeError;
-    let secret = match &options.install_secret_file {
-        Some(path) => {
-            let secret = InstallSecret::from_file(path)
-                .map_err(|error| ServeError::Config(format!("--gateway-secret-file: {error}")))?;
-            Some(secret)
-        }
-        None => {
-            tracing::warn!(
-                "no --gateway-secret-file: relays that check gateway tokens will refuse this gateway"
-            );
-            None
-        }
-    };
-    let secret = Arc::new(SecretSlot::new(secret));
-    let registrar = options.registrar.to_ascii_lowercase();
-    let domain = options.domain.to_ascii_lowercase();
-    let cert = match (&options.tls_cert, &options.tls_key) {
-        (Some(cert), Some(key)) => crate::tls::CertFiles {
-            cert: cert.clone(),
-            key: key.clone(),
-        },
-        (None, None) => {
-            let names =
-                crate::tls::CertNames::for_relay(&registrar, &domain, options.listen.ip(), "");
-            crate::tls::load_or_generate(&options.state_dir, &names)?
-        }
-        _ => {
-            return Err(ServeError::Config(
-                "--tls-cert and --tls-key go together".into(),
-            ))
-        }
-    };
-    let tls = crate::tls::server_config(&cert)?;
-    let listener = crate::serve::bind(options.listen).await?;
-    let frontend = listener.local_addr().map_err(|source| ServeError::Listen {
-        addr: options.listen,
-        source,
-    })?;
-    let routes = Arc::new(RouteTable::default());
-    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut registry = Registry::default();
-    let gateway_metrics = Arc::new(GatewayMetrics::default());
-    gateway_metrics.register(&mut registry);
-    let frontend_metrics = crate::frontend::FrontendMetrics::default();
-    frontend_metrics.register(&mut registry);
-    let (metrics, mut tasks) =
-        crate::serve::spawn_metrics(options.metrics, registry, &ready).await?;
-    match options.routes.clone() {
-        RouteSource::File(path) => tasks.push(tokio::spawn(follow_route_file(
-            path,
-            options.reload_interval,
-            routes.clone(),
-        ))),
-    }
-    if let Some(path) = options.install_secret_file.clone() {
-        tasks.push(tokio::spawn(follow_secret_file(
-            path,
-            options.reload_interval,
-            secret.clone(),
-        )));
-    }
-    let settings = crate::frontend::FrontendSettings {
-        names: crate::host::Names {
-            registrar: registrar.clone(),
-            domain,
-        },
-        own_ips: Vec::new(),
-        handshake_timeout: options.timeouts.handshake,
-        request_timeout: options.timeouts.keep_alive,
-        max_connections: options.max_connections,
-        max_connections_per_source: options.max_connections_per_source,
-        body_timeout: options.timeouts.request_body,
-        metrics: frontend_metrics,
-    };
-    let backend = Arc::new(Gateway::new(
-        routes.clone(),
-        registrar,
-        options.upstream,
-        secret,
-        gateway_metrics,
-    ));
-    let upstream = backend.upstream.clone();
-    let sweep_every = (options.upstream.pool.idle_timeout / 2).max(Duration::from_millis(100));
-    tasks.push(tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(sweep_every).await;
-            upstream.pool.sweep(Instant::now());
-        }
-    }));
-    tasks.push(tokio::spawn(crate::frontend::serve(
-        listener,
-        crate::frontend::Transport::Tls(tls),
-        settings,
-        backend,
-    )));
-    ready.store(true, std::sync::atomic::Ordering::Relaxed);
-    tracing::info!(listen = %frontend, "gateway serving");
-    Ok(RunningGateway {
-        frontend,
-        metrics,
-        routes,
-        cert,
-        ready,
-        tasks,
-    })
 }
 
 #[cfg(test)]

@@ -14,7 +14,11 @@
 //! - `rate_limit`: the gateway's per-source token buckets for 307s; `sources`: per-source
 //!   connection counts on q;
 //! - `gateway_auth`: how a label's relay knows a gateway of its install (per-label tokens);
-//! - `frontend`: the HTTPS listener (TLS, HTTP/1.1, dispatch) over a `LabelBackend`;
+//! - `frontend`: the HTTPS listener (TLS, HTTP/1.1, dispatch) and the `LabelBackend` it asks:
+//!   `relay::StandaloneBackend` (every label here) or `gateway` (forwarded to each label's relay);
+//! - `run`: the three run modes, `standalone` (`serve`), `pod` (`label-relay`) and
+//!   `gateway`, over one shared set-up (certificate pair, front end, metrics, file
+//!   followers); logs, signals and the metrics endpoint are the `taas-process` crate;
 //! - `label_source`: labels from a directory of manifests; `provision`: `label new`;
 //! - `agent`: the hidden-server side; `tls`, `metrics`, `config`, `demo`.
 #![forbid(unsafe_code)]
@@ -26,15 +30,13 @@ pub mod demo;
 pub mod frontend;
 pub mod gateway;
 pub mod label;
-pub mod label_relay;
 pub mod label_source;
 pub mod metrics;
 pub mod ports;
-pub mod process;
 pub mod provision;
 pub mod rate_limit;
 pub mod relay;
-pub mod serve;
+pub mod run;
 pub mod sources;
 pub mod splice;
 pub mod tls;

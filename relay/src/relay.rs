@@ -19,31 +19,13 @@ use tokio::sync::Semaphore;
 
 use crate::config::{ExternalAddress, LabelConfig, RedirectHost, RelaySettings};
 use crate::data_plane::DataPlane;
+use crate::frontend::LabelBackend;
 use crate::label::{Label, Shared, Unavailable};
 use crate::metrics::{Registered, RelayMetrics};
 use crate::ports::{PortError, PortPool};
 
 /// How long a mobile client is told to wait when no hidden server is parked.
 const RETRY_NOT_PARKED: Duration = Duration::from_secs(5);
-
-/// Where the front end sends registrations and mobile clients. The standalone relay answers
-/// them itself; a gateway forwards them to each label's relay.
-pub trait LabelBackend: Send + Sync + 'static {
-    /// State kept per front-end connection (the relay: IDs authenticated on it; a gateway:
-    /// its upstream connections).
-    type Connection: Default + Send + Sync + 'static;
-
-    fn register(
-        &self,
-        request: Registration<'_>,
-        connection: &Self::Connection,
-    ) -> impl std::future::Future<Output = Answer> + Send;
-
-    fn client(
-        &self,
-        request: ClientRequest<'_>,
-    ) -> impl std::future::Future<Output = Answer> + Send;
-}
 
 /// The standalone relay's label backend: every label in one process.
 pub struct StandaloneBackend {

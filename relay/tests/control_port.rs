@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use taas_relay::config::{Limits, RedirectHost, Timeouts};
 use taas_relay::gateway_auth::{GatewayToken, InstallSecret, GATEWAY_AUTH_HEADER};
-use taas_relay::label_relay::{self, LabelRelay, LabelRelayOptions};
+use taas_relay::run::pod::{self as label_relay, LabelRelay, LabelRelayOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 

@@ -1,7 +1,7 @@
 //! Strangers must not take the front end offline (issue 13, item 2): a request body that never
 //! arrives, one source opening connection after connection, and many connections each
 //! holding a partial head. Over TLS to a real relay (`serve`, in-process or spawned) and
-//! through the real gateway (`taas_relay::gateway::start`).
+//! through the real gateway (`taas_relay::run::gateway::start`).
 
 mod common;
 #[path = "common/load.rs"]
@@ -119,14 +119,14 @@ async fn a_body_that_never_arrives_at_the_gateway_gets_408_and_a_close_at_its_de
     init_logs();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("routes.yaml"), "{}\n").unwrap();
-    let gateway = taas_relay::gateway::start(taas_relay::gateway::GatewayOptions {
+    let gateway = taas_relay::run::gateway::start(taas_relay::run::gateway::GatewayOptions {
         listen: "127.0.0.1:0".parse().unwrap(),
         registrar: REGISTRAR.into(),
         domain: DOMAIN.into(),
         tls_cert: None,
         tls_key: None,
         state_dir: dir.path().join("state"),
-        routes: taas_relay::gateway::RouteSource::File(dir.path().join("routes.yaml")),
+        routes: taas_relay::run::gateway::RouteSource::File(dir.path().join("routes.yaml")),
         reload_interval: Duration::from_millis(50),
         metrics: None,
         timeouts: short_body_deadline(),
@@ -343,7 +343,7 @@ async fn held_partial_heads_cost_a_bounded_amount_of_memory_each() {
     const HEAD: usize = 15 * 1024;
     /// The generous bound asserted per connection (measured: about 36 KiB).
     const BOUND_KIB: f64 = 48.0;
-    taas_relay::process::raise_fd_limit();
+    taas_process::raise_fd_limit();
     let dir = tempfile::tempdir().unwrap();
     let relay = SpawnedRelay::start(&RelaySpec::new(RELAY_BIN, dir.path(), 4)).await;
     // Warm up the allocator and the runtime with a first batch, then measure the next ones.

@@ -12,10 +12,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use taas_relay::config::{Limits, RedirectHost, Timeouts};
-use taas_relay::gateway::{
-    self, GatewayOptions, Route, RouteSource, RunningGateway, UpstreamSettings,
-};
-use taas_relay::label_relay::{self, LabelRelay, LabelRelayOptions};
+use taas_relay::gateway::{Route, UpstreamSettings};
+use taas_relay::run::gateway::{self, GatewayOptions, RouteSource, RunningGateway};
+use taas_relay::run::pod::{self as label_relay, LabelRelay, LabelRelayOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 

@@ -146,7 +146,7 @@ fn median(samples: &mut [Duration]) -> Duration {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_take_as_long_for_an_unknown_id_as_for_a_sha512_one() {
     use taas_protocol::answer::{ConnectionAuth, Registration};
-    use taas_relay::relay::LabelBackend;
+    use taas_relay::frontend::LabelBackend;
 
     let home = TestLabel::new("home").with("algorithm: SHA512");
     let relay = TestRelay::start(&[&home]).await;

@@ -31,7 +31,7 @@ async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
     let guard = SERIAL.lock().await;
     load::debug_logs();
     load::count_panics();
-    taas_relay::process::raise_fd_limit();
+    taas_process::raise_fd_limit();
     guard
 }
 

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{ArgGroup, Parser};
+use taas_process::{self as process, LogFormat};
 use taas_relay::agent::{self, AgentConfig, Trust};
 use taas_relay::config::Algorithm;
-use taas_relay::process::{self, LogFormat};
 
 /// Keeps connections registered and parked at a TAAS relay, and forwards each connection a
 /// mobile client is paired onto to a local service.

@@ -1,4 +1,11 @@
-//! `taas-relay`: the standalone relay (`serve`) and label provisioning (`label new`).
+//! `taas-relay`: the relay in each of its run modes and label provisioning. A thin shell: the
+//! flags (each with its `TAAS_*` variable, defaults taken from the library's options and
+//! constants), then `taas_relay::run::{standalone, gateway, pod}` and `provision`.
+//! - `serve`: the standalone relay (every label of a directory; `--demo` adds a built-in
+//!   hidden server);
+//! - `gateway`: a cluster's TLS front end, forwarding to each label's relay;
+//! - `label-relay`: one label's relay in a pod, as the operator runs it;
+//! - `label new`: provision a label (manifests, and what the hidden server needs).
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
@@ -8,10 +15,18 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::builder::TypedValueParser as _;
 use clap::{Args, Parser, Subcommand};
-use taas_relay::config::{Limits, PortRange, RedirectHost, Timeouts};
+use taas_process::{shutdown_signal, LogFormat};
+use taas_relay::config::{
+    Limits, PortRange, RedirectHost, Timeouts, DEFAULT_DOMAIN, DEFAULT_REGISTRAR,
+    POD_FRONTEND_CONNECTIONS,
+};
+use taas_relay::gateway::UpstreamSettings;
 use taas_relay::gateway_auth::GatewayToken;
-use taas_relay::process::{self, shutdown_signal, LogFormat};
-use taas_relay::serve::{self, ServeOptions};
+use taas_relay::rate_limit::RateLimit;
+use taas_relay::run::gateway::{self, GatewayOptions, RouteSource};
+use taas_relay::run::pod::{self, LabelRelayOptions};
+use taas_relay::run::standalone::{self, ServeOptions};
+use taas_relay::run::{DEFAULT_STATE_DIR, POD_METRICS};
 
 #[derive(Parser)]
 #[command(
@@ -44,7 +59,7 @@ enum Command {
 #[derive(Args)]
 struct GatewayArgs {
     /// HTTPS front end.
-    #[arg(long, env = "TAAS_LISTEN", default_value = "0.0.0.0:8443")]
+    #[arg(long, env = "TAAS_LISTEN", default_value_t = gateway::DEFAULT_LISTEN)]
     listen: SocketAddr,
     #[command(flatten)]
     names: Names,
@@ -54,24 +69,27 @@ struct GatewayArgs {
     #[arg(long, env = "TAAS_ROUTES_FILE")]
     routes_file: PathBuf,
     /// Seconds between reads of --routes-file.
-    #[arg(long, env = "TAAS_RELOAD_INTERVAL", default_value_t = 1.0)]
+    #[arg(long, env = "TAAS_RELOAD_INTERVAL",
+          default_value_t = gateway::DEFAULT_RELOAD_INTERVAL.as_secs_f64())]
     reload_interval: f64,
     /// /metrics, /healthz, /readyz (plain HTTP); "off" to disable.
-    #[arg(long, env = "TAAS_METRICS", default_value = "0.0.0.0:9464")]
+    #[arg(long, env = "TAAS_METRICS", default_value_t = POD_METRICS.to_string())]
     metrics: String,
     /// Front-end connections open at once, TLS handshakes included (the default fits the
     /// chart's 256 MiB memory limit at ~36 KiB per held connection).
-    #[arg(long, env = "TAAS_MAX_CONNECTIONS", default_value_t = POD_MAX_CONNECTIONS,
-          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
-    max_connections: u32,
+    #[arg(long, env = "TAAS_MAX_CONNECTIONS", default_value_t = POD_FRONTEND_CONNECTIONS,
+          value_parser = connection_count())]
+    max_connections: usize,
     /// Front-end connections one source (an IPv4 address or an IPv6 /64) may hold at once;
     /// more are closed before the TLS handshake. Sized for carrier-grade NAT.
-    #[arg(long, env = "TAAS_MAX_CONNECTIONS_PER_SOURCE", default_value_t = 1024,
-          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
-    max_connections_per_source: u32,
+    #[arg(long, env = "TAAS_MAX_CONNECTIONS_PER_SOURCE",
+          default_value_t = Limits::default().frontend_connections_per_source,
+          value_parser = connection_count())]
+    max_connections_per_source: usize,
     /// Seconds to keep serving after SIGTERM, unready, before closing: load balancers and
     /// kube-proxy stop sending new connections first, so a rolling update loses none.
-    #[arg(long, env = "TAAS_SHUTDOWN_DELAY", default_value_t = 5.0)]
+    #[arg(long, env = "TAAS_SHUTDOWN_DELAY",
+          default_value_t = gateway::DEFAULT_SHUTDOWN_DELAY.as_secs_f64())]
     shutdown_delay: f64,
     /// The install secret (mounted from the Secret the chart creates): every request
     /// forwarded to LABEL's relay carries LABEL's gateway token, derived from it. Re-read on
@@ -80,10 +98,11 @@ struct GatewayArgs {
     gateway_secret_file: Option<PathBuf>,
     /// 307s per second one client source may get (an IPv4 address, or an IPv6 /64); beyond
     /// it, 429 with Retry-After. Generous for carrier-grade NAT; 0 disables the limit.
-    #[arg(long, env = "TAAS_REDIRECT_RATE", default_value_t = 20.0)]
+    #[arg(long, env = "TAAS_REDIRECT_RATE", default_value_t = RateLimit::default().per_second)]
     redirect_rate: f64,
     /// 307s one client source may get at once, before --redirect-rate applies.
-    #[arg(long, env = "TAAS_REDIRECT_BURST", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "TAAS_REDIRECT_BURST", default_value_t = RateLimit::default().burst,
+          value_parser = clap::value_parser!(u32).range(1..))]
     redirect_burst: u32,
 }
 
@@ -99,7 +118,7 @@ struct LabelRelayArgs {
     #[arg(long, env = "TAAS_EXTERNAL_FILE")]
     external_file: Option<PathBuf>,
     /// Plain-HTTP control port for the gateways.
-    #[arg(long, env = "TAAS_CONTROL", default_value = "0.0.0.0:8080")]
+    #[arg(long, env = "TAAS_CONTROL", default_value_t = pod::DEFAULT_CONTROL)]
     control: SocketAddr,
     /// The gateway token of this label (the operator derives it from the install secret):
     /// every control-port request must carry it in `taas-gateway-auth` (403 otherwise), and
@@ -118,28 +137,29 @@ struct LabelRelayArgs {
     trusted_proxies: Vec<ipnet::IpNet>,
     /// Control-port connections open at once (the default fits the chart's 256 MiB memory
     /// limit at ~36 KiB per held connection).
-    #[arg(long, env = "TAAS_MAX_CONNECTIONS", default_value_t = POD_MAX_CONNECTIONS,
-          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
-    max_connections: u32,
+    #[arg(long, env = "TAAS_MAX_CONNECTIONS", default_value_t = POD_FRONTEND_CONNECTIONS,
+          value_parser = connection_count())]
+    max_connections: usize,
     /// The same names as the gateways'.
     #[command(flatten)]
     names: Names,
     /// The pod's rendezvous ports.
-    #[arg(long, env = "TAAS_P_PORTS", default_value = "20000-20007")]
+    #[arg(long, env = "TAAS_P_PORTS", default_value_t = pod::DEFAULT_P_PORTS)]
     p_ports: PortRange,
     /// The pod's client port q.
-    #[arg(long, env = "TAAS_CLIENT_PORT", default_value_t = 21000)]
+    #[arg(long, env = "TAAS_CLIENT_PORT", default_value_t = pod::DEFAULT_CLIENT_PORT)]
     client_port: u16,
     /// /metrics, /healthz, /readyz (plain HTTP); "off" to disable.
-    #[arg(long, env = "TAAS_METRICS", default_value = "0.0.0.0:9464")]
+    #[arg(long, env = "TAAS_METRICS", default_value_t = POD_METRICS.to_string())]
     metrics: String,
     /// Seconds between reads of the mounted files.
-    #[arg(long, env = "TAAS_RELOAD_INTERVAL", default_value_t = 2.0)]
+    #[arg(long, env = "TAAS_RELOAD_INTERVAL",
+          default_value_t = pod::DEFAULT_RELOAD_INTERVAL.as_secs_f64())]
     reload_interval: f64,
     /// Host in the 307 Location: the requested name (LABEL.<domain>, which the hidden
     /// server's certificate names; needs *.<domain> to reach this label's client port), or
     /// the label's external address from --external-file.
-    #[arg(long, env = "TAAS_REDIRECT_HOST", value_enum, default_value_t = RedirectHost::Requested)]
+    #[arg(long, env = "TAAS_REDIRECT_HOST", value_enum, default_value_t = RedirectHost::default())]
     redirect_host: RedirectHost,
     #[command(flatten)]
     clients: ClientArgs,
@@ -154,7 +174,7 @@ struct ClientArgs {
         long,
         env = "TAAS_FIRST_BYTE_TIMEOUT",
         value_name = "S",
-        default_value_t = 3.0
+        default_value_t = Timeouts::default().first_byte.as_secs_f64()
     )]
     first_byte_timeout: f64,
     /// Seconds without a byte either way after which a spliced pair is closed; 0: never.
@@ -162,7 +182,7 @@ struct ClientArgs {
         long,
         env = "TAAS_PAIR_IDLE_TIMEOUT",
         value_name = "S",
-        default_value_t = 900.0
+        default_value_t = Timeouts::default().pair_idle.map_or(0.0, |idle| idle.as_secs_f64())
     )]
     pair_idle_timeout: f64,
     /// Connections one source (an IPv4 address or an IPv6 /64) may have open on one label's
@@ -210,7 +230,7 @@ enum LabelCommand {
 #[derive(Args, Clone)]
 struct RelayNames {
     /// HTTPS front end (registrar + mobile clients).
-    #[arg(long, env = "TAAS_LISTEN", default_value = "127.0.0.1:8443")]
+    #[arg(long, env = "TAAS_LISTEN", default_value_t = ServeOptions::default().listen)]
     listen: SocketAddr,
     #[command(flatten)]
     names: Names,
@@ -218,7 +238,7 @@ struct RelayNames {
     #[arg(long, env = "TAAS_ADVERTISE")]
     advertise: Option<String>,
     /// Directory of TaasLabel + Secret YAML manifests.
-    #[arg(long, env = "TAAS_LABELS", default_value = "labels")]
+    #[arg(long, env = "TAAS_LABELS", default_value_os_t = ServeOptions::default().labels)]
     labels: PathBuf,
     #[command(flatten)]
     tls: TlsArgs,
@@ -228,14 +248,10 @@ struct RelayNames {
 #[derive(Args, Clone)]
 struct Names {
     /// Host name of the registrar role.
-    #[arg(
-        long,
-        env = "TAAS_REGISTRAR",
-        default_value = "taas-registrar.localhost"
-    )]
+    #[arg(long, env = "TAAS_REGISTRAR", default_value = DEFAULT_REGISTRAR)]
     registrar: String,
     /// Servers domain: mobile clients ask for LABEL.<domain>.
-    #[arg(long, env = "TAAS_DOMAIN", default_value = "taas.localhost")]
+    #[arg(long, env = "TAAS_DOMAIN", default_value = DEFAULT_DOMAIN)]
     domain: String,
 }
 
@@ -249,7 +265,7 @@ struct TlsArgs {
     #[arg(long, env = "TAAS_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
     /// Generated certificate and other local state.
-    #[arg(long, env = "TAAS_STATE_DIR", default_value = ".taas")]
+    #[arg(long, env = "TAAS_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
 }
 
@@ -258,39 +274,45 @@ struct ServeArgs {
     #[command(flatten)]
     names: RelayNames,
     /// Host in the 307 Location: the requested name, or the advertised address.
-    #[arg(long, env = "TAAS_REDIRECT_HOST", value_enum, default_value_t = RedirectHost::Requested)]
+    #[arg(long, env = "TAAS_REDIRECT_HOST", value_enum,
+          default_value_t = ServeOptions::default().redirect_host)]
     redirect_host: RedirectHost,
     /// Range of one-shot rendezvous ports p.
-    #[arg(long, env = "TAAS_P_PORTS", default_value = "20000-20999")]
+    #[arg(long, env = "TAAS_P_PORTS", default_value_t = ServeOptions::default().p_ports)]
     p_ports: PortRange,
     /// Range of labels' client ports q (a label may pin its own).
-    #[arg(long, env = "TAAS_Q_PORTS", default_value = "21000-21999")]
+    #[arg(long, env = "TAAS_Q_PORTS", default_value_t = ServeOptions::default().q_ports)]
     q_ports: PortRange,
     /// /metrics, /healthz, /readyz (plain HTTP); "off" to disable.
-    #[arg(long, env = "TAAS_METRICS", default_value = "127.0.0.1:9464")]
+    #[arg(long, env = "TAAS_METRICS", default_value_t = metrics_arg(ServeOptions::default().metrics))]
     metrics: String,
     /// Seconds between checks of --labels for changes.
-    #[arg(long, env = "TAAS_RELOAD_INTERVAL", default_value_t = 1.0)]
+    #[arg(long, env = "TAAS_RELOAD_INTERVAL",
+          default_value_t = ServeOptions::default().reload_interval.as_secs_f64())]
     reload_interval: f64,
     /// Seconds a rendezvous port waits for the hidden server's connection.
-    #[arg(long, env = "TAAS_RENDEZVOUS_TIMEOUT", default_value_t = 30.0)]
+    #[arg(long, env = "TAAS_RENDEZVOUS_TIMEOUT",
+          default_value_t = Timeouts::default().rendezvous.as_secs_f64())]
     rendezvous_timeout: f64,
     /// Seconds a client on q waits for a parked connection.
-    #[arg(long, env = "TAAS_CLIENT_WAIT", default_value_t = 10.0)]
+    #[arg(long, env = "TAAS_CLIENT_WAIT",
+          default_value_t = Timeouts::default().client_wait.as_secs_f64())]
     client_wait: f64,
     /// Front-end connections open at once, TLS handshakes included (a held connection costs
     /// up to ~36 KiB of memory: size the cap to the host).
-    #[arg(long, env = "TAAS_MAX_CONNECTIONS", default_value_t = 16_384,
-          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
-    max_connections: u32,
+    #[arg(long, env = "TAAS_MAX_CONNECTIONS", default_value_t = Limits::default().frontend_connections,
+          value_parser = connection_count())]
+    max_connections: usize,
     /// Front-end connections one source (an IPv4 address or an IPv6 /64) may hold at once;
     /// more are closed before the TLS handshake. Sized for carrier-grade NAT, where many
     /// phones share one address.
-    #[arg(long, env = "TAAS_MAX_CONNECTIONS_PER_SOURCE", default_value_t = 1024,
-          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
-    max_connections_per_source: u32,
+    #[arg(long, env = "TAAS_MAX_CONNECTIONS_PER_SOURCE",
+          default_value_t = Limits::default().frontend_connections_per_source,
+          value_parser = connection_count())]
+    max_connections_per_source: usize,
     /// Seconds a request's body may take once its head is in (then 408 and a close).
-    #[arg(long, env = "TAAS_REQUEST_BODY_TIMEOUT", default_value_t = 10.0)]
+    #[arg(long, env = "TAAS_REQUEST_BODY_TIMEOUT",
+          default_value_t = Timeouts::default().request_body.as_secs_f64())]
     request_body_timeout: f64,
     /// Threads for the labels' connections: each label's connections run on one of them
     /// [default: one per CPU].
@@ -323,8 +345,17 @@ struct LabelNewArgs {
     names: RelayNames,
 }
 
-/// Connection cap of the gateway and label-relay pods (see `config::POD_FRONTEND_CONNECTIONS`).
-const POD_MAX_CONNECTIONS: u32 = taas_relay::config::POD_FRONTEND_CONNECTIONS as u32;
+/// A connection cap: 1 to 1,000,000.
+fn connection_count() -> impl clap::builder::TypedValueParser<Value = usize> {
+    clap::value_parser!(u32)
+        .range(1..=1_000_000)
+        .map(|n| n as usize)
+}
+
+/// The value of `--metrics` for an address (`None`: "off").
+fn metrics_arg(addr: Option<SocketAddr>) -> String {
+    addr.map_or_else(|| "off".to_string(), |addr| addr.to_string())
+}
 
 fn seconds(flag: &str, value: f64) -> anyhow::Result<Duration> {
     Duration::try_from_secs_f64(value)
@@ -352,8 +383,8 @@ fn serve_options(args: &ServeArgs) -> anyhow::Result<ServeOptions> {
         ..Timeouts::default()
     };
     let mut limits = Limits {
-        frontend_connections: args.max_connections as usize,
-        frontend_connections_per_source: args.max_connections_per_source as usize,
+        frontend_connections: args.max_connections,
+        frontend_connections_per_source: args.max_connections_per_source,
         ..Limits::default()
     };
     args.clients.apply(&mut timeouts, &mut limits)?;
@@ -381,7 +412,7 @@ fn serve_options(args: &ServeArgs) -> anyhow::Result<ServeOptions> {
 
 async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     let options = serve_options(&args)?;
-    let relay = serve::start(options).await?;
+    let relay = standalone::start(options).await?;
     let _demo = if args.demo {
         Some(taas_relay::demo::start(&relay).await?)
     } else {
@@ -392,7 +423,8 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
+/// The gateway's options, and how long it drains before it stops.
+fn gateway_options(args: &GatewayArgs) -> anyhow::Result<(GatewayOptions, Duration)> {
     if !(args.redirect_rate.is_finite() && args.redirect_rate >= 0.0) {
         anyhow::bail!(
             "--redirect-rate {}: expected 307s per second (0 or more; 0 disables the limit)",
@@ -405,54 +437,53 @@ async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
             args.shutdown_delay
         )
     })?;
-    let gateway = taas_relay::gateway::start(taas_relay::gateway::GatewayOptions {
+    let options = GatewayOptions {
         listen: args.listen,
-        registrar: args.names.registrar,
-        domain: args.names.domain,
-        tls_cert: args.tls.tls_cert,
-        tls_key: args.tls.tls_key,
-        state_dir: args.tls.state_dir,
-        routes: taas_relay::gateway::RouteSource::File(args.routes_file),
+        registrar: args.names.registrar.clone(),
+        domain: args.names.domain.clone(),
+        tls_cert: args.tls.tls_cert.clone(),
+        tls_key: args.tls.tls_key.clone(),
+        state_dir: args.tls.state_dir.clone(),
+        routes: RouteSource::File(args.routes_file.clone()),
         reload_interval: seconds("--reload-interval", args.reload_interval)?,
         metrics: metrics_addr(&args.metrics)?,
         timeouts: Timeouts::default(),
-        max_connections: args.max_connections as usize,
-        max_connections_per_source: args.max_connections_per_source as usize,
-        install_secret_file: args.gateway_secret_file,
-        upstream: taas_relay::gateway::UpstreamSettings {
-            redirect_limit: taas_relay::rate_limit::RateLimit {
+        max_connections: args.max_connections,
+        max_connections_per_source: args.max_connections_per_source,
+        install_secret_file: args.gateway_secret_file.clone(),
+        upstream: UpstreamSettings {
+            redirect_limit: RateLimit {
                 per_second: args.redirect_rate,
                 burst: args.redirect_burst,
-                ..Default::default()
+                ..RateLimit::default()
             },
-            ..Default::default()
+            ..UpstreamSettings::default()
         },
-    })
-    .await?;
+    };
+    Ok((options, shutdown_delay))
+}
+
+async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
+    let (options, shutdown_delay) = gateway_options(&args)?;
+    let gateway = gateway::start(options).await?;
     shutdown_signal().await;
-    gateway.drain();
-    tracing::info!(
-        seconds = shutdown_delay.as_secs_f64(),
-        "stopping: unready, still serving while traffic moves elsewhere"
-    );
-    tokio::select! {
-        () = tokio::time::sleep(shutdown_delay) => {}
-        () = shutdown_signal() => tracing::info!("second signal: stopping now"),
-    }
+    gateway
+        .drain_and_stop(shutdown_delay, shutdown_signal())
+        .await;
     Ok(())
 }
 
-async fn run_label_relay(args: LabelRelayArgs) -> anyhow::Result<()> {
+fn label_relay_options(args: &LabelRelayArgs) -> anyhow::Result<LabelRelayOptions> {
     let mut timeouts = Timeouts::default();
     let mut limits = Limits {
-        frontend_connections: args.max_connections as usize,
+        frontend_connections: args.max_connections,
         ..Limits::default()
     };
     args.clients.apply(&mut timeouts, &mut limits)?;
-    let _relay = taas_relay::label_relay::start(taas_relay::label_relay::LabelRelayOptions {
-        label_file: args.label_file,
-        secret_dir: args.secret_dir,
-        external_file: args.external_file,
+    Ok(LabelRelayOptions {
+        label_file: args.label_file.clone(),
+        secret_dir: args.secret_dir.clone(),
+        external_file: args.external_file.clone(),
         control: args.control,
         gateway_token: args
             .gateway_token
@@ -460,9 +491,9 @@ async fn run_label_relay(args: LabelRelayArgs) -> anyhow::Result<()> {
             .map(GatewayToken::new)
             .transpose()
             .context("--gateway-token")?,
-        trusted: args.trusted_proxies,
-        registrar: args.names.registrar,
-        domain: args.names.domain,
+        trusted: args.trusted_proxies.clone(),
+        registrar: args.names.registrar.clone(),
+        domain: args.names.domain.clone(),
         redirect_host: args.redirect_host,
         p_ports: args.p_ports,
         client_port: args.client_port,
@@ -471,7 +502,10 @@ async fn run_label_relay(args: LabelRelayArgs) -> anyhow::Result<()> {
         timeouts,
         limits,
     })
-    .await?;
+}
+
+async fn run_label_relay(args: LabelRelayArgs) -> anyhow::Result<()> {
+    let _relay = pod::start(label_relay_options(&args)?).await?;
     shutdown_signal().await;
     Ok(())
 }
@@ -504,8 +538,8 @@ fn run_async(task: impl std::future::Future<Output = anyhow::Result<()>>) -> any
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    process::init(cli.log_format);
-    process::raise_fd_limit();
+    taas_process::init(cli.log_format);
+    taas_process::raise_fd_limit();
     let result = match cli.command {
         Command::Serve(args) => run_async(run_serve(args)),
         Command::Gateway(args) => run_async(run_gateway(args)),
@@ -518,5 +552,114 @@ fn main() -> std::process::ExitCode {
             eprintln!("taas-relay: error: {error:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory as _;
+
+    fn parse(args: &[&str]) -> Command {
+        Cli::try_parse_from([&["taas-relay"], args].concat())
+            .unwrap()
+            .command
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    /// Every flag of every subcommand reads the variable named after it.
+    #[test]
+    fn every_flag_has_a_taas_env() {
+        fn check(command: &clap::Command, path: &str) {
+            for arg in command.get_arguments() {
+                let Some(long) = arg.get_long() else { continue };
+                if matches!(long, "help" | "version") {
+                    continue;
+                }
+                let expected = format!("TAAS_{}", long.to_ascii_uppercase().replace('-', "_"));
+                assert_eq!(
+                    arg.get_env().and_then(|e| e.to_str()),
+                    Some(expected.as_str()),
+                    "{path} --{long}"
+                );
+            }
+            for sub in command.get_subcommands() {
+                check(sub, &format!("{path} {}", sub.get_name()));
+            }
+        }
+        check(&Cli::command(), "taas-relay");
+    }
+
+    /// The defaults are written once, in the library; no flag means the library's defaults.
+    #[test]
+    fn no_flags_make_the_default_options() {
+        let Command::Serve(args) = parse(&["serve"]) else {
+            panic!("serve")
+        };
+        assert_eq!(serve_options(&args).unwrap(), ServeOptions::default());
+        assert!(!args.demo);
+
+        let Command::Gateway(args) = parse(&["gateway", "--routes-file", "routes.yaml"]) else {
+            panic!("gateway")
+        };
+        let (options, shutdown_delay) = gateway_options(&args).unwrap();
+        assert_eq!(
+            options,
+            GatewayOptions::new(RouteSource::File("routes.yaml".into()))
+        );
+        assert_eq!(shutdown_delay, gateway::DEFAULT_SHUTDOWN_DELAY);
+
+        let Command::LabelRelay(args) = parse(&[
+            "label-relay",
+            "--label-file",
+            "l.yaml",
+            "--secret-dir",
+            "secret",
+        ]) else {
+            panic!("label-relay")
+        };
+        assert_eq!(
+            label_relay_options(&args).unwrap(),
+            LabelRelayOptions::new("l.yaml".into(), "secret".into())
+        );
+    }
+
+    /// Flags given change the options (the comparison above is not vacuous).
+    #[test]
+    fn flags_change_the_options() {
+        let Command::Serve(args) = parse(&[
+            "serve",
+            "--metrics",
+            "off",
+            "--pair-idle-timeout",
+            "0",
+            "--max-connections",
+            "7",
+        ]) else {
+            panic!("serve")
+        };
+        let options = serve_options(&args).unwrap();
+        assert_eq!(options.metrics, None);
+        assert_eq!(options.timeouts.pair_idle, None);
+        assert_eq!(options.limits.frontend_connections, 7);
+        assert_ne!(options, ServeOptions::default());
+        let Command::Gateway(args) = parse(&[
+            "gateway",
+            "--routes-file",
+            "r",
+            "--redirect-rate",
+            "0",
+            "--shutdown-delay",
+            "0",
+        ]) else {
+            panic!("gateway")
+        };
+        let (options, shutdown_delay) = gateway_options(&args).unwrap();
+        assert_eq!(options.upstream.redirect_limit.per_second, 0.0);
+        assert_eq!(shutdown_delay, Duration::ZERO);
     }
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use taas_relay::config::{Algorithm, PortRange};
-use taas_relay::serve::{self, ServeOptions, Standalone};
+use taas_relay::run::standalone::{self, ServeOptions, Standalone};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -163,7 +163,7 @@ impl TestRelay {
             ..ServeOptions::default()
         };
         adjust(&mut options);
-        let standalone = serve::start(options).await.expect("relay starts");
+        let standalone = standalone::start(options).await.expect("relay starts");
         Self {
             standalone,
             dir,
@@ -429,7 +429,7 @@ pub async fn assert_closed<S: AsyncRead + Unpin>(stream: &mut S) {
 }
 
 pub fn init_logs() {
-    taas_relay::process::init(taas_relay::process::LogFormat::Text);
+    taas_process::init(taas_process::LogFormat::Text);
 }
 
 /// A TLS acceptor with a fresh self-signed certificate for `host` (not the relay's), and

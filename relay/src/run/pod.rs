@@ -7,26 +7,39 @@
 //! Service, from a mounted file that can change while the relay runs.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::registry::Registry;
-use tokio::task::JoinHandle;
 
+use super::{FirstRead, StartError, Tasks};
 use crate::config::{
     ExternalAddress, LabelConfig, Limits, PortRange, RedirectHost, RelaySettings, Timeouts,
+    DEFAULT_DOMAIN, DEFAULT_REGISTRAR, POD_FRONTEND_CONNECTIONS,
 };
-use crate::frontend::{self, ControlAuth, FrontendMetrics, FrontendSettings, Transport};
+use crate::frontend::{self, ControlAuth, FrontendMetrics, Transport};
 use crate::gateway_auth::GatewayToken;
 use crate::host::Names;
 use crate::label_source::{self, LoadError};
 use crate::relay::StandaloneBackend;
-use crate::serve::ServeError;
 
-#[derive(Clone, Debug)]
+/// The control port unless told otherwise (`--control`): every address, port 8080.
+pub const DEFAULT_CONTROL: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 8080);
+/// The pod's rendezvous ports unless told otherwise (`--p-ports`): eight, each exposed by
+/// the label's Service.
+pub const DEFAULT_P_PORTS: PortRange = PortRange {
+    lo: 20000,
+    hi: 20007,
+};
+/// The pod's client port q unless told otherwise (`--client-port`).
+pub const DEFAULT_CLIENT_PORT: u16 = 21000;
+/// How often the mounted files are read unless told otherwise (`--reload-interval`).
+pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Everything `label-relay` is configured with (the binary's flags).
+#[derive(Clone, Debug, PartialEq)]
 pub struct LabelRelayOptions {
     /// The `TaasLabel` manifest (a ConfigMap key).
     pub label_file: PathBuf,
@@ -59,21 +72,38 @@ pub struct LabelRelayOptions {
     pub limits: Limits,
 }
 
+impl LabelRelayOptions {
+    /// The label's files, everything else as the flags' defaults.
+    pub fn new(label_file: PathBuf, secret_dir: PathBuf) -> Self {
+        Self {
+            label_file,
+            secret_dir,
+            external_file: None,
+            control: DEFAULT_CONTROL,
+            gateway_token: None,
+            trusted: Vec::new(),
+            registrar: DEFAULT_REGISTRAR.into(),
+            domain: DEFAULT_DOMAIN.into(),
+            redirect_host: RedirectHost::default(),
+            p_ports: DEFAULT_P_PORTS,
+            client_port: DEFAULT_CLIENT_PORT,
+            metrics: Some(super::POD_METRICS),
+            reload_interval: DEFAULT_RELOAD_INTERVAL,
+            timeouts: Timeouts::default(),
+            limits: Limits {
+                frontend_connections: POD_FRONTEND_CONNECTIONS,
+                ..Limits::default()
+            },
+        }
+    }
+}
+
 /// A running label relay; dropping it stops it.
 pub struct LabelRelay {
     pub relay: Arc<StandaloneBackend>,
     pub control: SocketAddr,
     pub metrics: Option<SocketAddr>,
-    tasks: Vec<JoinHandle<()>>,
-}
-
-impl Drop for LabelRelay {
-    fn drop(&mut self) {
-        for task in &self.tasks {
-            task.abort();
-        }
-        self.relay.close();
-    }
+    _tasks: Tasks,
 }
 
 /// The label as this pod serves it: q on the pod's fixed client port whatever the spec pins
@@ -89,16 +119,16 @@ fn read_external(path: &Path) -> Result<ExternalAddress, String> {
     serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-pub async fn start(options: LabelRelayOptions) -> Result<LabelRelay, ServeError> {
+pub async fn start(options: LabelRelayOptions) -> Result<LabelRelay, StartError> {
     if options.p_ports.contains(options.client_port) {
-        return Err(ServeError::Config(format!(
+        return Err(StartError::Config(format!(
             "--client-port {} is inside --p-ports {}",
             options.client_port, options.p_ports
         )));
     }
     let label = read_label(&options)?;
     let external = match &options.external_file {
-        Some(path) => read_external(path).map_err(ServeError::Config)?,
+        Some(path) => read_external(path).map_err(StartError::Config)?,
         None => ExternalAddress::new(options.control.ip().to_string()),
     };
     let settings = RelaySettings {
@@ -109,90 +139,64 @@ pub async fn start(options: LabelRelayOptions) -> Result<LabelRelay, ServeError>
         redirect_host: options.redirect_host,
         p_ports: options.p_ports,
         q_ports: PortRange::new(options.client_port, options.client_port)
-            .map_err(ServeError::Config)?,
+            .map_err(StartError::Config)?,
         bind_ip: options.control.ip(),
         timeouts: options.timeouts.clone(),
         limits: options.limits.clone(),
         // One label per pod: one data-plane thread.
         data_threads: std::num::NonZeroUsize::MIN,
     };
-    let control = crate::serve::bind(options.control).await?;
-    let control_addr = control.local_addr().map_err(|source| ServeError::Listen {
-        addr: options.control,
-        source,
-    })?;
+    let (control, control_addr) = super::bind(options.control)?;
     let mut registry = Registry::default();
     let relay =
-        StandaloneBackend::new(settings.clone(), &mut registry).map_err(ServeError::DataPlane)?;
+        StandaloneBackend::new(settings.clone(), &mut registry).map_err(StartError::DataPlane)?;
+    let mut tasks = Tasks::new(Some(relay.clone()));
     relay.set_external(external);
     let problems = relay.apply(&BTreeMap::from([(label.label.clone(), label)]));
     if !problems.is_empty() {
-        relay.close();
-        return Err(ServeError::Config(problems.join("\n")));
+        return Err(StartError::Config(problems.join("\n")));
     }
 
     let frontend_metrics = FrontendMetrics::default();
     frontend_metrics.register(&mut registry);
-    let ready = Arc::new(AtomicBool::new(false));
-    let (metrics, mut tasks) =
-        match crate::serve::spawn_metrics(options.metrics, registry, &ready).await {
-            Ok(spawned) => spawned,
-            Err(error) => {
-                relay.close();
-                return Err(error);
-            }
-        };
-    let front = FrontendSettings {
-        names: Names {
+    let metrics = tasks.serve_metrics(options.metrics, registry)?;
+    let front = super::frontend_settings(
+        Names {
             registrar: settings.registrar.clone(),
             domain: settings.domain.clone(),
         },
-        own_ips: Vec::new(),
-        handshake_timeout: settings.timeouts.handshake,
-        request_timeout: settings.timeouts.keep_alive,
-        body_timeout: settings.timeouts.request_body,
-        max_connections: settings.limits.frontend_connections,
+        &settings.timeouts,
+        settings.limits.frontend_connections,
         // Not applied on the control port: its peers are the gateways.
-        max_connections_per_source: settings.limits.frontend_connections,
-        metrics: frontend_metrics,
-    };
+        settings.limits.frontend_connections,
+        frontend_metrics,
+    );
     let transport = Transport::Control(ControlAuth {
         gateway_token: options.gateway_token.clone(),
         gateway_networks: options.trusted.clone(),
     });
-    tasks.push(tokio::spawn(frontend::serve(
-        control,
-        transport,
-        front,
-        relay.clone(),
-    )));
-    tasks.push(tokio::spawn(reload(options, relay.clone())));
-    ready.store(true, Ordering::Relaxed);
+    tasks.spawn(frontend::serve(control, transport, front, relay.clone()));
+    tasks.spawn(follow_mounted_files(options, relay.clone()));
+    tasks.set_ready();
     tracing::info!(control = %control_addr, "label relay serving");
     Ok(LabelRelay {
         relay,
         control: control_addr,
         metrics,
-        tasks,
+        _tasks: tasks,
     })
 }
 
 /// Follows the mounted files: a changed spec or secret is applied in place; a broken one is
 /// reported once and the last good one kept.
-async fn reload(options: LabelRelayOptions, relay: Arc<StandaloneBackend>) {
-    let mut last_problem = String::new();
-    loop {
-        tokio::time::sleep(options.reload_interval).await;
-        let files = options.clone();
-        let read = tokio::task::spawn_blocking(move || {
-            let label = read_label(&files).map_err(|e| e.to_string());
-            let external = files.external_file.as_deref().map(read_external);
-            (label, external)
-        })
-        .await;
-        let Ok((label, external)) = read else {
-            continue;
-        };
+async fn follow_mounted_files(options: LabelRelayOptions, relay: Arc<StandaloneBackend>) {
+    let interval = options.reload_interval;
+    let read = move || {
+        let label = read_label(&options).map_err(|e| e.to_string());
+        let external = options.external_file.as_deref().map(read_external);
+        (label, external)
+    };
+    let apply = move |(label, external): (Result<LabelConfig, String>, Option<_>)| {
         let mut problems = Vec::new();
         match label {
             Ok(label) => {
@@ -205,10 +209,10 @@ async fn reload(options: LabelRelayOptions, relay: Arc<StandaloneBackend>) {
             Some(Err(problem)) => problems.push(problem),
             None => {}
         }
-        let problem = problems.join("; ");
-        if problem != last_problem && !problem.is_empty() {
-            tracing::warn!("reload: {problem} (keeping the last good configuration)");
-        }
-        last_problem = problem;
-    }
+        Some(problems.join("; ")).filter(|problem| !problem.is_empty())
+    };
+    super::follow_files(interval, FirstRead::AfterInterval, read, apply, |problem| {
+        tracing::warn!("reload: {problem} (keeping the last good configuration)")
+    })
+    .await;
 }

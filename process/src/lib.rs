@@ -1,5 +1,12 @@
-//! Process set-up shared by the binaries: logs (stderr, level from `RUST_LOG`, default
-//! `info`, text or JSON lines), the open-file limit, and the shutdown signal.
+//! What every TAAS process sets up, whatever it runs: logs (stderr, level from `RUST_LOG`,
+//! default `info`, text or JSON lines), the open-file limit, the shutdown signal, and the
+//! `/metrics`, `/healthz`, `/readyz` endpoint ([`metrics`]).
+//!
+//! A crate of its own so that the operator, which needs these and nothing of the data plane,
+//! does not build the relay to get them. No data-plane code belongs here.
+#![forbid(unsafe_code)]
+
+pub mod metrics;
 
 use std::io::IsTerminal as _;
 

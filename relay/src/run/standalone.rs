@@ -1,27 +1,31 @@
-//! `taas-relay serve`: the standalone relay assembled from its parts (labels directory, TLS,
-//! front end, metrics, reload), usable in-process by tests and by the binary alike.
+//! `taas-relay serve`: the standalone relay, every label in one process, assembled from its
+//! parts (labels directory, TLS, front end, metrics, reload) with the set-up every mode
+//! shares (`run`). Usable in-process by tests and by the binary alike.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus_client::registry::Registry;
-use tokio::task::JoinHandle;
 
-use crate::config::{LabelConfig, Limits, PortRange, RedirectHost, RelaySettings, Timeouts};
+use super::{StartError, Tasks};
+use crate::config::{
+    LabelConfig, Limits, PortRange, RedirectHost, RelaySettings, Timeouts, DEFAULT_DOMAIN,
+    DEFAULT_REGISTRAR,
+};
 use crate::data_plane::DataPlane;
-use crate::frontend::{self, FrontendSettings};
+use crate::frontend::{self, FrontendMetrics};
 use crate::host::Names;
 use crate::label_source::{self, LabelSet};
 use crate::relay::StandaloneBackend;
 use crate::tls::{self, CertFiles, CertNames};
 
-/// Everything `serve` is configured with (the binary's flags).
-#[derive(Clone, Debug)]
+/// Everything `serve` is configured with (the binary's flags); its `Default` is the flags'
+/// defaults.
+#[derive(Clone, Debug, PartialEq)]
 pub struct ServeOptions {
     pub listen: SocketAddr,
     pub registrar: String,
@@ -47,8 +51,8 @@ impl Default for ServeOptions {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
-            registrar: "taas-registrar.localhost".into(),
-            domain: "taas.localhost".into(),
+            registrar: DEFAULT_REGISTRAR.into(),
+            domain: DEFAULT_DOMAIN.into(),
             advertise: None,
             redirect_host: RedirectHost::Requested,
             p_ports: PortRange {
@@ -62,31 +66,17 @@ impl Default for ServeOptions {
             labels: PathBuf::from("labels"),
             tls_cert: None,
             tls_key: None,
-            state_dir: PathBuf::from(".taas"),
-            metrics: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
+            state_dir: PathBuf::from(super::DEFAULT_STATE_DIR),
+            metrics: Some(SocketAddr::from((
+                [127, 0, 0, 1],
+                super::DEFAULT_METRICS_PORT,
+            ))),
             reload_interval: Duration::from_secs(1),
             timeouts: Timeouts::default(),
             limits: Limits::default(),
             data_threads: None,
         }
     }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ServeError {
-    #[error("{0}")]
-    Config(String),
-    #[error("labels: {0}")]
-    Labels(#[from] label_source::LoadError),
-    #[error("TLS: {0}")]
-    Tls(#[from] tls::TlsError),
-    #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-    #[error("cannot start the data-plane threads: {0}")]
-    DataPlane(#[source] std::io::Error),
 }
 
 /// A running standalone relay. Dropping it stops every task it started.
@@ -100,16 +90,7 @@ pub struct Standalone {
     extra: Arc<Mutex<BTreeMap<String, LabelConfig>>>,
     /// The directory's current labels.
     from_dir: tokio::sync::watch::Receiver<LabelSet>,
-    tasks: Vec<JoinHandle<()>>,
-}
-
-impl Drop for Standalone {
-    fn drop(&mut self) {
-        for task in &self.tasks {
-            task.abort();
-        }
-        self.relay.close();
-    }
+    _tasks: Tasks,
 }
 
 impl Standalone {
@@ -137,9 +118,9 @@ fn apply(
 }
 
 /// Checks the options that do not need the network or the disk.
-fn settings(options: &ServeOptions) -> Result<RelaySettings, ServeError> {
+fn settings(options: &ServeOptions) -> Result<RelaySettings, StartError> {
     if options.p_ports.overlaps(&options.q_ports) {
-        return Err(ServeError::Config(format!(
+        return Err(StartError::Config(format!(
             "--p-ports {} and --q-ports {} overlap: rendezvous and client ports need separate ranges",
             options.p_ports, options.q_ports
         )));
@@ -149,7 +130,7 @@ fn settings(options: &ServeOptions) -> Result<RelaySettings, ServeError> {
         (Some(host), _) if !host.trim().is_empty() => host.trim().to_string(),
         (_, false) => listen_ip.to_string(),
         (_, true) => {
-            return Err(ServeError::Config(format!(
+            return Err(StartError::Config(format!(
                 "--advertise is required when --listen is the wildcard address {listen_ip}: \
                  hidden servers must be told an address they can reach"
             )))
@@ -159,7 +140,7 @@ fn settings(options: &ServeOptions) -> Result<RelaySettings, ServeError> {
         let value = value.trim().trim_end_matches('.').to_ascii_lowercase();
         match crate::host::host_only(&value) {
             Some(host) if host == value && !value.contains(':') => Ok(value),
-            _ => Err(ServeError::Config(format!(
+            _ => Err(StartError::Config(format!(
                 "{flag} {value:?} is not a host name"
             ))),
         }
@@ -181,69 +162,37 @@ fn settings(options: &ServeOptions) -> Result<RelaySettings, ServeError> {
     })
 }
 
-fn cert_files(options: &ServeOptions, settings: &RelaySettings) -> Result<CertFiles, ServeError> {
-    match (&options.tls_cert, &options.tls_key) {
-        (Some(cert), Some(key)) => Ok(CertFiles {
-            cert: cert.clone(),
-            key: key.clone(),
-        }),
-        (None, None) => {
-            let names = CertNames::for_relay(
+fn cert_files(options: &ServeOptions, settings: &RelaySettings) -> Result<CertFiles, StartError> {
+    super::cert_pair(
+        options.tls_cert.as_ref(),
+        options.tls_key.as_ref(),
+        &options.state_dir,
+        || {
+            CertNames::for_relay(
                 &settings.registrar,
                 &settings.domain,
                 settings.bind_ip,
                 &settings.advertise,
-            );
-            Ok(tls::load_or_generate(&options.state_dir, &names)?)
-        }
-        _ => Err(ServeError::Config(
-            "--tls-cert and --tls-key go together: give both, or neither for a generated certificate".into(),
-        )),
-    }
-}
-
-pub(crate) async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, ServeError> {
-    crate::ports::listen(addr, 1024).map_err(|source| ServeError::Listen { addr, source })
-}
-
-/// Binds and serves the metrics endpoint when asked for; returns its address and task.
-pub(crate) async fn spawn_metrics(
-    addr: Option<SocketAddr>,
-    registry: Registry,
-    ready: &Arc<AtomicBool>,
-) -> Result<(Option<SocketAddr>, Vec<JoinHandle<()>>), ServeError> {
-    let Some(addr) = addr else {
-        return Ok((None, Vec::new()));
-    };
-    let listener = bind(addr).await?;
-    let local = listener.local_addr().ok();
-    let task = tokio::spawn(crate::metrics::serve(
-        listener,
-        Arc::new(registry),
-        ready.clone(),
-    ));
-    Ok((local, vec![task]))
+            )
+        },
+    )
 }
 
 /// Starts the standalone relay: every configuration error is reported here, before anything
 /// is served.
-pub async fn start(options: ServeOptions) -> Result<Standalone, ServeError> {
+pub async fn start(options: ServeOptions) -> Result<Standalone, StartError> {
     let settings = settings(&options)?;
     let labels = label_source::load_dir(&options.labels)?;
     let cert = cert_files(&options, &settings)?;
     let tls = tls::server_config(&cert)?;
-    let front = bind(options.listen).await?;
-    let frontend_addr = front.local_addr().map_err(|source| ServeError::Listen {
-        addr: options.listen,
-        source,
-    })?;
+    let (front, frontend_addr) = super::bind(options.listen)?;
     let mut registry = Registry::default();
     let relay =
-        StandaloneBackend::new(settings.clone(), &mut registry).map_err(ServeError::DataPlane)?;
+        StandaloneBackend::new(settings.clone(), &mut registry).map_err(StartError::DataPlane)?;
+    let mut tasks = Tasks::new(Some(relay.clone()));
     let problems = relay.apply(&labels.labels);
     if !problems.is_empty() {
-        relay.close();
-        return Err(ServeError::Config(problems.join("\n")));
+        return Err(StartError::Config(problems.join("\n")));
     }
     tracing::info!(count = labels.labels.len(), dir = %options.labels.display(), "labels loaded");
     if labels.labels.is_empty() {
@@ -252,59 +201,50 @@ pub async fn start(options: ServeOptions) -> Result<Standalone, ServeError> {
         );
     }
 
-    let frontend_metrics = frontend::FrontendMetrics::default();
+    let frontend_metrics = FrontendMetrics::default();
     frontend_metrics.register(&mut registry);
-    let ready = Arc::new(AtomicBool::new(false));
-    let (metrics, mut tasks) = match spawn_metrics(options.metrics, registry, &ready).await {
-        Ok(spawned) => spawned,
-        Err(error) => {
-            relay.close();
-            return Err(error);
-        }
-    };
-    let front_settings = FrontendSettings {
-        names: Names {
+    let metrics = tasks.serve_metrics(options.metrics, registry)?;
+    let mut front_settings = super::frontend_settings(
+        Names {
             registrar: settings.registrar.clone(),
             domain: settings.domain.clone(),
         },
-        own_ips: [settings.bind_ip]
-            .into_iter()
-            .chain(settings.advertise.parse().ok())
-            .filter(|ip: &IpAddr| !ip.is_unspecified())
-            .collect(),
-        handshake_timeout: settings.timeouts.handshake,
-        request_timeout: settings.timeouts.keep_alive,
-        body_timeout: settings.timeouts.request_body,
-        max_connections: settings.limits.frontend_connections,
-        max_connections_per_source: settings.limits.frontend_connections_per_source,
-        metrics: frontend_metrics,
-    };
-    tasks.push(tokio::spawn(frontend::serve(
+        &settings.timeouts,
+        settings.limits.frontend_connections,
+        settings.limits.frontend_connections_per_source,
+        frontend_metrics,
+    );
+    front_settings.own_ips = [settings.bind_ip]
+        .into_iter()
+        .chain(settings.advertise.parse().ok())
+        .filter(|ip: &IpAddr| !ip.is_unspecified())
+        .collect();
+    tasks.spawn(frontend::serve(
         front,
         frontend::Transport::Tls(tls),
         front_settings,
         relay.clone(),
-    )));
+    ));
 
     let extra: Arc<Mutex<BTreeMap<String, LabelConfig>>> = Arc::default();
     let (tx, from_dir) = tokio::sync::watch::channel(labels.clone());
-    tasks.push(tokio::spawn(label_source::watch(
+    tasks.spawn(label_source::watch(
         options.labels.clone(),
         options.reload_interval,
         labels,
         tx,
-    )));
+    ));
     let mut changes = from_dir.clone();
     let (reload_relay, reload_extra) = (relay.clone(), extra.clone());
-    tasks.push(tokio::spawn(async move {
+    tasks.spawn(async move {
         while changes.changed().await.is_ok() {
             let set = changes.borrow_and_update().clone();
             for problem in apply(&reload_relay, &set, &lock(&reload_extra)) {
                 tracing::warn!("reload: {problem}");
             }
         }
-    }));
-    ready.store(true, Ordering::Relaxed);
+    });
+    tasks.set_ready();
     tracing::info!(
         listen = %frontend_addr,
         registrar = %settings.registrar,
@@ -319,6 +259,6 @@ pub async fn start(options: ServeOptions) -> Result<Standalone, ServeError> {
         cert,
         extra,
         from_dir,
-        tasks,
+        _tasks: tasks,
     })
 }

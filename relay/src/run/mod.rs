@@ -1,0 +1,317 @@
+//! The three ways `taas-relay` runs, and what they share. [`standalone`] (`serve`) is every
+//! label in one process; [`pod`] (`label-relay`) is one label's relay as the operator runs it;
+//! [`gateway`] is the cluster's TLS front end, forwarding to the label relays. Each binds a
+//! front end, resolves its certificate pair, serves `/metrics` with a readiness flag, and
+//! follows files that change while it runs. That shared part is here, written once, so the
+//! three modules differ only in what they serve.
+
+pub mod gateway;
+pub mod pod;
+pub mod standalone;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+
+use crate::config::Timeouts;
+use crate::frontend::{FrontendMetrics, FrontendSettings};
+use crate::host::Names;
+use crate::label_source;
+use crate::relay::StandaloneBackend;
+use crate::tls::{self, CertFiles, CertNames};
+
+/// Why a run mode did not start. Every configuration error is found before anything is
+/// served.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(String),
+    #[error("labels: {0}")]
+    Labels(#[from] label_source::LoadError),
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start the data-plane threads: {0}")]
+    DataPlane(#[source] std::io::Error),
+}
+
+/// Where the metrics endpoint listens by default in a pod (gateway and label relay): every
+/// address, so the kubelet's probes and Prometheus reach it.
+pub const POD_METRICS: SocketAddr = SocketAddr::new(
+    std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+    DEFAULT_METRICS_PORT,
+);
+/// Where generated certificates and other local state go unless told otherwise
+/// (`--state-dir`).
+pub const DEFAULT_STATE_DIR: &str = ".taas";
+/// The metrics endpoint's port, the same in every mode.
+pub const DEFAULT_METRICS_PORT: u16 = 9464;
+
+/// The front end's certificate pair: the files given (both), or a self-signed pair for
+/// `names`, generated once in `state_dir` and reused after (neither).
+pub(crate) fn cert_pair(
+    cert: Option<&PathBuf>,
+    key: Option<&PathBuf>,
+    state_dir: &Path,
+    names: impl FnOnce() -> CertNames,
+) -> Result<CertFiles, StartError> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(CertFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+        }),
+        (None, None) => Ok(tls::load_or_generate(state_dir, &names())?),
+        _ => Err(StartError::Config(
+            "--tls-cert and --tls-key go together: give both, or neither for a generated certificate".into(),
+        )),
+    }
+}
+
+/// Binds a listener (a front end, a control port, the metrics endpoint); returns it with the
+/// address it got (the real port when 0 was asked for).
+pub(crate) fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
+    let listen_error = |source| StartError::Listen { addr, source };
+    let listener = crate::ports::listen(addr, 1024).map_err(listen_error)?;
+    let local = listener.local_addr().map_err(listen_error)?;
+    Ok((listener, local))
+}
+
+/// The front end's settings in every mode: its names, the front-end timeouts, and its
+/// connection caps (overall and per source). No own IPs: the standalone relay adds its own.
+pub(crate) fn frontend_settings(
+    names: Names,
+    timeouts: &Timeouts,
+    max_connections: usize,
+    max_connections_per_source: usize,
+    metrics: FrontendMetrics,
+) -> FrontendSettings {
+    FrontendSettings {
+        names,
+        own_ips: Vec::new(),
+        handshake_timeout: timeouts.handshake,
+        request_timeout: timeouts.keep_alive,
+        body_timeout: timeouts.request_body,
+        max_connections,
+        max_connections_per_source,
+        metrics,
+    }
+}
+
+/// What a run mode started, stopped together: dropping it aborts every task (front end,
+/// metrics endpoint, file followers), then closes the relay's labels when the mode has a
+/// relay. Also the readiness flag `/readyz` answers from.
+pub(crate) struct Tasks {
+    set: JoinSet<()>,
+    ready: Arc<AtomicBool>,
+    relay: Option<Arc<StandaloneBackend>>,
+}
+
+impl Tasks {
+    /// No tasks yet, not ready; `relay` is closed when this is dropped, so a start that
+    /// fails after creating it leaves nothing running.
+    pub(crate) fn new(relay: Option<Arc<StandaloneBackend>>) -> Self {
+        Self {
+            set: JoinSet::new(),
+            ready: Arc::new(AtomicBool::new(false)),
+            relay,
+        }
+    }
+
+    pub(crate) fn spawn(&mut self, task: impl Future<Output = ()> + Send + 'static) {
+        self.set.spawn(task);
+    }
+
+    /// Binds and serves the metrics endpoint when asked for, with this mode's readiness;
+    /// returns its address.
+    pub(crate) fn serve_metrics(
+        &mut self,
+        addr: Option<SocketAddr>,
+        registry: Registry,
+    ) -> Result<Option<SocketAddr>, StartError> {
+        let Some(addr) = addr else {
+            return Ok(None);
+        };
+        let (listener, local) = bind(addr)?;
+        self.spawn(taas_process::metrics::serve(
+            listener,
+            Arc::new(registry),
+            self.ready.clone(),
+        ));
+        Ok(Some(local))
+    }
+
+    /// `/readyz` answers 200 from now on.
+    pub(crate) fn set_ready(&self) {
+        self.ready.store(true, Ordering::Relaxed);
+    }
+
+    /// `/readyz` answers 503 again (while everything keeps running).
+    pub(crate) fn set_unready(&self) {
+        self.ready.store(false, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        self.set.abort_all();
+        if let Some(relay) = &self.relay {
+            relay.close();
+        }
+    }
+}
+
+/// When a file follower first reads its files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum FirstRead {
+    /// At once: the start did not read them.
+    Now,
+    /// After one interval: the start read them (and refused to start on a problem).
+    AfterInterval,
+}
+
+/// Remembers the problem of the last read, so that a file that stays broken is reported
+/// once, not on every poll: a problem is new when it differs from the last one; a good read
+/// (no problem) forgets it.
+#[derive(Debug, Default)]
+pub(crate) struct LastProblem(Option<String>);
+
+impl LastProblem {
+    /// Takes the problem of a read (`None`: it went well); returns it when it is to be
+    /// reported.
+    pub(crate) fn update(&mut self, problem: Option<String>) -> Option<&str> {
+        let new = problem.is_some() && problem != self.0;
+        self.0 = problem;
+        self.0.as_deref().filter(|_| new)
+    }
+}
+
+/// Follows files that can change while the process runs (mounted ConfigMaps and Secrets, a
+/// routes file): every `interval`, `read` (blocking file I/O, run off the async workers)
+/// reads them and `apply` puts what was read in place, keeping the last good configuration
+/// for what it cannot use and returning the problem; `report` logs a problem once, when it
+/// appears or changes. Runs until its task is dropped.
+pub(crate) async fn follow_files<T, R, A, W>(
+    interval: Duration,
+    first: FirstRead,
+    read: R,
+    mut apply: A,
+    report: W,
+) where
+    T: Send + 'static,
+    R: Fn() -> T + Clone + Send + 'static,
+    A: FnMut(T) -> Option<String>,
+    W: Fn(&str),
+{
+    let mut last = LastProblem::default();
+    if first == FirstRead::AfterInterval {
+        tokio::time::sleep(interval).await;
+    }
+    loop {
+        if let Ok(read) = tokio::task::spawn_blocking(read.clone()).await {
+            if let Some(problem) = last.update(apply(read)) {
+                report(problem);
+            }
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[test]
+    fn a_problem_is_reported_when_it_appears_or_changes_and_a_good_read_forgets_it() {
+        let mut last = LastProblem::default();
+        assert_eq!(last.update(None), None);
+        assert_eq!(last.update(Some("broken".into())), Some("broken"));
+        assert_eq!(
+            last.update(Some("broken".into())),
+            None,
+            "still broken: once"
+        );
+        assert_eq!(last.update(Some("other".into())), Some("other"));
+        assert_eq!(last.update(None), None);
+        assert_eq!(
+            last.update(Some("other".into())),
+            Some("other"),
+            "broken again after a good read: reported again"
+        );
+    }
+
+    #[test]
+    fn a_certificate_pair_is_both_files_or_neither() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        let given = cert_pair(Some(&cert), Some(&key), dir.path(), || unreachable!()).unwrap();
+        assert_eq!((given.cert, given.key), (cert.clone(), key.clone()));
+        for (cert, key) in [(Some(&cert), None), (None, Some(&key))] {
+            let error = cert_pair(cert, key, dir.path(), || unreachable!()).unwrap_err();
+            assert!(error.to_string().contains("go together"), "{error}");
+        }
+        let names =
+            || CertNames::for_relay("registrar.test", "servers.test", [127, 0, 0, 1].into(), "");
+        let generated = cert_pair(None, None, &dir.path().join("state"), names).unwrap();
+        assert!(generated.cert.starts_with(dir.path().join("state")));
+        let again = cert_pair(None, None, &dir.path().join("state"), names).unwrap();
+        assert_eq!(
+            std::fs::read(&generated.cert).unwrap(),
+            std::fs::read(&again.cert).unwrap(),
+            "generated once, then reused"
+        );
+    }
+
+    /// The follower applies each read, reports a lasting problem once, and goes on after it.
+    #[tokio::test]
+    async fn the_follower_applies_every_read_and_reports_a_problem_once() {
+        let reads = Arc::new(Mutex::new(vec![Ok(3), Err("bad"), Err("bad"), Err("bad")]));
+        let applied = Arc::new(Mutex::new(Vec::new()));
+        let reported = Arc::new(Mutex::new(Vec::new()));
+        let task = {
+            let (applied, reported) = (applied.clone(), reported.clone());
+            tokio::spawn(follow_files(
+                Duration::from_millis(10),
+                FirstRead::Now,
+                move || {
+                    let mut reads = reads.lock().unwrap();
+                    if reads.is_empty() {
+                        Ok(4)
+                    } else {
+                        reads.remove(0)
+                    }
+                },
+                move |read: Result<i32, &str>| match read {
+                    Ok(value) => {
+                        applied.lock().unwrap().push(value);
+                        None
+                    }
+                    Err(problem) => Some(problem.to_string()),
+                },
+                move |problem| reported.lock().unwrap().push(problem.to_string()),
+            ))
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while applied.lock().unwrap().len() < 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the follower stopped"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        task.abort();
+        assert_eq!(*reported.lock().unwrap(), ["bad"]);
+        assert_eq!(applied.lock().unwrap()[..2], [3, 4]);
+    }
+}

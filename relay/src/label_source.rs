@@ -969,6 +969,32 @@ mod tests {
     }
 
     #[test]
+    fn the_crds_rules_for_a_cluster_and_for_secret_ref_do_not_stop_the_relay() {
+        let mut s = spec();
+        s.label = "Home".into(); // read case-insensitively
+        s.rendezvous_ports = 0;
+        s.secret_ref.name = "S_1".into();
+        s.service.type_ = taas_crds::ServiceType::NodePort;
+        s.service.load_balancer_class = Some(String::new());
+        let errors = s.validate().unwrap_err().0;
+        assert_eq!(errors.len(), 5, "{errors:?}");
+        let config = validate_label(&s, B32.as_bytes()).unwrap();
+        assert_eq!(config.label, "home");
+        // The rules it applies are the CRD's, with the CRD's messages.
+        s.period = 0;
+        s.id = String::new();
+        let e = validate_label(&s, B32.as_bytes()).unwrap_err();
+        assert_eq!(
+            e,
+            format!(
+                "{}; {}",
+                taas_crds::SpecError::IdLength,
+                taas_crds::SpecError::Period(0)
+            )
+        );
+    }
+
+    #[test]
     fn read_label_file_wants_exactly_one_label() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.yaml");

@@ -7,9 +7,12 @@
 //! Not here: what only the types say (enum values, required fields: serde refuses those), and
 //! the CEL transition rules (`id` and `label` are immutable), which need the old object.
 //!
-//! One difference the schema cannot avoid: `maxLength` counts characters where the id rule
-//! counts bytes, so an id of at most 256 characters but more than 256 bytes (non-ASCII)
-//! passes the API server and is refused here, as the relay always did.
+//! Two differences the schema cannot avoid, both about non-ASCII ids, which pass a real API
+//! server and are refused here, as the relay always refused them: `maxLength` counts
+//! characters where the id rule counts bytes (an id of at most 256 characters but more than
+//! 256 bytes), and Kubernetes' regular expressions (Go's) read `\s` in the id pattern as ASCII
+//! whitespace only (an id with a no-break space). The test's JSON-schema validator reads `\s`
+//! as ECMAScript does, like this code.
 
 use crate::limits::{
     CLIENT_PORT_MAX, CLIENT_PORT_MIN, DNS_PART_MAX_LEN, DNS_SUBDOMAIN_MAX_LEN, ID_MAX_LEN,

@@ -58,6 +58,7 @@ pub enum LoadError {
 // The rules are the CRD's (`TaasLabelSpec::validate`); the relay adds that it reads LABEL
 // case-insensitively, and checks the secret's value.
 
+/// The id rule (the CRD's), here beside [`normalize_label`] for the relay's callers.
 pub use taas_crds::check_id;
 
 /// LABEL in DNS syntax, lower-cased: the CRD's DNS subdomain rule

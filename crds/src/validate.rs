@@ -27,7 +27,10 @@ use crate::{ProxyProtocol, ServiceType, TaasLabelSpec};
 pub enum DnsNameError {
     #[error("it must be 1 to {} characters long", DNS_SUBDOMAIN_MAX_LEN)]
     Length,
-    #[error("each dot-separated part must be 1 to {} characters long", DNS_PART_MAX_LEN)]
+    #[error(
+        "each dot-separated part must be 1 to {} characters long",
+        DNS_PART_MAX_LEN
+    )]
     PartLength,
     #[error("only a-z, 0-9, '-' and '.' are allowed")]
     Character,
@@ -253,8 +256,18 @@ mod tests {
     fn a_good_spec_and_every_bound_are_accepted() {
         assert_eq!(spec().validate(), Ok(()));
         for (period, max_parked, ports, client) in [
-            (PERIOD_MIN, MAX_PARKED_MIN, RENDEZVOUS_PORTS_MIN, CLIENT_PORT_MIN),
-            (PERIOD_MAX, MAX_PARKED_MAX, RENDEZVOUS_PORTS_MAX, CLIENT_PORT_MAX),
+            (
+                PERIOD_MIN,
+                MAX_PARKED_MIN,
+                RENDEZVOUS_PORTS_MIN,
+                CLIENT_PORT_MIN,
+            ),
+            (
+                PERIOD_MAX,
+                MAX_PARKED_MAX,
+                RENDEZVOUS_PORTS_MAX,
+                CLIENT_PORT_MAX,
+            ),
         ] {
             assert_eq!(
                 errors(|s| {
@@ -341,12 +354,21 @@ mod tests {
     #[test]
     fn id_rule_counts_bytes_and_refuses_whitespace_and_controls() {
         assert_eq!(check_id(&"x".repeat(ID_MAX_LEN)), Ok(()));
-        assert_eq!(check_id(&"x".repeat(ID_MAX_LEN + 1)), Err(SpecError::IdLength));
+        assert_eq!(
+            check_id(&"x".repeat(ID_MAX_LEN + 1)),
+            Err(SpecError::IdLength)
+        );
         assert_eq!(check_id(&"é".repeat(129)), Err(SpecError::IdLength)); // 258 bytes
         for bad in ["a b", "a\tb", "a\u{7}", "a\u{7f}", "a\u{85}", "a\u{a0}b"] {
-            assert!(matches!(check_id(bad), Err(SpecError::IdCharacter(_))), "{bad:?}");
+            assert!(
+                matches!(check_id(bad), Err(SpecError::IdCharacter(_))),
+                "{bad:?}"
+            );
         }
         let message = check_id("a\u{7}").unwrap_err().to_string();
-        assert!(message.contains(r#"id "a\\u{7}" may not contain"#), "{message}");
+        assert!(
+            message.contains(r#"id "a\\u{7}" may not contain"#),
+            "{message}"
+        );
     }
 }

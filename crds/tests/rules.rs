@@ -60,7 +60,11 @@ fn ranges_agree_in_range_at_each_bound_and_just_outside() {
     for (field, min, max) in [
         ("period", PERIOD_MIN, PERIOD_MAX),
         ("maxParked", MAX_PARKED_MIN, MAX_PARKED_MAX),
-        ("rendezvousPorts", RENDEZVOUS_PORTS_MIN, RENDEZVOUS_PORTS_MAX),
+        (
+            "rendezvousPorts",
+            RENDEZVOUS_PORTS_MIN,
+            RENDEZVOUS_PORTS_MAX,
+        ),
     ] {
         for ok in [min, min + 1, (min + max) / 2, max - 1, max] {
             agree(json!({ field: ok }), &[]);
@@ -72,7 +76,10 @@ fn ranges_agree_in_range_at_each_bound_and_just_outside() {
     for ok in [CLIENT_PORT_MIN, 443, CLIENT_PORT_MAX] {
         agree(json!({ "clientPort": ok }), &[]);
     }
-    agree(json!({ "clientPort": CLIENT_PORT_MIN - 1 }), &["clientPort"]);
+    agree(
+        json!({ "clientPort": CLIENT_PORT_MIN - 1 }),
+        &["clientPort"],
+    );
     // (Above CLIENT_PORT_MAX is not a u16: the types refuse it, as the schema does.)
     agree(json!({ "clientPort": null }), &[]);
 }
@@ -187,8 +194,14 @@ fn secret_refs_agree() {
 
 #[test]
 fn cel_rules_agree() {
-    agree(json!({"serverSpeaksFirst": true, "proxyProtocol": "v1"}), &[]);
-    agree(json!({"serverSpeaksFirst": true, "proxyProtocol": "v2"}), &[]);
+    agree(
+        json!({"serverSpeaksFirst": true, "proxyProtocol": "v1"}),
+        &[],
+    );
+    agree(
+        json!({"serverSpeaksFirst": true, "proxyProtocol": "v2"}),
+        &[],
+    );
     agree(json!({"serverSpeaksFirst": false}), &[]);
     agree(json!({"serverSpeaksFirst": true}), &["proxyProtocol"]);
     agree(

@@ -149,10 +149,12 @@ fn check_ports(label: &TaasLabel) -> Option<Problem> {
             format!(
                 "clientPort {client} is one of the Service's rendezvous ports {}-{}",
                 names::P_PORT_BASE,
-                names::P_PORT_BASE + spec
-                    .rendezvous_ports
-                    .clamp(RENDEZVOUS_PORTS_MIN, RENDEZVOUS_PORTS_MAX)
-                    as u16 - 1
+                names::P_PORT_BASE
+                    + spec
+                        .rendezvous_ports
+                        .clamp(RENDEZVOUS_PORTS_MIN, RENDEZVOUS_PORTS_MAX)
+                        as u16
+                    - 1
             ),
         )
     })

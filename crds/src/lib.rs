@@ -8,16 +8,32 @@
 //! derives kube's `CustomResource` and a JSON schema: that gives the [`TaasLabel`] resource,
 //! its [`TaasLabelStatus`], and the CRD manifest `crds/taaslabels.yaml` ([`crd_yaml`], printed
 //! by the `crdgen` binary). Schema validation (patterns, ranges) and CEL rules
-//! (`x-kubernetes-validations`) are written next to the fields they check.
+//! (`x-kubernetes-validations`) are written next to the fields they check, with the bounds
+//! from [`limits`]; [`TaasLabelSpec::validate`] (in every build) checks the same rules for
+//! readers without an API server, and a test keeps the two in agreement.
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub mod limits;
 pub mod manifest;
 #[cfg(feature = "kube")]
 mod status;
+mod validate;
+
+pub use validate::{
+    check_dns_subdomain, check_id, is_dns_subdomain, DnsNameError, SpecError, SpecErrors,
+    LOAD_BALANCER_CLASS_MESSAGE, SERVER_SPEAKS_FIRST_MESSAGE,
+};
+
+#[cfg(feature = "kube")]
+use limits::{
+    CLIENT_PORT_MAX, CLIENT_PORT_MIN, DNS_SUBDOMAIN_MAX_LEN, ID_MAX_LEN,
+    LOAD_BALANCER_CLASS_MAX_LEN, MAX_PARKED_MAX, MAX_PARKED_MIN, PERIOD_MAX, PERIOD_MIN,
+    RENDEZVOUS_PORTS_MAX, RENDEZVOUS_PORTS_MIN, SECRET_KEY_MAX_LEN,
+};
 
 #[cfg(feature = "kube")]
 pub use status::{
@@ -31,11 +47,12 @@ pub const KIND: &str = "TaasLabel";
 
 /// A DNS subdomain name in lower case (RFC 1123): dot-separated parts of 1–63 characters of
 /// `[a-z0-9-]`, none starting or ending with `-`; at most 253 characters in all (`maxLength`).
-/// What `LABEL` and Kubernetes object names must look like.
+/// What `LABEL` and Kubernetes object names must look like; [`check_dns_subdomain`] in code.
 pub const DNS_SUBDOMAIN_PATTERN: &str =
     r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*$";
-/// The hidden server's ID: no whitespace or control characters (it travels in an HTTP header).
-pub const ID_PATTERN: &str = r"^[^\s\x00-\x1F\x7F]+$";
+/// The hidden server's ID: no whitespace or control characters (it travels in an HTTP header);
+/// [`check_id`] in code. The control characters are Unicode's (C0, DEL and C1), as there.
+pub const ID_PATTERN: &str = r"^[^\s\x00-\x1F\x7F-\x9F]+$";
 /// A key of a Secret's `data`.
 pub const SECRET_KEY_PATTERN: &str = r"^[-._a-zA-Z0-9]+$";
 
@@ -87,7 +104,7 @@ pub const SECRET_KEY_PATTERN: &str = r"^[-._a-zA-Z0-9]+$";
     feature = "kube",
     schemars(extend("x-kubernetes-validations" = [{
         "rule": "!has(self.serverSpeaksFirst) || !self.serverSpeaksFirst || (has(self.proxyProtocol) && self.proxyProtocol != 'none')",
-        "message": "serverSpeaksFirst needs proxyProtocol v1 or v2",
+        "message": SERVER_SPEAKS_FIRST_MESSAGE,
         "fieldPath": ".proxyProtocol",
         "reason": "FieldValueInvalid"
     }]))
@@ -98,7 +115,7 @@ pub struct TaasLabelSpec {
     #[cfg_attr(
         feature = "kube",
         schemars(
-            length(min = 1, max = 256),
+            length(min = 1, max = ID_MAX_LEN),
             pattern(ID_PATTERN),
             extend("x-kubernetes-validations" = [
                 {"rule": "self == oldSelf", "message": "id is immutable"}
@@ -111,7 +128,7 @@ pub struct TaasLabelSpec {
     #[cfg_attr(
         feature = "kube",
         schemars(
-            length(min = 1, max = 253),
+            length(min = 1, max = DNS_SUBDOMAIN_MAX_LEN),
             pattern(DNS_SUBDOMAIN_PATTERN),
             extend("x-kubernetes-validations" = [
                 {"rule": "self == oldSelf", "message": "label is immutable"}
@@ -126,11 +143,11 @@ pub struct TaasLabelSpec {
     pub algorithm: Algorithm,
     /// TOTP step in seconds.
     #[serde(default = "default_period")]
-    #[cfg_attr(feature = "kube", schemars(range(min = 1, max = 300)))]
+    #[cfg_attr(feature = "kube", schemars(range(min = PERIOD_MIN, max = PERIOD_MAX)))]
     pub period: u32,
     /// Parked connections allowed at once; further registrations get 503.
     #[serde(default = "default_max_parked")]
-    #[cfg_attr(feature = "kube", schemars(range(min = 1, max = 1024)))]
+    #[cfg_attr(feature = "kube", schemars(range(min = MAX_PARKED_MIN, max = MAX_PARKED_MAX)))]
     pub max_parked: u32,
     /// The rendezvous port accepts only the address that registered.
     #[serde(default = "default_true")]
@@ -140,7 +157,7 @@ pub struct TaasLabelSpec {
     pub proxy_protocol: ProxyProtocol,
     /// Pin the client port q; otherwise one is allocated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[cfg_attr(feature = "kube", schemars(range(min = 1, max = 65535)))]
+    #[cfg_attr(feature = "kube", schemars(range(min = CLIENT_PORT_MIN, max = CLIENT_PORT_MAX)))]
     pub client_port: Option<u16>,
     /// Who may connect to q: anyone, or only sources that received a 307 for this label
     /// in the last minute.
@@ -157,7 +174,7 @@ pub struct TaasLabelSpec {
     /// Size of the fixed pool of rendezvous ports p that the label's relay pod and Service
     /// expose in a cluster (a Service cannot grow a port per registration).
     #[serde(default = "default_rendezvous_ports")]
-    #[cfg_attr(feature = "kube", schemars(range(min = 1, max = 64)))]
+    #[cfg_attr(feature = "kube", schemars(range(min = RENDEZVOUS_PORTS_MIN, max = RENDEZVOUS_PORTS_MAX)))]
     pub rendezvous_ports: u32,
 }
 
@@ -184,14 +201,20 @@ pub struct SecretKeyRef {
     /// The Secret's name.
     #[cfg_attr(
         feature = "kube",
-        schemars(length(min = 1, max = 253), pattern(DNS_SUBDOMAIN_PATTERN))
+        schemars(
+            length(min = 1, max = DNS_SUBDOMAIN_MAX_LEN),
+            pattern(DNS_SUBDOMAIN_PATTERN)
+        )
     )]
     pub name: String,
     /// The key in the Secret's data.
     #[serde(default = "default_secret_key")]
     #[cfg_attr(
         feature = "kube",
-        schemars(length(min = 1, max = 253), pattern(SECRET_KEY_PATTERN))
+        schemars(
+            length(min = 1, max = SECRET_KEY_MAX_LEN),
+            pattern(SECRET_KEY_PATTERN)
+        )
     )]
     pub key: String,
 }
@@ -242,7 +265,7 @@ pub enum ClientAdmission {
     // at the door rather than let the operator fail on every reconcile.
     schemars(extend("x-kubernetes-validations" = [{
         "rule": "!has(self.loadBalancerClass) || self.type == 'LoadBalancer'",
-        "message": "loadBalancerClass may only be set when type is LoadBalancer",
+        "message": LOAD_BALANCER_CLASS_MESSAGE,
         "fieldPath": ".loadBalancerClass",
         "reason": "FieldValueForbidden"
     }]))
@@ -261,7 +284,7 @@ pub struct LabelService {
     pub external_traffic_policy: ExternalTrafficPolicy,
     /// The load balancer implementation (only with type `LoadBalancer`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[cfg_attr(feature = "kube", schemars(length(min = 1, max = 253)))]
+    #[cfg_attr(feature = "kube", schemars(length(min = 1, max = LOAD_BALANCER_CLASS_MAX_LEN)))]
     pub load_balancer_class: Option<String>,
 }
 

@@ -4,24 +4,20 @@
 
 use std::path::Path;
 
-use kube::core::cel::{compile_schema, validate_cel, validate_cel_update, Validator};
+use common::{cel_errors, label_with, schema, schema_errors};
+use kube::core::cel::{compile_schema, validate_cel, validate_cel_update};
 use kube::CustomResourceExt as _;
 use serde_json::{json, Value};
 use taas_crds::manifest::{parse_documents, Object};
 use taas_crds::{crd_yaml, TaasLabel, TaasLabelSpec, CRDGEN_COMMAND};
+
+mod common;
 
 fn repo_file(relative: &str) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("..")
         .join(relative);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-/// The generated CRD's `openAPIV3Schema` as JSON.
-fn schema() -> Value {
-    let crd = TaasLabel::crd();
-    let schema = crd.spec.versions[0].schema.as_ref().unwrap();
-    serde_json::to_value(schema.open_api_v3_schema.as_ref().unwrap()).unwrap()
 }
 
 /// The example's documents, as JSON values: the TaasLabel, then the Secret.
@@ -32,82 +28,6 @@ fn example() -> (Value, Value) {
     let (label, secret) = (docs.next().unwrap(), docs.next().unwrap());
     assert!(docs.next().is_none());
     (label, secret)
-}
-
-/// A minimal valid TaasLabel with `spec` merged over it.
-fn label_with(spec: Value) -> Value {
-    let mut label = json!({
-        "apiVersion": "taas.dev/v1alpha1",
-        "kind": "TaasLabel",
-        "metadata": {"name": "home", "namespace": "default"},
-        "spec": {"id": "id-1", "label": "home", "secretRef": {"name": "home-totp"}},
-    });
-    for (k, v) in spec.as_object().unwrap() {
-        label["spec"][k] = v.clone();
-    }
-    label
-}
-
-/// What the API server's OpenAPI validation would say about `object`, approximated with a
-/// JSON-schema validator: OpenAPI's `nullable` becomes a `null` type, and fields the schema
-/// does not know (which the API server would silently prune) are errors too.
-fn schema_errors(object: &Value) -> Vec<String> {
-    fn nullable_to_type(schema: &mut Value) {
-        if let Some(map) = schema.as_object_mut() {
-            if map.get("nullable") == Some(&Value::Bool(true)) {
-                if let Some(Value::String(t)) = map.get("type").cloned() {
-                    map.insert("type".into(), json!([t, "null"]));
-                }
-            }
-            map.values_mut().for_each(nullable_to_type);
-        } else if let Some(items) = schema.as_array_mut() {
-            items.iter_mut().for_each(nullable_to_type);
-        }
-    }
-    fn unknown_fields(schema: &Value, value: &Value, path: &str, out: &mut Vec<String>) {
-        match value {
-            Value::Object(map) => {
-                let props = schema.get("properties").and_then(Value::as_object);
-                for (key, v) in map {
-                    let here = format!("{path}/{key}");
-                    if let Some(sub) = props.and_then(|p| p.get(key)) {
-                        unknown_fields(sub, v, &here, out);
-                    } else if let Some(sub) = schema.get("additionalProperties") {
-                        unknown_fields(sub, v, &here, out);
-                    } else if !(path.is_empty()
-                        && ["apiVersion", "kind", "metadata"].contains(&key.as_str()))
-                    {
-                        out.push(format!(
-                            "{here}: unknown field (the API server would drop it)"
-                        ));
-                    }
-                }
-            }
-            Value::Array(items) => {
-                for (i, v) in items.iter().enumerate() {
-                    unknown_fields(&schema["items"], v, &format!("{path}/{i}"), out);
-                }
-            }
-            _ => {}
-        }
-    }
-    let mut schema = schema();
-    nullable_to_type(&mut schema);
-    let validator = jsonschema::draft4::new(&schema).expect("the CRD schema compiles");
-    let mut errors: Vec<String> = validator
-        .iter_errors(object)
-        .map(|e| format!("{}: {e}", e.instance_path()))
-        .collect();
-    unknown_fields(&schema, object, "", &mut errors);
-    errors
-}
-
-/// Every CEL rule that fails for `object` (an update from `old` when given).
-fn cel_errors(object: &Value, old: Option<&Value>) -> Vec<String> {
-    match Validator::new().validate(&schema(), object, old) {
-        Ok(()) => Vec::new(),
-        Err(errors) => errors.iter().map(|e| e.to_string()).collect(),
-    }
 }
 
 #[test]

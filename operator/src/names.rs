@@ -93,7 +93,10 @@ pub fn labels(label: &TaasLabel) -> BTreeMap<String, String> {
 pub fn p_ports(label: &TaasLabel) -> impl Iterator<Item = u16> {
     // The schema bounds rendezvousPorts to 1..=64; clamp anyway so a bad object cannot
     // overflow the port arithmetic.
-    let n = label.spec.rendezvous_ports.clamp(1, 64) as u16;
+    let n = label.spec.rendezvous_ports.clamp(
+        taas_crds::limits::RENDEZVOUS_PORTS_MIN,
+        taas_crds::limits::RENDEZVOUS_PORTS_MAX,
+    ) as u16;
     (0..n).map(|i| P_PORT_BASE + i)
 }
 

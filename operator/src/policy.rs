@@ -174,20 +174,9 @@ impl fmt::Display for LabelPattern {
     }
 }
 
-/// A DNS subdomain as Kubernetes checks one (RFC 1123 labels, at most 253 characters).
-pub fn is_dns_subdomain(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|part| {
-            !part.is_empty()
-                && part.len() <= 63
-                && part
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                && !part.starts_with('-')
-                && !part.ends_with('-')
-        })
-}
+/// A DNS subdomain as Kubernetes checks one (RFC 1123 labels, at most 253 characters): the
+/// CRD's rule for LABEL.
+pub use taas_crds::is_dns_subdomain;
 
 fn type_name(type_: ServiceType) -> &'static str {
     match type_ {

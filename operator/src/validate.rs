@@ -1,8 +1,10 @@
 //! What stops a label from being served, decided without the API server from what
 //! [`crate::reconcile`] read (pure functions).
 //!
-//! - `InvalidSpec`: the object's name does not make valid child names, or the pinned client
-//!   port collides with a rendezvous port of the Service.
+//! - `InvalidSpec`: the spec breaks a rule of the CRD ([`taas_crds::TaasLabelSpec::validate`], which the
+//!   API server checks too, except its CEL rules before Kubernetes 1.25: a relay pod for such
+//!   a spec would refuse to start), the object's name does not make valid child names, or the
+//!   pinned client port collides with a rendezvous port of the Service.
 //! - `LabelNotAllowed`: the cluster's label policy ([`crate::policy`]) does not let the
 //!   label's namespace claim its LABEL. Such a label takes part in no conflict: it cannot
 //!   pre-claim a LABEL from the namespace the policy gives it to.
@@ -24,6 +26,7 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use taas_crds::limits::{RENDEZVOUS_PORTS_MAX, RENDEZVOUS_PORTS_MIN};
 use taas_crds::{ServiceType, TaasLabel};
 
 use crate::names;
@@ -89,7 +92,7 @@ pub fn validate(
     all: &[Arc<TaasLabel>],
     policy: &TenantPolicy,
 ) -> Vec<Problem> {
-    let mut problems = Vec::new();
+    let mut problems = check_spec(label);
     problems.extend(check_name(label));
     problems.extend(check_ports(label));
     let label_denied = policy.label_denial(names::namespace(label), &label.spec.label);
@@ -102,6 +105,15 @@ pub fn validate(
     problems.extend(check_foreign(label, &observed.existing));
     problems.extend(check_secret(label, observed.secret.as_ref()));
     problems
+}
+
+/// One problem per rule of the CRD the spec breaks.
+fn check_spec(label: &TaasLabel) -> Vec<Problem> {
+    let errors = label.spec.validate().err().map(|e| e.0).unwrap_or_default();
+    errors
+        .iter()
+        .map(|e| Problem::new(Reason::InvalidSpec, e.to_string()))
+        .collect()
 }
 
 fn check_name(label: &TaasLabel) -> Option<Problem> {
@@ -137,7 +149,12 @@ fn check_ports(label: &TaasLabel) -> Option<Problem> {
             format!(
                 "clientPort {client} is one of the Service's rendezvous ports {}-{}",
                 names::P_PORT_BASE,
-                names::P_PORT_BASE + spec.rendezvous_ports.clamp(1, 64) as u16 - 1
+                names::P_PORT_BASE
+                    + spec
+                        .rendezvous_ports
+                        .clamp(RENDEZVOUS_PORTS_MIN, RENDEZVOUS_PORTS_MAX)
+                        as u16
+                    - 1
             ),
         )
     })
@@ -474,6 +491,33 @@ mod tests {
         let mut l = label();
         l.metadata.name = Some("x".repeat(50));
         assert_eq!(validate(&l, &observed_ok(), &[], &open()), vec![]);
+    }
+
+    #[test]
+    fn a_spec_that_breaks_the_crds_rules_is_invalid() {
+        // What an API server without CEL (before Kubernetes 1.25) lets through.
+        let mut l = label();
+        l.spec.server_speaks_first = true;
+        let problems = validate(&l, &observed_ok(), &[], &open());
+        assert_eq!(reasons(&problems), vec![Reason::InvalidSpec]);
+        assert_eq!(
+            problems[0].message,
+            "serverSpeaksFirst needs proxyProtocol v1 or v2"
+        );
+        assert!(problems[0].blocks_apply());
+        // Every rule broken is one problem.
+        l.spec.period = 0;
+        l.spec.rendezvous_ports = 65;
+        let problems = validate(&l, &observed_ok(), &[], &open());
+        let messages: Vec<_> = problems.iter().map(|p| p.message.as_str()).collect();
+        assert_eq!(
+            messages,
+            [
+                "period 0 must be 1 to 300 seconds",
+                "serverSpeaksFirst needs proxyProtocol v1 or v2",
+                "rendezvousPorts 65 must be 1 to 64",
+            ]
+        );
     }
 
     #[test]

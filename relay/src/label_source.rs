@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use taas_crds::manifest::{parse_documents, LabelObject, Object, SecretObject};
-use taas_crds::{ProxyProtocol, TaasLabelSpec};
+use taas_crds::{SpecError, TaasLabelSpec};
 
 use crate::config::LabelConfig;
 
@@ -55,45 +55,46 @@ pub enum LoadError {
 
 // ---------------------------------------------------------------------------------------------
 // Validation of one label (also used by `provision`, so both accept exactly the same things).
+// The rules are the CRD's (`TaasLabelSpec::validate`); the relay adds that it reads LABEL
+// case-insensitively, and checks the secret's value.
 
-/// LABEL in DNS syntax, lower-cased: 1–253 characters, dot-separated parts of 1–63 of
-/// `[a-z0-9-]`, none starting or ending with `-`.
+/// The id rule (the CRD's), here beside [`normalize_label`] for the relay's callers.
+pub use taas_crds::check_id;
+
+/// LABEL in DNS syntax, lower-cased: the CRD's DNS subdomain rule
+/// ([`taas_crds::check_dns_subdomain`]: 1–253 characters, dot-separated parts of 1–63 of
+/// `[a-z0-9-]`, none starting or ending with `-`) applied to the lower-cased name.
 pub fn normalize_label(label: &str) -> Result<String, String> {
     let lower = label.to_ascii_lowercase();
-    let bad = |why: &str| Err(format!("label {label:?} is not a valid DNS name: {why}"));
-    if lower.is_empty() || lower.len() > 253 {
-        return bad("it must be 1 to 253 characters long");
+    match taas_crds::check_dns_subdomain(&lower) {
+        Ok(()) => Ok(lower),
+        Err(reason) => Err(SpecError::Label {
+            label: label.to_string(),
+            reason,
+        }
+        .to_string()),
     }
-    for part in lower.split('.') {
-        if part.is_empty() || part.len() > 63 {
-            return bad("each dot-separated part must be 1 to 63 characters long");
-        }
-        if !part
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        {
-            return bad("only letters, digits, '-' and '.' are allowed");
-        }
-        if part.starts_with('-') || part.ends_with('-') {
-            return bad("a part may not start or end with '-'");
-        }
-    }
-    Ok(lower)
 }
 
-/// The hidden server's ID: non-empty, at most 256 bytes, no whitespace or control characters
-/// (it travels in an HTTP header and is compared exactly).
-pub fn check_id(id: &str) -> Result<(), String> {
-    if id.is_empty() || id.len() > 256 {
-        return Err("id must be 1 to 256 bytes long".into());
+/// Whether the relay refuses a label for this problem of its spec. LABEL it checks itself,
+/// case-insensitively ([`normalize_label`]); `secretRef` only names the Secret to look for (a
+/// wrong one shows as "no such Secret"); `rendezvousPorts` and `service` shape a cluster's
+/// relay pod and Service, which the relay ignores.
+fn refused_by_relay(error: &SpecError) -> bool {
+    match error {
+        SpecError::IdLength
+        | SpecError::IdCharacter(_)
+        | SpecError::Period(_)
+        | SpecError::MaxParked(_)
+        | SpecError::ClientPort(_)
+        | SpecError::ServerSpeaksFirstWithoutProxyHeader => true,
+        SpecError::Label { .. }
+        | SpecError::SecretName { .. }
+        | SpecError::SecretKey(_)
+        | SpecError::RendezvousPorts(_)
+        | SpecError::LoadBalancerClassLength
+        | SpecError::LoadBalancerClassWithoutLoadBalancer => false,
     }
-    if id.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(format!(
-            "id {:?} may not contain whitespace or control characters",
-            id.escape_debug().to_string()
-        ));
-    }
-    Ok(())
 }
 
 /// Checks a spec and its resolved secret value (base32 text, as stored in the Secret) and
@@ -104,8 +105,9 @@ pub fn validate_label(spec: &TaasLabelSpec, secret_b32: &[u8]) -> Result<LabelCo
         problems.push(e);
         String::new()
     });
-    if let Err(e) = check_id(&spec.id) {
-        problems.push(e);
+    if let Err(errors) = spec.validate() {
+        let refused = errors.0.iter().filter(|e| refused_by_relay(e));
+        problems.extend(refused.map(ToString::to_string));
     }
     // Tolerate surrounding whitespace: `kubectl create secret --from-file` keeps a newline.
     let secret = match std::str::from_utf8(secret_b32)
@@ -134,21 +136,6 @@ pub fn validate_label(spec: &TaasLabelSpec, secret_b32: &[u8]) -> Result<LabelCo
             Vec::new()
         }
     };
-    if !(1..=300).contains(&spec.period) {
-        problems.push(format!("period {} must be 1 to 300 seconds", spec.period));
-    }
-    if !(1..=1024).contains(&spec.max_parked) {
-        problems.push(format!("maxParked {} must be 1 to 1024", spec.max_parked));
-    }
-    if spec.client_port == Some(0) {
-        problems.push("clientPort must be 1 to 65535".into());
-    }
-    // The TAAS agent (like the original steward) waits for the first bytes of a parked
-    // connection to know it was paired: without a PROXY header, a client waiting for the
-    // server's banner and an agent waiting for the client's first byte would wait forever.
-    if spec.server_speaks_first && spec.proxy_protocol == ProxyProtocol::None {
-        problems.push("serverSpeaksFirst needs proxyProtocol v1 or v2".into());
-    }
     if !problems.is_empty() {
         return Err(problems.join("; "));
     }
@@ -980,6 +967,32 @@ mod tests {
         s.client_port = Some(65535);
         s.id = "x".repeat(256);
         assert!(validate_label(&s, B32.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn the_crds_rules_for_a_cluster_and_for_secret_ref_do_not_stop_the_relay() {
+        let mut s = spec();
+        s.label = "Home".into(); // read case-insensitively
+        s.rendezvous_ports = 0;
+        s.secret_ref.name = "S_1".into();
+        s.service.type_ = taas_crds::ServiceType::NodePort;
+        s.service.load_balancer_class = Some(String::new());
+        let errors = s.validate().unwrap_err().0;
+        assert_eq!(errors.len(), 5, "{errors:?}");
+        let config = validate_label(&s, B32.as_bytes()).unwrap();
+        assert_eq!(config.label, "home");
+        // The rules it applies are the CRD's, with the CRD's messages.
+        s.period = 0;
+        s.id = String::new();
+        let e = validate_label(&s, B32.as_bytes()).unwrap_err();
+        assert_eq!(
+            e,
+            format!(
+                "{}; {}",
+                taas_crds::SpecError::IdLength,
+                taas_crds::SpecError::Period(0)
+            )
+        );
     }
 
     #[test]

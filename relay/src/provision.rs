@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use rand::RngCore;
 use serde::Serialize;
+use taas_crds::limits::{DNS_PART_MAX_LEN, DNS_SUBDOMAIN_MAX_LEN};
 use taas_crds::manifest::{render_label_file, LabelObject, SecretObject};
 use taas_crds::{SecretKeyRef, TaasLabelSpec};
 
@@ -149,18 +150,20 @@ pub fn qr_text(uri: &str) -> Result<String, ProvisionError> {
 pub fn write_label(dir: &Path, new: &NewLabel) -> Result<Provisioned, ProvisionError> {
     // The same checks the relay applies when it loads the file.
     let label = normalize_label(&new.label).map_err(ProvisionError::Invalid)?;
-    check_id(&new.id).map_err(ProvisionError::Invalid)?;
+    check_id(&new.id).map_err(|e| ProvisionError::Invalid(e.to_string()))?;
+    // A namespace is one part of a DNS name (RFC 1123 label).
     let namespace = normalize_label(&new.namespace)
         .ok()
-        .filter(|ns| !ns.contains('.') && ns.len() <= 63)
+        .filter(|ns| !ns.contains('.') && ns.len() <= DNS_PART_MAX_LEN)
         .ok_or_else(|| {
             ProvisionError::Invalid(format!(
-                "namespace {:?} is not a valid Kubernetes namespace (up to 63 of a-z, 0-9, '-')",
+                "namespace {:?} is not a valid Kubernetes namespace \
+                 (up to {DNS_PART_MAX_LEN} of a-z, 0-9, '-')",
                 new.namespace
             ))
         })?;
     let secret_name = format!("{}-totp", label.replace('.', "-"));
-    if secret_name.len() > 253 {
+    if secret_name.len() > DNS_SUBDOMAIN_MAX_LEN {
         return Err(ProvisionError::Invalid(format!(
             "label {label:?} is too long to name its Secret {secret_name:?}"
         )));

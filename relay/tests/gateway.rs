@@ -3,14 +3,13 @@
 //! right relay; answers carry the external addresses; the original client address arrives;
 //! unknown, unready and vanished relays get clean answers.
 
-mod common;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::*;
+use taas_testkit::prelude::*;
 use taas_relay::config::{Limits, RedirectHost, Timeouts};
 use taas_relay::gateway::{
     self, GatewayOptions, Route, RouteSource, RunningGateway, UpstreamSettings,

@@ -16,10 +16,9 @@
 //! ports did not return to their baselines, or if RSS grew by more than 32 MiB over its warm
 //! baseline.
 
-
-use taas_testkit::soak;
 use std::path::PathBuf;
 use std::time::Duration;
+use taas_testkit::soak;
 
 fn usage() -> ! {
     eprintln!(

@@ -1,7 +1,6 @@
 //! The `taas-relay` binary: configuration errors give one clear message and a non-zero exit
 //! before anything is served; `label new` provisions files that the relay and the steward use.
 
-
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};

@@ -2,17 +2,16 @@
 //! with the label's gateway token (`taas-gateway-auth`), may use it to name the client; without
 //! a token configured nothing may name the client; the token never reaches a log.
 
-
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use taas_testkit::prelude::*;
-use taas_testkit::{logs, ports, readings};
 use taas_relay::config::{Limits, RedirectHost, Timeouts};
 use taas_relay::gateway_auth::{GatewayToken, InstallSecret, GATEWAY_AUTH_HEADER};
 use taas_relay::label_relay::{self, LabelRelay, LabelRelayOptions};
+use taas_testkit::prelude::*;
+use taas_testkit::{logs, ports, readings};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -193,7 +192,10 @@ async fn a_missing_or_wrong_gateway_token_gets_403_and_the_request_is_not_proces
         "{metrics}"
     );
     // None was processed: no registration counted, no rendezvous port handed out.
-    assert_eq!(readings::metric_sum(&metrics, "taas_registrations_total"), 0.0);
+    assert_eq!(
+        readings::metric_sum(&metrics, "taas_registrations_total"),
+        0.0
+    );
     assert_eq!(readings::metric_sum(&metrics, "taas_rendezvous_total"), 0.0);
 }
 
@@ -226,7 +228,10 @@ async fn the_right_gateway_token_lets_the_gateway_name_the_client() {
     .await;
     assert_eq!(response.status, 307, "{response:?}");
     let metrics = relay_metrics(&relay).await;
-    assert_eq!(readings::metric_sum(&metrics, "taas_registrations_total"), 1.0);
+    assert_eq!(
+        readings::metric_sum(&metrics, "taas_registrations_total"),
+        1.0
+    );
     assert!(readings::metric_sum(&metrics, "taas_rendezvous_total") >= 1.0);
 }
 

@@ -3,18 +3,17 @@
 //! right relay; answers carry the external addresses; the original client address arrives;
 //! unknown, unready and vanished relays get clean answers.
 
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use taas_testkit::prelude::*;
 use taas_relay::config::{Limits, RedirectHost, Timeouts};
 use taas_relay::gateway::{
     self, GatewayOptions, Route, RouteSource, RunningGateway, UpstreamSettings,
 };
 use taas_relay::label_relay::{self, LabelRelay, LabelRelayOptions};
+use taas_testkit::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 

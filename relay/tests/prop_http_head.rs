@@ -8,14 +8,13 @@
 //! Cases: 500 random + 1,000 mutated over TLS, 250 raw TCP (`TAAS_PROP_E2E_CASES=N` scales them:
 //! N random, 2N mutated, N/2 raw). See docs/robustness.md.
 
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use proptest::prelude::*;
 use taas_testkit::prelude::*;
 use taas_testkit::{logs, property};
-use proptest::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 

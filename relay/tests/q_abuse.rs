@@ -6,13 +6,12 @@
 //! real agent (`taas_relay::agent`) in front of an echo service. Other loopback addresses
 //! (127.0.0.x) stand in for other hosts. Figures: `--nocapture`, lines starting `figure:`.
 
-
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use taas_testkit::prelude::*;
-use taas_testkit::logs;
 use taas_testkit::agent::Agent;
+use taas_testkit::logs;
+use taas_testkit::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 

@@ -66,7 +66,10 @@ fn commands(section: &str) -> Vec<String> {
 fn readme_commands(readme: &str) -> (String, String) {
     let two = section(readme, "The two commands").expect("README: ## The two commands");
     let commands = commands(two);
-    let first = commands.first().expect("a command in The two commands").clone();
+    let first = commands
+        .first()
+        .expect("a command in The two commands")
+        .clone();
     let curl = commands
         .iter()
         .find(|c| c.starts_with("curl "))
@@ -184,14 +187,17 @@ fn fetch_without_curl(cacert: &Path, host: &str, front_port: u16) -> String {
         .build()
         .unwrap();
     runtime.block_on(async {
-        let get = format!("GET / HTTP/1.1\r\nHost: {host}:{front_port}\r\nConnection: close\r\n\r\n");
+        let get =
+            format!("GET / HTTP/1.1\r\nHost: {host}:{front_port}\r\nConnection: close\r\n\r\n");
         let front = std::net::SocketAddr::from(([127, 0, 0, 1], front_port));
         let mut tls = tls_connect(front, cacert, host).await;
         tokio::io::AsyncWriteExt::write_all(&mut tls, get.as_bytes())
             .await
             .unwrap();
         let redirect = read_response(&mut tls).await;
-        let Some(location) = redirect.header("location").filter(|_| redirect.status == 307)
+        let Some(location) = redirect
+            .header("location")
+            .filter(|_| redirect.status == 307)
         else {
             return format!("no 307: {redirect:?}");
         };
@@ -199,7 +205,12 @@ fn fetch_without_curl(cacert: &Path, host: &str, front_port: u16) -> String {
             .rsplit_once(':')
             .and_then(|(_, rest)| rest.trim_end_matches('/').parse().ok())
             .unwrap_or_else(|| panic!("port in {location}"));
-        let mut tls = tls_connect(std::net::SocketAddr::from(([127, 0, 0, 1], q)), cacert, host).await;
+        let mut tls = tls_connect(
+            std::net::SocketAddr::from(([127, 0, 0, 1], q)),
+            cacert,
+            host,
+        )
+        .await;
         let get = format!("GET / HTTP/1.1\r\nHost: {host}:{q}\r\nConnection: close\r\n\r\n");
         tokio::io::AsyncWriteExt::write_all(&mut tls, get.as_bytes())
             .await
@@ -299,7 +310,9 @@ fn the_readme_first_command_serves_the_demo_page_through_the_relay() {
     // The page, through the relay (bounded: the agent may still be parking).
     let with_curl = curl_installed();
     if !with_curl {
-        eprintln!("curl is not installed (scripts/install-test-deps.sh installs it): fetching without it");
+        eprintln!(
+            "curl is not installed (scripts/install-test-deps.sh installs it): fetching without it"
+        );
     }
     let deadline = Instant::now() + PATIENCE;
     let page = loop {

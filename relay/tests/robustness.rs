@@ -7,15 +7,14 @@
 //! logging. The tests run one at a time (`serial`): several measure latency or CPU time.
 //! Long runs and privileged tests: see docs/robustness.md.
 
-
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use taas_testkit::prelude::*;
-use taas_testkit::{echo, logs, property, readings, soak};
 use taas_testkit::agent::Agent;
+use taas_testkit::prelude::*;
 use taas_testkit::spawned::{RelaySpec, SpawnedRelay};
+use taas_testkit::{echo, logs, property, readings, soak};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 

@@ -16,13 +16,9 @@
 //! ports did not return to their baselines, or if RSS grew by more than 32 MiB over its warm
 //! baseline.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-#[path = "../tests/common/load.rs"]
-mod load;
-
 use std::path::PathBuf;
 use std::time::Duration;
+use taas_testkit::soak;
 
 fn usage() -> ! {
     eprintln!(
@@ -78,7 +74,7 @@ fn main() -> std::process::ExitCode {
     }
     taas_process::raise_fd_limit();
     let dir = tempfile::tempdir().expect("temporary directory");
-    let mut config = load::SoakConfig::new(&relay_bin, dir.path(), connections);
+    let mut config = soak::SoakConfig::new(&relay_bin, dir.path(), connections);
     config.labels = labels;
     config.concurrency = concurrency;
     config.parked = parked;
@@ -98,7 +94,7 @@ fn main() -> std::process::ExitCode {
         .enable_all()
         .build()
         .expect("runtime");
-    let report = runtime.block_on(load::soak(config));
+    let report = runtime.block_on(soak::soak(config));
     println!("{}", report.table());
     let grown = report.after.rss_kib.saturating_sub(report.warm.rss_kib);
     let mut ok = true;

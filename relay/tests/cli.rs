@@ -1,13 +1,11 @@
 //! The `taas-relay` binary: configuration errors give one clear message and a non-zero exit
 //! before anything is served; `label new` provisions files that the relay and the steward use.
 
-mod common;
-
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use taas_testkit::prelude::*;
 
 fn relay_bin() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_taas-relay"));

@@ -2,19 +2,16 @@
 //! with the label's gateway token (`taas-gateway-auth`), may use it to name the client; without
 //! a token configured nothing may name the client; the token never reaches a log.
 
-mod common;
-#[path = "common/load.rs"]
-mod load;
-
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
 use taas_relay::config::{Limits, RedirectHost, Timeouts};
 use taas_relay::gateway_auth::{GatewayToken, InstallSecret, GATEWAY_AUTH_HEADER};
 use taas_relay::run::pod::{self as label_relay, LabelRelay, LabelRelayOptions};
+use taas_testkit::prelude::*;
+use taas_testkit::{logs, ports, readings};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -146,7 +143,7 @@ async fn p_accepts(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_token_no_request_names_the_client_even_from_listed_networks() {
-    load::debug_logs();
+    logs::debug_logs();
     let dir = tempfile::tempdir().unwrap();
     let home = TestLabel::new("home");
     // 127.0.0.0/8 was in the old default of --trusted-proxies.
@@ -164,7 +161,7 @@ async fn without_a_token_no_request_names_the_client_even_from_listed_networks()
     assert!(p_accepts(&relay, "home", p, "127.0.0.2").await.is_none());
     assert!(p_accepts(&relay, "home", p, "127.0.0.1").await.is_some());
     assert!(
-        load::captured_logs().contains("the control port is unauthenticated"),
+        logs::captured_logs().contains("the control port is unauthenticated"),
         "no warning at start"
     );
 }
@@ -195,8 +192,11 @@ async fn a_missing_or_wrong_gateway_token_gets_403_and_the_request_is_not_proces
         "{metrics}"
     );
     // None was processed: no registration counted, no rendezvous port handed out.
-    assert_eq!(load::metric_sum(&metrics, "taas_registrations_total"), 0.0);
-    assert_eq!(load::metric_sum(&metrics, "taas_rendezvous_total"), 0.0);
+    assert_eq!(
+        readings::metric_sum(&metrics, "taas_registrations_total"),
+        0.0
+    );
+    assert_eq!(readings::metric_sum(&metrics, "taas_rendezvous_total"), 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -228,8 +228,11 @@ async fn the_right_gateway_token_lets_the_gateway_name_the_client() {
     .await;
     assert_eq!(response.status, 307, "{response:?}");
     let metrics = relay_metrics(&relay).await;
-    assert_eq!(load::metric_sum(&metrics, "taas_registrations_total"), 1.0);
-    assert!(load::metric_sum(&metrics, "taas_rendezvous_total") >= 1.0);
+    assert_eq!(
+        readings::metric_sum(&metrics, "taas_registrations_total"),
+        1.0
+    );
+    assert!(readings::metric_sum(&metrics, "taas_rendezvous_total") >= 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -255,7 +258,7 @@ async fn the_gateway_token_never_appears_in_the_relays_debug_logs_or_help() {
     let (label_file, secret_dir) = mount_label(dir.path(), &home);
     let token = token_for("home");
     let wrong = token_for("office");
-    let control: SocketAddr = format!("127.0.0.1:{}", load::free_port()).parse().unwrap();
+    let control: SocketAddr = format!("127.0.0.1:{}", ports::free_port()).parse().unwrap();
     let (p_ports, q) = port_block(8);
     let log = dir.path().join("relay.log");
     let mut child = Command::new(RELAY_BIN)

@@ -2,14 +2,12 @@
 //! curl as the mobile client following the 307; the relay killed and restarted under the
 //! agent; the agent's reasons when it cannot register.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use common::*;
 use taas_relay::agent::{Agent, AgentConfig, AgentStatus, Trust};
+use taas_testkit::prelude::*;
 use tokio::sync::watch;
 
 /// An in-process agent for `label`, forwarding to `forward`.

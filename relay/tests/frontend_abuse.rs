@@ -3,17 +3,13 @@
 //! holding a partial head. Over TLS to a real relay (`serve`, in-process or spawned) and
 //! through the real gateway (`taas_relay::run::gateway::start`).
 
-mod common;
-#[path = "common/load.rs"]
-mod load;
-
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::*;
-use load::{RelaySpec, SpawnedRelay};
 use taas_relay::config::Timeouts;
+use taas_testkit::prelude::*;
+use taas_testkit::spawned::{RelaySpec, SpawnedRelay};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 

@@ -3,18 +3,16 @@
 //! right relay; answers carry the external addresses; the original client address arrives;
 //! unknown, unready and vanished relays get clean answers.
 
-mod common;
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::*;
 use taas_relay::config::{Limits, RedirectHost, Timeouts};
 use taas_relay::gateway::{Route, UpstreamSettings};
 use taas_relay::run::gateway::{self, GatewayOptions, RouteSource, RunningGateway};
 use taas_relay::run::pod::{self as label_relay, LabelRelay, LabelRelayOptions};
+use taas_testkit::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 

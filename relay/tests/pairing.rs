@@ -1,10 +1,8 @@
 //! Mobile clients (PROTOCOL.md §3–§5): the 307, q, parking, pairing, splicing, PROXY headers,
 //! pinned client ports, client admission, and labels reloaded while pairs run.
 
-mod common;
-
-use common::*;
 use std::time::Duration;
+use taas_testkit::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 

@@ -6,16 +6,14 @@
 //! Cases per property: 2,000 (`TAAS_PROP_CASES=N` for a long run; `TAAS_PROP_SEED=S` for
 //! another seed). See docs/robustness.md.
 
-mod common;
-#[path = "common/load.rs"]
-mod load;
+use taas_testkit::property;
 
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use taas_relay::authorization::{format, parse, AuthorizationError, MAX_HEADER_LEN};
 
 fn cases() -> u32 {
-    load::cases(load::CASES_ENV, 2_000)
+    property::cases(property::CASES_ENV, 2_000)
 }
 
 /// Bytes biased towards the grammar: scheme, names, quotes, escapes, separators, digits, and
@@ -67,7 +65,7 @@ fn accepted_is_well_formed(header: &[u8]) -> Result<(), TestCaseError> {
 
 #[test]
 fn never_panics_on_arbitrary_bytes() {
-    load::check(
+    property::check(
         "authorization/arbitrary-bytes",
         cases(),
         proptest::collection::vec(any::<u8>(), 0..1_300),
@@ -77,7 +75,7 @@ fn never_panics_on_arbitrary_bytes() {
 
 #[test]
 fn never_panics_on_grammar_like_bytes() {
-    load::check(
+    property::check(
         "authorization/grammar-bytes",
         cases(),
         (
@@ -98,7 +96,7 @@ fn response() -> impl Strategy<Value = String> {
 
 #[test]
 fn reads_back_whatever_format_writes() {
-    load::check(
+    property::check(
         "authorization/format-round-trip",
         cases(),
         (
@@ -309,7 +307,7 @@ fn variant() -> impl Strategy<Value = Variant> {
 
 #[test]
 fn accepts_reordered_respaced_and_requoted_headers() {
-    load::check(
+    property::check(
         "authorization/variants",
         cases(),
         variant().prop_filter("within the size limit", |v| {
@@ -327,7 +325,7 @@ fn accepts_reordered_respaced_and_requoted_headers() {
 
 #[test]
 fn refuses_over_long_headers_before_parsing() {
-    load::check(
+    property::check(
         "authorization/over-long",
         cases(),
         (
@@ -355,7 +353,7 @@ fn refuses_over_long_headers_before_parsing() {
 #[test]
 #[ignore = "prints sample headers of the variant generator"]
 fn show_variants() {
-    let (mut runner, _) = load::runner("authorization/show", 10);
+    let (mut runner, _) = property::runner("authorization/show", 10);
     for _ in 0..12 {
         let v = variant().new_tree(&mut runner).unwrap().current();
         eprintln!("{:?}\n   -> {:?} / {:?}", v.header, v.username, v.response);

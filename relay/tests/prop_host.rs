@@ -5,9 +5,7 @@
 //!
 //! Cases per property: 2,000 (`TAAS_PROP_CASES=N` for a long run). See docs/robustness.md.
 
-mod common;
-#[path = "common/load.rs"]
-mod load;
+use taas_testkit::property;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -15,7 +13,7 @@ use proptest::prelude::*;
 use taas_relay::host::{classify, host_only, Names, Role};
 
 fn cases() -> u32 {
-    load::cases(load::CASES_ENV, 2_000)
+    property::cases(property::CASES_ENV, 2_000)
 }
 
 fn names() -> Names {
@@ -88,7 +86,7 @@ fn never_panics_and_accepts_only_plausible_hosts() {
         hostish(),
         any::<String>().prop_map(String::into_bytes),
     ];
-    load::check("host/arbitrary", cases(), strategy, |bytes| {
+    property::check("host/arbitrary", cases(), strategy, |bytes| {
         let role = classify(Some(&bytes), &names(), is_own);
         if let Ok(text) = std::str::from_utf8(&bytes) {
             match host_only(text) {
@@ -136,7 +134,7 @@ fn names_round_trip_with_any_case_port_and_trailing_dot() {
     let strategy = dns_name()
         .prop_flat_map(|n| (Just(n.clone()), recase(n), port(), any::<bool>()))
         .prop_filter("not an IP literal", |(n, ..)| n.parse::<IpAddr>().is_err());
-    load::check(
+    property::check(
         "host/name-round-trip",
         cases(),
         strategy,
@@ -157,7 +155,7 @@ fn names_round_trip_with_any_case_port_and_trailing_dot() {
 #[test]
 fn ip_literals_round_trip() {
     let strategy = (any::<Ipv4Addr>(), any::<Ipv6Addr>(), port(), any::<bool>());
-    load::check(
+    property::check(
         "host/ip-round-trip",
         cases(),
         strategy,
@@ -196,7 +194,7 @@ fn classify_dispatches_every_form_to_its_role() {
         any::<Ipv4Addr>(),
         any::<Ipv6Addr>(),
     );
-    load::check(
+    property::check(
         "host/classify",
         cases(),
         strategy,

@@ -8,16 +8,13 @@
 //! Cases: 500 random + 1,000 mutated over TLS, 250 raw TCP (`TAAS_PROP_E2E_CASES=N` scales them:
 //! N random, 2N mutated, N/2 raw). See docs/robustness.md.
 
-mod common;
-#[path = "common/load.rs"]
-mod load;
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
 use proptest::prelude::*;
+use taas_testkit::prelude::*;
+use taas_testkit::{logs, property};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -32,7 +29,7 @@ const DOCUMENTED: &[u16] = &[
 ];
 
 fn e2e_cases() -> u32 {
-    load::cases(load::E2E_CASES_ENV, 500)
+    property::cases(property::E2E_CASES_ENV, 500)
 }
 
 /// How often each answer was seen (0: closed without an answer), printed after a run.
@@ -238,8 +235,8 @@ struct Fuzz {
 
 impl Fuzz {
     fn start() -> Arc<Self> {
-        load::debug_logs();
-        load::count_panics();
+        logs::debug_logs();
+        logs::count_panics();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -279,7 +276,7 @@ impl Fuzz {
     }
 
     fn no_panics(&self) -> Result<(), TestCaseError> {
-        prop_assert_eq!(load::panics(), 0, "a panic in the process (see its output)");
+        prop_assert_eq!(logs::panics(), 0, "a panic in the process (see its output)");
         Ok(())
     }
 }
@@ -290,7 +287,7 @@ fn random_bytes_get_a_4xx_or_a_close_and_the_relay_keeps_serving() {
     let cases = e2e_cases();
     let case = std::sync::atomic::AtomicU32::new(0);
     let seen = Histogram::default();
-    load::check(
+    property::check(
         "http-head/random-bytes-tls",
         cases,
         prop_oneof![
@@ -324,7 +321,7 @@ fn mutated_registrations_get_documented_answers_and_the_relay_keeps_serving() {
     let case = std::sync::atomic::AtomicU32::new(0);
     let seen = Histogram::default();
     let port = fuzz.relay.addr().port();
-    load::check(
+    property::check(
         "http-head/mutated-registration",
         cases,
         proptest::collection::vec(edit(), 1..4),
@@ -354,7 +351,7 @@ fn mutated_registrations_get_documented_answers_and_the_relay_keeps_serving() {
 fn raw_tcp_garbage_before_the_handshake_is_closed() {
     let fuzz = Fuzz::start();
     let cases = (e2e_cases() / 2).max(1);
-    load::check(
+    property::check(
         "http-head/raw-tcp",
         cases,
         prop_oneof![

@@ -7,9 +7,7 @@
 //!
 //! Cases per property: 2,000 (`TAAS_PROP_CASES=N` for a long run). See docs/robustness.md.
 
-mod common;
-#[path = "common/load.rs"]
-mod load;
+use taas_testkit::property;
 
 use std::path::Path;
 
@@ -19,7 +17,7 @@ use taas_relay::config::LabelConfig;
 use taas_relay::label_source;
 
 fn cases() -> u32 {
-    load::cases(load::CASES_ENV, 2_000)
+    property::cases(property::CASES_ENV, 2_000)
 }
 
 /// A secret value that must never show up in an error message.
@@ -107,7 +105,7 @@ fn arbitrary_text_never_panics() {
         )
         .prop_map(String::from_iter),
     ];
-    load::check("label-files/arbitrary", cases(), strategy, |text| {
+    property::check("label-files/arbitrary", cases(), strategy, |text| {
         exercise(dir.path(), &text, false)
     });
 }
@@ -344,7 +342,7 @@ fn yaml_like_documents_never_panic() {
         proptest::sample::select(vec!["", "%YAML 1.2\n---\n", "# comment\n", "---\n"]),
     )
         .prop_map(|(docs, sep, prefix)| format!("{prefix}{}", docs.join(sep)));
-    load::check("label-files/yaml-like", cases(), strategy, |text| {
+    property::check("label-files/yaml-like", cases(), strategy, |text| {
         exercise(dir.path(), &text, false)
     });
 }
@@ -447,7 +445,7 @@ fn apply(text: &str, edit: &Edit) -> String {
 /// `render_label_file` (what `label new` writes), with every optional field set.
 fn valid_file() -> impl Strategy<Value = String> {
     (any::<bool>(), 0usize..4).prop_map(|(rendered, variant)| {
-        let mut label = common::TestLabel::new("home");
+        let mut label = taas_testkit::label::TestLabel::new("home");
         label.secret_b32 = MARKER.to_string();
         let label = match variant {
             0 => label,
@@ -475,7 +473,7 @@ fn mutated_label_files_never_panic() {
     let dir = workdir();
     let strategy = (valid_file(), proptest::collection::vec(edit(), 1..6))
         .prop_map(|(text, edits)| edits.iter().fold(text, |text, e| apply(&text, e)));
-    load::check("label-files/mutated", cases(), strategy, |text| {
+    property::check("label-files/mutated", cases(), strategy, |text| {
         exercise(dir.path(), &text, false)
     });
 }
@@ -483,7 +481,7 @@ fn mutated_label_files_never_panic() {
 #[test]
 fn valid_label_files_load_as_written() {
     let dir = workdir();
-    load::check("label-files/valid", cases() / 10, valid_file(), |text| {
+    property::check("label-files/valid", cases() / 10, valid_file(), |text| {
         let file = dir.path().join("labels/fuzz.yaml");
         std::fs::write(&file, &text).unwrap();
         let config =
@@ -522,7 +520,7 @@ fn errors_never_quote_a_secrets_value() {
         format!("{MARKER}===="),
         format!("\"{MARKER}\""),
     ]);
-    load::check(
+    property::check(
         "label-files/secret-not-quoted",
         cases() / 10,
         (shape, value),
@@ -554,7 +552,7 @@ fn validate_label_never_panics_and_keeps_its_invariants() {
             "[A-Za-z2-7= \n]{0,64}".prop_map(String::into_bytes),
         ],
     );
-    load::check(
+    property::check(
         "label-files/validate",
         cases(),
         strategy,

@@ -5,9 +5,7 @@
 //!
 //! Cases per property: 2,000 (`TAAS_PROP_CASES=N` for a long run). See docs/robustness.md.
 
-mod common;
-#[path = "common/load.rs"]
-mod load;
+use taas_testkit::property;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -15,7 +13,7 @@ use proptest::prelude::*;
 use taas_relay::proxy_header::{v1, v2};
 
 fn cases() -> u32 {
-    load::cases(load::CASES_ENV, 2_000)
+    property::cases(property::CASES_ENV, 2_000)
 }
 
 /// What a header says.
@@ -145,7 +143,7 @@ fn mapped(a: SocketAddr) -> SocketAddr {
 
 #[test]
 fn both_versions_read_back_exactly_the_addresses() {
-    load::check(
+    property::check(
         "proxy-header/read-back",
         cases(),
         (socket_addr(), socket_addr()),

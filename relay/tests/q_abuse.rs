@@ -6,15 +6,12 @@
 //! real agent (`taas_relay::agent`) in front of an echo service. Other loopback addresses
 //! (127.0.0.x) stand in for other hosts. Figures: `--nocapture`, lines starting `figure:`.
 
-mod common;
-#[path = "common/load.rs"]
-mod load;
-
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::*;
-use load::Agent;
+use taas_testkit::agent::Agent;
+use taas_testkit::logs;
+use taas_testkit::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
@@ -84,7 +81,7 @@ async fn park_echo(relay: &TestRelay, label: &TestLabel) -> tokio::task::JoinHan
 /// connection, the 307 keeps working and every phone is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_connections_on_q_take_no_parked_connection_and_phones_are_served() {
-    load::debug_logs();
+    logs::debug_logs();
     let home = TestLabel::new("home");
     let relay = TestRelay::start_with(&[&home], |o| {
         // Longer than the whole test: the silent connections stay open throughout.
@@ -133,7 +130,7 @@ async fn silent_connections_on_q_take_no_parked_connection_and_phones_are_served
 /// pairing and registers a replacement at once), the pool stays full, and phones are served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_connections_cost_the_hidden_server_a_connection_never_the_pool() {
-    load::debug_logs();
+    logs::debug_logs();
     const N: usize = 20;
     const PHONES: usize = 30;
     let home = TestLabel::new("home");
@@ -193,7 +190,7 @@ async fn stalled_connections_cost_the_hidden_server_a_connection_never_the_pool(
 /// parked connection, and is counted as `silent`.
 #[tokio::test]
 async fn a_silent_client_is_closed_after_the_first_byte_timeout() {
-    load::debug_logs();
+    logs::debug_logs();
     let home = TestLabel::new("home");
     let first_byte = Duration::from_millis(500);
     let relay = TestRelay::start_with(&[&home], |o| {
@@ -244,7 +241,7 @@ async fn a_silent_client_is_closed_after_the_first_byte_timeout() {
 /// anything, then talks; the agent learnt of the pairing from the PROXY header and refilled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_speaks_first_label_sends_the_banner_to_a_silent_client() {
-    load::debug_logs();
+    logs::debug_logs();
     const BANNER: &[u8] = b"SSH-2.0-hidden_server\r\n";
     let ssh = TestLabel::new("ssh")
         .with("serverSpeaksFirst: true")
@@ -317,7 +314,7 @@ async fn a_server_speaks_first_label_sends_the_banner_to_a_silent_client() {
 /// slot comes back when one of the source's connections closes.
 #[tokio::test]
 async fn a_source_over_its_caps_is_refused_while_another_source_is_served() {
-    load::debug_logs();
+    logs::debug_logs();
     let a = TestLabel::new("a");
     let b = TestLabel::new("b");
     let relay = TestRelay::start_with(&[&a, &b], |o| {
@@ -397,7 +394,7 @@ async fn a_source_over_its_caps_is_refused_while_another_source_is_served() {
 /// closed and counted, and their permits come back.
 #[tokio::test]
 async fn the_label_pair_cap_and_the_pair_idle_timeout_hold_and_are_counted() {
-    load::debug_logs();
+    logs::debug_logs();
     let home = TestLabel::new("home");
     let idle = Duration::from_millis(500);
     let relay = TestRelay::start_with(&[&home], |o| {
@@ -456,7 +453,7 @@ async fn the_label_pair_cap_and_the_pair_idle_timeout_hold_and_are_counted() {
 /// hidden server that registered still connects.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stranger_flood_on_a_pinned_rendezvous_port_writes_one_warning() {
-    load::debug_logs();
+    logs::debug_logs();
     const STRANGERS: usize = 200;
     let label = TestLabel::new("strangers");
     let relay = TestRelay::start(&[&label]).await;
@@ -476,7 +473,7 @@ async fn a_stranger_flood_on_a_pinned_rendezvous_port_writes_one_warning() {
     .await;
     let _hidden = TcpStream::connect(p).await.unwrap();
     relay.wait_parked("strangers", 1).await;
-    let logs = load::captured_logs();
+    let logs = logs::captured_logs();
     let about = |level: &str| {
         logs.lines()
             .filter(|l| l.contains(level))

@@ -1,10 +1,8 @@
 //! Registration (PROTOCOL.md §2, §3): the steward's exact bytes, every row of the answer
 //! table, token reuse and replay, rate limits, keep-alive, rendezvous ports.
 
-mod common;
-
-use common::*;
 use std::time::Duration;
+use taas_testkit::prelude::*;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 

@@ -2,13 +2,11 @@
 //! guessing, and refusals must not tell which IDs exist. A real relay on loopback; other
 //! loopback addresses (127.0.x.y) stand in for the attacker's many sources.
 
-mod common;
-
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use common::*;
 use taas_relay::guard::GuardLimits;
+use taas_testkit::prelude::*;
 use tokio::net::TcpSocket;
 
 /// A kept-alive TLS connection to the front end from a chosen loopback source address.

@@ -2,12 +2,10 @@
 //! registration, up to N one-shot p ports, one `HOST:PORT` per line, within every limit of a
 //! single registration. Requests without the header get the original's answer, byte for byte.
 
-mod common;
-
-use common::*;
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::time::Duration;
+use taas_testkit::prelude::*;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 

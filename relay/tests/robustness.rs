@@ -2,21 +2,19 @@
 //! service down or slow, a parked peer that vanished), abuse (TOTP guessing, 1,000 slow
 //! connections, header floods, q floods, fd exhaustion) and secrets in logs.
 //!
-//! Every test here runs with the debug log subscriber installed in-process (`load::debug_logs`)
+//! Every test here runs with the debug log subscriber installed in-process (`logs::debug_logs`)
 //! and spawns binaries with `RUST_LOG=debug` (one with `trace`), so nothing depends on quiet
 //! logging. The tests run one at a time (`serial`): several measure latency or CPU time.
 //! Long runs and privileged tests: see docs/robustness.md.
-
-mod common;
-#[path = "common/load.rs"]
-mod load;
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::*;
-use load::{Agent, RelaySpec, SpawnedRelay};
+use taas_testkit::agent::Agent;
+use taas_testkit::prelude::*;
+use taas_testkit::spawned::{RelaySpec, SpawnedRelay};
+use taas_testkit::{echo, logs, property, readings, soak};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -29,8 +27,8 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// Takes the serial lock and installs the debug capture and the panic counter.
 async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
     let guard = SERIAL.lock().await;
-    load::debug_logs();
-    load::count_panics();
+    logs::debug_logs();
+    logs::count_panics();
     taas_process::raise_fd_limit();
     guard
 }
@@ -96,9 +94,9 @@ fn auth(id: &str, token: &str) -> String {
 /// Asserts that no spelling of any label's secret, and none of `tokens`, is in `logs`.
 fn assert_no_secrets(what: &str, logs: &str, labels: &[&TestLabel], tokens: &[String]) {
     assert!(!logs.is_empty(), "{what}: no logs captured");
-    let plain = load::strip_timestamps(logs);
+    let plain = logs::strip_timestamps(logs);
     for label in labels {
-        for spelling in load::secret_spellings(&label.secret_b32, &label.secret()) {
+        for spelling in logs::secret_spellings(&label.secret_b32, &label.secret()) {
             assert!(
                 !logs.contains(&spelling),
                 "{what}: the secret of {} ({spelling}) is in the logs",
@@ -108,7 +106,7 @@ fn assert_no_secrets(what: &str, logs: &str, labels: &[&TestLabel], tokens: &[St
     }
     for token in tokens {
         assert!(
-            !load::contains_number(&plain, token),
+            !logs::contains_number(&plain, token),
             "{what}: token {token} is in the logs"
         );
     }
@@ -131,14 +129,14 @@ fn assert_no_secrets(what: &str, logs: &str, labels: &[&TestLabel], tokens: &[St
 async fn churn_soak_short() {
     let _serial = serial().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut config = load::SoakConfig::new(RELAY_BIN, dir.path(), 2_000);
+    let mut config = soak::SoakConfig::new(RELAY_BIN, dir.path(), 2_000);
     config.concurrency = 16;
     config.parked = 4;
     config.churn_every = 100;
     config.redirect_every = 50;
     config.rust_log = "debug".into();
     config.max_duration = Duration::from_secs(120);
-    let report = load::soak(config).await;
+    let report = soak::soak(config).await;
     eprintln!(
         "churn soak (2,000 connections, debug build):\n{}",
         report.table()
@@ -160,7 +158,7 @@ async fn churn_soak_short() {
     let labels: Vec<&TestLabel> = report.labels.iter().collect();
     assert_no_secrets("soak relay log", &log, &labels, &[]);
     assert!(log.contains("DEBUG"), "the relay logged at debug");
-    assert_eq!(load::panics(), 0);
+    assert_eq!(logs::panics(), 0);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -174,7 +172,7 @@ async fn stream_until_broken(q: SocketAddr, seed: u64) -> (u64, String) {
     };
     let mut round = 0u64;
     loop {
-        let data = load::payload(seed, round * 13 + 1);
+        let data = echo::payload(seed, round * 13 + 1);
         let chunk = &data[..data.len().min(16 * 1024)];
         let mut back = vec![0u8; chunk.len()];
         let exchange = async {
@@ -249,10 +247,10 @@ async fn relay_killed_during_transfers_the_agent_recovers_within_2_s() {
         .await;
     let all = up.elapsed();
     let q = SocketAddr::from(([127, 0, 0, 1], relay.q("home").await));
-    let data = load::payload(7, 7);
+    let data = echo::payload(7, 7);
     assert!(matches!(
-        load::echo_exchange(q, &data).await,
-        load::Exchange::Ok { .. }
+        echo::echo_exchange(q, &data).await,
+        echo::Exchange::Ok { .. }
     ));
     let served = up.elapsed();
     figure("relay spawned to front end accepting", ms(up - spawned));
@@ -278,7 +276,7 @@ async fn relay_killed_during_transfers_the_agent_recovers_within_2_s() {
     );
     assert_no_secrets(
         "in-process agent (debug)",
-        &load::captured_logs(),
+        &logs::captured_logs(),
         &[&home],
         &[],
     );
@@ -391,7 +389,7 @@ async fn a_killed_agent_leaves_the_pool_at_once_and_clients_get_503_or_a_close()
     let waited = waited.elapsed();
     figure("killed agent: a client on q closed after", ms(waited));
     assert!(waited >= Duration::from_millis(400) && waited < Duration::from_secs(3));
-    assert_no_secrets("in-process (debug)", &load::captured_logs(), &[&home], &[]);
+    assert_no_secrets("in-process (debug)", &logs::captured_logs(), &[&home], &[]);
 }
 
 /// A service that echoes, except for connections whose first bytes are `SLOW`: those it
@@ -472,12 +470,12 @@ async fn forward_service_down_or_slow_affects_only_its_own_pairs() {
     // ...while 30 other clients of the same label and agent round-trip as usual.
     let mut worst = Duration::ZERO;
     for i in 0..30u64 {
-        let data = load::payload(11, i);
+        let data = echo::payload(11, i);
         let started = Instant::now();
         let exchange =
-            load::echo_exchange(SocketAddr::from(([127, 0, 0, 1], relay.q("ok"))), &data).await;
+            echo::echo_exchange(SocketAddr::from(([127, 0, 0, 1], relay.q("ok"))), &data).await;
         assert!(
-            matches!(exchange, load::Exchange::Ok { .. }),
+            matches!(exchange, echo::Exchange::Ok { .. }),
             "{exchange:?}"
         );
         worst = worst.max(started.elapsed());
@@ -489,7 +487,7 @@ async fn forward_service_down_or_slow_affects_only_its_own_pairs() {
     }
     assert_no_secrets(
         "in-process (debug)",
-        &load::captured_logs(),
+        &logs::captured_logs(),
         &[&down, &ok],
         &[],
     );
@@ -540,7 +538,7 @@ async fn vanished_parked_peer_is_dropped_by_keepalive() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     ns.run(&["ip", "link", "set", &ns.inner_if, "down"]);
     let cut = Instant::now();
-    let bound = Duration::from_secs(load::env_u64("TAAS_VANISH_BOUND_S").unwrap_or(45));
+    let bound = Duration::from_secs(property::env_u64("TAAS_VANISH_BOUND_S").unwrap_or(45));
     let mut dropped = None;
     while cut.elapsed() < bound + Duration::from_secs(10) {
         if relay.parked("home") == 0 {
@@ -748,7 +746,7 @@ async fn totp_guessing_is_limited_per_id_and_per_source_while_the_genuine_server
     );
     assert_no_secrets(
         "in-process (debug)",
-        &load::captured_logs(),
+        &logs::captured_logs(),
         &[&home, &other],
         &tokens,
     );
@@ -958,7 +956,7 @@ async fn header_floods_and_oversized_requests_get_4xx_with_bounded_memory() {
         let (relay, peak, sampling) = (relay.clone(), peak.clone(), sampling.clone());
         tokio::spawn(async move {
             while sampling.load(std::sync::atomic::Ordering::Relaxed) {
-                if let Ok(s) = load::ProcStats::read(relay.pid()) {
+                if let Ok(s) = readings::ProcStats::read(relay.pid()) {
                     peak.fetch_max(s.rss_kib, std::sync::atomic::Ordering::Relaxed);
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -1093,7 +1091,7 @@ async fn the_fd_limit_is_raised_at_start() {
     spec.metrics = false;
     spec.rust_log = "debug".into();
     let relay = SpawnedRelay::start(&spec).await;
-    let (soft, hard) = load::fd_limits(relay.pid());
+    let (soft, hard) = readings::fd_limits(relay.pid());
     figure(
         "relay started with soft 256 / hard 4096: now soft / hard",
         format!("{soft} / {hard}"),
@@ -1123,7 +1121,7 @@ async fn accept_errors_back_off_and_the_relay_recovers() {
     let relay = SpawnedRelay::start(&spec).await;
     let q = {
         // q is allocated from the range: find the one listening.
-        let ports = load::listening_ports(relay.q_ports.lo, relay.q_ports.hi);
+        let ports = readings::listening_ports(relay.q_ports.lo, relay.q_ports.hi);
         assert_eq!(ports.len(), 1, "{ports:?}");
         SocketAddr::from(([127, 0, 0, 1], ports[0]))
     };
@@ -1139,9 +1137,9 @@ async fn accept_errors_back_off_and_the_relay_recovers() {
     })
     .await;
     let fds = relay.stats().fds;
-    let before = load::cpu_ticks(relay.pid()).unwrap();
+    let before = readings::cpu_ticks(relay.pid()).unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let used = load::cpu_ticks(relay.pid()).unwrap() - before;
+    let used = readings::cpu_ticks(relay.pid()).unwrap() - before;
     figure("fd exhaustion: relay fds (limit 48)", fds);
     figure(
         "fd exhaustion: relay CPU over 2 s",
@@ -1222,10 +1220,10 @@ async fn run_binaries_and_collect_logs(
     let q = SocketAddr::from(([127, 0, 0, 1], relay.q("home").await));
     // Pairs through the agent.
     for i in 0..5 {
-        let data = load::payload(5, i);
+        let data = echo::payload(5, i);
         assert!(matches!(
-            load::echo_exchange(q, &data).await,
-            load::Exchange::Ok { .. }
+            echo::echo_exchange(q, &data).await,
+            echo::Exchange::Ok { .. }
         ));
     }
     let (front, ca) = (relay.front, relay.ca());
@@ -1295,10 +1293,10 @@ async fn run_binaries_and_collect_logs(
         relay.log_text().contains("label updated")
     })
     .await;
-    let data = load::payload(5, 99);
+    let data = echo::payload(5, 99);
     assert!(matches!(
-        load::echo_exchange(q, &data).await,
-        load::Exchange::Ok { .. }
+        echo::echo_exchange(q, &data).await,
+        echo::Exchange::Ok { .. }
     ));
     eventually("the agent notices the rotation", || async {
         std::fs::read_to_string(&agent_log)
@@ -1372,5 +1370,5 @@ async fn secrets_and_tokens_never_appear_in_logs() {
             &tokens,
         );
     }
-    assert_no_secrets("in-process capture", &load::captured_logs(), &[], &[]);
+    assert_no_secrets("in-process capture", &logs::captured_logs(), &[], &[]);
 }

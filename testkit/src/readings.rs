@@ -1,0 +1,113 @@
+//! What a test reads off a running relay process: `/proc` (fds, RSS, CPU, its limits, the
+//! ports listening in this network namespace) and its `/metrics` text.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+
+/// One reading of a process.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProcStats {
+    pub fds: usize,
+    pub rss_kib: u64,
+    /// utime + stime, in clock ticks (1/100 s here).
+    pub cpu_ticks: u64,
+}
+
+impl ProcStats {
+    pub fn read(pid: u32) -> std::io::Result<Self> {
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let rss_kib = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        Ok(Self {
+            fds,
+            rss_kib,
+            cpu_ticks: cpu_ticks(pid)?,
+        })
+    }
+}
+
+/// utime + stime of `pid` in clock ticks.
+pub fn cpu_ticks(pid: u32) -> std::io::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name may contain spaces: fields count from after its closing parenthesis.
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // After ")": state is field 3 overall, utime 14 and stime 15 → indices 11 and 12 here.
+    let utime: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let stime: u64 = fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    Ok(utime + stime)
+}
+
+/// The soft and hard "Max open files" of `pid`.
+pub fn fd_limits(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap_or_default();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap_or("");
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let at = |i: usize| fields.get(i).unwrap_or(&"?").to_string();
+    (at(3), at(4))
+}
+
+/// Local ports in `lo..=hi` with a listening TCP socket in this network namespace
+/// (from `/proc/net/tcp` and `/proc/net/tcp6`).
+pub fn listening_ports(lo: u16, hi: u16) -> Vec<u16> {
+    let mut found = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(state)) = (fields.get(1), fields.get(3)) else {
+                continue;
+            };
+            if *state != "0A" {
+                continue;
+            }
+            let port = local
+                .rsplit_once(':')
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            if let Some(port) = port.filter(|p| (lo..=hi).contains(p)) {
+                found.push(port);
+            }
+        }
+    }
+    found.sort_unstable();
+    found.dedup();
+    found
+}
+
+/// Ports of `lo..=hi` on `ip` that accept a TCP connection (a connect scan; each connect is
+/// closed at once).
+pub async fn accepting_ports(ip: std::net::IpAddr, lo: u16, hi: u16) -> Vec<u16> {
+    let mut open = Vec::new();
+    for port in lo..=hi {
+        let attempt = tokio::time::timeout(
+            Duration::from_secs(2),
+            TcpStream::connect(SocketAddr::new(ip, port)),
+        );
+        if let Ok(Ok(_stream)) = attempt.await {
+            open.push(port);
+        }
+    }
+    open
+}
+
+/// Sum of a metric's series (e.g. `taas_pairings_total`) in a metrics text.
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter(|l| l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next())
+        .filter_map(|v| v.parse::<f64>().ok())
+        .sum()
+}

@@ -1,0 +1,102 @@
+//! TLS on both sides of the relay: the client that trusts the relay's certificate (as the
+//! agent and curl do), and a hidden server's own TLS, which the relay never terminates.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+pub async fn tls_connect(
+    addr: SocketAddr,
+    ca: &Path,
+    server_name: &str,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let config =
+        taas_relay::agent::client_tls_config(&taas_relay::agent::Trust::PemFile(ca.to_path_buf()))
+            .unwrap();
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from(server_name.to_string()).unwrap();
+    connector.connect(name, tcp).await.unwrap()
+}
+
+/// A TLS acceptor with a fresh self-signed certificate for `host` (not the relay's), and
+/// that certificate's PEM for clients to trust.
+pub fn tls_acceptor(host: &str) -> (tokio_rustls::TlsAcceptor, String) {
+    let names = taas_relay::tls::CertNames {
+        registrar: host.to_string(),
+        domain: format!("page.{host}"),
+        ips: vec![],
+    };
+    let (cert_pem, key_pem) = taas_relay::tls::generate(&names).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let files = taas_relay::tls::CertFiles {
+        cert: dir.path().join("c.pem"),
+        key: dir.path().join("k.pem"),
+    };
+    std::fs::write(&files.cert, &cert_pem).unwrap();
+    std::fs::write(&files.key, &key_pem).unwrap();
+    let config = taas_relay::tls::server_config(&files).unwrap();
+    (tokio_rustls::TlsAcceptor::from(config), cert_pem)
+}
+
+/// A TLS server with its own certificate (not the relay's), answering every connection with
+/// a fixed HTTP page: the hidden server behind an agent.
+pub struct TlsPage {
+    pub addr: SocketAddr,
+    pub cert_pem: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TlsPage {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl TlsPage {
+    pub async fn start(host: &str, body: &'static str) -> Self {
+        let (acceptor, cert_pem) = tls_acceptor(host);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let mut buf = vec![0u8; 4096];
+                    let mut seen = Vec::new();
+                    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match tls.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => seen.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let request_line = String::from_utf8_lossy(&seen)
+                        .lines()
+                        .next()
+                        .unwrap_or_default()
+                        .to_string();
+                    let page = format!("{body}\nrequest: {request_line}\n");
+                    let response = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{page}",
+                        page.len()
+                    );
+                    let _ = tls.write_all(response.as_bytes()).await;
+                    let _ = tls.shutdown().await;
+                });
+            }
+        });
+        Self {
+            addr,
+            cert_pem,
+            task,
+        }
+    }
+}

@@ -16,7 +16,7 @@
 //! mounted ConfigMap and Secret, without a restart.
 //!
 //! With an install secret (`--gateway-secret-file`), the relay container gets the gateway
-//! token of its LABEL in `TAAS_GATEWAY_TOKEN` ([`taas_relay::gateway_auth`]): its control
+//! token of its LABEL in `TAAS_GATEWAY_TOKEN` ([`taas_protocol::gateway_auth`]): its control
 //! port then answers only requests carrying it, which only this install's gateways can
 //! compute. Each label's token is its own, so whoever can read one label's Deployment learns
 //! nothing that opens another label's relay. The relay gets no `--trusted-proxies`: whether
@@ -812,8 +812,10 @@ pub(crate) mod tests {
     fn with_secret() -> Settings {
         Settings {
             gateway_secret: Some(
-                taas_relay::gateway_auth::InstallSecret::new(b"an install secret of 32 chars!!!")
-                    .unwrap(),
+                taas_protocol::gateway_auth::InstallSecret::new(
+                    b"an install secret of 32 chars!!!",
+                )
+                .unwrap(),
             ),
             ..Settings::default()
         }
@@ -835,9 +837,10 @@ pub(crate) mod tests {
             ])
         );
         // What a gateway of this install sends for LABEL "home" opens this relay only.
-        let token =
-            taas_relay::gateway_auth::GatewayToken::new(home["env"][0]["value"].as_str().unwrap())
-                .unwrap();
+        let token = taas_protocol::gateway_auth::GatewayToken::new(
+            home["env"][0]["value"].as_str().unwrap(),
+        )
+        .unwrap();
         assert!(token.verify(secret.token_for("home").expose().as_bytes()));
         assert!(!token.verify(secret.token_for("office").expose().as_bytes()));
         let mut office = label();

@@ -16,8 +16,8 @@ use taas_operator::metrics::{self, Metrics};
 use taas_operator::policy::{is_dns_subdomain, TenantPolicy};
 use taas_operator::settings::{RelayResources, Settings};
 use taas_process::LogFormat;
-use taas_relay::config::RedirectHost;
-use taas_relay::gateway_auth::InstallSecret;
+use taas_protocol::answer::RedirectHost;
+use taas_protocol::gateway_auth::InstallSecret;
 
 #[derive(Parser)]
 #[command(

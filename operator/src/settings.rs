@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use taas_relay::config::RedirectHost;
-use taas_relay::gateway_auth::InstallSecret;
+use taas_protocol::answer::RedirectHost;
+use taas_protocol::gateway_auth::InstallSecret;
 
 use crate::policy::TenantPolicy;
 

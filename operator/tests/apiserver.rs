@@ -460,12 +460,12 @@ fn curl(gateway: SocketAddr, work: &Path, args: &[&str], url: &str) -> (u16, Str
 }
 
 fn totp_now(secret_b32: &str) -> String {
-    let secret = taas_relay::totp::decode_secret(secret_b32).unwrap();
+    let secret = taas_protocol::totp::decode_secret(secret_b32).unwrap();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    taas_relay::totp::code(&secret, taas_relay::config::Algorithm::SHA1, 6, 30, now)
+    taas_protocol::totp::code(&secret, taas_crds::Algorithm::SHA1, 6, 30, now)
 }
 
 fn count(k8s: &ApiServer, kind: &str, selector: &str) -> usize {
@@ -576,7 +576,7 @@ fn the_operator_against_a_real_api_server() {
         .get(&["deployment", "taas-home", "-n", "default"])
         .unwrap();
     let env = deployment["spec"]["template"]["spec"]["containers"][0]["env"].to_string();
-    let token = taas_relay::gateway_auth::InstallSecret::from_file(&gateway_secret)
+    let token = taas_protocol::gateway_auth::InstallSecret::from_file(&gateway_secret)
         .unwrap()
         .token_for("home");
     assert!(
@@ -1017,7 +1017,7 @@ fn the_chart_installs_upgrades_and_uninstalls_on_a_real_api_server() {
             |_| true,
         )
         .to_string();
-    let token = taas_relay::gateway_auth::InstallSecret::new(&generated)
+    let token = taas_protocol::gateway_auth::InstallSecret::new(&generated)
         .unwrap()
         .token_for("home");
     assert!(

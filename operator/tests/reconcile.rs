@@ -939,7 +939,8 @@ async fn a_service_the_policy_does_not_allow_is_not_applied() {
 async fn with_a_gateway_secret_the_relay_gets_its_labels_token_and_nothing_else_shows_it() {
     let mut harness = Harness::new();
     let secret =
-        taas_relay::gateway_auth::InstallSecret::new(b"install secret for the tests 0123").unwrap();
+        taas_protocol::gateway_auth::InstallSecret::new(b"install secret for the tests 0123")
+            .unwrap();
     harness.settings.gateway_secret = Some(secret.clone());
     let (result, seen) = harness
         .reconcile(

@@ -189,6 +189,27 @@ pub struct ClientRequest<'a> {
     pub source: IpAddr,
 }
 
+/// Which host the 307 `Location` names (`--redirect-host requested|advertise`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum RedirectHost {
+    /// The host name the mobile client asked for (the original's behaviour; needs wildcard DNS).
+    #[default]
+    Requested,
+    /// The relay's advertised address.
+    Advertise,
+}
+
+impl RedirectHost {
+    /// The command-line value (what `--redirect-host` takes).
+    pub fn as_arg(self) -> &'static str {
+        match self {
+            Self::Requested => "requested",
+            Self::Advertise => "advertise",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

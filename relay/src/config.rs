@@ -9,6 +9,7 @@ use std::ops::RangeInclusive;
 use std::time::Duration;
 
 pub use taas_crds::{Algorithm, ClientAdmission, ProxyProtocol};
+pub use taas_protocol::answer::RedirectHost;
 
 /// One label as the relay serves it: the `TaasLabel` spec with its secret resolved.
 #[derive(Clone, PartialEq, Eq)]
@@ -105,26 +106,6 @@ impl std::str::FromStr for PortRange {
 impl fmt::Display for PortRange {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}-{}", self.lo, self.hi)
-    }
-}
-
-/// Which host the 307 `Location` names (`--redirect-host requested|advertise`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum RedirectHost {
-    /// The host name the mobile client asked for (the original's behaviour; needs wildcard DNS).
-    #[default]
-    Requested,
-    /// The relay's advertised address.
-    Advertise,
-}
-
-impl RedirectHost {
-    /// The command-line value (what `--redirect-host` takes).
-    pub fn as_arg(self) -> &'static str {
-        match self {
-            Self::Requested => "requested",
-            Self::Advertise => "advertise",
-        }
     }
 }
 

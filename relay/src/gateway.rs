@@ -39,7 +39,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -53,6 +53,7 @@ use prometheus_client::registry::Registry;
 use taas_protocol::answer::{
     Answer, ClientRequest, Registration, CLIENT_ADDR_HEADER, RENDEZVOUS_COUNT_HEADER,
 };
+use taas_protocol::sync::{lock, read, write};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -289,11 +290,7 @@ impl LabelBackend for Gateway {
     }
 
     async fn client(&self, client: ClientRequest<'_>) -> Answer {
-        let limited = self
-            .redirect_limiter
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .check(client.source, Instant::now());
+        let limited = lock(&self.redirect_limiter).check(client.source, Instant::now());
         if let Err(retry_after) = limited {
             self.metrics.redirects_limited.inc();
             return Answer::too_many(retry_after);
@@ -367,11 +364,7 @@ impl SecretSlot {
 
     /// LABEL's gateway token as a header value marked sensitive (never logged by hyper).
     fn token_for(&self, label: &str) -> Option<HeaderValue> {
-        let secret = self
-            .secret
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()?;
+        let secret = read(&self.secret).clone()?;
         let mut value = HeaderValue::from_str(secret.token_for(label).expose()).ok()?;
         value.set_sensitive(true);
         Some(value)
@@ -379,7 +372,7 @@ impl SecretSlot {
 
     /// Puts `secret` in place; false if it is the one already there.
     pub fn replace(&self, secret: InstallSecret) -> bool {
-        let mut current = self.secret.write().unwrap_or_else(PoisonError::into_inner);
+        let mut current = write(&self.secret);
         if current.as_deref() == Some(&secret) {
             return false;
         }
@@ -585,7 +578,7 @@ impl UpstreamPool {
     }
 
     fn lock(&self) -> MutexGuard<'_, PoolState> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.state)
     }
 
     async fn checkout(&self, relay: &str, now: Instant) -> Checkout {
@@ -705,11 +698,7 @@ impl RelayResolver {
         if let Ok(address) = relay.parse::<SocketAddr>() {
             return Ok(vec![address]);
         }
-        let cached = self
-            .cache
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(relay, Instant::now());
+        let cached = lock(&self.cache).get(relay, Instant::now());
         let result = match cached {
             Some(result) => result,
             None => {
@@ -729,10 +718,7 @@ impl RelayResolver {
                         Ok(Err(error)) => Err(error.to_string()),
                         Err(_) => Err("timed out".to_string()),
                     };
-                self.cache
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .put(relay, looked_up.clone(), Instant::now());
+                lock(&self.cache).put(relay, looked_up.clone(), Instant::now());
                 looked_up
             }
         };

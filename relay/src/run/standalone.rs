@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus_client::registry::Registry;
+use taas_protocol::sync::lock;
 
 use super::{StartError, Tasks};
 use crate::config::{
@@ -99,10 +100,6 @@ impl Standalone {
         lock(&self.extra).insert(config.label.clone(), config);
         apply(&self.relay, &self.from_dir.borrow(), &lock(&self.extra))
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn apply(

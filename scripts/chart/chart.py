@@ -100,7 +100,7 @@ def pod_specs(docs):
             yield name, d["spec"]["template"]["spec"]
 
 
-def gateway_container(docs):
+def gateway_pod_spec(docs):
     return named(docs, "Deployment", f"{RELEASE}-gateway")["spec"]["template"]["spec"]
 
 

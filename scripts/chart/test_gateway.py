@@ -6,7 +6,7 @@ import re
 
 import yaml
 
-from chart import NAMESPACE, RELEASE, ci, gateway_auth_volume, gateway_container, kinds, named, pod_specs, render, run, template_args
+from chart import NAMESPACE, RELEASE, ci, gateway_auth_volume, gateway_pod_spec, kinds, named, pod_specs, render, run, template_args
 
 
 def test_gateway_service_shapes():
@@ -30,7 +30,7 @@ def test_gateway_service_shapes():
 
 def test_gateway_tls_modes():
     """gateway TLS: self-signed into an emptyDir / an existing Secret / a cert-manager Certificate"""
-    spec = gateway_container(render())
+    spec = gateway_pod_spec(render())
     args = spec["containers"][0]["args"]
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert "--state-dir=/var/lib/taas" in args and not any(a.startswith("--tls-") for a in args), f"self-signed args {args}"
@@ -41,7 +41,7 @@ def test_gateway_tls_modes():
     assert "--routes-file=/etc/taas/routes/routes.yaml" in args, "no --routes-file"
     assert "--registrar=taas-registrar.localhost" in args and "--domain=taas.localhost" in args, f"names {args}"
 
-    spec = gateway_container(render(values_files=[ci("nodeport")]))
+    spec = gateway_pod_spec(render(values_files=[ci("nodeport")]))
     args = spec["containers"][0]["args"]
     assert "--tls-cert=/etc/taas/tls/tls.crt" in args and "--tls-key=/etc/taas/tls/tls.key" in args, f"Secret args {args}"
     secrets = [v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v and v["name"] != "gateway-auth"]
@@ -52,7 +52,7 @@ def test_gateway_tls_modes():
     cert = named(docs, "Certificate", f"{RELEASE}-gateway")
     assert cert["spec"]["dnsNames"] == ["taas-registrar.example.com", "*.taas.example.com"], f"dnsNames {cert['spec']['dnsNames']}"
     assert cert["spec"]["issuerRef"] == {"name": "letsencrypt-dns01", "kind": "ClusterIssuer", "group": "cert-manager.io"}, f"issuerRef {cert['spec']['issuerRef']}"
-    spec = gateway_container(docs)
+    spec = gateway_pod_spec(docs)
     secrets = [v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v and v["name"] != "gateway-auth"]
     assert secrets == [cert["spec"]["secretName"]], f"gateway mounts {secrets}, the Certificate writes {cert['spec']['secretName']}"
     assert not kinds(render(values_files=[ci("nodeport")]), "Certificate"), "Certificate without certManager.enabled"

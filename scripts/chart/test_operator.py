@@ -7,7 +7,7 @@ import tempfile
 
 import yaml
 
-from chart import CHART, HELM, NAMESPACE, RELEASE, ci, gateway_container, named, policy_of, render, run
+from chart import CHART, HELM, NAMESPACE, RELEASE, ci, gateway_pod_spec, named, policy_of, render, run
 
 
 def test_operator_flags():
@@ -27,7 +27,7 @@ def test_operator_flags():
     env = {e["name"]: e for e in c["env"]}
     assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace", "no POD_NAMESPACE"
     assert c["image"] == "taas:0.1.0" and c["imagePullPolicy"] == "IfNotPresent", f"image {c['image']}"
-    gw = gateway_container(docs)["containers"][0]
+    gw = gateway_pod_spec(docs)["containers"][0]
     assert gw["image"] == c["image"], "operator and gateway images differ"
     docs = render(values_files=[ci("everything-on")])
     c = named(docs, "Deployment", f"{RELEASE}-operator")["spec"]["template"]["spec"]["containers"][0]
@@ -36,8 +36,8 @@ def test_operator_flags():
     assert strategy is None, f"operator with leader election: strategy {strategy} (rolling updates are safe)"
     assert c["image"].startswith("registry.example.com/taas@sha256:"), f"digest image {c['image']}"
     assert f"--relay-image={c['image']}" in c["args"], "relay image is not the operator's"
-    gw = gateway_container(docs)["containers"][0]
-    vol = [v for v in gateway_container(docs)["volumes"] if "configMap" in v][0]
+    gw = gateway_pod_spec(docs)["containers"][0]
+    vol = [v for v in gateway_pod_spec(docs)["volumes"] if "configMap" in v][0]
     assert vol["configMap"]["name"] == "taas-routes" and "--routes-configmap=taas-routes" in c["args"], "routes ConfigMap names differ"
 
 

@@ -114,7 +114,7 @@ def main():
         b.procs.stop_all()
     if not ok:  # the processes' output explains a failure: keep it with the run
         shutil.copytree(b.logdir, os.path.join(args.out, "logs"), dirs_exist_ok=True)
-        log(f"process logs: {os.path.relpath(os.path.join(args.out, 'logs'), config.REPO)}/")
+        log(f"process logs: {os.path.join(args.out, 'logs')}/")
     meta["load_end"] = " ".join(open("/proc/loadavg").read().split()[:3])
     with open(os.path.join(args.out, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)

@@ -3,7 +3,7 @@
 CPU µs and system calls (strace -c) per connection of the relay side and the client side, and
 a perf profile, during `connbench rate` (8 workers) through the echo backend. The CPU lines
 also give the whole machine's CPU per connection and its idle share during the run.
-Reuses bench.py's set-up (same labels, parked counts and ports as bench/run.sh).
+Reuses bench.py's set-up (the package taasbench) (same labels, parked counts and ports as bench/run.sh).
 
     python3 bench/conncost.py OUT_DIR [--peers taas,rathole] [--seconds 5] [--rounds 3] [--lat]
                               [--strace] [--perf] [--no-cpu]
@@ -23,10 +23,11 @@ import time
 import types
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench as B  # noqa: E402
+import taasbench as B  # noqa: E402
+from taasbench import config  # noqa: E402
 
 # Another build of TAAS (e.g. a saved baseline) instead of target/release.
-B.TAAS = os.environ.get("TAAS_BIN_DIR", B.TAAS)
+config.TAAS = os.environ.get("TAAS_BIN_DIR", config.TAAS)
 
 work = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".run")
 
@@ -190,7 +191,6 @@ def main():
     a = ap.parse_args()
     out = os.path.abspath(a.out)
     os.makedirs(out, exist_ok=True)
-    os.makedirs(os.path.join(out, "logs"), exist_ok=True)
     peers = a.peers.split(",")
     jf = open(os.path.join(out, "conncost.jsonl"), "a")
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Per-connection system calls, context switches and page faults (perf stat, strace -c) of
 rathole and TAAS during 3 s of `connbench rate` (8 workers), and a heap profile (valgrind
-massif) of a TAAS relay holding N parked connections. Reuses bench.py's set-up.
+massif) of a TAAS relay holding N parked connections. Reuses bench.py's set-up (the package taasbench).
 
     python3 bench/profile_extra.py OUT_DIR [PARKED=2000]
 
@@ -18,7 +18,7 @@ import time
 import types
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench as B  # noqa: E402
+import taasbench as B  # noqa: E402
 
 out = os.path.abspath(sys.argv[1])
 parked = int(sys.argv[2]) if len(sys.argv) > 2 else 2000

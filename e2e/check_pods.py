@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Checks running pods against Pod Security Standards "restricted", twice: the pod specs as the
-API server stored them (the same rules as the chart's checks, scripts/chart/check.py), and the
+API server stored them (the same rules as the chart tests, scripts/chart/pss.py), and the
 container processes as the kernel runs them (read from /proc on the node): not root, no
 capabilities, no_new_privs, a seccomp filter, a read-only root filesystem.
 
@@ -16,7 +16,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts", "chart"))
-from check import hardening_problems, restricted_problems  # noqa: E402
+from pss import hardening_problems, restricted_problems  # noqa: E402
 
 
 def task_pids(socket):

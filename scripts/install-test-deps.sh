@@ -1,7 +1,36 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs beyond the Rust toolchain: curl (the real mobile client
-# of the end-to-end tests). Idempotent; uses Debian's packages.
+# of the end-to-end tests) and openssl from Debian's packages; rustfmt and clippy; and the chart
+# tests' Python packages (pytest, pytest-xdist, jsonschema, PyYAML, pinned) from PyPI into the
+# tools venv of scripts/k8s/tools.sh (<repo>/.tools/venv, or $TAAS_TOOLS_VENV), beside
+# kubernetes-validate. Idempotent. `--chart-only`: only the Python packages (scripts/test-chart.sh
+# calls it so; the venv must exist).
 set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+
+PYTEST_VER=9.2.0
+XDIST_VER=3.8.0
+
+chart_packages() {
+  local venv=${TAAS_TOOLS_VENV:-$ROOT/.tools/venv}
+  [ -x "$venv/bin/python" ] || venv=$(dirname "$(bash "$ROOT/scripts/k8s/tools.sh")")/venv
+  local py="$venv/bin/python"
+  if ! "$py" - "$PYTEST_VER" "$XDIST_VER" <<'PY' 2>/dev/null; then
+import sys
+from importlib.metadata import version
+import jsonschema, yaml  # noqa: F401
+assert version("pytest") == sys.argv[1] and version("pytest-xdist") == sys.argv[2]
+PY
+    echo "installing pytest==$PYTEST_VER, pytest-xdist==$XDIST_VER, jsonschema, PyYAML into $venv" >&2
+    "$py" -m pip install --quiet --disable-pip-version-check "pytest==$PYTEST_VER" \
+      "pytest-xdist==$XDIST_VER" 'jsonschema>=4,<5' 'PyYAML>=6,<7' >&2
+  fi
+}
+
+if [ "${1:-}" = "--chart-only" ]; then
+  chart_packages
+  exit 0
+fi
 
 need=()
 command -v curl >/dev/null 2>&1 || need+=(curl)
@@ -15,3 +44,4 @@ if ((${#need[@]})); then
 fi
 rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
+chart_packages

@@ -1,0 +1,26 @@
+"""Where things are and what a run measures: paths to the tools and the TAAS build, the peers,
+the backends and the cases (one table, read by the load, the report and the CLI)."""
+
+import os
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # bench/
+REPO = os.path.dirname(HERE)
+TOOLS = os.path.join(HERE, ".tools", "bin")
+BT = os.path.join(HERE, "tools", "target", "release")
+# The TAAS binaries; bench/conncost.py points this at another build (TAAS_BIN_DIR).
+TAAS = os.path.join(REPO, "target", "release")
+
+PEERS = ["direct", "socat", "rathole", "bore", "taas"]
+BACKENDS = ["bulk", "echo", "http"]
+
+# (case, backend, title)
+CASES = [
+    ("bulk1", "bulk", "iperf3, 1 stream (Gbit/s)"),
+    ("bulk1R", "bulk", "iperf3, 1 stream reversed -R (Gbit/s)"),
+    ("bulk8", "bulk", "iperf3, 8 streams -P 8 (Gbit/s)"),
+    ("lat", "echo", "fresh connection p50 (µs): connect + 1-byte echo + close"),
+    ("rate", "echo", "fresh connections/s, 8 closed-loop workers"),
+    ("http_ka", "http", "HTTP 1 KiB, wrk keep-alive (req/s)"),
+    ("http_close", "http", "HTTP 1 KiB, wrk Connection: close (req/s)"),
+]
+LOWER_IS_BETTER = {"lat"}

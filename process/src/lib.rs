@@ -90,6 +90,31 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// The flags of `command` and of its subcommands that do not read `TAAS_<FLAG>` (`--max-parked`
+/// reads `TAAS_MAX_PARKED`), as `"PATH --flag"`. Every flag has its variable, because
+/// containers and unit files configure TAAS through the environment; each binary's tests
+/// assert this list is empty.
+pub fn flags_without_taas_env(command: &clap::Command) -> Vec<String> {
+    fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+        for arg in command.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if matches!(long, "help" | "version") {
+                continue;
+            }
+            let expected = format!("TAAS_{}", long.to_ascii_uppercase().replace('-', "_"));
+            if arg.get_env().and_then(|e| e.to_str()) != Some(expected.as_str()) {
+                missing.push(format!("{path} --{long}"));
+            }
+        }
+        for sub in command.get_subcommands() {
+            walk(sub, &format!("{path} {}", sub.get_name()), missing);
+        }
+    }
+    let mut missing = Vec::new();
+    walk(command, command.get_name(), &mut missing);
+    missing
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,5 +140,24 @@ mod tests {
         assert!(mixed.would_enable("taas_relay::label", &Level::DEBUG));
         assert!(!mixed.would_enable("taas_relay::relay", &Level::DEBUG));
         assert!(!mixed.would_enable("hyper::proto", &Level::ERROR));
+    }
+
+    #[test]
+    fn a_flag_without_its_variable_is_named() {
+        let command = clap::Command::new("t")
+            .arg(
+                clap::Arg::new("a")
+                    .long("max-parked")
+                    .env("TAAS_MAX_PARKED"),
+            )
+            .subcommand(
+                clap::Command::new("sub")
+                    .arg(clap::Arg::new("b").long("other"))
+                    .arg(clap::Arg::new("c").long("wrong").env("TAAS_OTHER")),
+            );
+        assert_eq!(
+            super::flags_without_taas_env(&command),
+            ["t sub --other", "t sub --wrong"]
+        );
     }
 }

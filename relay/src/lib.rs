@@ -5,7 +5,8 @@
 //! - the wire contract and its decisions (no I/O) are the `taas-protocol` crate: the
 //!   `Authorization` header, Host dispatch, PROXY headers, TOTP, the guard, the registrar's
 //!   answers, the decision on one registration, the parked pool's arithmetic, the `200` body;
-//!   `authorization`, `guard`, `host`, `proxy_header` and `totp` are re-exported here;
+//!   `authorization`, `gateway_auth`, `guard`, `host`, `proxy_header` and `totp` are
+//!   re-exported here;
 //! - `relay`: the standalone label backend (`StandaloneBackend`: every label in one process);
 //! - `label`: the per-label state machine (p ports, parked connections, q, pairing) over
 //!   `taas_protocol::pool`;
@@ -13,14 +14,14 @@
 //! - `data_plane`: the threads the labels' connections run on;
 //! - `rate_limit`: the gateway's per-source token buckets for 307s; `sources`: per-source
 //!   connection counts on q;
-//! - `gateway_auth`: how a label's relay knows a gateway of its install (per-label tokens);
 //! - `frontend`: the HTTPS listener (TLS, HTTP/1.1, dispatch) and the `LabelBackend` it asks:
 //!   `relay::StandaloneBackend` (every label here) or `gateway` (forwarded to each label's relay);
 //! - `run`: the three run modes, `standalone` (`serve`), `pod` (`label-relay`) and
 //!   `gateway`, over one shared set-up (certificate pair, front end, metrics, file
 //!   followers); logs, signals and the metrics endpoint are the `taas-process` crate;
 //! - `label_source`: labels from a directory of manifests; `provision`: `label new`;
-//! - `agent`: the hidden-server side; `tls`, `metrics`, `config`, `demo`.
+//! - `agent`: the hidden-server side, a thin shell (`agent::run`) over a pure supervisor
+//!   (`agent::supervisor`); `tls`: server and client TLS set-up; `metrics`, `config`, `demo`.
 #![forbid(unsafe_code)]
 
 pub mod agent;

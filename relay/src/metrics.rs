@@ -1,8 +1,5 @@
 //! The relay's Prometheus metrics: per-label series and the reasons counted. They are served
-//! by `taas_process::metrics` (re-exported here as [`serve`] for the agent's listener).
-
-/// `/metrics`, `/healthz`, `/readyz`: the endpoint every TAAS process shares.
-pub use taas_process::metrics::serve;
+//! by `taas_process::metrics::serve`, the endpoint every TAAS process shares.
 
 use std::sync::Arc;
 

@@ -68,7 +68,7 @@ impl Agent {
                     .map_err(|source| AgentError::Metrics { addr, source })?;
                 let local = listener.local_addr().unwrap_or(addr);
                 tracing::info!(addr = %local, "serving /metrics, /healthz and /readyz");
-                Some(tokio::spawn(crate::metrics::serve(
+                Some(tokio::spawn(taas_process::metrics::serve(
                     listener,
                     self.registry.clone(),
                     self.metrics.ready.clone(),

@@ -1,6 +1,7 @@
 //! `taas-agent`: the hidden-server side of TAAS. Flags (and `TAAS_*` variables) →
 //! `taas_relay::agent::AgentConfig` → `taas_relay::agent::run`. Everything else (the
 //! supervisor, the registrar client, the rendezvous) lives in the library's `agent` module.
+#![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -190,6 +191,14 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Args::command().debug_assert();
+    }
+
+    #[test]
+    fn every_flag_has_a_taas_env() {
+        assert_eq!(
+            taas_process::flags_without_taas_env(&Args::command()),
+            Vec::<String>::new()
+        );
     }
 
     #[test]

@@ -13,6 +13,8 @@
 //!   clients, pairing order);
 //! - how a label's relay knows a gateway of its install (per-label tokens): [`gateway_auth`];
 //! - Host dispatch (registrar, `LABEL.<domain>`, not ours): [`host`];
+//! - the server name a TLS client asks for, read from its ClientHello without decrypting (the
+//!   shared client port routes by it): [`client_hello`];
 //! - what a hidden server is told of its client: [`proxy_header`] (PROXY v1/v2);
 //! - the agent's registrar URL and redirects: [`target`];
 //! - locks that survive a panic: [`sync`].
@@ -20,6 +22,7 @@
 
 pub mod answer;
 pub mod authorization;
+pub mod client_hello;
 pub mod gateway_auth;
 pub mod guard;
 pub mod host;

@@ -48,7 +48,7 @@ const RENDEZVOUS_RESULTS: [&str; 3] = ["connected", "expired", "stranger"];
 const ENTRIES: [Entry; 2] = [Entry::OwnPort, Entry::SharedPort];
 /// Every reason of [`SharedPortRefused`], in its order: the refusal series are created once,
 /// up front, so a stranger's bytes never create one.
-const SHARED_PORT_REFUSALS: [&str; 11] = [
+const SHARED_PORT_REFUSALS: [&str; 12] = [
     "unknown_name",
     "outside_domain",
     "no_server_name",
@@ -60,6 +60,7 @@ const SHARED_PORT_REFUSALS: [&str; 11] = [
     "source_limit",
     "overloaded",
     "read_error",
+    "too_large",
 ];
 
 /// Why the shared client port turned a connection away before handing it to a label
@@ -74,7 +75,7 @@ pub enum SharedPortRefused {
     OutsideDomain = 1,
     /// A ClientHello without a server name (an IP-literal URL, a raw client).
     NoServerName = 2,
-    /// Not a TLS ClientHello, malformed, or larger than `MAX_CLIENT_HELLO`.
+    /// Not a TLS ClientHello, or a malformed one (a bad server name included).
     NotClientHello = 3,
     /// Nothing within the first-byte timeout.
     Silent = 4,
@@ -90,6 +91,8 @@ pub enum SharedPortRefused {
     Overloaded = 9,
     /// A read error (a reset) before the ClientHello was complete.
     ReadError = 10,
+    /// A ClientHello that does not end within `MAX_CLIENT_HELLO` bytes.
+    TooLarge = 11,
 }
 
 /// A registration's result, as counted per label.
@@ -210,7 +213,7 @@ impl RelayMetrics {
             m.shared_port_refused.clone(),
         );
         for reason in SHARED_PORT_REFUSALS {
-            m.shared_port_refused.get_or_create(&ByReason {
+            let _ = m.shared_port_refused.get_or_create(&ByReason {
                 reason: reason.into(),
             });
         }

@@ -28,7 +28,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use taas_protocol::client_hello::{peek, Peek, MAX_CLIENT_HELLO};
+use taas_protocol::client_hello::{peek, Peek, Reason, MAX_CLIENT_HELLO};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -148,15 +148,15 @@ async fn read_server_name(
     loop {
         let room = MAX_CLIENT_HELLO.saturating_sub(hello.len());
         if room == 0 {
-            return Err(SharedPortRefused::NotClientHello);
+            return Err(SharedPortRefused::TooLarge);
         }
         let deadline = if hello.is_empty() {
             deadlines.first_byte.min(deadlines.complete)
         } else {
             deadlines.complete
         };
-        let read = (&mut *stream).take(room as u64).read_buf(hello);
-        match tokio::time::timeout_at(deadline, read).await {
+        let mut limited = (&mut *stream).take(room as u64);
+        match tokio::time::timeout_at(deadline, limited.read_buf(hello)).await {
             Err(_) if hello.is_empty() => return Err(SharedPortRefused::Silent),
             Err(_) => return Err(SharedPortRefused::Deadline),
             Ok(Ok(0)) => return Err(SharedPortRefused::Closed),
@@ -167,6 +167,7 @@ async fn read_server_name(
             Peek::NeedMore => {}
             Peek::ServerName(name) => return Ok(name),
             Peek::NoServerName => return Err(SharedPortRefused::NoServerName),
+            Peek::NotClientHello(Reason::TooLarge) => return Err(SharedPortRefused::TooLarge),
             Peek::NotClientHello(_) => return Err(SharedPortRefused::NotClientHello),
         }
     }

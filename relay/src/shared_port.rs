@@ -183,8 +183,14 @@ mod tests {
         assert_eq!(label_for("home.taas.localhost", domain), Some("home"));
         assert_eq!(label_for("Home.TAAS.localhost", domain), Some("Home"));
         assert_eq!(label_for("home.taas.localhost.", domain), Some("home"));
-        assert_eq!(label_for("home.taas.localhost", "TAAS.localhost."), Some("home"));
-        assert_eq!(label_for("xn--bcher-kva.taas.localhost", domain), Some("xn--bcher-kva"));
+        assert_eq!(
+            label_for("home.taas.localhost", "TAAS.localhost."),
+            Some("home")
+        );
+        assert_eq!(
+            label_for("xn--bcher-kva.taas.localhost", domain),
+            Some("xn--bcher-kva")
+        );
     }
 
     #[test]

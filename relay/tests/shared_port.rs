@@ -58,7 +58,10 @@ fn hidden_tls_server(
 ) -> (String, tokio::task::JoinHandle<()>) {
     let (acceptor, cert_pem) = tls_acceptor(host);
     let task = tokio::spawn(async move {
-        let mut tls = acceptor.accept(parked).await.expect("the client's handshake");
+        let mut tls = acceptor
+            .accept(parked)
+            .await
+            .expect("the client's handshake");
         let mut buf = [0u8; 256];
         let n = tls.read(&mut buf).await.unwrap();
         let mut answer = who.as_bytes().to_vec();
@@ -120,7 +123,11 @@ async fn the_client_hello_reaches_the_hidden_server_byte_for_byte() {
         .await
         .expect("the hidden server gets the bytes")
         .unwrap();
-    assert_eq!(&seen[..hello.len()], &hello[..], "the ClientHello unchanged");
+    assert_eq!(
+        &seen[..hello.len()],
+        &hello[..],
+        "the ClientHello unchanged"
+    );
     assert_eq!(&seen[hello.len()..], b"and after it");
     // And back.
     parked.write_all(b"server bytes").await.unwrap();
@@ -245,10 +252,21 @@ async fn curl_following_the_307_lands_on_the_shared_port_and_gets_the_page() {
     relay.wait_parked("home", 2).await;
     let cacert = bundle(&relay, &page);
     // *.localhost resolves to loopback in curl: no --resolve needed.
-    let url = format!("https://home.{DOMAIN}:{}/index.html?q=1", relay.addr().port());
+    let url = format!(
+        "https://home.{DOMAIN}:{}/index.html?q=1",
+        relay.addr().port()
+    );
     let out = tokio::task::spawn_blocking(move || {
         Command::new("curl")
-            .args(["-sS", "-L", "--max-time", "10", "-w", "\nlanded: %{url_effective}", "--cacert"])
+            .args([
+                "-sS",
+                "-L",
+                "--max-time",
+                "10",
+                "-w",
+                "\nlanded: %{url_effective}",
+                "--cacert",
+            ])
             .arg(&cacert)
             .arg(&url)
             .output()
@@ -257,11 +275,21 @@ async fn curl_following_the_307_lands_on_the_shared_port_and_gets_the_page() {
     .await
     .unwrap();
     let body = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "curl: {}", String::from_utf8_lossy(&out.stderr));
-    assert!(body.contains("hello through the shared port"), "{body}");
-    assert!(body.contains("request: GET /index.html?q=1 HTTP/1.1"), "{body}");
     assert!(
-        body.contains(&format!("landed: https://home.{DOMAIN}:{}/index.html?q=1", relay.shared_port())),
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(body.contains("hello through the shared port"), "{body}");
+    assert!(
+        body.contains("request: GET /index.html?q=1 HTTP/1.1"),
+        "{body}"
+    );
+    assert!(
+        body.contains(&format!(
+            "landed: https://home.{DOMAIN}:{}/index.html?q=1",
+            relay.shared_port()
+        )),
         "{body}"
     );
     let metrics = relay.metrics().await;
@@ -327,7 +355,11 @@ async fn a_label_whose_server_speaks_first_is_refused_on_the_shared_port_and_cou
     let _parked = relay.park(&ssh).await;
     refused_without_an_answer(&relay, &client_hello(Some(&format!("ssh.{DOMAIN}")))).await;
     wait_refused(&relay, "server_speaks_first", 1.0).await;
-    assert_eq!(relay.parked("ssh"), 1, "the parked connection was not touched");
+    assert_eq!(
+        relay.parked("ssh"),
+        1,
+        "the parked connection was not touched"
+    );
 }
 
 /// Sends `hello` one byte at a time every `every`, until the relay closes the connection;
@@ -379,21 +411,45 @@ async fn silent_stalled_and_dripping_peers_are_cut_at_the_deadline_and_block_no_
     assert_eq!(tls_client(&relay, &cert_pem, &host).await, "served: hello");
     hidden.await.unwrap();
     let served_in = served_at.elapsed();
-    figure("a client served while three slow peers are held", format!("{:.0} ms", served_in.as_secs_f64() * 1e3));
-    assert!(served_in < first_byte, "served without waiting for the slow peers: {served_in:?}");
+    figure(
+        "a client served while three slow peers are held",
+        format!("{:.0} ms", served_in.as_secs_f64() * 1e3),
+    );
+    assert!(
+        served_in < first_byte,
+        "served without waiting for the slow peers: {served_in:?}"
+    );
 
     assert_closed(&mut silent).await;
     let silent_cut = started.elapsed();
     assert_closed(&mut stalled).await;
     let stalled_cut = started.elapsed();
-    let drip_cut = tokio::time::timeout(PATIENCE, dripping).await.unwrap().unwrap();
-    figure("silent peer cut after", format!("{:.0} ms", silent_cut.as_secs_f64() * 1e3));
-    figure("one-byte-and-stall peer cut after", format!("{:.0} ms", stalled_cut.as_secs_f64() * 1e3));
-    figure("slow-drip peer cut after", format!("{:.0} ms", drip_cut.as_secs_f64() * 1e3));
+    let drip_cut = tokio::time::timeout(PATIENCE, dripping)
+        .await
+        .unwrap()
+        .unwrap();
+    figure(
+        "silent peer cut after",
+        format!("{:.0} ms", silent_cut.as_secs_f64() * 1e3),
+    );
+    figure(
+        "one-byte-and-stall peer cut after",
+        format!("{:.0} ms", stalled_cut.as_secs_f64() * 1e3),
+    );
+    figure(
+        "slow-drip peer cut after",
+        format!("{:.0} ms", drip_cut.as_secs_f64() * 1e3),
+    );
     assert!(silent_cut >= first_byte, "{silent_cut:?}");
     assert!(stalled_cut >= handshake, "{stalled_cut:?}");
-    assert!(drip_cut >= handshake - Duration::from_millis(100), "{drip_cut:?}");
-    assert!(drip_cut < handshake + PATIENCE / 2, "cut at the deadline: {drip_cut:?}");
+    assert!(
+        drip_cut >= handshake - Duration::from_millis(100),
+        "{drip_cut:?}"
+    );
+    assert!(
+        drip_cut < handshake + PATIENCE / 2,
+        "cut at the deadline: {drip_cut:?}"
+    );
     wait_refused(&relay, "silent", 1.0).await;
     wait_refused(&relay, "deadline", 2.0).await;
 }

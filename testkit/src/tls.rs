@@ -133,9 +133,9 @@ pub fn client_hello(server_name: Option<&str>) -> Vec<u8> {
         .with_no_client_auth();
     let name = match server_name {
         Some(name) => rustls_pki_types::ServerName::try_from(name.to_string()).unwrap(),
-        None => rustls_pki_types::ServerName::IpAddress(
-            std::net::IpAddr::from([127, 0, 0, 1]).into(),
-        ),
+        None => {
+            rustls_pki_types::ServerName::IpAddress(std::net::IpAddr::from([127, 0, 0, 1]).into())
+        }
     };
     let mut client = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
     let mut hello = Vec::new();

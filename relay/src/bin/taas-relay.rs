@@ -641,14 +641,15 @@ mod tests {
     /// nothing else.
     #[test]
     fn the_shared_port_is_off_by_default_and_a_port_or_off_when_given() {
-        let shared = |args: &[&str]| match Cli::try_parse_from([&["taas-relay", "serve"], args].concat()) {
-            Ok(Cli {
-                command: Command::Serve(args),
-                ..
-            }) => Ok(serve_options(&args).unwrap().shared_port),
-            Ok(_) => panic!("serve"),
-            Err(error) => Err(error.to_string()),
-        };
+        let shared =
+            |args: &[&str]| match Cli::try_parse_from([&["taas-relay", "serve"], args].concat()) {
+                Ok(Cli {
+                    command: Command::Serve(args),
+                    ..
+                }) => Ok(serve_options(&args).unwrap().shared_port),
+                Ok(_) => panic!("serve"),
+                Err(error) => Err(error.to_string()),
+            };
         assert_eq!(shared(&[]), Ok(None));
         assert_eq!(shared(&["--shared-port", "off"]), Ok(None));
         assert_eq!(shared(&["--shared-port", "443"]), Ok(Some(443)));
@@ -661,7 +662,10 @@ mod tests {
             .get_arguments()
             .find(|a| a.get_id() == "shared_port")
             .unwrap();
-        assert_eq!(arg.get_env(), Some(std::ffi::OsStr::new("TAAS_SHARED_PORT")));
+        assert_eq!(
+            arg.get_env(),
+            Some(std::ffi::OsStr::new("TAAS_SHARED_PORT"))
+        );
     }
 
     /// Flags given change the options (the comparison above is not vacuous).

@@ -129,7 +129,10 @@ fn settings(options: &ServeOptions) -> Result<RelaySettings, StartError> {
         )));
     }
     if let Some(port) = options.shared_port {
-        for (flag, range) in [("--p-ports", options.p_ports), ("--q-ports", options.q_ports)] {
+        for (flag, range) in [
+            ("--p-ports", options.p_ports),
+            ("--q-ports", options.q_ports),
+        ] {
             if range.contains(port) {
                 return Err(StartError::Config(format!(
                     "--shared-port {port} is inside {flag} {range}"

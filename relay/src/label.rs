@@ -28,6 +28,11 @@
 //! server that speaks unasked (its bytes arrive while parked) is paired at accept too, as
 //! before: it cannot tell a silent client from any other, and the TAAS agent never does this.
 //!
+//! A client that came through the shared client port (`shared_port`) is handed over to the
+//! label's data-plane thread with its ClientHello already read (`Label::hand_over`) and takes
+//! the same path as a client on q (`serve_client`): its read bytes count as its first byte and
+//! reach the hidden server first, unchanged; its client wait starts at the hand-over.
+//!
 //! The pool's counting (reserved ports against maxParked, pairing order, dropping dead
 //! connections) is `taas_protocol::pool`, property-tested there; this file holds the sockets
 //! and the tasks.

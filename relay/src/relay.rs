@@ -78,8 +78,9 @@ impl StandaloneBackend {
         &self.metrics
     }
 
-    /// Client connections open per source, all labels and entries together.
-    pub(crate) fn client_sources(&self) -> &Arc<crate::sources::SourceCounts> {
+    /// Client connections open per source, all labels and entries together (from accept to
+    /// close, the shared port's ClientHello phase included).
+    pub fn client_sources(&self) -> &Arc<crate::sources::SourceCounts> {
         &self.shared.client_sources
     }
 

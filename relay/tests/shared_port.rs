@@ -470,6 +470,12 @@ async fn a_flood_from_one_source_hits_the_per_source_cap_while_another_source_ge
         held.write_all(&hello[..hello.len() / 2]).await.unwrap();
         flood.push(held);
     }
+    // The five are counted (accepted and reading) before the sixth arrives.
+    let source = taas_relay::sources::SourceKey::of([127, 0, 0, 2].into());
+    eventually("five connections counted from 127.0.0.2", || async {
+        relay.standalone.relay.client_sources().open(source) == 5
+    })
+    .await;
     let mut sixth = connect_from("127.0.0.2", &relay).await;
     assert_closed(&mut sixth).await;
     wait_refused(&relay, "source_limit", 1.0).await;
@@ -565,4 +571,34 @@ async fn a_client_with_no_parked_connection_waits_then_is_refused_as_on_q() {
         ) == 1.0
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_admission_holds_on_the_shared_port_too_only_a_redirected_source_is_served() {
+    let home = TestLabel::new("home").with("clientAdmission: Redirected");
+    let relay = TestRelay::start_shared(&[&home]).await;
+    let mut parked = relay.park(&home).await;
+    let hello = client_hello(Some(&format!("home.{DOMAIN}")));
+    // 127.0.0.2 got no 307: closed, the parked connection untouched.
+    let mut stranger = connect_from("127.0.0.2", &relay).await;
+    stranger.write_all(&hello).await.unwrap();
+    assert_closed(&mut stranger).await;
+    eventually("not_admitted counted", || async {
+        metric(
+            &relay.metrics().await,
+            "taas_clients_refused_total{label=\"home\",kind=\"not_admitted\"}",
+        ) == 1.0
+    })
+    .await;
+    assert_eq!(relay.parked("home"), 1);
+    // The front end's client (127.0.0.1) gets its 307, then goes through.
+    assert_eq!(relay.mobile_get("home", "/").await.status, 307);
+    let mut client = connect_from("127.0.0.1", &relay).await;
+    client.write_all(&hello).await.unwrap();
+    let mut seen = vec![0u8; hello.len()];
+    tokio::time::timeout(PATIENCE, parked.read_exact(&mut seen))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(seen, hello);
 }

@@ -22,5 +22,12 @@ CASES = [
     ("rate", "echo", "fresh connections/s, 8 closed-loop workers"),
     ("http_ka", "http", "HTTP 1 KiB, wrk keep-alive (req/s)"),
     ("http_close", "http", "HTTP 1 KiB, wrk Connection: close (req/s)"),
+    # TAAS only: the same fresh connections through the shared client port (`--shared-port`),
+    # the client's first bytes a ClientHello naming echo.taas.localhost (echoed back whole);
+    # the ratio is to TAAS's own q (`lat`, `rate`): the cost of the server-name read.
+    ("lat_shared", "echo", "fresh connection p50 (µs) via the shared port: connect + ClientHello echo + close"),
+    ("rate_shared", "echo", "fresh connections/s via the shared port, 8 closed-loop workers"),
 ]
-LOWER_IS_BETTER = {"lat"}
+LOWER_IS_BETTER = {"lat", "lat_shared"}
+# Cases measured for TAAS alone, and the own-q case each is compared with.
+TAAS_ONLY = {"lat_shared": "lat", "rate_shared": "rate"}

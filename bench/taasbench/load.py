@@ -10,7 +10,7 @@ import subprocess
 import time
 
 from . import config
-from .config import CASES
+from .config import CASES, TAAS_ONLY
 from .procs import cpu_seconds, log, reset_peak, run, status_kib, until
 
 
@@ -23,7 +23,7 @@ class Load:
             until("TAAS agents refilled", self.taas_refilled, 30, 0.05)
         else:
             time.sleep(0.0)
-        port = self.peer_port(peer, backend)
+        port = self.P["taas_shared"] if case in TAAS_ONLY else self.peer_port(peer, backend)
         pids_r = [p.pid for p in roles["relay"]]
         pids_a = [p.pid for p in roles["agent"]]
         for pid in pids_r + pids_a:
@@ -127,21 +127,27 @@ class Load:
         except ValueError:
             return {"error": f"rc {rc}: {err.strip()[:300]}"}
 
-    def case_lat(self, port, case):
+    def case_lat(self, port, case, first_bytes=()):
         j = self.connbench("latency", f"127.0.0.1:{port}", self.args.lat_count,
-                           self.args.duration * 3, timeout=self.args.duration * 3 + 40)
+                           self.args.duration * 3, *first_bytes, timeout=self.args.duration * 3 + 40)
         if "p50_us" not in j:
             return {"value": None, **j}
         return {"value": j["p50_us"], "p99_us": j["p99_us"], "conns": j["count"],
                 "errors": j["errors"], "lat": j}
 
-    def case_rate(self, port, case):
-        j = self.connbench("rate", f"127.0.0.1:{port}", 8, self.args.duration,
+    def case_rate(self, port, case, first_bytes=()):
+        j = self.connbench("rate", f"127.0.0.1:{port}", 8, self.args.duration, *first_bytes,
                            timeout=self.args.duration + 40)
         if "per_sec" not in j:
             return {"value": None, **j}
         return {"value": j["per_sec"], "conns": j["conns_total"], "errors": j["errors"],
                 "first_error": j["first_error"]}
+
+    def case_lat_shared(self, port, case):
+        return self.case_lat(port, case, (self.taas_hello,))
+
+    def case_rate_shared(self, port, case):
+        return self.case_rate(port, case, (self.taas_hello,))
 
     def wrk(self, url, extra, host=None):
         d = self.args.duration
@@ -185,4 +191,6 @@ class Load:
             for rnd in range(1, self.args.rounds + 1):
                 seq = order if rnd % 2 == 1 else list(reversed(order))
                 for peer in seq:
+                    if case in TAAS_ONLY and peer != "taas":
+                        continue
                     self.measure(peer, case, backend, rnd)

@@ -5,6 +5,7 @@ port (for TAAS, from the 307 a phone would get)."""
 import json
 import os
 import re
+import struct
 import time
 import urllib.request
 import uuid
@@ -12,6 +13,18 @@ import uuid
 from . import config
 from .config import BACKENDS
 from .procs import Procs, echo_ok, http_ok, port_free, run, status_kib, until, wait_listening
+
+
+def client_hello(server_name):
+    """A minimal TLS ClientHello naming `server_name` (SNI), as one record: what a shared-port
+    client sends first. The relay only reads it; the echo backend sends it back."""
+    name = server_name.encode()
+    names = struct.pack("!BH", 0, len(name)) + name
+    sni = struct.pack("!HHH", 0, len(names) + 2, len(names)) + names
+    body = (b"\x03\x03" + os.urandom(32) + b"\x00" + struct.pack("!H", 2) + b"\x13\x01"
+            + b"\x01\x00" + struct.pack("!H", len(sni)) + sni)
+    handshake = b"\x01" + struct.pack("!I", len(body))[1:] + body
+    return b"\x16\x03\x01" + struct.pack("!H", len(handshake)) + handshake
 
 
 class Peers:
@@ -39,6 +52,7 @@ class Peers:
             "bore": {"bulk": b + 31, "echo": b + 32, "http": b + 33},
             "taas_listen": b + 40,
             "taas_metrics": b + 41,
+            "taas_shared": b + 42,
             "reg_listen": b + 50,
             "reg_metrics": b + 51,
             "park_listen": b + 60,
@@ -65,7 +79,7 @@ class Peers:
         P = self.P
         ports = list(P["backend"].values()) + [P["nginx307"]] + list(P["socat"].values()) + \
             [P["rathole_ctl"]] + list(P["rathole"].values()) + list(P["bore"].values()) + \
-            [P["taas_listen"], P["taas_metrics"], self.bore_ctl]
+            [P["taas_listen"], P["taas_metrics"], P["taas_shared"], self.bore_ctl]
         busy = [p for p in ports if not port_free(p)]
         if busy:
             raise RuntimeError(f"ports already in use on 127.0.0.1: {busy} (choose --port-base)")
@@ -164,8 +178,9 @@ http {{
                 "--to", "127.0.0.1", "--port", str(self.P["bore"][b])]))
         self.roles["bore"] = {"relay": [s], "agent": cs}
 
-    def taas_labels(self, d, listen, names, max_parked):
-        """`taas-relay label new` for each name into d/labels; maxParked edited in the YAML."""
+    def taas_labels(self, d, listen, names, max_parked, client_ports=None):
+        """`taas-relay label new` for each name into d/labels; maxParked edited in the YAML, and
+        clientPort (a pinned q) added when `client_ports` names one."""
         labels = os.path.join(d, "labels")
         state = os.path.join(d, "state")
         os.makedirs(labels, exist_ok=True)
@@ -178,7 +193,8 @@ http {{
             path = os.path.join(labels, f"{name}.yaml")
             with open(path) as f:
                 text = f.read()
-            text, n = re.subn(r"(?m)^(\s*)maxParked:\s*\d+", rf"\g<1>maxParked: {max_parked}", text)
+            pin = f"\n\\g<1>clientPort: {client_ports[name]}" if client_ports else ""
+            text, n = re.subn(r"(?m)^(\s*)maxParked:\s*\d+", rf"\g<1>maxParked: {max_parked}{pin}", text)
             if n != 1:
                 raise RuntimeError(f"no maxParked line in {path}")
             with open(path, "w") as f:
@@ -205,10 +221,18 @@ http {{
         d = os.path.join(self.work, "taas")
         listen = self.P["taas_listen"]
         names = {"bulk": "bulk", "echo": "echo", "http": "demo"}
-        _, state, creds = self.taas_labels(d, listen, list(names.values()), 1024)
+        # q pinned (22000, 22001, ...): with the shared port on, the 307 names the shared port,
+        # and the own-q cases (iperf3, wrk: no ClientHello) go to q as a raw forward would.
+        self.taas_q = {label: 22000 + i for i, label in enumerate(names.values())}
+        _, state, creds = self.taas_labels(d, listen, list(names.values()), 1024, self.taas_q)
         relay = self.start_taas_relay("taas-relay", d, listen, self.P["taas_metrics"],
-                                      self.p_ports_main, self.q_ports_main)
+                                      self.p_ports_main, self.q_ports_main,
+                                      ("--shared-port", str(self.P["taas_shared"])))
         wait_listening(listen)
+        # The first bytes of a shared-port client (lat_shared, rate_shared).
+        self.taas_hello = os.path.join(d, "client-hello.bin")
+        with open(self.taas_hello, "wb") as f:
+            f.write(client_hello(f"{names['echo']}.taas.localhost"))
         self.taas_state = state
         self.taas_label = names
         agents = []
@@ -242,7 +266,8 @@ http {{
         return all(parked.get(l, 0) >= n for l, n in self.taas_parked_target.items())
 
     def q_port(self, label):
-        """The mobile client's one 307: curl the label's URL, q from the Location header."""
+        """The mobile client's one 307: curl the label's URL; its Location names the shared
+        port (checked); the label's own q is the one pinned in its YAML."""
         url = f"https://{label}.taas.localhost:{self.P['taas_listen']}/"
         rc, out, err = run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{redirect_url}",
                             "--cacert", os.path.join(self.taas_state, "relay-cert.pem"), url], 15)
@@ -250,7 +275,9 @@ http {{
         m = re.match(r"https://[^/]+:(\d+)/", loc)
         if rc != 0 or code != "307" or not m:
             raise RuntimeError(f"no 307 from {url}: rc {rc} {out!r} {err!r}")
-        return int(m.group(1))
+        if int(m.group(1)) != self.P["taas_shared"]:
+            raise RuntimeError(f"the 307 from {url} does not name the shared port: {loc!r}")
+        return self.taas_q[label]
 
     def peer_port(self, peer, backend):
         if peer == "direct":

@@ -3,7 +3,7 @@ CPU per GB and per connection, and the targets met or missed."""
 
 import statistics
 
-from .config import CASES
+from .config import CASES, TAAS_ONLY
 
 
 def med(xs):
@@ -54,16 +54,22 @@ def report(raw, meta):
     for case, _, title in CASES:
         if not any(r["case"] == case for r in cases):
             continue
-        dm = med(vals(case, "direct"))
+        # The shared-port cases are TAAS's alone: compared with TAAS's own q.
+        dm = med(vals(TAAS_ONLY[case], "taas")) if case in TAAS_ONLY else med(vals(case, "direct"))
         cells = []
         for p in peers:
             v = vals(case, p)
             m = med(v)
+            if case in TAAS_ONLY and p != "taas":
+                cells.append("–")
+                continue
             if m is None:
                 cells.append("failed")
                 continue
             s = f"**{fmt(m)}** ({fmt(min(v))}–{fmt(max(v))})"
-            if p != "direct" and dm:
+            if case in TAAS_ONLY and dm:
+                s += f" ×{m / dm:.2f} of own q"
+            elif p != "direct" and dm:
                 s += f" ×{m / dm:.2f}"
             errs = sum((r.get("errors") or 0) for r in cases if r["case"] == case and r["peer"] == p)
             if errs:

@@ -157,6 +157,8 @@ pub struct RelaySettings {
     pub q_ports: PortRange,
     /// Address that p and q listeners bind to (the listen IP).
     pub bind_ip: IpAddr,
+    /// The shared client port (`shared_port`), as bound, when it is on: the 307 names it.
+    pub shared_port: Option<u16>,
     pub timeouts: Timeouts,
     pub limits: Limits,
     /// Threads the labels' connections run on (`data_plane`).

@@ -85,6 +85,14 @@ impl Placement {
     pub fn enter(&self) -> EnterGuard<'_> {
         self.runtime.enter()
     }
+
+    /// Runs `task` on this place's thread (a connection accepted elsewhere, handed over).
+    pub fn spawn<F>(&self, task: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.runtime.spawn(task);
+    }
 }
 
 impl Drop for Placement {

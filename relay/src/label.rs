@@ -28,6 +28,11 @@
 //! server that speaks unasked (its bytes arrive while parked) is paired at accept too, as
 //! before: it cannot tell a silent client from any other, and the TAAS agent never does this.
 //!
+//! A client that came through the shared client port (`shared_port`) is handed over to the
+//! label's data-plane thread with its ClientHello already read (`Label::hand_over`) and takes
+//! the same path as a client on q (`serve_client`): its read bytes count as its first byte and
+//! reach the hidden server first, unchanged; its client wait starts at the hand-over.
+//!
 //! The pool's counting (reserved ports against maxParked, pairing order, dropping dead
 //! connections) is `taas_protocol::pool`, property-tested there; this file holds the sockets
 //! and the tasks.
@@ -53,7 +58,7 @@ use crate::config::{ClientAdmission, LabelConfig, Limits, ProxyProtocol, Timeout
 use crate::data_plane::Placement;
 use crate::metrics::{ClientRefused, LabelMetrics, Rendezvous};
 use crate::ports::{PortError, PortLease, PortPool};
-use crate::sources::{SourceCounts, SourceKey};
+use crate::sources::{OwnedSourceSlot, SourceCounts, SourceKey};
 use crate::splice;
 
 /// Sources remembered per label for client admission (older ones are forgotten first).
@@ -77,8 +82,41 @@ pub struct Shared {
     pub q_ports: Arc<PortPool>,
     /// Permits for spliced pairs, all labels together.
     pub pairs: Arc<Semaphore>,
-    /// Connections open on client ports from each source, all labels together.
-    pub client_sources: SourceCounts,
+    /// Connections open on client ports (each label's q and the shared port) from each
+    /// source, all labels together.
+    pub client_sources: Arc<SourceCounts>,
+}
+
+/// How a client connection came to its label: the label's own client port q, or the shared
+/// client port (`shared_port`), which read the ClientHello to find the label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Entry {
+    OwnPort = 0,
+    SharedPort = 1,
+}
+
+impl Entry {
+    /// The value of the `entry` metrics label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Entry::OwnPort => "own_port",
+            Entry::SharedPort => "shared_port",
+        }
+    }
+}
+
+/// A client connection for a label, however it arrived: on q (nothing read yet) or through
+/// the shared port (its ClientHello already read, and its relay-wide source slot taken while
+/// the ClientHello was read). One code path serves both.
+pub struct ClientConn {
+    pub stream: TcpStream,
+    pub peer: SocketAddr,
+    pub entry: Entry,
+    /// Bytes already read from the client (its ClientHello): written to the hidden server
+    /// first, before anything else of the client's.
+    pub read_ahead: Vec<u8>,
+    /// The relay-wide per-source slot, when the shared port took it already.
+    pub relay_slot: Option<OwnedSourceSlot>,
 }
 
 /// Why a rendezvous port could not be handed out (the registration gets 503).
@@ -527,9 +565,58 @@ impl Label {
         }
     }
 
-    /// Serves one connection accepted on q: wait for its first byte (unless the server speaks
-    /// first), pair it, then splice until both sides are done or the pair idles.
-    async fn serve_client(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
+    /// Gives the label a client connection accepted elsewhere (the shared port, on the front
+    /// end's runtime): it moves to the label's data-plane thread and is served there exactly
+    /// as a connection accepted on q is.
+    pub fn hand_over(self: &Arc<Self>, client: ClientConn) {
+        let ClientConn {
+            stream,
+            peer,
+            entry,
+            read_ahead,
+            relay_slot,
+        } = client;
+        // A tokio socket belongs to the runtime that registered it: deregister it here and
+        // register it again on the label's thread.
+        let stream = match stream.into_std() {
+            Ok(stream) => stream,
+            Err(error) => {
+                tracing::debug!(label = %self.name, %peer, %error, "client lost at hand-over");
+                return;
+            }
+        };
+        let label = self.clone();
+        self.placement.spawn(async move {
+            match TcpStream::from_std(stream) {
+                Ok(stream) => {
+                    label
+                        .serve_client(ClientConn {
+                            stream,
+                            peer,
+                            entry,
+                            read_ahead,
+                            relay_slot,
+                        })
+                        .await
+                }
+                Err(error) => {
+                    tracing::debug!(label = %label.name, %peer, %error, "client lost at hand-over")
+                }
+            }
+        });
+    }
+
+    /// Serves one client connection (accepted on q, or handed over by the shared port): wait
+    /// for its first byte (unless the server speaks first, or bytes were read already), pair
+    /// it, then splice until both sides are done or the pair idles.
+    async fn serve_client(self: Arc<Self>, conn: ClientConn) {
+        let ClientConn {
+            stream: client,
+            peer,
+            entry,
+            read_ahead,
+            relay_slot,
+        } = conn;
         let config = self.config();
         if config.client_admission == ClientAdmission::Redirected && !self.is_admitted(peer.ip()) {
             self.metrics.client_refused(ClientRefused::NotAdmitted);
@@ -539,11 +626,14 @@ impl Label {
         let limits = &self.shared.limits;
         let source = SourceKey::of(peer.ip());
         // Held until the connection closes: one source cannot hold all of q.
-        let Some(_relay_slot) = self
-            .shared
-            .client_sources
-            .try_acquire(source, limits.clients_per_source)
-        else {
+        let relay_slot = match relay_slot {
+            Some(slot) => Some(slot),
+            None => self
+                .shared
+                .client_sources
+                .try_acquire_owned(source, limits.clients_per_source),
+        };
+        let Some(_relay_slot) = relay_slot else {
             return self.refuse_source(peer);
         };
         let Some(_label_slot) = self
@@ -561,6 +651,8 @@ impl Label {
             None
         } else if let Some(conn) = self.take_parked_that_spoke().await {
             Some(conn)
+        } else if !read_ahead.is_empty() {
+            None // its first bytes are in hand
         } else {
             match first_byte(&client, silent_at.min(wait_until)).await {
                 FirstByte::Arrived => None,
@@ -610,10 +702,16 @@ impl Label {
         // q's options (no Nagle, keepalive) were inherited from its listener on Linux.
         #[cfg(not(target_os = "linux"))]
         crate::splice::tune(&client);
-        self.metrics.pairings.inc();
+        self.metrics.paired(entry);
         self.metrics.active_pairs.inc();
         let result = self
-            .splice_pair(&mut client, peer, &mut server, config.proxy_protocol)
+            .splice_pair(
+                &mut client,
+                peer,
+                &read_ahead,
+                &mut server,
+                config.proxy_protocol,
+            )
             .await;
         self.metrics.active_pairs.dec();
         match result {
@@ -653,6 +751,7 @@ impl Label {
         &self,
         client: &mut TcpStream,
         peer: SocketAddr,
+        read_ahead: &[u8],
         server: &mut ParkedConn,
         proxy: ProxyProtocol,
     ) -> std::io::Result<splice::Spliced> {
@@ -664,6 +763,10 @@ impl Label {
         if let Some(header) = header {
             server.stream.write_all(&header).await?;
         }
+        // The client's bytes read before pairing (the shared port's ClientHello), unchanged.
+        if !read_ahead.is_empty() {
+            server.stream.write_all(read_ahead).await?;
+        }
         if !server.early.is_empty() {
             client.write_all(&server.early).await?;
         }
@@ -671,6 +774,7 @@ impl Label {
             splice::splice_until_idle(client, &mut server.stream, self.shared.timeouts.pair_idle)
                 .await?;
         spliced.copied.b_to_a += server.early.len() as u64;
+        spliced.copied.a_to_b += read_ahead.len() as u64;
         Ok(spliced)
     }
 }
@@ -750,7 +854,13 @@ async fn accept_clients(label: std::sync::Weak<Label>, listener: TcpListener, le
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let Some(label) = label.upgrade() else { return };
-                tokio::spawn(label.serve_client(stream, peer));
+                tokio::spawn(label.serve_client(ClientConn {
+                    stream,
+                    peer,
+                    entry: Entry::OwnPort,
+                    read_ahead: Vec::new(),
+                    relay_slot: None,
+                }));
             }
             Err(error) => {
                 // Typically out of file descriptors: back off rather than spin.

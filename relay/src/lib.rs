@@ -10,6 +10,7 @@
 //! - `relay`: the standalone label backend (`StandaloneBackend`: every label in one process);
 //! - `label`: the per-label state machine (p ports, parked connections, q, pairing) over
 //!   `taas_protocol::pool`;
+//! - `shared_port`: one client port for every label, routed by the ClientHello's server name;
 //! - `splice`: the copy loop; `ports`: the rendezvous port pool;
 //! - `data_plane`: the threads the labels' connections run on;
 //! - `rate_limit`: the gateway's per-source token buckets for 307s; `sources`: per-source
@@ -38,6 +39,7 @@ pub mod provision;
 pub mod rate_limit;
 pub mod relay;
 pub mod run;
+pub mod shared_port;
 pub mod sources;
 pub mod splice;
 pub mod tls;

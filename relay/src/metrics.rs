@@ -9,6 +9,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use crate::label::Entry;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ByLabel {
     label: String,
@@ -18,6 +20,13 @@ struct ByLabel {
 struct ByLabelAnd {
     label: String,
     kind: String,
+}
+
+/// A client-connection series: the label, and how the client came (`Entry`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ByLabelAndEntry {
+    label: String,
+    entry: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -36,6 +45,55 @@ const CLIENT_REFUSALS: [&str; 7] = [
     "label_pairs",
 ];
 const RENDEZVOUS_RESULTS: [&str; 3] = ["connected", "expired", "stranger"];
+const ENTRIES: [Entry; 2] = [Entry::OwnPort, Entry::SharedPort];
+/// Every reason of [`SharedPortRefused`], in its order: the refusal series are created once,
+/// up front, so a stranger's bytes never create one.
+const SHARED_PORT_REFUSALS: [&str; 12] = [
+    "unknown_name",
+    "outside_domain",
+    "no_server_name",
+    "not_client_hello",
+    "silent",
+    "deadline",
+    "closed",
+    "server_speaks_first",
+    "source_limit",
+    "overloaded",
+    "read_error",
+    "too_large",
+];
+
+/// Why the shared client port turned a connection away before handing it to a label
+/// (relay-wide: most of these have no label). Refusals after the hand-over (no parked
+/// connection within the client wait, the label's own caps) are the label's
+/// `taas_clients_refused`, as on q.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SharedPortRefused {
+    /// `LABEL.<domain>` names no configured label.
+    UnknownName = 0,
+    /// The server name is not one label under the relay's domain.
+    OutsideDomain = 1,
+    /// A ClientHello without a server name (an IP-literal URL, a raw client).
+    NoServerName = 2,
+    /// Not a TLS ClientHello, or a malformed one (a bad server name included).
+    NotClientHello = 3,
+    /// Nothing within the first-byte timeout.
+    Silent = 4,
+    /// The ClientHello was not complete within the handshake timeout (a stall, a slow drip).
+    Deadline = 5,
+    /// The client closed before its ClientHello was complete.
+    Closed = 6,
+    /// The label's server speaks first: its clients cannot name it, they use its own q.
+    ServerSpeaksFirst = 7,
+    /// The source has as many client connections open as allowed (relay-wide).
+    SourceLimit = 8,
+    /// As many connections as allowed are reading their ClientHello already.
+    Overloaded = 9,
+    /// A read error (a reset) before the ClientHello was complete.
+    ReadError = 10,
+    /// A ClientHello that does not end within `MAX_CLIENT_HELLO` bytes.
+    TooLarge = 11,
+}
 
 /// A registration's result, as counted per label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,7 +140,8 @@ pub struct RelayMetrics {
     registrations: Family<ByLabelAnd, Counter>,
     registrations_rejected: Family<ByReason, Counter>,
     parked: Family<ByLabel, Gauge>,
-    pairings: Family<ByLabel, Counter>,
+    pairings: Family<ByLabelAndEntry, Counter>,
+    shared_port_refused: Family<ByReason, Counter>,
     active_pairs: Family<ByLabel, Gauge>,
     bytes: Family<ByLabelAnd, Counter>,
     clients_refused: Family<ByLabelAnd, Counter>,
@@ -96,7 +155,8 @@ pub struct RelayMetrics {
 pub struct LabelMetrics {
     registrations: [Counter; 4],
     pub parked: Gauge,
-    pub pairings: Counter,
+    /// By [`Entry`].
+    pairings: [Counter; 2],
     pub active_pairs: Gauge,
     pub bytes_to_server: Counter,
     pub bytes_to_client: Counter,
@@ -110,6 +170,10 @@ pub struct LabelMetrics {
 impl LabelMetrics {
     pub fn registered(&self, result: Registered) {
         self.registrations[result as usize].inc();
+    }
+    /// A client paired with a parked connection, counted by how it came.
+    pub fn paired(&self, entry: Entry) {
+        self.pairings[entry as usize].inc();
     }
     pub fn client_refused(&self, reason: ClientRefused) {
         self.clients_refused[reason as usize].inc();
@@ -139,9 +203,20 @@ impl RelayMetrics {
         );
         registry.register(
             "taas_pairings",
-            "Clients paired with a parked connection",
+            "Clients paired with a parked connection, by entry (own_port: the label's q; \
+             shared_port: the shared client port, by server name)",
             m.pairings.clone(),
         );
+        registry.register(
+            "taas_shared_port_refused",
+            "Connections on the shared client port turned away before reaching a label, by reason",
+            m.shared_port_refused.clone(),
+        );
+        for reason in SHARED_PORT_REFUSALS {
+            let _ = m.shared_port_refused.get_or_create(&ByReason {
+                reason: reason.into(),
+            });
+        }
         registry.register(
             "taas_active_pairs",
             "Spliced pairs open now",
@@ -193,12 +268,14 @@ impl RelayMetrics {
         LabelMetrics {
             registrations: REGISTRATION_RESULTS.map(|k| kinds(&self.registrations, k)),
             parked: one(&self.parked),
-            pairings: self
-                .pairings
-                .get_or_create(&ByLabel {
-                    label: label.into(),
-                })
-                .clone(),
+            pairings: ENTRIES.map(|entry| {
+                self.pairings
+                    .get_or_create(&ByLabelAndEntry {
+                        label: label.into(),
+                        entry: entry.as_str().into(),
+                    })
+                    .clone()
+            }),
             active_pairs: one(&self.active_pairs),
             bytes_to_server: kinds(&self.bytes, "to_server"),
             bytes_to_client: kinds(&self.bytes, "to_client"),
@@ -225,7 +302,12 @@ impl RelayMetrics {
             label: label.into(),
         };
         self.parked.remove(&key);
-        self.pairings.remove(&key);
+        for entry in ENTRIES {
+            self.pairings.remove(&ByLabelAndEntry {
+                label: label.into(),
+                entry: entry.as_str().into(),
+            });
+        }
         self.active_pairs.remove(&key);
         self.redirects.remove(&key);
         self.idle_pairs_closed.remove(&key);
@@ -244,6 +326,15 @@ impl RelayMetrics {
             self.clients_refused.remove(&key);
             self.rendezvous.remove(&key);
         }
+    }
+
+    /// Counts a connection the shared port turned away.
+    pub fn shared_port_refused(&self, reason: SharedPortRefused) {
+        self.shared_port_refused
+            .get_or_create(&ByReason {
+                reason: SHARED_PORT_REFUSALS[reason as usize].into(),
+            })
+            .inc();
     }
 
     pub fn rejected(&self, reason: &str) {

@@ -73,6 +73,17 @@ impl StandaloneBackend {
         &self.settings
     }
 
+    /// The relay's own (not per-label) metrics.
+    pub(crate) fn metrics(&self) -> &RelayMetrics {
+        &self.metrics
+    }
+
+    /// Client connections open per source, all labels and entries together (from accept to
+    /// close, the shared port's ClientHello phase included).
+    pub fn client_sources(&self) -> &Arc<crate::sources::SourceCounts> {
+        &self.shared.client_sources
+    }
+
     /// How hidden servers and clients reach this relay now.
     pub fn external(&self) -> Arc<ExternalAddress> {
         read(&self.external).clone()
@@ -301,11 +312,19 @@ impl StandaloneBackend {
             return Answer::not_found();
         };
         match label.redirect(request.source) {
-            Some(port) => {
+            Some(q) => {
                 let external = self.external();
-                let host = match self.settings.redirect_host {
-                    RedirectHost::Requested => request.host,
-                    RedirectHost::Advertise => external.host.as_str(),
+                let (host, port) = match self.settings.redirect_host {
+                    // The shared port routes by the name the client asked for; a label whose
+                    // server speaks first cannot be named there and keeps its q.
+                    RedirectHost::Requested => match self.settings.shared_port {
+                        Some(shared) if !label.config().server_speaks_first => {
+                            (request.host, shared)
+                        }
+                        _ => (request.host, q),
+                    },
+                    // An address without the label's name: nothing to route by, so q.
+                    RedirectHost::Advertise => (external.host.as_str(), q),
                 };
                 Answer::redirect(host, external.port(port), request.path_and_query)
             }

@@ -249,7 +249,7 @@ async fn two_hundred_concurrent_clients_through_one_label_every_byte_checked() {
     }
     let metrics = relay.metrics().await;
     assert!(
-        metrics.contains("taas_pairings_total{label=\"home\"} 200"),
+        metrics.contains("taas_pairings_total{label=\"home\",entry=\"own_port\"} 200"),
         "{metrics}"
     );
 }
@@ -443,7 +443,7 @@ async fn a_client_that_leaves_without_a_byte_does_not_use_up_a_parked_connection
     echo_both(&mut client, &mut hidden, b"a real request").await;
     let metrics = relay.metrics().await;
     assert!(
-        metrics.contains("taas_pairings_total{label=\"home\"} 1"),
+        metrics.contains("taas_pairings_total{label=\"home\",entry=\"own_port\"} 1"),
         "{metrics}"
     );
 }

@@ -119,7 +119,10 @@ async fn silent_connections_on_q_take_no_parked_connection_and_phones_are_served
     relay.wait_parked("home", 4).await;
     let metrics = relay.metrics().await;
     assert_eq!(
-        metric(&metrics, "taas_pairings_total{label=\"home\"}"),
+        metric(
+            &metrics,
+            "taas_pairings_total{label=\"home\",entry=\"own_port\"}"
+        ),
         PHONES as f64,
         "only the phones were paired"
     );
@@ -180,7 +183,10 @@ async fn stalled_connections_cost_the_hidden_server_a_connection_never_the_pool(
     assert!(held.iter().all(still_open));
     let metrics = relay.metrics().await;
     assert_eq!(
-        metric(&metrics, "taas_pairings_total{label=\"home\"}"),
+        metric(
+            &metrics,
+            "taas_pairings_total{label=\"home\",entry=\"own_port\"}"
+        ),
         (N + PHONES) as f64,
         "one pairing per stalled connection and per phone, none for the silent ones"
     );

@@ -74,6 +74,24 @@ impl TestRelay {
         &self.standalone.cert.cert
     }
 
+    /// The shared client port (the relay was started with `shared_port: Some(0)`).
+    pub fn shared_port(&self) -> u16 {
+        self.standalone
+            .shared_port
+            .expect("the relay has a shared port")
+            .port()
+    }
+
+    /// The shared client port's address.
+    pub fn shared_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.shared_port()))
+    }
+
+    /// A relay with the shared client port on (any free port).
+    pub async fn start_shared(labels: &[&TestLabel]) -> Self {
+        Self::start_with(labels, |options| options.shared_port = Some(0)).await
+    }
+
     /// The label's client port q.
     pub fn q(&self, label: &str) -> u16 {
         self.standalone

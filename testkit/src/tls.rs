@@ -100,3 +100,47 @@ impl TlsPage {
         }
     }
 }
+
+/// A TLS client trusting only `cert_pem` (a hidden server's own certificate, which the relay
+/// never had), naming `server_name` in its ClientHello (SNI); the handshake's error if it
+/// fails.
+pub async fn tls_connect_trusting(
+    addr: SocketAddr,
+    cert_pem: &str,
+    server_name: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let dir = tempfile::tempdir()?;
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, cert_pem)?;
+    let config = taas_relay::agent::client_tls_config(&taas_relay::agent::Trust::PemFile(ca))
+        .map_err(std::io::Error::other)?;
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let tcp = TcpStream::connect(addr).await?;
+    let name = rustls_pki_types::ServerName::try_from(server_name.to_string())
+        .map_err(std::io::Error::other)?;
+    connector.connect(name, tcp).await
+}
+
+/// The first bytes a real TLS client (rustls) sends: its ClientHello, naming `server_name`
+/// (`None`: an IP literal, so no server name), as raw bytes to send by hand.
+pub fn client_hello(server_name: Option<&str>) -> Vec<u8> {
+    use tokio_rustls::rustls;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let name = match server_name {
+        Some(name) => rustls_pki_types::ServerName::try_from(name.to_string()).unwrap(),
+        None => {
+            rustls_pki_types::ServerName::IpAddress(std::net::IpAddr::from([127, 0, 0, 1]).into())
+        }
+    };
+    let mut client = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+    let mut hello = Vec::new();
+    while client.wants_write() {
+        client.write_tls(&mut hello).unwrap();
+    }
+    hello
+}

@@ -321,6 +321,12 @@ struct ServeArgs {
     data_threads: Option<u16>,
     #[command(flatten)]
     clients: ClientArgs,
+    /// One more client port, serving every label: routed by the TLS server name
+    /// (LABEL.<domain>) without decrypting; the 307 names it. Each label keeps its own q.
+    /// "off" to disable.
+    #[arg(long, env = "TAAS_SHARED_PORT", value_name = "PORT|off", default_value = "off",
+          value_parser = shared_port_arg)]
+    shared_port: SharedPort,
     /// Also provision a "demo" label and run a built-in hidden server (an agent in front of a
     /// tiny HTTPS page), to see the whole path work with curl or a browser.
     #[arg(long, env = "TAAS_DEMO")]
@@ -350,6 +356,22 @@ fn connection_count() -> impl clap::builder::TypedValueParser<Value = usize> {
     clap::value_parser!(u32)
         .range(1..=1_000_000)
         .map(|n| n as usize)
+}
+
+/// `--shared-port`: a port, or off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct SharedPort(Option<u16>);
+
+fn shared_port_arg(value: &str) -> Result<SharedPort, String> {
+    match value.trim() {
+        "off" => Ok(SharedPort(None)),
+        port => port
+            .parse::<u16>()
+            .ok()
+            .filter(|&port| port != 0)
+            .map(|port| SharedPort(Some(port)))
+            .ok_or_else(|| format!("{value:?}: expected a port (1-65535) or off")),
+    }
 }
 
 /// The value of `--metrics` for an address (`None`: "off").
@@ -407,6 +429,7 @@ fn serve_options(args: &ServeArgs) -> anyhow::Result<ServeOptions> {
         data_threads: args
             .data_threads
             .and_then(|n| std::num::NonZeroUsize::new(usize::from(n))),
+        shared_port: args.shared_port.0,
     })
 }
 
@@ -614,6 +637,37 @@ mod tests {
         );
     }
 
+    /// `--shared-port` is off by default, a port when given (flag or TAAS_SHARED_PORT), and
+    /// nothing else.
+    #[test]
+    fn the_shared_port_is_off_by_default_and_a_port_or_off_when_given() {
+        let shared =
+            |args: &[&str]| match Cli::try_parse_from([&["taas-relay", "serve"], args].concat()) {
+                Ok(Cli {
+                    command: Command::Serve(args),
+                    ..
+                }) => Ok(serve_options(&args).unwrap().shared_port),
+                Ok(_) => panic!("serve"),
+                Err(error) => Err(error.to_string()),
+            };
+        assert_eq!(shared(&[]), Ok(None));
+        assert_eq!(shared(&["--shared-port", "off"]), Ok(None));
+        assert_eq!(shared(&["--shared-port", "443"]), Ok(Some(443)));
+        for bad in ["0", "70000", "on", ""] {
+            assert!(shared(&["--shared-port", bad]).is_err(), "{bad:?}");
+        }
+        let command = Cli::command();
+        let serve = command.find_subcommand("serve").unwrap();
+        let arg = serve
+            .get_arguments()
+            .find(|a| a.get_id() == "shared_port")
+            .unwrap();
+        assert_eq!(
+            arg.get_env(),
+            Some(std::ffi::OsStr::new("TAAS_SHARED_PORT"))
+        );
+    }
+
     /// Flags given change the options (the comparison above is not vacuous).
     #[test]
     fn flags_change_the_options() {
@@ -625,10 +679,13 @@ mod tests {
             "0",
             "--max-connections",
             "7",
+            "--shared-port",
+            "8444",
         ]) else {
             panic!("serve")
         };
         let options = serve_options(&args).unwrap();
+        assert_eq!(options.shared_port, Some(8444));
         assert_eq!(options.metrics, None);
         assert_eq!(options.timeouts.pair_idle, None);
         assert_eq!(options.limits.frontend_connections, 7);

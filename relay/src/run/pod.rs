@@ -141,6 +141,8 @@ pub async fn start(options: LabelRelayOptions) -> Result<LabelRelay, StartError>
         q_ports: PortRange::new(options.client_port, options.client_port)
             .map_err(StartError::Config)?,
         bind_ip: options.control.ip(),
+        // One label per pod: its own q is its client port.
+        shared_port: None,
         timeouts: options.timeouts.clone(),
         limits: options.limits.clone(),
         // One label per pod: one data-plane thread.

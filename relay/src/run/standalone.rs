@@ -46,6 +46,9 @@ pub struct ServeOptions {
     pub limits: Limits,
     /// Threads for the labels' connections (`None`: one per CPU; see `data_plane`).
     pub data_threads: Option<NonZeroUsize>,
+    /// The shared client port for every label (`shared_port`), on the listen IP; `None`:
+    /// off (the default), `Some(0)`: any free port.
+    pub shared_port: Option<u16>,
 }
 
 impl Default for ServeOptions {
@@ -76,6 +79,7 @@ impl Default for ServeOptions {
             timeouts: Timeouts::default(),
             limits: Limits::default(),
             data_threads: None,
+            shared_port: None,
         }
     }
 }
@@ -85,6 +89,8 @@ pub struct Standalone {
     pub relay: Arc<StandaloneBackend>,
     /// Where the HTTPS front end listens (the real port when 0 was asked for).
     pub frontend: SocketAddr,
+    /// Where the shared client port listens, when it is on.
+    pub shared_port: Option<SocketAddr>,
     pub metrics: Option<SocketAddr>,
     pub cert: CertFiles,
     /// Labels added in-process (the demo), kept across reloads of the directory.
@@ -122,6 +128,18 @@ fn settings(options: &ServeOptions) -> Result<RelaySettings, StartError> {
             options.p_ports, options.q_ports
         )));
     }
+    if let Some(port) = options.shared_port {
+        for (flag, range) in [
+            ("--p-ports", options.p_ports),
+            ("--q-ports", options.q_ports),
+        ] {
+            if range.contains(port) {
+                return Err(StartError::Config(format!(
+                    "--shared-port {port} is inside {flag} {range}"
+                )));
+            }
+        }
+    }
     let listen_ip = options.listen.ip();
     let advertise = match (&options.advertise, listen_ip.is_unspecified()) {
         (Some(host), _) if !host.trim().is_empty() => host.trim().to_string(),
@@ -151,6 +169,8 @@ fn settings(options: &ServeOptions) -> Result<RelaySettings, StartError> {
         p_ports: options.p_ports,
         q_ports: options.q_ports,
         bind_ip: listen_ip,
+        // Set to the port bound, once bound.
+        shared_port: None,
         timeouts: options.timeouts.clone(),
         limits: options.limits.clone(),
         data_threads: options
@@ -178,11 +198,21 @@ fn cert_files(options: &ServeOptions, settings: &RelaySettings) -> Result<CertFi
 /// Starts the standalone relay: every configuration error is reported here, before anything
 /// is served.
 pub async fn start(options: ServeOptions) -> Result<Standalone, StartError> {
-    let settings = settings(&options)?;
+    let mut settings = settings(&options)?;
     let labels = label_source::load_dir(&options.labels)?;
     let cert = cert_files(&options, &settings)?;
     let tls = tls::server_config(&cert)?;
     let (front, frontend_addr) = super::bind(options.listen)?;
+    let shared_port = match options.shared_port {
+        Some(port) => {
+            let (listener, addr) = super::bind(SocketAddr::new(settings.bind_ip, port))?;
+            // Inherited by every accepted connection (no Nagle, keepalive), as on q.
+            crate::splice::tune_listener(&listener);
+            settings.shared_port = Some(addr.port());
+            Some((listener, addr))
+        }
+        None => None,
+    };
     let mut registry = Registry::default();
     let relay =
         StandaloneBackend::new(settings.clone(), &mut registry).map_err(StartError::DataPlane)?;
@@ -241,6 +271,11 @@ pub async fn start(options: ServeOptions) -> Result<Standalone, StartError> {
             }
         }
     });
+    let shared_port = shared_port.map(|(listener, addr)| {
+        tasks.spawn(crate::shared_port::serve(listener, relay.clone()));
+        tracing::info!(%addr, "shared client port listening");
+        addr
+    });
     tasks.set_ready();
     tracing::info!(
         listen = %frontend_addr,
@@ -252,6 +287,7 @@ pub async fn start(options: ServeOptions) -> Result<Standalone, StartError> {
     Ok(Standalone {
         relay,
         frontend: frontend_addr,
+        shared_port,
         metrics,
         cert,
         extra,

@@ -1,8 +1,9 @@
 //! Fresh-connection load: each iteration connects, writes one byte, reads the echoed byte and
-//! closes (the client closes first).
+//! closes (the client closes first). With FIRST_BYTES (a file), those bytes are written instead
+//! of the one byte and read back whole: a ClientHello for TAAS's shared client port.
 //!
-//! connbench latency ADDR COUNT MAX_SECS      one connection at a time; p50/p99 in µs
-//! connbench rate ADDR WORKERS SECS           closed loop with WORKERS threads; connections/s
+//! connbench latency ADDR COUNT MAX_SECS [FIRST_BYTES]   one connection at a time; p50/p99 in µs
+//! connbench rate ADDR WORKERS SECS [FIRST_BYTES]        closed loop with WORKERS threads; connections/s
 //!
 //! Prints one JSON object. Every loop is bounded by count and time; each socket operation
 //! times out after 15 s (longer than the relay's 10 s client wait).
@@ -14,16 +15,16 @@ use std::time::{Duration, Instant};
 
 const IO_TIMEOUT: Duration = Duration::from_secs(15);
 
-fn one(addr: &SocketAddr) -> std::io::Result<()> {
+fn one(addr: &SocketAddr, first: &[u8]) -> std::io::Result<()> {
     let mut s = TcpStream::connect_timeout(addr, IO_TIMEOUT)?;
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(IO_TIMEOUT))?;
     s.set_write_timeout(Some(IO_TIMEOUT))?;
-    s.write_all(b"x")?;
-    let mut b = [0u8; 1];
+    s.write_all(first)?;
+    let mut b = vec![0u8; first.len()];
     s.read_exact(&mut b)?;
-    if b[0] != b'x' {
-        return Err(std::io::Error::other("wrong byte echoed"));
+    if b != first {
+        return Err(std::io::Error::other("wrong bytes echoed"));
     }
     Ok(()) // dropped: close
 }
@@ -39,10 +40,14 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.len() < 5 {
-        eprintln!("usage: connbench latency ADDR COUNT MAX_SECS | rate ADDR WORKERS SECS");
+        eprintln!("usage: connbench latency ADDR COUNT MAX_SECS [FIRST_BYTES] | rate ADDR WORKERS SECS [FIRST_BYTES]");
         std::process::exit(2);
     }
     let addr: SocketAddr = args[2].parse().expect("ADDR");
+    let first: Arc<Vec<u8>> = Arc::new(match args.get(5) {
+        Some(path) => std::fs::read(path).expect("FIRST_BYTES file"),
+        None => b"x".to_vec(),
+    });
     match args[1].as_str() {
         "latency" => {
             let count: usize = args[3].parse().expect("COUNT");
@@ -53,7 +58,7 @@ fn main() {
             let mut first_error = String::new();
             while us.len() < count && start.elapsed() < max && errors < 1000 {
                 let t = Instant::now();
-                match one(&addr) {
+                match one(&addr, &first) {
                     Ok(()) => us.push(t.elapsed().as_secs_f64() * 1e6),
                     Err(e) => {
                         errors += 1;
@@ -82,6 +87,7 @@ fn main() {
             let threads: Vec<_> = (0..workers)
                 .map(|_| {
                     let (ok, errors, stop) = (ok.clone(), errors.clone(), stop.clone());
+                    let first = first.clone();
                     std::thread::spawn(move || {
                         let mut first_error = String::new();
                         // Bounded in time by `stop` (set after SECS) and in count.
@@ -89,7 +95,7 @@ fn main() {
                             if stop.load(Ordering::Relaxed) {
                                 break;
                             }
-                            match one(&addr) {
+                            match one(&addr, &first) {
                                 Ok(()) => {
                                     ok.fetch_add(1, Ordering::Relaxed);
                                 }

@@ -1,0 +1,230 @@
+//! The shared client port (`serve --shared-port PORT`): one TCP port for every label, routed
+//! by the server name (SNI) of the client's TLS ClientHello, without decrypting anything.
+//!
+//! Why: each label's own q is a port of its own, and many networks block high ports; one
+//! port (with one wildcard DNS record, `*.<domain>`) serves them all. TLS stays end to end:
+//! the ClientHello is only read (`taas_protocol::client_hello::peek`, bounded by
+//! `MAX_CLIENT_HELLO`), then written unchanged to the hidden server, which answers it.
+//!
+//! ```text
+//! accept ──(hello-phase cap, source cap)──▶ read the ClientHello (first byte within the
+//!   first-byte timeout, all of it within the handshake timeout) ──▶ LABEL.<domain> ──▶
+//!   the label's data-plane thread: the same `serve_client` as q (admission, per-label
+//!   source cap, pairing, waiting, PROXY header, idle timeout, metrics with entry="shared_port")
+//! ```
+//!
+//! A refusal (unknown or missing name, a name outside the domain, not a ClientHello, too
+//! large, a deadline, the caps, a label whose server speaks first) is counted in
+//! `taas_shared_port_refused{reason}` and the connection is closed without a byte sent back:
+//! answering with a TLS alert would need a record the client may not even parse (a port scan,
+//! plain HTTP), and a silent close is what an unknown name gets from other SNI routers.
+//! Labels whose server speaks first cannot be reached here (the client must speak first to
+//! name its label): their clients use the label's own q, which every label keeps.
+//!
+//! Connections still reading their ClientHello are bounded relay-wide (`frontend_connections`
+//! of them at once, the front end's cap for its TLS handshakes) and per source (they count in
+//! the relay-wide `clients_per_source`, from accept to close, like q's).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use taas_protocol::client_hello::{peek, Peek, Reason, MAX_CLIENT_HELLO};
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+use crate::label::{ClientConn, Entry};
+use crate::metrics::SharedPortRefused;
+use crate::relay::StandaloneBackend;
+use crate::sources::SourceKey;
+
+/// The label a server name asks for: `LABEL.<domain>` with exactly one label under the
+/// domain, compared case-insensitively. `None` for any other name.
+pub fn label_for<'a>(server_name: &'a str, domain: &str) -> Option<&'a str> {
+    let server_name = server_name.strip_suffix('.').unwrap_or(server_name);
+    let domain = domain.strip_suffix('.').unwrap_or(domain);
+    let cut = server_name.len().checked_sub(domain.len() + 1)?;
+    if !server_name.is_char_boundary(cut) {
+        return None;
+    }
+    let (label, rest) = server_name.split_at(cut);
+    let suffix = rest.strip_prefix('.')?;
+    (suffix.eq_ignore_ascii_case(domain) && !label.is_empty() && !label.contains('.'))
+        .then_some(label)
+}
+
+/// Serves the shared client port until the task is dropped.
+pub async fn serve(listener: TcpListener, relay: Arc<StandaloneBackend>) {
+    let hello_phase = Arc::new(Semaphore::new(
+        relay
+            .settings()
+            .limits
+            .frontend_connections
+            .min(Semaphore::MAX_PERMITS),
+    ));
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let Ok(permit) = hello_phase.clone().try_acquire_owned() else {
+                    relay
+                        .metrics()
+                        .shared_port_refused(SharedPortRefused::Overloaded);
+                    tracing::debug!(%peer, "shared port: too many connections reading their ClientHello; closed");
+                    continue;
+                };
+                tokio::spawn(route(relay.clone(), stream, peer, permit));
+            }
+            Err(error) => {
+                // Typically out of file descriptors: back off rather than spin.
+                tracing::warn!(%error, "shared port accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Reads one connection's ClientHello and hands the connection to its label, or refuses it.
+async fn route(
+    relay: Arc<StandaloneBackend>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    hello_phase: OwnedSemaphorePermit,
+) {
+    let refuse = |reason: SharedPortRefused| {
+        relay.metrics().shared_port_refused(reason);
+        tracing::debug!(%peer, ?reason, "shared port: connection refused");
+    };
+    let settings = relay.settings();
+    let Some(relay_slot) = relay
+        .client_sources()
+        .try_acquire_owned(SourceKey::of(peer.ip()), settings.limits.clients_per_source)
+    else {
+        return refuse(SharedPortRefused::SourceLimit);
+    };
+    let accepted_at = Instant::now();
+    let deadlines = Deadlines {
+        first_byte: accepted_at + settings.timeouts.first_byte,
+        complete: accepted_at + settings.timeouts.handshake,
+    };
+    let mut hello = Vec::new();
+    let name = match read_server_name(&mut stream, &mut hello, deadlines).await {
+        Ok(name) => name,
+        Err(reason) => return refuse(reason),
+    };
+    drop(hello_phase);
+    let Some(label_name) = label_for(&name, &settings.domain) else {
+        return refuse(SharedPortRefused::OutsideDomain);
+    };
+    let Some(label) = relay.label(&label_name.to_ascii_lowercase()) else {
+        return refuse(SharedPortRefused::UnknownName);
+    };
+    if label.config().server_speaks_first {
+        return refuse(SharedPortRefused::ServerSpeaksFirst);
+    }
+    label.hand_over(ClientConn {
+        stream,
+        peer,
+        entry: Entry::SharedPort,
+        read_ahead: hello,
+        relay_slot: Some(relay_slot),
+    });
+}
+
+/// When a ClientHello must have begun, and when it must be complete.
+#[derive(Clone, Copy, Debug)]
+struct Deadlines {
+    first_byte: Instant,
+    complete: Instant,
+}
+
+/// Reads until `peek` decides, keeping every byte read in `hello`; the server name, or why
+/// the connection is refused.
+async fn read_server_name(
+    stream: &mut TcpStream,
+    hello: &mut Vec<u8>,
+    deadlines: Deadlines,
+) -> Result<String, SharedPortRefused> {
+    loop {
+        let room = MAX_CLIENT_HELLO.saturating_sub(hello.len());
+        if room == 0 {
+            return Err(SharedPortRefused::TooLarge);
+        }
+        let deadline = if hello.is_empty() {
+            deadlines.first_byte.min(deadlines.complete)
+        } else {
+            deadlines.complete
+        };
+        let mut limited = (&mut *stream).take(room as u64);
+        match tokio::time::timeout_at(deadline, limited.read_buf(hello)).await {
+            Err(_) if hello.is_empty() => return Err(SharedPortRefused::Silent),
+            Err(_) => return Err(SharedPortRefused::Deadline),
+            Ok(Ok(0)) => return Err(SharedPortRefused::Closed),
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return Err(SharedPortRefused::ReadError),
+        }
+        match peek(hello) {
+            Peek::NeedMore => {}
+            Peek::ServerName(name) => return Ok(name),
+            Peek::NoServerName => return Err(SharedPortRefused::NoServerName),
+            Peek::NotClientHello(Reason::TooLarge) => return Err(SharedPortRefused::TooLarge),
+            Peek::NotClientHello(_) => return Err(SharedPortRefused::NotClientHello),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_label_is_the_one_name_under_the_domain_in_any_case() {
+        let domain = "taas.localhost";
+        assert_eq!(label_for("home.taas.localhost", domain), Some("home"));
+        assert_eq!(label_for("Home.TAAS.localhost", domain), Some("Home"));
+        assert_eq!(label_for("home.taas.localhost.", domain), Some("home"));
+        assert_eq!(
+            label_for("home.taas.localhost", "TAAS.localhost."),
+            Some("home")
+        );
+        assert_eq!(
+            label_for("xn--bcher-kva.taas.localhost", domain),
+            Some("xn--bcher-kva")
+        );
+    }
+
+    #[test]
+    fn other_names_map_to_no_label() {
+        let domain = "taas.localhost";
+        for name in [
+            "taas.localhost",
+            ".taas.localhost",
+            "a.b.taas.localhost",
+            "hometaas.localhost",
+            "home.taas.localhost.evil",
+            "home.other.localhost",
+            "home.aas.localhost",
+            "",
+            "localhost",
+            "é.taas.localhost.x",
+        ] {
+            assert_eq!(label_for(name, domain), None, "{name:?}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever the name, a label found is one piece without dots, and the name is that
+        /// label under the domain.
+        #[test]
+        fn a_label_found_always_rebuilds_the_name(name in ".{0,40}", label in "[a-z0-9-]{1,20}") {
+            let domain = "taas.localhost";
+            if let Some(found) = label_for(&name, domain) {
+                proptest::prop_assert!(!found.is_empty() && !found.contains('.'));
+                let rebuilt = format!("{found}.{domain}");
+                proptest::prop_assert!(name.trim_end_matches('.').eq_ignore_ascii_case(&rebuilt));
+            }
+            let name = format!("{label}.{domain}");
+            proptest::prop_assert_eq!(label_for(&name, domain), Some(label.as_str()));
+        }
+    }
+}

@@ -71,7 +71,7 @@ const SHARED_PORT_REFUSALS: [&str; 12] = [
 pub enum SharedPortRefused {
     /// `LABEL.<domain>` names no configured label.
     UnknownName = 0,
-    /// The server name is not one label under the relay's domain.
+    /// The server name is not a label under the relay's domain.
     OutsideDomain = 1,
     /// A ClientHello without a server name (an IP-literal URL, a raw client).
     NoServerName = 2,

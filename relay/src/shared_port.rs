@@ -39,8 +39,10 @@ use crate::metrics::SharedPortRefused;
 use crate::relay::StandaloneBackend;
 use crate::sources::SourceKey;
 
-/// The label a server name asks for: `LABEL.<domain>` with exactly one label under the
-/// domain, compared case-insensitively. `None` for any other name.
+/// The label a server name asks for: `LABEL.<domain>`, the domain compared
+/// case-insensitively; LABEL may itself have dots (`a.b`), as in the 307's Host dispatch
+/// (`taas_protocol::host`), so that every label a 307 can name is reachable here. `None` for
+/// any other name.
 pub fn label_for<'a>(server_name: &'a str, domain: &str) -> Option<&'a str> {
     let server_name = server_name.strip_suffix('.').unwrap_or(server_name);
     let domain = domain.strip_suffix('.').unwrap_or(domain);
@@ -50,7 +52,7 @@ pub fn label_for<'a>(server_name: &'a str, domain: &str) -> Option<&'a str> {
     }
     let (label, rest) = server_name.split_at(cut);
     let suffix = rest.strip_prefix('.')?;
-    (suffix.eq_ignore_ascii_case(domain) && !label.is_empty() && !label.contains('.'))
+    (suffix.eq_ignore_ascii_case(domain) && !label.is_empty() && !label.ends_with('.'))
         .then_some(label)
 }
 
@@ -191,6 +193,8 @@ mod tests {
             label_for("xn--bcher-kva.taas.localhost", domain),
             Some("xn--bcher-kva")
         );
+        // Dotted labels, as the 307's Host dispatch has them.
+        assert_eq!(label_for("a.b.taas.localhost", domain), Some("a.b"));
     }
 
     #[test]
@@ -199,7 +203,7 @@ mod tests {
         for name in [
             "taas.localhost",
             ".taas.localhost",
-            "a.b.taas.localhost",
+            "a..taas.localhost",
             "hometaas.localhost",
             "home.taas.localhost.evil",
             "home.other.localhost",
@@ -213,13 +217,13 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// Whatever the name, a label found is one piece without dots, and the name is that
-        /// label under the domain.
+        /// Whatever the name, a label found is not empty, and the name is that label under
+        /// the domain.
         #[test]
         fn a_label_found_always_rebuilds_the_name(name in ".{0,40}", label in "[a-z0-9-]{1,20}") {
             let domain = "taas.localhost";
             if let Some(found) = label_for(&name, domain) {
-                proptest::prop_assert!(!found.is_empty() && !found.contains('.'));
+                proptest::prop_assert!(!found.is_empty() && !found.ends_with('.'));
                 let rebuilt = format!("{found}.{domain}");
                 proptest::prop_assert!(name.trim_end_matches('.').eq_ignore_ascii_case(&rebuilt));
             }

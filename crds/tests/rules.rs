@@ -312,6 +312,7 @@ fn any_spec() -> impl Strategy<Value = TaasLabelSpec> {
                 client_port,
                 client_admission: ClientAdmission::Open,
                 server_speaks_first,
+                direct: false,
                 service: LabelService {
                     type_,
                     load_balancer_class,

@@ -338,3 +338,41 @@ async fn silent_and_stalled_peers_on_the_front_end_are_cut_at_the_deadline_and_b
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_client_counts_in_the_labels_per_source_cap_as_on_q() {
+    let home = direct("home");
+    let relay = TestRelay::start_with(&[&home], |options| {
+        options.limits.clients_per_source_per_label = 1;
+    })
+    .await;
+    let mut parked = relay.park(&home).await;
+    let hello = client_hello(Some(&format!("home.{DOMAIN}")));
+    // The first client is paired and holds its slot.
+    let mut first = TcpStream::connect(relay.addr()).await.unwrap();
+    first.write_all(&hello).await.unwrap();
+    let mut seen = vec![0u8; hello.len()];
+    tokio::time::timeout(PATIENCE, parked.read_exact(&mut seen))
+        .await
+        .unwrap()
+        .unwrap();
+    // A second from the same source is over the label's cap: closed and counted.
+    let mut second = TcpStream::connect(relay.addr()).await.unwrap();
+    second.write_all(&hello).await.unwrap();
+    assert_closed(&mut second).await;
+    eventually("the refusal is counted", || async {
+        metric(
+            &relay.metrics().await,
+            "taas_clients_refused_total{label=\"home\",kind=\"source_limit\"}",
+        ) == 1.0
+    })
+    .await;
+    // The first is still spliced.
+    parked.write_all(b"still here").await.unwrap();
+    let mut back = [0u8; 10];
+    tokio::time::timeout(PATIENCE, first.read_exact(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&back, b"still here");
+}

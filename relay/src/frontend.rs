@@ -1,7 +1,9 @@
 //! The front end: one listener for the registrar and the mobile clients. It terminates TLS
 //! (or, on a label relay's control port, takes plain HTTP from gateways), reads bounded
 //! HTTP/1.1 requests (keep-alive allowed), dispatches by Host (§1) and asks a `LabelBackend`
-//! for the answer.
+//! for the answer. On the standalone relay's TLS front end, a connection whose ClientHello
+//! names a direct label is handed to that label before any TLS (`crate::direct`); the bytes
+//! read to decide are replayed into the handshake of every other connection.
 //!
 //! # Strangers must not take it offline (issue 13)
 //! Every front-end connection is bounded in time and memory, and no single source can hold

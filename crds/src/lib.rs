@@ -168,6 +168,13 @@ pub struct TaasLabelSpec {
     /// header is how the hidden server's agent learns it was paired.
     #[serde(default, skip_serializing_if = "is_false")]
     pub server_speaks_first: bool,
+    /// `https://LABEL.<domain>/` on the front end's own HTTPS port goes straight to the
+    /// hidden server, TLS end to end (no 307, no second port): the front end reads the
+    /// ClientHello's server name before any TLS and splices the connection onto a parked
+    /// one. Standalone `serve` only for now. Cannot be combined with `serverSpeaksFirst`
+    /// (the client must speak first to name its label).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub direct: bool,
     /// How the label's relay is exposed in a cluster (its Service).
     #[serde(default)]
     pub service: LabelService,

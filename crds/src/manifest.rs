@@ -369,6 +369,7 @@ mod tests {
             client_port: Some(21000),
             client_admission: ClientAdmission::Redirected,
             server_speaks_first: true,
+            direct: false,
             service: LabelService {
                 type_: ServiceType::NodePort,
                 annotations: [("a.example/b".to_string(), "c".to_string())].into(),

@@ -7,6 +7,10 @@
 //! Not here: what only the types say (enum values, required fields: serde refuses those), and
 //! the CEL transition rules (`id` and `label` are immutable), which need the old object.
 //!
+//! One rule is here and not in the CRD: a `direct` label cannot have its server speak first
+//! ([`SpecError::DirectServerSpeaksFirst`]); the CRD keeps its four CEL rules, so an API
+//! server accepts that spec, and the operator and the relay refuse it.
+//!
 //! Two differences the schema cannot avoid, both about non-ASCII ids, which pass a real API
 //! server and are refused here, as the relay always refused them: `maxLength` counts
 //! characters where the id rule counts bytes (an id of at most 256 characters but more than
@@ -102,6 +106,10 @@ pub enum SpecError {
     /// protocol where the server speaks first, only the PROXY header can tell it.
     #[error("{}", SERVER_SPEAKS_FIRST_MESSAGE)]
     ServerSpeaksFirstWithoutProxyHeader,
+    /// A direct label is found by the server name of the client's ClientHello: the client
+    /// must speak first.
+    #[error("{}", DIRECT_SERVER_SPEAKS_FIRST_MESSAGE)]
+    DirectServerSpeaksFirst,
     #[error(
         "service.loadBalancerClass must be 1 to {} characters long",
         LOAD_BALANCER_CLASS_MAX_LEN
@@ -113,6 +121,11 @@ pub enum SpecError {
 
 /// The CEL rule's message, and [`SpecError::ServerSpeaksFirstWithoutProxyHeader`]'s.
 pub const SERVER_SPEAKS_FIRST_MESSAGE: &str = "serverSpeaksFirst needs proxyProtocol v1 or v2";
+/// [`SpecError::DirectServerSpeaksFirst`]'s message. Checked here only, not as a CEL rule:
+/// the CRD keeps its four rules (`crds/tests/crd.rs` counts them), so an API server accepts
+/// such a spec and the relay refuses the label when it reads it.
+pub const DIRECT_SERVER_SPEAKS_FIRST_MESSAGE: &str =
+    "direct cannot be combined with serverSpeaksFirst: a direct label is named by the client's first bytes";
 /// The CEL rule's message, and [`SpecError::LoadBalancerClassWithoutLoadBalancer`]'s.
 pub const LOAD_BALANCER_CLASS_MESSAGE: &str =
     "loadBalancerClass may only be set when type is LoadBalancer";
@@ -131,6 +144,7 @@ impl SpecError {
             Self::ClientPort(_) => "clientPort",
             Self::RendezvousPorts(_) => "rendezvousPorts",
             Self::ServerSpeaksFirstWithoutProxyHeader => "proxyProtocol",
+            Self::DirectServerSpeaksFirst => "direct",
             Self::LoadBalancerClassLength | Self::LoadBalancerClassWithoutLoadBalancer => {
                 "service.loadBalancerClass"
             }
@@ -170,7 +184,8 @@ fn is_secret_key(key: &str) -> bool {
 
 impl TaasLabelSpec {
     /// Every problem of this spec, by the rules the CRD's schema and CEL rules state (except
-    /// the transition rules): `Ok` exactly when a Kubernetes API server would accept it.
+    /// the transition rules), plus `direct` without `serverSpeaksFirst` (no CEL rule): `Ok`
+    /// exactly when a Kubernetes API server would accept it and it is not such a direct label.
     pub fn validate(&self) -> Result<(), SpecErrors> {
         let mut errors = Vec::new();
         errors.extend(check_id(&self.id).err());
@@ -200,6 +215,9 @@ impl TaasLabelSpec {
         }
         if self.server_speaks_first && self.proxy_protocol == ProxyProtocol::None {
             errors.push(SpecError::ServerSpeaksFirstWithoutProxyHeader);
+        }
+        if self.direct && self.server_speaks_first {
+            errors.push(SpecError::DirectServerSpeaksFirst);
         }
         if let Some(class) = &self.service.load_balancer_class {
             if class.is_empty() || class.chars().count() > LOAD_BALANCER_CLASS_MAX_LEN {
@@ -241,6 +259,7 @@ mod tests {
             client_port: None,
             client_admission: ClientAdmission::Open,
             server_speaks_first: false,
+            direct: false,
             service: LabelService::default(),
             rendezvous_ports: 8,
         }
@@ -279,6 +298,19 @@ mod tests {
                 vec![]
             );
         }
+    }
+
+    #[test]
+    fn a_direct_label_is_valid_unless_its_server_speaks_first() {
+        assert_eq!(errors(|s| s.direct = true), vec![]);
+        let both = errors(|s| {
+            s.direct = true;
+            s.server_speaks_first = true;
+            s.proxy_protocol = ProxyProtocol::V2;
+        });
+        assert_eq!(both, vec![SpecError::DirectServerSpeaksFirst]);
+        assert_eq!(both[0].field(), "direct");
+        assert!(both[0].to_string().contains("serverSpeaksFirst"));
     }
 
     #[test]

@@ -225,6 +225,25 @@ fn cel_rules_agree() {
 }
 
 #[test]
+fn direct_agrees_except_with_a_server_that_speaks_first_which_only_validate_refuses() {
+    agree(json!({"direct": true}), &[]);
+    agree(
+        json!({"direct": false, "serverSpeaksFirst": true, "proxyProtocol": "v1"}),
+        &[],
+    );
+    // `direct` with `serverSpeaksFirst`: refused by validate() (the operator and the relay),
+    // accepted by the API server (the CRD keeps its four CEL rules): the documented exception.
+    let overrides = json!({"direct": true, "serverSpeaksFirst": true, "proxyProtocol": "v1"});
+    let label = label_with(overrides);
+    let spec: TaasLabelSpec = serde_json::from_value(label["spec"].clone()).unwrap();
+    assert_eq!(api_server_fields(&label), BTreeSet::new());
+    assert_eq!(
+        validate_fields(&spec),
+        BTreeSet::from(["direct".to_string()])
+    );
+}
+
+#[test]
 fn several_problems_at_once_agree() {
     agree(
         json!({"id": "", "label": "Home", "period": 0, "maxParked": 1025, "clientPort": 0,
@@ -312,6 +331,7 @@ fn any_spec() -> impl Strategy<Value = TaasLabelSpec> {
                 client_port,
                 client_admission: ClientAdmission::Open,
                 server_speaks_first,
+                direct: false,
                 service: LabelService {
                     type_,
                     load_balancer_class,

@@ -36,6 +36,9 @@ pub struct LabelConfig {
     /// accept instead of waiting for its first byte. Needs a PROXY header (`proxy_protocol`):
     /// it is what tells the hidden server's agent that it was paired.
     pub server_speaks_first: bool,
+    /// `LABEL.<domain>` on the front end's HTTPS port is spliced to the hidden server, TLS
+    /// end to end (no 307): the front end reads the ClientHello's server name first.
+    pub direct: bool,
 }
 
 impl fmt::Debug for LabelConfig {
@@ -53,6 +56,7 @@ impl fmt::Debug for LabelConfig {
             .field("client_port", &self.client_port)
             .field("client_admission", &self.client_admission)
             .field("server_speaks_first", &self.server_speaks_first)
+            .field("direct", &self.direct)
             .finish()
     }
 }

@@ -54,6 +54,7 @@ pub async fn start(relay: &Standalone) -> Result<Demo, DemoError> {
         client_port: None,
         client_admission: Default::default(),
         server_speaks_first: false,
+        direct: false,
     };
     let problems = relay.add_label(config.clone());
     if !problems.is_empty() {

@@ -1,7 +1,9 @@
 //! The front end: one listener for the registrar and the mobile clients. It terminates TLS
 //! (or, on a label relay's control port, takes plain HTTP from gateways), reads bounded
 //! HTTP/1.1 requests (keep-alive allowed), dispatches by Host (§1) and asks a `LabelBackend`
-//! for the answer.
+//! for the answer. On the standalone relay's TLS front end, a connection whose ClientHello
+//! names a direct label is handed to that label before any TLS (`crate::direct`); the bytes
+//! read to decide are replayed into the handshake of every other connection.
 //!
 //! # Strangers must not take it offline (issue 13)
 //! Every front-end connection is bounded in time and memory, and no single source can hold
@@ -69,6 +71,7 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Limits, Timeouts};
+use crate::direct::{DirectLabels, Prefixed, Routed};
 use crate::gateway_auth::GatewayToken;
 pub use crate::gateway_auth::GATEWAY_AUTH_HEADER;
 use crate::host::{self, Names, Role};
@@ -116,6 +119,10 @@ pub struct FrontendSettings {
     /// Connections one source (IPv4 address or IPv6 /64) may hold on the TLS front end.
     pub max_connections_per_source: usize,
     pub metrics: FrontendMetrics,
+    /// Direct labels (standalone `serve`): on the TLS front end, the ClientHello's server
+    /// name is read first and a direct label's connection is handed to it, never terminated
+    /// here. `None`: every connection is TLS terminated here, as in a cluster.
+    pub direct: Option<DirectLabels>,
 }
 
 impl Default for FrontendSettings {
@@ -134,6 +141,7 @@ impl Default for FrontendSettings {
             max_connections: limits.frontend_connections,
             max_connections_per_source: limits.frontend_connections_per_source,
             metrics: FrontendMetrics::default(),
+            direct: None,
         }
     }
 }
@@ -286,8 +294,21 @@ pub async fn serve<B: LabelBackend>(
             match acceptor {
                 None => serve_http(TokioIo::new(stream), context, settings, backend).await,
                 Some(acceptor) => {
-                    let handshake = acceptor.accept(stream);
-                    match tokio::time::timeout(settings.handshake_timeout, handshake).await {
+                    // One deadline for the server-name read (direct labels) and the handshake.
+                    let deadline = tokio::time::Instant::now() + settings.handshake_timeout;
+                    let (stream, read) = match &settings.direct {
+                        None => (stream, Vec::new()),
+                        Some(direct) => match direct.route(stream, peer, deadline).await {
+                            Routed::HandedOver => return,
+                            Routed::Gone(failure) => {
+                                tracing::debug!(%peer, ?failure, "no ClientHello; closed");
+                                return;
+                            }
+                            Routed::Tls(stream, read) => (stream, read),
+                        },
+                    };
+                    let handshake = acceptor.accept(Prefixed::new(read, stream));
+                    match tokio::time::timeout_at(deadline, handshake).await {
                         Ok(Ok(tls)) => {
                             serve_http(TokioIo::new(tls), context, settings, backend).await
                         }

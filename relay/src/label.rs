@@ -87,12 +87,14 @@ pub struct Shared {
     pub client_sources: Arc<SourceCounts>,
 }
 
-/// How a client connection came to its label: the label's own client port q, or the shared
-/// client port (`shared_port`), which read the ClientHello to find the label.
+/// How a client connection came to its label: the label's own client port q, the shared
+/// client port (`shared_port`), or the front end's HTTPS port for a direct label (`direct`);
+/// the last two read the ClientHello to find the label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Entry {
     OwnPort = 0,
     SharedPort = 1,
+    Direct = 2,
 }
 
 impl Entry {
@@ -101,6 +103,7 @@ impl Entry {
         match self {
             Entry::OwnPort => "own_port",
             Entry::SharedPort => "shared_port",
+            Entry::Direct => "direct",
         }
     }
 }
@@ -618,7 +621,12 @@ impl Label {
             relay_slot,
         } = conn;
         let config = self.config();
-        if config.client_admission == ClientAdmission::Redirected && !self.is_admitted(peer.ip()) {
+        // A direct client never gets a 307 (it is the point): admission gates q and the shared
+        // port only.
+        if entry != Entry::Direct
+            && config.client_admission == ClientAdmission::Redirected
+            && !self.is_admitted(peer.ip())
+        {
             self.metrics.client_refused(ClientRefused::NotAdmitted);
             tracing::debug!(label = %self.name, %peer, "client not admitted: no recent 307");
             return;

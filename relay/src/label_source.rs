@@ -87,7 +87,8 @@ fn refused_by_relay(error: &SpecError) -> bool {
         | SpecError::Period(_)
         | SpecError::MaxParked(_)
         | SpecError::ClientPort(_)
-        | SpecError::ServerSpeaksFirstWithoutProxyHeader => true,
+        | SpecError::ServerSpeaksFirstWithoutProxyHeader
+        | SpecError::DirectServerSpeaksFirst => true,
         SpecError::Label { .. }
         | SpecError::SecretName { .. }
         | SpecError::SecretKey(_)
@@ -151,6 +152,7 @@ pub fn validate_label(spec: &TaasLabelSpec, secret_b32: &[u8]) -> Result<LabelCo
         client_port: spec.client_port,
         client_admission: spec.client_admission,
         server_speaks_first: spec.server_speaks_first,
+        direct: spec.direct,
     })
 }
 
@@ -684,6 +686,29 @@ mod tests {
         let msg = problems(dir.path());
         assert!(
             msg.contains("serverSpeaksFirst needs proxyProtocol v1 or v2"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn direct_is_carried_and_refused_with_a_server_that_speaks_first() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "a.yaml", &labelled("web", "  direct: true\n"));
+        write(dir.path(), "b.yaml", &labelled("other", ""));
+        let set = load_dir(dir.path()).unwrap();
+        assert!(set.labels["web"].direct);
+        assert!(!set.labels["other"].direct);
+        write(
+            dir.path(),
+            "a.yaml",
+            &labelled(
+                "web",
+                "  direct: true\n  serverSpeaksFirst: true\n  proxyProtocol: v1\n",
+            ),
+        );
+        let msg = problems(dir.path());
+        assert!(
+            msg.contains("direct cannot be combined with serverSpeaksFirst"),
             "{msg}"
         );
     }

@@ -11,6 +11,8 @@
 //! - `label`: the per-label state machine (p ports, parked connections, q, pairing) over
 //!   `taas_protocol::pool`;
 //! - `shared_port`: one client port for every label, routed by the ClientHello's server name;
+//!   `direct`: direct labels on the front end's HTTPS port; `client_hello`: the bounded read
+//!   of the server name both use;
 //! - `splice`: the copy loop; `ports`: the rendezvous port pool;
 //! - `data_plane`: the threads the labels' connections run on;
 //! - `rate_limit`: the gateway's per-source token buckets for 307s; `sources`: per-source
@@ -26,9 +28,11 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod client_hello;
 pub mod config;
 pub mod data_plane;
 pub mod demo;
+pub mod direct;
 pub mod frontend;
 pub mod gateway;
 pub mod label;

@@ -45,7 +45,7 @@ const CLIENT_REFUSALS: [&str; 7] = [
     "label_pairs",
 ];
 const RENDEZVOUS_RESULTS: [&str; 3] = ["connected", "expired", "stranger"];
-const ENTRIES: [Entry; 2] = [Entry::OwnPort, Entry::SharedPort];
+const ENTRIES: [Entry; 3] = [Entry::OwnPort, Entry::SharedPort, Entry::Direct];
 /// Every reason of [`SharedPortRefused`], in its order: the refusal series are created once,
 /// up front, so a stranger's bytes never create one.
 const SHARED_PORT_REFUSALS: [&str; 12] = [
@@ -156,7 +156,7 @@ pub struct LabelMetrics {
     registrations: [Counter; 4],
     pub parked: Gauge,
     /// By [`Entry`].
-    pairings: [Counter; 2],
+    pairings: [Counter; 3],
     pub active_pairs: Gauge,
     pub bytes_to_server: Counter,
     pub bytes_to_client: Counter,
@@ -204,7 +204,8 @@ impl RelayMetrics {
         registry.register(
             "taas_pairings",
             "Clients paired with a parked connection, by entry (own_port: the label's q; \
-             shared_port: the shared client port, by server name)",
+             shared_port: the shared client port, by server name; direct: the front end's HTTPS \
+             port, a direct label's server name)",
             m.pairings.clone(),
         );
         registry.register(

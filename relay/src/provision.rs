@@ -184,6 +184,7 @@ pub fn write_label(dir: &Path, new: &NewLabel) -> Result<Provisioned, ProvisionE
         client_port: None,
         client_admission: Default::default(),
         server_speaks_first: false,
+        direct: false,
         service: Default::default(),
         rendezvous_ports: taas_crds::default_rendezvous_ports(),
     };

@@ -3,7 +3,7 @@
 //!
 //! Why: each label's own q is a port of its own, and many networks block high ports; one
 //! port (with one wildcard DNS record, `*.<domain>`) serves them all. TLS stays end to end:
-//! the ClientHello is only read (`taas_protocol::client_hello::peek`, bounded by
+//! the ClientHello is only read (`client_hello::read_server_name`, bounded by
 //! `MAX_CLIENT_HELLO`), then written unchanged to the hidden server, which answers it.
 //!
 //! ```text
@@ -28,12 +28,11 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use taas_protocol::client_hello::{peek, Peek, Reason, MAX_CLIENT_HELLO};
-use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
+use crate::client_hello::{read_server_name, Deadlines, HelloFailure};
 use crate::label::{ClientConn, Entry};
 use crate::metrics::SharedPortRefused;
 use crate::relay::StandaloneBackend;
@@ -112,7 +111,7 @@ async fn route(
     let mut hello = Vec::new();
     let name = match read_server_name(&mut stream, &mut hello, deadlines).await {
         Ok(name) => name,
-        Err(reason) => return refuse(reason),
+        Err(failure) => return refuse(failure.into()),
     };
     drop(hello_phase);
     let Some(label_name) = label_for(&name, &settings.domain) else {
@@ -133,44 +132,16 @@ async fn route(
     });
 }
 
-/// When a ClientHello must have begun, and when it must be complete.
-#[derive(Clone, Copy, Debug)]
-struct Deadlines {
-    first_byte: Instant,
-    complete: Instant,
-}
-
-/// Reads until `peek` decides, keeping every byte read in `hello`; the server name, or why
-/// the connection is refused.
-async fn read_server_name(
-    stream: &mut TcpStream,
-    hello: &mut Vec<u8>,
-    deadlines: Deadlines,
-) -> Result<String, SharedPortRefused> {
-    loop {
-        let room = MAX_CLIENT_HELLO.saturating_sub(hello.len());
-        if room == 0 {
-            return Err(SharedPortRefused::TooLarge);
-        }
-        let deadline = if hello.is_empty() {
-            deadlines.first_byte.min(deadlines.complete)
-        } else {
-            deadlines.complete
-        };
-        let mut limited = (&mut *stream).take(room as u64);
-        match tokio::time::timeout_at(deadline, limited.read_buf(hello)).await {
-            Err(_) if hello.is_empty() => return Err(SharedPortRefused::Silent),
-            Err(_) => return Err(SharedPortRefused::Deadline),
-            Ok(Ok(0)) => return Err(SharedPortRefused::Closed),
-            Ok(Ok(_)) => {}
-            Ok(Err(_)) => return Err(SharedPortRefused::ReadError),
-        }
-        match peek(hello) {
-            Peek::NeedMore => {}
-            Peek::ServerName(name) => return Ok(name),
-            Peek::NoServerName => return Err(SharedPortRefused::NoServerName),
-            Peek::NotClientHello(Reason::TooLarge) => return Err(SharedPortRefused::TooLarge),
-            Peek::NotClientHello(_) => return Err(SharedPortRefused::NotClientHello),
+impl From<HelloFailure> for SharedPortRefused {
+    fn from(failure: HelloFailure) -> Self {
+        match failure {
+            HelloFailure::Silent => Self::Silent,
+            HelloFailure::Deadline => Self::Deadline,
+            HelloFailure::Closed => Self::Closed,
+            HelloFailure::ReadError => Self::ReadError,
+            HelloFailure::TooLarge => Self::TooLarge,
+            HelloFailure::NoServerName => Self::NoServerName,
+            HelloFailure::NotClientHello => Self::NotClientHello,
         }
     }
 }

@@ -572,6 +572,7 @@ fn validate_label_never_panics_and_keeps_its_invariants() {
                 client_port,
                 client_admission: Default::default(),
                 server_speaks_first: false,
+                direct: false,
                 service: Default::default(),
                 rendezvous_ports: 8,
             };

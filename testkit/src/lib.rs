@@ -43,6 +43,8 @@ pub mod prelude {
     pub use crate::logs::init_logs;
     pub use crate::ports::port_block;
     pub use crate::relay::{Session, TestRelay, DOMAIN, REGISTRAR};
-    pub use crate::tls::{client_hello, tls_acceptor, tls_connect, tls_connect_trusting, TlsPage};
+    pub use crate::tls::{
+        client_hello, hidden_tls_server, tls_acceptor, tls_connect, tls_connect_trusting, TlsPage,
+    };
     pub use crate::wait::{assert_closed, echo_roundtrip, eventually, read_to_end, PATIENCE};
 }

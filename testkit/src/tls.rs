@@ -144,3 +144,27 @@ pub fn client_hello(server_name: Option<&str>) -> Vec<u8> {
     }
     hello
 }
+
+/// The hidden server's side of one pairing: TLS with its own certificate for `host` on the
+/// parked connection (a certificate the relay never had), then one answer: `who` followed by
+/// what the client sent. Returns that certificate (PEM) and the task.
+pub fn hidden_tls_server(
+    parked: TcpStream,
+    host: &str,
+    who: &'static str,
+) -> (String, tokio::task::JoinHandle<()>) {
+    let (acceptor, cert_pem) = tls_acceptor(host);
+    let task = tokio::spawn(async move {
+        let mut tls = acceptor
+            .accept(parked)
+            .await
+            .expect("the client's handshake");
+        let mut buf = [0u8; 256];
+        let n = tls.read(&mut buf).await.unwrap();
+        let mut answer = who.as_bytes().to_vec();
+        answer.extend_from_slice(&buf[..n]);
+        tls.write_all(&answer).await.unwrap();
+        let _ = tls.shutdown().await;
+    });
+    (cert_pem, task)
+}

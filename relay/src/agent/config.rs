@@ -274,6 +274,7 @@ mod tests {
             client_port: None,
             client_admission: crate::config::ClientAdmission::Open,
             server_speaks_first: false,
+            direct: false,
         };
         let c = AgentConfig::from_label("https://r.example", &label, "127.0.0.1:22");
         assert_eq!((c.id.as_str(), c.label.as_str()), ("id-7", "home"));

@@ -105,6 +105,7 @@ pub(crate) fn frontend_settings(
         max_connections,
         max_connections_per_source,
         metrics,
+        direct: None,
     }
 }
 

@@ -246,6 +246,7 @@ pub async fn start(options: ServeOptions) -> Result<Standalone, StartError> {
         .chain(settings.advertise.parse().ok())
         .filter(|ip: &IpAddr| !ip.is_unspecified())
         .collect();
+    front_settings.direct = Some(crate::direct::DirectLabels::new(relay.clone()));
     tasks.spawn(frontend::serve(
         front,
         frontend::Transport::Tls(tls),

@@ -7,7 +7,6 @@
 //! deadline without blocking a registration. A browser (Chromium) is not tested here yet.
 //! Figures: `--nocapture`, lines starting `figure:`.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use taas_testkit::agent::Agent;
@@ -17,17 +16,6 @@ use tokio::net::TcpStream;
 
 fn figure(what: &str, value: impl std::fmt::Display) {
     eprintln!("figure: {what}: {value}");
-}
-
-/// The value of one metric series (0 when absent).
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
-}
-
-fn paired(label: &str, entry: &str) -> String {
-    format!("taas_pairings_total{{label=\"{label}\",entry=\"{entry}\"}}")
 }
 
 fn direct(label: &str) -> TestLabel {
@@ -40,18 +28,6 @@ fn is_direct(relay: &TestRelay, label: &str) -> bool {
         .relay
         .label(label)
         .is_some_and(|l| l.config().direct)
-}
-
-/// A client on the front end's port, TLS trusting only the hidden server's certificate:
-/// says `hello`, returns the answer.
-async fn tls_client(relay: &TestRelay, cert_pem: &str, name: &str) -> String {
-    let mut tls =
-        tokio::time::timeout(PATIENCE, tls_connect_trusting(relay.addr(), cert_pem, name))
-            .await
-            .expect("handshake within patience")
-            .expect("TLS with the hidden server's own certificate");
-    tls.write_all(b"hello").await.unwrap();
-    String::from_utf8(read_to_end(&mut tls).await).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -69,29 +45,13 @@ async fn curl_with_a_plain_url_gets_the_hidden_servers_page_with_no_307() {
         "https://home.{DOMAIN}:{}/index.html?q=1",
         relay.addr().port()
     );
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("curl")
-            .args([
-                "-sS",
-                "--max-time",
-                "10",
-                "-w",
-                "\nstatus: %{http_code} redirects: %{num_redirects}",
-                "--cacert",
-            ])
-            .arg(&cacert)
-            .arg(&url)
-            .output()
-            .expect("curl is installed (scripts/install-test-deps.sh)")
-    })
-    .await
-    .unwrap();
-    let body = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "curl: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let body = curl(
+        &url,
+        &cacert,
+        &[],
+        "\nstatus: %{http_code} redirects: %{num_redirects}",
+    )
+    .await;
     assert!(body.contains("hello, directly"), "{body}");
     assert!(
         body.contains("request: GET /index.html?q=1 HTTP/1.1"),
@@ -114,35 +74,8 @@ async fn the_client_hello_reaches_the_hidden_server_unchanged() {
     let home = direct("home");
     let relay = TestRelay::start(&[&home]).await;
     let mut parked = relay.park(&home).await;
-    let hello = client_hello(Some(&format!("home.{DOMAIN}")));
-    // In three pieces: the front end reads until it can decide, and keeps every byte.
-    let mut client = TcpStream::connect(relay.addr()).await.unwrap();
-    let (a, rest) = hello.split_at(3);
-    let (b, c) = rest.split_at(rest.len() / 2);
-    for piece in [a, b, c] {
-        client.write_all(piece).await.unwrap();
-        client.flush().await.unwrap();
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    client.write_all(b"and after it").await.unwrap();
-    let mut seen = vec![0u8; hello.len() + b"and after it".len()];
-    tokio::time::timeout(PATIENCE, parked.read_exact(&mut seen))
-        .await
-        .expect("the hidden server gets the bytes")
-        .unwrap();
-    assert_eq!(
-        &seen[..hello.len()],
-        &hello[..],
-        "the ClientHello unchanged"
-    );
-    assert_eq!(&seen[hello.len()..], b"and after it");
-    parked.write_all(b"server bytes").await.unwrap();
-    let mut back = [0u8; 12];
-    tokio::time::timeout(PATIENCE, client.read_exact(&mut back))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(&back, b"server bytes");
+    assert_client_hello_passes_unchanged(relay.addr(), &format!("home.{DOMAIN}"), &mut parked)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -173,7 +106,10 @@ async fn the_registrar_and_a_non_direct_labels_307_still_work_on_the_same_port()
     // The direct label on the same port: its hidden server's TLS, no 307.
     let host = format!("home.{DOMAIN}");
     let (cert_pem, hidden) = hidden_tls_server(home_parked, &host, "home: ");
-    assert_eq!(tls_client(&relay, &cert_pem, &host).await, "home: hello");
+    assert_eq!(
+        hello_over_tls(relay.addr(), &cert_pem, &host).await,
+        "home: hello"
+    );
     hidden.await.unwrap();
     let metrics = relay.metrics().await;
     assert_eq!(metric(&metrics, &paired("home", "direct")), 1.0);
@@ -251,7 +187,7 @@ async fn switching_a_labels_file_to_direct_false_and_back_takes_effect_without_r
         async move {
             let parked = relay.park(home).await;
             let (cert_pem, hidden) = hidden_tls_server(parked, &host, answer);
-            let got = tls_client(relay, &cert_pem, &host).await;
+            let got = hello_over_tls(relay.addr(), &cert_pem, &host).await;
             hidden.await.unwrap();
             got
         }

@@ -33,13 +33,6 @@ async fn connect_from(source: &str, port: u16) -> TcpStream {
         .unwrap()
 }
 
-/// The value of one metric series (0 when absent).
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
-}
-
 /// A mobile client as a phone is one: the 307 first, then q, then an echo round trip.
 /// True if it was served.
 async fn legitimate_client(relay: &TestRelay, label: &str, n: usize) -> bool {

@@ -7,7 +7,6 @@
 //! Figures: `--nocapture`, lines starting `figure:`.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use taas_testkit::agent::Agent;
@@ -19,19 +18,8 @@ fn figure(what: &str, value: impl std::fmt::Display) {
     eprintln!("figure: {what}: {value}");
 }
 
-/// The value of one metric series (0 when absent).
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
-}
-
 fn refused(reason: &str) -> String {
     format!("taas_shared_port_refused_total{{reason=\"{reason}\"}}")
-}
-
-fn paired(label: &str, entry: &str) -> String {
-    format!("taas_pairings_total{{label=\"{label}\",entry=\"{entry}\"}}")
 }
 
 /// Waits (bounded) until the relay has counted `n` shared-port refusals for `reason`.
@@ -49,43 +37,6 @@ async fn connect_from(source: &str, relay: &TestRelay) -> TcpStream {
     socket.connect(relay.shared_addr()).await.unwrap()
 }
 
-/// The hidden server's side of one pairing: TLS with its own certificate for `host` on the
-/// parked connection, then an echo of what the client sends, prefixed with `who`.
-fn hidden_tls_server(
-    parked: TcpStream,
-    host: &str,
-    who: &'static str,
-) -> (String, tokio::task::JoinHandle<()>) {
-    let (acceptor, cert_pem) = tls_acceptor(host);
-    let task = tokio::spawn(async move {
-        let mut tls = acceptor
-            .accept(parked)
-            .await
-            .expect("the client's handshake");
-        let mut buf = [0u8; 256];
-        let n = tls.read(&mut buf).await.unwrap();
-        let mut answer = who.as_bytes().to_vec();
-        answer.extend_from_slice(&buf[..n]);
-        tls.write_all(&answer).await.unwrap();
-        let _ = tls.shutdown().await;
-    });
-    (cert_pem, task)
-}
-
-/// A client through the shared port, TLS with the hidden server's certificate (the relay never
-/// had it): says `hello`, returns the answer.
-async fn tls_client(relay: &TestRelay, cert_pem: &str, name: &str) -> String {
-    let mut tls = tokio::time::timeout(
-        PATIENCE,
-        tls_connect_trusting(relay.shared_addr(), cert_pem, name),
-    )
-    .await
-    .expect("handshake within patience")
-    .expect("TLS with the hidden server's own certificate");
-    tls.write_all(b"hello").await.unwrap();
-    String::from_utf8(read_to_end(&mut tls).await).unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_through_the_shared_port_reaches_the_hidden_server_over_its_own_tls() {
     let home = TestLabel::new("home");
@@ -93,7 +44,7 @@ async fn a_client_through_the_shared_port_reaches_the_hidden_server_over_its_own
     let parked = relay.park(&home).await;
     let host = format!("home.{DOMAIN}");
     let (cert_pem, hidden) = hidden_tls_server(parked, &host, "home says: ");
-    let answer = tls_client(&relay, &cert_pem, &host).await;
+    let answer = hello_over_tls(relay.shared_addr(), &cert_pem, &host).await;
     assert_eq!(answer, "home says: hello");
     hidden.await.unwrap();
     let metrics = relay.metrics().await;
@@ -107,36 +58,12 @@ async fn the_client_hello_reaches_the_hidden_server_byte_for_byte() {
     let home = TestLabel::new("home");
     let relay = TestRelay::start_shared(&[&home]).await;
     let mut parked = relay.park(&home).await;
-    let hello = client_hello(Some(&format!("home.{DOMAIN}")));
-    // Sent in three pieces: the relay reads until it can decide, and keeps every byte.
-    let mut client = TcpStream::connect(relay.shared_addr()).await.unwrap();
-    let (a, rest) = hello.split_at(3);
-    let (b, c) = rest.split_at(rest.len() / 2);
-    for piece in [a, b, c] {
-        client.write_all(piece).await.unwrap();
-        client.flush().await.unwrap();
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    client.write_all(b"and after it").await.unwrap();
-    let mut seen = vec![0u8; hello.len() + b"and after it".len()];
-    tokio::time::timeout(PATIENCE, parked.read_exact(&mut seen))
-        .await
-        .expect("the hidden server gets the bytes")
-        .unwrap();
-    assert_eq!(
-        &seen[..hello.len()],
-        &hello[..],
-        "the ClientHello unchanged"
-    );
-    assert_eq!(&seen[hello.len()..], b"and after it");
-    // And back.
-    parked.write_all(b"server bytes").await.unwrap();
-    let mut back = [0u8; 12];
-    tokio::time::timeout(PATIENCE, client.read_exact(&mut back))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(&back, b"server bytes");
+    assert_client_hello_passes_unchanged(
+        relay.shared_addr(),
+        &format!("home.{DOMAIN}"),
+        &mut parked,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -151,8 +78,8 @@ async fn two_labels_on_one_shared_port_each_reach_their_own_hidden_server() {
     // Upper case on the wire: names are compared case-insensitively.
     let home_upper = home_host.to_uppercase();
     let (home_answer, work_answer) = tokio::join!(
-        tls_client(&relay, &home_pem, &home_upper),
-        tls_client(&relay, &work_pem, &work_host),
+        hello_over_tls(relay.shared_addr(), &home_pem, &home_upper),
+        hello_over_tls(relay.shared_addr(), &work_pem, &work_host),
     );
     assert_eq!(home_answer, "home: hello");
     assert_eq!(work_answer, "work: hello");
@@ -256,30 +183,7 @@ async fn curl_following_the_307_lands_on_the_shared_port_and_gets_the_page() {
         "https://home.{DOMAIN}:{}/index.html?q=1",
         relay.addr().port()
     );
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("curl")
-            .args([
-                "-sS",
-                "-L",
-                "--max-time",
-                "10",
-                "-w",
-                "\nlanded: %{url_effective}",
-                "--cacert",
-            ])
-            .arg(&cacert)
-            .arg(&url)
-            .output()
-            .expect("curl is installed (scripts/install-test-deps.sh)")
-    })
-    .await
-    .unwrap();
-    let body = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "curl: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let body = curl(&url, &cacert, &["-L"], "\nlanded: %{url_effective}").await;
     assert!(body.contains("hello through the shared port"), "{body}");
     assert!(
         body.contains("request: GET /index.html?q=1 HTTP/1.1"),
@@ -344,7 +248,10 @@ async fn unknown_names_missing_names_plain_http_garbage_and_oversize_hellos_are_
     let parked = relay.park(&home).await;
     let host = format!("home.{DOMAIN}");
     let (cert_pem, hidden) = hidden_tls_server(parked, &host, "still: ");
-    assert_eq!(tls_client(&relay, &cert_pem, &host).await, "still: hello");
+    assert_eq!(
+        hello_over_tls(relay.shared_addr(), &cert_pem, &host).await,
+        "still: hello"
+    );
     hidden.await.unwrap();
     assert_eq!(relay.parked("home"), 0);
 }
@@ -411,7 +318,10 @@ async fn silent_stalled_and_dripping_peers_are_cut_at_the_deadline_and_block_no_
     let host = format!("home.{DOMAIN}");
     let (cert_pem, hidden) = hidden_tls_server(parked, &host, "served: ");
     let served_at = Instant::now();
-    assert_eq!(tls_client(&relay, &cert_pem, &host).await, "served: hello");
+    assert_eq!(
+        hello_over_tls(relay.shared_addr(), &cert_pem, &host).await,
+        "served: hello"
+    );
     hidden.await.unwrap();
     let served_in = served_at.elapsed();
     figure(
@@ -549,7 +459,10 @@ async fn connections_still_reading_their_client_hello_are_capped_relay_wide() {
     let parked = relay.park(&home).await;
     let host = format!("home.{DOMAIN}");
     let (cert_pem, hidden) = hidden_tls_server(parked, &host, "after: ");
-    assert_eq!(tls_client(&relay, &cert_pem, &host).await, "after: hello");
+    assert_eq!(
+        hello_over_tls(relay.shared_addr(), &cert_pem, &host).await,
+        "after: hello"
+    );
     hidden.await.unwrap();
 }
 

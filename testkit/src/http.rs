@@ -75,3 +75,28 @@ pub async fn read_response<S: AsyncRead + Unpin>(stream: &mut S) -> Response {
         body,
     }
 }
+
+/// Runs curl (`-sS --max-time 10`, `-w` appending `write_out` to the body, `--cacert`
+/// `cacert`, any `extra` flags) on `url`, off the async workers; asserts it succeeded and
+/// returns what it printed. curl is installed by scripts/install-test-deps.sh.
+pub async fn curl(url: &str, cacert: &std::path::Path, extra: &[&str], write_out: &str) -> String {
+    let mut command = std::process::Command::new("curl");
+    command
+        .args(["-sS", "--max-time", "10"])
+        .args(extra)
+        .arg("-w")
+        .arg(write_out)
+        .arg("--cacert")
+        .arg(cacert)
+        .arg(url);
+    let out = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .unwrap()
+        .expect("curl is installed (scripts/install-test-deps.sh)");
+    assert!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

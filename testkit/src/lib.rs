@@ -38,13 +38,15 @@ pub mod prelude {
     pub use crate::agent::agent_config;
     pub use crate::arc;
     pub use crate::echo::echo_server;
-    pub use crate::http::{read_response, steward_request, Response};
+    pub use crate::http::{curl, read_response, steward_request, Response};
     pub use crate::label::{mount_label, unix_now, write_label, TestLabel};
     pub use crate::logs::init_logs;
     pub use crate::ports::port_block;
+    pub use crate::readings::{metric, paired};
     pub use crate::relay::{Session, TestRelay, DOMAIN, REGISTRAR};
     pub use crate::tls::{
-        client_hello, hidden_tls_server, tls_acceptor, tls_connect, tls_connect_trusting, TlsPage,
+        assert_client_hello_passes_unchanged, client_hello, hello_over_tls, hidden_tls_server,
+        tls_acceptor, tls_connect, tls_connect_trusting, TlsPage,
     };
     pub use crate::wait::{assert_closed, echo_roundtrip, eventually, read_to_end, PATIENCE};
 }

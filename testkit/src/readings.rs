@@ -102,6 +102,25 @@ pub async fn accepting_ports(ip: std::net::IpAddr, lo: u16, hi: u16) -> Vec<u16>
     open
 }
 
+/// The value of one metric series (`name{labels}` exactly as exposed) in a metrics text; 0
+/// when absent.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
+/// The series of a label's pairings through one entry (`own_port`, `shared_port`, `direct`).
+pub fn paired(label: &str, entry: &str) -> String {
+    format!("taas_pairings_total{{label=\"{label}\",entry=\"{entry}\"}}")
+}
+
 /// Sum of a metric's series (e.g. `taas_pairings_total`) in a metrics text.
 pub fn metric_sum(text: &str, name: &str) -> f64 {
     text.lines()

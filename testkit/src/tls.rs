@@ -168,3 +168,58 @@ pub fn hidden_tls_server(
     });
     (cert_pem, task)
 }
+
+/// A client at `addr` for server name `name`, TLS trusting only `cert_pem` (a hidden server's
+/// own certificate): says `hello` and returns the whole answer.
+pub async fn hello_over_tls(addr: std::net::SocketAddr, cert_pem: &str, name: &str) -> String {
+    use tokio::io::AsyncWriteExt as _;
+    let mut tls = tokio::time::timeout(
+        crate::wait::PATIENCE,
+        tls_connect_trusting(addr, cert_pem, name),
+    )
+    .await
+    .expect("handshake within patience")
+    .expect("TLS with the hidden server's own certificate");
+    tls.write_all(b"hello").await.unwrap();
+    String::from_utf8(crate::wait::read_to_end(&mut tls).await).unwrap()
+}
+
+/// Sends a ClientHello for `server_name` to `addr` in three pieces, then more bytes, and
+/// asserts the hidden server behind `parked` gets all of it unchanged (the relay keeps every
+/// byte it read to route the connection) and that bytes flow back.
+pub async fn assert_client_hello_passes_unchanged(
+    addr: std::net::SocketAddr,
+    server_name: &str,
+    parked: &mut TcpStream,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let patience = crate::wait::PATIENCE;
+    let hello = client_hello(Some(server_name));
+    let mut client = TcpStream::connect(addr).await.unwrap();
+    let (a, rest) = hello.split_at(3);
+    let (b, c) = rest.split_at(rest.len() / 2);
+    for piece in [a, b, c] {
+        client.write_all(piece).await.unwrap();
+        client.flush().await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    client.write_all(b"and after it").await.unwrap();
+    let mut seen = vec![0u8; hello.len() + b"and after it".len()];
+    tokio::time::timeout(patience, parked.read_exact(&mut seen))
+        .await
+        .expect("the hidden server gets the bytes")
+        .unwrap();
+    assert_eq!(
+        &seen[..hello.len()],
+        &hello[..],
+        "the ClientHello unchanged"
+    );
+    assert_eq!(&seen[hello.len()..], b"and after it");
+    parked.write_all(b"server bytes").await.unwrap();
+    let mut back = [0u8; 12];
+    tokio::time::timeout(patience, client.read_exact(&mut back))
+        .await
+        .expect("the client gets the hidden server's bytes")
+        .unwrap();
+    assert_eq!(&back, b"server bytes");
+}

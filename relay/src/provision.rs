@@ -38,6 +38,9 @@ pub struct NewLabel {
     pub relay_url: String,
     /// The relay's certificate, passed to the agent as `--ca` (self-signed relays).
     pub ca_file: Option<PathBuf>,
+    /// `spec.direct`: clients reach `https://LABEL.<domain>/` on the relay's HTTPS port,
+    /// passed through to the hidden server by server name, with no 307.
+    pub direct: bool,
 }
 
 /// What `label new` produced.
@@ -184,7 +187,7 @@ pub fn write_label(dir: &Path, new: &NewLabel) -> Result<Provisioned, ProvisionE
         client_port: None,
         client_admission: Default::default(),
         server_speaks_first: false,
-        direct: false,
+        direct: new.direct,
         service: Default::default(),
         rendezvous_ports: taas_crds::default_rendezvous_ports(),
     };
@@ -377,6 +380,7 @@ mod tests {
             domain: "taas.localhost".into(),
             relay_url: "https://taas-registrar.localhost:8443".into(),
             ca_file: None,
+            direct: false,
         }
     }
 
@@ -582,6 +586,8 @@ pub struct LabelNewOptions {
     /// The relay's own certificate, if it has one; otherwise the generated one is used.
     pub tls_cert: Option<PathBuf>,
     pub state_dir: PathBuf,
+    /// `spec.direct` of the new label.
+    pub direct: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -630,6 +636,7 @@ pub fn label_new(options: &LabelNewOptions) -> Result<String, LabelNewError> {
             domain: options.domain.clone(),
             relay_url,
             ca_file: Some(absolute(&cert)),
+            direct: options.direct,
         },
     )?;
     let mut out = format!(

@@ -419,3 +419,32 @@ fn gateway_secret_and_rate_flags_are_checked_at_start() {
     let err = gateway_fails(dir.path(), &[], &[("TAAS_REDIRECT_BURST", "0")]);
     assert!(err.contains("--redirect-burst"), "{err}");
 }
+
+#[test]
+fn label_new_with_direct_writes_a_direct_label_and_without_it_a_redirected_one() {
+    let dir = tempfile::tempdir().unwrap();
+    for (label, flags) in [("home", &["--direct"][..]), ("work", &[][..])] {
+        let out = relay_bin()
+            .current_dir(dir.path())
+            .env_remove("TAAS_DIRECT")
+            .args([
+                "label",
+                "new",
+                "--id",
+                "2f402f80-da50-11e1-9b23-0123456789ab",
+            ])
+            .args(["--label", label])
+            .args(flags)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let read = |label: &str| {
+        taas_relay::label_source::read_label_file(&dir.path().join(format!("labels/{label}.yaml")))
+            .expect("the relay reads what label new wrote")
+    };
+    assert!(read("home").direct, "--direct makes a direct label");
+    assert!(!read("work").direct, "labels are not direct by default");
+    let text = std::fs::read_to_string(dir.path().join("labels/home.yaml")).unwrap();
+    assert!(text.contains("direct: true"), "{text}");
+}

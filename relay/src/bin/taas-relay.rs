@@ -347,6 +347,10 @@ struct LabelNewArgs {
     /// Also write the original steward's provisioning file (exports.params = ...) here.
     #[arg(long, env = "TAAS_STEWARD")]
     steward: Option<PathBuf>,
+    /// A direct label (`spec.direct: true`): https://LABEL.<domain>/ on the relay's HTTPS port
+    /// goes straight to the hidden server, TLS end to end, with no 307 (standalone relay).
+    #[arg(long, env = "TAAS_DIRECT")]
+    direct: bool,
     #[command(flatten)]
     names: RelayNames,
 }
@@ -546,6 +550,7 @@ fn run_label_new(args: LabelNewArgs) -> anyhow::Result<()> {
         labels: args.names.labels,
         tls_cert: args.names.tls.tls_cert,
         state_dir: args.names.tls.state_dir,
+        direct: args.direct,
     })?;
     print!("{out}");
     Ok(())

@@ -201,6 +201,21 @@ mod tests {
         );
     }
 
+    /// The required flags but a credential, then `more`.
+    fn parse_with(more: &[&str]) -> Result<Args, clap::Error> {
+        let required = [
+            "--relay",
+            "https://r",
+            "--id",
+            "i",
+            "--label",
+            "l",
+            "--forward",
+            "h:1",
+        ];
+        Args::try_parse_from(["taas-agent"].iter().chain(&required).chain(more))
+    }
+
     #[test]
     fn flags() {
         let args = Args::try_parse_from([
@@ -228,72 +243,16 @@ mod tests {
         assert_eq!(config.id, "id-1");
 
         // A credential source is required.
-        assert!(Args::try_parse_from([
-            "taas-agent",
-            "--relay",
-            "https://r",
-            "--id",
-            "i",
-            "--label",
-            "l",
-            "--forward",
-            "h:1",
-        ])
-        .is_err());
+        assert!(parse_with(&[]).is_err());
         // Only one.
-        assert!(Args::try_parse_from([
-            "taas-agent",
-            "--relay",
-            "https://r",
-            "--id",
-            "i",
-            "--label",
-            "l",
-            "--forward",
-            "h:1",
-            "--secret",
-            "GEZDGNBV",
-            "--secret-file",
-            "/x",
-        ])
-        .is_err());
-        assert!(Args::try_parse_from([
-            "taas-agent",
-            "--relay",
-            "https://r",
-            "--id",
-            "i",
-            "--label",
-            "l",
-            "--forward",
-            "h:1",
-            "--secret",
-            "GEZDGNBV",
-            "--parked",
-            "0",
-        ])
-        .is_err());
+        assert!(parse_with(&["--secret", "GEZDGNBV", "--secret-file", "/x"]).is_err());
+        assert!(parse_with(&["--secret", "GEZDGNBV", "--parked", "0"]).is_err());
     }
 
     #[test]
     fn algorithm_spellings() {
         let parse = |algorithm: &str| {
-            Args::try_parse_from([
-                "taas-agent",
-                "--relay",
-                "https://r",
-                "--id",
-                "i",
-                "--label",
-                "l",
-                "--forward",
-                "h:1",
-                "--secret",
-                "GEZDGNBV",
-                "--algorithm",
-                algorithm,
-            ])
-            .map(|args| args.algorithm)
+            parse_with(&["--secret", "GEZDGNBV", "--algorithm", algorithm]).map(|a| a.algorithm)
         };
         assert_eq!(parse("SHA1").unwrap(), Some(Algorithm::SHA1));
         assert_eq!(parse("SHA256").unwrap(), Some(Algorithm::SHA256));

@@ -3,6 +3,10 @@
 network namespace), and a raw mobile client.
 
     backend.py https PORT CERT KEY TEXT   an HTTPS server answering every GET with TEXT
+    backend.py https-many FIRST COUNT CERT KEY PREFIX
+                                          COUNT such servers on ports FIRST.., the one on
+                                          FIRST+i answering "PREFIX-i" (one hidden server per
+                                          label of the scale run, in one process)
     backend.py proxy-echo PORT            reads a PROXY v1 header line and one more line, and
                                           answers "header=<the PROXY line> line=<the line>"
     backend.py tcp-client HOST PORT LINE  connects, sends LINE, prints the first line answered
@@ -19,7 +23,7 @@ import sys
 import threading
 
 
-def https(port, cert, key, text):
+def https_server(port, ctx, text):
     body = text.encode()
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -41,12 +45,30 @@ def https(port, cert, key, text):
             conn.settimeout(10)
             return conn, addr
 
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(cert, key)
     server = Server(("127.0.0.1", port), Handler)
     server.socket = ctx.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
+    return server
+
+
+def tls_context(cert, key):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def https(port, cert, key, text):
+    server = https_server(port, tls_context(cert, key), text)
     print("listening", flush=True)
     server.serve_forever()
+
+
+def https_many(first, count, cert, key, prefix):
+    ctx = tls_context(cert, key)
+    servers = [https_server(first + i, ctx, f"{prefix}-{i}") for i in range(count)]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    print("listening", flush=True)
+    threading.Event().wait()
 
 
 def read_line(conn, limit=512):
@@ -87,6 +109,8 @@ def main():
     mode = sys.argv[1] if len(sys.argv) > 1 else ""
     if mode == "https" and len(sys.argv) == 6:
         https(int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5])
+    elif mode == "https-many" and len(sys.argv) == 7:
+        https_many(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6])
     elif mode == "proxy-echo" and len(sys.argv) == 3:
         proxy_echo(int(sys.argv[2]))
     elif mode == "tcp-client" and len(sys.argv) == 5:

@@ -20,159 +20,22 @@ PASSED=0
 FAILED=0
 TIMES=()
 
-log() { echo "e2e: $*" >&2; }
-now() { date +%s.%N; }
-since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+source e2e/steps.sh
 
-if [ "$(id -u)" -ne 0 ]; then
-  echo "FAIL - e2e needs root (network namespaces, iptables, cgroups, mounts)"
-  echo "e2e: 0 passed, 1 failed"
-  exit 1
-fi
-
-PATH="$(bash scripts/k8s/tools.sh):$PATH"
-export PATH
-PY=$ROOT/.tools/venv/bin/python3
-[ -x "$PY" ] || PY=python3
-
-W=$(mktemp -d /tmp/taas-e2e-test.XXXXXX)
-# Steps run in subshells (so `set -e` holds inside them); what later steps need goes in files
-# under $W: background pids (bg.pids), the gateway's node port.
-bg() { echo "$1" >>"$W/bg.pids"; }
-cleanup() {
-  local rc=$?
-  [ -f "$W/bg.pids" ] && xargs -r kill <"$W/bg.pids" 2>/dev/null || true
-  if [ "${TAAS_E2E_KEEP:-0}" = 1 ]; then
-    log "TAAS_E2E_KEEP=1: cluster left running (e2e/cluster.sh down to stop); work dir $W"
-  else
-    bash e2e/cluster.sh down >/dev/null 2>"$W/down.log" || { cat "$W/down.log" >&2; rc=1; }
-    rm -rf "$W"
-  fi
-  exit $rc
-}
-trap cleanup EXIT
-
-diagnose() {
-  [ -n "${KUBECONFIG:-}" ] || return 0
-  log "--- diagnostics"
-  kubectl get nodes,pods,svc,endpoints,taaslabels -A -o wide >&2 2>&1 || true
-  kubectl get events -A --sort-by=.lastTimestamp 2>/dev/null | tail -n 25 >&2 || true
-  local p
-  for p in $(kubectl get pods -A -o jsonpath='{range .items[*]}{.metadata.namespace}/{.metadata.name}{"\n"}{end}' 2>/dev/null); do
-    log "--- logs of $p"
-    kubectl logs -n "${p%%/*}" "${p#*/}" --tail=20 >&2 2>&1 || true
-  done
-  for f in "$W"/*.log; do
-    [ -f "$f" ] || continue
-    log "--- $f"
-    tail -n 20 "$f" >&2
-  done
-}
-
-# step NAME FUNCTION: runs FUNCTION, records pass/fail and its time; a failed step ends the run
-# (later steps need the earlier ones).
-step() {
-  local name=$1 t0
-  shift
-  t0=$(now)
-  set +e
-  (
-    set -e
-    "$@"
-  ) >"$W/step.out" 2>&1
-  local rc=$?
-  set -e
-  if [ "$rc" = 0 ]; then
-    cat "$W/step.out" >&2
-    PASSED=$((PASSED + 1))
-    TIMES+=("$(since "$t0")|$name")
-    echo "ok - $name ($(since "$t0") s)"
-  else
-    cat "$W/step.out" >&2
-    FAILED=$((FAILED + 1))
-    echo "FAIL - $name ($(since "$t0") s)"
-    diagnose
-    summary
-    exit 1
-  fi
-}
-
-summary() {
-  echo "== e2e step times (s)"
-  local t
-  for t in "${TIMES[@]}"; do printf '  %7s  %s\n' "${t%%|*}" "${t#*|}"; done
-  if [ -f /var/lib/taas-e2e/run/memory.json ]; then
-    "$PY" - /var/lib/taas-e2e/run/memory.json <<'PY'
-import json, sys
-m = json.load(open(sys.argv[1]))
-mib = lambda b: f"{b / 1048576:.0f} MiB"
-print(f"== cluster peak memory: {mib(m['peak_rss_bytes'])} summed RSS of every process (control plane, "
-      f"containerd, kubelet, pods; sampled each second), {mib(m.get('cgroup_peak_bytes', 0))} cgroup peak "
-      f"(incl. page cache)")
-PY
-  fi
-  echo "e2e: $PASSED passed, $FAILED failed"
-}
-
-# until_ok SECONDS COMMAND...: retries COMMAND every 0.5 s for at most SECONDS.
-until_ok() {
-  local secs=$1 deadline
-  deadline=$(awk -v a="$(now)" -v s="$secs" 'BEGIN { printf "%.3f", a + s }')
-  shift
-  until "$@"; do
-    if awk -v d="$deadline" -v n="$(now)" 'BEGIN { exit !(n > d) }'; then
-      log "gave up after $secs s: $*"
-      return 1
-    fi
-    sleep 0.5
-  done
-}
-
-in_client() { ip netns exec "$TAAS_E2E_CLIENT_NS" "$@"; }
-in_hidden() { ip netns exec "$TAAS_E2E_HIDDEN_NS" "$@"; }
+# The cluster edge (issue 15) on the NodePort gateway: its shared client port and its range of
+# rendezvous ports keep one number everywhere (port = targetPort = nodePort), so they must lie
+# in the node-port range.
+EDGE_SHARED_PORT=30443
+EDGE_VALUES="--set edge.sharedPort=$EDGE_SHARED_PORT --set edge.rendezvousPorts.first=31000 --set edge.rendezvousPorts.count=64"
 
 # --- the steps ---------------------------------------------------------------------------------
-build_image() {
-  IMAGE=$(bash e2e/build-image.sh)
-  echo "$IMAGE" >"$W/image"
-  ls -l "$IMAGE"
-}
-
-cluster_up() {
-  # Always a fresh cluster: nothing left from an earlier run (TAAS_E2E_KEEP) can help or hurt.
-  bash e2e/cluster.sh down >/dev/null
-  bash e2e/cluster.sh up >/dev/null
-  bash e2e/cluster.sh load "$(cat "$W/image")"
-}
-
-certificates() { # the gateway's certificate (registrar + *.domain) and the hidden servers' own CA
-  local d=$W/pki
-  mkdir -p "$d"
-  for ca in gateway-ca hidden-ca; do
-    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
-      -subj "/CN=$ca" -keyout "$d/$ca.key" -out "$d/$ca.crt" \
-      -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign" 2>/dev/null
-  done
-  leaf() { # NAME CA SANS
-    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj "/CN=$1" \
-      -keyout "$d/$1.key" -out "$d/$1.csr" 2>/dev/null
-    printf 'basicConstraints=critical,CA:FALSE\nextendedKeyUsage=serverAuth\nsubjectAltName=%s\n' "$3" >"$d/$1.ext"
-    openssl x509 -req -in "$d/$1.csr" -CA "$d/$2.crt" -CAkey "$d/$2.key" -CAcreateserial -days 2 \
-      -extfile "$d/$1.ext" -out "$d/$1.crt" 2>/dev/null
-  }
-  leaf gateway gateway-ca "DNS:registrar.$TAAS_E2E_DOMAIN,DNS:*.$TAAS_E2E_DOMAIN"
-  leaf home hidden-ca "DNS:home.$TAAS_E2E_DOMAIN"
-  # The mobile client trusts both: the gateway's for the 307, the hidden server's end to end.
-  cat "$d/gateway-ca.crt" "$d/hidden-ca.crt" >"$d/client-bundle.crt"
-}
-
 helm_install() {
   kubectl create namespace "$NS"
   kubectl -n "$NS" create secret tls taas-gateway-tls --cert="$W/pki/gateway.crt" --key="$W/pki/gateway.key"
   helm install taas charts/taas -n "$NS" \
     --set registrar="registrar.$TAAS_E2E_DOMAIN" --set domain="$TAAS_E2E_DOMAIN" \
     --set gateway.service.type=NodePort --set gateway.tls.secretName=taas-gateway-tls \
-    --set logLevel='info\,taas_relay::label=debug'
+    $EDGE_VALUES --set logLevel='info\,taas_relay::label=debug'
   kubectl -n "$NS" rollout status deployment/taas-operator --timeout=120s
   kubectl -n "$NS" rollout status deployment/taas-gateway --timeout=120s
   kubectl -n "$NS" wait --for=condition=Ready pod -l app.kubernetes.io/instance=taas --timeout=60s
@@ -261,6 +124,83 @@ gateway_only() {
     -H "Host: home.$TAAS_E2E_DOMAIN" -H "taas-client-addr: 203.0.113.9" "http://$pod_ip:8080/")
   echo "forged taas-client-addr straight to the relay pod's control port ($pod_ip:8080): HTTP $code"
   [ "$code" = 403 ]
+}
+
+# Issue 15: the cluster edge. Two labels without a public Service of their own: "lab" (its
+# 307 names the gateway's shared client port, which routes by server name) and "web" (direct:
+# https://web.DOMAIN/ on the gateway's HTTPS port reaches the hidden server, no 307). Their
+# hidden servers register through the gateway and park through the gateway's shared range of
+# rendezvous ports; the only public ports are the gateway Service's.
+edge_manifest() { # NAME ID SECRET DIRECT
+  cat <<EOF
+apiVersion: taas.dev/v1alpha1
+kind: TaasLabel
+metadata: {name: $1, namespace: default}
+spec:
+  id: $2
+  label: $1
+  secretRef: {name: $1-totp, key: secret}
+  direct: $4
+  rendezvousPorts: 2
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: $1-totp, namespace: default}
+stringData: {secret: $3}
+EOF
+}
+
+start_edge_hidden_server() { # NAME PORT MANIFEST
+  in_hidden "$PY" e2e/backend.py https "$2" "$W/pki/hidden-any.crt" "$W/pki/hidden-any.key" \
+    "hello from $1" >"$W/backend-$1.log" 2>&1 &
+  bg $!
+  until_ok 10 grep -q listening "$W/backend-$1.log"
+  in_hidden target/release/taas-agent --relay "https://registrar.$TAAS_E2E_DOMAIN:$(gw_port)" \
+    --label-file "$3" --forward "127.0.0.1:$2" --parked 2 --max-backoff 2 \
+    --ca "$W/pki/gateway-ca.crt" >"$W/agent-$1.log" 2>&1 &
+  bg $!
+}
+
+fetch_edge() { # NAME [curl options]: the page of NAME, following redirects
+  local name=$1
+  shift
+  in_client curl -sS -L --max-time 10 --cacert "$W/pki/client-bundle.crt" "$@" \
+    "https://$name.$TAAS_E2E_DOMAIN:$(gw_port)/" 2>>"$W/curl.log"
+}
+
+edge_serves() { [ "$(fetch_edge "$1")" = "hello from $1" ]; }
+
+no_public_service() { # NAME: none of the label's Services is reachable from outside
+  ! kubectl -n default get svc -l "app.kubernetes.io/instance=$1" \
+    -o jsonpath='{range .items[*]}{.spec.type}{"\n"}{end}' | grep -qE 'NodePort|LoadBalancer'
+}
+
+edge() {
+  edge_manifest lab 3c2a1b0d-0000-4000-8000-00000000001a JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXA false >"$W/lab.yaml"
+  edge_manifest web 3c2a1b0d-0000-4000-8000-00000000002b JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXB true >"$W/web.yaml"
+  kubectl apply -f "$W/lab.yaml" -f "$W/web.yaml"
+  until_ok 120 label_ready lab default
+  until_ok 120 label_ready web default
+  kubectl get taaslabels -A
+  no_public_service lab
+  no_public_service web
+  kubectl -n "$NS" get svc taas-gateway -o wide
+  echo "$TAAS_E2E_NODE_IP lab.$TAAS_E2E_DOMAIN" >>"/etc/netns/$TAAS_E2E_CLIENT_NS/hosts"
+  echo "$TAAS_E2E_NODE_IP web.$TAAS_E2E_DOMAIN" >>"/etc/netns/$TAAS_E2E_CLIENT_NS/hosts"
+  start_edge_hidden_server lab 8444 "$W/lab.yaml"
+  start_edge_hidden_server web 8445 "$W/web.yaml"
+  until_ok 90 edge_serves lab
+  until_ok 90 edge_serves web
+  # lab: a 307 to the gateway's shared client port, the host unchanged.
+  in_client curl -sS -o /dev/null -w '%{http_code} %{redirect_url}\n' --cacert "$W/pki/client-bundle.crt" \
+    "https://lab.$TAAS_E2E_DOMAIN:$(gw_port)/" | tee "$W/lab-redirect.txt"
+  grep -qx "307 https://lab.$TAAS_E2E_DOMAIN:$EDGE_SHARED_PORT/" "$W/lab-redirect.txt"
+  # web: the hidden server's page at once, no redirect, its own certificate end to end.
+  [ "$(fetch_edge web -o /dev/null -w '%{num_redirects} %{http_code}')" = "0 200" ]
+  # The relays saw the phone's own address (the gateway names it in the edge header).
+  until_ok 10 relay_saw_client lab
+  until_ok 10 relay_saw_client web
+  kubectl -n "$NS" get configmap taas-routes -o jsonpath='{.data.routes\.yaml}' | grep -A4 '^lab:'
 }
 
 relay_pod_deleted() {
@@ -437,6 +377,7 @@ step "1. helm install: operator and gateway Ready, PSS restricted as running" he
 step "2. kubectl apply examples/label.yaml: relay pod, Service, label Ready with its endpoint" apply_label
 step "3. agent through the gateway's node port, curl -L end to end, real client address" rendezvous
 step "3b. the relay's control port answers only the gateways: token in the pod only, FQDN routes, forged request 403" gateway_only
+step "3c. edge: a label through the gateway's shared port and rendezvous range, a direct label on its HTTPS port" edge
 step "4. relay pod deleted: recreated, agent back, client path within 30 s" relay_pod_deleted
 step "5. second label applied and deleted while home carries traffic" second_label
 step "6a. helm upgrade (operator and gateway rolled, gateway scaled): no client fails" upgrade

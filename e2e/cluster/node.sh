@@ -86,7 +86,7 @@ EOF
     --fail-swap-on=false --image-gc-high-threshold 100 --image-gc-low-threshold 99 \
     --eviction-hard "" --cluster-dns "$NODE_IP" --cluster-domain cluster.local \
     --resolv-conf "$DIR/dns/.host-resolv.conf" \
-    --serialize-image-pulls=false --register-node=true --max-pods 60 \
+    --serialize-image-pulls=false --register-node=true --max-pods 120 \
     --sync-frequency 10s \
     --anonymous-auth=false --authentication-token-webhook=true --authorization-mode Webhook \
     --client-ca-file "$DIR/pki/ca.crt"

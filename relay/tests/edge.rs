@@ -52,6 +52,10 @@ struct Pod {
 }
 
 async fn start(dir: &Path, label: &TestLabel, trusted: &[&str]) -> Pod {
+    start_with(dir, label, trusted, Limits::default()).await
+}
+
+async fn start_with(dir: &Path, label: &TestLabel, trusted: &[&str], limits: Limits) -> Pod {
     let (label_file, secret_dir) = mount_label(dir, label);
     let (p_ports, q) = port_block(8);
     // As the operator writes it in edge mode: local p → T, host the gateway's address.
@@ -76,7 +80,7 @@ async fn start(dir: &Path, label: &TestLabel, trusted: &[&str]) -> Pod {
         metrics: Some("127.0.0.1:0".parse().unwrap()),
         reload_interval: Duration::from_millis(100),
         timeouts: timeouts(),
-        limits: Limits::default(),
+        limits,
         ..LabelRelayOptions::new(label_file, secret_dir)
     })
     .await
@@ -520,6 +524,41 @@ async fn peers_outside_the_trusted_networks_are_closed_before_any_header_is_read
         .await;
     assert_closed(&mut outsider).await;
     assert_eq!(refused(&pod.metrics().await, "untrusted"), 1.0);
+    let mut client = pod
+        .send(&pod.header(EdgeKind::SharedPort, PHONE, 9443))
+        .await;
+    assert_hello_reaches(&mut client, &mut parked, &format!("home.{DOMAIN}")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_still_reading_their_header_are_capped_and_the_next_one_is_closed_at_once() {
+    logs::debug_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let home = TestLabel::new("home");
+    let limits = Limits {
+        frontend_connections: 2,
+        ..Limits::default()
+    };
+    let pod = start_with(dir.path(), &home, &[], limits).await;
+    let mut parked = pod.park_directly(&home).await;
+    // Two peers hold half headers; the third is closed before its header's deadline.
+    let header = pod.header(EdgeKind::SharedPort, PHONE, 9443).encode();
+    let mut holders = Vec::new();
+    for _ in 0..2 {
+        let mut holder = TcpStream::connect(pod.edge()).await.unwrap();
+        holder.write_all(&header[..3]).await.unwrap();
+        holders.push(holder);
+    }
+    // The edge port accepts in order: the holders took both permits before the third comes.
+    let mut third = TcpStream::connect(pod.edge()).await.unwrap();
+    let started = Instant::now();
+    assert_closed(&mut third).await;
+    assert!(started.elapsed() < timeouts().first_byte, "closed at once");
+    assert_eq!(refused(&pod.metrics().await, "overloaded"), 1.0);
+    // Once they are gone, a client gets through again.
+    for mut holder in holders {
+        assert_closed(&mut holder).await;
+    }
     let mut client = pod
         .send(&pod.header(EdgeKind::SharedPort, PHONE, 9443))
         .await;

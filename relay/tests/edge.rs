@@ -606,3 +606,29 @@ async fn an_edge_port_without_a_gateway_token_is_a_start_error() {
         Ok(_) => panic!("started without a gateway token"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_port_inside_the_rendezvous_ports_is_a_start_error() {
+    logs::debug_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let home = TestLabel::new("home");
+    let (label_file, secret_dir) = mount_label(dir.path(), &home);
+    let (p_ports, q) = port_block(8);
+    let result = label_relay::start(LabelRelayOptions {
+        edge: Some(SocketAddr::new([127, 0, 0, 1].into(), p_ports.lo + 3)),
+        gateway_token: Some(token_for("home")),
+        control: "127.0.0.1:0".parse().unwrap(),
+        p_ports,
+        client_port: q.lo,
+        metrics: None,
+        ..LabelRelayOptions::new(label_file, secret_dir)
+    })
+    .await;
+    match result {
+        Err(StartError::Config(message)) => {
+            assert!(message.contains("inside --p-ports"), "{message}")
+        }
+        Err(other) => panic!("another error: {other}"),
+        Ok(_) => panic!("started with the edge port among the rendezvous ports"),
+    }
+}

@@ -403,6 +403,15 @@ impl Label {
                 },
             }
         };
+        // A stream committed through the edge port just as the deadline fired was counted as
+        // delivered there: take it rather than drop it.
+        let accepted = match accepted {
+            None => delivered
+                .try_recv()
+                .ok()
+                .and_then(|stream| TcpStream::from_std(stream).ok()),
+            accepted => accepted,
+        };
         // The port closes before the connection is parked: one connection per registration.
         // The edge slot goes first, while the port is still leased (so a new registration on
         // the same port cannot be the one removed).

@@ -377,6 +377,7 @@ impl Label {
                     Ok(stream) => break Some(stream),
                     Err(error) => {
                         tracing::debug!(label = %self.name, %error, "a connection from the edge port was lost");
+                        slot.unclaim();
                         continue;
                     }
                 },
@@ -977,6 +978,19 @@ impl EdgeSlotGuard {
             label: Arc::downgrade(label),
             port,
             id,
+        }
+    }
+}
+
+impl EdgeSlotGuard {
+    /// The registration may be claimed again (a committed stream was lost on the way).
+    fn unclaim(&self) {
+        if let Some(label) = self.label.upgrade() {
+            if let Some(slot) = lock(&label.edge_slots).get_mut(&self.port) {
+                if slot.id == self.id {
+                    slot.claimed = false;
+                }
+            }
         }
     }
 }

@@ -118,8 +118,8 @@ impl Cluster {
                 (
                     *label,
                     Route {
-                        relay: relay.clone(),
                         ready: *ready,
+                        ..Route::new(relay.clone())
                     },
                 )
             })

@@ -291,16 +291,27 @@ async fn a_client_on_the_shared_port_reaches_its_labels_relay_behind_a_header_wi
     assert_eq!(header.label, "home");
     assert_eq!(header.token, token_for("home"));
     assert_eq!(header.source, client_addr, "the phone's address");
-    assert_eq!(header.destination, cluster.shared(), "the gateway port it used");
+    assert_eq!(
+        header.destination,
+        cluster.shared(),
+        "the gateway port it used"
+    );
     let mut seen = vec![0u8; hello.len() + 12];
     tokio::time::timeout(PATIENCE, relay.read_exact(&mut seen))
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(&seen[..hello.len()], &hello[..], "the ClientHello unchanged");
+    assert_eq!(
+        &seen[..hello.len()],
+        &hello[..],
+        "the ClientHello unchanged"
+    );
     assert_eq!(&seen[hello.len()..], b"and after it");
     echo_back(&mut relay, &mut client, b"from the hidden server").await;
-    assert!(work.accepted.try_recv().is_err(), "the other label's relay untouched");
+    assert!(
+        work.accepted.try_recv().is_err(),
+        "the other label's relay untouched"
+    );
     assert_eq!(cluster.forwarded("shared_port").await, 1.0);
 }
 
@@ -356,14 +367,25 @@ async fn a_direct_label_on_the_https_port_is_forwarded_raw_and_other_names_get_t
     .await
     .unwrap();
     let response = read_response(&mut tls).await;
-    assert_eq!(response.status, 503, "its control port is down: {response:?}");
+    assert_eq!(
+        response.status, 503,
+        "its control port is down: {response:?}"
+    );
     // And the registrar's name.
-    let mut tls = tls_connect(cluster.gateway.frontend, &cluster.gateway.cert.cert, REGISTRAR).await;
+    let mut tls = tls_connect(
+        cluster.gateway.frontend,
+        &cluster.gateway.cert.cert,
+        REGISTRAR,
+    )
+    .await;
     tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .await
         .unwrap();
     let _ = read_response(&mut tls).await;
-    assert!(plain.accepted.try_recv().is_err(), "nothing raw for a non-direct label");
+    assert!(
+        plain.accepted.try_recv().is_err(),
+        "nothing raw for a non-direct label"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -374,8 +396,14 @@ async fn the_one_relay_that_claims_a_hidden_server_gets_commit_and_the_connectio
     let t = cluster.t(3);
     cluster
         .set_routes(&[
-            ("mine", EdgeRoute::edge(mine.addr).owning(&[cluster.t(2), t])),
-            ("other", EdgeRoute::edge(other.addr).owning(&[t, cluster.t(4)])),
+            (
+                "mine",
+                EdgeRoute::edge(mine.addr).owning(&[cluster.t(2), t]),
+            ),
+            (
+                "other",
+                EdgeRoute::edge(other.addr).owning(&[t, cluster.t(4)]),
+            ),
         ])
         .await;
     let mut hidden = connect_from("127.0.0.3", SocketAddr::from(([127, 0, 0, 1], t))).await;
@@ -472,12 +500,15 @@ async fn a_silent_candidate_costs_the_claim_deadline_and_a_sole_claim_still_wins
         .unwrap()
         .unwrap();
     assert_eq!(commit, [edge::COMMIT]);
-    eprintln!("figure: a sole claim beside a silent candidate committed after {:?}", started.elapsed());
+    eprintln!(
+        "figure: a sole claim beside a silent candidate committed after {:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unknown_names_silent_peers_and_garbage_on_the_shared_port_are_closed_in_time_and_counted(
-) {
+async fn unknown_names_silent_peers_and_garbage_on_the_shared_port_are_closed_in_time_and_counted()
+{
     let first_byte = Duration::from_millis(400);
     let cluster = EdgeGateway::start_with(|options| {
         options.timeouts = Timeouts {
@@ -519,12 +550,17 @@ async fn unknown_names_silent_peers_and_garbage_on_the_shared_port_are_closed_in
     let started = Instant::now();
     let mut silent = TcpStream::connect(shared).await.unwrap();
     let mut stalled = TcpStream::connect(shared).await.unwrap();
-    stalled.write_all(&client_hello(Some(&format!("home.{DOMAIN}")))[..3]).await.unwrap();
+    stalled
+        .write_all(&client_hello(Some(&format!("home.{DOMAIN}")))[..3])
+        .await
+        .unwrap();
     assert_closed(&mut silent).await;
     let silent_cut = started.elapsed();
     assert_closed(&mut stalled).await;
     let stalled_cut = started.elapsed();
-    eprintln!("figure: shared port: silent peer cut after {silent_cut:?}, stalled after {stalled_cut:?}");
+    eprintln!(
+        "figure: shared port: silent peer cut after {silent_cut:?}, stalled after {stalled_cut:?}"
+    );
     assert!(silent_cut >= first_byte - Duration::from_millis(50) && silent_cut < PATIENCE / 2);
     assert!(stalled_cut >= Duration::from_millis(1150) && stalled_cut < PATIENCE / 2);
     cluster.wait_refused("silent", 1.0).await;

@@ -764,7 +764,10 @@ mod tests {
                 .map_err(|error| error.to_string())
         };
         let default = gateway(&[]).unwrap();
-        assert_eq!((default.shared_port, default.rendezvous_ports), (None, None));
+        assert_eq!(
+            (default.shared_port, default.rendezvous_ports),
+            (None, None)
+        );
         let on = gateway(&[
             "--shared-port",
             "0.0.0.0:9443",

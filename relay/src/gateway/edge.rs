@@ -247,12 +247,12 @@ impl Default for EdgeMetrics {
         };
         // Every series from the start, at 0.
         for entry in EdgeEntry::ALL {
-            metrics.connections.get_or_create(&ByEntry {
+            let _ = metrics.connections.get_or_create(&ByEntry {
                 entry: entry.as_str(),
             });
         }
         for reason in EdgeRefused::ALL {
-            metrics.refused.get_or_create(&ByReason {
+            let _ = metrics.refused.get_or_create(&ByReason {
                 reason: reason.as_str(),
             });
         }
@@ -433,7 +433,8 @@ impl Shared {
     /// A place among the forwarded connections and the source's; counted and `None` when
     /// there is none.
     fn hold(&self, sources: &Arc<SourceCounts>, peer: SocketAddr, entry: &str) -> Option<Held> {
-        let Some(source) = sources.try_acquire_owned(SourceKey::of(peer.ip()), self.limits.per_source)
+        let Some(source) =
+            sources.try_acquire_owned(SourceKey::of(peer.ip()), self.limits.per_source)
         else {
             self.refuse(EdgeRefused::SourceLimit, peer, entry);
             return None;
@@ -506,7 +507,7 @@ impl Shared {
         &self,
         entry: EdgeEntry,
         target: &EdgeTarget,
-        mut client: TcpStream,
+        client: TcpStream,
         peer: SocketAddr,
         read: Vec<u8>,
         held: Held,

@@ -83,7 +83,10 @@ impl EdgeIndex {
 
     /// Labels in edge mode.
     pub fn labels(&self) -> usize {
-        self.by_label.values().filter(|e| e.target.is_some()).count()
+        self.by_label
+            .values()
+            .filter(|e| e.target.is_some())
+            .count()
     }
 
     /// What `server_name` (from a ClientHello) names under `domain`.
@@ -186,7 +189,10 @@ mod tests {
     #[test]
     fn a_server_name_finds_its_labels_edge_and_tells_the_other_cases_apart() {
         let routes = HashMap::from([
-            ("home".to_string(), route(Some("home-edge:21001"), false, &[])),
+            (
+                "home".to_string(),
+                route(Some("home-edge:21001"), false, &[]),
+            ),
             ("old".to_string(), route(None, false, &[])),
         ]);
         let index = EdgeIndex::build(&routes);

@@ -354,7 +354,10 @@ mod tests {
             check_ports(addr(8443), Some(addr(9443)), Some(addr(9464)), range),
             Ok(())
         );
-        assert_eq!(check_ports(addr(0), Some(addr(0)), Some(addr(0)), range), Ok(()));
+        assert_eq!(
+            check_ports(addr(0), Some(addr(0)), Some(addr(0)), range),
+            Ok(())
+        );
         let same = check_ports(addr(8443), Some(addr(8443)), None, None).unwrap_err();
         assert!(same.contains("--listen and --shared-port"), "{same}");
         let metrics = check_ports(addr(8443), None, Some(addr(8443)), None).unwrap_err();

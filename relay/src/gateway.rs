@@ -919,6 +919,39 @@ mod tests {
     }
 
     #[test]
+    fn a_routes_file_without_the_edge_fields_still_reads_and_one_with_them_reads_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routes.yaml");
+        std::fs::write(
+            &path,
+            "Home: {relay: \"r:8080\", ready: false}\nlab: {relay: \"l:8080\"}\n",
+        )
+        .unwrap();
+        let routes = read_route_file(&path).unwrap();
+        assert_eq!(
+            routes["home"],
+            Route {
+                ready: false,
+                ..Route::new("r:8080")
+            }
+        );
+        assert_eq!(routes["lab"], Route::new("l:8080"));
+        std::fs::write(
+            &path,
+            "home: {relay: \"r:8080\", edge: \"taas-home-control.ns.svc.cluster.local.:21001\", \
+             direct: true, rendezvous: [20005, 20006]}\n",
+        )
+        .unwrap();
+        let home = &read_route_file(&path).unwrap()["home"];
+        assert_eq!(
+            home.edge.as_deref(),
+            Some("taas-home-control.ns.svc.cluster.local.:21001")
+        );
+        assert!(home.direct);
+        assert_eq!(home.rendezvous, [20005, 20006]);
+    }
+
+    #[test]
     fn a_forwarded_request_carries_the_labels_token_only_with_a_secret() {
         let none = SecretSlot::new(None);
         assert!(none.token_for("home").is_none());

@@ -465,7 +465,7 @@ async fn two_claims_none_or_a_port_nobody_owns_close_the_hidden_server_and_are_c
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_silent_candidate_costs_the_claim_deadline_and_a_sole_claim_still_wins() {
+async fn a_silent_candidate_costs_the_claim_deadline_and_a_sole_claim_beside_it_still_wins() {
     let cluster = EdgeGateway::start().await;
     let mut silent = EdgeRelay::start(Answer::Silent).await;
     let mut no = EdgeRelay::start(Answer::NotMine).await;
@@ -602,3 +602,48 @@ async fn silent_peers_and_garbage_on_a_rendezvous_port_are_closed_within_the_cla
 
 /// Well within patience, above the 2 s claim deadline.
 const CLAIM_BOUND: Duration = Duration::from_secs(4);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_at_its_cap_is_refused_on_the_shared_port_while_another_source_is_forwarded() {
+    let cluster = EdgeGateway::start_with(|options| options.edge_limits.per_source = 1).await;
+    let mut home = EdgeRelay::start(Answer::Silent).await;
+    cluster
+        .set_routes(&[("home", EdgeRoute::edge(home.addr))])
+        .await;
+    let hello = client_hello(Some(&format!("home.{DOMAIN}")));
+    let mut first = connect_from("127.0.0.2", cluster.shared()).await;
+    first.write_all(&hello).await.unwrap();
+    let (_, mut first_relay) = home.next().await;
+    let mut second = connect_from("127.0.0.2", cluster.shared()).await;
+    second.write_all(&hello).await.unwrap();
+    assert_closed(&mut second).await;
+    cluster.wait_refused("source_limit", 1.0).await;
+    let mut other = connect_from("127.0.0.3", cluster.shared()).await;
+    other.write_all(&hello).await.unwrap();
+    let (header, _) = home.next().await;
+    assert_eq!(header.source.ip().to_string(), "127.0.0.3");
+    // The first is still forwarded.
+    echo_back(&mut first_relay, &mut first, b"still here").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_install_secret_nothing_is_forwarded_and_the_refusal_says_why() {
+    let cluster = EdgeGateway::start_with(|options| options.install_secret_file = None).await;
+    let mut home = EdgeRelay::start(Answer::Claim).await;
+    let t = cluster.t(0);
+    cluster
+        .set_routes(&[("home", EdgeRoute::edge(home.addr).owning(&[t]))])
+        .await;
+    let mut client = TcpStream::connect(cluster.shared()).await.unwrap();
+    client
+        .write_all(&client_hello(Some(&format!("home.{DOMAIN}"))))
+        .await
+        .unwrap();
+    assert_closed(&mut client).await;
+    let mut hidden = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], t)))
+        .await
+        .unwrap();
+    assert_closed(&mut hidden).await;
+    cluster.wait_refused("no_secret", 2.0).await;
+    assert!(home.accepted.try_recv().is_err(), "no relay was asked");
+}

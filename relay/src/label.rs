@@ -42,7 +42,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -51,7 +51,7 @@ use taas_protocol::proxy_header;
 use taas_protocol::sync::{lock, read, write};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::config::{ClientAdmission, LabelConfig, Limits, ProxyProtocol, Timeouts};
@@ -163,6 +163,10 @@ pub struct Label {
     /// Permits for this label's pairs (and clients waiting for one).
     pairs: Arc<Semaphore>,
     stranger_warn: Mutex<WarnEvery>,
+    /// Pending registrations by local one-shot port, for the edge port (`edge`): a gateway
+    /// that received the hidden server's connection on a shared rendezvous port asks which
+    /// registration it is for. Bounded by the pool's reservations (inserted with one).
+    edge_slots: Mutex<HashMap<u16, EdgeSlot>>,
     closed: AtomicBool,
     metrics: LabelMetrics,
     shared: Arc<Shared>,
@@ -196,6 +200,7 @@ impl Label {
                 shared.limits.pairs_per_label.min(Semaphore::MAX_PERMITS),
             )),
             stranger_warn: Mutex::new(WarnEvery::new(STRANGER_WARN_INTERVAL)),
+            edge_slots: Mutex::default(),
             closed: AtomicBool::new(false),
             metrics,
             shared,
@@ -307,11 +312,43 @@ impl Label {
             .bind_random(self.shared.bind_ip, P_BACKLOG)?;
         let port = lease.port();
         let pinned = config.source_pinning.then_some(source.to_canonical());
-        tokio::spawn(
-            self.clone()
-                .await_hidden_server(listener, lease, pinned, reservation),
-        );
+        let (deliver, delivered) = mpsc::channel(1);
+        let slot = EdgeSlotGuard::insert(self, port, pinned, deliver);
+        tokio::spawn(self.clone().await_hidden_server(
+            listener,
+            lease,
+            pinned,
+            reservation,
+            (slot, delivered),
+        ));
         Ok(port)
+    }
+
+    /// Claims the pending registration on one of `local_ports` (the local one-shot ports a
+    /// shared rendezvous port maps to) for a hidden server connecting from `source`: one
+    /// pinned to `source`, or unpinned, and not claimed already. While the claim lives, no
+    /// other edge connection can claim it; dropped without [`EdgeClaim::commit`], the
+    /// registration stays pending (its own port still open).
+    pub fn claim_rendezvous(
+        self: &Arc<Self>,
+        local_ports: &[u16],
+        source: IpAddr,
+    ) -> Option<EdgeClaim> {
+        let source = source.to_canonical();
+        let mut slots = lock(&self.edge_slots);
+        local_ports.iter().find_map(|port| {
+            let slot = slots.get_mut(port)?;
+            if slot.claimed || slot.pinned.is_some_and(|ip| ip != source) {
+                return None;
+            }
+            slot.claimed = true;
+            Some(EdgeClaim {
+                label: self.clone(),
+                port: *port,
+                id: slot.id,
+                deliver: Some(slot.deliver.clone()),
+            })
+        })
     }
 
     async fn await_hidden_server(
@@ -320,12 +357,23 @@ impl Label {
         lease: PortLease,
         pinned: Option<IpAddr>,
         mut reservation: Reserved,
+        (slot, mut delivered): (EdgeSlotGuard, mpsc::Receiver<std::net::TcpStream>),
     ) {
         let deadline = tokio::time::sleep(self.shared.timeouts.rendezvous);
         tokio::pin!(deadline);
         let accepted = loop {
             tokio::select! {
                 _ = &mut deadline => break None,
+                // A connection the gateway took on a shared rendezvous port for us (`edge`):
+                // the claim checked its source already. It comes from the front end's
+                // runtime: registered again on this (the label's) thread.
+                Some(stream) = delivered.recv() => match TcpStream::from_std(stream) {
+                    Ok(stream) => break Some(stream),
+                    Err(error) => {
+                        tracing::debug!(label = %self.name, %error, "a connection from the edge port was lost");
+                        continue;
+                    }
+                },
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
                         if pinned.is_some_and(|ip| ip != peer.ip().to_canonical()) {
@@ -350,6 +398,10 @@ impl Label {
             }
         };
         // The port closes before the connection is parked: one connection per registration.
+        // The edge slot goes first, while the port is still leased (so a new registration on
+        // the same port cannot be the one removed).
+        drop(slot);
+        drop(delivered);
         drop(listener);
         drop(lease);
         match accepted {
@@ -852,6 +904,113 @@ impl Drop for Reserved {
     fn drop(&mut self) {
         if let Some(reservation) = self.reservation.take() {
             lock(&self.label.pool).release(reservation);
+        }
+    }
+}
+
+/// A pending registration as the edge port sees it (`Label::claim_rendezvous`).
+struct EdgeSlot {
+    /// Which registration this is (ports are reused).
+    id: u64,
+    pinned: Option<IpAddr>,
+    /// An edge connection holds a claim on it now.
+    claimed: bool,
+    /// To the registration's task (`await_hidden_server`).
+    deliver: mpsc::Sender<std::net::TcpStream>,
+}
+
+/// Removes a registration's edge slot when its task ends, however it ends.
+struct EdgeSlotGuard {
+    label: std::sync::Weak<Label>,
+    port: u16,
+    id: u64,
+}
+
+impl EdgeSlotGuard {
+    fn insert(
+        label: &Arc<Label>,
+        port: u16,
+        pinned: Option<IpAddr>,
+        deliver: mpsc::Sender<std::net::TcpStream>,
+    ) -> Self {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let slot = EdgeSlot {
+            id,
+            pinned,
+            claimed: false,
+            deliver,
+        };
+        lock(&label.edge_slots).insert(port, slot);
+        Self {
+            label: Arc::downgrade(label),
+            port,
+            id,
+        }
+    }
+}
+
+impl Drop for EdgeSlotGuard {
+    fn drop(&mut self) {
+        if let Some(label) = self.label.upgrade() {
+            let mut slots = lock(&label.edge_slots);
+            if slots.get(&self.port).is_some_and(|slot| slot.id == self.id) {
+                slots.remove(&self.port);
+            }
+        }
+    }
+}
+
+/// An edge connection's claim on a pending registration (`Label::claim_rendezvous`): commit
+/// it to give the registration the connection, or drop it to give the claim up.
+pub struct EdgeClaim {
+    label: Arc<Label>,
+    port: u16,
+    id: u64,
+    /// Taken by `commit`.
+    deliver: Option<mpsc::Sender<std::net::TcpStream>>,
+}
+
+impl std::fmt::Debug for EdgeClaim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EdgeClaim")
+            .field("label", &self.label.name)
+            .field("port", &self.port)
+            .finish()
+    }
+}
+
+impl EdgeClaim {
+    /// The local one-shot port of the registration claimed.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Gives the registration `stream`, as if its own port had accepted it: it is parked
+    /// (or handed to a waiting client). `false` if the registration ended meanwhile (it
+    /// expired, its own port took a connection, the label closed): the stream is closed.
+    pub fn commit(mut self, stream: TcpStream) -> bool {
+        // The registration's task runs on the label's data-plane thread: hand it a std
+        // socket, which it registers there (as `hand_over` does for clients).
+        let Ok(stream) = stream.into_std() else {
+            return false; // still uncommitted: the drop gives the claim up
+        };
+        match self.deliver.take() {
+            Some(deliver) => deliver.try_send(stream).is_ok(),
+            None => false,
+        }
+    }
+}
+
+impl Drop for EdgeClaim {
+    fn drop(&mut self) {
+        // Not committed: the registration stays pending, claimable again.
+        if self.deliver.is_some() {
+            if let Some(slot) = lock(&self.label.edge_slots).get_mut(&self.port) {
+                if slot.id == self.id {
+                    slot.claimed = false;
+                }
+            }
         }
     }
 }

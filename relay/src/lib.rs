@@ -12,7 +12,8 @@
 //!   `taas_protocol::pool`;
 //! - `shared_port`: one client port for every label, routed by the ClientHello's server name;
 //!   `direct`: direct labels on the front end's HTTPS port; `client_hello`: the bounded read
-//!   of the server name both use;
+//!   of the server name both use; `edge`: a label relay's edge port, where a gateway in
+//!   the cluster's edge mode forwards clients and hidden servers raw after an edge header;
 //! - `splice`: the copy loop; `ports`: the rendezvous port pool;
 //! - `data_plane`: the threads the labels' connections run on;
 //! - `rate_limit`: the gateway's per-source token buckets for 307s; `sources`: per-source
@@ -33,6 +34,7 @@ pub mod config;
 pub mod data_plane;
 pub mod demo;
 pub mod direct;
+pub mod edge;
 pub mod frontend;
 pub mod gateway;
 pub mod label;

@@ -34,6 +34,16 @@ struct ByReason {
     reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ByKind {
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ByResult {
+    result: String,
+}
+
 const REGISTRATION_RESULTS: [&str; 4] = ["ok", "unauthorized", "rate_limited", "unavailable"];
 const CLIENT_REFUSALS: [&str; 7] = [
     "timeout",
@@ -95,6 +105,76 @@ pub enum SharedPortRefused {
     TooLarge = 11,
 }
 
+/// Every reason of [`EdgeRefused`], in its order (series created up front, as above).
+const EDGE_REFUSALS: [&str; 11] = [
+    "untrusted",
+    "overloaded",
+    "silent",
+    "deadline",
+    "closed",
+    "read_error",
+    "bad_header",
+    "wrong_label",
+    "bad_token",
+    "server_speaks_first",
+    "source_limit",
+];
+/// Every kind of edge connection ([`taas_protocol::edge::EdgeKind`]), in [`edge_kind`]'s order.
+const EDGE_KINDS: [&str; 3] = ["shared_port", "direct", "rendezvous"];
+/// Every [`EdgeRendezvous`] result, in its order.
+const EDGE_RENDEZVOUS: [&str; 4] = ["not_mine", "committed", "not_committed", "lost"];
+
+/// Why the edge port (`edge`) turned a connection away: before its header was accepted, or
+/// because of what the header said.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EdgeRefused {
+    /// The peer is outside `--trusted-proxies`.
+    Untrusted = 0,
+    /// As many connections as allowed are reading their header already.
+    Overloaded = 1,
+    /// Nothing within the first-byte timeout.
+    Silent = 2,
+    /// The header was not complete within the handshake timeout.
+    Deadline = 3,
+    /// The peer closed before its header was complete.
+    Closed = 4,
+    /// A read error (a reset) before the header was complete.
+    ReadError = 5,
+    /// Not an edge header (`taas_protocol::edge::parse` refused it).
+    BadHeader = 6,
+    /// The header names another label.
+    WrongLabel = 7,
+    /// The header's gateway token is not this label's.
+    BadToken = 8,
+    /// A shared-port client for a label whose server speaks first.
+    ServerSpeaksFirst = 9,
+    /// The client's source has as many client connections open as allowed.
+    SourceLimit = 10,
+}
+
+/// What became of a rendezvous asked about on the edge port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EdgeRendezvous {
+    /// No pending registration of this label matched (answered `NOT_MINE`).
+    NotMine = 0,
+    /// Claimed, committed and given to the registration.
+    Committed = 1,
+    /// Claimed, but no `COMMIT` came (another byte, EOF, the deadline): still pending.
+    NotCommitted = 2,
+    /// Committed, but the registration had just ended: the connection was closed.
+    Lost = 3,
+}
+
+/// The index of an edge kind in `EDGE_KINDS`.
+fn edge_kind(kind: taas_protocol::edge::EdgeKind) -> usize {
+    use taas_protocol::edge::EdgeKind;
+    match kind {
+        EdgeKind::SharedPort => 0,
+        EdgeKind::Direct => 1,
+        EdgeKind::Rendezvous => 2,
+    }
+}
+
 /// A registration's result, as counted per label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Registered {
@@ -142,6 +222,9 @@ pub struct RelayMetrics {
     parked: Family<ByLabel, Gauge>,
     pairings: Family<ByLabelAndEntry, Counter>,
     shared_port_refused: Family<ByReason, Counter>,
+    edge_connections: Family<ByKind, Counter>,
+    edge_refused: Family<ByReason, Counter>,
+    edge_rendezvous: Family<ByResult, Counter>,
     active_pairs: Family<ByLabel, Gauge>,
     bytes: Family<ByLabelAnd, Counter>,
     clients_refused: Family<ByLabelAnd, Counter>,
@@ -216,6 +299,39 @@ impl RelayMetrics {
         for reason in SHARED_PORT_REFUSALS {
             let _ = m.shared_port_refused.get_or_create(&ByReason {
                 reason: reason.into(),
+            });
+        }
+        registry.register(
+            "taas_edge_connections",
+            "Connections accepted on the edge port (a gateway's header checked), by kind \
+             (shared_port, direct: a client; rendezvous: a hidden server on a shared \
+             rendezvous port)",
+            m.edge_connections.clone(),
+        );
+        registry.register(
+            "taas_edge_refused",
+            "Connections on the edge port turned away, by reason",
+            m.edge_refused.clone(),
+        );
+        registry.register(
+            "taas_edge_rendezvous",
+            "Rendezvous asked about on the edge port, by result (not_mine, committed, \
+             not_committed: claimed without a COMMIT, lost: committed as the registration ended)",
+            m.edge_rendezvous.clone(),
+        );
+        for kind in EDGE_KINDS {
+            let _ = m
+                .edge_connections
+                .get_or_create(&ByKind { kind: kind.into() });
+        }
+        for reason in EDGE_REFUSALS {
+            let _ = m.edge_refused.get_or_create(&ByReason {
+                reason: reason.into(),
+            });
+        }
+        for result in EDGE_RENDEZVOUS {
+            let _ = m.edge_rendezvous.get_or_create(&ByResult {
+                result: result.into(),
             });
         }
         registry.register(
@@ -334,6 +450,33 @@ impl RelayMetrics {
         self.shared_port_refused
             .get_or_create(&ByReason {
                 reason: SHARED_PORT_REFUSALS[reason as usize].into(),
+            })
+            .inc();
+    }
+
+    /// Counts a connection the edge port accepted (its header checked).
+    pub fn edge_connection(&self, kind: taas_protocol::edge::EdgeKind) {
+        self.edge_connections
+            .get_or_create(&ByKind {
+                kind: EDGE_KINDS[edge_kind(kind)].into(),
+            })
+            .inc();
+    }
+
+    /// Counts a connection the edge port turned away.
+    pub fn edge_refused(&self, reason: EdgeRefused) {
+        self.edge_refused
+            .get_or_create(&ByReason {
+                reason: EDGE_REFUSALS[reason as usize].into(),
+            })
+            .inc();
+    }
+
+    /// Counts what became of a rendezvous asked about on the edge port.
+    pub fn edge_rendezvous(&self, result: EdgeRendezvous) {
+        self.edge_rendezvous
+            .get_or_create(&ByResult {
+                result: EDGE_RENDEZVOUS[result as usize].into(),
             })
             .inc();
     }

@@ -46,6 +46,7 @@ async fn start_with_limits(
         secret_dir,
         external_file: None,
         control: "127.0.0.1:0".parse().unwrap(),
+        edge: None,
         gateway_token,
         trusted: trusted.iter().map(|net| net.parse().unwrap()).collect(),
         registrar: REGISTRAR.into(),

@@ -58,6 +58,7 @@ async fn start_label_relay(dir: &Path, label: &TestLabel, redirect_host: Redirec
         secret_dir,
         external_file: Some(external_file.clone()),
         control: "127.0.0.1:0".parse().unwrap(),
+        edge: None,
         gateway_token: Some(gateway_token(&label.label)),
         trusted: vec!["127.0.0.1/32".parse().unwrap()],
         registrar: REGISTRAR.into(),

@@ -16,10 +16,11 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use taas_protocol::edge::{self, EdgeHeader, EdgeKind, Parsed};
-use taas_relay::config::{PortRange, Timeouts};
+use taas_relay::config::{PortRange, RedirectHost, Timeouts};
 use taas_relay::gateway::UpstreamSettings;
 use taas_relay::gateway_auth::InstallSecret;
 use taas_relay::run::gateway::{self, GatewayOptions, RouteSource, RunningGateway};
+use taas_relay::run::pod::{self as label_relay, LabelRelay, LabelRelayOptions};
 use taas_testkit::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -83,8 +84,9 @@ impl EdgeRoute {
 }
 
 struct EdgeGateway {
-    dir: tempfile::TempDir,
+    // Stopped before its directory goes (fields drop in order).
     gateway: RunningGateway,
+    dir: tempfile::TempDir,
     range: PortRange,
 }
 
@@ -646,4 +648,223 @@ async fn without_the_install_secret_nothing_is_forwarded_and_the_refusal_says_wh
     assert_closed(&mut hidden).await;
     cluster.wait_refused("no_secret", 2.0).await;
     assert!(home.accepted.try_recv().is_err(), "no relay was asked");
+}
+
+// ---------------------------------------------------------------------------------------
+// The whole path: real label relays with their edge port, registrations through the
+// gateway's HTTPS port, hidden servers parked through the shared rendezvous range.
+
+/// A label relay as the operator runs it in edge mode: its edge port on, its local p ports
+/// mapped to the gateway's rendezvous ports `ts` and q to the gateway's shared port, its host
+/// the gateway's address.
+async fn start_edge_label_relay(
+    cluster: &EdgeGateway,
+    label: &TestLabel,
+    ts: &[u16],
+) -> LabelRelay {
+    let dir = cluster.dir.path();
+    let (label_file, secret_dir) = mount_label(dir, label);
+    let (p_ports, q) = port_block(ts.len() as u16);
+    let external_file = dir.join(&label.label).join("external.yaml");
+    let mut text = "host: \"127.0.0.1\"\nports:\n".to_string();
+    for (p, t) in p_ports.iter().zip(ts) {
+        text.push_str(&format!("  {p}: {t}\n"));
+    }
+    text.push_str(&format!("  {}: {}\n", q.lo, cluster.shared().port()));
+    std::fs::write(&external_file, text).unwrap();
+    let token = InstallSecret::new(INSTALL_SECRET.as_bytes())
+        .unwrap()
+        .token_for(&label.label);
+    label_relay::start(LabelRelayOptions {
+        external_file: Some(external_file),
+        control: "127.0.0.1:0".parse().unwrap(),
+        edge: Some("127.0.0.1:0".parse().unwrap()),
+        gateway_token: Some(token),
+        trusted: vec!["127.0.0.1/32".parse().unwrap()],
+        registrar: REGISTRAR.into(),
+        domain: DOMAIN.into(),
+        redirect_host: RedirectHost::Requested,
+        p_ports,
+        client_port: q.lo,
+        metrics: None,
+        reload_interval: Duration::from_millis(50),
+        ..LabelRelayOptions::new(label_file, secret_dir)
+    })
+    .await
+    .expect("label relay starts")
+}
+
+/// The route of a label relay started by [`start_edge_label_relay`].
+fn route_to(relay: &LabelRelay, ts: &[u16]) -> EdgeRoute {
+    EdgeRoute {
+        relay: relay.control.to_string(),
+        ..EdgeRoute::edge(relay.edge.expect("the relay's edge port")).owning(ts)
+    }
+}
+
+impl EdgeGateway {
+    /// A TLS connection to the gateway's HTTPS port from `source`, for the registrar.
+    async fn tls_from(
+        &self,
+        source: &str,
+        name: &str,
+    ) -> tokio_rustls::client::TlsStream<TcpStream> {
+        let tcp = connect_from(source, self.gateway.frontend).await;
+        let config = taas_relay::agent::client_tls_config(&taas_relay::agent::Trust::PemFile(
+            self.gateway.cert.cert.clone(),
+        ))
+        .unwrap();
+        let name = rustls_pki_types::ServerName::try_from(name.to_string()).unwrap();
+        tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await
+            .unwrap()
+    }
+
+    /// Registers `label` through the gateway from `source` and parks a connection from the
+    /// same source on the answered address (a gateway rendezvous port).
+    async fn park_from(&self, source: &str, label: &TestLabel) -> TcpStream {
+        let mut tls = self.tls_from(source, REGISTRAR).await;
+        let request = steward_request(
+            &label.label,
+            self.gateway.frontend.port(),
+            &label.authorization(),
+        );
+        tls.write_all(request.as_bytes()).await.unwrap();
+        let response = read_response(&mut tls).await;
+        assert_eq!(response.status, 200, "{response:?}");
+        let answered: SocketAddr = response.body_str().trim().parse().unwrap();
+        assert!(
+            self.range.contains(answered.port()),
+            "a gateway rendezvous port: {answered}"
+        );
+        connect_from(source, answered).await
+    }
+}
+
+fn parked(relay: &LabelRelay, label: &str) -> usize {
+    relay.relay.label(label).map_or(0, |l| l.parked())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_the_gateway_alone_a_hidden_server_parks_and_a_shared_port_client_reaches_it_unchanged(
+) {
+    let cluster = EdgeGateway::start().await;
+    let home = TestLabel::new("home");
+    let ts = [cluster.t(0), cluster.t(1)];
+    let relay = start_edge_label_relay(&cluster, &home, &ts).await;
+    cluster.set_routes(&[("home", route_to(&relay, &ts))]).await;
+    let mut hidden = cluster.park_from("127.0.0.2", &home).await;
+    eventually("parked through the gateway", || async {
+        parked(&relay, "home") == 1
+    })
+    .await;
+    assert_eq!(cluster.forwarded("rendezvous").await, 1.0);
+    assert_client_hello_passes_unchanged(cluster.shared(), &format!("home.{DOMAIN}"), &mut hidden)
+        .await;
+    assert_eq!(cluster.forwarded("shared_port").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_reaches_a_direct_label_on_the_gateways_https_port_with_no_307_and_others_keep_theirs()
+{
+    let cluster = EdgeGateway::start().await;
+    let home = TestLabel::new("home").with("direct: true");
+    let work = TestLabel::new("work");
+    let (home_ts, work_ts) = ([cluster.t(0), cluster.t(1)], [cluster.t(1), cluster.t(2)]);
+    let home_relay = start_edge_label_relay(&cluster, &home, &home_ts).await;
+    let work_relay = start_edge_label_relay(&cluster, &work, &work_ts).await;
+    cluster
+        .set_routes(&[
+            ("home", route_to(&home_relay, &home_ts).direct()),
+            ("work", route_to(&work_relay, &work_ts)),
+        ])
+        .await;
+    let page = TlsPage::start(&format!("home.{DOMAIN}"), "hello, directly").await;
+    let agent = taas_testkit::agent::Agent::start(
+        cluster.gateway.frontend,
+        &cluster.gateway.cert.cert,
+        &home,
+        page.addr,
+        2,
+        |_| {},
+    );
+    eventually("the agent parked two through the gateway", || async {
+        parked(&home_relay, "home") == 2
+    })
+    .await;
+    let cacert = cluster.dir.path().join("hidden.pem");
+    std::fs::write(&cacert, &page.cert_pem).unwrap();
+    // *.localhost resolves to loopback in curl.
+    let url = format!(
+        "https://home.{DOMAIN}:{}/index.html?q=1",
+        cluster.gateway.frontend.port()
+    );
+    let body = curl(
+        &url,
+        &cacert,
+        &[],
+        "\nstatus: %{http_code} redirects: %{num_redirects}",
+    )
+    .await;
+    assert!(body.contains("hello, directly"), "{body}");
+    assert!(
+        body.contains("request: GET /index.html?q=1 HTTP/1.1"),
+        "{body}"
+    );
+    assert!(body.contains("status: 200 redirects: 0"), "{body}");
+    assert_eq!(cluster.forwarded("direct").await, 1.0);
+
+    // The other label: the gateway's TLS and its relay's 307, to the shared port.
+    let _work_parked = cluster.park_from("127.0.0.3", &work).await;
+    eventually("work parked", || async { parked(&work_relay, "work") == 1 }).await;
+    let mut tls = cluster
+        .tls_from("127.0.0.1", &format!("work.{DOMAIN}"))
+        .await;
+    tls.write_all(
+        format!("GET /x HTTP/1.1\r\nHost: work.{DOMAIN}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let response = read_response(&mut tls).await;
+    assert_eq!(response.status, 307, "{response:?}");
+    assert_eq!(
+        response.header("location"),
+        Some(format!("https://work.{DOMAIN}:{}/x", cluster.shared().port()).as_str())
+    );
+    drop(agent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_labels_whose_slices_overlap_both_park_through_the_same_port_from_their_own_sources() {
+    let cluster = EdgeGateway::start().await;
+    let a = TestLabel::new("alpha");
+    let b = TestLabel::new("beta");
+    // One p port each, both mapped to the same T.
+    let t = [cluster.t(4)];
+    let a_relay = start_edge_label_relay(&cluster, &a, &t).await;
+    let b_relay = start_edge_label_relay(&cluster, &b, &t).await;
+    cluster
+        .set_routes(&[
+            ("alpha", route_to(&a_relay, &t)),
+            ("beta", route_to(&b_relay, &t)),
+        ])
+        .await;
+    let _a_hidden = cluster.park_from("127.0.0.2", &a).await;
+    let _b_hidden = cluster.park_from("127.0.0.3", &b).await;
+    eventually("both parked", || async {
+        parked(&a_relay, "alpha") == 1 && parked(&b_relay, "beta") == 1
+    })
+    .await;
+    assert_eq!(cluster.forwarded("rendezvous").await, 2.0);
+
+    // A stranger on T: neither relay claims it; closed and counted, the labels unaffected.
+    let mut stranger = connect_from("127.0.0.4", SocketAddr::from(([127, 0, 0, 1], t[0]))).await;
+    assert_closed(&mut stranger).await;
+    cluster.wait_refused("no_registration", 1.0).await;
+    let _again = cluster.park_from("127.0.0.2", &a).await;
+    eventually("alpha parks again", || async {
+        parked(&a_relay, "alpha") == 2
+    })
+    .await;
 }

@@ -109,8 +109,8 @@ struct GatewayArgs {
     /// raw (never decrypted) to LABEL's relay edge port, when its route has one. "off" to
     /// disable.
     #[arg(long, env = "TAAS_SHARED_PORT", value_name = "ADDR|off", default_value = "off",
-          value_parser = gateway_shared_port_arg)]
-    shared_port: GatewaySharedPort,
+          value_parser = edge_arg)]
+    shared_port: EdgeAddr,
     /// Edge mode: the shared rendezvous ports, each listened on at the --listen IP; a hidden
     /// server's connection on one goes to the relay (among the labels owning that port)
     /// that claims it. "off" to disable.
@@ -133,6 +133,12 @@ struct LabelRelayArgs {
     /// Plain-HTTP control port for the gateways.
     #[arg(long, env = "TAAS_CONTROL", default_value_t = pod::DEFAULT_CONTROL)]
     control: SocketAddr,
+    /// The edge port: in the cluster's edge mode the gateways forward clients and hidden
+    /// servers here raw, each after an edge header carrying this label's gateway token
+    /// (needs --gateway-token). "off" to disable.
+    #[arg(long, env = "TAAS_EDGE", value_name = "ADDR|off", default_value = "off",
+          value_parser = edge_arg)]
+    edge: EdgeAddr,
     /// The gateway token of this label (the operator derives it from the install secret):
     /// every control-port request must carry it in `taas-gateway-auth` (403 otherwise), and
     /// only such requests may name the client. Without it the control port is
@@ -391,17 +397,17 @@ fn shared_port_arg(value: &str) -> Result<SharedPort, String> {
     }
 }
 
-/// The gateway's `--shared-port`: an address, or off.
+/// An address, or off: the label relay's `--edge` and the gateway's `--shared-port`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct GatewaySharedPort(Option<SocketAddr>);
+struct EdgeAddr(Option<SocketAddr>);
 
-fn gateway_shared_port_arg(value: &str) -> Result<GatewaySharedPort, String> {
+fn edge_arg(value: &str) -> Result<EdgeAddr, String> {
     match value.trim() {
-        "off" => Ok(GatewaySharedPort(None)),
+        "off" => Ok(EdgeAddr(None)),
         addr => addr
-            .parse::<SocketAddr>()
-            .map(|addr| GatewaySharedPort(Some(addr)))
-            .map_err(|_| format!("{value:?}: expected ADDR:PORT (e.g. 0.0.0.0:9443) or off")),
+            .parse()
+            .map(|addr| EdgeAddr(Some(addr)))
+            .map_err(|_| format!("{value:?}: expected ADDR:PORT or off")),
     }
 }
 
@@ -553,6 +559,7 @@ fn label_relay_options(args: &LabelRelayArgs) -> anyhow::Result<LabelRelayOption
         secret_dir: args.secret_dir.clone(),
         external_file: args.external_file.clone(),
         control: args.control,
+        edge: args.edge.0,
         gateway_token: args
             .gateway_token
             .as_deref()
@@ -712,6 +719,46 @@ mod tests {
             arg.get_env(),
             Some(std::ffi::OsStr::new("TAAS_SHARED_PORT"))
         );
+    }
+
+    /// `label-relay --edge` is off by default, an address when given (flag or TAAS_EDGE), and
+    /// nothing else.
+    #[test]
+    fn the_edge_port_is_off_by_default_and_an_address_or_off_when_given() {
+        let edge = |args: &[&str]| {
+            let base = [
+                "taas-relay",
+                "label-relay",
+                "--label-file",
+                "l",
+                "--secret-dir",
+                "s",
+            ];
+            match Cli::try_parse_from([&base[..], args].concat()) {
+                Ok(Cli {
+                    command: Command::LabelRelay(args),
+                    ..
+                }) => Ok(label_relay_options(&args).unwrap().edge),
+                Ok(_) => panic!("label-relay"),
+                Err(error) => Err(error.to_string()),
+            }
+        };
+        assert_eq!(edge(&[]), Ok(None));
+        assert_eq!(edge(&["--edge", "off"]), Ok(None));
+        assert_eq!(
+            edge(&["--edge", "0.0.0.0:21001"]),
+            Ok(Some("0.0.0.0:21001".parse().unwrap()))
+        );
+        for bad in ["21001", "on", ""] {
+            assert!(edge(&["--edge", bad]).is_err(), "{bad:?}");
+        }
+        let command = Cli::command();
+        let relay = command.find_subcommand("label-relay").unwrap();
+        let arg = relay
+            .get_arguments()
+            .find(|a| a.get_id() == "edge")
+            .unwrap();
+        assert_eq!(arg.get_env(), Some(std::ffi::OsStr::new("TAAS_EDGE")));
     }
 
     /// Flags given change the options (the comparison above is not vacuous).

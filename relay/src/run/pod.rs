@@ -4,7 +4,8 @@
 //! plain HTTP on a control port (the gateway terminates TLS and names the client, and proves
 //! it is a gateway of this install with the label's gateway token, see `gateway_auth`); and the
 //! addresses handed out are the external ones the operator read back from the label's
-//! Service, from a mounted file that can change while the relay runs.
+//! Service, from a mounted file that can change while the relay runs. In a cluster's edge
+//! mode it also serves an edge port (`edge`) for connections the gateway forwards raw.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -19,6 +20,7 @@ use crate::config::{
     ExternalAddress, LabelConfig, Limits, PortRange, RedirectHost, RelaySettings, Timeouts,
     DEFAULT_DOMAIN, DEFAULT_REGISTRAR, POD_FRONTEND_CONNECTIONS,
 };
+use crate::edge::{self, EdgeAuth};
 use crate::frontend::{self, ControlAuth, FrontendMetrics, Transport};
 use crate::gateway_auth::GatewayToken;
 use crate::host::Names;
@@ -50,6 +52,9 @@ pub struct LabelRelayOptions {
     pub external_file: Option<PathBuf>,
     /// Plain-HTTP port for the gateways.
     pub control: SocketAddr,
+    /// The edge port (`edge`): connections a gateway in edge mode forwards raw, each after an
+    /// edge header. Needs `gateway_token`. `None`: off.
+    pub edge: Option<SocketAddr>,
     /// The gateway token (`gateway_auth`): with it, every control-port request must carry
     /// it (403 otherwise) and only such requests may name the original client. Without it,
     /// the control port is unauthenticated and nothing may name the client.
@@ -80,6 +85,7 @@ impl LabelRelayOptions {
             secret_dir,
             external_file: None,
             control: DEFAULT_CONTROL,
+            edge: None,
             gateway_token: None,
             trusted: Vec::new(),
             registrar: DEFAULT_REGISTRAR.into(),
@@ -102,6 +108,8 @@ impl LabelRelayOptions {
 pub struct LabelRelay {
     pub relay: Arc<StandaloneBackend>,
     pub control: SocketAddr,
+    /// The edge port as bound, when on.
+    pub edge: Option<SocketAddr>,
     pub metrics: Option<SocketAddr>,
     _tasks: Tasks,
 }
@@ -126,7 +134,20 @@ pub async fn start(options: LabelRelayOptions) -> Result<LabelRelay, StartError>
             options.client_port, options.p_ports
         )));
     }
+    let edge_auth =
+        match (options.edge, &options.gateway_token) {
+            (None, _) => None,
+            (Some(_), Some(token)) => Some(EdgeAuth {
+                gateway_token: token.clone(),
+                trusted: options.trusted.clone(),
+            }),
+            (Some(_), None) => return Err(StartError::Config(
+                "--edge needs --gateway-token: the edge port accepts only gateways of this install"
+                    .into(),
+            )),
+        };
     let label = read_label(&options)?;
+    let label_name = label.label.clone();
     let external = match &options.external_file {
         Some(path) => read_external(path).map_err(StartError::Config)?,
         None => ExternalAddress::new(options.control.ip().to_string()),
@@ -149,6 +170,7 @@ pub async fn start(options: LabelRelayOptions) -> Result<LabelRelay, StartError>
         data_threads: std::num::NonZeroUsize::MIN,
     };
     let (control, control_addr) = super::bind(options.control)?;
+    let edge = options.edge.map(super::bind).transpose()?;
     let mut registry = Registry::default();
     let relay =
         StandaloneBackend::new(settings.clone(), &mut registry).map_err(StartError::DataPlane)?;
@@ -178,12 +200,20 @@ pub async fn start(options: LabelRelayOptions) -> Result<LabelRelay, StartError>
         gateway_networks: options.trusted.clone(),
     });
     tasks.spawn(frontend::serve(control, transport, front, relay.clone()));
+    let edge_addr = match (edge, edge_auth) {
+        (Some((listener, addr)), Some(auth)) => {
+            tasks.spawn(edge::serve(listener, relay.clone(), label_name, auth));
+            Some(addr)
+        }
+        _ => None,
+    };
     tasks.spawn(follow_mounted_files(options, relay.clone()));
     tasks.set_ready();
-    tracing::info!(control = %control_addr, "label relay serving");
+    tracing::info!(control = %control_addr, edge = ?edge_addr, "label relay serving");
     Ok(LabelRelay {
         relay,
         control: control_addr,
+        edge: edge_addr,
         metrics,
         _tasks: tasks,
     })

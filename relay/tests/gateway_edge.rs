@@ -869,3 +869,41 @@ async fn two_labels_whose_slices_overlap_both_park_through_the_same_port_from_th
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_is_down_closes_the_client_counted_by_whether_its_route_said_ready() {
+    let cluster = EdgeGateway::start().await;
+    // A port nothing listens on.
+    let down = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    cluster
+        .set_routes(&[
+            ("up", EdgeRoute::edge(down)),
+            (
+                "starting",
+                EdgeRoute {
+                    ready: false,
+                    ..EdgeRoute::edge(down).direct()
+                },
+            ),
+        ])
+        .await;
+    let mut client = TcpStream::connect(cluster.shared()).await.unwrap();
+    client
+        .write_all(&client_hello(Some(&format!("up.{DOMAIN}"))))
+        .await
+        .unwrap();
+    assert_closed(&mut client).await;
+    cluster.wait_refused("relay_unreachable", 1.0).await;
+    // A direct label whose route is not ready yet is tried all the same (the flag lags).
+    let mut client = TcpStream::connect(cluster.gateway.frontend).await.unwrap();
+    client
+        .write_all(&client_hello(Some(&format!("starting.{DOMAIN}"))))
+        .await
+        .unwrap();
+    assert_closed(&mut client).await;
+    cluster.wait_refused("not_ready", 1.0).await;
+}

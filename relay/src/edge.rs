@@ -88,7 +88,8 @@ pub async fn serve(
     auth: EdgeAuth,
 ) {
     let auth = Arc::new(auth);
-    let label: Arc<str> = label.to_ascii_lowercase().into();
+    // As configured: the map's key. Headers are compared with it case-insensitively.
+    let label: Arc<str> = label.into();
     // Connections still reading their header (or waiting for COMMIT) are bounded, as the
     // shared port bounds those reading a ClientHello.
     let header_phase = Arc::new(Semaphore::new(
@@ -184,14 +185,17 @@ async fn route(
     else {
         return refuse(EdgeRefused::SourceLimit);
     };
-    label.hand_over(ClientConn {
+    let client = ClientConn {
         stream,
         peer: header.source,
         entry,
         // The ClientHello follows the header in the stream: nothing was read past it.
         read_ahead: Vec::new(),
         relay_slot: Some(relay_slot),
-    });
+    };
+    // A PROXY header tells the hidden server the gateway port the client used, as it would
+    // tell it the relay's own port.
+    label.hand_over_as(client, Some(header.destination));
 }
 
 /// Answers a rendezvous header: claims a pending registration (or says `NOT_MINE`), then on

@@ -33,6 +33,12 @@
 //! the same path as a client on q (`serve_client`): its read bytes count as its first byte and
 //! reach the hidden server first, unchanged; its client wait starts at the hand-over.
 //!
+//! In a cluster's edge mode (`edge`) clients also arrive through the edge port, handed over
+//! the same way, and a hidden server's connection may arrive there instead of on its one-shot
+//! port: the gateway asks which registration it is for (`Label::claim_rendezvous`, pinned
+//! source and local port as on the port itself) and, once it commits, the stream goes to that
+//! registration's task as if its port had accepted it. The port keeps listening meanwhile.
+//!
 //! The pool's counting (reserved ports against maxParked, pairing order, dropping dead
 //! connections) is `taas_protocol::pool`, property-tested there; this file holds the sockets
 //! and the tasks.
@@ -624,6 +630,13 @@ impl Label {
     /// end's runtime): it moves to the label's data-plane thread and is served there exactly
     /// as a connection accepted on q is.
     pub fn hand_over(self: &Arc<Self>, client: ClientConn) {
+        self.hand_over_as(client, None)
+    }
+
+    /// `hand_over` for a client that connected somewhere else than the stream's local
+    /// address: through the edge port (`edge`), the gateway's address and port from the edge
+    /// header. A PROXY header names `local` as the destination.
+    pub fn hand_over_as(self: &Arc<Self>, client: ClientConn, local: Option<SocketAddr>) {
         let ClientConn {
             stream,
             peer,
@@ -645,13 +658,16 @@ impl Label {
             match TcpStream::from_std(stream) {
                 Ok(stream) => {
                     label
-                        .serve_client(ClientConn {
-                            stream,
-                            peer,
-                            entry,
-                            read_ahead,
-                            relay_slot,
-                        })
+                        .serve_client(
+                            ClientConn {
+                                stream,
+                                peer,
+                                entry,
+                                read_ahead,
+                                relay_slot,
+                            },
+                            local,
+                        )
                         .await
                 }
                 Err(error) => {
@@ -664,7 +680,8 @@ impl Label {
     /// Serves one client connection (accepted on q, or handed over by the shared port): wait
     /// for its first byte (unless the server speaks first, or bytes were read already), pair
     /// it, then splice until both sides are done or the pair idles.
-    async fn serve_client(self: Arc<Self>, conn: ClientConn) {
+    /// `local`: where the client connected, when not the stream's local address.
+    async fn serve_client(self: Arc<Self>, conn: ClientConn, local: Option<SocketAddr>) {
         let ClientConn {
             stream: client,
             peer,
@@ -767,7 +784,7 @@ impl Label {
         let result = self
             .splice_pair(
                 &mut client,
-                peer,
+                (peer, local),
                 &read_ahead,
                 &mut server,
                 config.proxy_protocol,
@@ -810,15 +827,20 @@ impl Label {
     async fn splice_pair(
         &self,
         client: &mut TcpStream,
-        peer: SocketAddr,
+        (peer, local): (SocketAddr, Option<SocketAddr>),
         read_ahead: &[u8],
         server: &mut ParkedConn,
         proxy: ProxyProtocol,
     ) -> std::io::Result<splice::Spliced> {
-        let header = match proxy {
-            ProxyProtocol::None => None,
-            ProxyProtocol::V1 => Some(proxy_header::v1(peer, client.local_addr()?)),
-            ProxyProtocol::V2 => Some(proxy_header::v2(peer, client.local_addr()?)),
+        let local = match (proxy, local) {
+            (ProxyProtocol::None, _) => None,
+            (_, Some(local)) => Some(local),
+            (_, None) => Some(client.local_addr()?),
+        };
+        let header = match (proxy, local) {
+            (ProxyProtocol::V1, Some(local)) => Some(proxy_header::v1(peer, local)),
+            (ProxyProtocol::V2, Some(local)) => Some(proxy_header::v2(peer, local)),
+            _ => None,
         };
         if let Some(header) = header {
             server.stream.write_all(&header).await?;
@@ -1021,13 +1043,16 @@ async fn accept_clients(label: std::sync::Weak<Label>, listener: TcpListener, le
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let Some(label) = label.upgrade() else { return };
-                tokio::spawn(label.serve_client(ClientConn {
-                    stream,
-                    peer,
-                    entry: Entry::OwnPort,
-                    read_ahead: Vec::new(),
-                    relay_slot: None,
-                }));
+                tokio::spawn(label.serve_client(
+                    ClientConn {
+                        stream,
+                        peer,
+                        entry: Entry::OwnPort,
+                        read_ahead: Vec::new(),
+                        relay_slot: None,
+                    },
+                    None,
+                ));
             }
             Err(error) => {
                 // Typically out of file descriptors: back off rather than spin.

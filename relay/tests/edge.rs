@@ -15,7 +15,7 @@ use taas_relay::gateway_auth::{GatewayToken, InstallSecret, GATEWAY_AUTH_HEADER}
 use taas_relay::run::pod::{self as label_relay, LabelRelay, LabelRelayOptions};
 use taas_relay::run::StartError;
 use taas_testkit::prelude::*;
-use taas_testkit::readings;
+use taas_testkit::{logs, readings};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -52,6 +52,10 @@ struct Pod {
 }
 
 async fn start(dir: &Path, label: &TestLabel, trusted: &[&str]) -> Pod {
+    start_with(dir, label, trusted, Limits::default()).await
+}
+
+async fn start_with(dir: &Path, label: &TestLabel, trusted: &[&str], limits: Limits) -> Pod {
     let (label_file, secret_dir) = mount_label(dir, label);
     let (p_ports, q) = port_block(8);
     // As the operator writes it in edge mode: local p → T, host the gateway's address.
@@ -76,7 +80,7 @@ async fn start(dir: &Path, label: &TestLabel, trusted: &[&str]) -> Pod {
         metrics: Some("127.0.0.1:0".parse().unwrap()),
         reload_interval: Duration::from_millis(100),
         timeouts: timeouts(),
-        limits: Limits::default(),
+        limits,
         ..LabelRelayOptions::new(label_file, secret_dir)
     })
     .await
@@ -246,14 +250,19 @@ async fn assert_hello_reaches(stream: &mut TcpStream, parked: &mut TcpStream, na
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shared_port_client_through_the_edge_reaches_the_hidden_server_with_its_client_hello_unchanged(
 ) {
-    init_logs();
+    logs::debug_logs();
     let dir = tempfile::tempdir().unwrap();
     let home = TestLabel::new("home");
     let pod = start(dir.path(), &home, &[]).await;
     let mut parked = pod.park_directly(&home).await;
-    let mut client = pod
-        .send(&pod.header(EdgeKind::SharedPort, PHONE, 9443))
-        .await;
+    // The header in pieces (the relay reads exactly it, however it arrives).
+    let header = pod.header(EdgeKind::SharedPort, PHONE, 9443).encode();
+    let mut client = TcpStream::connect(pod.edge()).await.unwrap();
+    for piece in [&header[..5], &header[5..20], &header[20..]] {
+        client.write_all(piece).await.unwrap();
+        client.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_hello_reaches(&mut client, &mut parked, &format!("home.{DOMAIN}")).await;
     let metrics = pod.metrics().await;
     assert_eq!(
@@ -271,7 +280,7 @@ async fn a_shared_port_client_through_the_edge_reaches_the_hidden_server_with_it
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_direct_client_through_the_edge_reaches_the_hidden_server_named_by_its_header() {
-    init_logs();
+    logs::debug_logs();
     let dir = tempfile::tempdir().unwrap();
     let home = TestLabel::new("home")
         .with("direct: true")
@@ -292,8 +301,8 @@ async fn a_direct_client_through_the_edge_reaches_the_hidden_server_named_by_its
         line.push(byte[0]);
     }
     let line = String::from_utf8(line).unwrap();
-    assert!(line.starts_with("PROXY TCP4 192.0.2.77 "), "{line}");
-    assert!(line.contains(" 50123 "), "{line}");
+    // ...and the gateway's address and port it used (from the header), not the edge port's.
+    assert_eq!(line, "PROXY TCP4 192.0.2.77 127.0.0.1 50123 443\r\n");
     let mut seen = vec![0u8; hello.len()];
     tokio::time::timeout(PATIENCE, parked.read_exact(&mut seen))
         .await
@@ -306,7 +315,7 @@ async fn a_direct_client_through_the_edge_reaches_the_hidden_server_named_by_its
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rendezvous_from_the_pinned_source_is_claimed_committed_parked_and_paired() {
-    init_logs();
+    logs::debug_logs();
     let dir = tempfile::tempdir().unwrap();
     let home = TestLabel::new("home");
     let pod = start(dir.path(), &home, &[]).await;
@@ -340,7 +349,7 @@ async fn a_rendezvous_from_the_pinned_source_is_claimed_committed_parked_and_pai
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rendezvous_from_another_source_or_for_another_port_is_not_mine_and_the_registration_stays(
 ) {
-    init_logs();
+    logs::debug_logs();
     let dir = tempfile::tempdir().unwrap();
     let home = TestLabel::new("home");
     let pod = start(dir.path(), &home, &[]).await;
@@ -365,7 +374,7 @@ async fn a_rendezvous_from_another_source_or_for_another_port_is_not_mine_and_th
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_without_commit_leaves_the_registration_pending_and_a_second_claim_parks() {
-    init_logs();
+    logs::debug_logs();
     let dir = tempfile::tempdir().unwrap();
     let home = TestLabel::new("home");
     let pod = start(dir.path(), &home, &[]).await;
@@ -408,7 +417,7 @@ async fn a_claim_without_commit_leaves_the_registration_pending_and_a_second_cla
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_one_shot_port_itself_still_takes_the_hidden_server_after_an_abandoned_claim() {
-    init_logs();
+    logs::debug_logs();
     let dir = tempfile::tempdir().unwrap();
     let home = TestLabel::new("home");
     let pod = start(dir.path(), &home, &[]).await;
@@ -428,7 +437,7 @@ async fn the_one_shot_port_itself_still_takes_the_hidden_server_after_an_abandon
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_headers_silent_and_stalled_peers_are_closed_in_time_counted_and_the_label_keeps_serving(
 ) {
-    init_logs();
+    logs::debug_logs();
     let dir = tempfile::tempdir().unwrap();
     let home = TestLabel::new("home");
     let pod = start(dir.path(), &home, &[]).await;
@@ -494,11 +503,17 @@ async fn bad_headers_silent_and_stalled_peers_are_closed_in_time_counted_and_the
     // The parked connection was never touched: a client still pairs with it.
     assert_eq!(pod.parked(), 1);
     pod.assert_q_pairs_with(&mut parked).await;
+    // Neither the right token nor a wrong one reaches the (debug) logs.
+    let logs = logs::captured_logs();
+    assert!(logs.contains("edge port"), "no edge logs captured");
+    for token in [pod.token.expose(), token_for("office").expose()] {
+        assert!(!logs.contains(token), "a gateway token is in the logs");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peers_outside_the_trusted_networks_are_closed_before_any_header_is_read() {
-    init_logs();
+    logs::debug_logs();
     let dir = tempfile::tempdir().unwrap();
     let home = TestLabel::new("home");
     let pod = start(dir.path(), &home, &["127.0.0.1/32"]).await;
@@ -516,8 +531,43 @@ async fn peers_outside_the_trusted_networks_are_closed_before_any_header_is_read
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_still_reading_their_header_are_capped_and_the_next_one_is_closed_at_once() {
+    logs::debug_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let home = TestLabel::new("home");
+    let limits = Limits {
+        frontend_connections: 2,
+        ..Limits::default()
+    };
+    let pod = start_with(dir.path(), &home, &[], limits).await;
+    let mut parked = pod.park_directly(&home).await;
+    // Two peers hold half headers; the third is closed before its header's deadline.
+    let header = pod.header(EdgeKind::SharedPort, PHONE, 9443).encode();
+    let mut holders = Vec::new();
+    for _ in 0..2 {
+        let mut holder = TcpStream::connect(pod.edge()).await.unwrap();
+        holder.write_all(&header[..3]).await.unwrap();
+        holders.push(holder);
+    }
+    // The edge port accepts in order: the holders took both permits before the third comes.
+    let mut third = TcpStream::connect(pod.edge()).await.unwrap();
+    let started = Instant::now();
+    assert_closed(&mut third).await;
+    assert!(started.elapsed() < timeouts().first_byte, "closed at once");
+    assert_eq!(refused(&pod.metrics().await, "overloaded"), 1.0);
+    // Once they are gone, a client gets through again.
+    for mut holder in holders {
+        assert_closed(&mut holder).await;
+    }
+    let mut client = pod
+        .send(&pod.header(EdgeKind::SharedPort, PHONE, 9443))
+        .await;
+    assert_hello_reaches(&mut client, &mut parked, &format!("home.{DOMAIN}")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shared_port_client_of_a_label_whose_server_speaks_first_is_refused() {
-    init_logs();
+    logs::debug_logs();
     let dir = tempfile::tempdir().unwrap();
     let home = TestLabel::new("home")
         .with("serverSpeaksFirst: true")
@@ -536,6 +586,7 @@ async fn a_shared_port_client_of_a_label_whose_server_speaks_first_is_refused() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edge_port_without_a_gateway_token_is_a_start_error() {
+    logs::debug_logs();
     let dir = tempfile::tempdir().unwrap();
     let home = TestLabel::new("home");
     let (label_file, secret_dir) = mount_label(dir.path(), &home);
@@ -553,5 +604,31 @@ async fn an_edge_port_without_a_gateway_token_is_a_start_error() {
         Err(StartError::Config(message)) => assert!(message.contains("--edge"), "{message}"),
         Err(other) => panic!("another error: {other}"),
         Ok(_) => panic!("started without a gateway token"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_port_inside_the_rendezvous_ports_is_a_start_error() {
+    logs::debug_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let home = TestLabel::new("home");
+    let (label_file, secret_dir) = mount_label(dir.path(), &home);
+    let (p_ports, q) = port_block(8);
+    let result = label_relay::start(LabelRelayOptions {
+        edge: Some(SocketAddr::new([127, 0, 0, 1].into(), p_ports.lo + 3)),
+        gateway_token: Some(token_for("home")),
+        control: "127.0.0.1:0".parse().unwrap(),
+        p_ports,
+        client_port: q.lo,
+        metrics: None,
+        ..LabelRelayOptions::new(label_file, secret_dir)
+    })
+    .await;
+    match result {
+        Err(StartError::Config(message)) => {
+            assert!(message.contains("inside --p-ports"), "{message}")
+        }
+        Err(other) => panic!("another error: {other}"),
+        Ok(_) => panic!("started with the edge port among the rendezvous ports"),
     }
 }

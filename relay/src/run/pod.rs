@@ -134,18 +134,25 @@ pub async fn start(options: LabelRelayOptions) -> Result<LabelRelay, StartError>
             options.client_port, options.p_ports
         )));
     }
-    let edge_auth =
-        match (options.edge, &options.gateway_token) {
-            (None, _) => None,
-            (Some(_), Some(token)) => Some(EdgeAuth {
-                gateway_token: token.clone(),
-                trusted: options.trusted.clone(),
-            }),
-            (Some(_), None) => return Err(StartError::Config(
-                "--edge needs --gateway-token: the edge port accepts only gateways of this install"
-                    .into(),
-            )),
-        };
+    if let Some(edge) = options.edge {
+        if options.p_ports.contains(edge.port()) {
+            return Err(StartError::Config(format!(
+                "--edge {edge} is inside --p-ports {}",
+                options.p_ports
+            )));
+        }
+    }
+    let edge_auth = match (options.edge, &options.gateway_token) {
+        (None, _) => None,
+        (Some(_), Some(token)) => Some(EdgeAuth {
+            gateway_token: token.clone(),
+            trusted: options.trusted.clone(),
+        }),
+        (Some(_), None) => {
+            let problem = "--edge needs --gateway-token: only gateways of this install may use it";
+            return Err(StartError::Config(problem.into()));
+        }
+    };
     let label = read_label(&options)?;
     let label_name = label.label.clone();
     let external = match &options.external_file {

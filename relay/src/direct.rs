@@ -11,8 +11,10 @@
 //! A ClientHello without a server name, with a name that is not a direct label, or bytes that
 //! are not a ClientHello all take the front end's TLS path, as before.
 //!
-//! Standalone `serve` only: in a cluster the gateway's front end does not read server names
-//! yet (a later step of issue 15).
+//! Two implementations of the same seam ([`DirectLabels`]): the standalone `serve` hands the
+//! connection to its own label; a cluster's gateway (issue 15.3) forwards it raw to the
+//! label's relay, behind an edge header (`gateway::edge`), when the label's route is direct
+//! and in edge mode. Reading the name, and giving the connection back for TLS, is shared.
 
 use std::fmt;
 use std::io;
@@ -26,16 +28,25 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::client_hello::{read_server_name, Deadlines, HelloFailure};
+use crate::gateway::edge::Edge;
 use crate::label::{ClientConn, Entry, Label};
 use crate::relay::StandaloneBackend;
 
-/// The labels the front end may hand a connection to before TLS: the standalone relay's.
+/// The labels the front end may hand a connection to before TLS.
 #[derive(Clone)]
-pub struct DirectLabels(Arc<StandaloneBackend>);
+pub enum DirectLabels {
+    /// The standalone relay's own labels.
+    Standalone(Arc<StandaloneBackend>),
+    /// A gateway's: forwarded to the label's relay by the edge.
+    Gateway(Edge),
+}
 
 impl fmt::Debug for DirectLabels {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("DirectLabels")
+        match self {
+            Self::Standalone(_) => f.write_str("DirectLabels::Standalone"),
+            Self::Gateway(_) => f.write_str("DirectLabels::Gateway"),
+        }
     }
 }
 
@@ -51,14 +62,44 @@ pub enum Routed {
 
 impl DirectLabels {
     pub fn new(relay: Arc<StandaloneBackend>) -> Self {
-        Self(relay)
+        Self::Standalone(relay)
     }
 
-    /// The label a server name asks for, when that label is direct.
+    /// The standalone relay's label a server name asks for, when that label is direct.
     pub fn label_for(&self, server_name: &str) -> Option<Arc<Label>> {
-        let name = crate::shared_port::label_for(server_name, &self.0.settings().domain)?;
-        let label = self.0.label(&name.to_ascii_lowercase())?;
+        let Self::Standalone(relay) = self else {
+            return None;
+        };
+        let name = crate::shared_port::label_for(server_name, &relay.settings().domain)?;
+        let label = relay.label(&name.to_ascii_lowercase())?;
         label.config().direct.then_some(label)
+    }
+
+    /// Takes the connection when `server_name` is a direct label (handed over, or forwarded),
+    /// or gives it back with the bytes read.
+    fn take(
+        &self,
+        server_name: &str,
+        stream: TcpStream,
+        peer: SocketAddr,
+        hello: Vec<u8>,
+    ) -> Result<(), (TcpStream, Vec<u8>)> {
+        match self {
+            Self::Standalone(_) => {
+                let Some(label) = self.label_for(server_name) else {
+                    return Err((stream, hello));
+                };
+                label.hand_over(ClientConn {
+                    stream,
+                    peer,
+                    entry: Entry::Direct,
+                    read_ahead: hello,
+                    relay_slot: None,
+                });
+                Ok(())
+            }
+            Self::Gateway(edge) => edge.take_direct(server_name, stream, peer, hello),
+        }
     }
 
     /// Reads the ClientHello (until `deadline`) and hands the connection to a direct label,
@@ -75,18 +116,9 @@ impl DirectLabels {
             complete: deadline,
         };
         match read_server_name(&mut stream, &mut hello, deadlines).await {
-            Ok(name) => match self.label_for(&name) {
-                Some(label) => {
-                    label.hand_over(ClientConn {
-                        stream,
-                        peer,
-                        entry: Entry::Direct,
-                        read_ahead: hello,
-                        relay_slot: None,
-                    });
-                    Routed::HandedOver
-                }
-                None => Routed::Tls(stream, hello),
+            Ok(name) => match self.take(&name, stream, peer, hello) {
+                Ok(()) => Routed::HandedOver,
+                Err((stream, hello)) => Routed::Tls(stream, hello),
             },
             Err(
                 failure @ (HelloFailure::Silent

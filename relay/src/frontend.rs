@@ -1,9 +1,10 @@
 //! The front end: one listener for the registrar and the mobile clients. It terminates TLS
 //! (or, on a label relay's control port, takes plain HTTP from gateways), reads bounded
 //! HTTP/1.1 requests (keep-alive allowed), dispatches by Host (§1) and asks a `LabelBackend`
-//! for the answer. On the standalone relay's TLS front end, a connection whose ClientHello
-//! names a direct label is handed to that label before any TLS (`crate::direct`); the bytes
-//! read to decide are replayed into the handshake of every other connection.
+//! for the answer. On a TLS front end with direct labels (the standalone relay's, and a
+//! gateway's, which forwards them to their relay's edge port), a connection whose ClientHello
+//! names a direct label is taken before any TLS (`crate::direct`); the bytes read to decide
+//! are replayed into the handshake of every other connection.
 //!
 //! # Strangers must not take it offline (issue 13)
 //! Every front-end connection is bounded in time and memory, and no single source can hold
@@ -119,9 +120,10 @@ pub struct FrontendSettings {
     /// Connections one source (IPv4 address or IPv6 /64) may hold on the TLS front end.
     pub max_connections_per_source: usize,
     pub metrics: FrontendMetrics,
-    /// Direct labels (standalone `serve`): on the TLS front end, the ClientHello's server
-    /// name is read first and a direct label's connection is handed to it, never terminated
-    /// here. `None`: every connection is TLS terminated here, as in a cluster.
+    /// Direct labels (standalone `serve`, or a gateway's edge): on the TLS front end, the
+    /// ClientHello's server name is read first and a direct label's connection is taken
+    /// (handed to the label, or forwarded raw to its relay), never terminated here. `None`:
+    /// every connection is TLS terminated here.
     pub direct: Option<DirectLabels>,
 }
 

@@ -34,6 +34,13 @@
 //!   gateway token ([`crate::gateway_auth`]), so relays can refuse anyone else on their
 //!   control port. The secret is re-read on change and never logged; the header value is
 //!   marked sensitive.
+//!
+//! The cluster edge (issue 15.3): raw TCP forwarded to each label's relay by server name
+//! (shared port, direct labels on HTTPS) and by rendezvous port, is [`edge`]; what it looks
+//! up in the routes is [`edge_index`] (pure).
+
+pub mod edge;
+pub mod edge_index;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -58,6 +65,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::frontend::LabelBackend;
+pub use crate::gateway::edge_index::{EdgeIndex, EdgeTarget, NameLookup};
 use crate::gateway_auth::{InstallSecret, GATEWAY_AUTH_HEADER};
 use crate::rate_limit::{RateLimit, SourceRateLimiter};
 
@@ -81,40 +89,82 @@ const PASSED_HEADERS: [&str; 6] = [
     "cache-control",
 ];
 
-/// Where a label's relay answers, and whether it is ready to.
+/// Where a label's relay answers, and whether it is ready to. The edge fields (issue 15.3)
+/// are optional, so a routes file written before them still reads.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
 pub struct Route {
     /// `host:port` of the relay's control port.
     pub relay: String,
     #[serde(default = "ready_default")]
     pub ready: bool,
+    /// `host:port` of the relay's edge port; absent: the label is not in edge mode (the
+    /// gateway forwards no raw connection to it).
+    #[serde(default)]
+    pub edge: Option<String>,
+    /// A direct label: its server name on the gateway's HTTPS port is forwarded raw (with
+    /// `edge`), never terminated here.
+    #[serde(default)]
+    pub direct: bool,
+    /// The shared rendezvous ports T this label owns, in the order of its relay's local p
+    /// ports (slices of different labels may overlap).
+    #[serde(default)]
+    pub rendezvous: Vec<u16>,
+}
+
+impl Route {
+    /// A route to the control port `relay`, ready, not in edge mode.
+    pub fn new(relay: impl Into<String>) -> Self {
+        Self {
+            relay: relay.into(),
+            ready: true,
+            edge: None,
+            direct: false,
+            rendezvous: Vec::new(),
+        }
+    }
 }
 
 fn ready_default() -> bool {
     true
 }
 
+/// The routes and what is looked up in them by connection (built together, swapped together).
+#[derive(Debug, Default)]
+struct Routes {
+    by_label: HashMap<String, Route>,
+    edge: Arc<EdgeIndex>,
+}
+
 /// Label → route, replaced whole whenever the source (the cluster's `TaasLabel` objects, or a
-/// file) changes.
+/// file) changes; with it, the edge's index ([`EdgeIndex`]), rebuilt on every change.
 #[derive(Debug, Default)]
 pub struct RouteTable {
-    routes: RwLock<Arc<HashMap<String, Route>>>,
+    routes: RwLock<Arc<Routes>>,
 }
 
 impl RouteTable {
     pub fn get(&self, label: &str) -> Option<Route> {
-        self.routes
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(label)
-            .cloned()
+        read(&self.routes).by_label.get(label).cloned()
+    }
+
+    /// The edge's index as of now (a snapshot: a change later builds a new one).
+    pub fn edge(&self) -> Arc<EdgeIndex> {
+        read(&self.routes).edge.clone()
     }
 
     pub fn replace(&self, routes: HashMap<String, Route>) {
-        let mut current = self.routes.write().unwrap_or_else(|e| e.into_inner());
-        if **current != routes {
-            tracing::info!(labels = routes.len(), "routes updated");
-            *current = Arc::new(routes);
+        let mut current = write(&self.routes);
+        if current.by_label != routes {
+            let edge = Arc::new(EdgeIndex::build(&routes));
+            tracing::info!(
+                labels = routes.len(),
+                edge_labels = edge.labels(),
+                "routes updated"
+            );
+            *current = Arc::new(Routes {
+                by_label: routes,
+                edge,
+            });
         }
     }
 }
@@ -143,7 +193,7 @@ pub struct Gateway {
 /// the install secret and the counters.
 struct UpstreamShared {
     pool: UpstreamPool,
-    resolver: RelayResolver,
+    resolver: Arc<RelayResolver>,
     secret: Arc<SecretSlot>,
     metrics: Arc<GatewayMetrics>,
 }
@@ -189,13 +239,26 @@ impl Gateway {
             registrar: registrar.into(),
             upstream: Arc::new(UpstreamShared {
                 pool: UpstreamPool::new(settings.pool),
-                resolver: RelayResolver::default(),
+                resolver: Arc::default(),
                 secret,
                 metrics: metrics.clone(),
             }),
             redirect_limiter: Mutex::new(SourceRateLimiter::new(settings.redirect_limit)),
             metrics,
         }
+    }
+
+    /// What the edge needs of the upstream side: relay names resolved through the same
+    /// cache, and the install secret.
+    pub(crate) fn relay_connector(&self) -> RelayConnector {
+        RelayConnector {
+            resolver: self.upstream.resolver.clone(),
+            metrics: self.upstream.metrics.clone(),
+        }
+    }
+
+    pub(crate) fn secret(&self) -> Arc<SecretSlot> {
+        self.upstream.secret.clone()
     }
 
     /// Closes the client-request pool's idle connections once past their idle timeout, every
@@ -370,6 +433,12 @@ impl SecretSlot {
         Some(value)
     }
 
+    /// LABEL's gateway token, for the edge header (never logged: its Debug redacts it).
+    pub(crate) fn gateway_token(&self, label: &str) -> Option<crate::gateway_auth::GatewayToken> {
+        let secret = read(&self.secret).clone()?;
+        Some(secret.token_for(label))
+    }
+
     /// Puts `secret` in place; false if it is the one already there.
     pub fn replace(&self, secret: InstallSecret) -> bool {
         let mut current = write(&self.secret);
@@ -511,7 +580,35 @@ async fn exchange(
     Ok((answer, reusable))
 }
 
+/// Opens raw TCP connections to relays by name (`HOST:PORT`), resolved through the upstream
+/// side's cache: the edge's connections to relays' edge ports.
+#[derive(Clone)]
+pub(crate) struct RelayConnector {
+    resolver: Arc<RelayResolver>,
+    metrics: Arc<GatewayMetrics>,
+}
+
+impl RelayConnector {
+    /// A connection to `relay` within the connect deadline (resolution included).
+    pub(crate) async fn connect(&self, relay: &str) -> Result<TcpStream, UpstreamError> {
+        let addresses = self.resolver.resolve(relay, &self.metrics).await?;
+        connect_tcp(&addresses).await
+    }
+}
+
 async fn connect(addresses: &[SocketAddr]) -> Result<SendRequest<Empty<Bytes>>, UpstreamError> {
+    let tcp = connect_tcp(addresses).await?;
+    let _ = tcp.set_nodelay(true);
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "relay connection ended");
+        }
+    });
+    Ok(sender)
+}
+
+async fn connect_tcp(addresses: &[SocketAddr]) -> Result<TcpStream, UpstreamError> {
     // The addresses in turn (a name may resolve to IPv6 and IPv4), within one deadline.
     let attempt = async {
         let mut last = None;
@@ -523,19 +620,11 @@ async fn connect(addresses: &[SocketAddr]) -> Result<SendRequest<Empty<Bytes>>, 
         }
         Err(last.unwrap_or_else(|| std::io::Error::other("no address")))
     };
-    let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
-        Ok(Ok(tcp)) => tcp,
-        Ok(Err(error)) => return Err(UpstreamError::Connect(error)),
-        Err(_) => return Err(UpstreamError::ConnectTimeout),
-    };
-    let _ = tcp.set_nodelay(true);
-    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
-    tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::debug!(%error, "relay connection ended");
-        }
-    });
-    Ok(sender)
+    match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
+        Ok(Ok(tcp)) => Ok(tcp),
+        Ok(Err(error)) => Err(UpstreamError::Connect(error)),
+        Err(_) => Err(UpstreamError::ConnectTimeout),
+    }
 }
 
 /// Kept-alive connections for client requests, per relay address (the route's string).
@@ -827,6 +916,39 @@ mod tests {
             );
             assert!(cache.entries.len() <= 3);
         }
+    }
+
+    #[test]
+    fn a_routes_file_without_the_edge_fields_still_reads_and_one_with_them_reads_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routes.yaml");
+        std::fs::write(
+            &path,
+            "Home: {relay: \"r:8080\", ready: false}\nlab: {relay: \"l:8080\"}\n",
+        )
+        .unwrap();
+        let routes = read_route_file(&path).unwrap();
+        assert_eq!(
+            routes["home"],
+            Route {
+                ready: false,
+                ..Route::new("r:8080")
+            }
+        );
+        assert_eq!(routes["lab"], Route::new("l:8080"));
+        std::fs::write(
+            &path,
+            "home: {relay: \"r:8080\", edge: \"taas-home-control.ns.svc.cluster.local.:21001\", \
+             direct: true, rendezvous: [20005, 20006]}\n",
+        )
+        .unwrap();
+        let home = &read_route_file(&path).unwrap()["home"];
+        assert_eq!(
+            home.edge.as_deref(),
+            Some("taas-home-control.ns.svc.cluster.local.:21001")
+        );
+        assert!(home.direct);
+        assert_eq!(home.rendezvous, [20005, 20006]);
     }
 
     #[test]

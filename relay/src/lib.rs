@@ -20,6 +20,8 @@
 //!   connection counts on q;
 //! - `frontend`: the HTTPS listener (TLS, HTTP/1.1, dispatch) and the `LabelBackend` it asks:
 //!   `relay::StandaloneBackend` (every label here) or `gateway` (forwarded to each label's relay);
+//!   `gateway::edge`: the gateway's side of the edge (shared port, rendezvous range, direct
+//!   labels forwarded raw), over `gateway::edge_index` (what it looks up, pure);
 //! - `run`: the three run modes, `standalone` (`serve`), `pod` (`label-relay`) and
 //!   `gateway`, over one shared set-up (certificate pair, front end, metrics, file
 //!   followers); logs, signals and the metrics endpoint are the `taas-process` crate;

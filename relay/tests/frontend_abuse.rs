@@ -130,6 +130,9 @@ async fn a_body_that_never_arrives_at_the_gateway_gets_408_and_a_close_at_its_de
         max_connections_per_source: 64,
         install_secret_file: None,
         upstream: Default::default(),
+        ..taas_relay::run::gateway::GatewayOptions::new(
+            taas_relay::run::gateway::RouteSource::File(dir.path().join("routes.yaml")),
+        )
     })
     .await
     .expect("gateway starts");

@@ -106,6 +106,7 @@ impl Cluster {
             // As the chart runs it: relays checking gateway tokens accept this gateway.
             install_secret_file: Some(dir.path().join("install-secret")),
             upstream: UpstreamSettings::default(),
+            ..GatewayOptions::new(RouteSource::File(dir.path().join("routes.yaml")))
         };
         adjust(&mut options, dir.path());
         let gateway = gateway::start(options).await.expect("gateway starts");
@@ -119,8 +120,8 @@ impl Cluster {
                 (
                     *label,
                     Route {
-                        relay: relay.clone(),
                         ready: *ready,
+                        ..Route::new(relay.clone())
                     },
                 )
             })

@@ -65,7 +65,8 @@ struct GatewayArgs {
     names: Names,
     #[command(flatten)]
     tls: TlsArgs,
-    /// Routes: a YAML file `LABEL: {relay: HOST:PORT, ready: true}`, re-read on change.
+    /// Routes: a YAML file `LABEL: {relay: HOST:PORT, ready: true}`, re-read on change; in
+    /// edge mode also `edge: HOST:PORT`, `direct: true`, `rendezvous: [T, ...]`.
     #[arg(long, env = "TAAS_ROUTES_FILE")]
     routes_file: PathBuf,
     /// Seconds between reads of --routes-file.
@@ -104,6 +105,18 @@ struct GatewayArgs {
     #[arg(long, env = "TAAS_REDIRECT_BURST", default_value_t = RateLimit::default().burst,
           value_parser = clap::value_parser!(u32).range(1..))]
     redirect_burst: u32,
+    /// Edge mode: the shared client port. A TLS client naming LABEL.<domain> is forwarded
+    /// raw (never decrypted) to LABEL's relay edge port, when its route has one. "off" to
+    /// disable.
+    #[arg(long, env = "TAAS_SHARED_PORT", value_name = "ADDR|off", default_value = "off",
+          value_parser = edge_arg)]
+    shared_port: EdgeAddr,
+    /// Edge mode: the shared rendezvous ports, each listened on at the --listen IP; a hidden
+    /// server's connection on one goes to the relay (among the labels owning that port)
+    /// that claims it. "off" to disable.
+    #[arg(long, env = "TAAS_RENDEZVOUS_PORTS", value_name = "LO-HI|off", default_value = "off",
+          value_parser = rendezvous_ports_arg)]
+    rendezvous_ports: RendezvousPorts,
 }
 
 #[derive(Args)]
@@ -384,7 +397,7 @@ fn shared_port_arg(value: &str) -> Result<SharedPort, String> {
     }
 }
 
-/// `--edge`: an address, or off.
+/// An address, or off: the label relay's `--edge` and the gateway's `--shared-port`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct EdgeAddr(Option<SocketAddr>);
 
@@ -395,6 +408,17 @@ fn edge_arg(value: &str) -> Result<EdgeAddr, String> {
             .parse()
             .map(|addr| EdgeAddr(Some(addr)))
             .map_err(|_| format!("{value:?}: expected ADDR:PORT or off")),
+    }
+}
+
+/// `--rendezvous-ports`: a range, or off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct RendezvousPorts(Option<PortRange>);
+
+fn rendezvous_ports_arg(value: &str) -> Result<RendezvousPorts, String> {
+    match value.trim() {
+        "off" => Ok(RendezvousPorts(None)),
+        range => range.parse().map(|range| RendezvousPorts(Some(range))),
     }
 }
 
@@ -506,6 +530,9 @@ fn gateway_options(args: &GatewayArgs) -> anyhow::Result<(GatewayOptions, Durati
             },
             ..UpstreamSettings::default()
         },
+        shared_port: args.shared_port.0,
+        rendezvous_ports: args.rendezvous_ports.0,
+        edge_limits: Default::default(),
     };
     Ok((options, shutdown_delay))
 }
@@ -770,5 +797,50 @@ mod tests {
         let (options, shutdown_delay) = gateway_options(&args).unwrap();
         assert_eq!(options.upstream.redirect_limit.per_second, 0.0);
         assert_eq!(shutdown_delay, Duration::ZERO);
+    }
+
+    /// The gateway's edge listeners are off by default, and an address / a range when given.
+    #[test]
+    fn the_gateways_shared_port_and_rendezvous_range_are_off_by_default_and_parsed_when_given() {
+        let gateway = |args: &[&str]| {
+            Cli::try_parse_from([&["taas-relay", "gateway", "--routes-file", "r"], args].concat())
+                .map(|cli| match cli.command {
+                    Command::Gateway(args) => gateway_options(&args).unwrap().0,
+                    _ => panic!("gateway"),
+                })
+                .map_err(|error| error.to_string())
+        };
+        let default = gateway(&[]).unwrap();
+        assert_eq!(
+            (default.shared_port, default.rendezvous_ports),
+            (None, None)
+        );
+        let on = gateway(&[
+            "--shared-port",
+            "0.0.0.0:9443",
+            "--rendezvous-ports",
+            "20000-20255",
+        ])
+        .unwrap();
+        assert_eq!(on.shared_port, Some("0.0.0.0:9443".parse().unwrap()));
+        assert_eq!(on.rendezvous_ports, PortRange::new(20_000, 20_255).ok());
+        let off = gateway(&["--shared-port", "off", "--rendezvous-ports", "off"]).unwrap();
+        assert_eq!((off.shared_port, off.rendezvous_ports), (None, None));
+        for bad in [
+            &["--shared-port", "9443"][..],
+            &["--rendezvous-ports", "20255-20000"],
+            &["--rendezvous-ports", "20000"],
+        ] {
+            assert!(gateway(bad).is_err(), "{bad:?}");
+        }
+        let command = Cli::command();
+        let sub = command.find_subcommand("gateway").unwrap();
+        for (id, env) in [
+            ("shared_port", "TAAS_SHARED_PORT"),
+            ("rendezvous_ports", "TAAS_RENDEZVOUS_PORTS"),
+        ] {
+            let arg = sub.get_arguments().find(|a| a.get_id() == id).unwrap();
+            assert_eq!(arg.get_env(), Some(std::ffi::OsStr::new(env)));
+        }
     }
 }

@@ -1,7 +1,9 @@
 //! `taas-relay gateway`: the cluster's TLS front end as a process. Its routing and upstream
 //! connections are `crate::gateway`; here is what the gateway shares with the other modes
 //! (certificate pair, front end, metrics and readiness, files followed) and the drain before
-//! it stops.
+//! it stops. In edge mode (issue 15.3) it also listens on the shared client port and the
+//! shared rendezvous range, and forwards direct labels from its HTTPS port
+//! (`crate::gateway::edge`).
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -13,9 +15,11 @@ use prometheus_client::registry::Registry;
 
 use super::{FirstRead, StartError, Tasks};
 use crate::config::{
-    Limits, Timeouts, DEFAULT_DOMAIN, DEFAULT_REGISTRAR, POD_FRONTEND_CONNECTIONS,
+    Limits, PortRange, Timeouts, DEFAULT_DOMAIN, DEFAULT_REGISTRAR, POD_FRONTEND_CONNECTIONS,
 };
+use crate::direct::DirectLabels;
 use crate::frontend::{self, FrontendMetrics, Transport};
+use crate::gateway::edge::{Edge, EdgeLimits, EdgeMetrics};
 use crate::gateway::{self, Gateway, GatewayMetrics, RouteTable, SecretSlot, UpstreamSettings};
 use crate::gateway_auth::{GatewayAuthError, InstallSecret};
 use crate::host::Names;
@@ -58,6 +62,14 @@ pub struct GatewayOptions {
     pub install_secret_file: Option<PathBuf>,
     /// The upstream pool's bounds and the per-source limit on 307s.
     pub upstream: UpstreamSettings,
+    /// The shared client port (edge mode): TLS clients routed by server name to their
+    /// label's relay, raw. `None`: off.
+    pub shared_port: Option<SocketAddr>,
+    /// The shared rendezvous range (edge mode), listened on at `listen`'s IP, every port.
+    /// `None`: off.
+    pub rendezvous_ports: Option<PortRange>,
+    /// The edge's bounds.
+    pub edge_limits: EdgeLimits,
 }
 
 impl GatewayOptions {
@@ -78,14 +90,53 @@ impl GatewayOptions {
             max_connections_per_source: Limits::default().frontend_connections_per_source,
             install_secret_file: None,
             upstream: UpstreamSettings::default(),
+            shared_port: None,
+            rendezvous_ports: None,
+            edge_limits: EdgeLimits::default(),
         }
     }
+}
+
+/// Refuses a configuration where two of the gateway's listeners would want one port: the
+/// HTTPS port, the shared port, the metrics endpoint and the rendezvous range (port 0, chosen
+/// by the OS, never conflicts). Pure: checked before anything is bound.
+pub fn check_ports(
+    listen: SocketAddr,
+    shared_port: Option<SocketAddr>,
+    metrics: Option<SocketAddr>,
+    rendezvous: Option<PortRange>,
+) -> Result<(), String> {
+    let named = [
+        ("--listen", Some(listen)),
+        ("--shared-port", shared_port),
+        ("--metrics", metrics),
+    ];
+    let fixed: Vec<(&str, u16)> = named
+        .iter()
+        .filter_map(|(flag, addr)| Some((*flag, addr.as_ref()?.port())))
+        .filter(|(_, port)| *port != 0)
+        .collect();
+    for (i, (a, port_a)) in fixed.iter().enumerate() {
+        if let Some((b, _)) = fixed[i + 1..].iter().find(|(_, port_b)| port_b == port_a) {
+            return Err(format!("{a} and {b} both use port {port_a}"));
+        }
+        if let Some(range) = rendezvous.filter(|range| range.contains(*port_a)) {
+            return Err(format!(
+                "{a} uses port {port_a}, inside --rendezvous-ports {range}"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A running gateway; dropping it stops it.
 pub struct RunningGateway {
     pub frontend: SocketAddr,
     pub metrics: Option<SocketAddr>,
+    /// The shared client port as bound, when on.
+    pub shared_port: Option<SocketAddr>,
+    /// The rendezvous range as bound, when on.
+    pub rendezvous_ports: Option<PortRange>,
     pub routes: Arc<RouteTable>,
     pub cert: CertFiles,
     tasks: Tasks,
@@ -114,6 +165,13 @@ impl RunningGateway {
 }
 
 pub async fn start(options: GatewayOptions) -> Result<RunningGateway, StartError> {
+    check_ports(
+        options.listen,
+        options.shared_port,
+        options.metrics,
+        options.rendezvous_ports,
+    )
+    .map_err(StartError::Config)?;
     let secret = match &options.install_secret_file {
         Some(path) => {
             let secret = InstallSecret::from_file(path)
@@ -138,6 +196,14 @@ pub async fn start(options: GatewayOptions) -> Result<RunningGateway, StartError
     )?;
     let tls = tls::server_config(&cert)?;
     let (listener, frontend) = super::bind(options.listen)?;
+    let shared_port = options.shared_port.map(super::bind).transpose()?;
+    let rendezvous = match options.rendezvous_ports {
+        None => Vec::new(),
+        Some(range) => range
+            .iter()
+            .map(|port| super::bind(SocketAddr::new(options.listen.ip(), port)))
+            .collect::<Result<_, _>>()?,
+    };
     let routes = Arc::new(RouteTable::default());
     let mut tasks = Tasks::new(None);
     let mut registry = Registry::default();
@@ -145,6 +211,8 @@ pub async fn start(options: GatewayOptions) -> Result<RunningGateway, StartError
     gateway_metrics.register(&mut registry);
     let frontend_metrics = FrontendMetrics::default();
     frontend_metrics.register(&mut registry);
+    let edge_metrics = Arc::new(EdgeMetrics::default());
+    edge_metrics.register(&mut registry);
     let metrics = tasks.serve_metrics(options.metrics, registry)?;
     match options.routes.clone() {
         RouteSource::File(path) => tasks.spawn(follow_route_file(
@@ -160,10 +228,10 @@ pub async fn start(options: GatewayOptions) -> Result<RunningGateway, StartError
             secret.clone(),
         ));
     }
-    let settings = super::frontend_settings(
+    let mut settings = super::frontend_settings(
         Names {
             registrar: registrar.clone(),
-            domain,
+            domain: domain.clone(),
         },
         &options.timeouts,
         options.max_connections,
@@ -178,6 +246,24 @@ pub async fn start(options: GatewayOptions) -> Result<RunningGateway, StartError
         gateway_metrics,
     ));
     tasks.spawn(backend.sweep_idle_connections());
+    let edge = Edge::new(
+        &backend,
+        routes.clone(),
+        &domain,
+        options.timeouts.clone(),
+        options.edge_limits,
+        edge_metrics,
+    );
+    // The HTTPS port reads every ClientHello's server name first: a direct label in edge
+    // mode is forwarded raw, every other name gets the gateway's TLS as before.
+    settings.direct = Some(DirectLabels::Gateway(edge.clone()));
+    let shared_port = shared_port.map(|(listener, addr)| {
+        tasks.spawn(edge.clone().serve_shared_port(listener));
+        addr
+    });
+    for (listener, _) in rendezvous {
+        tasks.spawn(edge.clone().serve_rendezvous(listener));
+    }
     tasks.spawn(frontend::serve(
         listener,
         Transport::Tls(tls),
@@ -185,10 +271,17 @@ pub async fn start(options: GatewayOptions) -> Result<RunningGateway, StartError
         backend,
     ));
     tasks.set_ready();
-    tracing::info!(listen = %frontend, "gateway serving");
+    tracing::info!(
+        listen = %frontend,
+        shared_port = ?shared_port,
+        rendezvous_ports = ?options.rendezvous_ports.map(|r| r.to_string()),
+        "gateway serving"
+    );
     Ok(RunningGateway {
         frontend,
         metrics,
+        shared_port,
+        rendezvous_ports: options.rendezvous_ports,
         routes,
         cert,
         tasks,
@@ -244,4 +337,34 @@ async fn follow_secret_file(path: PathBuf, interval: Duration, slot: Arc<SecretS
         |problem| tracing::warn!(%problem, "install secret not updated"),
     )
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([0, 0, 0, 0], port))
+    }
+
+    #[test]
+    fn listeners_that_would_share_a_port_are_refused_before_anything_is_bound() {
+        let range = PortRange::new(20_000, 20_255).ok();
+        assert_eq!(
+            check_ports(addr(8443), Some(addr(9443)), Some(addr(9464)), range),
+            Ok(())
+        );
+        assert_eq!(
+            check_ports(addr(0), Some(addr(0)), Some(addr(0)), range),
+            Ok(())
+        );
+        let same = check_ports(addr(8443), Some(addr(8443)), None, None).unwrap_err();
+        assert!(same.contains("--listen and --shared-port"), "{same}");
+        let metrics = check_ports(addr(8443), None, Some(addr(8443)), None).unwrap_err();
+        assert!(metrics.contains("--metrics"), "{metrics}");
+        let inside = check_ports(addr(8443), Some(addr(20_010)), None, range).unwrap_err();
+        assert!(inside.contains("--shared-port uses port 20010"), "{inside}");
+        let edge = check_ports(addr(20_255), None, None, range).unwrap_err();
+        assert!(edge.contains("--listen"), "{edge}");
+    }
 }

@@ -794,7 +794,7 @@ async fn the_newer_of_two_labels_with_one_label_is_refused() {
 async fn node_port_uses_node_addresses_and_allocated_ports() {
     let harness = Harness::new();
     let mut label = label();
-    label.spec.service.type_ = taas_crds::ServiceType::NodePort;
+    label.spec.service.type_ = Some(taas_crds::ServiceType::NodePort);
     label.spec.client_port = Some(30443);
     let nodes = json!({"apiVersion": "v1", "kind": "NodeList", "metadata": {}, "items": [
         {"metadata": {"name": "n1"}, "status": {"addresses": [{"type": "InternalIP", "address": "192.168.5.10"}],

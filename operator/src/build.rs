@@ -126,12 +126,7 @@ pub fn service(label: &TaasLabel) -> Service {
 /// Service `taas-X-control`: the relay's control port inside the cluster (for gateways), and
 /// in edge mode its edge port.
 pub fn control_service(label: &TaasLabel, edge: bool) -> Service {
-    let mut ports = vec![tcp(
-        "control".to_string(),
-        CONTROL_PORT,
-        CONTROL_PORT,
-        None,
-    )];
+    let mut ports = vec![tcp("control".to_string(), CONTROL_PORT, CONTROL_PORT, None)];
     if edge {
         ports.push(tcp("edge".to_string(), EDGE_PORT, EDGE_PORT, None));
     }

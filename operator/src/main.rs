@@ -136,7 +136,11 @@ struct RunArgs {
     edge_shared_port: u16,
     /// Edge mode: the gateway's shared rendezvous ports LO-HI (its --rendezvous-ports), the
     /// same numbers on the Service. Each label's slice starts at a stable offset in it.
-    #[arg(long, env = "TAAS_EDGE_RENDEZVOUS_PORTS", default_value = "20000-20255")]
+    #[arg(
+        long,
+        env = "TAAS_EDGE_RENDEZVOUS_PORTS",
+        default_value = "20000-20255"
+    )]
     edge_rendezvous_ports: PortRange,
     /// Log format on stderr (level from RUST_LOG, default info).
     #[arg(long, env = "TAAS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -474,8 +478,13 @@ mod tests {
     #[test]
     fn edge_mode_is_on_with_a_gateway_service_and_takes_its_ports_from_flags() {
         assert_eq!(settings_from(&[]).unwrap().edge, None);
-        assert_eq!(settings_from(&["--edge-service", "off"]).unwrap().edge, None);
-        let got = settings_from(&["--edge-service", "taas-gateway"]).unwrap().edge;
+        assert_eq!(
+            settings_from(&["--edge-service", "off"]).unwrap().edge,
+            None
+        );
+        let got = settings_from(&["--edge-service", "taas-gateway"])
+            .unwrap()
+            .edge;
         assert_eq!(
             got,
             Some(EdgeSettings {
@@ -494,11 +503,15 @@ mod tests {
         .unwrap();
         assert_eq!((got.shared_port, got.rendezvous.count()), (30443, 64));
         let error = settings_from(&["--edge-service=gw", "--edge-shared-port=20010"]);
-        assert!(
-            error.unwrap_err().to_string().contains("is inside --edge-rendezvous-ports 20000-20255")
-        );
+        assert!(error
+            .unwrap_err()
+            .to_string()
+            .contains("is inside --edge-rendezvous-ports 20000-20255"));
         let error = settings_from(&["--edge-service=a.b"]);
-        assert!(error.unwrap_err().to_string().contains("expected a Service name"));
+        assert!(error
+            .unwrap_err()
+            .to_string()
+            .contains("expected a Service name"));
         assert!(Cli::try_parse_from(["taas-operator", "--edge-rendezvous-ports=9-1"]).is_err());
     }
 }

@@ -285,7 +285,12 @@ impl TenantPolicy {
     /// Everything in `spec` that `namespace` may not ask for (empty: all allowed). `edge`:
     /// the operator runs in edge mode, where a label without a Service type gets no Service
     /// of its own, and so asks for nothing this policy governs.
-    pub fn service_denials(&self, namespace: &str, spec: &TaasLabelSpec, edge: bool) -> Vec<String> {
+    pub fn service_denials(
+        &self,
+        namespace: &str,
+        spec: &TaasLabelSpec,
+        edge: bool,
+    ) -> Vec<String> {
         let Some(type_) = crate::edge::service_type(spec, edge) else {
             return Vec::new();
         };
@@ -390,7 +395,10 @@ services:
             s.client_port = Some(30443);
             s.service.type_ = Some(ServiceType::NodePort);
             s.service.annotations.insert("x/y".into(), "z".into());
-            assert_eq!(policy.service_denials("anyone", &s, false), Vec::<String>::new());
+            assert_eq!(
+                policy.service_denials("anyone", &s, false),
+                Vec::<String>::new()
+            );
         }
     }
 
@@ -435,7 +443,10 @@ services:
         s.service
             .annotations
             .insert("a.example/exact".into(), "x".into());
-        assert_eq!(policy.service_denials("team-a", &s, false), Vec::<String>::new());
+        assert_eq!(
+            policy.service_denials("team-a", &s, false),
+            Vec::<String>::new()
+        );
         s.service.annotations.insert(
             "service.beta.kubernetes.io/aws-load-balancer-internal".into(),
             "x".into(),
@@ -453,7 +464,10 @@ services:
         );
         // The admins' own entry replaces the default: everything (its fields are omitted).
         s.service.type_ = Some(ServiceType::LoadBalancer);
-        assert_eq!(policy.service_denials("admins", &s, false), Vec::<String>::new());
+        assert_eq!(
+            policy.service_denials("admins", &s, false),
+            Vec::<String>::new()
+        );
         // No annotations at all.
         let none =
             TenantPolicy::from_yaml("services: {default: {annotations: [], types: []}}").unwrap();

@@ -66,7 +66,9 @@ pub fn routes(all: &[Arc<TaasLabel>], settings: &Settings) -> BTreeMap<String, R
                 edge: edge.map(|_| names::edge_address(&winner, &settings.cluster_domain)),
                 direct: edge.is_some() && winner.spec.direct,
                 rendezvous: match edge {
-                    Some(e) if edge::through_gateway(&winner, edge) => edge::label_slice(&winner, e),
+                    Some(e) if edge::through_gateway(&winner, edge) => {
+                        edge::label_slice(&winner, e)
+                    }
                     _ => Vec::new(),
                 },
             };
@@ -327,7 +329,11 @@ mod tests {
         let mut direct = (*labelled("a", "web", "web", 1, true)).clone();
         direct.spec.direct = true;
         let plain = super::routes(&[Arc::new(direct)], &Settings::default());
-        let yaml = config_map(&Settings::default(), &plain).unwrap().data.unwrap()["routes.yaml"].clone();
+        let yaml = config_map(&Settings::default(), &plain)
+            .unwrap()
+            .data
+            .unwrap()["routes.yaml"]
+            .clone();
         assert_eq!(
             yaml,
             "web:\n  relay: taas-web-control.a.svc.cluster.local.:8080\n  ready: true\n"

@@ -271,7 +271,7 @@ pub enum ClientAdmission {
     // Kubernetes refuses a Service with a loadBalancerClass of another type: refuse the label
     // at the door rather than let the operator fail on every reconcile.
     schemars(extend("x-kubernetes-validations" = [{
-        "rule": "!has(self.loadBalancerClass) || self.type == 'LoadBalancer'",
+        "rule": "!has(self.loadBalancerClass) || (has(self.type) && self.type == 'LoadBalancer')",
         "message": LOAD_BALANCER_CLASS_MESSAGE,
         "fieldPath": ".loadBalancerClass",
         "reason": "FieldValueForbidden"
@@ -279,9 +279,15 @@ pub enum ClientAdmission {
 )]
 #[serde(rename_all = "camelCase")]
 pub struct LabelService {
-    /// The Service type.
-    #[serde(default, rename = "type")]
-    pub type_: ServiceType,
+    /// The Service type. Unset: the install's default, which is `LoadBalancer`, or, when the
+    /// operator runs in edge mode (the chart's `edge.enabled`), no Service of the label's own
+    /// (clients and hidden servers reach its relay through the gateway's Service, whose ports
+    /// stay the same however many labels there are). Set it to give the label its own
+    /// Service in edge mode too.
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    // Absent, never null (skipped when None): the schema is the enum's, without `nullable`.
+    #[cfg_attr(feature = "kube", schemars(with = "ServiceType"))]
+    pub type_: Option<ServiceType>,
     /// Annotations for the Service (e.g. a cloud load balancer's settings).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
@@ -289,7 +295,7 @@ pub struct LabelService {
     /// `Redirected` admission); `Cluster` spreads traffic but hides them.
     #[serde(default)]
     pub external_traffic_policy: ExternalTrafficPolicy,
-    /// The load balancer implementation (only with type `LoadBalancer`).
+    /// The load balancer implementation (only with type `LoadBalancer`, set explicitly).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "kube", schemars(length(min = 1, max = LOAD_BALANCER_CLASS_MAX_LEN)))]
     pub load_balancer_class: Option<String>,

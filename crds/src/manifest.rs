@@ -371,7 +371,7 @@ mod tests {
             server_speaks_first: true,
             direct: false,
             service: LabelService {
-                type_: ServiceType::NodePort,
+                type_: Some(ServiceType::NodePort),
                 annotations: [("a.example/b".to_string(), "c".to_string())].into(),
                 external_traffic_policy: ExternalTrafficPolicy::Cluster,
                 load_balancer_class: None,
@@ -423,7 +423,7 @@ mod tests {
         assert!(!l.spec.server_speaks_first);
         assert_eq!(l.spec.rendezvous_ports, 8);
         assert_eq!(l.spec.service, LabelService::default());
-        assert_eq!(l.spec.service.type_, ServiceType::LoadBalancer);
+        assert_eq!(l.spec.service.type_, None);
         assert_eq!(
             l.spec.service.external_traffic_policy,
             ExternalTrafficPolicy::Local

@@ -223,7 +223,7 @@ impl TaasLabelSpec {
             if class.is_empty() || class.chars().count() > LOAD_BALANCER_CLASS_MAX_LEN {
                 errors.push(SpecError::LoadBalancerClassLength);
             }
-            if self.service.type_ != ServiceType::LoadBalancer {
+            if self.service.type_ != Some(ServiceType::LoadBalancer) {
                 errors.push(SpecError::LoadBalancerClassWithoutLoadBalancer);
             }
         }
@@ -324,7 +324,7 @@ mod tests {
             s.max_parked = 0;
             s.client_port = Some(0);
             s.server_speaks_first = true;
-            s.service.type_ = ServiceType::NodePort;
+            s.service.type_ = Some(ServiceType::NodePort);
             s.service.load_balancer_class = Some(String::new());
             s.rendezvous_ports = RENDEZVOUS_PORTS_MAX + 1;
         });

@@ -175,9 +175,10 @@ fn schema_defaults_match_serde_defaults() {
         }
     }
     assert_eq!(spec.rendezvous_ports, 8);
+    // No default type: unset is the install's choice (none of its own in edge mode).
     assert_eq!(
         serde_json::to_value(&spec.service).unwrap(),
-        json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local"})
+        json!({"externalTrafficPolicy": "Local"})
     );
 }
 
@@ -299,10 +300,20 @@ fn cel_rejects_load_balancer_class_without_load_balancer() {
             "{service_type}: {errors:?}"
         );
     }
-    // With the type left out, the default (LoadBalancer) applies.
+    // With the type left out it is the install's default, which in edge mode is no Service
+    // at all: a class needs the type said explicitly.
+    let errors = cel_errors(
+        &label_with(json!({"service": {"loadBalancerClass": "x"}})),
+        None,
+    );
+    assert!(
+        errors.len() == 1
+            && errors[0].contains("loadBalancerClass may only be set when type is LoadBalancer"),
+        "{errors:?}"
+    );
     assert_eq!(
         cel_errors(
-            &label_with(json!({"service": {"loadBalancerClass": "x"}})),
+            &label_with(json!({"service": {"type": "LoadBalancer", "loadBalancerClass": "x"}})),
             None
         ),
         Vec::<String>::new()

@@ -219,6 +219,8 @@ fn cel_rules_agree() {
         class("c".repeat(LOAD_BALANCER_CLASS_MAX_LEN + 1), "LoadBalancer"),
         class("x".into(), "NodePort"),
         class("x".into(), "ClusterIP"),
+        // Unset, the type is the install's default, which may be no Service at all.
+        json!({"service": {"loadBalancerClass": "x"}}),
     ] {
         agree(bad, &["service.loadBalancerClass"]);
     }
@@ -287,9 +289,10 @@ fn any_spec() -> impl Strategy<Value = TaasLabelSpec> {
     ];
     let key = prop_oneof!["[-._a-zA-Z0-9]{1,12}", "[-._a-z /:]{0,6}"];
     let service_type = prop_oneof![
-        Just(ServiceType::LoadBalancer),
-        Just(ServiceType::NodePort),
-        Just(ServiceType::ClusterIP),
+        Just(None),
+        Just(Some(ServiceType::LoadBalancer)),
+        Just(Some(ServiceType::NodePort)),
+        Just(Some(ServiceType::ClusterIP)),
     ];
     let proxy = prop_oneof![
         Just(ProxyProtocol::None),

@@ -58,7 +58,28 @@ pub fn exposure(
             .collect::<Option<Vec<u16>>>()?;
         Some((port("client")?, rendezvous))
     };
-    let host = match spec.type_.as_deref() {
+    let host = service_host(service, nodes, address_types)?;
+    let (client, rendezvous) = ports().ok_or(if node_port {
+        "waiting for the Service's node ports"
+    } else {
+        "the Service lacks some of the label's ports"
+    })?;
+    Ok(Exposure {
+        host,
+        client,
+        rendezvous,
+    })
+}
+
+/// The public host of an applied Service, or why there is none yet: the first load balancer
+/// ingress IP (or host name), a node address for NodePort, the cluster IP for ClusterIP.
+pub fn service_host(
+    service: &Service,
+    nodes: &[Node],
+    address_types: &[String],
+) -> Result<String, String> {
+    let spec = service.spec.clone().unwrap_or_default();
+    Ok(match spec.type_.as_deref() {
         Some("NodePort") => node_address(nodes, address_types).ok_or_else(|| {
             format!(
                 "no node has an address of type {}",
@@ -84,16 +105,6 @@ pub fn exposure(
                 })
             })
             .ok_or("waiting for the load balancer's address")?,
-    };
-    let (client, rendezvous) = ports().ok_or(if node_port {
-        "waiting for the Service's node ports"
-    } else {
-        "the Service lacks some of the label's ports"
-    })?;
-    Ok(Exposure {
-        host,
-        client,
-        rendezvous,
     })
 }
 
@@ -302,7 +313,7 @@ pub(crate) mod tests {
     #[test]
     fn node_port_with_a_pinned_client_port() {
         let mut l = label();
-        l.spec.service.type_ = ServiceType::NodePort;
+        l.spec.service.type_ = Some(ServiceType::NodePort);
         l.spec.client_port = Some(30443);
         let nodes = [
             node("b", true, &[("InternalIP", "192.168.1.2")]),
@@ -326,7 +337,7 @@ pub(crate) mod tests {
     #[test]
     fn node_port_waits_for_node_ports_and_addresses() {
         let mut l = label();
-        l.spec.service.type_ = ServiceType::NodePort;
+        l.spec.service.type_ = Some(ServiceType::NodePort);
         let nodes = [node("a", true, &[("InternalIP", "192.168.1.1")])];
         assert_eq!(
             exposure(&l, &build::service(&l), &nodes, &types()),
@@ -370,7 +381,7 @@ pub(crate) mod tests {
     #[test]
     fn cluster_ip() {
         let mut l = label();
-        l.spec.service.type_ = ServiceType::ClusterIP;
+        l.spec.service.type_ = Some(ServiceType::ClusterIP);
         assert_eq!(
             exposure(&l, &applied(&l, None), &[], &types()),
             Ok(Exposure {

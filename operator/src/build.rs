@@ -39,7 +39,7 @@ use serde::Serialize;
 use taas_crds::{ExternalTrafficPolicy, ServiceType, TaasLabel, TaasLabelSpec};
 
 use crate::address::External;
-use crate::names::{self, CLIENT_PORT, CONTROL_PORT, METRICS_PORT};
+use crate::names::{self, CLIENT_PORT, CONTROL_PORT, EDGE_PORT, METRICS_PORT};
 use crate::settings::Settings;
 
 /// The relay's environment variable holding its gateway token (`label-relay --gateway-token`).
@@ -71,19 +71,22 @@ fn tcp(name: String, port: u16, target: u16, node_port: Option<u16>) -> ServiceP
     }
 }
 
-/// Service `taas-X`: the label's client port and rendezvous ports, of the spec's type.
+/// Service `taas-X`: the label's client port and rendezvous ports, of the spec's type
+/// (`LoadBalancer` when unset; in edge mode a label without a type gets no such Service, see
+/// [`crate::edge::service_type`], and this is not applied).
 pub fn service(label: &TaasLabel) -> Service {
     let spec = &label.spec.service;
-    let type_ = match spec.type_ {
+    let service_type = spec.type_.unwrap_or_default();
+    let type_ = match service_type {
         ServiceType::LoadBalancer => "LoadBalancer",
         ServiceType::NodePort => "NodePort",
         ServiceType::ClusterIP => "ClusterIP",
     };
-    let (client_port, client_node_port) = match spec.type_ {
+    let (client_port, client_node_port) = match service_type {
         ServiceType::NodePort => (CLIENT_PORT, label.spec.client_port),
         _ => (label.spec.client_port.unwrap_or(CLIENT_PORT), None),
     };
-    let external = spec.type_ != ServiceType::ClusterIP;
+    let external = service_type != ServiceType::ClusterIP;
     let mut ports = vec![tcp(
         "client".to_string(),
         client_port,
@@ -113,15 +116,20 @@ pub fn service(label: &TaasLabel) -> Service {
             load_balancer_class: spec
                 .load_balancer_class
                 .clone()
-                .filter(|_| spec.type_ == ServiceType::LoadBalancer),
+                .filter(|_| service_type == ServiceType::LoadBalancer),
             ..Default::default()
         }),
         status: None,
     }
 }
 
-/// Service `taas-X-control`: the relay's control port inside the cluster (for gateways).
-pub fn control_service(label: &TaasLabel) -> Service {
+/// Service `taas-X-control`: the relay's control port inside the cluster (for gateways), and
+/// in edge mode its edge port.
+pub fn control_service(label: &TaasLabel, edge: bool) -> Service {
+    let mut ports = vec![tcp("control".to_string(), CONTROL_PORT, CONTROL_PORT, None)];
+    if edge {
+        ports.push(tcp("edge".to_string(), EDGE_PORT, EDGE_PORT, None));
+    }
     Service {
         metadata: meta(label, names::control_name(label)),
         spec: Some(ServiceSpec {
@@ -130,12 +138,7 @@ pub fn control_service(label: &TaasLabel) -> Service {
             // use no cluster IPs (a /24 service range would run out at ~125 labels).
             cluster_ip: Some("None".to_string()),
             selector: Some(names::selector(label)),
-            ports: Some(vec![tcp(
-                "control".to_string(),
-                CONTROL_PORT,
-                CONTROL_PORT,
-                None,
-            )]),
+            ports: Some(ports),
             ..Default::default()
         }),
         status: None,
@@ -203,10 +206,10 @@ fn probe(path: &str) -> HTTPGetAction {
     }
 }
 
-/// The relay's command line.
+/// The relay's command line (in edge mode with `--edge`).
 pub fn relay_args(label: &TaasLabel, settings: &Settings) -> Vec<String> {
     let last_p = names::p_ports(label).last().unwrap_or(names::P_PORT_BASE);
-    [
+    let mut args: Vec<String> = [
         "label-relay".to_string(),
         "--label-file".to_string(),
         format!("{}/{}", names::LABEL_DIR, names::LABEL_KEY),
@@ -229,7 +232,11 @@ pub fn relay_args(label: &TaasLabel, settings: &Settings) -> Vec<String> {
         "--metrics".to_string(),
         format!("0.0.0.0:{METRICS_PORT}"),
     ]
-    .into()
+    .into();
+    if settings.edge.is_some() {
+        args.extend(["--edge".to_string(), format!("0.0.0.0:{EDGE_PORT}")]);
+    }
+    args
 }
 
 /// The relay container's environment: the operator's log settings, and the label's gateway
@@ -274,6 +281,9 @@ pub fn deployment(label: &TaasLabel, settings: &Settings) -> Deployment {
             .enumerate()
             .map(|(i, p)| container_port(format!("p{i}"), p)),
     );
+    if settings.edge.is_some() {
+        ports.push(container_port("edge".to_string(), EDGE_PORT));
+    }
     let resources = &settings.resources;
     let container = Container {
         name: "relay".to_string(),
@@ -506,7 +516,7 @@ pub(crate) mod tests {
             serde_json::json!({"name": "client", "port": 30443, "targetPort": 21000, "protocol": "TCP"})
         );
         // NodePort: the node port.
-        l.spec.service.type_ = ServiceType::NodePort;
+        l.spec.service.type_ = Some(ServiceType::NodePort);
         l.spec.service.external_traffic_policy = ExternalTrafficPolicy::Cluster;
         assert_eq!(
             client(&l),
@@ -516,7 +526,7 @@ pub(crate) mod tests {
         assert_eq!(spec["type"], "NodePort");
         assert_eq!(spec["externalTrafficPolicy"], "Cluster");
         // ClusterIP: the Service port, and no external traffic policy or load balancer class.
-        l.spec.service.type_ = ServiceType::ClusterIP;
+        l.spec.service.type_ = Some(ServiceType::ClusterIP);
         l.spec.service.load_balancer_class = Some("example.net/lb".into());
         assert_eq!(
             client(&l),
@@ -531,7 +541,7 @@ pub(crate) mod tests {
     #[test]
     fn control_service_is_cluster_internal() {
         assert_eq!(
-            json(&control_service(&label())),
+            json(&control_service(&label(), false)),
             serde_json::json!({
                 "apiVersion": "v1",
                 "kind": "Service",
@@ -551,6 +561,59 @@ pub(crate) mod tests {
         );
     }
 
+    fn edge_mode() -> Settings {
+        Settings {
+            edge: Some(crate::edge::tests::edge_settings()),
+            ..Settings::default()
+        }
+    }
+
+    #[test]
+    fn in_edge_mode_the_relay_listens_on_its_edge_port_for_the_gateway() {
+        let l = label();
+        let c = relay_container(&l, &edge_mode());
+        let args: Vec<&str> = c["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        assert_eq!(&args[args.len() - 2..], ["--edge", "0.0.0.0:21001"]);
+        assert_eq!(
+            c["ports"].as_array().unwrap().last().unwrap(),
+            &serde_json::json!({"name": "edge", "containerPort": 21001, "protocol": "TCP"})
+        );
+        // Outside edge mode, neither.
+        let c = relay_container(&l, &Settings::default());
+        assert!(!c["args"].to_string().contains("--edge"));
+        assert!(!c["ports"].to_string().contains("21001"));
+        // The control Service exposes it to the gateways.
+        assert_eq!(
+            json(&control_service(&l, true))["spec"]["ports"],
+            serde_json::json!([
+                {"name": "control", "port": 8080, "targetPort": 8080, "protocol": "TCP"},
+                {"name": "edge", "port": 21001, "targetPort": 21001, "protocol": "TCP"},
+            ])
+        );
+    }
+
+    #[test]
+    fn in_edge_mode_the_relay_is_told_the_gateways_address_and_its_slice() {
+        let l = label();
+        let edge = crate::edge::tests::edge_settings();
+        let gateway = crate::edge::tests::gateway_service("LoadBalancer", &edge, ip("203.0.113.1"));
+        let exposure = crate::edge::exposure(&l, &edge, Some(&gateway), &[], &[]).unwrap();
+        let cm = config_map(&l, &external(&l, &Service::default(), Some(&exposure))).unwrap();
+        let slice = crate::edge::label_slice(&l, &edge);
+        assert_eq!(
+            cm.data.unwrap()["external.yaml"],
+            format!(
+                "host: 203.0.113.1\nports:\n  20000: {}\n  20001: {}\n  21000: 9443\n",
+                slice[0], slice[1]
+            )
+        );
+    }
+
     #[test]
     fn config_map_holds_the_manifest_and_the_external_address() {
         let l = label();
@@ -567,7 +630,7 @@ pub(crate) mod tests {
              metadata:\n  name: home\n  namespace: default\n\
              spec:\n  id: id-1\n  label: home\n  secretRef:\n    name: home-totp\n    key: secret\n  \
              algorithm: SHA1\n  period: 30\n  maxParked: 32\n  sourcePinning: true\n  \
-             proxyProtocol: none\n  clientAdmission: Open\n  service:\n    type: LoadBalancer\n    \
+             proxyProtocol: none\n  clientAdmission: Open\n  service:\n    \
              externalTrafficPolicy: Local\n  rendezvousPorts: 2\n"
         );
         assert_eq!(
@@ -746,7 +809,7 @@ pub(crate) mod tests {
         l.spec.period = 60;
         l.spec.client_port = Some(443);
         l.spec.secret_ref.key = "other".into();
-        l.spec.service.type_ = ServiceType::NodePort;
+        l.spec.service.type_ = Some(ServiceType::NodePort);
         l.spec.service.annotations.insert("a".into(), "b".into());
         l.metadata.generation = Some(7);
         assert_eq!(deployment(&l, &settings), base);
@@ -790,7 +853,7 @@ pub(crate) mod tests {
             let e = exposure(&l, &svc, &[], &[]).ok();
             (
                 serde_json::to_string(&service(&l)).unwrap(),
-                serde_json::to_string(&control_service(&l)).unwrap(),
+                serde_json::to_string(&control_service(&l, false)).unwrap(),
                 serde_json::to_string(&config_map(&l, &external(&l, &svc, e.as_ref())).unwrap())
                     .unwrap(),
                 serde_json::to_string(&deployment(&l, &settings)).unwrap(),

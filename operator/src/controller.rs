@@ -1,7 +1,8 @@
 //! The controller: watches TaasLabels (all namespaces, or one), the Deployments, Services and
 //! ConfigMaps it made (by label), and Secrets' metadata only (mapped to the TaasLabels that
 //! use them: a change of a Secret's data changes its resourceVersion, which is all the
-//! trigger needs, so no Secret's data is ever cached here); runs
+//! trigger needs, so no Secret's data is ever cached here), and in edge mode the gateway's
+//! Service (mapped to every label: its address is theirs); runs
 //! [`reconcile`] for each change, the routes publisher beside it, and stops gracefully on
 //! SIGTERM or Ctrl-C (reconciles in flight finish). With leader election, all of that starts
 //! only once this replica holds the Lease.
@@ -14,6 +15,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::NamespaceResourceScope;
 use kube::core::PartialObjectMeta;
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{watcher, Controller, WatchStreamExt as _};
 use kube::{Api, Client, Resource};
 use taas_crds::TaasLabel;
@@ -48,6 +50,24 @@ pub fn secret_changes(
     )
     .default_backoff()
     .touched_objects()
+}
+
+/// Every change of the gateway's Service (`--edge-service`, in the operator's namespace; a
+/// field selector watches that one object), or nothing outside edge mode.
+pub fn gateway_changes(
+    client: &Client,
+    settings: &Settings,
+) -> futures::stream::BoxStream<'static, Result<Service, watcher::Error>> {
+    match &settings.edge {
+        Some(edge) => watcher(
+            Api::<Service>::namespaced(client.clone(), &settings.operator_namespace),
+            watcher::Config::default().fields(&format!("metadata.name={}", edge.service)),
+        )
+        .default_backoff()
+        .touched_objects()
+        .boxed(),
+        None => futures::stream::empty().boxed(),
+    }
 }
 
 /// Leadership was lost: the process should exit (and be restarted as a candidate).
@@ -95,6 +115,7 @@ pub async fn run(
     let labels = controller.store();
     let ours = watcher::Config::default().labels(MANAGED_SELECTOR);
     let secret_labels = labels.clone();
+    let gateway_labels = labels.clone();
     let controller = controller
         .owns(api::<Deployment>(&client, ns), ours.clone())
         .owns(api::<Service>(&client, ns), ours.clone())
@@ -102,6 +123,18 @@ pub async fn run(
         .watches_stream(secret_changes(&client, ns), move |secret| {
             labels_using(&secret_labels.state(), &secret.metadata)
         })
+        // In edge mode: a change of the gateway's Service (its address, its ports) is every
+        // label's address change. Outside edge mode the stream is empty.
+        .watches_stream(
+            gateway_changes(&client, &settings),
+            move |_: Service| -> Vec<ObjectRef<TaasLabel>> {
+                gateway_labels
+                    .state()
+                    .iter()
+                    .map(|label| ObjectRef::from_obj(label.as_ref()))
+                    .collect()
+            },
+        )
         .shutdown_on_signal();
 
     let context = Arc::new(Context::new(

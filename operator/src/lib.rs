@@ -11,6 +11,9 @@
 //! - [`address`] and [`status`] are pure: the external address from the applied Service, and
 //!   the status from what was applied.
 //!
+//! [`edge`] (pure) is the cluster edge: each label's slice of the gateway's shared
+//! rendezvous ports, and its address when it is reached through the gateway's Service.
+//!
 //! [`routes`] keeps the gateways' routes ConfigMap in step with all labels, [`metrics`]
 //! serves `/metrics`, `/healthz` and `/readyz`, [`rbac`] lists every API call the operator
 //! makes, [`controller`] wires the watches together, and [`leader`] elects one active replica
@@ -20,6 +23,7 @@
 pub mod address;
 pub mod build;
 pub mod controller;
+pub mod edge;
 pub mod leader;
 pub mod metrics;
 pub mod names;

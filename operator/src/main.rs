@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use prometheus_client::registry::Registry;
+use taas_operator::edge::{EdgeSettings, PortRange};
 use taas_operator::metrics::{self, Metrics};
 use taas_operator::policy::{is_dns_subdomain, TenantPolicy};
 use taas_operator::settings::{RelayResources, Settings};
@@ -122,9 +123,57 @@ struct RunArgs {
     /// servicePolicy [default: every namespace may claim any LABEL and ask for anything].
     #[arg(long, env = "TAAS_POLICY_FILE")]
     policy_file: Option<PathBuf>,
+    /// Edge mode: the gateway's Service (in the operator's namespace) through which all
+    /// public traffic enters. Each relay gets an edge port (21001) for the gateway, and a
+    /// label without a service.type gets no Service of its own: it is reached at this
+    /// Service's address, on the shared port and its slice of the rendezvous range
+    /// [default: off, every label has its own Service].
+    #[arg(long, env = "TAAS_EDGE_SERVICE")]
+    edge_service: Option<String>,
+    /// Edge mode: the gateway's shared client port (its --shared-port), the same number on
+    /// the Service (port, targetPort and, for NodePort, nodePort).
+    #[arg(long, env = "TAAS_EDGE_SHARED_PORT", default_value_t = 9443)]
+    edge_shared_port: u16,
+    /// Edge mode: the gateway's shared rendezvous ports LO-HI (its --rendezvous-ports), the
+    /// same numbers on the Service. Each label's slice starts at a stable offset in it.
+    #[arg(
+        long,
+        env = "TAAS_EDGE_RENDEZVOUS_PORTS",
+        default_value = "20000-20255"
+    )]
+    edge_rendezvous_ports: PortRange,
     /// Log format on stderr (level from RUST_LOG, default info).
     #[arg(long, env = "TAAS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+}
+
+/// The edge settings from the flags: `None` without `--edge-service` (or with it empty or
+/// `off`).
+fn edge_settings(args: &RunArgs) -> anyhow::Result<Option<EdgeSettings>> {
+    let Some(service) = args
+        .edge_service
+        .as_deref()
+        .map(str::trim)
+        .filter(|s| !s.is_empty() && *s != "off")
+    else {
+        return Ok(None);
+    };
+    anyhow::ensure!(
+        is_dns_subdomain(service) && !service.contains('.'),
+        "--edge-service {service:?}: expected a Service name"
+    );
+    let range = args.edge_rendezvous_ports;
+    let shared = args.edge_shared_port;
+    anyhow::ensure!(shared > 0, "--edge-shared-port must be a port (1-65535)");
+    anyhow::ensure!(
+        !(range.first()..=range.last()).contains(&shared),
+        "--edge-shared-port {shared} is inside --edge-rendezvous-ports {range}"
+    );
+    Ok(Some(EdgeSettings {
+        service: service.to_string(),
+        shared_port: shared,
+        rendezvous: range,
+    }))
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -203,6 +252,7 @@ fn settings(args: &RunArgs) -> anyhow::Result<Settings> {
         gateway_secret,
         cluster_domain,
         policy,
+        edge: edge_settings(args)?,
     })
 }
 
@@ -247,6 +297,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         cluster_domain = %settings.cluster_domain,
         gateway_tokens = settings.gateway_secret.is_some(),
         label_policy = settings.policy.restricts_labels(),
+        edge = ?settings.edge,
         "starting"
     );
     let elector = args.leader_elect.then(|| {
@@ -422,5 +473,45 @@ mod tests {
         std::fs::write(&policy, "labels: {team-a: [\"Bad Label\"]}\n").unwrap();
         let error = settings_from(&["--policy-file", policy.to_str().unwrap()]);
         assert!(format!("{:#}", error.unwrap_err()).contains("is not a LABEL"));
+    }
+
+    #[test]
+    fn edge_mode_is_on_with_a_gateway_service_and_takes_its_ports_from_flags() {
+        assert_eq!(settings_from(&[]).unwrap().edge, None);
+        assert_eq!(
+            settings_from(&["--edge-service", "off"]).unwrap().edge,
+            None
+        );
+        let got = settings_from(&["--edge-service", "taas-gateway"])
+            .unwrap()
+            .edge;
+        assert_eq!(
+            got,
+            Some(EdgeSettings {
+                service: "taas-gateway".into(),
+                shared_port: 9443,
+                rendezvous: "20000-20255".parse().unwrap(),
+            })
+        );
+        let got = settings_from(&[
+            "--edge-service=gw",
+            "--edge-shared-port=30443",
+            "--edge-rendezvous-ports=31000-31063",
+        ])
+        .unwrap()
+        .edge
+        .unwrap();
+        assert_eq!((got.shared_port, got.rendezvous.count()), (30443, 64));
+        let error = settings_from(&["--edge-service=gw", "--edge-shared-port=20010"]);
+        assert!(error
+            .unwrap_err()
+            .to_string()
+            .contains("is inside --edge-rendezvous-ports 20000-20255"));
+        let error = settings_from(&["--edge-service=a.b"]);
+        assert!(error
+            .unwrap_err()
+            .to_string()
+            .contains("expected a Service name"));
+        assert!(Cli::try_parse_from(["taas-operator", "--edge-rendezvous-ports=9-1"]).is_err());
     }
 }

@@ -12,6 +12,9 @@ pub const FIELD_MANAGER: &str = "taas-operator";
 pub const CONTROL_PORT: u16 = 8080;
 pub const METRICS_PORT: u16 = 9464;
 pub const CLIENT_PORT: u16 = 21000;
+/// The relay's edge port (`label-relay --edge`), where the gateway forwards connections it
+/// took on the cluster edge's shared ports, each behind a `taas_protocol::edge` header.
+pub const EDGE_PORT: u16 = 21001;
 /// Rendezvous port `i` of the pod is `P_PORT_BASE + i`.
 pub const P_PORT_BASE: u16 = 20000;
 
@@ -54,6 +57,17 @@ pub fn control_name(label: &TaasLabel) -> String {
 pub fn relay_address(label: &TaasLabel, cluster_domain: &str) -> String {
     format!(
         "{}.{}.svc.{}.:{CONTROL_PORT}",
+        control_name(label),
+        namespace(label),
+        cluster_domain.trim_end_matches('.')
+    )
+}
+
+/// Where the gateways reach the label's relay's edge port:
+/// `taas-X-control.N.svc.<cluster_domain>.:21001` (fully qualified, as [`relay_address`]).
+pub fn edge_address(label: &TaasLabel, cluster_domain: &str) -> String {
+    format!(
+        "{}.{}.svc.{}.:{EDGE_PORT}",
         control_name(label),
         namespace(label),
         cluster_domain.trim_end_matches('.')
@@ -116,6 +130,10 @@ mod tests {
         assert_eq!(
             relay_address(&l, "k8s.example.org."),
             "taas-home-control.default.svc.k8s.example.org.:8080"
+        );
+        assert_eq!(
+            edge_address(&l, "cluster.local."),
+            "taas-home-control.default.svc.cluster.local.:21001"
         );
     }
 }

@@ -282,11 +282,20 @@ impl TenantPolicy {
             .unwrap_or(&self.services.default)
     }
 
-    /// Everything in `spec` that `namespace` may not ask for (empty: all allowed).
-    pub fn service_denials(&self, namespace: &str, spec: &TaasLabelSpec) -> Vec<String> {
+    /// Everything in `spec` that `namespace` may not ask for (empty: all allowed). `edge`:
+    /// the operator runs in edge mode, where a label without a Service type gets no Service
+    /// of its own, and so asks for nothing this policy governs.
+    pub fn service_denials(
+        &self,
+        namespace: &str,
+        spec: &TaasLabelSpec,
+        edge: bool,
+    ) -> Vec<String> {
+        let Some(type_) = crate::edge::service_type(spec, edge) else {
+            return Vec::new();
+        };
         let rules = self.service_rules(namespace);
         let mut denials = Vec::new();
-        let type_ = spec.service.type_;
         if !rules.types.contains(&type_) {
             denials.push(format!(
                 "Service type {} is not allowed in namespace {namespace} (allowed: {})",
@@ -384,9 +393,12 @@ services:
             assert!(policy.allows_label("anyone", "home"));
             let mut s = spec();
             s.client_port = Some(30443);
-            s.service.type_ = ServiceType::NodePort;
+            s.service.type_ = Some(ServiceType::NodePort);
             s.service.annotations.insert("x/y".into(), "z".into());
-            assert_eq!(policy.service_denials("anyone", &s), Vec::<String>::new());
+            assert_eq!(
+                policy.service_denials("anyone", &s, false),
+                Vec::<String>::new()
+            );
         }
     }
 
@@ -421,24 +433,27 @@ services:
         let policy = TenantPolicy::from_yaml(EXAMPLE).unwrap();
         let mut s = spec(); // LoadBalancer, no annotations, no clientPort
         assert_eq!(
-            policy.service_denials("team-a", &s),
+            policy.service_denials("team-a", &s, false),
             ["Service type LoadBalancer is not allowed in namespace team-a (allowed: ClusterIP, NodePort)"]
         );
-        s.service.type_ = ServiceType::NodePort;
+        s.service.type_ = Some(ServiceType::NodePort);
         s.service
             .annotations
             .insert("metallb.universe.tf/address-pool".into(), "x".into());
         s.service
             .annotations
             .insert("a.example/exact".into(), "x".into());
-        assert_eq!(policy.service_denials("team-a", &s), Vec::<String>::new());
+        assert_eq!(
+            policy.service_denials("team-a", &s, false),
+            Vec::<String>::new()
+        );
         s.service.annotations.insert(
             "service.beta.kubernetes.io/aws-load-balancer-internal".into(),
             "x".into(),
         );
         s.client_port = Some(30443);
         assert_eq!(
-            policy.service_denials("team-a", &s),
+            policy.service_denials("team-a", &s, false),
             [
                 "Service annotation \"service.beta.kubernetes.io/aws-load-balancer-internal\" is \
                  not allowed in namespace team-a (allowed key prefixes: \"metallb.universe.tf/\", \
@@ -448,14 +463,30 @@ services:
             ]
         );
         // The admins' own entry replaces the default: everything (its fields are omitted).
-        s.service.type_ = ServiceType::LoadBalancer;
-        assert_eq!(policy.service_denials("admins", &s), Vec::<String>::new());
+        s.service.type_ = Some(ServiceType::LoadBalancer);
+        assert_eq!(
+            policy.service_denials("admins", &s, false),
+            Vec::<String>::new()
+        );
         // No annotations at all.
         let none =
             TenantPolicy::from_yaml("services: {default: {annotations: [], types: []}}").unwrap();
-        let denials = none.service_denials("x", &s);
+        let denials = none.service_denials("x", &s, false);
         assert!(denials[0].ends_with("(allowed: none)"), "{denials:?}");
         assert!(denials[1].contains("annotations") && denials[1].ends_with("prefixes: none)"));
+    }
+
+    #[test]
+    fn in_edge_mode_a_label_without_a_service_type_asks_for_no_service() {
+        let none =
+            TenantPolicy::from_yaml("services: {default: {annotations: [], types: []}}").unwrap();
+        let mut s = spec();
+        s.service.type_ = None;
+        assert_eq!(none.service_denials("x", &s, true), Vec::<String>::new());
+        // Outside edge mode it is a LoadBalancer, and one it asks for explicitly is one too.
+        assert_eq!(none.service_denials("x", &s, false).len(), 1);
+        s.service.type_ = Some(ServiceType::LoadBalancer);
+        assert_eq!(none.service_denials("x", &s, true).len(), 1);
     }
 
     #[test]

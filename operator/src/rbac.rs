@@ -6,7 +6,7 @@
 //! | `taas.dev` | `taaslabels` | get, list, watch | the controller's watch and cache |
 //! | `taas.dev` | `taaslabels/status` | patch | `reconcile`: status (server-side apply) |
 //! | `apps` | `deployments` | get, list, watch, create, patch | `reconcile`: foreign check, apply; `.owns()` |
-//! | `""` | `services` | get, list, watch, create, patch | the same |
+//! | `""` | `services` | get, list, watch, create, patch | the same; in edge mode also `get` and `watch` (`list` to start it) of the gateway's Service in the operator's namespace |
 //! | `""` | `configmaps` | get, list, watch, create, patch | the same, and the routes ConfigMap |
 //! | `""` | `secrets` | get, list, watch | `reconcile`: the label's Secret (`get`); the controller's metadata-only watch (`list`, `watch`) |
 //! | `""` | `nodes` | list | `reconcile`: node addresses for NodePort Services |
@@ -33,8 +33,8 @@
 //! cluster-wide Secret reader's, and must be protected as such (its pod mounts it; nothing
 //! else does).
 //!
-//! The routes ConfigMap and the leader election Lease live in the operator's namespace
-//! (`--operator-namespace`); everything else in the labels' namespaces (with `--namespace`,
+//! The routes ConfigMap, the leader election Lease and (edge mode) the gateway's Service live
+//! in the operator's namespace (`--operator-namespace`); everything else in the labels' namespaces (with `--namespace`,
 //! that one only) except `nodes`, which are cluster-scoped.
 
 /// One rule of the operator's ClusterRole.

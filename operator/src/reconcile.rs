@@ -1,13 +1,15 @@
 //! One reconcile of one `TaasLabel`: dereference → validate → build → apply → status.
 //!
 //! 1. dereference: the label's Secret, any existing objects under its child names (to
-//!    refuse foreign ones), and for a NodePort Service the nodes;
+//!    refuse foreign ones), in edge mode for a label without a Service of its own the
+//!    gateway's Service (`--edge-service`), and for a NodePort Service (either) the nodes;
 //! 2. validate ([`crate::validate`], pure);
 //! 3. unless a problem blocks it (when the cluster's policy refuses the label, a relay it
 //!    already has is scaled to zero), build ([`crate::build`], pure) and server-side apply, in this
 //!    order: the Service `taas-X` (its answer carries the allocated node ports, cluster IP and
-//!    load balancer address), the Service `taas-X-control`, the ConfigMap (whose
-//!    `external.yaml` is derived from that answer), the Deployment;
+//!    load balancer address; not made in edge mode for a label without a Service type, whose
+//!    address is the gateway Service's), the Service `taas-X-control`, the ConfigMap (whose
+//!    `external.yaml` is derived from that address), the Deployment;
 //! 4. status ([`crate::status`], pure) written only when it changed, and an event when the
 //!    Ready reason changed.
 //!
@@ -37,7 +39,7 @@ use crate::names::{self, FIELD_MANAGER};
 use crate::settings::Settings;
 use crate::status::{self, Outcome, Reason};
 use crate::validate::{self, Observed, Problem};
-use crate::{address, build};
+use crate::{address, build, edge};
 
 /// How soon a label is looked at again when nothing else triggers it.
 const REQUEUE_READY: Duration = Duration::from_secs(600);
@@ -184,7 +186,13 @@ async fn reconcile_label(label: &TaasLabel, ctx: &Context) -> Result<Option<Reas
         return Err(Error::Metadata("uid"));
     }
     let observed = dereference(label, ctx).await?;
-    let problems = validate::validate(label, &observed, &ctx.labels.state(), &ctx.settings.policy);
+    let problems = validate::validate_with_edge(
+        label,
+        &observed,
+        &ctx.labels.state(),
+        &ctx.settings.policy,
+        ctx.settings.edge.as_ref(),
+    );
     let outcome = if problems.iter().any(Problem::blocks_apply) {
         if problems.iter().any(Problem::stops_relay) && Problem::has_relay(label, &observed) {
             let stopped = build::stopped_deployment(label, &ctx.settings);
@@ -245,7 +253,23 @@ async fn dereference(label: &TaasLabel, ctx: &Context) -> Result<Observed, Error
     if let Some(found) = get(&namespaced::<ConfigMap>(ctx, label), "ConfigMap", &relay).await? {
         existing.push(("ConfigMap", found.metadata));
     }
-    let nodes = if label.spec.service.type_ == ServiceType::NodePort {
+    let edge = ctx.settings.edge.as_ref();
+    // In edge mode, a label without a Service of its own is reached at the gateway's.
+    let gateway = match edge.filter(|_| edge::through_gateway(label, edge)) {
+        Some(edge) => {
+            let api: Api<Service> =
+                Api::namespaced(ctx.client.clone(), &ctx.settings.operator_namespace);
+            get(&api, "Service", &edge.service).await?
+        }
+        None => None,
+    };
+    let gateway_node_port = gateway
+        .as_ref()
+        .and_then(|service| service.spec.as_ref())
+        .is_some_and(|spec| spec.type_.as_deref() == Some("NodePort"));
+    let own_node_port =
+        edge::service_type(&label.spec, edge.is_some()) == Some(ServiceType::NodePort);
+    let nodes = if own_node_port || gateway_node_port {
         Api::<Node>::all(ctx.client.clone())
             .list(&ListParams::default())
             .await
@@ -258,6 +282,7 @@ async fn dereference(label: &TaasLabel, ctx: &Context) -> Result<Observed, Error
         secret,
         existing,
         nodes,
+        gateway,
     })
 }
 
@@ -285,7 +310,8 @@ where
     .map_err(kube_error(format!("applying {kind} {name}")))
 }
 
-/// Applies the label's objects, Service first (its answer gives the external address).
+/// Applies the label's objects, its own Service first (its answer gives the external
+/// address); in edge mode, a label without one is reached at the gateway Service's address.
 async fn apply_objects(
     label: &TaasLabel,
     ctx: &Context,
@@ -293,15 +319,41 @@ async fn apply_objects(
     problems: Vec<Problem>,
 ) -> Result<Outcome, Error> {
     let services = namespaced::<Service>(ctx, label);
-    let service = apply(&services, "Service", &build::service(label)).await?;
-    apply(&services, "Service", &build::control_service(label)).await?;
-    let exposure = address::exposure(
-        label,
-        &service,
-        &observed.nodes,
-        &ctx.settings.node_address_types,
-    );
-    let external = address::external(label, &service, exposure.as_ref().ok());
+    let settings = &ctx.settings;
+    let edge = settings.edge.as_ref();
+    let (exposure, external) = match edge.filter(|_| edge::through_gateway(label, edge)) {
+        Some(edge) => {
+            let exposure = edge::exposure(
+                label,
+                edge,
+                observed.gateway.as_ref(),
+                &observed.nodes,
+                &settings.node_address_types,
+            );
+            // Until the gateway has an address, the relay is told its Service's name.
+            let provisional = edge::provisional_external(label, edge, &settings.operator_namespace);
+            let advertised = exposure.as_ref().unwrap_or(&provisional);
+            let external = address::external(label, &Service::default(), Some(advertised));
+            (exposure, external)
+        }
+        None => {
+            let service = apply(&services, "Service", &build::service(label)).await?;
+            let exposure = address::exposure(
+                label,
+                &service,
+                &observed.nodes,
+                &settings.node_address_types,
+            );
+            let external = address::external(label, &service, exposure.as_ref().ok());
+            (exposure, external)
+        }
+    };
+    apply(
+        &services,
+        "Service",
+        &build::control_service(label, edge.is_some()),
+    )
+    .await?;
     let config_map = build::config_map(label, &external).map_err(|source| Error::Yaml {
         what: "the relay's ConfigMap",
         source,

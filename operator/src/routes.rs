@@ -3,7 +3,10 @@
 //! `LABEL: {relay: "taas-X-control.N.svc.<cluster domain>.:8080", ready: true|false}`, one
 //! entry per LABEL, pointing at the TaasLabel that won it (the oldest of those the cluster's
 //! label policy lets claim it; see [`crate::validate::winners`]). `ready` is the label's
-//! Ready condition.
+//! Ready condition. In edge mode each entry also has `edge` (the relay's edge port,
+//! `taas-X-control.N.svc.<cluster domain>.:21001`), `direct: true` for a direct label, and,
+//! for a label reached through the gateway's Service, `rendezvous: [T, ...]` (its slice of
+//! the shared range, in the order of the relay's local p ports).
 //!
 //! Rebuilt on every change of any TaasLabel (its status included, and deletions, for which
 //! there is no reconcile) and applied (server-side) only when the table changed, plus every
@@ -23,6 +26,7 @@ use kube::{Api, Client};
 use serde::Serialize;
 use taas_crds::TaasLabel;
 
+use crate::edge;
 use crate::names::{self, FIELD_MANAGER};
 use crate::settings::Settings;
 use crate::status;
@@ -32,11 +36,21 @@ use crate::validate::winners;
 const REFRESH: Duration = Duration::from_secs(300);
 const RETRY: Duration = Duration::from_secs(5);
 
-/// One route, as the gateway reads it.
+/// One route, as the gateway reads it. The edge fields are written in edge mode only.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Route {
     pub relay: String,
     pub ready: bool,
+    /// The relay's edge port ([`names::edge_address`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub edge: Option<String>,
+    /// The label is direct: its HTTPS connections go raw to its relay's edge port.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub direct: bool,
+    /// Its public rendezvous ports (its slice of the shared range) in the order of the relay's
+    /// local p ports; empty for a label with a Service of its own.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rendezvous: Vec<u16>,
 }
 
 /// LABEL → route for every LABEL some TaasLabel wins (a label the policy refuses wins
@@ -45,9 +59,18 @@ pub fn routes(all: &[Arc<TaasLabel>], settings: &Settings) -> BTreeMap<String, R
     winners(all, &settings.policy)
         .into_iter()
         .map(|(label, winner)| {
+            let edge = settings.edge.as_ref();
             let route = Route {
                 relay: names::relay_address(&winner, &settings.cluster_domain),
                 ready: status::is_ready(&winner),
+                edge: edge.map(|_| names::edge_address(&winner, &settings.cluster_domain)),
+                direct: edge.is_some() && winner.spec.direct,
+                rendezvous: match edge {
+                    Some(e) if edge::through_gateway(&winner, edge) => {
+                        edge::label_slice(&winner, e)
+                    }
+                    _ => Vec::new(),
+                },
             };
             (label, route)
         })
@@ -257,6 +280,63 @@ mod tests {
                 relay: "taas-home-control.a.svc.cluster.local.:8080".into(),
                 ready: true
             }
+        );
+    }
+
+    #[test]
+    fn in_edge_mode_routes_name_the_edge_port_the_direct_labels_and_the_slices() {
+        let settings = Settings {
+            edge: Some(crate::edge::tests::edge_settings()),
+            ..Settings::default()
+        };
+        let home = labelled("a", "home", "home", 1, true);
+        let mut direct = (*labelled("a", "web", "web", 1, true)).clone();
+        direct.spec.direct = true;
+        let mut own = (*labelled("a", "own", "own", 1, true)).clone();
+        own.spec.service.type_ = Some(taas_crds::ServiceType::LoadBalancer);
+        let all = vec![home.clone(), Arc::new(direct), Arc::new(own)];
+        let routes = routes(&all, &settings);
+        let slice = crate::edge::label_slice(&home, settings.edge.as_ref().unwrap());
+        assert_eq!(
+            routes["home"],
+            Route {
+                relay: "taas-home-control.a.svc.cluster.local.:8080".into(),
+                ready: true,
+                edge: Some("taas-home-control.a.svc.cluster.local.:21001".into()),
+                direct: false,
+                rendezvous: slice.clone(),
+            }
+        );
+        assert!(routes["web"].direct);
+        // A label with its own Service is still reached on its edge port for clients, but
+        // its hidden server comes to its own Service's ports.
+        assert_eq!(
+            routes["own"].edge.as_deref(),
+            Some("taas-own-control.a.svc.cluster.local.:21001")
+        );
+        assert_eq!(routes["own"].rendezvous, Vec::<u16>::new());
+        let yaml = config_map(&settings, &routes).unwrap().data.unwrap()["routes.yaml"].clone();
+        assert!(
+            yaml.contains(&format!(
+                "home:\n  relay: taas-home-control.a.svc.cluster.local.:8080\n  ready: true\n  \
+                 edge: taas-home-control.a.svc.cluster.local.:21001\n  rendezvous:\n  - {}\n  - {}\n",
+                slice[0], slice[1]
+            )),
+            "{yaml}"
+        );
+        assert!(yaml.contains("  direct: true\n"), "{yaml}");
+        // Outside edge mode none of the three fields is written, even for a direct label.
+        let mut direct = (*labelled("a", "web", "web", 1, true)).clone();
+        direct.spec.direct = true;
+        let plain = super::routes(&[Arc::new(direct)], &Settings::default());
+        let yaml = config_map(&Settings::default(), &plain)
+            .unwrap()
+            .data
+            .unwrap()["routes.yaml"]
+            .clone();
+        assert_eq!(
+            yaml,
+            "web:\n  relay: taas-web-control.a.svc.cluster.local.:8080\n  ready: true\n"
         );
     }
 

@@ -5,6 +5,7 @@ use std::time::Duration;
 use taas_protocol::answer::RedirectHost;
 use taas_protocol::gateway_auth::InstallSecret;
 
+use crate::edge::EdgeSettings;
 use crate::policy::TenantPolicy;
 
 /// How the relay pods are run and where the routes go.
@@ -43,6 +44,9 @@ pub struct Settings {
     pub cluster_domain: String,
     /// What each namespace's labels may claim and ask for (`--policy-file`).
     pub policy: TenantPolicy,
+    /// The cluster edge (`--edge-service`): `None`, every label is exposed by a Service of
+    /// its own, as before edge mode existed.
+    pub edge: Option<EdgeSettings>,
 }
 
 /// The relay container's resource requests and limits (Kubernetes quantities).
@@ -71,6 +75,7 @@ impl Default for Settings {
             gateway_secret: None,
             cluster_domain: "cluster.local".to_string(),
             policy: TenantPolicy::default(),
+            edge: None,
         }
     }
 }

@@ -24,11 +24,12 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Node, Secret};
+use k8s_openapi::api::core::v1::{Node, Secret, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use taas_crds::limits::{RENDEZVOUS_PORTS_MAX, RENDEZVOUS_PORTS_MIN};
 use taas_crds::{ServiceType, TaasLabel};
 
+use crate::edge::EdgeSettings;
 use crate::names;
 use crate::policy::TenantPolicy;
 use crate::status::Reason;
@@ -40,8 +41,12 @@ pub struct Observed {
     pub secret: Option<Secret>,
     /// Objects that exist under one of the label's child names: (kind, metadata).
     pub existing: Vec<(&'static str, ObjectMeta)>,
-    /// The nodes, for a NodePort Service's address (listed only for NodePort).
+    /// The nodes, for a NodePort Service's address (listed only for NodePort, the label's
+    /// own or in edge mode the gateway's).
     pub nodes: Vec<Node>,
+    /// In edge mode, the gateway's Service (`--edge-service`), if it exists: the address of
+    /// the labels reached through it.
+    pub gateway: Option<Service>,
 }
 
 /// One reason the label is not (fully) served, with a message for its status and events.
@@ -92,13 +97,25 @@ pub fn validate(
     all: &[Arc<TaasLabel>],
     policy: &TenantPolicy,
 ) -> Vec<Problem> {
+    validate_with_edge(label, observed, all, policy, None)
+}
+
+/// [`validate`] for an operator in edge mode (`edge`: its settings) or not (`None`).
+pub fn validate_with_edge(
+    label: &TaasLabel,
+    observed: &Observed,
+    all: &[Arc<TaasLabel>],
+    policy: &TenantPolicy,
+    edge: Option<&EdgeSettings>,
+) -> Vec<Problem> {
     let mut problems = check_spec(label);
     problems.extend(check_name(label));
-    problems.extend(check_ports(label));
+    problems.extend(check_ports(label, edge.is_some()));
+    problems.extend(edge.and_then(|edge| check_edge_slice(label, edge)));
     let label_denied = policy.label_denial(names::namespace(label), &label.spec.label);
     let label_allowed = label_denied.is_none();
     problems.extend(label_denied.map(|message| Problem::new(Reason::LabelNotAllowed, message)));
-    problems.extend(check_service_policy(label, policy));
+    problems.extend(check_service_policy(label, policy, edge.is_some()));
     if label_allowed {
         problems.extend(check_conflict(label, all, policy));
     }
@@ -136,11 +153,12 @@ fn check_name(label: &TaasLabel) -> Option<Problem> {
     })
 }
 
-fn check_ports(label: &TaasLabel) -> Option<Problem> {
+fn check_ports(label: &TaasLabel, edge: bool) -> Option<Problem> {
     let spec = &label.spec;
     let client = spec.client_port?;
-    // A NodePort Service pins the node port, which cannot clash with the Service's ports.
-    if spec.service.type_ == ServiceType::NodePort {
+    // A NodePort Service pins the node port, which cannot clash with the Service's ports;
+    // without a Service of its own (edge mode) nothing is pinned.
+    if crate::edge::service_type(spec, edge).is_none_or(|t| t == ServiceType::NodePort) {
         return None;
     }
     names::p_ports(label).any(|p| p == client).then(|| {
@@ -160,8 +178,27 @@ fn check_ports(label: &TaasLabel) -> Option<Problem> {
     })
 }
 
-fn check_service_policy(label: &TaasLabel, policy: &TenantPolicy) -> Option<Problem> {
-    let denials = policy.service_denials(names::namespace(label), &label.spec);
+/// A label reached through the gateway needs as many distinct ports of the shared range as
+/// it has rendezvous ports: two of its local ports on one public port could not be told
+/// apart.
+fn check_edge_slice(label: &TaasLabel, edge: &EdgeSettings) -> Option<Problem> {
+    let n = names::p_ports(label).count();
+    let count = usize::from(edge.rendezvous.count());
+    (crate::edge::through_gateway(label, Some(edge)) && n > count).then(|| {
+        Problem::new(
+            Reason::InvalidSpec,
+            format!(
+                "rendezvousPorts {n} is more than the cluster edge's {count} shared rendezvous \
+                 ports ({}): ask for at most {count}, or for a Service of the label's own \
+                 (service.type)",
+                edge.rendezvous
+            ),
+        )
+    })
+}
+
+fn check_service_policy(label: &TaasLabel, policy: &TenantPolicy, edge: bool) -> Option<Problem> {
+    let denials = policy.service_denials(names::namespace(label), &label.spec, edge);
     (!denials.is_empty()).then(|| Problem::new(Reason::ServiceNotAllowed, denials.join("; ")))
 }
 
@@ -535,7 +572,38 @@ mod tests {
         assert_eq!(validate(&l, &observed_ok(), &[], &open()), vec![]);
         // With NodePort the pin is the node port, not the Service port.
         l.spec.client_port = Some(20003);
-        l.spec.service.type_ = ServiceType::NodePort;
+        l.spec.service.type_ = Some(ServiceType::NodePort);
+        assert_eq!(validate(&l, &observed_ok(), &[], &open()), vec![]);
+        // In edge mode, without a Service of its own, nothing is pinned.
+        l.spec.service.type_ = None;
+        let edge = crate::edge::tests::edge_settings();
+        assert_eq!(
+            validate_with_edge(&l, &observed_ok(), &[], &open(), Some(&edge)),
+            vec![]
+        );
+    }
+
+    #[test]
+    fn in_edge_mode_a_label_needs_no_more_ports_than_the_shared_range_has() {
+        let mut edge = crate::edge::tests::edge_settings();
+        edge.rendezvous = "30000-30003".parse().unwrap();
+        let mut l = label();
+        l.spec.rendezvous_ports = 4;
+        let ok = |l: &TaasLabel| validate_with_edge(l, &observed_ok(), &[], &open(), Some(&edge));
+        assert_eq!(ok(&l), vec![]);
+        l.spec.rendezvous_ports = 5;
+        let problems = ok(&l);
+        assert_eq!(reasons(&problems), vec![Reason::InvalidSpec]);
+        assert_eq!(
+            problems[0].message,
+            "rendezvousPorts 5 is more than the cluster edge's 4 shared rendezvous ports \
+             (30000-30003): ask for at most 4, or for a Service of the label's own (service.type)"
+        );
+        // A label with its own Service does not use the shared range.
+        l.spec.service.type_ = Some(ServiceType::LoadBalancer);
+        assert_eq!(ok(&l), vec![]);
+        // Nor does any label outside edge mode.
+        l.spec.service.type_ = None;
         assert_eq!(validate(&l, &observed_ok(), &[], &open()), vec![]);
     }
 

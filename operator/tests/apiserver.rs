@@ -840,6 +840,181 @@ fn the_operator_against_a_real_api_server() {
     std::fs::write(repo().join("target/operator-200-labels.txt"), report).ok();
 }
 
+/// Edge mode (`--edge-service`): a label without `spec.service.type` gets no Service of its
+/// own; its relay listens on its edge port, exposed by its control Service; it is reached at
+/// the gateway Service's address (waiting until there is one), on the shared port and its slice
+/// of the shared rendezvous ports, which the routes carry for the gateway.
+#[test]
+fn the_operator_in_edge_mode_against_a_real_api_server() {
+    if !opted_in("the_operator_in_edge_mode_against_a_real_api_server") {
+        return;
+    }
+    std::env::set_var("TAAS_K8S_CONTROLLERS", "*,-deployment,-replicaset");
+    let k8s = ApiServer::up();
+    let work = k8s.dir().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let crd = repo().join("crds/taaslabels.yaml");
+    k8s.ok(
+        &["apply", "--validate=false", "-f", crd.to_str().unwrap()],
+        None,
+    );
+    k8s.wait("CRD established", &["crd", "taaslabels.taas.dev"], |crd| {
+        crd["status"]["conditions"].as_array().is_some_and(|c| {
+            c.iter()
+                .any(|c| c["type"] == "Established" && c["status"] == "True")
+        })
+    });
+    k8s.ok(&["create", "namespace", NS], None);
+    // The chart's RBAC and gateway Service (a short range keeps the test quick); the real API
+    // server checks the Service's ports.
+    let edge_values = ["--set", "edge.rendezvousPorts.count=16"];
+    let mut show = vec![
+        "--show-only",
+        "templates/operator-serviceaccount.yaml",
+        "--show-only",
+        "templates/operator-rbac.yaml",
+        "--show-only",
+        "templates/gateway-service.yaml",
+    ];
+    show.extend_from_slice(&edge_values);
+    k8s.ok(&["apply", "-f", "-"], Some(&k8s.helm_template(&show)));
+    let operator_kubeconfig = k8s.service_account(NS, "taas-operator");
+    let _operator = start_operator(
+        &operator_kubeconfig,
+        &work.join("operator.log"),
+        &[
+            "--edge-service",
+            "taas-gateway",
+            "--edge-shared-port",
+            "9443",
+            "--edge-rendezvous-ports",
+            "20000-20015",
+        ],
+    );
+
+    let manifests = "apiVersion: v1\nkind: Secret\nmetadata: {name: edge-totp, namespace: default}\n\
+                     stringData: {secret: JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP}\n---\n\
+                     apiVersion: taas.dev/v1alpha1\nkind: TaasLabel\nmetadata: {name: edge, namespace: default}\n\
+                     spec: {id: id-edge, label: edge, direct: true, secretRef: {name: edge-totp}, rendezvousPorts: 3}\n";
+    k8s.ok(&["apply", "-f", "-"], Some(manifests));
+
+    // The relay and its control Service, with the edge port; no Service of its own.
+    let deployment = k8s.wait(
+        "the Deployment",
+        &["deployment", "taas-edge", "-n", "default"],
+        |_| true,
+    );
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    let args = container["args"].to_string();
+    assert!(args.contains(r#""--edge","0.0.0.0:21001""#), "{args}");
+    assert!(
+        container["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "edge" && p["containerPort"] == 21001),
+        "{}",
+        container["ports"]
+    );
+    let control = k8s.wait(
+        "the control Service",
+        &["service", "taas-edge-control", "-n", "default"],
+        |_| true,
+    );
+    assert!(
+        control["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "edge" && p["port"] == 21001 && p["targetPort"] == 21001),
+        "{}",
+        control["spec"]["ports"]
+    );
+    let label = k8s.wait(
+        "WaitingForAddress",
+        &["taaslabel", "edge", "-n", "default"],
+        |l| ready_reason(l) == "WaitingForAddress",
+    );
+    assert!(
+        condition(&label, "Ready").unwrap()["message"]
+            .as_str()
+            .unwrap()
+            .contains("load balancer"),
+        "{label}"
+    );
+    assert!(k8s
+        .get(&["service", "taas-edge", "-n", "default"])
+        .is_none());
+
+    // The slice: 3 consecutive ports of 20000-20015 from the label's offset, wrapping.
+    let edge = taas_operator::edge::EdgeSettings {
+        service: "taas-gateway".into(),
+        shared_port: 9443,
+        rendezvous: "20000-20015".parse().unwrap(),
+    };
+    let slice = taas_operator::edge::slice("default", "edge", 3, edge.rendezvous);
+    let routes = k8s.wait(
+        "the route with the edge fields",
+        &["configmap", "taas-routes", "-n", NS],
+        |c| {
+            c["data"]["routes.yaml"]
+                .as_str()
+                .is_some_and(|t| t.contains("edge:\n"))
+        },
+    );
+    let routes: serde_yaml::Value =
+        serde_yaml::from_str(routes["data"]["routes.yaml"].as_str().unwrap()).unwrap();
+    let route = &routes["edge"];
+    assert_eq!(
+        route["edge"].as_str(),
+        Some("taas-edge-control.default.svc.cluster.local.:21001")
+    );
+    assert_eq!(route["direct"].as_bool(), Some(true));
+    let rendezvous: Vec<u64> = route["rendezvous"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        rendezvous,
+        slice.iter().map(|&t| u64::from(t)).collect::<Vec<_>>()
+    );
+
+    // The gateway's load balancer gets its address: the operator (watching that Service)
+    // tells the relay, without any change to the label.
+    give_address(&k8s, NS, "taas-gateway", "127.0.0.2");
+    let label = k8s.wait(
+        "RelayNotReady at the gateway's address",
+        &["taaslabel", "edge", "-n", "default"],
+        |l| ready_reason(l) == "RelayNotReady" && l["status"]["endpoint"] == "127.0.0.2:9443",
+    );
+    assert_eq!(
+        label["status"]["ports"]["rendezvous"],
+        serde_json::json!(slice)
+    );
+    let config_map = k8s.wait(
+        "external.yaml at the gateway's address",
+        &["configmap", "taas-edge", "-n", "default"],
+        |c| {
+            c["data"]["external.yaml"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("host: 127.0.0.2\n"))
+        },
+    );
+    assert_eq!(
+        config_map["data"]["external.yaml"],
+        format!(
+            "host: 127.0.0.2\nports:\n  20000: {}\n  20001: {}\n  20002: {}\n  21000: 9443\n",
+            slice[0], slice[1], slice[2]
+        )
+    );
+    mark_relay_ready(&k8s, "default", "taas-edge");
+    k8s.wait("Ready", &["taaslabel", "edge", "-n", "default"], |l| {
+        ready_reason(l) == "Ready"
+    });
+}
+
 fn helm(k8s: &ApiServer, args: &[&str]) -> Output {
     Command::new(k8s.tools.join("helm"))
         .env("HOME", k8s.dir())
@@ -1063,6 +1238,11 @@ fn the_chart_installs_upgrades_and_uninstalls_on_a_real_api_server() {
             "--wait=false",
             "--set",
             "gateway.service.type=NodePort",
+            // The cluster edge's ports are then node ports too (one number everywhere).
+            "--set",
+            "edge.sharedPort=30444",
+            "--set",
+            "edge.rendezvousPorts.first=31000",
             "--set",
             "operator.leaderElection.enabled=true",
         ],

@@ -794,7 +794,7 @@ async fn the_newer_of_two_labels_with_one_label_is_refused() {
 async fn node_port_uses_node_addresses_and_allocated_ports() {
     let harness = Harness::new();
     let mut label = label();
-    label.spec.service.type_ = taas_crds::ServiceType::NodePort;
+    label.spec.service.type_ = Some(taas_crds::ServiceType::NodePort);
     label.spec.client_port = Some(30443);
     let nodes = json!({"apiVersion": "v1", "kind": "NodeList", "metadata": {}, "items": [
         {"metadata": {"name": "n1"}, "status": {"addresses": [{"type": "InternalIP", "address": "192.168.5.10"}],
@@ -1068,4 +1068,142 @@ async fn a_running_relay_the_policy_now_refuses_is_scaled_to_zero() {
         &format!("{APPS}/deployments/taas-home"),
     );
     assert_eq!(deployment["spec"]["replicas"], 1);
+}
+
+/// The gateway's Service as the chart makes it for the cluster edge (`shared` 9443 and
+/// `rdv-T` for 20000-20255, port == targetPort), with a load balancer address.
+fn gateway_service() -> Value {
+    let mut ports = vec![json!({"name": "https", "port": 443, "targetPort": "https"})];
+    ports.push(json!({"name": "shared", "port": 9443, "targetPort": 9443}));
+    ports.extend(
+        (20000..=20255).map(|t| json!({"name": format!("rdv-{t}"), "port": t, "targetPort": t})),
+    );
+    json!({"apiVersion": "v1", "kind": "Service",
+           "metadata": {"name": "taas-gateway", "namespace": "taas-system"},
+           "spec": {"type": "LoadBalancer", "clusterIP": "10.0.0.9", "ports": ports},
+           "status": {"loadBalancer": {"ingress": [{"ip": "203.0.113.1"}]}}})
+}
+
+/// The three applies of a label reached through the gateway: no Service of its own.
+fn applies_behind_the_gateway() -> Vec<Step> {
+    let mut all = applies(no_change, relay_ready);
+    all.remove(0);
+    all
+}
+
+#[tokio::test]
+async fn in_edge_mode_a_label_without_a_service_type_is_reached_at_the_gateway() {
+    let mut harness = Harness::new();
+    let edge = taas_operator::edge::EdgeSettings {
+        service: "taas-gateway".into(),
+        shared_port: 9443,
+        rendezvous: "20000-20255".parse().unwrap(),
+    };
+    harness.settings.edge = Some(edge.clone());
+    let gateway_path = "/api/v1/namespaces/taas-system/services/taas-gateway";
+    let slice = taas_operator::edge::label_slice(&label(), &edge);
+
+    // No gateway Service yet: the objects are applied, the relay is told the Service's name,
+    // and the label waits for the address.
+    let mut reads = reads_fresh();
+    reads.push(step(Method::GET, gateway_path, Answer::NotFound));
+    let (result, seen) = harness
+        .reconcile(
+            &label(),
+            script(vec![
+                reads,
+                applies_behind_the_gateway(),
+                vec![status_write(), event()],
+            ]),
+        )
+        .await;
+    assert_eq!(result, Ok(Action::requeue(Duration::from_secs(60))));
+    assert!(!seen
+        .iter()
+        .any(|s| s.method == Method::PATCH && s.path == format!("{NS}/services/taas-home")));
+    let external = |seen: &[Seen]| {
+        find(seen, Method::PATCH, &format!("{NS}/configmaps/taas-home"))["data"]["external.yaml"]
+            .clone()
+    };
+    assert_eq!(
+        external(&seen),
+        format!(
+            "host: taas-gateway.taas-system.svc\nports:\n  20000: {}\n  20001: {}\n  21000: 9443\n",
+            slice[0], slice[1]
+        )
+    );
+    let condition = ready_condition(&seen);
+    assert_eq!(condition["reason"], "WaitingForAddress");
+    assert_eq!(
+        condition["message"],
+        "waiting for the gateway Service taas-gateway (the cluster edge)"
+    );
+    // The relay listens on its edge port, which its control Service exposes.
+    let deployment = find(
+        &seen,
+        Method::PATCH,
+        &format!("{APPS}/deployments/taas-home"),
+    );
+    let args = deployment["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+    assert!(args.contains(r#""--edge","0.0.0.0:21001""#), "{args}");
+    let control = find(
+        &seen,
+        Method::PATCH,
+        &format!("{NS}/services/taas-home-control"),
+    );
+    assert_eq!(
+        control["spec"]["ports"][1],
+        json!({"name": "edge", "port": 21001, "targetPort": 21001, "protocol": "TCP"})
+    );
+
+    // With the gateway's address: the relay advertises it, the shared port and its slice.
+    let mut reads = reads_fresh();
+    reads.push(step(
+        Method::GET,
+        gateway_path,
+        Answer::Json(200, gateway_service()),
+    ));
+    let (result, seen) = harness
+        .reconcile(
+            &label(),
+            script(vec![
+                reads,
+                applies_behind_the_gateway(),
+                vec![status_write(), event()],
+            ]),
+        )
+        .await;
+    assert_eq!(result, Ok(Action::requeue(Duration::from_secs(600))));
+    assert_eq!(
+        external(&seen),
+        format!(
+            "host: 203.0.113.1\nports:\n  20000: {}\n  20001: {}\n  21000: 9443\n",
+            slice[0], slice[1]
+        )
+    );
+    let status = &find(&seen, Method::PATCH, &format!("{LABELS}/home/status"))["status"];
+    assert_eq!(status["endpoint"], "203.0.113.1:9443");
+    assert_eq!(
+        status["ports"],
+        json!({"client": 9443, "rendezvous": slice})
+    );
+    assert_eq!(ready_condition(&seen)["reason"], "Ready");
+
+    // A label that asks for a Service of its own keeps it, exposed as before.
+    let mut own = label();
+    own.spec.service.type_ = Some(taas_crds::ServiceType::LoadBalancer);
+    let (_, seen) = harness
+        .reconcile(
+            &own,
+            script(vec![
+                reads_fresh(),
+                applies(lb_with_address, relay_ready),
+                vec![status_write(), event()],
+            ]),
+        )
+        .await;
+    assert!(external(&seen)
+        .as_str()
+        .unwrap()
+        .starts_with("host: 203.0.113.7\n"));
 }

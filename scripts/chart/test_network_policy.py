@@ -25,8 +25,12 @@ def test_network_policy_gateway_and_relay_control_port():
         public = [r for r in rules if not r.get("from")]
         assert public, "the rendezvous/client ports are closed"
     gw = [p for p in pols if p["metadata"]["name"] == f"{RELEASE}-gateway"][0]
+    open_ports = [(port["port"], port.get("endPort")) for r in gw["spec"]["ingress"] if not r.get("from") for port in r["ports"]]
+    # HTTPS, and the cluster edge's shared port and rendezvous ports (on by default).
+    assert open_ports == [(8443, None), (9443, None), (20000, 20255)], f"gateway open ports {open_ports}"
+    gw = named(render(values_files=[ci("everything-on")], sets=["edge.enabled=false"]), "NetworkPolicy", f"{RELEASE}-gateway")
     open_ports = [port["port"] for r in gw["spec"]["ingress"] if not r.get("from") for port in r["ports"]]
-    assert open_ports == [8443], f"gateway open ports {open_ports}"
+    assert open_ports == [8443], f"gateway open ports without the edge {open_ports}"
     docs = render(sets=["networkPolicy.enabled=true"])
     relay = [p for p in kinds(docs, "NetworkPolicy") if p["metadata"]["name"] == f"{RELEASE}-relays"]
     assert [p["metadata"]["namespace"] for p in relay] == [NAMESPACE], "default relay policy namespace"

@@ -68,14 +68,14 @@ def test_tenant_policy():
 
 
 def test_reuse_values_from_before_issue_13():
-    """helm upgrade --reuse-values from a release made before the issue 13 values still renders (missing keys are defaults)"""
+    """helm upgrade --reuse-values from a release made before the issue 13 (and 15.3) values still renders (missing keys are defaults; no edge)"""
     with tempfile.TemporaryDirectory() as tmp:
         chart = os.path.join(tmp, "taas")
         shutil.copytree(CHART, chart)
         with open(os.path.join(CHART, "values.yaml")) as f:
             values = yaml.safe_load(f)
         # --reuse-values renders with the stored values only, not the new chart's defaults.
-        for key in ("clusterDomain", "gatewayAuth", "labelPolicy", "servicePolicy"):
+        for key in ("clusterDomain", "gatewayAuth", "labelPolicy", "servicePolicy", "edge"):
             values.pop(key)
         with open(os.path.join(chart, "values.yaml"), "w") as f:
             yaml.safe_dump(values, f)
@@ -84,6 +84,8 @@ def test_reuse_values_from_before_issue_13():
         docs = [d for d in yaml.safe_load_all(result.stdout) if d]
         args = named(docs, "Deployment", f"{RELEASE}-operator")["spec"]["template"]["spec"]["containers"][0]["args"]
         assert "--cluster-domain=cluster.local" in args, f"args {args}"
+        # Without its values (a release from before issue 15.3) the cluster edge is off.
+        assert not any(a.startswith("--edge-") for a in args), f"edge flags from reused values {args}"
         assert named(docs, "Secret", f"{RELEASE}-gateway-auth"), "no gateway auth Secret"
         policy = policy_of(docs)
         assert policy == {"labels": {}, "services": {"default": {}, "namespaces": {}}}, f"policy {policy}"

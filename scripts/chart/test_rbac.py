@@ -21,6 +21,7 @@ NAMESPACED_RULES = {
 }
 NODE_RULES = {("", "nodes"): READ}
 ROUTES_RULES = {("", "configmaps"): WRITE}
+GATEWAY_SERVICE_RULES = {("", "services"): READ}
 LEASE_RULES = {("coordination.k8s.io", "leases"): {"get", "create", "update"}}
 
 
@@ -66,7 +67,7 @@ def merge_rules(*sets):
     return out
 
 
-def expected_grants(watch, leader, release_ns=NAMESPACE):
+def expected_grants(watch, leader, release_ns=NAMESPACE, edge=True):
     scopes = {}
     if not watch:
         scopes["cluster"] = merge_rules(NAMESPACED_RULES, NODE_RULES)
@@ -78,6 +79,9 @@ def expected_grants(watch, leader, release_ns=NAMESPACE):
         extra = {}
         if watch != release_ns:
             extra = merge_rules(extra, ROUTES_RULES)
+            if edge:
+                # the gateway's Service, whose address the labels reached through it share
+                extra = merge_rules(extra, GATEWAY_SERVICE_RULES)
         if leader:
             extra = merge_rules(extra, LEASE_RULES)
         if extra:
@@ -125,6 +129,8 @@ RBAC_CASES = {
     "everything-on (single namespace + leader election)": ((ci("everything-on"),), (), "hidden-servers", True),
     "nodeport render": ((ci("nodeport"),), (), "", False),
     "monitoring render": ((ci("monitoring"),), (), "", False),
+    "single namespace without the cluster edge: no Service reading in the release namespace":
+        ((ci("single-namespace"),), ("edge.enabled=false",), "hidden-servers", False),
 }
 
 
@@ -136,7 +142,7 @@ def test_operator_rbac_is_exactly_its_verbs(values_files, sets, watch, leader):
     operator_sa = (namespace, f"{RELEASE}-operator")
     assert set(actual) <= {operator_sa}, f"RBAC granted to other accounts: {sorted(set(actual) - {operator_sa})}"
     got = actual.get(operator_sa, {})
-    want = expected_grants(watch, leader, namespace)
+    want = expected_grants(watch, leader, namespace, edge="edge.enabled=false" not in sets)
     assert got == want, "operator RBAC differs from operator/src/rbac.rs's list:\n" + grant_diff(got, want)
     for scope, rules in got.items():
         assert rules.get(("", "secrets"), set()) <= READ, f"secrets written in {scope}"

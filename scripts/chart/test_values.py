@@ -46,6 +46,10 @@ SCHEMA_REJECTS = [
     ("wrong type: servicePolicy clientPort a string", [], ["servicePolicy.default.clientPort=no"], r"boolean|type"),
     ("unknown key in a namespace's servicePolicy", ["servicePolicy.namespaces.team-a.nodePorts=false"], [], r"additional propert|additionalProperties|not allowed"),
     ("empty annotation prefix", [], ["servicePolicy.default.annotations[0]="], r"minLength|too short|annotations"),
+    ("edge: no rendezvous ports", ["edge.rendezvousPorts.count=0"], [], r"minimum|count|greater"),
+    ("edge: shared port out of range", ["edge.sharedPort=70000"], [], r"maximum|70000|less than"),
+    ("edge: unknown key", ["edge.ports=1"], [], r"additional propert|additionalProperties|not allowed"),
+    ("wrong type: edge.enabled a string", [], ["edge.enabled=yes"], r"boolean|type"),
 ]
 
 # Values the schema allows but the templates refuse: (description, --set, expected message regex).
@@ -55,6 +59,11 @@ TEMPLATE_REJECTS = [
     ("cert-manager without an issuer", ["gateway.tls.certManager.enabled=true"], r"issuerRef\.name"),
     ("loadBalancerClass on a NodePort Service", ["gateway.service.type=NodePort", "gateway.service.loadBalancerClass=x"], r"loadBalancerClass"),
     ("PodDisruptionBudget with both bounds", ["gateway.podDisruptionBudget.enabled=true", "gateway.podDisruptionBudget.minAvailable=1"], r"minAvailable or maxUnavailable"),
+    ("edge on a NodePort gateway with ports outside 30000-32767", ["gateway.service.type=NodePort"], r"node ports are 30000-32767: edge\.sharedPort is 9443 and edge\.rendezvousPorts are 20000-20255"),
+    ("edge: the shared port inside the rendezvous range", ["edge.sharedPort=20005"], r"edge\.sharedPort 20005 is inside edge\.rendezvousPorts \(20000-20255\)"),
+    ("edge: rendezvous range past 65535", ["edge.rendezvousPorts.first=65500"], r"end past port 65535"),
+    ("edge: the range covers the gateway's HTTPS port", ["edge.rendezvousPorts.first=8400"], r"gateway container's port 8443"),
+    ("edge: the gateway's node port is an edge port", ["gateway.service.type=NodePort", "edge.sharedPort=30444", "edge.rendezvousPorts.first=31000", "gateway.service.nodePort=31005"], r"gateway\.service\.nodePort 31005 is one of the edge's ports"),
 ]
 
 

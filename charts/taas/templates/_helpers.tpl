@@ -150,6 +150,32 @@ failureThreshold: {{ .probe.failureThreshold }}
 {{- if eq (int .Values.gateway.metricsPort) 8443 -}}
 {{- fail "gateway.metricsPort cannot be 8443: the gateway's HTTPS port." -}}
 {{- end -}}
+{{- if include "taas.edge.enabled" . -}}
+{{- $shared := int (include "taas.edge.sharedPort" .) -}}
+{{- $first := int (include "taas.edge.first" .) -}}
+{{- $last := int (include "taas.edge.last" .) -}}
+{{- if gt $last 65535 -}}
+{{- fail (printf "edge.rendezvousPorts: first %d and count %d end past port 65535." $first (int (include "taas.edge.count" .))) -}}
+{{- end -}}
+{{- if and (ge $shared $first) (le $shared $last) -}}
+{{- fail (printf "edge.sharedPort %d is inside edge.rendezvousPorts (%d-%d): choose a port outside the range." $shared $first $last) -}}
+{{- end -}}
+{{- range $p := list 8443 (int .Values.gateway.metricsPort) -}}
+{{- if or (eq $p $shared) (and (ge $p $first) (le $p $last)) -}}
+{{- fail (printf "edge.sharedPort and edge.rendezvousPorts (%d, %d-%d) must not include the gateway container's port %d (HTTPS 8443, gateway.metricsPort)." $shared $first $last $p) -}}
+{{- end -}}
+{{- end -}}
+{{- if eq .Values.gateway.service.type "NodePort" -}}
+{{- if or (lt $shared 30000) (gt $shared 32767) (lt $first 30000) (gt $last 32767) -}}
+{{- fail (printf "gateway.service.type is NodePort, so the edge's ports are node ports too (port == targetPort == nodePort, one number everywhere), and node ports are 30000-32767: edge.sharedPort is %d and edge.rendezvousPorts are %d-%d. Move them into 30000-32767 (e.g. edge.sharedPort=30444, edge.rendezvousPorts.first=31000), or set edge.enabled=false." $shared $first $last) -}}
+{{- end -}}
+{{- with .Values.gateway.service.nodePort -}}
+{{- if or (eq (int .) $shared) (and (ge (int .) $first) (le (int .) $last)) -}}
+{{- fail (printf "gateway.service.nodePort %d is one of the edge's ports (edge.sharedPort %d, edge.rendezvousPorts %d-%d)." (int .) $shared $first $last) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 
 {{/* The Secret holding the install's gateway secret (key `secret`): an existing one, or the chart's. */}}
@@ -168,6 +194,36 @@ made before them (whose stored values lack these keys) still renders: missing me
 */}}
 {{- define "taas.gatewayAuth.existingSecret" -}}
 {{- (.Values.gatewayAuth | default dict).existingSecret | default "" -}}
+{{- end -}}
+
+{{/*
+The cluster edge (issue 15.3). A release made before these values has no `edge` key under
+--reuse-values: missing means off, so such an upgrade renders what it rendered before.
+"true" or "" (include returns a string).
+*/}}
+{{- define "taas.edge.enabled" -}}
+{{- if (.Values.edge | default dict).enabled -}}true{{- end -}}
+{{- end -}}
+
+{{- define "taas.edge.sharedPort" -}}
+{{- (.Values.edge | default dict).sharedPort | default 9443 | int -}}
+{{- end -}}
+
+{{- define "taas.edge.first" -}}
+{{- ((.Values.edge | default dict).rendezvousPorts | default dict).first | default 20000 | int -}}
+{{- end -}}
+
+{{- define "taas.edge.count" -}}
+{{- ((.Values.edge | default dict).rendezvousPorts | default dict).count | default 256 | int -}}
+{{- end -}}
+
+{{- define "taas.edge.last" -}}
+{{- sub (add (int (include "taas.edge.first" .)) (int (include "taas.edge.count" .))) 1 -}}
+{{- end -}}
+
+{{/* The relays' edge port (operator/src/names.rs: EDGE_PORT), where only gateways connect. */}}
+{{- define "taas.edge.relayPort" -}}
+21001
 {{- end -}}
 
 {{- define "taas.clusterDomain" -}}

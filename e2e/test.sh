@@ -47,6 +47,11 @@ helm_install() {
 
 gw_port() { cat "$W/gateway-port"; }
 
+no_public_service() { # NAME: none of the label's Services is reachable from outside
+  ! kubectl -n default get svc -l "app.kubernetes.io/instance=$1" \
+    -o jsonpath='{range .items[*]}{.spec.type}{"\n"}{end}' | grep -qE 'NodePort|LoadBalancer'
+}
+
 label_ready() { # LABEL NAMESPACE
   [ "$(kubectl -n "$2" get taaslabel "$1" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')" = True ]
 }
@@ -55,10 +60,13 @@ apply_label() {
   kubectl apply -f examples/label.yaml
   until_ok 120 label_ready home default
   kubectl -n default rollout status deployment/taas-home --timeout=60s
-  kubectl -n default get service taas-home
+  # The example asks for no Service of its own: with the chart's edge, only the gateway's
+  # ports are public, and the label's endpoint is the gateway's shared client port.
+  kubectl -n default get service taas-home-control
+  no_public_service home
   kubectl get taaslabels -A | tee "$W/taaslabels.txt"
-  # The printed row: LABEL, ID, ENDPOINT (the node's address, given to the LoadBalancer), READY.
-  grep -E "^default +home +home +2f402f80-da50-11e1-9b23-0123456789ab +$TAAS_E2E_NODE_IP:21000 +True" "$W/taaslabels.txt"
+  # The printed row: LABEL, ID, ENDPOINT (the gateway's node address and shared port), READY.
+  grep -E "^default +home +home +2f402f80-da50-11e1-9b23-0123456789ab +$TAAS_E2E_NODE_IP:$EDGE_SHARED_PORT +True" "$W/taaslabels.txt"
   kubectl -n default get pods -l app.kubernetes.io/instance=home -o json |
     "$PY" e2e/check_pods.py "$TAAS_E2E_CONTAINERD"
 }
@@ -92,9 +100,10 @@ rendezvous() {
   # The 307 itself, as the original's clients see it.
   in_client curl -sS -o /dev/null -w '%{http_code} %{redirect_url}\n' --cacert "$W/pki/client-bundle.crt" \
     "https://home.$TAAS_E2E_DOMAIN:$(gw_port)/" | tee "$W/redirect.txt"
-  grep -qx "307 https://home.$TAAS_E2E_DOMAIN:21000/" "$W/redirect.txt"
+  grep -qx "307 https://home.$TAAS_E2E_DOMAIN:$EDGE_SHARED_PORT/" "$W/redirect.txt"
   # The relay paired the client by its real address (10.231.0.2, another "host"), not a
-  # node or bridge address: externalTrafficPolicy Local kept it through kube-proxy.
+  # node, bridge or gateway address: externalTrafficPolicy Local kept it through kube-proxy to
+  # the gateway, and the gateway's edge header named it to the relay.
   until_ok 10 relay_saw_client home
   echo "relay pod log: $(kubectl -n default logs deployment/taas-home | grep -m1 "peer=$TAAS_E2E_CLIENT_IP")"
 }
@@ -169,11 +178,6 @@ fetch_edge() { # NAME [curl options]: the page of NAME, following redirects
 }
 
 edge_serves() { [ "$(fetch_edge "$1")" = "hello from $1" ]; }
-
-no_public_service() { # NAME: none of the label's Services is reachable from outside
-  ! kubectl -n default get svc -l "app.kubernetes.io/instance=$1" \
-    -o jsonpath='{range .items[*]}{.spec.type}{"\n"}{end}' | grep -qE 'NodePort|LoadBalancer'
-}
 
 edge() {
   edge_manifest lab 3c2a1b0d-0000-4000-8000-00000000001a JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXA false >"$W/lab.yaml"

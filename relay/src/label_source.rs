@@ -1000,7 +1000,7 @@ mod tests {
         s.label = "Home".into(); // read case-insensitively
         s.rendezvous_ports = 0;
         s.secret_ref.name = "S_1".into();
-        s.service.type_ = taas_crds::ServiceType::NodePort;
+        s.service.type_ = Some(taas_crds::ServiceType::NodePort);
         s.service.load_balancer_class = Some(String::new());
         let errors = s.validate().unwrap_err().0;
         assert_eq!(errors.len(), 5, "{errors:?}");

@@ -16,6 +16,8 @@
 //! - the server name a TLS client asks for, read from its ClientHello without decrypting (the
 //!   shared client port routes by it): [`client_hello`];
 //! - what a hidden server is told of its client: [`proxy_header`] (PROXY v1/v2);
+//! - what a gateway tells a label relay's edge port of a connection it forwards (a PROXY v2
+//!   header with the kind, LABEL and gateway token), and the rendezvous claim bytes: [`edge`];
 //! - the agent's registrar URL and redirects: [`target`];
 //! - locks that survive a panic: [`sync`].
 #![forbid(unsafe_code)]
@@ -23,6 +25,7 @@
 pub mod answer;
 pub mod authorization;
 pub mod client_hello;
+pub mod edge;
 pub mod gateway_auth;
 pub mod guard;
 pub mod host;

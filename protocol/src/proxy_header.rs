@@ -10,8 +10,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 /// The v2 signature.
 pub const V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
 
-/// Version 2, command PROXY.
-const V2_PROXY: u8 = 0x21;
+/// Version 2 (high nibble), command PROXY (low nibble).
+pub(crate) const V2_PROXY: u8 = 0x21;
 const V2_TCP4: u8 = 0x11;
 const V2_TCP6: u8 = 0x21;
 
@@ -54,6 +54,15 @@ pub fn v1(client: SocketAddr, relay: SocketAddr) -> Vec<u8> {
 /// The v2 (binary) header with command PROXY over TCP. A real IPv4 address paired with a real
 /// IPv6 one is sent as IPv6, with the IPv4 address mapped.
 pub fn v2(client: SocketAddr, relay: SocketAddr) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + 36);
+    v2_start(&mut out, client, relay, 0);
+    out
+}
+
+/// Appends a v2 header's fixed part and its address block (command PROXY over TCP), with
+/// `tlv_len` more bytes of TLVs announced in its length for the caller to append. Shared
+/// with [`crate::edge`], whose header is this one plus TLVs.
+pub(crate) fn v2_start(out: &mut Vec<u8>, client: SocketAddr, relay: SocketAddr, tlv_len: u16) {
     let (cp, rp) = (client.port().to_be_bytes(), relay.port().to_be_bytes());
     let (family, addresses): (u8, Vec<u8>) = match pair(client.ip(), relay.ip()) {
         Pair::V4(c, r) => (V2_TCP4, [c.octets(), r.octets()].concat()),
@@ -63,8 +72,8 @@ pub fn v2(client: SocketAddr, relay: SocketAddr) -> Vec<u8> {
             (V2_TCP6, [c.octets(), r.octets()].concat())
         }
     };
-    let length = (addresses.len() + 4) as u16; // 12 or 36
-    let mut out = Vec::with_capacity(16 + usize::from(length));
+    // 12 or 36 address bytes; the caller keeps `tlv_len` within the u16 (edge: MAX_HEADER).
+    let length = (addresses.len() as u16 + 4).saturating_add(tlv_len);
     out.extend_from_slice(&V2_SIGNATURE);
     out.push(V2_PROXY);
     out.push(family);
@@ -72,7 +81,38 @@ pub fn v2(client: SocketAddr, relay: SocketAddr) -> Vec<u8> {
     out.extend_from_slice(&addresses);
     out.extend_from_slice(&cp);
     out.extend_from_slice(&rp);
-    out
+}
+
+/// The size of a v2 address block (addresses and ports) for the family byte `family` (TCP4 or
+/// TCP6 only), `None` for any other family.
+pub(crate) fn v2_address_len(family: u8) -> Option<usize> {
+    match family {
+        V2_TCP4 => Some(12),
+        V2_TCP6 => Some(36),
+        _ => None,
+    }
+}
+
+/// Reads a v2 address block of family `family` (TCP4 or TCP6) from the start of `body`:
+/// (source, destination), each IPv4-mapped IPv6 address given back as IPv4. `None` if the
+/// family is another or `body` is shorter than [`v2_address_len`].
+pub(crate) fn v2_read_addresses(family: u8, body: &[u8]) -> Option<(SocketAddr, SocketAddr)> {
+    let len = v2_address_len(family)?;
+    let body = body.get(..len)?;
+    let ip_len = (len - 4) / 2;
+    let ip = |bytes: &[u8]| -> Option<IpAddr> {
+        Some(match ip_len {
+            4 => IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?),
+            _ => IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?).to_canonical(),
+        })
+    };
+    let port = |i: usize| u16::from_be_bytes([body[i], body[i + 1]]);
+    let source = ip(&body[..ip_len])?;
+    let destination = ip(&body[ip_len..2 * ip_len])?;
+    Some((
+        SocketAddr::new(source, port(2 * ip_len)),
+        SocketAddr::new(destination, port(2 * ip_len + 2)),
+    ))
 }
 
 #[cfg(test)]

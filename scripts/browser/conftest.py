@@ -56,7 +56,9 @@ class World:
             chain, key = self.ca.issue(self.host(label))
             self.hidden[label] = world.HiddenServer(label, chain, key)
             self.processes.append(
-                world.start_agent(bin_dir, self.relay, file, self.hidden[label].addr, 4, dir, pid_file)
+                world.start_agent(
+                    bin_dir, self.relay, file, self.hidden[label].addr, 4, dir, pid_file
+                )
             )
         for label in label_files:
             self.relay.wait_parked(label, 4)

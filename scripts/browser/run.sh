@@ -25,7 +25,8 @@ fail() {
   exit 1
 }
 
-[ -x "$CHROMIUM" ] || fail "no Chromium at $CHROMIUM (scripts/install-test-deps.sh installs Debian's)"
+[ -x "$CHROMIUM" ] ||
+  fail "no Chromium at $CHROMIUM (scripts/install-test-deps.sh installs Debian's)"
 command -v openssl >/dev/null || fail "no openssl (scripts/install-test-deps.sh installs it)"
 command -v curl >/dev/null || fail "no curl (scripts/install-test-deps.sh installs it)"
 TAAS_TOOLS_VENV="$VENV" bash scripts/install-test-deps.sh --browser-only >&2 ||

@@ -82,9 +82,9 @@ def test_a_plain_label_on_the_same_relay_still_answers_307_and_chromium_follows_
     assert response.url == location
     assert not location.startswith(f"https://{taas.host('work')}:{taas.relay.port}/")
     # The 307 came with the relay's own certificate; the page with the hidden server's.
-    relay_details = first.security_details()
-    if relay_details is not None:
-        assert relay_details.get("subjectName") == world.DOMAIN, relay_details
+    relay = first.security_details()
+    assert relay is not None and relay.get("subjectName") == world.DOMAIN, relay
+    assert relay.get("issuer") == world.DOMAIN, "the relay's self-signed certificate"
     details = response.security_details()
     assert details is not None and details.get("subjectName") == taas.host("work"), details
     assert HELLO in page.content() and page.title() == "Hidden server work"

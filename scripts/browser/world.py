@@ -39,7 +39,9 @@ def wait_until(what: str, condition, timeout: float = PATIENCE, every: float = 0
         if last:
             return last
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
+            raise AssertionError(
+                f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})"
+            )
         time.sleep(every)
 
 
@@ -186,10 +188,11 @@ class Process:
         self.name, self.log = name, log
         env = {k: v for k, v in os.environ.items() if not k.startswith("TAAS_")}
         env.setdefault("RUST_LOG", "info")
-        self.popen = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=log.open("ab"), stderr=subprocess.STDOUT,
-            env=env, start_new_session=True,
-        )
+        with log.open("ab") as out:
+            self.popen = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                env=env, start_new_session=True,
+            )
         if pid_file is not None:
             with pid_file.open("a") as f:
                 f.write(f"{self.popen.pid}\n")

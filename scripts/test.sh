@@ -33,6 +33,11 @@ cargo test --workspace --locked 2>&1 | tee -a "$log"
 echo "== Helm chart"
 bash scripts/test-chart.sh 2>&1 | tee -a "$log"
 
+# A real browser (Debian's headless Chromium, via Playwright) and curl reach a direct label
+# with a plain URL through the relay and agent binaries (about 10 s after the debug build).
+echo "== browser (scripts/browser/run.sh)"
+bash scripts/browser/run.sh 2>&1 | tee -a "$log"
+
 # The whole system on a real single-node cluster that runs pods (needs root; builds the image
 # from the release binaries; about 3 minutes plus the release build).
 echo "== end to end on a real cluster (e2e/test.sh)"
@@ -40,5 +45,5 @@ bash e2e/test.sh 2>&1 | tee -a "$log"
 
 # One closing line for the whole run (cargo prints one per test binary, the last often 0).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1) } }
-     /^(chart|e2e): [0-9]+ passed, [0-9]+ failed$/ { p += $2; f += $4 }
+     /^(chart|browser|e2e): [0-9]+ passed, [0-9]+ failed$/ { p += $2; f += $4 }
      END { printf "all: %d passed, %d failed\n", p, f }' "$log"

@@ -4,7 +4,7 @@
 //! the ClientHello delivered byte for byte, the registrar and other labels' 307s unchanged on
 //! the same port, a client with no parked connection refused after the client wait, the switch
 //! to and from direct without restart, and silent or stalled peers cut at the handshake
-//! deadline without blocking a registration. A browser (Chromium) is not tested here yet.
+//! deadline without blocking a registration. A real browser (Chromium, driven by Playwright) is tested by `scripts/browser/run.sh`.
 //! Figures: `--nocapture`, lines starting `figure:`.
 
 use std::time::{Duration, Instant};

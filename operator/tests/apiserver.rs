@@ -1226,7 +1226,15 @@ fn the_chart_installs_upgrades_and_uninstalls_on_a_real_api_server() {
         "the operator logged a secret:\n{text}"
     );
 
-    // An upgrade with changed values rolls out.
+    // An upgrade with changed values rolls out. The cluster edge's ports are then node ports
+    // too (one number everywhere): pinned node ports must be free, and the Services made so
+    // far hold node ports the API server picked at random, so the test picks a free window.
+    let (shared, first) = free_node_port_window(&k8s, 1 + EDGE_NODE_PORTS);
+    let (shared, first, count) = (
+        format!("edge.sharedPort={shared}"),
+        format!("edge.rendezvousPorts.first={first}"),
+        format!("edge.rendezvousPorts.count={EDGE_NODE_PORTS}"),
+    );
     helm_ok(
         &k8s,
         &[
@@ -1238,11 +1246,12 @@ fn the_chart_installs_upgrades_and_uninstalls_on_a_real_api_server() {
             "--wait=false",
             "--set",
             "gateway.service.type=NodePort",
-            // The cluster edge's ports are then node ports too (one number everywhere).
             "--set",
-            "edge.sharedPort=30444",
+            &shared,
             "--set",
-            "edge.rendezvousPorts.first=31000",
+            &first,
+            "--set",
+            &count,
             "--set",
             "operator.leaderElection.enabled=true",
         ],
@@ -1301,4 +1310,24 @@ fn the_chart_installs_upgrades_and_uninstalls_on_a_real_api_server() {
         k8s.get(&["taaslabel", "home", "-n", "default"]).is_some(),
         "labels are kept"
     );
+}
+
+/// Rendezvous ports of the chart test's NodePort upgrade.
+const EDGE_NODE_PORTS: u16 = 16;
+
+/// The first `len` consecutive node ports (default range 30000-32767) that no Service holds
+/// now, as (first, first + 1): the shared client port and the start of the rendezvous range.
+fn free_node_port_window(k8s: &ApiServer, len: u16) -> (u16, u16) {
+    let services = k8s.get(&["services", "-A"]).expect("services");
+    let taken: std::collections::BTreeSet<u64> = services["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|s| s["spec"]["ports"].as_array().cloned().unwrap_or_default())
+        .filter_map(|p| p["nodePort"].as_u64())
+        .collect();
+    let first = (30000u16..=32767 - len)
+        .find(|&p| (p..p + len).all(|q| !taken.contains(&u64::from(q))))
+        .expect("a free window of node ports");
+    (first, first + 1)
 }

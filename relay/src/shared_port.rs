@@ -40,6 +40,12 @@ use crate::metrics::SharedPortRefused;
 use crate::relay::StandaloneBackend;
 use crate::sources::SourceKey;
 
+/// Room for a ClientHello before its first read. An empty `Vec` is read into 64 bytes at a
+/// time (tokio's `read_buf` grows it by its own capacity), so a hello took several `read`
+/// system calls; browsers' hellos are 0.5–2 KiB (with a post-quantum key share), which this
+/// reads in one. A larger one grows the buffer as before, up to `MAX_CLIENT_HELLO`.
+pub(crate) const HELLO_BUFFER: usize = 2048;
+
 /// The label a server name asks for: `LABEL.<domain>`, the domain compared
 /// case-insensitively; LABEL may itself have dots (`a.b`), as in the 307's Host dispatch
 /// (`taas_protocol::host`), so that every label a 307 can name is reachable here. `None` for
@@ -60,24 +66,30 @@ pub fn label_for<'a>(server_name: &'a str, domain: &str) -> Option<&'a str> {
 /// Binds the shared port once per data-plane thread (`threads` sockets on one port, `addr`'s
 /// or, when it is 0, one the system picks), each with `SO_REUSEPORT`: the kernel spreads new
 /// connections over them, and each thread accepts its own share.
+///
+/// A port already taken fails as before, even by another relay's `SO_REUSEPORT` sockets
+/// (which would otherwise share it silently): a plain bind is tried first.
 pub fn bind(
     addr: SocketAddr,
     threads: usize,
 ) -> std::io::Result<(Vec<std::net::TcpListener>, SocketAddr)> {
-    let first = bind_one(addr)?;
+    if addr.port() != 0 {
+        drop(bind_one(addr, false)?);
+    }
+    let first = bind_one(addr, true)?;
     let local = first.local_addr()?;
     let mut listeners = vec![first];
     for _ in 1..threads.max(1) {
-        listeners.push(bind_one(local)?);
+        listeners.push(bind_one(local, true)?);
     }
     Ok((listeners, local))
 }
 
-fn bind_one(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+fn bind_one(addr: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
+    socket.set_reuse_port(reuse_port)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
@@ -181,7 +193,7 @@ async fn route(
         first_byte: accepted_at + settings.timeouts.first_byte,
         complete: accepted_at + settings.timeouts.handshake,
     };
-    let mut hello = Vec::new();
+    let mut hello = Vec::with_capacity(HELLO_BUFFER);
     let name = match read_server_name(&mut stream, &mut hello, deadlines).await {
         Ok(name) => name,
         Err(failure) => return refuse(failure.into()),

@@ -207,9 +207,8 @@ pub async fn start(options: ServeOptions) -> Result<Standalone, StartError> {
         Some(port) => {
             // One socket per data-plane thread, each accepting on its thread.
             let addr = SocketAddr::new(settings.bind_ip, port);
-            let (listeners, addr) =
-                crate::shared_port::bind(addr, settings.data_threads.get())
-                    .map_err(|source| StartError::Listen { addr, source })?;
+            let (listeners, addr) = crate::shared_port::bind(addr, settings.data_threads.get())
+                .map_err(|source| StartError::Listen { addr, source })?;
             settings.shared_port = Some(addr.port());
             Some((listeners, addr))
         }

@@ -10,7 +10,10 @@
 //! less CPU per connection for the whole machine. Labels spread over the threads, so a relay
 //! with many labels still uses every core; one label's connections share one core (16 Gbit/s
 //! of copying on loopback, as before).
-//! The HTTPS front end (TLS, registrations, 307s) stays on the multi-threaded runtime.
+//! The HTTPS front end (TLS, registrations, 307s) stays on the multi-threaded runtime. The
+//! shared client port accepts on every data-plane thread (`spawn_on_each`), so that a client
+//! of a label on the accepting thread is served there without a hand-over (`Placement::
+//! is_current`).
 
 use std::cell::Cell;
 use std::num::NonZeroUsize;

@@ -67,7 +67,11 @@ def main():
         for argv in ([os.path.join(config.TOOLS, "rathole"), "--version"], [os.path.join(config.TOOLS, "bore"), "--version"],
                      ["socat", "-V"], ["iperf3", "--version"], ["nginx", "-v"],
                      [os.path.join(config.TAAS, "taas-relay"), "--version"]):
-            rc, o, e = run(argv, 10)
+            try:
+                rc, o, e = run(argv, 10)
+            except FileNotFoundError:  # a peer not installed (not run: `--peers`)
+                out.append(f"{os.path.basename(argv[0])}: not installed")
+                continue
             text = (o + e).strip().splitlines()
             line = next((l for l in text if "Build Version" in l), None) or \
                 next((l for l in text if re.search(r"\d+\.\d+", l)), text[0] if text else "?")

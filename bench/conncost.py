@@ -44,10 +44,15 @@ def bench_for(out, peers, wrap=None):
         def wrapped(self, name, argv, env=None, cwd=None):
             return start(self, name, wrap(name, argv), env, cwd)
         B.Procs.start = wrapped
+    b = None
     try:
         b = B.Bench(args)
         b.start_backends()
         b.start_peers()
+    except BaseException:
+        if b is not None:
+            b.procs.stop_all()  # nothing left listening on the bench's ports
+        raise
     finally:
         B.Procs.start = start
     return b

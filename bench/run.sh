@@ -44,7 +44,8 @@ fi
 say "cargo build --release (TAAS)"
 cargo build --release -p taas-relay --bins >&2
 say "cargo build --release (bench/tools)"
-(cd bench/tools && cargo build --release >&2)
+# Its own target dir, whatever CARGO_TARGET_DIR says (bench/taasbench/config.py looks there).
+(cd bench/tools && CARGO_TARGET_DIR="$ROOT/bench/tools/target" cargo build --release >&2)
 
 # --- run
 stamp=$(date +%Y-%m-%dT%H%M%S)

@@ -7,8 +7,10 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # bench/
 REPO = os.path.dirname(HERE)
 TOOLS = os.path.join(HERE, ".tools", "bin")
 BT = os.path.join(HERE, "tools", "target", "release")
-# The TAAS binaries; bench/conncost.py points this at another build (TAAS_BIN_DIR).
-TAAS = os.path.join(REPO, "target", "release")
+# The TAAS binaries: `TAAS_BIN_DIR` (another build, e.g. a saved baseline), else the release
+# build where cargo puts it (`CARGO_TARGET_DIR`, else target/).
+TAAS = os.environ.get("TAAS_BIN_DIR") or os.path.join(
+    os.path.abspath(os.environ.get("CARGO_TARGET_DIR") or os.path.join(REPO, "target")), "release")
 
 PEERS = ["direct", "socat", "rathole", "bore", "taas"]
 BACKENDS = ["bulk", "echo", "http"]
@@ -27,7 +29,12 @@ CASES = [
     # the ratio is to TAAS's own q (`lat`, `rate`): the cost of the server-name read.
     ("lat_shared", "echo", "fresh connection p50 (µs) via the shared port: connect + ClientHello echo + close"),
     ("rate_shared", "echo", "fresh connections/s via the shared port, 8 closed-loop workers"),
+    # TAAS only: the same through the HTTPS front end's port for a direct label (`direct:
+    # true`, issue 15): the ClientHello names direct.taas.localhost, read before any TLS.
+    ("lat_direct", "echo", "fresh connection p50 (µs) via the HTTPS port, direct label: connect + ClientHello echo + close"),
+    ("rate_direct", "echo", "fresh connections/s via the HTTPS port, direct label, 8 closed-loop workers"),
 ]
-LOWER_IS_BETTER = {"lat", "lat_shared"}
-# Cases measured for TAAS alone, and the own-q case each is compared with.
-TAAS_ONLY = {"lat_shared": "lat", "rate_shared": "rate"}
+LOWER_IS_BETTER = {"lat", "lat_shared", "lat_direct"}
+# Cases measured for TAAS alone, and the own-q case each is compared with (measured right
+# after it in every round, so that the ratio is read at one moment's load).
+TAAS_ONLY = {"lat_shared": "lat", "rate_shared": "rate", "lat_direct": "lat", "rate_direct": "rate"}

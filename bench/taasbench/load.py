@@ -23,7 +23,7 @@ class Load:
             until("TAAS agents refilled", self.taas_refilled, 30, 0.05)
         else:
             time.sleep(0.0)
-        port = self.P["taas_shared"] if case in TAAS_ONLY else self.peer_port(peer, backend)
+        port = self.taas_only_port(case) if case in TAAS_ONLY else self.peer_port(peer, backend)
         pids_r = [p.pid for p in roles["relay"]]
         pids_a = [p.pid for p in roles["agent"]]
         for pid in pids_r + pids_a:
@@ -149,6 +149,16 @@ class Load:
     def case_rate_shared(self, port, case):
         return self.case_rate(port, case, (self.taas_hello,))
 
+    def case_lat_direct(self, port, case):
+        return self.case_lat(port, case, (self.taas_hello_direct,))
+
+    def case_rate_direct(self, port, case):
+        return self.case_rate(port, case, (self.taas_hello_direct,))
+
+    def taas_only_port(self, case):
+        """The shared client port, or the front end's HTTPS port for the direct label."""
+        return self.P["taas_listen"] if case.endswith("_direct") else self.P["taas_shared"]
+
     def wrk(self, url, extra, host=None):
         d = self.args.duration
         argv = ["wrk", "-t2", f"-c{self.args.wrk_conns}", f"-d{d}s", "--latency", "--timeout", "15s"]
@@ -184,13 +194,26 @@ class Load:
 
     def rounds(self):
         order = list(self.args.peers)
+        chosen = [c for c, _, _ in CASES if not self.args.cases or c in self.args.cases]
+        # TAAS's shared-port and direct cases run right after TAAS's own-q case of the same
+        # kind, in the same round (order alternating), when that case runs too: their ratio to
+        # own q is then read at one moment's load.
+        companions = {base: [c for c in chosen if TAAS_ONLY.get(c) == base]
+                      for base in set(TAAS_ONLY.values())} if "taas" in order else {}
         for case, backend, _ in CASES:
-            if self.args.cases and case not in self.args.cases:
+            if case not in chosen:
                 continue
-            log(f"case {case}")
+            if TAAS_ONLY.get(case) in chosen and "taas" in order:
+                continue  # measured with its own-q case
+            log(f"case {case}" + "".join(f" + {c}" for c in companions.get(case, [])))
             for rnd in range(1, self.args.rounds + 1):
                 seq = order if rnd % 2 == 1 else list(reversed(order))
                 for peer in seq:
                     if case in TAAS_ONLY and peer != "taas":
                         continue
-                    self.measure(peer, case, backend, rnd)
+                    if peer == "taas" and companions.get(case):
+                        group = [case] + companions[case]
+                        for c in (group if rnd % 2 == 1 else list(reversed(group))):
+                            self.measure(peer, c, backend, rnd)
+                    else:
+                        self.measure(peer, case, backend, rnd)

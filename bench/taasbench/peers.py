@@ -178,9 +178,10 @@ http {{
                 "--to", "127.0.0.1", "--port", str(self.P["bore"][b])]))
         self.roles["bore"] = {"relay": [s], "agent": cs}
 
-    def taas_labels(self, d, listen, names, max_parked, client_ports=None):
-        """`taas-relay label new` for each name into d/labels; maxParked edited in the YAML, and
-        clientPort (a pinned q) added when `client_ports` names one."""
+    def taas_labels(self, d, listen, names, max_parked, client_ports=None, direct=()):
+        """`taas-relay label new` for each name into d/labels; maxParked edited in the YAML,
+        clientPort (a pinned q) added when `client_ports` names one, and `direct: true` for the
+        names in `direct`."""
         labels = os.path.join(d, "labels")
         state = os.path.join(d, "state")
         os.makedirs(labels, exist_ok=True)
@@ -194,6 +195,8 @@ http {{
             with open(path) as f:
                 text = f.read()
             pin = f"\n\\g<1>clientPort: {client_ports[name]}" if client_ports else ""
+            if name in direct:
+                pin += "\n\\g<1>direct: true"
             text, n = re.subn(r"(?m)^(\s*)maxParked:\s*\d+", rf"\g<1>maxParked: {max_parked}{pin}", text)
             if n != 1:
                 raise RuntimeError(f"no maxParked line in {path}")
@@ -221,10 +224,15 @@ http {{
         d = os.path.join(self.work, "taas")
         listen = self.P["taas_listen"]
         names = {"bulk": "bulk", "echo": "echo", "http": "demo"}
+        # A direct label (lat_direct, rate_direct) in front of the echo backend too, with its
+        # own agent: its clients come through the front end's HTTPS port.
+        backend_of = dict({b: b for b in names}, direct="echo")
+        names_all = dict(names, direct="direct")
         # q pinned (22000, 22001, ...): with the shared port on, the 307 names the shared port,
         # and the own-q cases (iperf3, wrk: no ClientHello) go to q as a raw forward would.
-        self.taas_q = {label: 22000 + i for i, label in enumerate(names.values())}
-        _, state, creds = self.taas_labels(d, listen, list(names.values()), 1024, self.taas_q)
+        self.taas_q = {label: 22000 + i for i, label in enumerate(names_all.values())}
+        _, state, creds = self.taas_labels(d, listen, list(names_all.values()), 1024, self.taas_q,
+                                           direct=("direct",))
         relay = self.start_taas_relay("taas-relay", d, listen, self.P["taas_metrics"],
                                       self.p_ports_main, self.q_ports_main,
                                       ("--shared-port", str(self.P["taas_shared"])))
@@ -233,15 +241,18 @@ http {{
         self.taas_hello = os.path.join(d, "client-hello.bin")
         with open(self.taas_hello, "wb") as f:
             f.write(client_hello(f"{names['echo']}.taas.localhost"))
+        self.taas_hello_direct = os.path.join(d, "client-hello-direct.bin")
+        with open(self.taas_hello_direct, "wb") as f:
+            f.write(client_hello("direct.taas.localhost"))
         self.taas_state = state
         self.taas_label = names
         agents = []
-        for b, label in names.items():
-            parked = self.args.parked[b]
+        for key, label in names_all.items():
+            parked = self.args.parked[backend_of[key]]
             self.taas_parked_target[label] = parked
             agents.append(self.start_taas_agent(f"taas-agent-{label}", listen,
                                                 creds[label]["file"], state,
-                                                self.P["backend"][b], parked))
+                                                self.P["backend"][backend_of[key]], parked))
         self.roles["taas"] = {"relay": [relay], "agent": agents}
 
     def metrics(self, port):

@@ -107,6 +107,8 @@ def report(raw, meta):
             row.append(f"{fmt(cr)} / {fmt(ca)}")
         L.append(f"| {label} | " + " | ".join(row) + " |")
     for case, label in (("rate", "CPU µs per connection (8 workers)"),
+                        ("rate_shared", "CPU µs per connection via the shared port (8 workers; TAAS only)"),
+                        ("rate_direct", "CPU µs per connection via the HTTPS port, direct label (8 workers; TAAS only)"),
                         ("http_close", "CPU µs per connection (wrk Connection: close)"),
                         ("http_ka", "CPU µs per request (wrk keep-alive)")):
         row = []

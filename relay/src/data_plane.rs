@@ -10,14 +10,28 @@
 //! less CPU per connection for the whole machine. Labels spread over the threads, so a relay
 //! with many labels still uses every core; one label's connections share one core (16 Gbit/s
 //! of copying on loopback, as before).
-//! The HTTPS front end (TLS, registrations, 307s) stays on the multi-threaded runtime.
+//! The HTTPS front end (TLS, registrations, 307s) stays on the multi-threaded runtime. The
+//! shared client port accepts on every data-plane thread (`spawn_on_each`), so that a client
+//! of a label on the accepting thread is served there without a hand-over (`Placement::
+//! is_current`).
 
+use std::cell::Cell;
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::runtime::{EnterGuard, Handle};
 use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// Data-plane threads of every data plane in the process get distinct ids (tests run several
+/// relays in one process), so that "this is the label's thread" cannot be true by accident.
+static NEXT_THREAD_ID: AtomicUsize = AtomicUsize::new(1);
+
+thread_local! {
+    /// The id of the data-plane thread running here; 0 on every other thread.
+    static CURRENT_THREAD: Cell<usize> = const { Cell::new(0) };
+}
 
 /// The data-plane threads. Dropping it stops them: every task still on them is dropped and
 /// its sockets close.
@@ -28,6 +42,7 @@ pub struct DataPlane {
 
 #[derive(Debug)]
 struct Thread {
+    id: usize,
     runtime: Handle,
     /// Labels placed on this thread now.
     labels: Arc<AtomicUsize>,
@@ -39,6 +54,7 @@ struct Thread {
 /// Dropping it frees the place.
 #[derive(Debug)]
 pub struct Placement {
+    thread: usize,
     runtime: Handle,
     labels: Arc<AtomicUsize>,
 }
@@ -66,9 +82,29 @@ impl DataPlane {
             .expect("a data plane has at least one thread");
         thread.labels.fetch_add(1, Ordering::Relaxed);
         Placement {
+            thread: thread.id,
             runtime: thread.runtime.clone(),
             labels: thread.labels.clone(),
         }
+    }
+
+    /// Runs one task on every thread: `task(index)` is spawned on thread `index` (a listener
+    /// accepting on each thread, `shared_port`). The handles abort nothing when dropped.
+    pub fn spawn_on_each<F, T>(&self, mut task: F) -> Vec<JoinHandle<()>>
+    where
+        F: FnMut(usize) -> T,
+        T: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.threads
+            .iter()
+            .enumerate()
+            .map(|(index, thread)| thread.runtime.spawn(task(index)))
+            .collect()
+    }
+
+    /// The number of threads.
+    pub fn threads(&self) -> usize {
+        self.threads.len()
     }
 
     /// Labels on each thread.
@@ -84,6 +120,12 @@ impl Placement {
     /// Makes sockets created and tasks spawned until the guard drops belong to this place.
     pub fn enter(&self) -> EnterGuard<'_> {
         self.runtime.enter()
+    }
+
+    /// Whether the caller runs on this place's thread: a connection accepted here can be
+    /// served in place, with no hand-over to another thread.
+    pub fn is_current(&self) -> bool {
+        CURRENT_THREAD.with(Cell::get) == self.thread
     }
 
     /// Runs `task` on this place's thread (a connection accepted elsewhere, handed over).
@@ -107,14 +149,18 @@ fn start_thread(index: usize) -> std::io::Result<Thread> {
         .build()?;
     let (stop, stopped) = oneshot::channel::<()>();
     let handle = runtime.handle().clone();
+    let id = NEXT_THREAD_ID.fetch_add(1, Ordering::Relaxed);
     std::thread::Builder::new()
         .name(format!("taas-data-{index}"))
         .spawn(move || {
+            // A current-thread runtime runs its tasks on the thread that blocks on it: this one.
+            CURRENT_THREAD.with(|current| current.set(id));
             // Runs the thread's tasks until the data plane is dropped; then the runtime is
             // dropped here, outside any async context, with everything still on it.
             let _ = runtime.block_on(stopped);
         })?;
     Ok(Thread {
+        id,
         runtime: handle,
         labels: Arc::new(AtomicUsize::new(0)),
         _stop: stop,
@@ -172,5 +218,29 @@ mod tests {
             dropped_rx.recv_timeout(timeout),
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected)
         );
+    }
+
+    /// A task knows whether it runs on a label's thread: true only there, false on the
+    /// plane's other threads, on another data plane's threads and off the data plane.
+    #[test]
+    fn a_placement_is_current_only_on_its_own_thread() {
+        let plane = DataPlane::start(NonZeroUsize::new(2).unwrap()).unwrap();
+        let other_plane = DataPlane::start(NonZeroUsize::new(2).unwrap()).unwrap();
+        let place = Arc::new(plane.place());
+        assert!(!place.is_current(), "not on the test's thread");
+        let (tx, rx) = std::sync::mpsc::channel();
+        for p in [&plane, &other_plane] {
+            let (place, tx) = (place.clone(), tx.clone());
+            p.spawn_on_each(move |index| {
+                let (place, tx) = (place.clone(), tx.clone());
+                async move { tx.send((index, place.is_current())).unwrap() }
+            });
+        }
+        let timeout = std::time::Duration::from_secs(10);
+        let mut seen: Vec<_> = (0..4).map(|_| rx.recv_timeout(timeout).unwrap()).collect();
+        seen.sort();
+        // Thread 0 of `plane` (the label's) says true; the three others false.
+        assert_eq!(seen, [(0, false), (0, true), (1, false), (1, false)]);
+        assert_eq!(plane.threads(), 2);
     }
 }

@@ -110,7 +110,7 @@ impl DirectLabels {
         peer: SocketAddr,
         deadline: Instant,
     ) -> Routed {
-        let mut hello = Vec::new();
+        let mut hello = Vec::with_capacity(crate::shared_port::HELLO_BUFFER);
         let deadlines = Deadlines {
             first_byte: deadline,
             complete: deadline,

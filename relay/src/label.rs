@@ -28,8 +28,9 @@
 //! server that speaks unasked (its bytes arrive while parked) is paired at accept too, as
 //! before: it cannot tell a silent client from any other, and the TAAS agent never does this.
 //!
-//! A client that came through the shared client port (`shared_port`) is handed over to the
-//! label's data-plane thread with its ClientHello already read (`Label::hand_over`) and takes
+//! A client that came through the shared client port (`shared_port`) comes with its
+//! ClientHello already read, served in place when the shared port accepted it on the label's
+//! data-plane thread, handed over to that thread otherwise (`Label::serve_accepted`), and takes
 //! the same path as a client on q (`serve_client`): its read bytes count as its first byte and
 //! reach the hidden server first, unchanged; its client wait starts at the hand-over.
 //!
@@ -636,9 +637,21 @@ impl Label {
         }
     }
 
-    /// Gives the label a client connection accepted elsewhere (the shared port, on the front
-    /// end's runtime): it moves to the label's data-plane thread and is served there exactly
-    /// as a connection accepted on q is.
+    /// Serves a client connection accepted elsewhere than q (the shared port, which accepts
+    /// on every data-plane thread): in place when the caller runs on the label's own thread,
+    /// exactly as q would (no socket re-registered, no task crossing threads); handed over to
+    /// that thread otherwise.
+    pub async fn serve_accepted(self: Arc<Self>, client: ClientConn) {
+        if self.placement.is_current() {
+            self.serve_client(client, None).await
+        } else {
+            self.hand_over(client)
+        }
+    }
+
+    /// Gives the label a client connection accepted elsewhere (the front end's runtime,
+    /// another data-plane thread): it moves to the label's data-plane thread and is served
+    /// there exactly as a connection accepted on q is.
     pub fn hand_over(self: &Arc<Self>, client: ClientConn) {
         self.hand_over_as(client, None)
     }

@@ -73,6 +73,11 @@ impl StandaloneBackend {
         &self.settings
     }
 
+    /// The threads the labels run on (the shared port accepts on each).
+    pub(crate) fn data_plane(&self) -> &DataPlane {
+        &self.data_plane
+    }
+
     /// The relay's own (not per-label) metrics.
     pub(crate) fn metrics(&self) -> &RelayMetrics {
         &self.metrics

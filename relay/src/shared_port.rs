@@ -7,10 +7,12 @@
 //! `MAX_CLIENT_HELLO`), then written unchanged to the hidden server, which answers it.
 //!
 //! ```text
-//! accept ──(hello-phase cap, source cap)──▶ read the ClientHello (first byte within the
-//!   first-byte timeout, all of it within the handshake timeout) ──▶ LABEL.<domain> ──▶
-//!   the label's data-plane thread: the same `serve_client` as q (admission, per-label
-//!   source cap, pairing, waiting, PROXY header, idle timeout, metrics with entry="shared_port")
+//! accept on every data-plane thread (`SO_REUSEPORT`) ──(hello-phase cap, source cap)──▶
+//!   read the ClientHello there (first byte within the first-byte timeout, all of it within
+//!   the handshake timeout) ──▶ LABEL.<domain> ──▶ the label's data-plane thread (in place
+//!   when it accepted it, handed over otherwise): the same `serve_client` as q (admission,
+//!   per-label source cap, pairing, waiting, PROXY header, idle timeout, metrics with
+//!   entry="shared_port")
 //! ```
 //!
 //! A refusal (unknown or missing name, a name outside the domain, not a ClientHello, too
@@ -26,7 +28,7 @@
 //! the relay-wide `clients_per_source`, from accept to close, like q's).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -37,6 +39,12 @@ use crate::label::{ClientConn, Entry};
 use crate::metrics::SharedPortRefused;
 use crate::relay::StandaloneBackend;
 use crate::sources::SourceKey;
+
+/// Room for a ClientHello before its first read. An empty `Vec` is read into 64 bytes at a
+/// time (tokio's `read_buf` grows it by its own capacity), so a hello took several `read`
+/// system calls; browsers' hellos are 0.5–2 KiB (with a post-quantum key share), which this
+/// reads in one. A larger one grows the buffer as before, up to `MAX_CLIENT_HELLO`.
+pub(crate) const HELLO_BUFFER: usize = 2048;
 
 /// The label a server name asks for: `LABEL.<domain>`, the domain compared
 /// case-insensitively; LABEL may itself have dots (`a.b`), as in the 307's Host dispatch
@@ -55,8 +63,45 @@ pub fn label_for<'a>(server_name: &'a str, domain: &str) -> Option<&'a str> {
         .then_some(label)
 }
 
-/// Serves the shared client port until the task is dropped.
-pub async fn serve(listener: TcpListener, relay: Arc<StandaloneBackend>) {
+/// Binds the shared port once per data-plane thread (`threads` sockets on one port, `addr`'s
+/// or, when it is 0, one the system picks), each with `SO_REUSEPORT`: the kernel spreads new
+/// connections over them, and each thread accepts its own share.
+///
+/// A port already taken fails as before, even by another relay's `SO_REUSEPORT` sockets
+/// (which would otherwise share it silently): a plain bind is tried first.
+pub fn bind(
+    addr: SocketAddr,
+    threads: usize,
+) -> std::io::Result<(Vec<std::net::TcpListener>, SocketAddr)> {
+    if addr.port() != 0 {
+        drop(bind_one(addr, false)?);
+    }
+    let first = bind_one(addr, true)?;
+    let local = first.local_addr()?;
+    let mut listeners = vec![first];
+    for _ in 1..threads.max(1) {
+        listeners.push(bind_one(local, true)?);
+    }
+    Ok((listeners, local))
+}
+
+fn bind_one(addr: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(reuse_port)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+/// Serves the shared client port until the task is dropped: one accept loop per data-plane
+/// thread (`listeners` from [`bind`], one each), so that a connection for a label living on
+/// the thread that accepted it is read and served there, like a connection on the label's own
+/// q (measured: the hand-over from the front end's runtime to the label's thread cost about
+/// 15 % of q's connections per second, `bench/results/`); only the others cross threads.
+pub async fn serve(listeners: Vec<std::net::TcpListener>, relay: Arc<StandaloneBackend>) {
     let hello_phase = Arc::new(Semaphore::new(
         relay
             .settings()
@@ -64,9 +109,49 @@ pub async fn serve(listener: TcpListener, relay: Arc<StandaloneBackend>) {
             .frontend_connections
             .min(Semaphore::MAX_PERMITS),
     ));
+    let mut listeners = listeners.into_iter();
+    // Weak: the loops live on the data plane, which the relay owns.
+    let weak = Arc::downgrade(&relay);
+    let loops = relay.data_plane().spawn_on_each(|_| {
+        let listener = listeners.next();
+        let (relay, hello_phase) = (weak.clone(), hello_phase.clone());
+        async move {
+            if let Some(listener) = listener {
+                accept_loop(listener, relay, hello_phase).await
+            }
+        }
+    });
+    drop(relay);
+    struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.iter().for_each(tokio::task::JoinHandle::abort);
+        }
+    }
+    let _loops = AbortOnDrop(loops);
+    std::future::pending::<()>().await
+}
+
+/// Accepts on one data-plane thread; each connection is routed by a task on that thread.
+async fn accept_loop(
+    listener: std::net::TcpListener,
+    relay: Weak<StandaloneBackend>,
+    hello_phase: Arc<Semaphore>,
+) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(error) => {
+            // Its socket closes: the kernel gives its share to the other threads' sockets.
+            tracing::warn!(%error, "shared port: a thread's listener could not be registered");
+            return;
+        }
+    };
+    // Inherited by every accepted connection (no Nagle, keepalive), as on q.
+    crate::splice::tune_listener(&listener);
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                let Some(relay) = relay.upgrade() else { return };
                 let Ok(permit) = hello_phase.clone().try_acquire_owned() else {
                     relay
                         .metrics()
@@ -74,7 +159,7 @@ pub async fn serve(listener: TcpListener, relay: Arc<StandaloneBackend>) {
                     tracing::debug!(%peer, "shared port: too many connections reading their ClientHello; closed");
                     continue;
                 };
-                tokio::spawn(route(relay.clone(), stream, peer, permit));
+                tokio::spawn(route(relay, stream, peer, permit));
             }
             Err(error) => {
                 // Typically out of file descriptors: back off rather than spin.
@@ -108,7 +193,7 @@ async fn route(
         first_byte: accepted_at + settings.timeouts.first_byte,
         complete: accepted_at + settings.timeouts.handshake,
     };
-    let mut hello = Vec::new();
+    let mut hello = Vec::with_capacity(HELLO_BUFFER);
     let name = match read_server_name(&mut stream, &mut hello, deadlines).await {
         Ok(name) => name,
         Err(failure) => return refuse(failure.into()),
@@ -123,13 +208,16 @@ async fn route(
     if label.config().server_speaks_first {
         return refuse(SharedPortRefused::ServerSpeaksFirst);
     }
-    label.hand_over(ClientConn {
-        stream,
-        peer,
-        entry: Entry::SharedPort,
-        read_ahead: hello,
-        relay_slot: Some(relay_slot),
-    });
+    drop(relay);
+    label
+        .serve_accepted(ClientConn {
+            stream,
+            peer,
+            entry: Entry::SharedPort,
+            read_ahead: hello,
+            relay_slot: Some(relay_slot),
+        })
+        .await;
 }
 
 impl From<HelloFailure> for SharedPortRefused {

@@ -518,3 +518,71 @@ async fn client_admission_holds_on_the_shared_port_too_only_a_redirected_source_
         .unwrap();
     assert_eq!(seen, hello);
 }
+
+/// The shared port accepts on every data-plane thread (one `SO_REUSEPORT` socket each) and
+/// serves a connection in place when its label lives on the accepting thread, handing it over
+/// otherwise. With three threads and three labels (one per thread: labels go to the least busy
+/// thread), a dozen clients per label land on every thread: both paths pair, byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_port_clients_pair_whichever_data_plane_thread_accepts_them() {
+    let labels = [
+        TestLabel::new("home"),
+        TestLabel::new("work"),
+        TestLabel::new("shop"),
+    ];
+    let relay = TestRelay::start_with(&labels.iter().collect::<Vec<_>>(), |options| {
+        options.shared_port = Some(0);
+        options.data_threads = std::num::NonZeroUsize::new(3);
+    })
+    .await;
+    for label in &labels {
+        for i in 0..12 {
+            let mut parked = relay.park(label).await;
+            let host = format!("{}.{DOMAIN}", label.label);
+            let hello = client_hello(Some(&host));
+            let mut client = TcpStream::connect(relay.shared_addr()).await.unwrap();
+            client.write_all(&hello).await.unwrap();
+            let mut seen = vec![0u8; hello.len()];
+            tokio::time::timeout(PATIENCE, parked.read_exact(&mut seen))
+                .await
+                .expect("the hidden server gets the ClientHello")
+                .unwrap();
+            assert_eq!(seen, hello, "{host} #{i}: the ClientHello unchanged");
+            parked.write_all(b"back").await.unwrap();
+            let mut back = [0u8; 4];
+            tokio::time::timeout(PATIENCE, client.read_exact(&mut back))
+                .await
+                .expect("the client gets the hidden server's bytes")
+                .unwrap();
+            assert_eq!(&back, b"back");
+        }
+    }
+    let metrics = relay.metrics().await;
+    for label in &labels {
+        assert_eq!(metric(&metrics, &paired(&label.label, "shared_port")), 12.0);
+    }
+}
+
+/// Taking the shared port by `SO_REUSEPORT` must not let a second relay share it silently:
+/// one started on a port in use fails, as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_relay_on_a_shared_port_in_use_fails_to_start() {
+    let home = TestLabel::new("home");
+    let first = TestRelay::start_shared(&[&home]).await;
+    let port = first.shared_port();
+    let dir = tempfile::tempdir().unwrap();
+    let options = taas_relay::run::standalone::ServeOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        labels: dir.path().join("labels"),
+        state_dir: dir.path().join("state"),
+        metrics: None,
+        shared_port: Some(port),
+        ..Default::default()
+    };
+    std::fs::create_dir_all(&options.labels).unwrap();
+    let error = taas_relay::run::standalone::start(options)
+        .await
+        .err()
+        .expect("the port is taken");
+    assert!(error.to_string().contains("cannot listen"), "{error}");
+}

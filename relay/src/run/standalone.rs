@@ -205,11 +205,12 @@ pub async fn start(options: ServeOptions) -> Result<Standalone, StartError> {
     let (front, frontend_addr) = super::bind(options.listen)?;
     let shared_port = match options.shared_port {
         Some(port) => {
-            let (listener, addr) = super::bind(SocketAddr::new(settings.bind_ip, port))?;
-            // Inherited by every accepted connection (no Nagle, keepalive), as on q.
-            crate::splice::tune_listener(&listener);
+            // One socket per data-plane thread, each accepting on its thread.
+            let addr = SocketAddr::new(settings.bind_ip, port);
+            let (listeners, addr) = crate::shared_port::bind(addr, settings.data_threads.get())
+                .map_err(|source| StartError::Listen { addr, source })?;
             settings.shared_port = Some(addr.port());
-            Some((listener, addr))
+            Some((listeners, addr))
         }
         None => None,
     };
@@ -272,8 +273,8 @@ pub async fn start(options: ServeOptions) -> Result<Standalone, StartError> {
             }
         }
     });
-    let shared_port = shared_port.map(|(listener, addr)| {
-        tasks.spawn(crate::shared_port::serve(listener, relay.clone()));
+    let shared_port = shared_port.map(|(listeners, addr)| {
+        tasks.spawn(crate::shared_port::serve(listeners, relay.clone()));
         tracing::info!(%addr, "shared client port listening");
         addr
     });

@@ -195,8 +195,14 @@ pub(crate) mod tests {
             && value
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-            && value.bytes().next().is_none_or(|b| b.is_ascii_alphanumeric())
-            && value.bytes().last().is_none_or(|b| b.is_ascii_alphanumeric())
+            && value
+                .bytes()
+                .next()
+                .is_none_or(|b| b.is_ascii_alphanumeric())
+            && value
+                .bytes()
+                .last()
+                .is_none_or(|b| b.is_ascii_alphanumeric())
     }
 
     fn named(name: &str) -> TaasLabel {
@@ -255,7 +261,18 @@ pub(crate) mod tests {
 
     #[test]
     fn even_names_the_api_server_refuses_make_valid_children() {
-        for name in ["", "-", "a-", "-a", "A", "a_b", ".", "a..b", "é", &"-".repeat(300)] {
+        for name in [
+            "",
+            "-",
+            "a-",
+            "-a",
+            "A",
+            "a_b",
+            ".",
+            "a..b",
+            "é",
+            &"-".repeat(300),
+        ] {
             assert_valid_children(name);
         }
         assert_ne!(child_base("A"), child_base("a"));

@@ -92,7 +92,7 @@ impl FromStr for PortRange {
 
 /// 64-bit FNV-1a: stable across Rust releases and platforms (std's `DefaultHasher` is not),
 /// so a label keeps its slice across operator upgrades.
-fn fnv1a(bytes: &[u8]) -> u64 {
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
         (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     })

@@ -10,7 +10,7 @@
 //! | `SecretMissing` | False | the Secret or its key is missing (the pod waits for it) |
 //! | `ForeignObject` | False | a same-named object the operator does not control is in the way |
 //! | `LabelConflict` | False | an older TaasLabel serves this LABEL |
-//! | `InvalidSpec` | False | the name or ports cannot make valid objects |
+//! | `InvalidSpec` | False | the spec breaks a rule of the CRD, or its ports cannot make valid objects |
 //! | `LabelNotAllowed` | False | the cluster's label policy does not let this namespace claim the LABEL |
 //! | `ServiceNotAllowed` | False | the cluster's service policy refuses the Service type, an annotation or the pinned port |
 //! | `ApplyRejected` | False | the API server refused an object (e.g. a node port in use) |

@@ -3,8 +3,8 @@
 //!
 //! - `InvalidSpec`: the spec breaks a rule of the CRD ([`taas_crds::TaasLabelSpec::validate`], which the
 //!   API server checks too, except its CEL rules before Kubernetes 1.25: a relay pod for such
-//!   a spec would refuse to start), the object's name does not make valid child names, or the
-//!   pinned client port collides with a rendezvous port of the Service.
+//!   a spec would refuse to start), or the pinned client port collides with a rendezvous
+//!   port of the Service. (Every object name makes valid child names: [`names::child_base`].)
 //! - `LabelNotAllowed`: the cluster's label policy ([`crate::policy`]) does not let the
 //!   label's namespace claim its LABEL. Such a label takes part in no conflict: it cannot
 //!   pre-claim a LABEL from the namespace the policy gives it to.
@@ -109,7 +109,6 @@ pub fn validate_with_edge(
     edge: Option<&EdgeSettings>,
 ) -> Vec<Problem> {
     let mut problems = check_spec(label);
-    problems.extend(check_name(label));
     problems.extend(check_ports(label, edge.is_some()));
     problems.extend(edge.and_then(|edge| check_edge_slice(label, edge)));
     let label_denied = policy.label_denial(names::namespace(label), &label.spec.label);
@@ -131,26 +130,6 @@ fn check_spec(label: &TaasLabel) -> Vec<Problem> {
         .iter()
         .map(|e| Problem::new(Reason::InvalidSpec, e.to_string()))
         .collect()
-}
-
-fn check_name(label: &TaasLabel) -> Option<Problem> {
-    let name = names::object_name(label);
-    let valid = !name.is_empty()
-        && name.len() <= names::MAX_OBJECT_NAME
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.ends_with('-');
-    (!valid).then(|| {
-        Problem::new(
-            Reason::InvalidSpec,
-            format!(
-                "the object name {name:?} cannot name its Services: use at most {} characters \
-                 of a-z, 0-9 and '-', without dots",
-                names::MAX_OBJECT_NAME
-            ),
-        )
-    })
 }
 
 fn check_ports(label: &TaasLabel, edge: bool) -> Option<Problem> {
@@ -518,16 +497,13 @@ mod tests {
     }
 
     #[test]
-    fn names_that_cannot_name_services_are_invalid() {
-        for bad in ["a.b", &"x".repeat(51), "a-", "A", "a_b"] {
+    fn every_name_the_api_server_accepts_is_served() {
+        let longest = crate::names::tests::longest_name();
+        for name in ["automatic.home", "a.b", &"x".repeat(51), &longest] {
             let mut l = label();
-            l.metadata.name = Some(bad.to_string());
-            let problems = validate(&l, &observed_ok(), &[], &open());
-            assert_eq!(reasons(&problems), vec![Reason::InvalidSpec], "{bad}");
+            l.metadata.name = Some(name.to_string());
+            assert_eq!(validate(&l, &observed_ok(), &[], &open()), vec![], "{name}");
         }
-        let mut l = label();
-        l.metadata.name = Some("x".repeat(50));
-        assert_eq!(validate(&l, &observed_ok(), &[], &open()), vec![]);
     }
 
     #[test]
@@ -610,7 +586,7 @@ mod tests {
     #[test]
     fn problems_come_most_important_first() {
         let mut l = label();
-        l.metadata.name = Some("a.b".into());
+        l.spec.period = 0;
         let old = created(label(), "aaa", "home", -5);
         let observed = Observed {
             secret: None,

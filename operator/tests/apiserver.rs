@@ -766,6 +766,8 @@ fn the_operator_against_a_real_api_server() {
         },
     );
 
+    dotted_and_longest_names_are_served(&k8s);
+
     // 200 labels at once: all Ready. Report the time and the operator's peak RSS.
     k8s.ok(&["create", "namespace", "many"], None);
     let mut manifests = String::from(
@@ -838,6 +840,78 @@ fn the_operator_against_a_real_api_server() {
     );
     eprint!("{report}");
     std::fs::write(repo().join("target/operator-200-labels.txt"), report).ok();
+}
+
+/// TaasLabels named with dots and with 253 characters (valid object names) get valid child
+/// objects under derived names (`taas_operator::names::child_base`) and become Ready.
+fn dotted_and_longest_names_are_served(k8s: &ApiServer) {
+    let longest = format!(
+        "{}.{}.{}.{}",
+        "a".repeat(63),
+        "b".repeat(63),
+        "c".repeat(63),
+        "d".repeat(61)
+    );
+    let labels = [
+        ("automatic.home", "automatic-home-e0e054ecb8"),
+        (
+            longest.as_str(),
+            "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-8b50ab2ca1",
+        ),
+    ];
+    let mut manifests = String::from(
+        "apiVersion: v1\nkind: Secret\nmetadata: {name: dotted-totp, namespace: default}\n\
+         stringData: {secret: JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP}\n",
+    );
+    for (i, (name, base)) in labels.iter().enumerate() {
+        assert_eq!(taas_operator::names::child_base(name), *base);
+        manifests.push_str(&format!(
+            "---\napiVersion: taas.dev/v1alpha1\nkind: TaasLabel\nmetadata: {{name: {name}, namespace: default}}\n\
+             spec: {{id: id-dotted-{i}, label: dotted-{i}, secretRef: {{name: dotted-totp}}, service: {{type: ClusterIP}}, rendezvousPorts: 2}}\n"
+        ));
+    }
+    k8s.ok(&["apply", "-f", "-"], Some(&manifests));
+    for (name, base) in labels {
+        let relay = format!("taas-{base}");
+        let control = format!("taas-{base}-control");
+        k8s.wait("the Service", &["service", &relay, "-n", "default"], |_| {
+            true
+        });
+        k8s.wait(
+            "the control Service",
+            &["service", &control, "-n", "default"],
+            |_| true,
+        );
+        k8s.wait(
+            "the ConfigMap",
+            &["configmap", &relay, "-n", "default"],
+            |_| true,
+        );
+        k8s.wait(
+            "the Deployment",
+            &["deployment", &relay, "-n", "default"],
+            |_| true,
+        );
+        mark_relay_ready(k8s, "default", &relay);
+        let label = k8s.wait("Ready", &["taaslabel", name, "-n", "default"], |l| {
+            ready_reason(l) == "Ready"
+        });
+        assert_eq!(
+            label["status"]["relay"],
+            format!("{control}.default.svc.cluster.local.:8080")
+        );
+    }
+    k8s.wait(
+        "routes with the derived names",
+        &["configmap", "taas-routes", "-n", NS],
+        |c| {
+            c["data"]["routes.yaml"].as_str().is_some_and(|t| {
+                labels
+                    .iter()
+                    .all(|(_, base)| t.contains(&format!("taas-{base}-control.default.svc")))
+            })
+        },
+    );
 }
 
 /// Edge mode (`--edge-service`): a label without `spec.service.type` gets no Service of its

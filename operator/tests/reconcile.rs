@@ -1207,3 +1207,123 @@ async fn in_edge_mode_a_label_without_a_service_type_is_reached_at_the_gateway()
         .unwrap()
         .starts_with("host: 203.0.113.7\n"));
 }
+
+/// A label named `name` whose children are `taas-BASE` and `taas-BASE-control`: read, applied
+/// once with an address and a ready relay; returns what was sent.
+async fn first_pass_of(name: &str, base: &str) -> Vec<Seen> {
+    let mut l = label();
+    l.metadata.name = Some(name.to_string());
+    l.metadata.uid = Some(format!("uid-{base}"));
+    let relay = format!("taas-{base}");
+    let control = format!("taas-{base}-control");
+    let steps = vec![
+        step(
+            Method::GET,
+            &format!("{NS}/secrets/home-totp"),
+            Answer::Json(200, secret()),
+        ),
+        step(
+            Method::GET,
+            &format!("{NS}/services/{relay}"),
+            Answer::NotFound,
+        ),
+        step(
+            Method::GET,
+            &format!("{NS}/services/{control}"),
+            Answer::NotFound,
+        ),
+        step(
+            Method::GET,
+            &format!("{APPS}/deployments/{relay}"),
+            Answer::NotFound,
+        ),
+        step(
+            Method::GET,
+            &format!("{NS}/configmaps/{relay}"),
+            Answer::NotFound,
+        ),
+        step(
+            Method::PATCH,
+            &format!("{NS}/services/{relay}"),
+            Answer::Echo(lb_with_address),
+        ),
+        step(
+            Method::PATCH,
+            &format!("{NS}/services/{control}"),
+            Answer::Echo(cluster_ip),
+        ),
+        step(
+            Method::PATCH,
+            &format!("{NS}/configmaps/{relay}"),
+            Answer::Echo(no_change),
+        ),
+        step(
+            Method::PATCH,
+            &format!("{APPS}/deployments/{relay}"),
+            Answer::Echo(relay_ready),
+        ),
+        step(
+            Method::PATCH,
+            &format!("{LABELS}/{name}/status"),
+            Answer::Echo(whole_label),
+        ),
+        event(),
+    ];
+    let (result, seen) = Harness::new().reconcile(&l, steps).await;
+    assert_eq!(result, Ok(Action::requeue(Duration::from_secs(600))));
+
+    // Every child is named from the base, selects by it, and is owned by the label.
+    for (kind, path) in [
+        ("Service", format!("{NS}/services/{relay}")),
+        ("Service", format!("{NS}/services/{control}")),
+        ("ConfigMap", format!("{NS}/configmaps/{relay}")),
+        ("Deployment", format!("{APPS}/deployments/{relay}")),
+    ] {
+        let body = find(&seen, Method::PATCH, &path);
+        assert_eq!(body["kind"], kind);
+        assert_eq!(body["metadata"]["ownerReferences"][0]["name"], name);
+        assert_eq!(
+            body["metadata"]["labels"]["app.kubernetes.io/instance"],
+            base
+        );
+    }
+    let deployment = find(&seen, Method::PATCH, &format!("{APPS}/deployments/{relay}"));
+    assert_eq!(
+        deployment["spec"]["selector"]["matchLabels"]["app.kubernetes.io/instance"],
+        base
+    );
+    // The relay is told its TaasLabel's real name.
+    let cm = find(&seen, Method::PATCH, &format!("{NS}/configmaps/{relay}"));
+    assert!(cm["data"]["label.yaml"]
+        .as_str()
+        .unwrap()
+        .contains(&format!("name: {name}\n")));
+
+    let status = &find(&seen, Method::PATCH, &format!("{LABELS}/{name}/status"))["status"];
+    assert_eq!(status["conditions"][0]["reason"], "Ready");
+    assert_eq!(
+        status["relay"],
+        format!("{control}.default.svc.cluster.local.:8080")
+    );
+    seen
+}
+
+#[tokio::test]
+async fn a_dotted_name_is_served_under_derived_child_names() {
+    first_pass_of("automatic.home", "automatic-home-e0e054ecb8").await;
+    // Its look-alike keeps its own names: the two never share children.
+    first_pass_of("automatic-home", "automatic-home").await;
+}
+
+#[tokio::test]
+async fn a_253_character_name_is_served_under_derived_child_names() {
+    let name = format!(
+        "{}.{}.{}.{}",
+        "a".repeat(63),
+        "b".repeat(63),
+        "c".repeat(63),
+        "d".repeat(61)
+    );
+    assert_eq!(name.len(), 253);
+    first_pass_of(&name, &format!("{}-8b50ab2ca1", "a".repeat(39))).await;
+}

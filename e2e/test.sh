@@ -41,7 +41,7 @@ helm_install() {
   kubectl -n "$NS" wait --for=condition=Ready pod -l app.kubernetes.io/instance=taas --timeout=60s
   kubectl -n "$NS" get pods -l app.kubernetes.io/instance=taas -o json |
     "$PY" e2e/check_pods.py "$TAAS_E2E_CONTAINERD"
-  kubectl -n "$NS" get svc taas-gateway -o jsonpath='{.spec.ports[0].nodePort}' >"$W/gateway-port"
+  kubectl -n "$NS" get svc taas-gateway -o jsonpath='{.spec.ports[?(@.name=="https")].nodePort}' >"$W/gateway-port"
   echo "gateway: NodePort $(gw_port) on $TAAS_E2E_NODE_IP"
 }
 

@@ -52,6 +52,9 @@ def test_edge_on_a_node_port_gateway_pins_node_ports_to_the_same_numbers():
     assert ports[0] == {"name": "shared", "port": 30444, "targetPort": 30444, "nodePort": 30444, "protocol": "TCP"}, ports[0]
     https = [p for p in svc["spec"]["ports"] if p["name"] == "https"][0]
     assert https["nodePort"] == 30443 and https["targetPort"] == "https", f"https port {https}"
+    # Pinned node ports come first: the API server allocates in list order, so a random https
+    # node port cannot take one of them.
+    assert svc["spec"]["ports"][-1]["name"] == "https", [p["name"] for p in svc["spec"]["ports"]][-3:]
     args = gateway_container(docs)["args"]
     assert "--shared-port=0.0.0.0:30444" in args and "--rendezvous-ports=31000-31255" in args, f"gateway args {args}"
     assert "--edge-rendezvous-ports=31000-31255" in operator_args(docs), "operator range differs from the gateway's"

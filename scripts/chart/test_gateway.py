@@ -14,14 +14,14 @@ def test_gateway_service_shapes():
     docs = render()
     svc = named(docs, "Service", f"{RELEASE}-gateway")
     assert svc["spec"]["type"] == "LoadBalancer" and svc["spec"]["externalTrafficPolicy"] == "Local", f"default Service {svc['spec']}"
-    port = svc["spec"]["ports"][0]
+    port = [p for p in svc["spec"]["ports"] if p["name"] == "https"][0]
     assert port["port"] == 443 and port["protocol"] == "TCP", f"Service port {port}"
     container = named(docs, "Deployment", f"{RELEASE}-gateway")["spec"]["template"]["spec"]["containers"][0]
     target = [p for p in container["ports"] if p["name"] == port["targetPort"]]
     assert target and target[0]["containerPort"] == 8443, f"targetPort {port['targetPort']} is not container port 8443"
     assert "--listen=0.0.0.0:8443" in container["args"], "gateway does not listen on 8443"
     svc = named(render(values_files=[ci("nodeport")]), "Service", f"{RELEASE}-gateway")
-    assert svc["spec"]["type"] == "NodePort" and svc["spec"]["ports"][0].get("nodePort") == 30443, f"NodePort Service {svc['spec']}"
+    assert svc["spec"]["type"] == "NodePort" and [p for p in svc["spec"]["ports"] if p["name"] == "https"][0].get("nodePort") == 30443, f"NodePort Service {svc['spec']}"
     svc = named(render(values_files=[ci("single-namespace")]), "Service", f"{RELEASE}-gateway")
     assert svc["spec"]["type"] == "ClusterIP" and "externalTrafficPolicy" not in svc["spec"], f"ClusterIP Service {svc['spec']}"
     svc = named(render(values_files=[ci("everything-on")]), "Service", f"{RELEASE}-gateway")

@@ -175,6 +175,9 @@ pub struct Label {
     /// registration it is for. Bounded by the pool's reservations (inserted with one).
     edge_slots: Mutex<HashMap<u16, EdgeSlot>>,
     closed: AtomicBool,
+    /// Turns true when the label closes: pending registrations close their one-shot ports at
+    /// once (a watch, so a registration that starts waiting after the close sees it too).
+    closing: tokio::sync::watch::Sender<bool>,
     metrics: LabelMetrics,
     shared: Arc<Shared>,
     /// The data-plane thread this label's sockets and tasks live on.
@@ -209,6 +212,7 @@ impl Label {
             stranger_warn: Mutex::new(WarnEvery::new(STRANGER_WARN_INTERVAL)),
             edge_slots: Mutex::default(),
             closed: AtomicBool::new(false),
+            closing: tokio::sync::watch::Sender::new(false),
             metrics,
             shared,
             placement,
@@ -250,10 +254,12 @@ impl Label {
         Ok(())
     }
 
-    /// Stops the label: q closes, parked connections and waiting clients are dropped.
-    /// Pairs already spliced run to their end.
+    /// Stops the label: q and the pending registrations' one-shot ports close, parked
+    /// connections and waiting clients are dropped (their hidden servers see the close and
+    /// register again elsewhere). Pairs already spliced run to their end.
     pub fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
+        self.closing.send_replace(true);
         if let Some(q) = lock(&self.q).take() {
             q.accept_loop.abort();
         }
@@ -368,9 +374,16 @@ impl Label {
     ) {
         let deadline = tokio::time::sleep(self.shared.timeouts.rendezvous);
         tokio::pin!(deadline);
+        let mut closing = self.closing.subscribe();
+        let closed = async move {
+            // Err: the label is gone, which is a close too.
+            let _ = closing.wait_for(|closing| *closing).await;
+        };
+        tokio::pin!(closed);
         let accepted = loop {
             tokio::select! {
                 _ = &mut deadline => break None,
+                () = &mut closed => break None,
                 // A connection the gateway took on a shared rendezvous port for us (`edge`):
                 // the claim checked its source already. It comes from the front end's
                 // runtime: registered again on this (the label's) thread.
@@ -574,9 +587,16 @@ impl Label {
         }
         let (waiter, arrival) = oneshot::channel();
         let limit = self.shared.limits.waiting_clients_per_label;
-        lock(&self.pool)
-            .wait(waiter, limit, |waiter| waiter.is_closed())
-            .map_err(|pool::QueueFull| ClientRefused::QueueFull)?;
+        {
+            let mut pool = lock(&self.pool);
+            // Checked under the pool's lock: `close` clears the pool after setting the flag,
+            // so a client either sees the close here or is dropped by that clear.
+            if self.closed.load(Ordering::SeqCst) {
+                return Err(ClientRefused::Timeout);
+            }
+            pool.wait(waiter, limit, |waiter| waiter.is_closed())
+                .map_err(|pool::QueueFull| ClientRefused::QueueFull)?;
+        }
         // A connection parked between the first look and joining the queue is in the pool:
         // `park` only hands over to clients already waiting. Look once more, then wait.
         let mut arrival = arrival;

@@ -7,6 +7,7 @@
 //! accepted on q, everything happens inside its `Label`.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -26,6 +27,11 @@ use crate::ports::{PortError, PortPool};
 
 /// How long a mobile client is told to wait when no hidden server is parked.
 const RETRY_NOT_PARKED: Duration = Duration::from_secs(5);
+/// How long a hidden server is told to wait when it registers with a relay that is stopping:
+/// short, as its successor (or another replica) may be up by then.
+pub const RETRY_DRAINING: Duration = Duration::from_secs(2);
+/// The body of that answer.
+pub const DRAINING_BODY: &str = "relay stopping: register again\n";
 
 /// The standalone relay's label backend: every label in one process.
 pub struct StandaloneBackend {
@@ -39,6 +45,8 @@ pub struct StandaloneBackend {
     metrics: Arc<RelayMetrics>,
     /// Checked against when the ID or label is unknown, so every refusal costs the same.
     decoy: Decoy,
+    /// Set by [`StandaloneBackend::drain`]: no registration is taken, no label started.
+    draining: AtomicBool,
 }
 
 impl StandaloneBackend {
@@ -66,6 +74,7 @@ impl StandaloneBackend {
             data_plane,
             metrics,
             decoy,
+            draining: AtomicBool::new(false),
         }))
     }
 
@@ -118,6 +127,10 @@ impl StandaloneBackend {
     /// are updated in place, missing ones stop. Other labels' connections are not touched.
     /// Returns one line per label that could not be started or updated.
     pub fn apply(&self, wanted: &BTreeMap<String, LabelConfig>) -> Vec<String> {
+        if self.is_draining() {
+            // Stopping: a label reloaded now would open its ports again.
+            return Vec::new();
+        }
         let mut problems = Vec::new();
         let mut labels = write(&self.labels);
         labels.retain(|name, label| {
@@ -175,6 +188,40 @@ impl StandaloneBackend {
             label.close();
         }
     }
+
+    /// The first step of a graceful stop: from now on every registration gets 503 with
+    /// `Retry-After` ([`RETRY_DRAINING`]); every label closes (q and the one-shot ports stop
+    /// accepting, parked connections are closed so their hidden servers register again
+    /// elsewhere, waiting clients are turned away as when nothing is parked). Pairs already
+    /// spliced go on ([`StandaloneBackend::active_pairs`] counts them).
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        self.close();
+    }
+
+    /// Whether [`StandaloneBackend::drain`] was called.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Pairs holding a slot of the relay-wide pair limit: spliced, or a client about to be
+    /// paired (such a client is turned away at once once the labels are closed).
+    pub fn active_pairs(&self) -> usize {
+        self.settings
+            .limits
+            .active_pairs
+            .saturating_sub(self.shared.pairs.available_permits())
+    }
+}
+
+/// What a registration gets while the relay drains.
+fn draining_answer() -> Answer {
+    let mut answer = Answer::unavailable(RETRY_DRAINING);
+    answer
+        .headers
+        .push(("content-type", "text/plain".to_string()));
+    answer.body = DRAINING_BODY.to_string();
+    answer
 }
 
 fn unix_now() -> u64 {
@@ -188,6 +235,10 @@ impl LabelBackend for StandaloneBackend {
     type Connection = ConnectionAuth;
 
     async fn register(&self, request: Registration<'_>, connection: &ConnectionAuth) -> Answer {
+        if self.is_draining() {
+            self.metrics.rejected("draining");
+            return draining_answer();
+        }
         self.register_now(request, connection)
     }
 

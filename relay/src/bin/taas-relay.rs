@@ -26,7 +26,7 @@ use taas_relay::rate_limit::RateLimit;
 use taas_relay::run::gateway::{self, GatewayOptions, RouteSource};
 use taas_relay::run::pod::{self, LabelRelayOptions};
 use taas_relay::run::standalone::{self, ServeOptions};
-use taas_relay::run::{DEFAULT_STATE_DIR, POD_METRICS};
+use taas_relay::run::{DEFAULT_DRAIN_TIMEOUT, DEFAULT_STATE_DIR, POD_METRICS};
 
 #[derive(Parser)]
 #[command(
@@ -182,6 +182,31 @@ struct LabelRelayArgs {
     redirect_host: RedirectHost,
     #[command(flatten)]
     clients: ClientArgs,
+    #[command(flatten)]
+    drain: DrainArgs,
+}
+
+/// How a relay stops (`serve` and `label-relay`).
+#[derive(Args)]
+struct DrainArgs {
+    /// Seconds a stopping relay (SIGTERM) lets its active pairs finish: it turns unready,
+    /// refuses registrations and gives its parked connections back at once, then exits
+    /// when the last pair ends or at this timeout (cutting what is left). A second signal
+    /// stops at once.
+    #[arg(long, env = "TAAS_DRAIN_TIMEOUT", value_name = "SECS",
+          default_value_t = DEFAULT_DRAIN_TIMEOUT.as_secs_f64())]
+    drain_timeout: f64,
+}
+
+impl DrainArgs {
+    fn timeout(&self) -> anyhow::Result<Duration> {
+        Duration::try_from_secs_f64(self.drain_timeout).with_context(|| {
+            format!(
+                "--drain-timeout {}: expected seconds (0 or more)",
+                self.drain_timeout
+            )
+        })
+    }
 }
 
 /// What one client on q may hold, and for how long (`serve` and `label-relay`).
@@ -350,6 +375,8 @@ struct ServeArgs {
     /// tiny HTTPS page), to see the whole path work with curl or a browser.
     #[arg(long, env = "TAAS_DEMO")]
     demo: bool,
+    #[command(flatten)]
+    drain: DrainArgs,
 }
 
 #[derive(Args)]
@@ -483,14 +510,18 @@ fn serve_options(args: &ServeArgs) -> anyhow::Result<ServeOptions> {
 
 async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     let options = serve_options(&args)?;
+    let drain_timeout = args.drain.timeout()?;
     let relay = standalone::start(options).await?;
-    let _demo = if args.demo {
+    let demo = if args.demo {
         Some(taas_relay::demo::start(&relay).await?)
     } else {
         None
     };
     shutdown_signal().await;
-    tracing::info!("shutting down");
+    // The demo's own hidden server stops first: it is part of this process.
+    drop(demo);
+    relay.drain_and_stop(drain_timeout, shutdown_signal()).await;
+    tracing::info!("stopped");
     Ok(())
 }
 
@@ -580,8 +611,11 @@ fn label_relay_options(args: &LabelRelayArgs) -> anyhow::Result<LabelRelayOption
 }
 
 async fn run_label_relay(args: LabelRelayArgs) -> anyhow::Result<()> {
-    let _relay = pod::start(label_relay_options(&args)?).await?;
+    let drain_timeout = args.drain.timeout()?;
+    let relay = pod::start(label_relay_options(&args)?).await?;
     shutdown_signal().await;
+    relay.drain_and_stop(drain_timeout, shutdown_signal()).await;
+    tracing::info!("stopped");
     Ok(())
 }
 

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
-use tokio::task::JoinSet;
+use tokio::task::{AbortHandle, JoinSet};
 
 use crate::config::Timeouts;
 use crate::frontend::{FrontendMetrics, FrontendSettings};
@@ -114,6 +114,9 @@ pub(crate) fn frontend_settings(
 /// relay. Also the readiness flag `/readyz` answers from.
 pub(crate) struct Tasks {
     set: JoinSet<()>,
+    /// Tasks that stop when a graceful stop begins (listeners that take new connections,
+    /// file followers), while the rest (front end, metrics) go on.
+    stop_at_drain: Vec<AbortHandle>,
     ready: Arc<AtomicBool>,
     relay: Option<Arc<StandaloneBackend>>,
 }
@@ -124,6 +127,7 @@ impl Tasks {
     pub(crate) fn new(relay: Option<Arc<StandaloneBackend>>) -> Self {
         Self {
             set: JoinSet::new(),
+            stop_at_drain: Vec::new(),
             ready: Arc::new(AtomicBool::new(false)),
             relay,
         }
@@ -131,6 +135,70 @@ impl Tasks {
 
     pub(crate) fn spawn(&mut self, task: impl Future<Output = ()> + Send + 'static) {
         self.set.spawn(task);
+    }
+
+    /// `spawn` for a task that stops as soon as a graceful stop begins ([`Tasks::drain`]).
+    pub(crate) fn spawn_until_drain(&mut self, task: impl Future<Output = ()> + Send + 'static) {
+        let handle = self.set.spawn(task);
+        self.stop_at_drain.push(handle);
+    }
+
+    /// Begins a graceful stop: `/readyz` answers 503 first, then the listeners that take
+    /// new connections and the file followers stop, then the relay drains
+    /// ([`StandaloneBackend::drain`]). The front end keeps answering (registrations get
+    /// 503) and spliced pairs go on.
+    pub(crate) fn drain(&self) {
+        self.set_unready();
+        for task in &self.stop_at_drain {
+            task.abort();
+        }
+        if let Some(relay) = &self.relay {
+            relay.drain();
+        }
+    }
+
+    /// A graceful stop ([`Tasks::drain`]), then waits until no pair is left, `timeout`
+    /// passes, or `stop_now` (a second signal) resolves; the caller then drops everything,
+    /// which cuts what is left.
+    pub(crate) async fn drain_and_stop(
+        &self,
+        timeout: Duration,
+        stop_now: impl Future<Output = ()>,
+    ) -> DrainEnd {
+        self.drain();
+        let active = || self.relay.as_ref().map_or(0, |relay| relay.active_pairs());
+        tracing::info!(
+            seconds = timeout.as_secs_f64(),
+            pairs = active(),
+            "stopping: unready, registrations refused, parked connections closed; active pairs may finish"
+        );
+        let started = tokio::time::Instant::now();
+        let wait = async {
+            let mut tick = tokio::time::interval(DRAIN_POLL);
+            loop {
+                tick.tick().await;
+                if let Some(end) = drain_end(active(), started.elapsed(), timeout) {
+                    return end;
+                }
+            }
+        };
+        let end = tokio::select! {
+            end = wait => end,
+            () = stop_now => DrainEnd::SecondSignal,
+        };
+        match end {
+            DrainEnd::PairsDone => tracing::info!("stopping: no pair left"),
+            DrainEnd::TimedOut => {
+                tracing::info!(
+                    pairs = active(),
+                    "stopping: drain timeout, cutting the pairs left"
+                )
+            }
+            DrainEnd::SecondSignal => {
+                tracing::info!(pairs = active(), "second signal: stopping now")
+            }
+        }
+        end
     }
 
     /// Binds and serves the metrics endpoint when asked for, with this mode's readiness;
@@ -169,6 +237,34 @@ impl Drop for Tasks {
         if let Some(relay) = &self.relay {
             relay.close();
         }
+    }
+}
+
+/// How often a draining relay looks whether its last pair has ended.
+const DRAIN_POLL: Duration = Duration::from_millis(50);
+/// How long a relay drains unless told otherwise (`--drain-timeout`).
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a graceful stop ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DrainEnd {
+    /// Every pair finished by itself: nothing was cut.
+    PairsDone,
+    /// The drain timeout passed with pairs still open: they are cut.
+    TimedOut,
+    /// A second SIGTERM/SIGINT: stop at once.
+    SecondSignal,
+}
+
+/// Whether a drain is over, given the pairs still active and the time since it began: as
+/// soon as no pair is left, else at the timeout.
+pub fn drain_end(active_pairs: usize, elapsed: Duration, timeout: Duration) -> Option<DrainEnd> {
+    if active_pairs == 0 {
+        Some(DrainEnd::PairsDone)
+    } else if elapsed >= timeout {
+        Some(DrainEnd::TimedOut)
+    } else {
+        None
     }
 }
 
@@ -250,6 +346,41 @@ mod tests {
             Some("other"),
             "broken again after a good read: reported again"
         );
+    }
+
+    #[test]
+    fn a_drain_ends_when_the_last_pair_ends_or_at_the_timeout() {
+        let timeout = Duration::from_secs(30);
+        assert_eq!(
+            drain_end(0, Duration::ZERO, timeout),
+            Some(DrainEnd::PairsDone)
+        );
+        assert_eq!(drain_end(3, Duration::from_secs(1), timeout), None);
+        assert_eq!(drain_end(1, Duration::from_secs(29), timeout), None);
+        assert_eq!(drain_end(1, timeout, timeout), Some(DrainEnd::TimedOut));
+        assert_eq!(
+            drain_end(0, Duration::from_secs(31), timeout),
+            Some(DrainEnd::PairsDone),
+            "nothing left to cut"
+        );
+        assert_eq!(
+            drain_end(2, Duration::ZERO, Duration::ZERO),
+            Some(DrainEnd::TimedOut)
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn a_drain_never_cuts_before_its_timeout_nor_waits_with_nothing_left(
+            active in 0usize..1000,
+            elapsed_ms in 0u64..100_000,
+            timeout_ms in 0u64..100_000,
+        ) {
+            let (elapsed, timeout) = (Duration::from_millis(elapsed_ms), Duration::from_millis(timeout_ms));
+            let end = drain_end(active, elapsed, timeout);
+            proptest::prop_assert_eq!(end == Some(DrainEnd::PairsDone), active == 0);
+            proptest::prop_assert_eq!(end == Some(DrainEnd::TimedOut), active > 0 && elapsed >= timeout);
+        }
     }
 
     #[test]

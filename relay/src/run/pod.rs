@@ -111,7 +111,26 @@ pub struct LabelRelay {
     /// The edge port as bound, when on.
     pub edge: Option<SocketAddr>,
     pub metrics: Option<SocketAddr>,
-    _tasks: Tasks,
+    tasks: Tasks,
+}
+
+impl LabelRelay {
+    /// Begins a graceful stop without waiting: `/readyz` turns 503, registrations get 503,
+    /// the ports that take new connections close, parked connections are given back; pairs
+    /// already spliced go on.
+    pub fn drain(&self) {
+        self.tasks.drain();
+    }
+
+    /// Stops gracefully ([`LabelRelay::drain`]), then stops for good as soon as no pair is left,
+    /// at `timeout` (the pairs left are cut), or when `stop_now` (a second signal) resolves.
+    pub async fn drain_and_stop(
+        self,
+        timeout: std::time::Duration,
+        stop_now: impl std::future::Future<Output = ()>,
+    ) -> super::DrainEnd {
+        self.tasks.drain_and_stop(timeout, stop_now).await
+    }
 }
 
 /// The label as this pod serves it: q on the pod's fixed client port whatever the spec pins
@@ -209,12 +228,12 @@ pub async fn start(options: LabelRelayOptions) -> Result<LabelRelay, StartError>
     tasks.spawn(frontend::serve(control, transport, front, relay.clone()));
     let edge_addr = match (edge, edge_auth) {
         (Some((listener, addr)), Some(auth)) => {
-            tasks.spawn(edge::serve(listener, relay.clone(), label_name, auth));
+            tasks.spawn_until_drain(edge::serve(listener, relay.clone(), label_name, auth));
             Some(addr)
         }
         _ => None,
     };
-    tasks.spawn(follow_mounted_files(options, relay.clone()));
+    tasks.spawn_until_drain(follow_mounted_files(options, relay.clone()));
     tasks.set_ready();
     tracing::info!(control = %control_addr, edge = ?edge_addr, "label relay serving");
     Ok(LabelRelay {
@@ -222,7 +241,7 @@ pub async fn start(options: LabelRelayOptions) -> Result<LabelRelay, StartError>
         control: control_addr,
         edge: edge_addr,
         metrics,
-        _tasks: tasks,
+        tasks,
     })
 }
 

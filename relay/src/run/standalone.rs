@@ -97,10 +97,27 @@ pub struct Standalone {
     extra: Arc<Mutex<BTreeMap<String, LabelConfig>>>,
     /// The directory's current labels.
     from_dir: tokio::sync::watch::Receiver<LabelSet>,
-    _tasks: Tasks,
+    tasks: Tasks,
 }
 
 impl Standalone {
+    /// Begins a graceful stop without waiting: `/readyz` turns 503, registrations get 503,
+    /// the ports that take new connections close, parked connections are given back; pairs
+    /// already spliced go on.
+    pub fn drain(&self) {
+        self.tasks.drain();
+    }
+
+    /// Stops gracefully ([`Standalone::drain`]), then stops for good as soon as no pair is left,
+    /// at `timeout` (the pairs left are cut), or when `stop_now` (a second signal) resolves.
+    pub async fn drain_and_stop(
+        self,
+        timeout: std::time::Duration,
+        stop_now: impl std::future::Future<Output = ()>,
+    ) -> super::DrainEnd {
+        self.tasks.drain_and_stop(timeout, stop_now).await
+    }
+
     /// Adds (or replaces) a label that does not come from the directory.
     pub fn add_label(&self, config: LabelConfig) -> Vec<String> {
         lock(&self.extra).insert(config.label.clone(), config);
@@ -257,7 +274,7 @@ pub async fn start(options: ServeOptions) -> Result<Standalone, StartError> {
 
     let extra: Arc<Mutex<BTreeMap<String, LabelConfig>>> = Arc::default();
     let (tx, from_dir) = tokio::sync::watch::channel(labels.clone());
-    tasks.spawn(label_source::watch(
+    tasks.spawn_until_drain(label_source::watch(
         options.labels.clone(),
         options.reload_interval,
         labels,
@@ -265,7 +282,7 @@ pub async fn start(options: ServeOptions) -> Result<Standalone, StartError> {
     ));
     let mut changes = from_dir.clone();
     let (reload_relay, reload_extra) = (relay.clone(), extra.clone());
-    tasks.spawn(async move {
+    tasks.spawn_until_drain(async move {
         while changes.changed().await.is_ok() {
             let set = changes.borrow_and_update().clone();
             for problem in apply(&reload_relay, &set, &lock(&reload_extra)) {
@@ -274,7 +291,7 @@ pub async fn start(options: ServeOptions) -> Result<Standalone, StartError> {
         }
     });
     let shared_port = shared_port.map(|(listeners, addr)| {
-        tasks.spawn(crate::shared_port::serve(listeners, relay.clone()));
+        tasks.spawn_until_drain(crate::shared_port::serve(listeners, relay.clone()));
         tracing::info!(%addr, "shared client port listening");
         addr
     });
@@ -294,6 +311,6 @@ pub async fn start(options: ServeOptions) -> Result<Standalone, StartError> {
         cert,
         extra,
         from_dir,
-        _tasks: tasks,
+        tasks,
     })
 }

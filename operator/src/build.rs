@@ -231,6 +231,8 @@ pub fn relay_args(label: &TaasLabel, settings: &Settings) -> Vec<String> {
         settings.redirect_host.as_arg().to_string(),
         "--metrics".to_string(),
         format!("0.0.0.0:{METRICS_PORT}"),
+        "--drain-timeout".to_string(),
+        settings.relay_drain_timeout.to_string(),
     ]
     .into();
     if settings.edge.is_some() {
@@ -365,6 +367,16 @@ pub fn deployment(label: &TaasLabel, settings: &Settings) -> Deployment {
                     ..Default::default()
                 }),
                 spec: Some(PodSpec {
+                    // The relay drains for --drain-timeout on SIGTERM, then exits: the
+                    // kubelet waits that long and a little more before it kills.
+                    termination_grace_period_seconds: Some(
+                        i64::try_from(
+                            settings
+                                .relay_drain_timeout
+                                .saturating_add(crate::settings::DRAIN_GRACE_MARGIN),
+                        )
+                        .unwrap_or(i64::MAX),
+                    ),
                     automount_service_account_token: Some(false),
                     enable_service_links: Some(false),
                     security_context: Some(PodSecurityContext {
@@ -561,6 +573,20 @@ pub(crate) mod tests {
         );
     }
 
+    #[test]
+    fn the_relay_drains_for_the_operators_drain_timeout_and_its_pod_waits_a_little_longer() {
+        let settings = Settings {
+            relay_drain_timeout: 10,
+            ..Settings::default()
+        };
+        let args = relay_args(&label(), &settings);
+        let at = args.iter().position(|a| a == "--drain-timeout").unwrap();
+        assert_eq!(args[at + 1], "10");
+        let deployment = deployment(&label(), &settings);
+        let pod = deployment.spec.unwrap().template.spec.unwrap();
+        assert_eq!(pod.termination_grace_period_seconds, Some(15));
+    }
+
     fn edge_mode() -> Settings {
         Settings {
             edge: Some(crate::edge::tests::edge_settings()),
@@ -729,8 +755,11 @@ pub(crate) mod tests {
                 "requested",
                 "--metrics",
                 "0.0.0.0:9464",
+                "--drain-timeout",
+                "30",
             ])
         );
+        assert_eq!(pod["terminationGracePeriodSeconds"], 35);
         let ports: Vec<(String, u64)> = c["ports"]
             .as_array()
             .unwrap()

@@ -142,6 +142,11 @@ struct RunArgs {
         default_value = "20000-20255"
     )]
     edge_rendezvous_ports: PortRange,
+    /// Seconds a stopping relay lets its active pairs finish (each relay's --drain-timeout);
+    /// relay pods get this plus 5 s as their termination grace period.
+    #[arg(long, env = "TAAS_RELAY_DRAIN_TIMEOUT", value_name = "SECS",
+          default_value_t = taas_operator::settings::DEFAULT_RELAY_DRAIN_TIMEOUT)]
+    relay_drain_timeout: u64,
     /// Log format on stderr (level from RUST_LOG, default info).
     #[arg(long, env = "TAAS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -253,6 +258,7 @@ fn settings(args: &RunArgs) -> anyhow::Result<Settings> {
         cluster_domain,
         policy,
         edge: edge_settings(args)?,
+        relay_drain_timeout: args.relay_drain_timeout,
     })
 }
 

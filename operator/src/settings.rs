@@ -47,7 +47,16 @@ pub struct Settings {
     /// The cluster edge (`--edge-service`): `None`, every label is exposed by a Service of
     /// its own, as before edge mode existed.
     pub edge: Option<EdgeSettings>,
+    /// Seconds a stopping relay lets its active pairs finish (`--relay-drain-timeout`, passed
+    /// to every relay as `--drain-timeout`); the pod's grace period is this plus
+    /// [`DRAIN_GRACE_MARGIN`], so the kubelet never kills a relay that is still draining.
+    pub relay_drain_timeout: u64,
 }
+
+/// How long a relay pod's grace period exceeds its drain timeout: time to exit after it.
+pub const DRAIN_GRACE_MARGIN: u64 = 5;
+/// The relays' drain timeout unless told otherwise (`--relay-drain-timeout`).
+pub const DEFAULT_RELAY_DRAIN_TIMEOUT: u64 = 30;
 
 /// The relay container's resource requests and limits (Kubernetes quantities).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -76,6 +85,7 @@ impl Default for Settings {
             cluster_domain: "cluster.local".to_string(),
             policy: TenantPolicy::default(),
             edge: None,
+            relay_drain_timeout: DEFAULT_RELAY_DRAIN_TIMEOUT,
         }
     }
 }

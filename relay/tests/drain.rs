@@ -270,3 +270,46 @@ async fn a_pair_still_open_at_the_drain_timeout_is_cut_and_the_relay_exits() {
     closed_within(&mut client, PATIENCE).await;
     closed_within(&mut server, PATIENCE).await;
 }
+
+/// The standalone relay (`serve`) drains the same way, here in-process: its front end keeps
+/// answering (registrations get 503), while q, the shared port and the parked connections
+/// close; with no pair left, the stop ends at once.
+#[tokio::test]
+async fn the_standalone_relay_drains_in_process_and_stops_at_once_without_pairs() {
+    let home = TestLabel::new("home");
+    let relay = TestRelay::start_with(&[&home], |options| options.shared_port = Some(0)).await;
+    let answer = relay.put("home", &home.authorization()).await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let mut parked = TcpStream::connect(answer.body_str()).await.unwrap();
+    relay.wait_parked("home", 1).await;
+    let q = relay
+        .standalone
+        .relay
+        .label("home")
+        .unwrap()
+        .client_port()
+        .unwrap();
+    let shared = relay.shared_port();
+
+    relay.standalone.drain();
+    closed_within(&mut parked, PATIENCE).await;
+    let answer = relay.put("home", &home.authorization()).await;
+    assert_eq!(answer.status, 503, "{answer:?}");
+    assert_eq!(answer.header("retry-after"), Some("2"), "{answer:?}");
+    for port in [q, shared] {
+        eventually("the client ports close", || async {
+            TcpStream::connect(("127.0.0.1", port)).await.is_err()
+        })
+        .await;
+    }
+    assert_eq!(relay.standalone.relay.active_pairs(), 0);
+
+    let TestRelay { standalone, .. } = relay;
+    let end = tokio::time::timeout(
+        PATIENCE,
+        standalone.drain_and_stop(Duration::from_secs(30), std::future::pending()),
+    )
+    .await
+    .expect("no pair: the stop ends at once");
+    assert_eq!(end, taas_relay::run::DrainEnd::PairsDone);
+}

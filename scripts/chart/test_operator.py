@@ -19,7 +19,7 @@ def test_operator_flags():
     strategy = named(docs, "Deployment", f"{RELEASE}-operator")["spec"].get("strategy")
     assert strategy == {"type": "Recreate"}, f"operator without leader election: strategy {strategy}, not Recreate"
     for want in ("--registrar=taas-registrar.localhost", "--domain=taas.localhost", "--routes-configmap=taas-routes",
-                 "--relay-redirect-host=requested",
+                 "--relay-redirect-host=requested", "--relay-drain-timeout=30",
                  f"--relay-image={c['image']}", "--relay-image-pull-policy=IfNotPresent",
                  "--node-address-type=ExternalIP,InternalIP", "--metrics=0.0.0.0:9464"):
         assert want in args, f"missing {want} in {args}"
@@ -29,6 +29,8 @@ def test_operator_flags():
     assert c["image"] == "taas:0.1.0" and c["imagePullPolicy"] == "IfNotPresent", f"image {c['image']}"
     gw = gateway_pod_spec(docs)["containers"][0]
     assert gw["image"] == c["image"], "operator and gateway images differ"
+    drain = named(render(sets=["operator.relay.drainTimeout=5"]), "Deployment", f"{RELEASE}-operator")
+    assert "--relay-drain-timeout=5" in drain["spec"]["template"]["spec"]["containers"][0]["args"], "drainTimeout not passed"
     docs = render(values_files=[ci("everything-on")])
     c = named(docs, "Deployment", f"{RELEASE}-operator")["spec"]["template"]["spec"]["containers"][0]
     assert "--leader-elect" in c["args"] and "--namespace=hidden-servers" in c["args"], f"everything-on args {c['args']}"

@@ -7,13 +7,13 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use taas_relay::config::{Limits, RedirectHost, Timeouts};
+use taas_relay::config::Limits;
 use taas_relay::gateway_auth::{GatewayToken, InstallSecret, GATEWAY_AUTH_HEADER};
 use taas_relay::run::pod::{self as label_relay, LabelRelay, LabelRelayOptions};
 use taas_testkit::prelude::*;
 use taas_testkit::{logs, ports, readings};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 
 const RELAY_BIN: &str = env!("CARGO_BIN_EXE_taas-relay");
 
@@ -39,34 +39,15 @@ async fn start_with_limits(
     trusted: &[&str],
     limits: Limits,
 ) -> LabelRelay {
-    let (label_file, secret_dir) = mount_label(dir, label);
-    let (p_ports, q) = port_block(8);
     label_relay::start(LabelRelayOptions {
-        label_file,
-        secret_dir,
-        external_file: None,
-        control: "127.0.0.1:0".parse().unwrap(),
-        edge: None,
         gateway_token,
-        trusted: trusted.iter().map(|net| net.parse().unwrap()).collect(),
-        registrar: REGISTRAR.into(),
-        domain: DOMAIN.into(),
-        redirect_host: RedirectHost::Requested,
-        p_ports,
-        client_port: q.lo,
         metrics: Some("127.0.0.1:0".parse().unwrap()),
         reload_interval: Duration::from_millis(100),
-        timeouts: Timeouts::default(),
         limits,
+        ..label_relay_options(dir, label, 8, trusted)
     })
     .await
     .expect("label relay starts")
-}
-
-async fn connect_from(source: &str, to: SocketAddr) -> TcpStream {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
-    socket.connect(to).await.unwrap()
 }
 
 /// One request on a new control-port connection from `source`, with extra header lines.

@@ -10,14 +10,14 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use taas_protocol::edge::{self, EdgeHeader, EdgeKind};
-use taas_relay::config::{Limits, RedirectHost, Timeouts};
+use taas_relay::config::{Limits, Timeouts};
 use taas_relay::gateway_auth::{GatewayToken, InstallSecret, GATEWAY_AUTH_HEADER};
 use taas_relay::run::pod::{self as label_relay, LabelRelay, LabelRelayOptions};
 use taas_relay::run::StartError;
 use taas_testkit::prelude::*;
 use taas_testkit::{logs, readings};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 
 /// The hidden server's address as the gateway saw it (127.0.0.2: a source of its own).
 const HIDDEN: &str = "127.0.0.2";
@@ -56,8 +56,8 @@ async fn start(dir: &Path, label: &TestLabel, trusted: &[&str]) -> Pod {
 }
 
 async fn start_with(dir: &Path, label: &TestLabel, trusted: &[&str], limits: Limits) -> Pod {
-    let (label_file, secret_dir) = mount_label(dir, label);
-    let (p_ports, q) = port_block(8);
+    let options = label_relay_options(dir, label, 8, trusted);
+    let (p_ports, client_port) = (options.p_ports, options.client_port);
     // As the operator writes it in edge mode: local p → T, host the gateway's address.
     let external_file = dir.join(&label.label).join("external.yaml");
     let mut external = "host: \"127.0.0.1\"\nports:\n".to_string();
@@ -69,26 +69,19 @@ async fn start_with(dir: &Path, label: &TestLabel, trusted: &[&str], limits: Lim
     let relay = label_relay::start(LabelRelayOptions {
         edge: Some("127.0.0.1:0".parse().unwrap()),
         gateway_token: Some(token.clone()),
-        trusted: trusted.iter().map(|net| net.parse().unwrap()).collect(),
         external_file: Some(external_file),
-        control: "127.0.0.1:0".parse().unwrap(),
-        registrar: REGISTRAR.into(),
-        domain: DOMAIN.into(),
-        redirect_host: RedirectHost::Requested,
-        p_ports,
-        client_port: q.lo,
         metrics: Some("127.0.0.1:0".parse().unwrap()),
         reload_interval: Duration::from_millis(100),
         timeouts: timeouts(),
         limits,
-        ..LabelRelayOptions::new(label_file, secret_dir)
+        ..options
     })
     .await
     .expect("label relay starts");
     Pod {
         relay,
         p_lo: p_ports.lo,
-        client_port: q.lo,
+        client_port,
         token,
         label: label.label.clone(),
     }
@@ -201,12 +194,6 @@ impl Pod {
     }
 }
 
-async fn connect_from(source: &str, to: SocketAddr) -> TcpStream {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
-    socket.connect(to).await.unwrap()
-}
-
 fn refused(metrics: &str, reason: &str) -> f64 {
     readings::metric(
         metrics,
@@ -221,30 +208,20 @@ fn rendezvous_result(metrics: &str, result: &str) -> f64 {
     )
 }
 
-/// Sends a ClientHello through `stream` (after its header), then more bytes, and asserts the
-/// hidden server behind `parked` gets all of it unchanged and that bytes flow back.
+/// Sends a ClientHello through `stream` (after its header) and asserts it and more bytes
+/// reach the hidden server behind `parked` unchanged, and that bytes flow back.
 async fn assert_hello_reaches(stream: &mut TcpStream, parked: &mut TcpStream, name: &str) {
     let hello = client_hello(Some(name));
     stream.write_all(&hello).await.unwrap();
-    stream.write_all(b"and after it").await.unwrap();
-    let mut seen = vec![0u8; hello.len() + b"and after it".len()];
-    tokio::time::timeout(PATIENCE, parked.read_exact(&mut seen))
-        .await
-        .expect("the hidden server gets the bytes")
-        .unwrap();
-    assert_eq!(
-        &seen[..hello.len()],
-        &hello[..],
-        "the ClientHello unchanged"
-    );
-    assert_eq!(&seen[hello.len()..], b"and after it");
-    parked.write_all(b"server bytes").await.unwrap();
-    let mut back = [0u8; 12];
-    tokio::time::timeout(PATIENCE, stream.read_exact(&mut back))
-        .await
-        .expect("the client gets the hidden server's bytes")
-        .unwrap();
-    assert_eq!(&back, b"server bytes");
+    assert_relayed_both_ways(stream, parked, &hello, PATIENCE).await;
+}
+
+/// A shared-port client of "home" through the edge reaches the hidden server behind `parked`.
+async fn assert_a_client_gets_through(pod: &Pod, parked: &mut TcpStream) {
+    let mut client = pod
+        .send(&pod.header(EdgeKind::SharedPort, PHONE, 9443))
+        .await;
+    assert_hello_reaches(&mut client, parked, &format!("home.{DOMAIN}")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -524,10 +501,7 @@ async fn peers_outside_the_trusted_networks_are_closed_before_any_header_is_read
         .await;
     assert_closed(&mut outsider).await;
     assert_eq!(refused(&pod.metrics().await, "untrusted"), 1.0);
-    let mut client = pod
-        .send(&pod.header(EdgeKind::SharedPort, PHONE, 9443))
-        .await;
-    assert_hello_reaches(&mut client, &mut parked, &format!("home.{DOMAIN}")).await;
+    assert_a_client_gets_through(&pod, &mut parked).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -559,10 +533,7 @@ async fn connections_still_reading_their_header_are_capped_and_the_next_one_is_c
     for mut holder in holders {
         assert_closed(&mut holder).await;
     }
-    let mut client = pod
-        .send(&pod.header(EdgeKind::SharedPort, PHONE, 9443))
-        .await;
-    assert_hello_reaches(&mut client, &mut parked, &format!("home.{DOMAIN}")).await;
+    assert_a_client_gets_through(&pod, &mut parked).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

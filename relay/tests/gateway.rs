@@ -49,34 +49,25 @@ fn write_external(path: &Path, host: &str, ports: &[(u16, u16)]) {
 }
 
 async fn start_label_relay(dir: &Path, label: &TestLabel, redirect_host: RedirectHost) -> PodRelay {
-    let (label_file, secret_dir) = mount_label(dir, label);
+    let options = label_relay_options(dir, label, 8, &["127.0.0.1/32"]);
+    let client_port = options.client_port;
     let external_file = dir.join(&label.label).join("external.yaml");
     write_external(&external_file, "127.0.0.1", &[]);
-    let (p_ports, q) = port_block(8);
     let relay = label_relay::start(LabelRelayOptions {
-        label_file,
-        secret_dir,
         external_file: Some(external_file.clone()),
-        control: "127.0.0.1:0".parse().unwrap(),
-        edge: None,
         gateway_token: Some(gateway_token(&label.label)),
-        trusted: vec!["127.0.0.1/32".parse().unwrap()],
-        registrar: REGISTRAR.into(),
-        domain: DOMAIN.into(),
         redirect_host,
-        p_ports,
-        client_port: q.lo,
         metrics: None,
         reload_interval: Duration::from_millis(50),
-        timeouts: Timeouts::default(),
         limits: Limits::default(),
+        ..options
     })
     .await
     .expect("label relay starts");
     PodRelay {
         relay,
         external_file,
-        client_port: q.lo,
+        client_port,
     }
 }
 
@@ -147,18 +138,8 @@ impl Cluster {
     }
 
     async fn tls_from(&self, source: &str) -> tokio_rustls::client::TlsStream<TcpStream> {
-        let socket = TcpSocket::new_v4().unwrap();
-        socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
-        let tcp = socket.connect(self.gateway.frontend).await.unwrap();
-        let config = taas_relay::agent::client_tls_config(&taas_relay::agent::Trust::PemFile(
-            self.gateway.cert.cert.clone(),
-        ))
-        .unwrap();
-        let name = rustls_pki_types::ServerName::try_from(REGISTRAR.to_string()).unwrap();
-        tokio_rustls::TlsConnector::from(config)
-            .connect(name, tcp)
-            .await
-            .unwrap()
+        let gateway = &self.gateway;
+        tls_connect_from(source, gateway.frontend, &gateway.cert.cert, REGISTRAR).await
     }
 
     async fn raw_from(&self, source: &str, raw: &str) -> Response {

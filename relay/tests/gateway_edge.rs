@@ -16,14 +16,14 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use taas_protocol::edge::{self, EdgeHeader, EdgeKind, Parsed};
-use taas_relay::config::{PortRange, RedirectHost, Timeouts};
+use taas_relay::config::{PortRange, Timeouts};
 use taas_relay::gateway::UpstreamSettings;
 use taas_relay::gateway_auth::InstallSecret;
 use taas_relay::run::gateway::{self, GatewayOptions, RouteSource, RunningGateway};
 use taas_relay::run::pod::{self as label_relay, LabelRelay, LabelRelayOptions};
 use taas_testkit::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 
 /// The install secret the test gateways read.
 const INSTALL_SECRET: &str = "0123456789abcdef0123456789abcdef\n";
@@ -182,13 +182,6 @@ fn refused(reason: &str) -> String {
     format!("taas_gateway_edge_refused_total{{reason=\"{reason}\"}}")
 }
 
-/// A TCP connection to `addr` from the loopback address `source`.
-async fn connect_from(source: &str, addr: SocketAddr) -> TcpStream {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
-    socket.connect(addr).await.unwrap()
-}
-
 /// Reads exactly one edge header (bounded), as a relay does: never a byte past it.
 async fn read_edge_header(stream: &mut TcpStream) -> EdgeHeader {
     let mut buf = Vec::new();
@@ -286,7 +279,6 @@ async fn a_client_on_the_shared_port_reaches_its_labels_relay_behind_a_header_wi
     client.write_all(a).await.unwrap();
     client.flush().await.unwrap();
     client.write_all(b).await.unwrap();
-    client.write_all(b"and after it").await.unwrap();
 
     let (header, mut relay) = home.next().await;
     assert_eq!(header.kind, EdgeKind::SharedPort);
@@ -298,18 +290,7 @@ async fn a_client_on_the_shared_port_reaches_its_labels_relay_behind_a_header_wi
         cluster.shared(),
         "the gateway port it used"
     );
-    let mut seen = vec![0u8; hello.len() + 12];
-    tokio::time::timeout(PATIENCE, relay.read_exact(&mut seen))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(
-        &seen[..hello.len()],
-        &hello[..],
-        "the ClientHello unchanged"
-    );
-    assert_eq!(&seen[hello.len()..], b"and after it");
-    echo_back(&mut relay, &mut client, b"from the hidden server").await;
+    assert_relayed_both_ways(&mut client, &mut relay, &hello, PATIENCE).await;
     assert!(
         work.accepted.try_recv().is_err(),
         "the other label's relay untouched"
@@ -664,32 +645,25 @@ async fn start_edge_label_relay(
     ts: &[u16],
 ) -> LabelRelay {
     let dir = cluster.dir.path();
-    let (label_file, secret_dir) = mount_label(dir, label);
-    let (p_ports, q) = port_block(ts.len() as u16);
+    let options = label_relay_options(dir, label, ts.len() as u16, &["127.0.0.1/32"]);
+    let (p_ports, q) = (options.p_ports, options.client_port);
     let external_file = dir.join(&label.label).join("external.yaml");
     let mut text = "host: \"127.0.0.1\"\nports:\n".to_string();
     for (p, t) in p_ports.iter().zip(ts) {
         text.push_str(&format!("  {p}: {t}\n"));
     }
-    text.push_str(&format!("  {}: {}\n", q.lo, cluster.shared().port()));
+    text.push_str(&format!("  {q}: {}\n", cluster.shared().port()));
     std::fs::write(&external_file, text).unwrap();
     let token = InstallSecret::new(INSTALL_SECRET.as_bytes())
         .unwrap()
         .token_for(&label.label);
     label_relay::start(LabelRelayOptions {
         external_file: Some(external_file),
-        control: "127.0.0.1:0".parse().unwrap(),
         edge: Some("127.0.0.1:0".parse().unwrap()),
         gateway_token: Some(token),
-        trusted: vec!["127.0.0.1/32".parse().unwrap()],
-        registrar: REGISTRAR.into(),
-        domain: DOMAIN.into(),
-        redirect_host: RedirectHost::Requested,
-        p_ports,
-        client_port: q.lo,
         metrics: None,
         reload_interval: Duration::from_millis(50),
-        ..LabelRelayOptions::new(label_file, secret_dir)
+        ..options
     })
     .await
     .expect("label relay starts")
@@ -710,16 +684,8 @@ impl EdgeGateway {
         source: &str,
         name: &str,
     ) -> tokio_rustls::client::TlsStream<TcpStream> {
-        let tcp = connect_from(source, self.gateway.frontend).await;
-        let config = taas_relay::agent::client_tls_config(&taas_relay::agent::Trust::PemFile(
-            self.gateway.cert.cert.clone(),
-        ))
-        .unwrap();
-        let name = rustls_pki_types::ServerName::try_from(name.to_string()).unwrap();
-        tokio_rustls::TlsConnector::from(config)
-            .connect(name, tcp)
-            .await
-            .unwrap()
+        let gateway = &self.gateway;
+        tls_connect_from(source, gateway.frontend, &gateway.cert.cert, name).await
     }
 
     /// Registers `label` through the gateway from `source` and parks a connection from the
@@ -794,26 +760,9 @@ async fn curl_reaches_a_direct_label_on_the_gateways_https_port_with_no_307_and_
         parked(&home_relay, "home") == 2
     })
     .await;
-    let cacert = cluster.dir.path().join("hidden.pem");
-    std::fs::write(&cacert, &page.cert_pem).unwrap();
-    // *.localhost resolves to loopback in curl.
-    let url = format!(
-        "https://home.{DOMAIN}:{}/index.html?q=1",
-        cluster.gateway.frontend.port()
-    );
-    let body = curl(
-        &url,
-        &cacert,
-        &[],
-        "\nstatus: %{http_code} redirects: %{num_redirects}",
-    )
-    .await;
-    assert!(body.contains("hello, directly"), "{body}");
-    assert!(
-        body.contains("request: GET /index.html?q=1 HTTP/1.1"),
-        "{body}"
-    );
-    assert!(body.contains("status: 200 redirects: 0"), "{body}");
+    let port = cluster.gateway.frontend.port();
+    page.assert_served_directly(&format!("home.{DOMAIN}"), port, cluster.dir.path())
+        .await;
     assert_eq!(cluster.forwarded("direct").await, 1.0);
 
     // The other label: the gateway's TLS and its relay's 307, to the shared port.

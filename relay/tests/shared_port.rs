@@ -536,25 +536,13 @@ async fn shared_port_clients_pair_whichever_data_plane_thread_accepts_them() {
     })
     .await;
     for label in &labels {
-        for i in 0..12 {
+        for _ in 0..12 {
             let mut parked = relay.park(label).await;
             let host = format!("{}.{DOMAIN}", label.label);
             let hello = client_hello(Some(&host));
             let mut client = TcpStream::connect(relay.shared_addr()).await.unwrap();
             client.write_all(&hello).await.unwrap();
-            let mut seen = vec![0u8; hello.len()];
-            tokio::time::timeout(PATIENCE, parked.read_exact(&mut seen))
-                .await
-                .expect("the hidden server gets the ClientHello")
-                .unwrap();
-            assert_eq!(seen, hello, "{host} #{i}: the ClientHello unchanged");
-            parked.write_all(b"back").await.unwrap();
-            let mut back = [0u8; 4];
-            tokio::time::timeout(PATIENCE, client.read_exact(&mut back))
-                .await
-                .expect("the client gets the hidden server's bytes")
-                .unwrap();
-            assert_eq!(&back, b"back");
+            assert_relayed_both_ways(&mut client, &mut parked, &hello, PATIENCE).await;
         }
     }
     let metrics = relay.metrics().await;

@@ -17,6 +17,7 @@ pub mod echo;
 pub mod http;
 pub mod label;
 pub mod logs;
+pub mod net;
 pub mod ports;
 pub mod property;
 pub mod readings;
@@ -41,12 +42,14 @@ pub mod prelude {
     pub use crate::http::{curl, read_response, steward_request, Response};
     pub use crate::label::{mount_label, unix_now, write_label, TestLabel};
     pub use crate::logs::init_logs;
+    pub use crate::net::connect_from;
     pub use crate::ports::port_block;
     pub use crate::readings::{metric, paired};
-    pub use crate::relay::{Session, TestRelay, DOMAIN, REGISTRAR};
+    pub use crate::relay::{label_relay_options, Session, TestRelay, DOMAIN, REGISTRAR};
     pub use crate::tls::{
-        assert_client_hello_passes_unchanged, client_hello, hello_over_tls, hidden_tls_server,
-        tls_acceptor, tls_connect, tls_connect_trusting, TlsPage,
+        assert_client_hello_passes_unchanged, assert_relayed_both_ways, client_hello,
+        hello_over_tls, hidden_tls_server, tls_acceptor, tls_connect, tls_connect_from,
+        tls_connect_trusting, TlsPage,
     };
     pub use crate::wait::{assert_closed, echo_roundtrip, eventually, read_to_end, PATIENCE};
 }

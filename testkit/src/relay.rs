@@ -6,7 +6,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use taas_relay::config::PortRange;
+use taas_relay::config::{PortRange, RedirectHost};
+use taas_relay::run::pod::LabelRelayOptions;
 use taas_relay::run::standalone::{self, ServeOptions, Standalone};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -17,6 +18,30 @@ use crate::logs::init_logs;
 use crate::ports::port_block;
 use crate::tls::tls_connect;
 use crate::wait::eventually;
+
+/// A label relay pod's options as the tests start it: `label` mounted under `dir`, `p_count`
+/// p ports and q from a fresh port block, the control port on loopback (port from the OS),
+/// [`REGISTRAR`], [`DOMAIN`], redirects to the requested host, `trusted` networks; the rest
+/// as [`LabelRelayOptions::new`] has it.
+pub fn label_relay_options(
+    dir: &Path,
+    label: &TestLabel,
+    p_count: u16,
+    trusted: &[&str],
+) -> LabelRelayOptions {
+    let (label_file, secret_dir) = crate::label::mount_label(dir, label);
+    let (p_ports, q) = port_block(p_count);
+    LabelRelayOptions {
+        control: "127.0.0.1:0".parse().unwrap(),
+        trusted: trusted.iter().map(|net| net.parse().unwrap()).collect(),
+        registrar: REGISTRAR.into(),
+        domain: DOMAIN.into(),
+        redirect_host: RedirectHost::Requested,
+        p_ports,
+        client_port: q.lo,
+        ..LabelRelayOptions::new(label_file, secret_dir)
+    }
+}
 
 /// The registrar's host name in every test.
 pub const REGISTRAR: &str = "taas-registrar.localhost";

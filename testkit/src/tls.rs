@@ -12,11 +12,33 @@ pub async fn tls_connect(
     ca: &Path,
     server_name: &str,
 ) -> tokio_rustls::client::TlsStream<TcpStream> {
+    tls_over(TcpStream::connect(addr).await.unwrap(), ca, server_name).await
+}
+
+/// [`tls_connect`] from the loopback address `source`.
+pub async fn tls_connect_from(
+    source: &str,
+    addr: SocketAddr,
+    ca: &Path,
+    server_name: &str,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    tls_over(
+        crate::net::connect_from(source, addr).await,
+        ca,
+        server_name,
+    )
+    .await
+}
+
+async fn tls_over(
+    tcp: TcpStream,
+    ca: &Path,
+    server_name: &str,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
     let config =
         taas_relay::agent::client_tls_config(&taas_relay::agent::Trust::PemFile(ca.to_path_buf()))
             .unwrap();
     let connector = tokio_rustls::TlsConnector::from(config);
-    let tcp = TcpStream::connect(addr).await.unwrap();
     let name = rustls_pki_types::ServerName::try_from(server_name.to_string()).unwrap();
     connector.connect(name, tcp).await.unwrap()
 }
@@ -46,6 +68,7 @@ pub fn tls_acceptor(host: &str) -> (tokio_rustls::TlsAcceptor, String) {
 pub struct TlsPage {
     pub addr: SocketAddr,
     pub cert_pem: String,
+    body: &'static str,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -96,8 +119,31 @@ impl TlsPage {
         Self {
             addr,
             cert_pem,
+            body,
             task,
         }
+    }
+
+    /// Fetches `https://<host>:<port>/index.html?q=1` with curl trusting only this page's own
+    /// certificate (written under `dir`), and asserts this page answered it (200, no redirect).
+    pub async fn assert_served_directly(&self, host: &str, port: u16, dir: &Path) {
+        let cacert = dir.join("hidden.pem");
+        std::fs::write(&cacert, &self.cert_pem).unwrap();
+        // *.localhost resolves to loopback in curl: no --resolve needed.
+        let url = format!("https://{host}:{port}/index.html?q=1");
+        let body = crate::http::curl(
+            &url,
+            &cacert,
+            &[],
+            "\nstatus: %{http_code} redirects: %{num_redirects}",
+        )
+        .await;
+        assert!(body.contains(self.body), "{body}");
+        assert!(
+            body.contains("request: GET /index.html?q=1 HTTP/1.1"),
+            "{body}"
+        );
+        assert!(body.contains("status: 200 redirects: 0"), "{body}");
     }
 }
 
@@ -184,16 +230,14 @@ pub async fn hello_over_tls(addr: std::net::SocketAddr, cert_pem: &str, name: &s
     String::from_utf8(crate::wait::read_to_end(&mut tls).await).unwrap()
 }
 
-/// Sends a ClientHello for `server_name` to `addr` in three pieces, then more bytes, and
-/// asserts the hidden server behind `parked` gets all of it unchanged (the relay keeps every
-/// byte it read to route the connection) and that bytes flow back.
+/// Sends a ClientHello for `server_name` to `addr` in three pieces, then checks it is relayed
+/// unchanged both ways ([`assert_relayed_both_ways`]): the relay keeps every byte it read to
+/// route the connection.
 pub async fn assert_client_hello_passes_unchanged(
     addr: std::net::SocketAddr,
     server_name: &str,
     parked: &mut TcpStream,
 ) {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let patience = crate::wait::PATIENCE;
     let hello = client_hello(Some(server_name));
     let mut client = TcpStream::connect(addr).await.unwrap();
     let (a, rest) = hello.split_at(3);
@@ -203,17 +247,25 @@ pub async fn assert_client_hello_passes_unchanged(
         client.flush().await.unwrap();
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+    assert_relayed_both_ways(&mut client, parked, &hello, crate::wait::PATIENCE).await;
+}
+
+/// After the caller wrote `hello` into `client` (however it likes: whole, in pieces, behind
+/// a header), sends more bytes and asserts the far end `parked` gets the hello and those
+/// bytes unchanged, then that bytes flow back; each read bounded by `patience`.
+pub async fn assert_relayed_both_ways(
+    client: &mut TcpStream,
+    parked: &mut TcpStream,
+    hello: &[u8],
+    patience: std::time::Duration,
+) {
     client.write_all(b"and after it").await.unwrap();
     let mut seen = vec![0u8; hello.len() + b"and after it".len()];
     tokio::time::timeout(patience, parked.read_exact(&mut seen))
         .await
         .expect("the hidden server gets the bytes")
         .unwrap();
-    assert_eq!(
-        &seen[..hello.len()],
-        &hello[..],
-        "the ClientHello unchanged"
-    );
+    assert_eq!(&seen[..hello.len()], hello, "the ClientHello unchanged");
     assert_eq!(&seen[hello.len()..], b"and after it");
     parked.write_all(b"server bytes").await.unwrap();
     let mut back = [0u8; 12];

@@ -560,15 +560,10 @@ async fn an_edge_port_without_a_gateway_token_is_a_start_error() {
     logs::debug_logs();
     let dir = tempfile::tempdir().unwrap();
     let home = TestLabel::new("home");
-    let (label_file, secret_dir) = mount_label(dir.path(), &home);
-    let (p_ports, q) = port_block(8);
     let result = label_relay::start(LabelRelayOptions {
         edge: Some("127.0.0.1:0".parse().unwrap()),
-        control: "127.0.0.1:0".parse().unwrap(),
-        p_ports,
-        client_port: q.lo,
         metrics: None,
-        ..LabelRelayOptions::new(label_file, secret_dir)
+        ..label_relay_options(dir.path(), &home, 8, &[])
     })
     .await;
     match result {
@@ -583,16 +578,15 @@ async fn an_edge_port_inside_the_rendezvous_ports_is_a_start_error() {
     logs::debug_logs();
     let dir = tempfile::tempdir().unwrap();
     let home = TestLabel::new("home");
-    let (label_file, secret_dir) = mount_label(dir.path(), &home);
-    let (p_ports, q) = port_block(8);
+    let options = label_relay_options(dir.path(), &home, 8, &[]);
     let result = label_relay::start(LabelRelayOptions {
-        edge: Some(SocketAddr::new([127, 0, 0, 1].into(), p_ports.lo + 3)),
+        edge: Some(SocketAddr::new(
+            [127, 0, 0, 1].into(),
+            options.p_ports.lo + 3,
+        )),
         gateway_token: Some(token_for("home")),
-        control: "127.0.0.1:0".parse().unwrap(),
-        p_ports,
-        client_port: q.lo,
         metrics: None,
-        ..LabelRelayOptions::new(label_file, secret_dir)
+        ..options
     })
     .await;
     match result {

@@ -12,7 +12,7 @@ use taas_relay::gateway_auth::{GatewayToken, InstallSecret, GATEWAY_AUTH_HEADER}
 use taas_relay::run::pod::{self as label_relay, LabelRelay, LabelRelayOptions};
 use taas_testkit::prelude::*;
 use taas_testkit::{logs, ports, readings};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 const RELAY_BIN: &str = env!("CARGO_BIN_EXE_taas-relay");
@@ -81,17 +81,7 @@ fn mobile_get(label: &str) -> String {
 }
 
 async fn relay_metrics(relay: &LabelRelay) -> String {
-    let mut stream = TcpStream::connect(relay.metrics.unwrap()).await.unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut text = String::new();
-    tokio::time::timeout(PATIENCE, stream.read_to_string(&mut text))
-        .await
-        .unwrap()
-        .unwrap();
-    text
+    taas_testkit::readings::scrape(relay.metrics.unwrap()).await
 }
 
 /// Whether p (from a 200's body) accepts `source`: parks it (the parked connection), or

@@ -161,14 +161,7 @@ impl Pod {
     }
 
     async fn metrics(&self) -> String {
-        let mut stream = TcpStream::connect(self.relay.metrics.unwrap())
-            .await
-            .unwrap();
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        String::from_utf8(read_to_end(&mut stream).await).unwrap()
+        readings::scrape(self.relay.metrics.unwrap()).await
     }
 
     /// A normal client on q pairs with a parked connection (`parked`, the hidden server's

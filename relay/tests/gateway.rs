@@ -149,12 +149,7 @@ impl Cluster {
     }
 
     async fn metrics(&self) -> String {
-        let addr = self.gateway.metrics.expect("metrics enabled");
-        let mut tcp = TcpStream::connect(addr).await.unwrap();
-        tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        String::from_utf8(read_to_end(&mut tcp).await).unwrap()
+        taas_testkit::readings::scrape(self.gateway.metrics.expect("metrics enabled")).await
     }
 
     async fn register_from(&self, source: &str, label: &TestLabel) -> Response {

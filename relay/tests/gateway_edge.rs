@@ -154,12 +154,7 @@ impl EdgeGateway {
     }
 
     async fn metrics(&self) -> String {
-        let addr = self.gateway.metrics.expect("metrics enabled");
-        let mut tcp = TcpStream::connect(addr).await.unwrap();
-        tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        String::from_utf8(read_to_end(&mut tcp).await).unwrap()
+        taas_testkit::readings::scrape(self.gateway.metrics.expect("metrics enabled")).await
     }
 
     /// Waits (bounded) until the gateway has counted `n` edge refusals for `reason`.

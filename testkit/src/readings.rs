@@ -6,6 +6,17 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
+/// The `/metrics` text served on `addr` (one request, read to EOF, bounded).
+pub async fn scrape(addr: SocketAddr) -> String {
+    use tokio::io::AsyncWriteExt as _;
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    String::from_utf8(crate::wait::read_to_end(&mut stream).await).unwrap()
+}
+
 /// One reading of a process.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ProcStats {

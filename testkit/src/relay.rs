@@ -9,7 +9,7 @@ use std::time::Duration;
 use taas_relay::config::{PortRange, RedirectHost};
 use taas_relay::run::pod::LabelRelayOptions;
 use taas_relay::run::standalone::{self, ServeOptions, Standalone};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::http::{read_response, steward_request, Response};
@@ -206,15 +206,7 @@ impl TestRelay {
     }
 
     pub async fn metrics(&self) -> String {
-        let addr = self.standalone.metrics.unwrap();
-        let mut stream = TcpStream::connect(addr).await.unwrap();
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut text = String::new();
-        stream.read_to_string(&mut text).await.unwrap();
-        text
+        crate::readings::scrape(self.standalone.metrics.unwrap()).await
     }
 }
 

@@ -468,6 +468,23 @@ fn totp_now(secret_b32: &str) -> String {
     taas_protocol::totp::code(&secret, taas_crds::Algorithm::SHA1, 6, 30, now)
 }
 
+/// Applies the CRD from crds/ and waits until it is established. kubectl's client-side check
+/// knows 1.20's schema, which predates CEL rules; the server itself drops them (TOOLING.md), so
+/// the committed file goes unchanged without it.
+fn apply_crd(k8s: &ApiServer) {
+    let crd = repo().join("crds/taaslabels.yaml");
+    k8s.ok(
+        &["apply", "--validate=false", "-f", crd.to_str().unwrap()],
+        None,
+    );
+    k8s.wait("CRD established", &["crd", "taaslabels.taas.dev"], |crd| {
+        crd["status"]["conditions"].as_array().is_some_and(|c| {
+            c.iter()
+                .any(|c| c["type"] == "Established" && c["status"] == "True")
+        })
+    });
+}
+
 fn count(k8s: &ApiServer, kind: &str, selector: &str) -> usize {
     k8s.get(&[kind, "-A", "-l", selector])
         .map(|v| v["items"].as_array().map_or(0, |a| a.len()))
@@ -485,19 +502,7 @@ fn the_operator_against_a_real_api_server() {
     std::fs::create_dir_all(&work).unwrap();
 
     // The CRD from crds/, and the chart's own ServiceAccount and RBAC for the operator.
-    // kubectl's client-side check knows 1.20's schema, which predates CEL rules; the server
-    // itself drops them (TOOLING.md), so send the committed file unchanged without it.
-    let crd = repo().join("crds/taaslabels.yaml");
-    k8s.ok(
-        &["apply", "--validate=false", "-f", crd.to_str().unwrap()],
-        None,
-    );
-    k8s.wait("CRD established", &["crd", "taaslabels.taas.dev"], |crd| {
-        crd["status"]["conditions"].as_array().is_some_and(|c| {
-            c.iter()
-                .any(|c| c["type"] == "Established" && c["status"] == "True")
-        })
-    });
+    apply_crd(&k8s);
     k8s.ok(&["create", "namespace", NS], None);
     let rbac = k8s.helm_template(&[
         "--show-only",
@@ -927,17 +932,7 @@ fn the_operator_in_edge_mode_against_a_real_api_server() {
     let k8s = ApiServer::up();
     let work = k8s.dir().join("work");
     std::fs::create_dir_all(&work).unwrap();
-    let crd = repo().join("crds/taaslabels.yaml");
-    k8s.ok(
-        &["apply", "--validate=false", "-f", crd.to_str().unwrap()],
-        None,
-    );
-    k8s.wait("CRD established", &["crd", "taaslabels.taas.dev"], |crd| {
-        crd["status"]["conditions"].as_array().is_some_and(|c| {
-            c.iter()
-                .any(|c| c["type"] == "Established" && c["status"] == "True")
-        })
-    });
+    apply_crd(&k8s);
     k8s.ok(&["create", "namespace", NS], None);
     // The chart's RBAC and gateway Service (a short range keeps the test quick); the real API
     // server checks the Service's ports.

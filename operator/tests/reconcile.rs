@@ -279,6 +279,11 @@ fn relay_ready(deployment: &mut Value) {
 
 /// The five reads of every reconcile, with nothing there but the Secret.
 fn reads_fresh() -> Vec<Step> {
+    reads_fresh_of("home")
+}
+
+/// [`reads_fresh`] for a label whose children are `taas-BASE` and `taas-BASE-control`.
+fn reads_fresh_of(base: &str) -> Vec<Step> {
     vec![
         step(
             Method::GET,
@@ -287,22 +292,22 @@ fn reads_fresh() -> Vec<Step> {
         ),
         step(
             Method::GET,
-            &format!("{NS}/services/taas-home"),
+            &format!("{NS}/services/taas-{base}"),
             Answer::NotFound,
         ),
         step(
             Method::GET,
-            &format!("{NS}/services/taas-home-control"),
+            &format!("{NS}/services/taas-{base}-control"),
             Answer::NotFound,
         ),
         step(
             Method::GET,
-            &format!("{APPS}/deployments/taas-home"),
+            &format!("{APPS}/deployments/taas-{base}"),
             Answer::NotFound,
         ),
         step(
             Method::GET,
-            &format!("{NS}/configmaps/taas-home"),
+            &format!("{NS}/configmaps/taas-{base}"),
             Answer::NotFound,
         ),
     ]
@@ -341,25 +346,30 @@ fn reads_existing() -> Vec<Step> {
 
 /// The four applies, in order, with the Service and Deployment answers given.
 fn applies(service: fn(&mut Value), deployment: fn(&mut Value)) -> Vec<Step> {
+    applies_of("home", service, deployment)
+}
+
+/// [`applies`] for a label whose children are `taas-BASE` and `taas-BASE-control`.
+fn applies_of(base: &str, service: fn(&mut Value), deployment: fn(&mut Value)) -> Vec<Step> {
     vec![
         step(
             Method::PATCH,
-            &format!("{NS}/services/taas-home"),
+            &format!("{NS}/services/taas-{base}"),
             Answer::Echo(service),
         ),
         step(
             Method::PATCH,
-            &format!("{NS}/services/taas-home-control"),
+            &format!("{NS}/services/taas-{base}-control"),
             Answer::Echo(cluster_ip),
         ),
         step(
             Method::PATCH,
-            &format!("{NS}/configmaps/taas-home"),
+            &format!("{NS}/configmaps/taas-{base}"),
             Answer::Echo(no_change),
         ),
         step(
             Method::PATCH,
-            &format!("{APPS}/deployments/taas-home"),
+            &format!("{APPS}/deployments/taas-{base}"),
             Answer::Echo(deployment),
         ),
     ]
@@ -1216,59 +1226,18 @@ async fn first_pass_of(name: &str, base: &str) -> Vec<Seen> {
     l.metadata.uid = Some(format!("uid-{base}"));
     let relay = format!("taas-{base}");
     let control = format!("taas-{base}-control");
-    let steps = vec![
-        step(
-            Method::GET,
-            &format!("{NS}/secrets/home-totp"),
-            Answer::Json(200, secret()),
-        ),
-        step(
-            Method::GET,
-            &format!("{NS}/services/{relay}"),
-            Answer::NotFound,
-        ),
-        step(
-            Method::GET,
-            &format!("{NS}/services/{control}"),
-            Answer::NotFound,
-        ),
-        step(
-            Method::GET,
-            &format!("{APPS}/deployments/{relay}"),
-            Answer::NotFound,
-        ),
-        step(
-            Method::GET,
-            &format!("{NS}/configmaps/{relay}"),
-            Answer::NotFound,
-        ),
-        step(
-            Method::PATCH,
-            &format!("{NS}/services/{relay}"),
-            Answer::Echo(lb_with_address),
-        ),
-        step(
-            Method::PATCH,
-            &format!("{NS}/services/{control}"),
-            Answer::Echo(cluster_ip),
-        ),
-        step(
-            Method::PATCH,
-            &format!("{NS}/configmaps/{relay}"),
-            Answer::Echo(no_change),
-        ),
-        step(
-            Method::PATCH,
-            &format!("{APPS}/deployments/{relay}"),
-            Answer::Echo(relay_ready),
-        ),
-        step(
-            Method::PATCH,
-            &format!("{LABELS}/{name}/status"),
-            Answer::Echo(whole_label),
-        ),
-        event(),
-    ];
+    let steps = script(vec![
+        reads_fresh_of(base),
+        applies_of(base, lb_with_address, relay_ready),
+        vec![
+            step(
+                Method::PATCH,
+                &format!("{LABELS}/{name}/status"),
+                Answer::Echo(whole_label),
+            ),
+            event(),
+        ],
+    ]);
     let (result, seen) = Harness::new().reconcile(&l, steps).await;
     assert_eq!(result, Ok(Action::requeue(Duration::from_secs(600))));
 

@@ -45,6 +45,12 @@ diagnose() {
     log "--- logs of $p"
     kubectl logs -n "${p%%/*}" "${p#*/}" --tail=20 >&2 2>&1 || true
   done
+  # Pods stuck terminating: what the kubelet says about them.
+  for p in $(kubectl get pods -A -o jsonpath='{range .items[?(@.metadata.deletionTimestamp)]}{.metadata.namespace}/{.metadata.name}{"\n"}{end}' 2>/dev/null); do
+    log "--- terminating: $p"
+    kubectl describe pod -n "${p%%/*}" "${p#*/}" 2>&1 | tail -n 15 >&2 || true
+    grep -F "${p#*/}" /var/lib/taas-e2e/logs/kubelet.log 2>/dev/null | tail -n 10 | cut -c1-400 >&2 || true
+  done
   for f in "$W"/*.log; do
     [ -f "$f" ] || continue
     log "--- $f"

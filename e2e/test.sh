@@ -361,15 +361,27 @@ relay_rolled_to_json() {
 }
 
 uninstall() {
+  local t0
+  t0=$(now)
   helm uninstall taas -n "$NS"
-  until_ok 60 release_gone
+  # What helm removes is gone at once; the pods go when the kubelet has stopped them. Kubelet
+  # 1.20 (this cluster's) retries a pod whose container it could not find on a later sync
+  # ("Failed killing the pod ... NotFound"), which took longer than 60 s on a loaded CI
+  # machine: the pods get 120 s, and the time they took is printed.
+  until_ok 30 release_objects_gone
+  until_ok 120 release_pods_gone
+  echo "release's pods gone $(since "$t0") s after helm uninstall"
   kubectl get crd taaslabels.taas.dev
   kubectl -n default get taaslabel home
   kubectl get clusterroles,clusterrolebindings -o name | { ! grep -q taas; }
 }
 
-release_gone() {
-  [ -z "$(kubectl -n "$NS" get deployment,service,serviceaccount,pods -l app.kubernetes.io/instance=taas -o name)" ]
+release_objects_gone() {
+  [ -z "$(kubectl -n "$NS" get deployment,service,serviceaccount -l app.kubernetes.io/instance=taas -o name)" ]
+}
+
+release_pods_gone() {
+  [ -z "$(kubectl -n "$NS" get pods -l app.kubernetes.io/instance=taas -o name)" ]
 }
 
 step "image from the release binaries" build_image

@@ -478,7 +478,10 @@ pub fn deployment(label: &TaasLabel, settings: &Settings) -> Deployment {
 /// server serves): with several replicas, a node drain evicts at most one relay pod of the
 /// label at a time, so the others keep serving. `None` with one replica, where a budget
 /// would only block drains (or, at maxUnavailable 1, protect nothing).
-pub fn pod_disruption_budget(label: &TaasLabel, settings: &Settings) -> Option<PodDisruptionBudget> {
+pub fn pod_disruption_budget(
+    label: &TaasLabel,
+    settings: &Settings,
+) -> Option<PodDisruptionBudget> {
     (replicas(label, settings) >= 2).then(|| PodDisruptionBudget {
         metadata: meta(label, names::relay_name(label)),
         spec: Some(PodDisruptionBudgetSpec {

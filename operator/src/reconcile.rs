@@ -37,11 +37,11 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use taas_crds::{ServiceType, TaasLabel, TaasLabelStatus};
 
+use crate::budget::{self, BudgetVersion};
+use crate::build::BudgetAction;
 use crate::metrics::Metrics;
 use crate::names::{self, FIELD_MANAGER};
 use crate::settings::Settings;
-use crate::budget::{self, BudgetVersion};
-use crate::build::BudgetAction;
 use crate::status::{self, Outcome, Reason, Replicas};
 use crate::validate::{self, Observed, Problem};
 use crate::{address, build, edge};
@@ -141,9 +141,9 @@ impl Context {
         if let Some(version) = self.budget_version.get() {
             return Ok(*version);
         }
-        let version = budget::discover(&self.client)
-            .await
-            .map_err(kube_error("discovering the PodDisruptionBudget API version"))?;
+        let version = budget::discover(&self.client).await.map_err(kube_error(
+            "discovering the PodDisruptionBudget API version",
+        ))?;
         Ok(*self.budget_version.get_or_init(|| version))
     }
 

@@ -311,7 +311,11 @@ mod tests {
     fn the_label_is_served_while_one_replica_is_ready() {
         let s = status(&label(), &serving(Ok(exposure()), 2, 2), &at(100));
         assert_eq!(
-            (ready(&s).status, ready(&s).reason.as_str(), ready(&s).message.as_str()),
+            (
+                ready(&s).status,
+                ready(&s).reason.as_str(),
+                ready(&s).message.as_str()
+            ),
             (ConditionStatus::True, "Ready", "2 of 2 replicas serving")
         );
         assert_eq!((s.replicas, s.ready_replicas), (Some(2), Some(2)));
@@ -320,7 +324,11 @@ mod tests {
         // One replica lost: still True (same transition time), reason Degraded.
         let s = status(&l, &serving(Ok(exposure()), 2, 1), &at(200));
         assert_eq!(
-            (ready(&s).status, ready(&s).reason.as_str(), ready(&s).message.as_str()),
+            (
+                ready(&s).status,
+                ready(&s).reason.as_str(),
+                ready(&s).message.as_str()
+            ),
             (ConditionStatus::True, "Degraded", "1 of 2 replicas serving")
         );
         assert_eq!(ready(&s).last_transition_time, at(100));
@@ -331,7 +339,11 @@ mod tests {
         // None: False.
         let s = status(&l, &serving(Ok(exposure()), 2, 0), &at(300));
         assert_eq!(
-            (ready(&s).status, ready(&s).reason.as_str(), ready(&s).message.as_str()),
+            (
+                ready(&s).status,
+                ready(&s).reason.as_str(),
+                ready(&s).message.as_str()
+            ),
             (
                 ConditionStatus::False,
                 "RelayNotReady",

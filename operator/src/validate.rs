@@ -167,7 +167,10 @@ fn check_ports(label: &TaasLabel, edge: bool) -> Option<Problem> {
 /// label's own would hand it to any replica, most often one that does not hold the
 /// registration. (A count outside the CRD's bounds is [`check_spec`]'s.)
 fn check_replicas(label: &TaasLabel, edge: bool) -> Option<Problem> {
-    let n = label.spec.replicas.filter(|n| (2..=REPLICAS_MAX).contains(n))?;
+    let n = label
+        .spec
+        .replicas
+        .filter(|n| (2..=REPLICAS_MAX).contains(n))?;
     crate::edge::service_type(&label.spec, edge)?;
     let fix = if edge {
         "remove service.type (the label is then reached through the gateway)"

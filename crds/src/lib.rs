@@ -32,7 +32,7 @@ pub use validate::{
 use limits::{
     CLIENT_PORT_MAX, CLIENT_PORT_MIN, DNS_SUBDOMAIN_MAX_LEN, ID_MAX_LEN,
     LOAD_BALANCER_CLASS_MAX_LEN, MAX_PARKED_MAX, MAX_PARKED_MIN, PERIOD_MAX, PERIOD_MIN,
-    RENDEZVOUS_PORTS_MAX, RENDEZVOUS_PORTS_MIN, SECRET_KEY_MAX_LEN,
+    RENDEZVOUS_PORTS_MAX, RENDEZVOUS_PORTS_MIN, REPLICAS_MAX, REPLICAS_MIN, SECRET_KEY_MAX_LEN,
 };
 
 #[cfg(feature = "kube")]
@@ -58,9 +58,9 @@ pub const SECRET_KEY_PATTERN: &str = r"^[-._a-zA-Z0-9]+$";
 
 /// The desired state of one label: who may register it and how its relay behaves.
 ///
-/// The fields up to `serverSpeaksFirst` are what the relay serves; `service` and
-/// `rendezvousPorts` shape the label's relay pod and Service in a cluster and are ignored by
-/// the standalone relay.
+/// The fields up to `serverSpeaksFirst` are what the relay serves; `service`,
+/// `rendezvousPorts` and `replicas` shape the label's relay pods and Service in a cluster and
+/// are ignored by the standalone relay.
 // Clippy takes the printer columns' repeated `type_ = "string"` for duplicated attributes.
 #[allow(clippy::duplicated_attributes)]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,6 +90,18 @@ pub const SECRET_KEY_PATTERN: &str = r"^[-._a-zA-Z0-9]+$";
             name = "READY",
             type_ = "string",
             json_path = r#".status.conditions[?(@.type=="Ready")].status"#
+        ),
+        printcolumn(
+            name = "SERVING",
+            type_ = "integer",
+            json_path = ".status.readyReplicas",
+            description = "relay replicas ready to serve"
+        ),
+        printcolumn(
+            name = "REPLICAS",
+            type_ = "integer",
+            json_path = ".status.replicas",
+            description = "relay replicas wanted"
         ),
         printcolumn(
             name = "AGE",
@@ -183,6 +195,15 @@ pub struct TaasLabelSpec {
     #[serde(default = "default_rendezvous_ports")]
     #[cfg_attr(feature = "kube", schemars(range(min = RENDEZVOUS_PORTS_MIN, max = RENDEZVOUS_PORTS_MAX)))]
     pub rendezvous_ports: u32,
+    /// Relay pods (replicas) serving this label in a cluster; unset: the install's default
+    /// (the chart's `relay.replicas`) for a label reached through the gateway, one for a
+    /// label with a Service of its own. More than one needs the gateway (edge mode, no
+    /// `service.type`): a Service of the label's own would send a hidden server's rendezvous
+    /// connection to a replica that does not hold its registration. Ignored by the
+    /// standalone relay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "kube", schemars(range(min = REPLICAS_MIN, max = REPLICAS_MAX)))]
+    pub replicas: Option<u32>,
 }
 
 pub fn default_period() -> u32 {

@@ -20,6 +20,12 @@ pub const MAX_PARKED_MAX: u32 = 1024;
 pub const RENDEZVOUS_PORTS_MIN: u32 = 1;
 pub const RENDEZVOUS_PORTS_MAX: u32 = 64;
 
+/// `spec.replicas`: relay pods for one label in a cluster. Sixteen is plenty for a label
+/// (each replica holds a share of the hidden server's parked connections) and keeps one
+/// label from filling a cluster.
+pub const REPLICAS_MIN: u32 = 1;
+pub const REPLICAS_MAX: u32 = 16;
+
 /// `spec.clientPort`, a pinned client port q (port 0 would mean "any").
 pub const CLIENT_PORT_MIN: u16 = 1;
 pub const CLIENT_PORT_MAX: u16 = 65535;

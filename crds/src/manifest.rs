@@ -377,6 +377,7 @@ mod tests {
                 load_balancer_class: None,
             },
             rendezvous_ports: 4,
+            replicas: None,
         }
     }
 

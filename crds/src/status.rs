@@ -40,6 +40,15 @@ pub struct TaasLabelStatus {
     /// The externally reachable ports (node ports for a NodePort Service).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ports: Option<StatusPorts>,
+    /// Relay replicas wanted (the Deployment's `replicas`: `spec.replicas` or the install's
+    /// default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub replicas: Option<i32>,
+    /// Relay replicas ready to serve (the Deployment's `readyReplicas`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub ready_replicas: Option<i32>,
     /// Connections the hidden server has parked right now, as last reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parked: Option<u32>,

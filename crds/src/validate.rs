@@ -21,7 +21,7 @@
 use crate::limits::{
     CLIENT_PORT_MAX, CLIENT_PORT_MIN, DNS_PART_MAX_LEN, DNS_SUBDOMAIN_MAX_LEN, ID_MAX_LEN,
     LOAD_BALANCER_CLASS_MAX_LEN, MAX_PARKED_MAX, MAX_PARKED_MIN, PERIOD_MAX, PERIOD_MIN,
-    RENDEZVOUS_PORTS_MAX, RENDEZVOUS_PORTS_MIN, SECRET_KEY_MAX_LEN,
+    RENDEZVOUS_PORTS_MAX, RENDEZVOUS_PORTS_MIN, REPLICAS_MAX, REPLICAS_MIN, SECRET_KEY_MAX_LEN,
 };
 use crate::{ProxyProtocol, ServiceType, TaasLabelSpec};
 
@@ -102,6 +102,8 @@ pub enum SpecError {
         .0, RENDEZVOUS_PORTS_MIN, RENDEZVOUS_PORTS_MAX
     )]
     RendezvousPorts(u32),
+    #[error("replicas {} must be {} to {}", .0, REPLICAS_MIN, REPLICAS_MAX)]
+    Replicas(u32),
     /// The TAAS agent learns that a parked connection was paired from its first bytes: for a
     /// protocol where the server speaks first, only the PROXY header can tell it.
     #[error("{}", SERVER_SPEAKS_FIRST_MESSAGE)]
@@ -143,6 +145,7 @@ impl SpecError {
             Self::MaxParked(_) => "maxParked",
             Self::ClientPort(_) => "clientPort",
             Self::RendezvousPorts(_) => "rendezvousPorts",
+            Self::Replicas(_) => "replicas",
             Self::ServerSpeaksFirstWithoutProxyHeader => "proxyProtocol",
             Self::DirectServerSpeaksFirst => "direct",
             Self::LoadBalancerClassLength | Self::LoadBalancerClassWithoutLoadBalancer => {
@@ -230,6 +233,12 @@ impl TaasLabelSpec {
         if !(RENDEZVOUS_PORTS_MIN..=RENDEZVOUS_PORTS_MAX).contains(&self.rendezvous_ports) {
             errors.push(SpecError::RendezvousPorts(self.rendezvous_ports));
         }
+        if let Some(replicas) = self
+            .replicas
+            .filter(|n| !(REPLICAS_MIN..=REPLICAS_MAX).contains(n))
+        {
+            errors.push(SpecError::Replicas(replicas));
+        }
         if errors.is_empty() {
             Ok(())
         } else {
@@ -262,6 +271,7 @@ mod tests {
             direct: false,
             service: LabelService::default(),
             rendezvous_ports: 8,
+            replicas: None,
         }
     }
 
@@ -301,6 +311,18 @@ mod tests {
     }
 
     #[test]
+    fn replicas_are_one_to_sixteen_or_unset() {
+        for ok in [None, Some(REPLICAS_MIN), Some(2), Some(REPLICAS_MAX)] {
+            assert_eq!(errors(|s| s.replicas = ok), vec![], "{ok:?}");
+        }
+        for bad in [0, REPLICAS_MAX + 1, u32::MAX] {
+            let found = errors(|s| s.replicas = Some(bad));
+            assert_eq!(found, vec![SpecError::Replicas(bad)]);
+            assert_eq!(found[0].field(), "replicas");
+        }
+    }
+
+    #[test]
     fn a_direct_label_is_valid_unless_its_server_speaks_first() {
         assert_eq!(errors(|s| s.direct = true), vec![]);
         let both = errors(|s| {
@@ -327,6 +349,7 @@ mod tests {
             s.service.type_ = Some(ServiceType::NodePort);
             s.service.load_balancer_class = Some(String::new());
             s.rendezvous_ports = RENDEZVOUS_PORTS_MAX + 1;
+            s.replicas = Some(0);
         });
         let fields: Vec<_> = all.iter().map(SpecError::field).collect();
         assert_eq!(
@@ -343,6 +366,7 @@ mod tests {
                 "service.loadBalancerClass",
                 "service.loadBalancerClass",
                 "rendezvousPorts",
+                "replicas",
             ]
         );
         let text = SpecErrors(all).to_string();
@@ -358,10 +382,11 @@ mod tests {
             "service.loadBalancerClass must be 1 to 253 characters long",
             "loadBalancerClass may only be set when type is LoadBalancer",
             "rendezvousPorts 65 must be 1 to 64",
+            "replicas 0 must be 1 to 16",
         ] {
             assert!(text.contains(expected), "{expected:?} in {text}");
         }
-        assert_eq!(text.matches("; ").count(), 10, "{text}");
+        assert_eq!(text.matches("; ").count(), 11, "{text}");
     }
 
     #[test]

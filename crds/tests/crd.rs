@@ -59,6 +59,8 @@ fn crd_builds_with_names_columns_and_status() {
             ("ID", ".spec.id"),
             ("ENDPOINT", ".status.endpoint"),
             ("READY", r#".status.conditions[?(@.type=="Ready")].status"#),
+            ("SERVING", ".status.readyReplicas"),
+            ("REPLICAS", ".status.replicas"),
             ("AGE", ".metadata.creationTimestamp"),
         ]
     );

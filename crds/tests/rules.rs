@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use taas_crds::limits::{
     CLIENT_PORT_MAX, CLIENT_PORT_MIN, DNS_PART_MAX_LEN, DNS_SUBDOMAIN_MAX_LEN, ID_MAX_LEN,
     LOAD_BALANCER_CLASS_MAX_LEN, MAX_PARKED_MAX, MAX_PARKED_MIN, PERIOD_MAX, PERIOD_MIN,
-    RENDEZVOUS_PORTS_MAX, RENDEZVOUS_PORTS_MIN, SECRET_KEY_MAX_LEN,
+    RENDEZVOUS_PORTS_MAX, RENDEZVOUS_PORTS_MIN, REPLICAS_MAX, REPLICAS_MIN, SECRET_KEY_MAX_LEN,
 };
 use taas_crds::{
     ClientAdmission, LabelService, ProxyProtocol, SecretKeyRef, ServiceType, TaasLabelSpec,
@@ -65,6 +65,7 @@ fn ranges_agree_in_range_at_each_bound_and_just_outside() {
             RENDEZVOUS_PORTS_MIN,
             RENDEZVOUS_PORTS_MAX,
         ),
+        ("replicas", REPLICAS_MIN, REPLICAS_MAX),
     ] {
         for ok in [min, min + 1, (min + max) / 2, max - 1, max] {
             agree(json!({ field: ok }), &[]);
@@ -82,6 +83,7 @@ fn ranges_agree_in_range_at_each_bound_and_just_outside() {
     );
     // (Above CLIENT_PORT_MAX is not a u16: the types refuse it, as the schema does.)
     agree(json!({ "clientPort": null }), &[]);
+    agree(json!({ "replicas": null }), &[]);
 }
 
 #[test]
@@ -249,7 +251,7 @@ fn direct_agrees_except_with_a_server_that_speaks_first_which_only_validate_refu
 fn several_problems_at_once_agree() {
     agree(
         json!({"id": "", "label": "Home", "period": 0, "maxParked": 1025, "clientPort": 0,
-               "rendezvousPorts": 65, "serverSpeaksFirst": true,
+               "rendezvousPorts": 65, "replicas": 17, "serverSpeaksFirst": true,
                "secretRef": {"name": "a_b", "key": "a b"},
                "service": {"type": "NodePort", "loadBalancerClass": ""}}),
         &[
@@ -259,6 +261,7 @@ fn several_problems_at_once_agree() {
             "maxParked",
             "clientPort",
             "rendezvousPorts",
+            "replicas",
             "proxyProtocol",
             "secretRef.name",
             "secretRef.key",
@@ -306,6 +309,7 @@ fn any_spec() -> impl Strategy<Value = TaasLabelSpec> {
             number(MAX_PARKED_MIN, MAX_PARKED_MAX),
             number(RENDEZVOUS_PORTS_MIN, RENDEZVOUS_PORTS_MAX),
             prop_oneof![Just(None), Just(Some(0u16)), any::<u16>().prop_map(Some)],
+            proptest::option::of(number(REPLICAS_MIN, REPLICAS_MAX)),
         ),
         (
             any::<bool>(),
@@ -317,7 +321,7 @@ fn any_spec() -> impl Strategy<Value = TaasLabelSpec> {
         .prop_map(
             |(
                 (id, label, secret_name, secret_key),
-                (period, max_parked, rendezvous_ports, client_port),
+                (period, max_parked, rendezvous_ports, client_port, replicas),
                 (server_speaks_first, proxy_protocol, type_, load_balancer_class),
             )| TaasLabelSpec {
                 id,
@@ -341,6 +345,7 @@ fn any_spec() -> impl Strategy<Value = TaasLabelSpec> {
                     ..Default::default()
                 },
                 rendezvous_ports,
+                replicas,
             },
         )
 }

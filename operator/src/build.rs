@@ -8,12 +8,16 @@
 //! - Service `taas-X-control`: ClusterIP, the relay's control port, where gateways forward;
 //! - ConfigMap `taas-X`: `label.yaml` (the TaasLabel manifest) and `external.yaml` (the
 //!   external host and ports), mounted into the relay, which re-reads both;
-//! - Deployment `taas-X`: one relay pod.
+//! - Deployment `taas-X`: the relay pods, `spec.replicas` of them or the install's default
+//!   ([`replicas`]), replaced by surge (a new pod is ready before an old one stops), spread
+//!   over nodes when there are several;
+//! - PodDisruptionBudget `taas-X` (several replicas only): a drain evicts one at a time.
 //!
 //! The pod template depends only on the settings, the object name, the Secret's name, the
-//! number of rendezvous ports and the LABEL (immutable; it makes the gateway token): every
-//! other spec change, and every address change, reaches the running relay through the
-//! mounted ConfigMap and Secret, without a restart.
+//! number of rendezvous ports, the LABEL (immutable; it makes the gateway token) and whether
+//! there are several replicas (the spread constraint): every other spec change, and every
+//! address change, reaches the running relay through the mounted ConfigMap and Secret,
+//! without a restart.
 //!
 //! With an install secret (`--gateway-secret-file`), the relay container gets the gateway
 //! token of its LABEL in `TAAS_GATEWAY_TOKEN` ([`taas_protocol::gateway_auth`]): its control
@@ -24,18 +28,22 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar,
     HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
-    SeccompProfile, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume,
-    VolumeMount,
+    SeccompProfile, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec,
+    TopologySpreadConstraint, Volume, VolumeMount,
 };
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource as _;
 use serde::Serialize;
+use taas_crds::limits::{REPLICAS_MAX, REPLICAS_MIN};
 use taas_crds::{ExternalTrafficPolicy, ServiceType, TaasLabel, TaasLabelSpec};
 
 use crate::address::External;
@@ -269,10 +277,50 @@ fn quantities(pairs: [(&str, Option<&String>); 2]) -> Option<BTreeMap<String, Qu
     (!map.is_empty()).then_some(map)
 }
 
-/// Deployment `taas-X`: one relay pod (Recreate: never two relays for one label), with the
-/// ConfigMap and the Secret mounted, no API access, and the restricted Pod Security
-/// Standard.
+/// How many relay replicas the label runs: `spec.replicas`; unset, the install's default
+/// (`--relay-replicas`) for a label reached through the gateway, and one for a label with a
+/// Service of its own (which cannot have more: [`crate::validate`] refuses `spec.replicas`
+/// above one there, and the install's default must not turn every such label invalid).
+/// Clamped to the CRD's bounds, which validation enforces before anything is built.
+pub fn replicas(label: &TaasLabel, settings: &Settings) -> u32 {
+    let default = if crate::edge::through_gateway(label, settings.edge.as_ref()) {
+        settings.relay_replicas
+    } else {
+        1
+    };
+    label
+        .spec
+        .replicas
+        .unwrap_or(default)
+        .clamp(REPLICAS_MIN, REPLICAS_MAX)
+}
+
+/// The relay pods' spread over nodes, with several replicas: a preference (ScheduleAnyway),
+/// so a one-node cluster still runs them all, but a lost node rarely takes every replica.
+fn spread(label: &TaasLabel, replicas: u32) -> Option<Vec<TopologySpreadConstraint>> {
+    (replicas >= 2).then(|| {
+        vec![TopologySpreadConstraint {
+            max_skew: 1,
+            topology_key: "kubernetes.io/hostname".to_string(),
+            when_unsatisfiable: "ScheduleAnyway".to_string(),
+            label_selector: Some(LabelSelector {
+                match_labels: Some(names::selector(label)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }]
+    })
+}
+
+/// Deployment `taas-X`: the relay pods ([`replicas`] of them), with the ConfigMap and the
+/// Secret mounted, no API access, and the restricted Pod Security Standard.
+///
+/// Replaced by a rolling update with one pod of surge and none unavailable, for any number of
+/// replicas: a new relay is ready (and in the headless Service's addresses) before an old one
+/// is told to stop and drains, so even a one-replica label is never without a relay. The
+/// gateways treat every address of the control Service as a replica of the label.
 pub fn deployment(label: &TaasLabel, settings: &Settings) -> Deployment {
+    let replicas = replicas(label, settings);
     let mut ports = vec![
         container_port("control".to_string(), CONTROL_PORT),
         container_port("metrics".to_string(), METRICS_PORT),
@@ -352,14 +400,17 @@ pub fn deployment(label: &TaasLabel, settings: &Settings) -> Deployment {
     Deployment {
         metadata: meta(label, names::relay_name(label)),
         spec: Some(DeploymentSpec {
-            replicas: Some(1),
+            replicas: Some(replicas as i32),
             selector: LabelSelector {
                 match_labels: Some(names::selector(label)),
                 ..Default::default()
             },
             strategy: Some(DeploymentStrategy {
-                type_: Some("Recreate".to_string()),
-                ..Default::default()
+                type_: Some("RollingUpdate".to_string()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(IntOrString::Int(1)),
+                    max_unavailable: Some(IntOrString::Int(0)),
+                }),
             }),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
@@ -392,6 +443,7 @@ pub fn deployment(label: &TaasLabel, settings: &Settings) -> Deployment {
                         ..Default::default()
                     }),
                     containers: vec![container],
+                    topology_spread_constraints: spread(label, replicas),
                     volumes: Some(vec![
                         Volume {
                             name: "label".to_string(),
@@ -419,6 +471,55 @@ pub fn deployment(label: &TaasLabel, settings: &Settings) -> Deployment {
             ..Default::default()
         }),
         status: None,
+    }
+}
+
+/// PodDisruptionBudget `taas-X` (`policy/v1`; the apply step sends it as the version the API
+/// server serves): with several replicas, a node drain evicts at most one relay pod of the
+/// label at a time, so the others keep serving. `None` with one replica, where a budget
+/// would only block drains (or, at maxUnavailable 1, protect nothing).
+pub fn pod_disruption_budget(
+    label: &TaasLabel,
+    settings: &Settings,
+) -> Option<PodDisruptionBudget> {
+    (replicas(label, settings) >= 2).then(|| PodDisruptionBudget {
+        metadata: meta(label, names::relay_name(label)),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(names::selector(label)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        status: None,
+    })
+}
+
+/// What the apply step does about the label's PodDisruptionBudget.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BudgetAction {
+    /// Apply [`pod_disruption_budget`] (several replicas).
+    Apply,
+    /// Delete it if it is there and ours: the label went back to one replica (or its
+    /// Deployment was scaled to zero).
+    Delete,
+    /// Nothing: one replica, as before (no request for the thousands of labels that never
+    /// had a budget).
+    Keep,
+}
+
+/// The budget's fate, from the replicas wanted now and the `replicas` of the label's
+/// Deployment before this apply (`None`: no Deployment yet, or one without a count). The
+/// budget is deleted before the Deployment is scaled down, so a failed delete is retried:
+/// the Deployment still shows the old count.
+pub fn budget_action(desired: u32, previous: Option<i32>) -> BudgetAction {
+    if desired >= 2 {
+        BudgetAction::Apply
+    } else if previous.is_some_and(|p| p != desired as i32) {
+        BudgetAction::Delete
+    } else {
+        BudgetAction::Keep
     }
 }
 
@@ -701,7 +802,10 @@ pub(crate) mod tests {
         assert_eq!(d["metadata"]["labels"], labels());
         let spec = &d["spec"];
         assert_eq!(spec["replicas"], 1);
-        assert_eq!(spec["strategy"], serde_json::json!({"type": "Recreate"}));
+        assert_eq!(
+            spec["strategy"],
+            serde_json::json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}})
+        );
         assert_eq!(
             spec["selector"],
             serde_json::json!({"matchLabels": {"app.kubernetes.io/name": "taas-relay", "app.kubernetes.io/instance": "home"}})
@@ -815,6 +919,132 @@ pub(crate) mod tests {
                 {"name": "secret", "mountPath": "/etc/taas/secret", "readOnly": true},
             ])
         );
+    }
+
+    fn with_replicas(n: u32) -> TaasLabel {
+        let mut l = label();
+        l.spec.replicas = Some(n);
+        l
+    }
+
+    #[test]
+    fn two_replicas_surge_spread_over_nodes_and_get_a_disruption_budget() {
+        let settings = edge_mode();
+        let l = with_replicas(2);
+        let d = json(&deployment(&l, &settings));
+        assert_eq!(d["spec"]["replicas"], 2);
+        assert_eq!(
+            d["spec"]["strategy"],
+            serde_json::json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}})
+        );
+        let selector = serde_json::json!({"matchLabels": {"app.kubernetes.io/name": "taas-relay", "app.kubernetes.io/instance": "home"}});
+        assert_eq!(
+            d["spec"]["template"]["spec"]["topologySpreadConstraints"],
+            serde_json::json!([{
+                "maxSkew": 1,
+                "topologyKey": "kubernetes.io/hostname",
+                "whenUnsatisfiable": "ScheduleAnyway",
+                "labelSelector": selector,
+            }])
+        );
+        let pdb = pod_disruption_budget(&l, &settings).unwrap();
+        assert_eq!(
+            json(&pdb),
+            serde_json::json!({
+                "apiVersion": "policy/v1",
+                "kind": "PodDisruptionBudget",
+                "metadata": {
+                    "name": "taas-home",
+                    "namespace": "default",
+                    "labels": labels(),
+                    "ownerReferences": owner(),
+                },
+                "spec": {"maxUnavailable": 1, "selector": selector},
+            })
+        );
+        // One replica: no spread, no budget.
+        let one = json(&deployment(&with_replicas(1), &settings));
+        assert!(one["spec"]["template"]["spec"]
+            .get("topologySpreadConstraints")
+            .is_none());
+        assert_eq!(pod_disruption_budget(&with_replicas(1), &settings), None);
+    }
+
+    #[test]
+    fn the_install_default_applies_to_labels_reached_through_the_gateway_only() {
+        let mut settings = edge_mode();
+        settings.relay_replicas = 3;
+        assert_eq!(replicas(&label(), &settings), 3);
+        // The label's own count wins.
+        assert_eq!(replicas(&with_replicas(1), &settings), 1);
+        assert_eq!(replicas(&with_replicas(5), &settings), 5);
+        // A label with a Service of its own, or any outside edge mode, runs one unless it
+        // asks (validation refuses more there).
+        let mut own = label();
+        own.spec.service.type_ = Some(ServiceType::LoadBalancer);
+        assert_eq!(replicas(&own, &settings), 1);
+        let outside = Settings {
+            relay_replicas: 3,
+            ..Settings::default()
+        };
+        assert_eq!(replicas(&label(), &outside), 1);
+        assert_eq!(replicas(&with_replicas(2), &outside), 2);
+        // Out of the CRD's bounds (an API server that skipped the schema): clamped.
+        assert_eq!(replicas(&with_replicas(0), &settings), 1);
+        assert_eq!(replicas(&with_replicas(99), &settings), 16);
+    }
+
+    #[test]
+    fn the_budget_is_applied_with_several_replicas_and_deleted_on_the_way_back_to_one() {
+        for previous in [None, Some(0), Some(1), Some(2), Some(16)] {
+            assert_eq!(budget_action(2, previous), BudgetAction::Apply);
+            assert_eq!(budget_action(16, previous), BudgetAction::Apply);
+        }
+        assert_eq!(budget_action(1, Some(2)), BudgetAction::Delete);
+        assert_eq!(budget_action(1, Some(0)), BudgetAction::Delete);
+        assert_eq!(budget_action(1, Some(1)), BudgetAction::Keep);
+        assert_eq!(budget_action(1, None), BudgetAction::Keep);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn every_replica_count_surges_and_only_several_spread_and_get_a_budget(
+            n in 1u32..=16,
+            edge in proptest::bool::ANY,
+        ) {
+            let settings = if edge { edge_mode() } else { Settings::default() };
+            let l = with_replicas(n);
+            let d = deployment(&l, &settings);
+            let spec = d.spec.as_ref().unwrap();
+            proptest::prop_assert_eq!(spec.replicas, Some(n as i32));
+            let strategy = spec.strategy.as_ref().unwrap();
+            proptest::prop_assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"));
+            let rolling = strategy.rolling_update.as_ref().unwrap();
+            proptest::prop_assert_eq!(&rolling.max_surge, &Some(IntOrString::Int(1)));
+            proptest::prop_assert_eq!(&rolling.max_unavailable, &Some(IntOrString::Int(0)));
+            let pod = spec.template.spec.as_ref().unwrap();
+            proptest::prop_assert_eq!(pod.topology_spread_constraints.is_some(), n >= 2);
+            let pdb = pod_disruption_budget(&l, &settings);
+            proptest::prop_assert_eq!(pdb.is_some(), n >= 2);
+            if let Some(pdb) = pdb {
+                let pdb_spec = pdb.spec.unwrap();
+                proptest::prop_assert_eq!(pdb_spec.max_unavailable, Some(IntOrString::Int(1)));
+                proptest::prop_assert_eq!(
+                    pdb_spec.selector.unwrap().match_labels,
+                    Some(names::selector(&l))
+                );
+                proptest::prop_assert_eq!(pdb.metadata.owner_references, d.metadata.owner_references.clone());
+            }
+            proptest::prop_assert_eq!(
+                budget_action(n, Some(n as i32)),
+                if n >= 2 { BudgetAction::Apply } else { BudgetAction::Keep }
+            );
+            // Scaling never touches the pod template except for the spread constraint.
+            let mut template = pod.clone();
+            template.topology_spread_constraints = None;
+            let one = deployment(&with_replicas(1), &settings).spec.unwrap().template.spec.unwrap();
+            proptest::prop_assert_eq!(template, one);
+        }
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! ConfigMaps it made (by label), and Secrets' metadata only (mapped to the TaasLabels that
 //! use them: a change of a Secret's data changes its resourceVersion, which is all the
 //! trigger needs, so no Secret's data is ever cached here), and in edge mode the gateway's
-//! Service (mapped to every label: its address is theirs); runs
+//! Service (mapped to every label: its address is theirs), and the PodDisruptionBudgets it
+//! made (metadata only, in the version the API server serves, asked once at start); runs
 //! [`reconcile`] for each change, the routes publisher beside it, and stops gracefully on
 //! SIGTERM or Ctrl-C (reconciles in flight finish). With leader election, all of that starts
 //! only once this replica holds the Lease.
@@ -14,12 +15,13 @@ use futures::{Stream, StreamExt as _};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::NamespaceResourceScope;
-use kube::core::PartialObjectMeta;
+use kube::core::{DynamicObject, PartialObjectMeta};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{watcher, Controller, WatchStreamExt as _};
 use kube::{Api, Client, Resource};
 use taas_crds::TaasLabel;
 
+use crate::budget;
 use crate::leader::Elector;
 use crate::metrics::Metrics;
 use crate::names::MANAGED_SELECTOR;
@@ -111,6 +113,18 @@ pub async fn run(
         ready.store(false, Ordering::Relaxed);
     }
     let ns = namespace.as_deref();
+    // Which PodDisruptionBudget API the cluster serves: asked once. If the API server cannot
+    // say now, budgets are not watched, and the first label that needs one asks again.
+    let budget_version = match budget::discover(&client).await {
+        Ok(version) => {
+            tracing::info!(version = version.version(), "PodDisruptionBudget API");
+            Some(version)
+        }
+        Err(error) => {
+            tracing::warn!(%error, "could not discover the PodDisruptionBudget API version");
+            None
+        }
+    };
     let controller = Controller::new(api::<TaasLabel>(&client, ns), watcher::Config::default());
     let labels = controller.store();
     let ours = watcher::Config::default().labels(MANAGED_SELECTOR);
@@ -119,7 +133,7 @@ pub async fn run(
     let controller = controller
         .owns(api::<Deployment>(&client, ns), ours.clone())
         .owns(api::<Service>(&client, ns), ours.clone())
-        .owns(api::<ConfigMap>(&client, ns), ours)
+        .owns(api::<ConfigMap>(&client, ns), ours.clone())
         .watches_stream(secret_changes(&client, ns), move |secret| {
             labels_using(&secret_labels.state(), &secret.metadata)
         })
@@ -136,13 +150,24 @@ pub async fn run(
             },
         )
         .shutdown_on_signal();
+    // A label's budget deleted or changed by hand is put back.
+    let controller = match budget_version {
+        Some(version) => {
+            let resource = version.api_resource();
+            let api = match ns {
+                Some(ns) => Api::<DynamicObject>::namespaced_with(client.clone(), ns, &resource),
+                None => Api::<DynamicObject>::all_with(client.clone(), &resource),
+            };
+            controller.owns_with(api, resource, ours)
+        }
+        None => controller,
+    };
 
-    let context = Arc::new(Context::new(
-        client.clone(),
-        settings.clone(),
-        labels,
-        metrics,
-    ));
+    let context = Context::new(client.clone(), settings.clone(), labels, metrics);
+    if let Some(version) = budget_version {
+        context.set_budget_version(version);
+    }
+    let context = Arc::new(context);
     let publisher = tokio::spawn(routes::run(
         client.clone(),
         settings,

@@ -2,7 +2,9 @@
 //! ConfigMap, two Services and a Deployment, all owned by the label), reports the label's
 //! external address in its status, and publishes the gateways' routes.
 //!
-//! One reconcile is dereference → validate → build → apply → status:
+//! One reconcile is dereference → validate → build → apply → status (and, for a label with
+//! several relay replicas, a PodDisruptionBudget in the version the cluster serves:
+//! [`budget`]):
 //! - [`reconcile`] reads what the label refers to (Secret, same-named objects, nodes), applies
 //!   the objects and writes the status: the only module that talks to the API server for a
 //!   label;
@@ -21,6 +23,7 @@
 #![forbid(unsafe_code)]
 
 pub mod address;
+pub mod budget;
 pub mod build;
 pub mod controller;
 pub mod edge;

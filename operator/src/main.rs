@@ -147,6 +147,13 @@ struct RunArgs {
     #[arg(long, env = "TAAS_RELAY_DRAIN_TIMEOUT", value_name = "SECS",
           default_value_t = taas_operator::settings::DEFAULT_RELAY_DRAIN_TIMEOUT)]
     relay_drain_timeout: u64,
+    /// Relay replicas (pods) of a label reached through the gateway that does not set
+    /// spec.replicas (1-16). A label with a Service of its own runs one unless it asks.
+    #[arg(long, env = "TAAS_RELAY_REPLICAS", value_name = "N",
+          default_value_t = taas_operator::settings::DEFAULT_RELAY_REPLICAS,
+          value_parser = clap::value_parser!(u32).range(
+              i64::from(taas_crds::limits::REPLICAS_MIN)..=i64::from(taas_crds::limits::REPLICAS_MAX)))]
+    relay_replicas: u32,
     /// Log format on stderr (level from RUST_LOG, default info).
     #[arg(long, env = "TAAS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -259,6 +266,7 @@ fn settings(args: &RunArgs) -> anyhow::Result<Settings> {
         policy,
         edge: edge_settings(args)?,
         relay_drain_timeout: args.relay_drain_timeout,
+        relay_replicas: args.relay_replicas,
     })
 }
 
@@ -519,5 +527,28 @@ mod tests {
             .to_string()
             .contains("expected a Service name"));
         assert!(Cli::try_parse_from(["taas-operator", "--edge-rendezvous-ports=9-1"]).is_err());
+    }
+
+    #[test]
+    fn relay_replicas_default_to_one_and_are_bounded_like_spec_replicas() {
+        assert_eq!(settings_from(&[]).unwrap().relay_replicas, 1);
+        assert_eq!(
+            settings_from(&["--relay-replicas", "2"])
+                .unwrap()
+                .relay_replicas,
+            2
+        );
+        assert_eq!(
+            settings_from(&["--relay-replicas=16"])
+                .unwrap()
+                .relay_replicas,
+            16
+        );
+        for bad in ["0", "17", "-1", "two"] {
+            assert!(
+                Cli::try_parse_from(["taas-operator", "--relay-replicas", bad]).is_err(),
+                "{bad}"
+            );
+        }
     }
 }

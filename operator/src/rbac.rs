@@ -10,13 +10,16 @@
 //! | `""` | `configmaps` | get, list, watch, create, patch | the same, and the routes ConfigMap |
 //! | `""` | `secrets` | get, list, watch | `reconcile`: the label's Secret (`get`); the controller's metadata-only watch (`list`, `watch`) |
 //! | `""` | `nodes` | list | `reconcile`: node addresses for NodePort Services |
+//! | `policy` | `poddisruptionbudgets` | get, list, watch, create, patch, delete | `reconcile`: apply (several replicas), delete (back to one); `.owns()` |
 //! | `events.k8s.io` | `events` | create, patch | events on TaasLabels (kube's `Recorder`) |
 //! | `coordination.k8s.io` | `leases` | get, create, update | `--leader-elect` only, in the operator's namespace |
 //!
 //! `create` is listed with `patch` because server-side apply of an object that does not exist
 //! yet creates it (the API server authorizes a PATCH that creates as `create` too). Nothing
-//! is ever deleted: the children carry a controller ownerReference to their TaasLabel and the
-//! garbage collector removes them. No finalizers are set (so no `update` on `taaslabels`), and
+//! is ever deleted but a label's own PodDisruptionBudget when it goes back to one replica:
+//! the children carry a controller ownerReference to their TaasLabel and the garbage
+//! collector removes them. Which PodDisruptionBudget version is served (`policy/v1`, or
+//! `policy/v1beta1` before Kubernetes 1.21) is read from discovery, which needs no rule. No finalizers are set (so no `update` on `taaslabels`), and
 //! owner references do not set `blockOwnerDeletion` (which would need `update` on
 //! `taaslabels/finalizers` where the OwnerReferencesPermissionEnforcement admission plugin
 //! runs).
@@ -83,6 +86,11 @@ pub const RULES: &[Rule] = &[
         verbs: &["list"],
     },
     Rule {
+        api_group: "policy",
+        resource: "poddisruptionbudgets",
+        verbs: &["get", "list", "watch", "create", "patch", "delete"],
+    },
+    Rule {
         api_group: "events.k8s.io",
         resource: "events",
         verbs: &["create", "patch"],
@@ -135,6 +143,7 @@ mod tests {
         assert!(allows("", "nodes", "list"));
         assert!(!allows("", "secrets", "patch"));
         assert!(!allows("", "services", "delete"));
+        assert!(allows("policy", "poddisruptionbudgets", "delete"));
         assert!(allows("coordination.k8s.io", "leases", "update"));
     }
 }

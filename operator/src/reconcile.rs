@@ -9,7 +9,9 @@
 //!    order: the Service `taas-X` (its answer carries the allocated node ports, cluster IP and
 //!    load balancer address; not made in edge mode for a label without a Service type, whose
 //!    address is the gateway Service's), the Service `taas-X-control`, the ConfigMap (whose
-//!    `external.yaml` is derived from that address), the Deployment;
+//!    `external.yaml` is derived from that address), the Deployment, and with several
+//!    replicas the PodDisruptionBudget (deleted, before the Deployment is scaled down, when
+//!    the label goes back to one: [`build::budget_action`]);
 //! 4. status ([`crate::status`], pure) written only when it changed, and an event when the
 //!    Ready reason changed.
 //!
@@ -19,13 +21,14 @@
 
 use std::collections::HashMap;
 use std::fmt::Debug;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Secret, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, Preconditions};
+use kube::core::DynamicObject;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -34,10 +37,12 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use taas_crds::{ServiceType, TaasLabel, TaasLabelStatus};
 
+use crate::budget::{self, BudgetVersion};
+use crate::build::BudgetAction;
 use crate::metrics::Metrics;
 use crate::names::{self, FIELD_MANAGER};
 use crate::settings::Settings;
-use crate::status::{self, Outcome, Reason};
+use crate::status::{self, Outcome, Reason, Replicas};
 use crate::validate::{self, Observed, Problem};
 use crate::{address, build, edge};
 
@@ -93,6 +98,9 @@ pub struct Context {
     pub now: fn() -> Time,
     /// Consecutive failures per label, for the backoff.
     failures: Mutex<HashMap<ObjectRef<TaasLabel>, u32>>,
+    /// The PodDisruptionBudget version the API server serves: found at start
+    /// ([`Context::set_budget_version`]) or at the first label that needs a budget.
+    budget_version: OnceLock<BudgetVersion>,
 }
 
 impl Context {
@@ -117,7 +125,26 @@ impl Context {
             metrics,
             now: now_seconds,
             failures: Mutex::default(),
+            budget_version: OnceLock::new(),
         }
+    }
+
+    /// Records the PodDisruptionBudget version the API server serves (the controller asks
+    /// once at start).
+    pub fn set_budget_version(&self, version: BudgetVersion) {
+        let _ = self.budget_version.set(version);
+    }
+
+    /// The PodDisruptionBudget version, asked of the API server the first time if nobody
+    /// has yet (a failure is returned and the next reconcile asks again).
+    async fn budget_version(&self) -> Result<BudgetVersion, Error> {
+        if let Some(version) = self.budget_version.get() {
+            return Ok(*version);
+        }
+        let version = budget::discover(&self.client).await.map_err(kube_error(
+            "discovering the PodDisruptionBudget API version",
+        ))?;
+        Ok(*self.budget_version.get_or_init(|| version))
     }
 
     fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectRef<TaasLabel>, u32>> {
@@ -247,7 +274,11 @@ async fn dereference(label: &TaasLabel, ctx: &Context) -> Result<Observed, Error
         }
     }
     let relay = names::relay_name(label);
+    let mut relay_replicas = None;
     if let Some(found) = get(&namespaced::<Deployment>(ctx, label), "Deployment", &relay).await? {
+        if validate::is_controlled_by(&found.metadata, label) {
+            relay_replicas = found.spec.as_ref().and_then(|spec| spec.replicas);
+        }
         existing.push(("Deployment", found.metadata));
     }
     if let Some(found) = get(&namespaced::<ConfigMap>(ctx, label), "ConfigMap", &relay).await? {
@@ -283,6 +314,7 @@ async fn dereference(label: &TaasLabel, ctx: &Context) -> Result<Observed, Error
         existing,
         nodes,
         gateway,
+        relay_replicas,
     })
 }
 
@@ -364,23 +396,78 @@ async fn apply_objects(
         &config_map,
     )
     .await?;
+    let desired = build::replicas(label, settings);
+    let budget_action = build::budget_action(desired, observed.relay_replicas);
+    if budget_action == BudgetAction::Delete {
+        delete_budget(label, ctx).await?;
+    }
     let deployment = apply(
         &namespaced::<Deployment>(ctx, label),
         "Deployment",
         &build::deployment(label, &ctx.settings),
     )
     .await?;
-    let relay_ready = deployment
+    if budget_action == BudgetAction::Apply {
+        if let Some(budget) = build::pod_disruption_budget(label, settings) {
+            let version = ctx.budget_version().await?;
+            let api = budget_api(ctx, label, version);
+            apply(
+                &api,
+                "PodDisruptionBudget",
+                &budget::dynamic(&budget, version),
+            )
+            .await?;
+        }
+    }
+    let ready = deployment
         .status
         .and_then(|status| status.ready_replicas)
-        .unwrap_or(0)
-        >= 1;
+        .unwrap_or(0);
     Ok(Outcome::Applied {
         problems,
         exposure,
-        relay_ready,
+        replicas: Replicas {
+            desired: desired as i32,
+            ready,
+        },
         relay: names::relay_address(label, &ctx.settings.cluster_domain),
     })
+}
+
+fn budget_api(ctx: &Context, label: &TaasLabel, version: BudgetVersion) -> Api<DynamicObject> {
+    Api::namespaced_with(
+        ctx.client.clone(),
+        names::namespace(label),
+        &version.api_resource(),
+    )
+}
+
+/// Deletes the label's PodDisruptionBudget if it exists and the label controls it (never
+/// another's of the same name; the UID precondition keeps a replacement made meanwhile).
+async fn delete_budget(label: &TaasLabel, ctx: &Context) -> Result<(), Error> {
+    let name = names::relay_name(label);
+    let api = budget_api(ctx, label, ctx.budget_version().await?);
+    let Some(found) = get(&api, "PodDisruptionBudget", &name).await? else {
+        return Ok(());
+    };
+    if !validate::is_controlled_by(&found.metadata, label) {
+        return Ok(());
+    }
+    let params = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: found.metadata.uid.clone(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    match api.delete(&name, &params).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Err(source) => Err(Error::Kube {
+            action: format!("deleting PodDisruptionBudget {name}"),
+            source,
+        }),
+    }
 }
 
 /// Writes the status (server-side apply on the status subresource) if it changed.

@@ -51,12 +51,19 @@ pub struct Settings {
     /// to every relay as `--drain-timeout`); the pod's grace period is this plus
     /// [`DRAIN_GRACE_MARGIN`], so the kubelet never kills a relay that is still draining.
     pub relay_drain_timeout: u64,
+    /// Relay replicas of a label reached through the gateway that does not set
+    /// `spec.replicas` (`--relay-replicas`, the chart's `relay.replicas`); a label with a
+    /// Service of its own runs one unless it asks (and is then refused: [`crate::validate`]).
+    pub relay_replicas: u32,
 }
 
 /// How long a relay pod's grace period exceeds its drain timeout: time to exit after it.
 pub const DRAIN_GRACE_MARGIN: u64 = 5;
 /// The relays' drain timeout unless told otherwise (`--relay-drain-timeout`).
 pub const DEFAULT_RELAY_DRAIN_TIMEOUT: u64 = 30;
+/// Relay replicas per label unless told otherwise (`--relay-replicas`): one pod per label is
+/// the cheapest, and its replacement surges (a new pod is ready before the old one stops).
+pub const DEFAULT_RELAY_REPLICAS: u32 = 1;
 
 /// The relay container's resource requests and limits (Kubernetes quantities).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -86,6 +93,7 @@ impl Default for Settings {
             policy: TenantPolicy::default(),
             edge: None,
             relay_drain_timeout: DEFAULT_RELAY_DRAIN_TIMEOUT,
+            relay_replicas: DEFAULT_RELAY_REPLICAS,
         }
     }
 }

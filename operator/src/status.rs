@@ -4,9 +4,10 @@
 //!
 //! | reason | status | meaning |
 //! |---|---|---|
-//! | `Ready` | True | the relay is ready and reachable at `endpoint` |
+//! | `Ready` | True | every relay replica is ready, reachable at `endpoint` ("2 of 2 replicas serving") |
+//! | `Degraded` | True | some relay replicas are ready, not all ("1 of 2 replicas serving"): the label is served |
 //! | `WaitingForAddress` | False | the Service has no external address yet |
-//! | `RelayNotReady` | False | the relay pod is not ready (yet) |
+//! | `RelayNotReady` | False | no relay replica is ready (yet) |
 //! | `SecretMissing` | False | the Secret or its key is missing (the pod waits for it) |
 //! | `ForeignObject` | False | a same-named object the operator does not control is in the way |
 //! | `LabelConflict` | False | an older TaasLabel serves this LABEL |
@@ -15,7 +16,9 @@
 //! | `ServiceNotAllowed` | False | the cluster's service policy refuses the Service type, an annotation or the pinned port |
 //! | `ApplyRejected` | False | the API server refused an object (e.g. a node port in use) |
 //!
-//! `lastTransitionTime` changes only when the condition's status does.
+//! `lastTransitionTime` changes only when the condition's status does. Once applied, the
+//! status also carries `replicas` (wanted) and `readyReplicas` (the Deployment's), the
+//! `REPLICAS` and `SERVING` printer columns.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use taas_crds::{Condition, ConditionStatus, StatusPorts, TaasLabel, TaasLabelStatus};
@@ -29,6 +32,7 @@ pub const READY: &str = "Ready";
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Reason {
     Ready,
+    Degraded,
     WaitingForAddress,
     RelayNotReady,
     SecretMissing,
@@ -44,6 +48,7 @@ impl Reason {
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::Ready => "Ready",
+            Reason::Degraded => "Degraded",
             Reason::WaitingForAddress => "WaitingForAddress",
             Reason::RelayNotReady => "RelayNotReady",
             Reason::SecretMissing => "SecretMissing",
@@ -60,7 +65,7 @@ impl Reason {
     pub fn needs_user_fix(self) -> bool {
         !matches!(
             self,
-            Reason::Ready | Reason::WaitingForAddress | Reason::RelayNotReady
+            Reason::Ready | Reason::Degraded | Reason::WaitingForAddress | Reason::RelayNotReady
         )
     }
 }
@@ -76,13 +81,39 @@ pub enum Outcome {
         problems: Vec<Problem>,
         /// The external address, or why there is none yet.
         exposure: Result<Exposure, String>,
-        /// Whether the relay Deployment has a ready pod.
-        relay_ready: bool,
+        /// The relay Deployment's replicas: wanted, and ready.
+        replicas: Replicas,
         /// Where the gateways reach the relay ([`names::relay_address`]).
         relay: String,
     },
     /// The API server refused an object: its message.
     Rejected(String),
+}
+
+/// A relay Deployment's replica counts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Replicas {
+    /// How many the Deployment asks for.
+    pub desired: i32,
+    /// How many are ready (its `status.readyReplicas`; during a rolling update, old and new).
+    pub ready: i32,
+}
+
+impl Replicas {
+    /// "1 of 2 replicas serving" (never more serving than wanted: a surge pod is a
+    /// replacement, not an extra replica).
+    fn serving(self) -> String {
+        format!(
+            "{} of {} {} serving",
+            self.ready.clamp(0, self.desired.max(0)),
+            self.desired,
+            if self.desired == 1 {
+                "replica"
+            } else {
+                "replicas"
+            }
+        )
+    }
 }
 
 /// The status for `label` after `outcome`, at `now` (used only if the condition changes).
@@ -96,10 +127,15 @@ pub fn status(label: &TaasLabel, outcome: &Outcome, now: &Time) -> TaasLabelStat
         ..Default::default()
     };
     if let Outcome::Applied {
-        exposure, relay, ..
+        exposure,
+        relay,
+        replicas,
+        ..
     } = outcome
     {
         status.relay = Some(relay.clone());
+        status.replicas = Some(replicas.desired);
+        status.ready_replicas = Some(replicas.ready);
         if let Ok(exposure) = exposure {
             status.endpoint = Some(host_port(&exposure.host, exposure.client));
             status.ports = Some(StatusPorts {
@@ -129,20 +165,28 @@ pub fn ready_reason(outcome: &Outcome) -> (Reason, String) {
         Outcome::Applied {
             problems,
             exposure,
-            relay_ready,
+            replicas,
             ..
         } => {
             if let Some(first) = problems.first() {
                 (first.reason, joined(problems))
             } else if let Err(why) = exposure {
                 (Reason::WaitingForAddress, why.clone())
-            } else if !relay_ready {
+            } else if replicas.ready <= 0 {
+                let which = if replicas.desired == 1 {
+                    "pod is"
+                } else {
+                    "pods are"
+                };
                 (
                     Reason::RelayNotReady,
-                    "the relay pod is not ready yet".to_string(),
+                    format!("{}: the relay {which} not ready yet", replicas.serving()),
                 )
+            } else if replicas.ready < replicas.desired {
+                // Served, by fewer replicas than wanted: still Ready=True (routes keep it).
+                (Reason::Degraded, replicas.serving())
             } else {
-                (Reason::Ready, "the relay is ready".to_string())
+                (Reason::Ready, replicas.serving())
             }
         }
     }
@@ -169,7 +213,7 @@ fn condition(
     generation: Option<i64>,
     now: &Time,
 ) -> Condition {
-    let status = if reason == Reason::Ready {
+    let status = if matches!(reason, Reason::Ready | Reason::Degraded) {
         ConditionStatus::True
     } else {
         ConditionStatus::False
@@ -219,10 +263,14 @@ mod tests {
     }
 
     fn applied(exposure: Result<Exposure, String>, relay_ready: bool) -> Outcome {
+        serving(exposure, 1, i32::from(relay_ready))
+    }
+
+    fn serving(exposure: Result<Exposure, String>, desired: i32, ready: i32) -> Outcome {
         Outcome::Applied {
             problems: vec![],
             exposure,
-            relay_ready,
+            replicas: Replicas { desired, ready },
             relay: names::relay_address(&label(), "cluster.local"),
         }
     }
@@ -242,7 +290,7 @@ mod tests {
                     type_: "Ready".into(),
                     status: ConditionStatus::True,
                     reason: "Ready".into(),
-                    message: "the relay is ready".into(),
+                    message: "1 of 1 replica serving".into(),
                     last_transition_time: at(100),
                     observed_generation: Some(1),
                 }],
@@ -252,9 +300,81 @@ mod tests {
                     client: 21000,
                     rendezvous: vec![20000, 20001]
                 }),
+                replicas: Some(1),
+                ready_replicas: Some(1),
                 parked: None,
             }
         );
+    }
+
+    #[test]
+    fn the_label_is_served_while_one_replica_is_ready() {
+        let s = status(&label(), &serving(Ok(exposure()), 2, 2), &at(100));
+        assert_eq!(
+            (
+                ready(&s).status,
+                ready(&s).reason.as_str(),
+                ready(&s).message.as_str()
+            ),
+            (ConditionStatus::True, "Ready", "2 of 2 replicas serving")
+        );
+        assert_eq!((s.replicas, s.ready_replicas), (Some(2), Some(2)));
+        let mut l = label();
+        l.status = Some(s);
+        // One replica lost: still True (same transition time), reason Degraded.
+        let s = status(&l, &serving(Ok(exposure()), 2, 1), &at(200));
+        assert_eq!(
+            (
+                ready(&s).status,
+                ready(&s).reason.as_str(),
+                ready(&s).message.as_str()
+            ),
+            (ConditionStatus::True, "Degraded", "1 of 2 replicas serving")
+        );
+        assert_eq!(ready(&s).last_transition_time, at(100));
+        assert_eq!((s.replicas, s.ready_replicas), (Some(2), Some(1)));
+        l.status = Some(s);
+        assert!(is_ready(&l));
+        assert!(!Reason::Degraded.needs_user_fix());
+        // None: False.
+        let s = status(&l, &serving(Ok(exposure()), 2, 0), &at(300));
+        assert_eq!(
+            (
+                ready(&s).status,
+                ready(&s).reason.as_str(),
+                ready(&s).message.as_str()
+            ),
+            (
+                ConditionStatus::False,
+                "RelayNotReady",
+                "0 of 2 replicas serving: the relay pods are not ready yet"
+            )
+        );
+        assert_eq!(ready(&s).last_transition_time, at(300));
+        // A rolling update's surge pod is ready beside the old one: not "3 of 2".
+        let s = status(&label(), &serving(Ok(exposure()), 2, 3), &at(1));
+        assert_eq!(ready(&s).message, "2 of 2 replicas serving");
+        assert_eq!(s.ready_replicas, Some(3));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn ready_is_true_exactly_while_a_replica_serves(desired in 1i32..=16, ready in 0i32..=17) {
+            let s = status(&label(), &serving(Ok(exposure()), desired, ready), &at(1));
+            let c = &s.conditions[0];
+            proptest::prop_assert_eq!(c.status == ConditionStatus::True, ready >= 1);
+            let expected = if ready == 0 {
+                "RelayNotReady"
+            } else if ready < desired {
+                "Degraded"
+            } else {
+                "Ready"
+            };
+            proptest::prop_assert_eq!(c.reason.as_str(), expected);
+            let serving_count = format!("{} of {desired} ", ready.min(desired));
+            proptest::prop_assert!(c.message.starts_with(&serving_count), "{}", c.message);
+            proptest::prop_assert_eq!((s.replicas, s.ready_replicas), (Some(desired), Some(ready)));
+        }
     }
 
     #[test]
@@ -289,7 +409,10 @@ mod tests {
         let outcome = Outcome::Applied {
             problems: vec![secret.clone()],
             exposure: Ok(exposure()),
-            relay_ready: false,
+            replicas: Replicas {
+                desired: 1,
+                ready: 0,
+            },
             relay: names::relay_address(&label(), "cluster.local"),
         };
         let s = status(&label(), &outcome, &at(1));

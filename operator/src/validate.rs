@@ -4,7 +4,8 @@
 //! - `InvalidSpec`: the spec breaks a rule of the CRD ([`taas_crds::TaasLabelSpec::validate`], which the
 //!   API server checks too, except its CEL rules before Kubernetes 1.25: a relay pod for such
 //!   a spec would refuse to start), or the pinned client port collides with a rendezvous
-//!   port of the Service. (Every object name makes valid child names: [`names::child_base`].)
+//!   port of the Service, or it asks for several `replicas` with a Service of its own (see
+//!   [`check_replicas`]). (Every object name makes valid child names: [`names::child_base`].)
 //! - `LabelNotAllowed`: the cluster's label policy ([`crate::policy`]) does not let the
 //!   label's namespace claim its LABEL. Such a label takes part in no conflict: it cannot
 //!   pre-claim a LABEL from the namespace the policy gives it to.
@@ -26,7 +27,7 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, Secret, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use taas_crds::limits::{RENDEZVOUS_PORTS_MAX, RENDEZVOUS_PORTS_MIN};
+use taas_crds::limits::{RENDEZVOUS_PORTS_MAX, RENDEZVOUS_PORTS_MIN, REPLICAS_MAX};
 use taas_crds::{ServiceType, TaasLabel};
 
 use crate::edge::EdgeSettings;
@@ -47,6 +48,9 @@ pub struct Observed {
     /// In edge mode, the gateway's Service (`--edge-service`), if it exists: the address of
     /// the labels reached through it.
     pub gateway: Option<Service>,
+    /// The `replicas` of the label's own relay Deployment as it is before this apply (not
+    /// one it does not control): whether a PodDisruptionBudget may be left to delete.
+    pub relay_replicas: Option<i32>,
 }
 
 /// One reason the label is not (fully) served, with a message for its status and events.
@@ -110,6 +114,7 @@ pub fn validate_with_edge(
 ) -> Vec<Problem> {
     let mut problems = check_spec(label);
     problems.extend(check_ports(label, edge.is_some()));
+    problems.extend(check_replicas(label, edge.is_some()));
     problems.extend(edge.and_then(|edge| check_edge_slice(label, edge)));
     let label_denied = policy.label_denial(names::namespace(label), &label.spec.label);
     let label_allowed = label_denied.is_none();
@@ -155,6 +160,31 @@ fn check_ports(label: &TaasLabel, edge: bool) -> Option<Problem> {
             ),
         )
     })
+}
+
+/// Several replicas need the gateway: it offers a hidden server's rendezvous connection to
+/// every replica and the one holding the registration claims it, where a Service of the
+/// label's own would hand it to any replica, most often one that does not hold the
+/// registration. (A count outside the CRD's bounds is [`check_spec`]'s.)
+fn check_replicas(label: &TaasLabel, edge: bool) -> Option<Problem> {
+    let n = label
+        .spec
+        .replicas
+        .filter(|n| (2..=REPLICAS_MAX).contains(n))?;
+    crate::edge::service_type(&label.spec, edge)?;
+    let fix = if edge {
+        "remove service.type (the label is then reached through the gateway)"
+    } else {
+        "run the install in edge mode (the chart's edge.enabled) without service.type"
+    };
+    Some(Problem::new(
+        Reason::InvalidSpec,
+        format!(
+            "replicas {n} needs the cluster edge: a Service of the label's own would send a \
+             hidden server's rendezvous connection to a replica that does not hold its \
+             registration; {fix}, or ask for replicas 1"
+        ),
+    ))
 }
 
 /// A label reached through the gateway needs as many distinct ports of the shared range as
@@ -581,6 +611,78 @@ mod tests {
         // Nor does any label outside edge mode.
         l.spec.service.type_ = None;
         assert_eq!(validate(&l, &observed_ok(), &[], &open()), vec![]);
+    }
+
+    #[test]
+    fn several_replicas_with_a_service_of_the_labels_own_are_refused() {
+        let edge = crate::edge::tests::edge_settings();
+        let mut l = label();
+        l.spec.replicas = Some(2);
+        // Through the gateway: fine.
+        assert_eq!(
+            validate_with_edge(&l, &observed_ok(), &[], &open(), Some(&edge)),
+            vec![]
+        );
+        // With a Service of its own in edge mode: refused, saying why and what to do.
+        l.spec.service.type_ = Some(ServiceType::NodePort);
+        let problems = validate_with_edge(&l, &observed_ok(), &[], &open(), Some(&edge));
+        assert_eq!(reasons(&problems), vec![Reason::InvalidSpec]);
+        assert_eq!(
+            problems[0].message,
+            "replicas 2 needs the cluster edge: a Service of the label's own would send a \
+             hidden server's rendezvous connection to a replica that does not hold its \
+             registration; remove service.type (the label is then reached through the \
+             gateway), or ask for replicas 1"
+        );
+        assert!(problems[0].blocks_apply());
+        assert!(!problems[0].stops_relay());
+        // Outside edge mode every label has a Service of its own.
+        l.spec.service.type_ = None;
+        let problems = validate(&l, &observed_ok(), &[], &open());
+        assert_eq!(reasons(&problems), vec![Reason::InvalidSpec]);
+        assert!(
+            problems[0]
+                .message
+                .contains("run the install in edge mode (the chart's edge.enabled)"),
+            "{}",
+            problems[0].message
+        );
+        // One replica is fine anywhere; an unset count never is refused (the install's
+        // default applies only through the gateway).
+        for replicas in [Some(1), None] {
+            l.spec.replicas = replicas;
+            assert_eq!(validate(&l, &observed_ok(), &[], &open()), vec![]);
+        }
+        // Out of bounds: the CRD's rule alone says so.
+        l.spec.replicas = Some(17);
+        let problems = validate(&l, &observed_ok(), &[], &open());
+        let messages: Vec<_> = problems.iter().map(|p| p.message.as_str()).collect();
+        assert_eq!(messages, ["replicas 17 must be 1 to 16"]);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn replicas_are_refused_exactly_when_several_meet_a_service_of_the_labels_own(
+            n in proptest::option::of(0u32..=20),
+            type_ in proptest::option::of(proptest::sample::select(vec![
+                ServiceType::LoadBalancer, ServiceType::NodePort, ServiceType::ClusterIP,
+            ])),
+            edge_mode in proptest::bool::ANY,
+        ) {
+            let edge = crate::edge::tests::edge_settings();
+            let mut l = label();
+            l.spec.replicas = n;
+            l.spec.service.type_ = type_;
+            let problems = validate_with_edge(
+                &l, &observed_ok(), &[], &open(), edge_mode.then_some(&edge),
+            );
+            let in_bounds = n.is_none_or(|n| (1..=16).contains(&n));
+            let own_service = type_.is_some() || !edge_mode;
+            let refused_for_the_service = n.is_some_and(|n| (2..=16).contains(&n)) && own_service;
+            proptest::prop_assert_eq!(problems.is_empty(), in_bounds && !refused_for_the_service);
+            proptest::prop_assert!(problems.len() <= 1);
+            proptest::prop_assert!(problems.iter().all(|p| p.reason == Reason::InvalidSpec));
+        }
     }
 
     #[test]

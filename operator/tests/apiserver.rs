@@ -280,6 +280,27 @@ fn mark_relay_ready(k8s: &ApiServer, namespace: &str, name: &str) {
     );
 }
 
+/// What a kubelet would report for a Deployment of `replicas` pods, `ready` of them ready.
+fn mark_relays_ready(k8s: &ApiServer, namespace: &str, name: &str, replicas: u32, ready: u32) {
+    let patch = format!(
+        r#"{{"status":{{"replicas":{replicas},"readyReplicas":{ready},"availableReplicas":{ready},"updatedReplicas":{replicas}}}}}"#
+    );
+    k8s.ok(
+        &[
+            "patch",
+            "deployment",
+            name,
+            "-n",
+            namespace,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &patch,
+        ],
+        None,
+    );
+}
+
 /// What a cloud controller would do: give the Service a load-balancer address.
 fn give_address(k8s: &ApiServer, namespace: &str, name: &str, ip: &str) {
     let patch = format!(r#"{{"status":{{"loadBalancer":{{"ingress":[{{"ip":"{ip}"}}]}}}}}}"#);
@@ -1082,6 +1103,134 @@ fn the_operator_in_edge_mode_against_a_real_api_server() {
     k8s.wait("Ready", &["taaslabel", "edge", "-n", "default"], |l| {
         ready_reason(l) == "Ready"
     });
+
+    several_replicas_get_a_disruption_budget_until_back_to_one(&k8s);
+}
+
+/// `spec.replicas` on a real (1.20) API server: the CRD's bounds, and a label through the
+/// gateway going to two replicas (a `policy/v1beta1` budget, the only version 1.20 serves)
+/// and back to one (no budget).
+fn several_replicas_get_a_disruption_budget_until_back_to_one(k8s: &ApiServer) {
+    let with_replicas = |n: &str| {
+        format!(
+            "apiVersion: taas.dev/v1alpha1\nkind: TaasLabel\nmetadata: {{name: bounds, namespace: default}}\n\
+             spec: {{id: id-bounds, label: bounds, secretRef: {{name: edge-totp}}, replicas: {n}}}\n"
+        )
+    };
+    for ok in ["1", "2", "16"] {
+        k8s.ok(
+            &["apply", "--dry-run=server", "-f", "-"],
+            Some(&with_replicas(ok)),
+        );
+    }
+    for bad in ["0", "17"] {
+        let out = k8s.kubectl(
+            &["apply", "--dry-run=server", "-f", "-"],
+            Some(&with_replicas(bad)),
+        );
+        let error = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && error.contains("spec.replicas"),
+            "replicas {bad}: {error}"
+        );
+    }
+
+    let budget = [
+        "poddisruptionbudgets.v1beta1.policy",
+        "taas-edge",
+        "-n",
+        "default",
+    ];
+    assert!(k8s.get(&budget).is_none());
+    k8s.ok(
+        &[
+            "patch",
+            "taaslabel",
+            "edge",
+            "-n",
+            "default",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"replicas":2}}"#,
+        ],
+        None,
+    );
+    let deployment = k8s.wait(
+        "two replicas",
+        &["deployment", "taas-edge", "-n", "default"],
+        |d| d["spec"]["replicas"] == 2,
+    );
+    assert_eq!(
+        deployment["spec"]["strategy"],
+        serde_json::json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}})
+    );
+    assert_eq!(
+        deployment["spec"]["template"]["spec"]["topologySpreadConstraints"][0]["whenUnsatisfiable"],
+        "ScheduleAnyway"
+    );
+    let pdb = k8s.wait("the disruption budget", &budget, |_| true);
+    assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+    assert_eq!(pdb["spec"]["selector"], deployment["spec"]["selector"]);
+    assert_eq!(pdb["metadata"]["ownerReferences"][0]["name"], "edge");
+
+    // One of two ready: still served; both: Ready.
+    mark_relays_ready(k8s, "default", "taas-edge", 2, 1);
+    let label = k8s.wait("Degraded", &["taaslabel", "edge", "-n", "default"], |l| {
+        ready_reason(l) == "Degraded"
+    });
+    let ready = condition(&label, "Ready").unwrap();
+    assert_eq!(
+        (&ready["status"], &ready["message"]),
+        (
+            &serde_json::json!("True"),
+            &serde_json::json!("1 of 2 replicas serving")
+        )
+    );
+    assert_eq!(
+        (
+            &label["status"]["replicas"],
+            &label["status"]["readyReplicas"]
+        ),
+        (&serde_json::json!(2), &serde_json::json!(1))
+    );
+    mark_relays_ready(k8s, "default", "taas-edge", 2, 2);
+    k8s.wait("2 of 2", &["taaslabel", "edge", "-n", "default"], |l| {
+        ready_reason(l) == "Ready"
+            && condition(l, "Ready").unwrap()["message"] == "2 of 2 replicas serving"
+    });
+    // The printer columns show them.
+    let table = k8s.ok(&["get", "taaslabel", "edge", "-n", "default"], None);
+    let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        ["NAME", "LABEL", "ID", "ENDPOINT", "READY", "SERVING", "REPLICAS", "AGE"],
+        "{table}"
+    );
+
+    // Back to one: the budget goes, the Deployment shrinks.
+    k8s.ok(
+        &[
+            "patch",
+            "taaslabel",
+            "edge",
+            "-n",
+            "default",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"replicas":1}}"#,
+        ],
+        None,
+    );
+    k8s.wait(
+        "one replica",
+        &["deployment", "taas-edge", "-n", "default"],
+        |d| d["spec"]["replicas"] == 1,
+    );
+    let deadline = Instant::now() + PATIENCE;
+    while k8s.get(&budget).is_some() {
+        assert!(Instant::now() < deadline, "the budget is still there");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 fn helm(k8s: &ApiServer, args: &[&str]) -> Output {

@@ -15,6 +15,7 @@ use kube::Client;
 use prometheus_client::registry::Registry;
 use serde_json::{json, Value};
 use taas_crds::TaasLabel;
+use taas_operator::budget::BudgetVersion;
 use taas_operator::reconcile::{error_policy, reconcile, Context};
 use taas_operator::{metrics::Metrics, rbac, routes, Settings};
 
@@ -61,9 +62,13 @@ const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/default/events";
 
 fn no_change(_: &mut Value) {}
 
-/// The RBAC rule a request needs: (group, resource[/subresource], verb).
-fn rbac_of(method: &Method, path: &str) -> (String, String, &'static str) {
+/// The RBAC rule a request needs: (group, resource[/subresource], verb); `None` for
+/// discovery (`/apis/GROUP/VERSION`), which every authenticated client may read.
+fn rbac_of(method: &Method, path: &str) -> Option<(String, String, &'static str)> {
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    if parts.len() == 3 && parts[0] == "apis" && method == Method::GET {
+        return None;
+    }
     let (group, rest) = match parts[0] {
         "api" => ("", &parts[2..]),
         _ => (parts[1], &parts[3..]),
@@ -83,9 +88,10 @@ fn rbac_of(method: &Method, path: &str) -> (String, String, &'static str) {
         ("GET", false) => "list",
         ("PATCH", _) => "patch",
         ("POST", _) => "create",
+        ("DELETE", true) => "delete",
         (other, _) => panic!("unexpected method {other}"),
     };
-    (group.to_string(), resource, verb)
+    Some((group.to_string(), resource, verb))
 }
 
 /// Serves `steps` in order and returns what it saw; panics (failing the test) on any
@@ -104,7 +110,16 @@ async fn serve(
                     step.method, step.path
                 )
             })
-            .expect("client gone");
+            .unwrap_or_else(|| {
+                panic!(
+                    "step {i}: the client is gone; expected {} {} (after {:?})",
+                    step.method,
+                    step.path,
+                    seen.iter()
+                        .map(|s: &Seen| format!("{} {}", s.method, s.path))
+                        .collect::<Vec<_>>()
+                )
+            });
         let method = request.method().clone();
         let path = request.uri().path().to_string();
         let query = request.uri().query().unwrap_or_default().to_string();
@@ -116,11 +131,12 @@ async fn serve(
                 .map(|s: &Seen| format!("{} {}", s.method, s.path))
                 .collect::<Vec<_>>()
         );
-        let (group, resource, verb) = rbac_of(&method, &path);
-        assert!(
-            rbac::allows(&group, &resource, verb),
-            "{verb} {group}/{resource} is not in the RBAC table"
-        );
+        if let Some((group, resource, verb)) = rbac_of(&method, &path) {
+            assert!(
+                rbac::allows(&group, &resource, verb),
+                "{verb} {group}/{resource} is not in the RBAC table"
+            );
+        }
         if method == Method::PATCH && !path.starts_with(EVENTS) {
             assert!(
                 query.contains("fieldManager=taas-operator") && query.contains("force=true"),
@@ -167,10 +183,12 @@ async fn serve(
     seen
 }
 
-/// A test set-up: the labels the controller's cache holds, and the operator's settings.
+/// A test set-up: the labels the controller's cache holds, the operator's settings, and
+/// the PodDisruptionBudget version found at start (`None`: not yet asked).
 struct Harness {
     cache: Vec<TaasLabel>,
     settings: Settings,
+    budget_version: Option<BudgetVersion>,
 }
 
 impl Harness {
@@ -178,6 +196,7 @@ impl Harness {
         Self {
             cache: Vec::new(),
             settings: Settings::default(),
+            budget_version: None,
         }
     }
 
@@ -193,6 +212,9 @@ impl Harness {
             Metrics::new(&mut Registry::default()),
         );
         context.now = || Time(k8s_openapi::jiff::Timestamp::from_second(1_700_000_100).unwrap());
+        if let Some(version) = self.budget_version {
+            context.set_budget_version(version);
+        }
         Arc::new(context)
     }
 
@@ -477,11 +499,13 @@ async fn first_pass_creates_everything_and_reports_the_address() {
         json!({
             "observedGeneration": 1,
             "conditions": [{"type": "Ready", "status": "False", "reason": "RelayNotReady",
-                            "message": "the relay pod is not ready yet",
+                            "message": "0 of 1 replica serving: the relay pod is not ready yet",
                             "lastTransitionTime": "2023-11-14T22:15:00Z", "observedGeneration": 1}],
             "endpoint": "203.0.113.7:21000",
             "relay": "taas-home-control.default.svc.cluster.local.:8080",
             "ports": {"client": 21000, "rendezvous": [20000, 20001]},
+            "replicas": 1,
+            "readyReplicas": 0,
         })
     );
     let event = find(&seen, Method::POST, EVENTS);
@@ -1001,7 +1025,8 @@ async fn secrets_are_watched_as_metadata_only() {
         .expect("the Secret watch lists")
         .expect("client gone");
     assert_eq!(request.uri().path(), "/api/v1/secrets");
-    let (group, resource, verb) = rbac_of(request.method(), request.uri().path());
+    let (group, resource, verb) =
+        rbac_of(request.method(), request.uri().path()).expect("a resource request");
     assert!(rbac::allows(&group, &resource, verb));
     // Only metadata is asked for: the API server then sends no Secret's data.
     let accept = request.headers()["accept"].to_str().unwrap().to_string();
@@ -1216,6 +1241,261 @@ async fn in_edge_mode_a_label_without_a_service_type_is_reached_at_the_gateway()
         .as_str()
         .unwrap()
         .starts_with("host: 203.0.113.7\n"));
+}
+
+fn two_replicas_one_ready(deployment: &mut Value) {
+    deployment["status"] = json!({"replicas": 2, "readyReplicas": 1});
+}
+
+fn two_replicas_ready(deployment: &mut Value) {
+    deployment["status"] = json!({"replicas": 2, "readyReplicas": 2});
+}
+
+/// The reads of a label reached through the gateway whose objects exist, its Deployment
+/// with `replicas` as last applied.
+fn reads_behind_the_gateway(replicas: u32) -> Vec<Step> {
+    let mut reads = reads_existing();
+    reads[1] = step(
+        Method::GET,
+        &format!("{NS}/services/taas-home"),
+        Answer::NotFound,
+    );
+    let mut deployment = owned("Deployment", "apps/v1", "taas-home");
+    deployment["spec"] = json!({"replicas": replicas});
+    reads[3] = step(
+        Method::GET,
+        &format!("{APPS}/deployments/taas-home"),
+        Answer::Json(200, deployment),
+    );
+    reads.push(step(
+        Method::GET,
+        "/api/v1/namespaces/taas-system/services/taas-gateway",
+        Answer::Json(200, gateway_service()),
+    ));
+    reads
+}
+
+const BUDGETS_V1BETA1: &str = "/apis/policy/v1beta1/namespaces/default/poddisruptionbudgets";
+const BUDGETS_V1: &str = "/apis/policy/v1/namespaces/default/poddisruptionbudgets";
+
+#[tokio::test]
+async fn two_replicas_get_a_disruption_budget_in_the_served_version_and_lose_it_at_one() {
+    let mut harness = Harness::new();
+    harness.settings.edge = Some(taas_operator::edge::EdgeSettings {
+        service: "taas-gateway".into(),
+        shared_port: 9443,
+        rendezvous: "20000-20255".parse().unwrap(),
+    });
+    let mut two = label();
+    two.spec.replicas = Some(2);
+
+    // Nobody asked the version yet: discovery says no policy/v1 (Kubernetes 1.20), so the
+    // budget is applied as policy/v1beta1, after the Deployment.
+    let mut budget = applies_behind_the_gateway();
+    budget[2] = step(
+        Method::PATCH,
+        &format!("{APPS}/deployments/taas-home"),
+        Answer::Echo(two_replicas_one_ready),
+    );
+    budget.push(step(Method::GET, "/apis/policy/v1", Answer::NotFound));
+    budget.push(step(
+        Method::PATCH,
+        &format!("{BUDGETS_V1BETA1}/taas-home"),
+        Answer::Echo(no_change),
+    ));
+    let (result, seen) = harness
+        .reconcile(
+            &two,
+            script(vec![
+                reads_behind_the_gateway(1),
+                budget,
+                vec![status_write(), event()],
+            ]),
+        )
+        .await;
+    assert_eq!(result, Ok(Action::requeue(Duration::from_secs(60))));
+    let deployment = find(
+        &seen,
+        Method::PATCH,
+        &format!("{APPS}/deployments/taas-home"),
+    );
+    assert_eq!(deployment["spec"]["replicas"], 2);
+    assert_eq!(
+        deployment["spec"]["strategy"],
+        json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}})
+    );
+    assert_eq!(
+        deployment["spec"]["template"]["spec"]["topologySpreadConstraints"][0]["topologyKey"],
+        "kubernetes.io/hostname"
+    );
+    let pdb = find(
+        &seen,
+        Method::PATCH,
+        &format!("{BUDGETS_V1BETA1}/taas-home"),
+    );
+    assert_eq!(pdb["apiVersion"], "policy/v1beta1");
+    assert_eq!(pdb["kind"], "PodDisruptionBudget");
+    assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+    assert_eq!(pdb["spec"]["selector"], deployment["spec"]["selector"]);
+    assert_eq!(pdb["metadata"]["ownerReferences"][0]["uid"], "uid-home");
+    assert_eq!(
+        pdb["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "taas-operator"
+    );
+    // One of two ready: served, degraded.
+    let status = &find(&seen, Method::PATCH, &format!("{LABELS}/home/status"))["status"];
+    assert_eq!(
+        (&status["replicas"], &status["readyReplicas"]),
+        (&json!(2), &json!(1))
+    );
+    let ready = ready_condition(&seen);
+    assert_eq!(
+        (
+            ready["status"].as_str(),
+            ready["reason"].as_str(),
+            ready["message"].as_str()
+        ),
+        (
+            Some("True"),
+            Some("Degraded"),
+            Some("1 of 2 replicas serving")
+        )
+    );
+
+    // Both ready, on a cluster that serves policy/v1 (found at start): no discovery.
+    harness.budget_version = Some(BudgetVersion::V1);
+    let two = with_status(&two, &seen);
+    let mut budget = applies_behind_the_gateway();
+    budget[2] = step(
+        Method::PATCH,
+        &format!("{APPS}/deployments/taas-home"),
+        Answer::Echo(two_replicas_ready),
+    );
+    budget.push(step(
+        Method::PATCH,
+        &format!("{BUDGETS_V1}/taas-home"),
+        Answer::Echo(no_change),
+    ));
+    let (_, seen) = harness
+        .reconcile(
+            &two,
+            script(vec![
+                reads_behind_the_gateway(2),
+                budget,
+                vec![status_write(), event()],
+            ]),
+        )
+        .await;
+    assert_eq!(
+        find(&seen, Method::PATCH, &format!("{BUDGETS_V1}/taas-home"))["apiVersion"],
+        "policy/v1"
+    );
+    let ready = ready_condition(&seen);
+    assert_eq!(
+        (
+            ready["status"].as_str(),
+            ready["reason"].as_str(),
+            ready["message"].as_str()
+        ),
+        (Some("True"), Some("Ready"), Some("2 of 2 replicas serving"))
+    );
+
+    // Back to one: the budget (ours) is deleted, by UID, before the Deployment shrinks.
+    let mut one = with_status(&two, &seen);
+    one.spec.replicas = Some(1);
+    let mut ours = owned("PodDisruptionBudget", "policy/v1", "taas-home");
+    ours["metadata"]["uid"] = json!("uid-pdb");
+    let mut steps = applies_behind_the_gateway();
+    steps.insert(
+        2,
+        step(
+            Method::GET,
+            &format!("{BUDGETS_V1}/taas-home"),
+            Answer::Json(200, ours),
+        ),
+    );
+    steps.insert(
+        3,
+        step(
+            Method::DELETE,
+            &format!("{BUDGETS_V1}/taas-home"),
+            Answer::Json(
+                200,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
+            ),
+        ),
+    );
+    let (result, seen) = harness
+        .reconcile(
+            &one,
+            // Ready before and after (2 of 2, 1 of 1): a new message, no event.
+            script(vec![
+                reads_behind_the_gateway(2),
+                steps,
+                vec![status_write()],
+            ]),
+        )
+        .await;
+    assert_eq!(result, Ok(Action::requeue(Duration::from_secs(600))));
+    let delete = seen.iter().find(|s| s.method == Method::DELETE).unwrap();
+    assert_eq!(delete.body["preconditions"], json!({"uid": "uid-pdb"}));
+    let deployment = find(
+        &seen,
+        Method::PATCH,
+        &format!("{APPS}/deployments/taas-home"),
+    );
+    assert_eq!(deployment["spec"]["replicas"], 1);
+    assert!(deployment["spec"]["template"]["spec"]
+        .get("topologySpreadConstraints")
+        .is_none());
+
+    // At one, as before: no budget request at all. A budget that is not ours is left alone.
+    let one = with_status(&one, &seen);
+    let (_, seen) = harness
+        .reconcile(
+            &one,
+            script(vec![
+                reads_behind_the_gateway(1),
+                applies_behind_the_gateway(),
+            ]),
+        )
+        .await;
+    assert!(!seen.iter().any(|s| s.path.contains("poddisruptionbudgets")));
+    let mut steps = applies_behind_the_gateway();
+    steps.insert(
+        2,
+        step(
+            Method::GET,
+            &format!("{BUDGETS_V1}/taas-home"),
+            Answer::Json(
+                200,
+                json!({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+                                     "metadata": {"name": "taas-home", "namespace": "default"}}),
+            ),
+        ),
+    );
+    let (result, seen) = harness
+        .reconcile(&one, script(vec![reads_behind_the_gateway(2), steps]))
+        .await;
+    assert_eq!(result, Ok(Action::requeue(Duration::from_secs(600))));
+    assert!(!seen.iter().any(|s| s.method == Method::DELETE));
+}
+
+#[tokio::test]
+async fn two_replicas_with_a_service_of_the_labels_own_are_refused_before_applying() {
+    let harness = Harness::new();
+    let mut two = label();
+    two.spec.replicas = Some(2);
+    let seen = refused_before_applying(&harness, &two).await;
+    let ready = ready_condition(&seen);
+    assert_eq!(ready["reason"], "InvalidSpec");
+    assert!(
+        ready["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("replicas 2 needs the cluster edge"),
+        "{ready}"
+    );
 }
 
 /// A label named `name` whose children are `taas-BASE` and `taas-BASE-control`: read, applied

@@ -78,8 +78,8 @@ pub fn normalize_label(label: &str) -> Result<String, String> {
 
 /// Whether the relay refuses a label for this problem of its spec. LABEL it checks itself,
 /// case-insensitively ([`normalize_label`]); `secretRef` only names the Secret to look for (a
-/// wrong one shows as "no such Secret"); `rendezvousPorts` and `service` shape a cluster's
-/// relay pod and Service, which the relay ignores.
+/// wrong one shows as "no such Secret"); `rendezvousPorts`, `replicas` and `service` shape a
+/// cluster's relay pods and Service, which the relay ignores.
 fn refused_by_relay(error: &SpecError) -> bool {
     match error {
         SpecError::IdLength
@@ -93,6 +93,7 @@ fn refused_by_relay(error: &SpecError) -> bool {
         | SpecError::SecretName { .. }
         | SpecError::SecretKey(_)
         | SpecError::RendezvousPorts(_)
+        | SpecError::Replicas(_)
         | SpecError::LoadBalancerClassLength
         | SpecError::LoadBalancerClassWithoutLoadBalancer => false,
     }

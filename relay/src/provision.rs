@@ -190,6 +190,7 @@ pub fn write_label(dir: &Path, new: &NewLabel) -> Result<Provisioned, ProvisionE
         direct: new.direct,
         service: Default::default(),
         rendezvous_ports: taas_crds::default_rendezvous_ports(),
+        replicas: None,
     };
     let config = validate_label(&spec, secret_b32.as_bytes()).map_err(ProvisionError::Invalid)?;
     let text = render_label_file(

@@ -575,6 +575,7 @@ fn validate_label_never_panics_and_keeps_its_invariants() {
                 direct: false,
                 service: Default::default(),
                 rendezvous_ports: 8,
+                replicas: None,
             };
             if let Ok(config) = label_source::validate_label(&spec, &secret) {
                 check_config(&config)?;

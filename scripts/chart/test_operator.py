@@ -31,6 +31,9 @@ def test_operator_flags():
     assert gw["image"] == c["image"], "operator and gateway images differ"
     drain = named(render(sets=["operator.relay.drainTimeout=5"]), "Deployment", f"{RELEASE}-operator")
     assert "--relay-drain-timeout=5" in drain["spec"]["template"]["spec"]["containers"][0]["args"], "drainTimeout not passed"
+    assert "--relay-replicas=1" in args, f"relay.replicas (default 1) not passed: {args}"
+    replicas = named(render(sets=["relay.replicas=2"]), "Deployment", f"{RELEASE}-operator")
+    assert "--relay-replicas=2" in replicas["spec"]["template"]["spec"]["containers"][0]["args"], "relay.replicas not passed"
     docs = render(values_files=[ci("everything-on")])
     c = named(docs, "Deployment", f"{RELEASE}-operator")["spec"]["template"]["spec"]["containers"][0]
     assert "--leader-elect" in c["args"] and "--namespace=hidden-servers" in c["args"], f"everything-on args {c['args']}"

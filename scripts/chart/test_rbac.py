@@ -14,6 +14,7 @@ NAMESPACED_RULES = {
     ("taas.dev", "taaslabels"): READ,
     ("taas.dev", "taaslabels/status"): {"patch"},
     ("apps", "deployments"): WRITE,
+    ("policy", "poddisruptionbudgets"): WRITE | {"delete"},
     ("", "services"): WRITE,
     ("", "configmaps"): WRITE,
     ("", "secrets"): READ,

@@ -50,11 +50,16 @@ SCHEMA_REJECTS = [
     ("edge: shared port out of range", ["edge.sharedPort=70000"], [], r"maximum|70000|less than"),
     ("edge: unknown key", ["edge.ports=1"], [], r"additional propert|additionalProperties|not allowed"),
     ("wrong type: edge.enabled a string", [], ["edge.enabled=yes"], r"boolean|type"),
+    ("relay: no replicas", ["relay.replicas=0"], [], r"minimum|replicas|greater"),
+    ("relay: more replicas than a label may ask for", ["relay.replicas=17"], [], r"maximum|replicas|less than"),
+    ("wrong type: relay.replicas a string", [], ["relay.replicas=two"], r"integer|number|type"),
+    ("relay: unknown key", ["relay.replica=2"], [], r"additional propert|additionalProperties|not allowed"),
 ]
 
 # Values the schema allows but the templates refuse: (description, --set, expected message regex).
 TEMPLATE_REJECTS = [
     ("operator.replicas > 1 without leader election", ["operator.replicas=2"], r"operator\.leaderElection\.enabled"),
+    ("relay.replicas > 1 without the cluster edge", ["relay.replicas=2", "edge.enabled=false"], r"relay\.replicas is 2 but edge\.enabled is false"),
     ("gateway.replicas > 1 without a shared certificate", ["gateway.replicas=2"], r"gateway\.tls\.secretName"),
     ("cert-manager without an issuer", ["gateway.tls.certManager.enabled=true"], r"issuerRef\.name"),
     ("loadBalancerClass on a NodePort Service", ["gateway.service.type=NodePort", "gateway.service.loadBalancerClass=x"], r"loadBalancerClass"),

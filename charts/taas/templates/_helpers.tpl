@@ -134,6 +134,10 @@ failureThreshold: {{ .probe.failureThreshold }}
 {{- if and (gt (int .Values.gateway.replicas) 1) (not (include "taas.gateway.tlsSecretName" .)) -}}
 {{- fail (printf "gateway.replicas is %d but no shared certificate is configured: each gateway pod would generate its own self-signed one, and clients would see a different certificate on every connection. Set gateway.tls.secretName (an existing kubernetes.io/tls Secret) or gateway.tls.certManager.enabled=true with gateway.tls.certManager.issuerRef.name, or gateway.replicas=1." (int .Values.gateway.replicas)) -}}
 {{- end -}}
+{{- $relayReplicas := int ((.Values.relay | default dict).replicas | default 1) -}}
+{{- if and (gt $relayReplicas 1) (not (include "taas.edge.enabled" .)) -}}
+{{- fail (printf "relay.replicas is %d but edge.enabled is false: several relay replicas need the cluster edge (the gateway offers a hidden server's rendezvous connection to every replica; a label's own Service would hand it to one that does not hold the registration). Set edge.enabled=true, or relay.replicas=1." $relayReplicas) -}}
+{{- end -}}
 {{- if and .Values.gateway.tls.certManager.enabled (not .Values.gateway.tls.certManager.issuerRef.name) -}}
 {{- fail "gateway.tls.certManager.enabled is true but gateway.tls.certManager.issuerRef.name is empty: name the cert-manager Issuer or ClusterIssuer that signs the gateway's certificate." -}}
 {{- end -}}

@@ -239,9 +239,11 @@ traffic_start() {
   : >"$W/traffic.log"
   rm -f "$W/traffic.stop"
   (
+    local t
     for ((i = 0; i < 900; i++)); do
       [ -f "$W/traffic.stop" ] && break
-      if home_serves; then echo ok; else echo "fail $(date +%T.%N)"; fi
+      t=$(now)
+      if home_serves; then echo "ok $t"; else echo "fail $t $(now)"; fi
       sleep 0.2
     done >>"$W/traffic.log"
   ) &
@@ -350,9 +352,129 @@ upgrade_relays() {
   until_ok 60 relay_rolled_to_json
   kubectl -n default rollout status deployment/taas-home --timeout=60s
   until_ok 30 home_serves
-  echo "rendezvous working again $(since "$t0") s after helm upgrade started"
+  sleep 2
   traffic_stop
-  [ "$OKS" -gt 0 ]
+  echo "relay replaced $(since "$t0") s after helm upgrade started; failed-fetch window $(fail_window) s (goal: at most 2 s)"
+  [ "$OKS" -gt 0 ] && awk -v w="$(fail_window)" 'BEGIN { exit !(w <= 2) }'
+}
+
+# --- availability under change (issue 16): a steady client load through every step, every
+# failed fetch counted; `fail START END` lines in traffic.log.
+
+# The window of failed fetches: first failure's start to last failure's end (s; 0: none).
+fail_window() {
+  awk '$1 == "fail" { if (!n++) a = $2; b = $3 } END { printf "%.1f\n", n ? b - a : 0 }' "$W/traffic.log"
+}
+
+# Failed fetches that started later than SECONDS after the time T.
+fails_after() {
+  awk -v t="$1" -v s="$2" '$1 == "fail" && $2 > t + s { n++ } END { print n + 0 }' "$W/traffic.log"
+}
+
+home_pod_ips() {
+  kubectl -n default get pods -l app.kubernetes.io/instance=home \
+    -o jsonpath='{range .items[?(@.status.podIP)]}{.status.podIP}{"\n"}{end}'
+}
+
+# Parked connections per relay pod of home, from each pod's metrics ("IP=N" per pod).
+parked_per_pod() {
+  local ip
+  for ip in $(home_pod_ips); do
+    echo "$ip=$(curl -sS --max-time 2 "http://$ip:9464/metrics" | awk '/^taas_parked[{ ]/ { n += $NF } END { print n + 0 }')"
+  done
+}
+
+parked_on_every_pod() { # N: N pods, each with a parked connection
+  local per
+  per=$(parked_per_pod)
+  [ "$(echo "$per" | grep -c .)" = "$1" ] && ! echo "$per" | grep -q '=0$'
+}
+
+home_serving() { # N: the label's status says N replicas serve
+  [ "$(kubectl -n default get taaslabel home -o jsonpath='{.status.readyReplicas}')" = "$1" ]
+}
+
+two_replicas() {
+  kubectl -n default patch taaslabel home --type merge -p '{"spec":{"replicas":2}}'
+  until_ok 120 home_serving 2
+  kubectl -n default rollout status deployment/taas-home --timeout=120s
+  kubectl -n default get poddisruptionbudget taas-home
+  kubectl -n default get taaslabel home | tee "$W/replicas.txt"
+  grep -E "^home .* True +2 +2 " "$W/replicas.txt"
+  # The agent's parked connections spread over both replicas.
+  until_ok 60 parked_on_every_pod 2
+  echo "parked per relay pod: $(parked_per_pod | tr '\n' ' ')"
+  until_ok 30 home_serves
+}
+
+upgrade_two_replicas() {
+  traffic_start
+  local t0
+  t0=$(now)
+  helm upgrade taas charts/taas -n "$NS" --reuse-values --set logFormat=text
+  until_ok 60 relay_rolled_to_text
+  kubectl -n default rollout status deployment/taas-home --timeout=120s
+  until_ok 60 parked_on_every_pod 2
+  sleep 2
+  traffic_stop
+  echo "relays replaced $(since "$t0") s after helm upgrade started; failed-fetch window $(fail_window) s"
+  [ "$OKS" -gt 0 ] && [ "$FAILS" = 0 ]
+}
+
+relay_rolled_to_text() {
+  ! kubectl -n default get deployment taas-home -o jsonpath='{.spec.template.spec.containers[0].env}' | grep -q json
+}
+
+rollout_restart_two_replicas() {
+  traffic_start
+  kubectl -n default rollout restart deployment/taas-home
+  kubectl -n default rollout status deployment/taas-home --timeout=120s
+  until_ok 60 parked_on_every_pod 2
+  sleep 2
+  traffic_stop
+  [ "$OKS" -gt 0 ] && [ "$FAILS" = 0 ]
+}
+
+one_of_two_deleted() {
+  local victim t0
+  until_ok 60 parked_on_every_pod 2
+  traffic_start
+  sleep 2
+  victim=$(kubectl -n default get pods -l app.kubernetes.io/instance=home -o jsonpath='{.items[0].metadata.name}')
+  t0=$(now)
+  kubectl -n default delete pod "$victim" --wait=false
+  until_ok 60 old_pod_gone "$victim"
+  until_ok 60 parked_on_every_pod 2
+  sleep 2
+  traffic_stop
+  echo "failed-fetch window $(fail_window) s; failures later than 1 s after the delete: $(fails_after "$t0" 1)"
+  [ "$OKS" -gt 0 ] && [ "$(fails_after "$t0" 1)" = 0 ]
+}
+
+# kill -9 of the relay process inside one of the two pods (from the node, by its containerd
+# task's PID): the container restarts in the same pod.
+one_of_two_killed() {
+  local pod cid pid t0
+  until_ok 60 parked_on_every_pod 2
+  traffic_start
+  sleep 2
+  pod=$(kubectl -n default get pods -l app.kubernetes.io/instance=home -o jsonpath='{.items[0].metadata.name}')
+  cid=$(kubectl -n default get pod "$pod" -o jsonpath='{.status.containerStatuses[0].containerID}')
+  pid=$(ctr --address "$TAAS_E2E_CONTAINERD" -n k8s.io tasks ls | awk -v id="${cid#containerd://}" '$1 == id { print $2 }')
+  [ -n "$pid" ]
+  t0=$(now)
+  kill -9 "$pid"
+  until_ok 60 restarted "$pod"
+  until_ok 60 parked_on_every_pod 2
+  sleep 2
+  traffic_stop
+  echo "failed-fetch window $(fail_window) s; failures later than 1 s after the kill: $(fails_after "$t0" 1)"
+  [ "$OKS" -gt 0 ] && [ "$(fails_after "$t0" 1)" = 0 ]
+}
+
+restarted() { # POD: its container restarted once and is ready again
+  [ "$(kubectl -n default get pod "$1" -o jsonpath='{.status.containerStatuses[0].restartCount}')" -ge 1 ] &&
+    [ "$(kubectl -n default get pod "$1" -o jsonpath='{.status.containerStatuses[0].ready}')" = true ]
 }
 
 relay_rolled_to_json() {
@@ -397,6 +519,11 @@ step "3c. edge: a label through the gateway's shared port and rendezvous range, 
 step "4. relay pod deleted: recreated, agent back, client path within 30 s" relay_pod_deleted
 step "5. second label applied and deleted while home carries traffic" second_label
 step "6a. helm upgrade (operator and gateway rolled, gateway scaled): no client fails" upgrade
-step "6b. helm upgrade reaching the relays (log format): relay replaced, rendezvous back" upgrade_relays
-step "6c. helm uninstall leaves only the CRD and the labels" uninstall
+step "6b. helm upgrade reaching the relays (log format), 1 replica: surge, failures within 2 s" upgrade_relays
+step "7a. spec.replicas 2: both serve, the agent parked on both, a disruption budget" two_replicas
+step "7b. helm upgrade reaching the relays, 2 replicas: no client fails" upgrade_two_replicas
+step "7c. kubectl rollout restart of a label's relays, 2 replicas: no client fails" rollout_restart_two_replicas
+step "7d. one of 2 relay pods deleted: failures only in the first second" one_of_two_deleted
+step "7e. kill -9 in one of 2 relay pods: failures only in the first second" one_of_two_killed
+step "8. helm uninstall leaves only the CRD and the labels" uninstall
 summary

@@ -243,6 +243,18 @@ impl Label {
         lock(&self.pool).parked()
     }
 
+    /// Parked connections and registrations whose hidden server has not connected yet: what
+    /// a gateway spreading an agent's registrations over replicas compares.
+    pub fn parked_and_pending(&self) -> usize {
+        let pool = lock(&self.pool);
+        pool.parked() + pool.reserved()
+    }
+
+    /// Whether [`Label::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
     /// Applies a changed configuration without touching parked connections or pairs; only a
     /// change of the pinned client port rebinds q.
     pub fn update(self: &Arc<Self>, config: LabelConfig) -> Result<(), PortError> {

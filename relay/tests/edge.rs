@@ -107,6 +107,7 @@ impl Pod {
             destination: SocketAddr::new([127, 0, 0, 1].into(), destination_port),
             label: self.label.clone(),
             token: self.token.expose().to_string(),
+            offer: false,
         }
     }
 

@@ -474,7 +474,7 @@ impl LabelBackend for Gateway {
             Ok(replicas) => replicas,
             Err(answer) => return answer,
         };
-        let request = || {
+        let request = |count: u32| {
             let mut builder = self.request(
                 "PUT",
                 &format!("/register/{}", registration.label),
@@ -485,49 +485,74 @@ impl LabelBackend for Gateway {
             if let Some(authorization) = registration.authorization {
                 builder = builder.header(hyper::header::AUTHORIZATION, authorization);
             }
-            if registration.count > 1 {
+            if count > 1 {
                 // The several-ports extension, passed on to the label's relay.
-                builder = builder.header(RENDEZVOUS_COUNT_HEADER, registration.count);
+                builder = builder.header(RENDEZVOUS_COUNT_HEADER, count);
             }
             builder.body(Empty::new())
         };
+        let order = self.order(&replicas, true);
+        let loads: Vec<usize> = {
+            let (loads, now) = (lock(&self.upstream.loads), Instant::now());
+            order.iter().map(|replica| loads.get(replica, now)).collect()
+        };
+        // A batch (an agent asking for several ports at once) is split over the replicas so
+        // their loads even out; each part goes to its replica, or on to the next when that
+        // one drains or cannot be reached.
+        let parts = split_batch(registration.count.max(1), &loads);
         let deadline = tokio::time::Instant::now() + ANSWER_TIMEOUT;
+        let mut out = vec![false; order.len()];
+        let mut granted: Vec<Answer> = Vec::new();
+        let mut other = None;
         let mut draining = None;
         let mut problem = String::from("no replica");
-        for (tried, replica) in self.order(&replicas, true).into_iter().enumerate() {
-            let Ok(forwarded) = request() else {
-                return Answer::bad_request();
-            };
-            let sent = tokio::time::timeout_at(
-                deadline,
-                upstreams.send(&self.upstream, replica, forwarded),
-            )
-            .await;
-            let retry = match sent {
-                Ok(Ok(relayed)) => {
-                    if let Some(parked) = relayed.parked {
-                        lock(&self.upstream.loads).put(replica, parked, Instant::now());
+        for (first, &count) in parts.iter().enumerate().filter(|(_, count)| **count > 0) {
+            for i in (0..order.len()).map(|d| (first + d) % order.len()) {
+                if out[i] || tokio::time::Instant::now() >= deadline {
+                    continue;
+                }
+                let replica = order[i];
+                let Ok(forwarded) = request(count) else {
+                    return Answer::bad_request();
+                };
+                let send = upstreams.send(&self.upstream, replica, forwarded);
+                let retry = match tokio::time::timeout_at(deadline, send).await {
+                    Ok(Ok(relayed)) => {
+                        if let Some(parked) = relayed.parked {
+                            lock(&self.upstream.loads).put(replica, parked, Instant::now());
+                        }
+                        if !relayed.draining {
+                            if relayed.answer.status == 200 {
+                                granted.push(relayed.answer);
+                            } else {
+                                // A 401, a 429, ...: passed on, never retried.
+                                other.get_or_insert(relayed.answer);
+                            }
+                            break;
+                        }
+                        draining = Some(relayed.answer);
+                        Retried::Draining
                     }
-                    if !relayed.draining {
-                        return relayed.answer;
+                    Ok(Err(error)) => {
+                        problem = format!("relay {replica} unreachable: {error}");
+                        Retried::Unreachable
                     }
-                    draining = Some(relayed.answer);
-                    Retried::Draining
+                    Err(_) => {
+                        problem = format!("relay {replica} did not answer in time");
+                        Retried::Unreachable
+                    }
+                };
+                out[i] = true;
+                if out.iter().any(|out| !out) {
+                    self.metrics.retried(retry);
                 }
-                Ok(Err(error)) => {
-                    problem = format!("relay {replica} unreachable: {error}");
-                    Retried::Unreachable
-                }
-                Err(_) => {
-                    problem = format!("relay {replica} did not answer in time");
-                    Retried::Unreachable
-                }
-            };
-            if tried + 1 < replicas.len() && tokio::time::Instant::now() < deadline {
-                self.metrics.retried(retry);
-            } else {
-                break;
             }
+        }
+        if let Some(answer) = merge_granted(granted) {
+            return answer;
+        }
+        if let Some(answer) = other {
+            return answer;
         }
         // Every replica draining or unreachable: the hidden server registers again soon.
         if let Some(answer) = draining {
@@ -604,6 +629,36 @@ pub fn replica_order(
         start += len;
     }
     order.into_iter().map(|(_, replica)| replica).collect()
+}
+
+/// How many of `count` rendezvous ports to ask each replica for, the replicas given by their
+/// loads in the order to try them: one at a time to the least loaded (counting what it was
+/// given already), ties to the earlier one. Pure.
+pub fn split_batch(count: u32, loads: &[usize]) -> Vec<u32> {
+    let mut parts = vec![0u32; loads.len()];
+    for _ in 0..count {
+        let least = (0..loads.len()).min_by_key(|&i| (loads[i].saturating_add(parts[i] as usize), i));
+        match least {
+            Some(i) => parts[i] += 1,
+            None => break,
+        }
+    }
+    parts
+}
+
+/// The 200s of a split batch as one answer: the first one's headers, every `HOST:PORT` line
+/// (one answer alone is passed on unchanged).
+fn merge_granted(mut granted: Vec<Answer>) -> Option<Answer> {
+    if granted.len() <= 1 {
+        return granted.pop();
+    }
+    let lines: Vec<String> = granted
+        .iter()
+        .flat_map(|answer| answer.body.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect::<Vec<_>>())
+        .collect();
+    let mut merged = granted.swap_remove(0);
+    merged.body = lines.join("\n");
+    Some(merged)
 }
 
 /// How long a replica's reported load is believed.
@@ -1330,6 +1385,23 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_is_split_so_the_replicas_loads_even_out() {
+        assert_eq!(split_batch(8, &[0, 0]), [4, 4]);
+        assert_eq!(split_batch(8, &[4, 0]), [2, 6]);
+        assert_eq!(split_batch(1, &[3, 0, 0]), [0, 1, 0]);
+        assert_eq!(split_batch(3, &[]), Vec::<u32>::new());
+        let merged = merge_granted(vec![
+            Answer::rendezvous_many("gw", &[1, 2]),
+            Answer::rendezvous("gw", 3),
+        ])
+        .unwrap();
+        assert_eq!(merged.status, 200);
+        assert_eq!(merged.body, "gw:1\ngw:2\ngw:3");
+        let one = Answer::rendezvous("gw", 3);
+        assert_eq!(merge_granted(vec![one.clone()]).unwrap().body, one.body);
+    }
+
+    #[test]
     fn a_replicas_load_is_believed_for_30_s_and_the_memory_stays_bounded() {
         let t0 = Instant::now();
         let mut loads = ReplicaLoads::with_capacity(3);
@@ -1369,6 +1441,24 @@ mod tests {
             }
             let counts: Vec<usize> = firsts.values().copied().collect();
             proptest::prop_assert!(counts.iter().max().unwrap() - counts.iter().min().unwrap() <= 1);
+        }
+
+        /// Every port asked for is given to some replica; afterwards the replicas that got
+        /// any are within one of each other and of the least loaded one.
+        #[test]
+        fn a_split_batch_fills_the_least_loaded_first(
+            loads in proptest::collection::vec(0usize..10, 1..6),
+            count in 1u32..17,
+        ) {
+            let parts = split_batch(count, &loads);
+            proptest::prop_assert_eq!(parts.iter().sum::<u32>(), count);
+            let after: Vec<usize> = loads.iter().zip(&parts).map(|(l, p)| l + *p as usize).collect();
+            let least = *after.iter().min().unwrap();
+            for (i, part) in parts.iter().enumerate() {
+                if *part > 0 {
+                    proptest::prop_assert!(after[i] <= least + 1, "{loads:?} {parts:?}");
+                }
+            }
         }
     }
 

@@ -69,8 +69,7 @@ const TLVS: [u8; 4] = [TLV_KIND, TLV_LABEL, TLV_TOKEN, TLV_OFFER];
 const REQUIRED_TLVS: usize = 3;
 
 /// The longest header: the fixed part, TCP6 addresses, the four TLVs at their longest.
-pub const MAX_HEADER: usize =
-    FIXED + 36 + (3 + 1) + (3 + MAX_LABEL) + (3 + MAX_TOKEN) + (3 + 1);
+pub const MAX_HEADER: usize = FIXED + 36 + (3 + 1) + (3 + MAX_LABEL) + (3 + MAX_TOKEN) + (3 + 1);
 
 /// Which gateway port the connection came through, so what the relay does with it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -295,7 +294,10 @@ fn tlvs(mut rest: &[u8]) -> Result<TlvValues<'_>, EdgeHeaderError> {
         return Err(EdgeHeaderError::MissingTlv(TLVS[next]));
     }
     let [kind, label, token, offer] = values;
-    Ok(([kind, label, token], (next > REQUIRED_TLVS).then_some(offer)))
+    Ok((
+        [kind, label, token],
+        (next > REQUIRED_TLVS).then_some(offer),
+    ))
 }
 
 /// 1..=max printable ASCII bytes (no spaces, no control characters: they reach the logs).
@@ -528,13 +530,22 @@ mod tests {
             (&[(0xE0, &[3]), (0xE1, l), (0xE2, t), (0xE3, &[1])], Offer),
             (&[(0xE0, &[1]), (0xE1, l), (0xE2, t), (0xE3, &[0])], Offer),
             (&[(0xE0, &[1]), (0xE1, l), (0xE2, t), (0xE3, &[])], Offer),
-            (&[(0xE0, &[1]), (0xE1, l), (0xE2, t), (0xE3, &[1, 1])], Offer),
+            (
+                &[(0xE0, &[1]), (0xE1, l), (0xE2, t), (0xE3, &[1, 1])],
+                Offer,
+            ),
             (
                 &[(0xE0, &[1]), (0xE1, l), (0xE3, &[1]), (0xE2, t)],
                 OutOfOrderTlv(0xE3),
             ),
             (
-                &[(0xE0, &[1]), (0xE1, l), (0xE2, t), (0xE3, &[1]), (0xE3, &[1])],
+                &[
+                    (0xE0, &[1]),
+                    (0xE1, l),
+                    (0xE2, t),
+                    (0xE3, &[1]),
+                    (0xE3, &[1]),
+                ],
                 DuplicateTlv(0xE3),
             ),
         ];
@@ -546,7 +557,11 @@ mod tests {
             offer: true,
             ..header(EdgeKind::SharedPort)
         };
-        let mut plain = EdgeHeader { offer: false, ..h.clone() }.encode();
+        let mut plain = EdgeHeader {
+            offer: false,
+            ..h.clone()
+        }
+        .encode();
         plain.extend_from_slice(&[0xE3, 0, 1, 1]);
         let length = (plain.len() - FIXED) as u16;
         plain[14..16].copy_from_slice(&length.to_be_bytes());
@@ -627,15 +642,17 @@ mod tests {
             "[!-~]{1,128}",
             any::<bool>(),
         )
-            .prop_map(|(kind, source, destination, label, token, offer)| EdgeHeader {
-                kind,
-                source,
-                destination,
-                label,
-                token,
-                // Only client headers carry an offer.
-                offer: offer && kind != EdgeKind::Rendezvous,
-            })
+            .prop_map(
+                |(kind, source, destination, label, token, offer)| EdgeHeader {
+                    kind,
+                    source,
+                    destination,
+                    label,
+                    token,
+                    // Only client headers carry an offer.
+                    offer: offer && kind != EdgeKind::Rendezvous,
+                },
+            )
     }
 
     proptest! {

@@ -243,6 +243,10 @@ async fn offered(
     }
 }
 
+/// How long a rendezvous header waits for a matching registration claimed by another edge
+/// connection (`Label::claim_rendezvous_within`).
+const CLAIM_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Answers a rendezvous header: claims a pending registration (or says `NOT_MINE`), then on
 /// `COMMIT` by `commit_by` hands it the stream.
 async fn rendezvous(
@@ -257,7 +261,11 @@ async fn rendezvous(
         relay.settings().p_ports,
         header.destination.port(),
     );
-    let Some(claim) = label.claim_rendezvous(&locals, header.source.ip()) else {
+    // Within half the gateway's claim deadline (2 s) when another edge connection holds the
+    // matching registration's claim: the answer still reaches the gateway in time.
+    let wait_until = commit_by.min(Instant::now() + CLAIM_WAIT);
+    let claimed = label.claim_rendezvous_within(&locals, header.source.ip(), wait_until);
+    let Some(claim) = claimed.await else {
         // The answer is all the gateway needs; a failed write changes nothing.
         let _ = tokio::time::timeout_at(commit_by, stream.write_all(&[edge::NOT_MINE])).await;
         return EdgeRendezvous::NotMine;

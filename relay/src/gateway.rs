@@ -400,8 +400,18 @@ impl Gateway {
 
     /// The replicas of `relays`, or the 503 a client gets when there is none (logged as the
     /// route's readiness says).
-    async fn replicas(&self, label: &str, route: &Route, relays: &Replicas) -> Result<Vec<SocketAddr>, Answer> {
-        match self.upstream.resolver.resolve_all(relays, &self.metrics).await {
+    async fn replicas(
+        &self,
+        label: &str,
+        route: &Route,
+        relays: &Replicas,
+    ) -> Result<Vec<SocketAddr>, Answer> {
+        match self
+            .upstream
+            .resolver
+            .resolve_all(relays, &self.metrics)
+            .await
+        {
             Ok(replicas) => Ok(replicas),
             Err(error) => {
                 self.unavailable(label, route, &format!("relay unreachable: {error}"));
@@ -470,7 +480,10 @@ impl LabelBackend for Gateway {
         let Some(route) = self.routes.get(registration.label) else {
             return Answer::unauthorized();
         };
-        let replicas = match self.replicas(registration.label, &route, &route.relay).await {
+        let replicas = match self
+            .replicas(registration.label, &route, &route.relay)
+            .await
+        {
             Ok(replicas) => replicas,
             Err(answer) => return answer,
         };
@@ -494,7 +507,10 @@ impl LabelBackend for Gateway {
         let order = self.order(&replicas, true);
         let loads: Vec<usize> = {
             let (loads, now) = (lock(&self.upstream.loads), Instant::now());
-            order.iter().map(|replica| loads.get(replica, now)).collect()
+            order
+                .iter()
+                .map(|replica| loads.get(replica, now))
+                .collect()
         };
         // A batch (an agent asking for several ports at once) is split over the replicas so
         // their loads even out; each part goes to its replica, or on to the next when that
@@ -624,7 +640,10 @@ pub fn replica_order(
     let mut start = 0;
     while start < order.len() {
         let load = order[start].0;
-        let len = order[start..].iter().take_while(|(l, _)| *l == load).count();
+        let len = order[start..]
+            .iter()
+            .take_while(|(l, _)| *l == load)
+            .count();
         order[start..start + len].rotate_left(turn % len);
         start += len;
     }
@@ -637,7 +656,8 @@ pub fn replica_order(
 pub fn split_batch(count: u32, loads: &[usize]) -> Vec<u32> {
     let mut parts = vec![0u32; loads.len()];
     for _ in 0..count {
-        let least = (0..loads.len()).min_by_key(|&i| (loads[i].saturating_add(parts[i] as usize), i));
+        let least =
+            (0..loads.len()).min_by_key(|&i| (loads[i].saturating_add(parts[i] as usize), i));
         match least {
             Some(i) => parts[i] += 1,
             None => break,
@@ -654,7 +674,15 @@ fn merge_granted(mut granted: Vec<Answer>) -> Option<Answer> {
     }
     let lines: Vec<String> = granted
         .iter()
-        .flat_map(|answer| answer.body.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect::<Vec<_>>())
+        .flat_map(|answer| {
+            answer
+                .body
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
         .collect();
     let mut merged = granted.swap_remove(0);
     merged.body = lines.join("\n");
@@ -863,7 +891,10 @@ impl Upstreams {
 }
 
 impl UpstreamShared {
-    async fn connect(&self, replica: SocketAddr) -> Result<SendRequest<Empty<Bytes>>, UpstreamError> {
+    async fn connect(
+        &self,
+        replica: SocketAddr,
+    ) -> Result<SendRequest<Empty<Bytes>>, UpstreamError> {
         let sender = connect(replica).await?;
         self.metrics.upstream_connections_opened.inc();
         Ok(sender)
@@ -911,10 +942,7 @@ fn copy_request(request: &Request<Empty<Bytes>>) -> Request<Empty<Bytes>> {
 
 /// Sends one request and reads the relay's answer; also says whether the connection may be
 /// used again, and what the relay said for the gateway alone (never passed on).
-async fn exchange(
-    sender: &mut SendRequest<Empty<Bytes>>,
-    request: Request<Empty<Bytes>>,
-) -> Sent {
+async fn exchange(sender: &mut SendRequest<Empty<Bytes>>, request: Request<Empty<Bytes>>) -> Sent {
     let response = sender.send_request(request).await?;
     let (parts, body) = response.into_parts();
     let body = Limited::new(body, MAX_ANSWER_BODY)
@@ -956,7 +984,10 @@ pub(crate) struct RelayConnector {
 
 impl RelayConnector {
     /// Every replica `relays` names now (at most [`MAX_REPLICAS`]).
-    pub(crate) async fn replicas(&self, relays: &Replicas) -> Result<Vec<SocketAddr>, UpstreamError> {
+    pub(crate) async fn replicas(
+        &self,
+        relays: &Replicas,
+    ) -> Result<Vec<SocketAddr>, UpstreamError> {
         self.resolver.resolve_all(relays, &self.metrics).await
     }
 
@@ -1032,13 +1063,11 @@ impl UpstreamPool {
     async fn checkout(&self, relay: SocketAddr, now: Instant) -> Checkout {
         let permits = {
             let mut state = self.lock();
-            if !state.relays.contains_key(&relay)
-                && state.relays.len() >= self.limits.relays.max(1)
+            if !state.relays.contains_key(&relay) && state.relays.len() >= self.limits.relays.max(1)
             {
                 state.forget_unused_relays(self.limits.per_relay);
             }
-            if !state.relays.contains_key(&relay)
-                && state.relays.len() >= self.limits.relays.max(1)
+            if !state.relays.contains_key(&relay) && state.relays.len() >= self.limits.relays.max(1)
             {
                 // Every tracked relay busy: this request goes unpooled.
                 return Checkout {
@@ -1334,7 +1363,9 @@ mod tests {
         let home = &read_route_file(&path).unwrap()["home"];
         assert_eq!(
             home.edge,
-            Some(Replicas::from("taas-home-control.ns.svc.cluster.local.:21001"))
+            Some(Replicas::from(
+                "taas-home-control.ns.svc.cluster.local.:21001"
+            ))
         );
         assert!(home.direct);
         assert_eq!(home.rendezvous, [20005, 20006]);

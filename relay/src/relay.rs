@@ -190,7 +190,10 @@ impl StandaloneBackend {
 
     /// Parked connections over every label.
     pub fn parked(&self) -> usize {
-        read(&self.labels).values().map(|label| label.parked()).sum()
+        read(&self.labels)
+            .values()
+            .map(|label| label.parked())
+            .sum()
     }
 
     /// Stops every label (at shutdown).

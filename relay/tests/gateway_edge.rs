@@ -144,13 +144,10 @@ impl EdgeGateway {
         std::fs::write(self.dir.path().join("routes.yaml"), text).unwrap();
         eventually("routes applied", || async {
             routes.iter().all(|(label, route)| {
-                self.gateway
-                    .routes
-                    .get(label)
-                    .is_some_and(|r| {
-                        r.edge.as_ref().map(ToString::to_string) == route.edge
-                            && r.rendezvous == route.rendezvous
-                    })
+                self.gateway.routes.get(label).is_some_and(|r| {
+                    r.edge.as_ref().map(ToString::to_string) == route.edge
+                        && r.rendezvous == route.rendezvous
+                })
             })
         })
         .await;

@@ -321,7 +321,9 @@ mod tests {
         ]);
         let index = EdgeIndex::build(&routes);
         assert_eq!(
-            index.direct("d.taas.localhost", DOMAIN).map(|t| t.edge.to_string()),
+            index
+                .direct("d.taas.localhost", DOMAIN)
+                .map(|t| t.edge.to_string()),
             Some("d:21001".to_string())
         );
         assert_eq!(index.direct("plain.taas.localhost", DOMAIN), None);
@@ -338,7 +340,10 @@ mod tests {
     fn one_claim_wins_several_or_none_do_not() {
         use Claim::*;
         let decide1 = |claims: &[Claim]| decide(&one_each(claims));
-        assert_eq!(decide1(&[NotMine, Mine, NoAnswer]), ClaimDecision::Commit(1));
+        assert_eq!(
+            decide1(&[NotMine, Mine, NoAnswer]),
+            ClaimDecision::Commit(1)
+        );
         assert_eq!(decide1(&[Mine, Mine]), ClaimDecision::Ambiguous);
         assert_eq!(decide1(&[NotMine, NotMine]), ClaimDecision::NoRegistration);
         assert_eq!(
@@ -370,8 +375,14 @@ mod tests {
     fn a_client_goes_to_the_first_that_serves_else_a_last_resort_else_a_queue() {
         use Offer::*;
         assert_eq!(decide_offer(&[Wait, Serve]), OfferDecision::Commit(1));
-        assert_eq!(decide_offer(&[Wait, LastResort, Wait]), OfferDecision::Commit(1));
-        assert_eq!(decide_offer(&[Refuse, Wait, NoAnswer]), OfferDecision::Commit(1));
+        assert_eq!(
+            decide_offer(&[Wait, LastResort, Wait]),
+            OfferDecision::Commit(1)
+        );
+        assert_eq!(
+            decide_offer(&[Refuse, Wait, NoAnswer]),
+            OfferDecision::Commit(1)
+        );
         assert_eq!(decide_offer(&[Refuse, NoAnswer]), OfferDecision::NoReplica);
         assert_eq!(decide_offer(&[]), OfferDecision::NoReplica);
         assert!(Serve.settles() && Legacy.settles());
@@ -385,11 +396,20 @@ mod tests {
         assert_eq!(Offer::from_answer(None), Legacy);
         assert_eq!(decide_offer(&[Legacy]), OfferDecision::Legacy(0));
         assert_eq!(decide_offer(&[Wait, Legacy]), OfferDecision::Legacy(1));
-        assert_eq!(decide_offer(&[Refuse, LastResort, Legacy]), OfferDecision::Legacy(2));
+        assert_eq!(
+            decide_offer(&[Refuse, LastResort, Legacy]),
+            OfferDecision::Legacy(2)
+        );
         assert_eq!(Offer::from_answer(Some(taas_protocol::edge::SERVE)), Serve);
         assert_eq!(Offer::from_answer(Some(taas_protocol::edge::WAIT)), Wait);
-        assert_eq!(Offer::from_answer(Some(taas_protocol::edge::LAST_RESORT)), LastResort);
-        assert_eq!(Offer::from_answer(Some(taas_protocol::edge::REFUSE)), Refuse);
+        assert_eq!(
+            Offer::from_answer(Some(taas_protocol::edge::LAST_RESORT)),
+            LastResort
+        );
+        assert_eq!(
+            Offer::from_answer(Some(taas_protocol::edge::REFUSE)),
+            Refuse
+        );
         assert_eq!(Offer::from_answer(Some(9)), NoAnswer);
     }
 
@@ -462,7 +482,11 @@ mod tests {
     }
 
     fn any_claim() -> impl Strategy<Value = Claim> {
-        prop_oneof![Just(Claim::Mine), Just(Claim::NotMine), Just(Claim::NoAnswer)]
+        prop_oneof![
+            Just(Claim::Mine),
+            Just(Claim::NotMine),
+            Just(Claim::NoAnswer)
+        ]
     }
 
     fn any_offer() -> impl Strategy<Value = Offer> {

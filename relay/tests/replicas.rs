@@ -277,7 +277,9 @@ impl TwoReplicas {
             &home,
             echo,
             n,
-            |_| {},
+            // The agent's own backoff, not the tests' short one: a parked connection given
+            // back by a draining replica must not cost the agent a long pause.
+            |config| config.max_backoff = taas_relay::agent::DEFAULT_MAX_BACKOFF,
         );
         Self {
             agent,
@@ -535,7 +537,7 @@ async fn replacing_the_only_replica_under_a_steady_load_fails_no_client() {
         &home,
         echo,
         8,
-        |_| {},
+        |config| config.max_backoff = taas_relay::agent::DEFAULT_MAX_BACKOFF,
     );
     eventually("8 parked on A", || async { parked(&a, "home") == 8 }).await;
     let done = Arc::new(AtomicUsize::new(0));
@@ -556,6 +558,22 @@ async fn replacing_the_only_replica_under_a_steady_load_fails_no_client() {
     let b = template.replica("127.0.0.3").await;
     let surged = Instant::now();
     a.drain();
+    // When every parked connection is on B (the window the label depends on A's hold).
+    let moved = {
+        let (ra, rb) = (a.relay.clone(), b.relay.clone());
+        tokio::spawn(async move {
+            let count = |r: &taas_relay::relay::StandaloneBackend| {
+                r.label("home").map_or(0, |l| l.parked())
+            };
+            while !(count(&ra) == 0 && count(&rb) == 8) {
+                if surged.elapsed() > Duration::from_secs(30) {
+                    return None;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Some(surged.elapsed())
+        })
+    };
     let served_at_drain = done.load(Ordering::SeqCst);
     let failures = tokio::time::timeout(Duration::from_secs(60), load)
         .await
@@ -566,12 +584,15 @@ async fn replacing_the_only_replica_under_a_steady_load_fails_no_client() {
         parked(&a, "home") == 0 && parked(&b, "home") == 8
     })
     .await;
+    let moved = moved.await.unwrap();
     eprintln!(
         "figure: one replica replaced under {total} clients ({served_at_drain} served before the \
-         drain, the rest over {window:?}): {} failures; parked after: A {}, B {}",
+         drain, the rest over {window:?}): {} failures; parked after: A {}, B {}; all 8 parked \
+         on B {moved:?} after the drain began (hold {:?})",
         failures.len(),
         parked(&a, "home"),
-        parked(&b, "home")
+        parked(&b, "home"),
+        label_relay::PARKED_HOLD,
     );
     assert!(failures.is_empty(), "{failures:?}");
     assert_eq!(agent.parked(), 8);

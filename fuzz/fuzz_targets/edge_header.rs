@@ -1,4 +1,4 @@
-//! The edge header reader on any bytes: never panics; a decision made on a prefix is the
+//! The edge header reader on any bytes (the optional offer TLV included): never panics; a decision made on a prefix is the
 //! decision on the whole (bytes arriving later never change it), and `Incomplete { need }`
 //! always asks for more than it was given and at most `MAX_HEADER`; an accepted header is
 //! within its limits and its encoding reads back the same.

@@ -26,6 +26,15 @@ pub const CLIENT_ADDR_HEADER: &str = "taas-client-addr";
 /// not a number from 1 up gets `400`.
 pub const RENDEZVOUS_COUNT_HEADER: &str = "taas-rendezvous-count";
 
+/// On a label relay's answer to a registration forwarded by a gateway (never passed on to the
+/// hidden server): the label's parked connections and pending registrations on this relay,
+/// so a gateway spreads registrations over a label's replicas (issue 16).
+pub const PARKED_HEADER: &str = "taas-parked";
+
+/// On a label relay's 503 to a registration while it drains (value `1`): a gateway with
+/// several replicas of the label tries the next one.
+pub const DRAINING_HEADER: &str = "taas-draining";
+
 /// Most rendezvous ports handed out by one request of the extension.
 pub const MAX_RENDEZVOUS_PER_REQUEST: u32 = 16;
 

@@ -4,12 +4,21 @@
 //!
 //! A PROXY protocol v2 header (haproxy `proxy-protocol.txt`; command PROXY, TCP4 or TCP6;
 //! source = the connecting peer, destination = the gateway address and port it used) followed
-//! by exactly three TLVs of the application-specific range, in this order:
+//! by three TLVs of the application-specific range, in this order:
 //! [`TLV_KIND`] (one byte, see [`EdgeKind`]), [`TLV_LABEL`] (ASCII, 1..=253 bytes) and
-//! [`TLV_TOKEN`] (the label's gateway token, ASCII, 1..=128 bytes). Nothing else is accepted.
+//! [`TLV_TOKEN`] (the label's gateway token, ASCII, 1..=128 bytes), then, on a
+//! [`EdgeKind::SharedPort`] or [`EdgeKind::Direct`] header only, an optional fourth,
+//! [`TLV_OFFER`] (one byte, 1). Nothing else is accepted.
 //!
 //! For a [`EdgeKind::Rendezvous`] connection the relay answers one byte, [`CLAIM`] or
 //! [`NOT_MINE`], and after a claim the gateway picks it with [`COMMIT`].
+//!
+//! With [`TLV_OFFER`] (issue 16, several replicas per label) the gateway offers a client
+//! before sending it: the relay answers one byte, [`SERVE`], [`WAIT`], [`LAST_RESORT`] or
+//! [`REFUSE`], then waits (within its handshake timeout) for [`COMMIT`], after which the
+//! ClientHello follows as without the TLV. A relay that predates the TLV refuses the header
+//! (it closes without a byte); the gateway then sends it the header without the TLV, so a
+//! rolling upgrade loses no client.
 //!
 //! Pure: [`EdgeHeader::encode`] and [`parse`]; the reader in the relay asks [`parse`] how many
 //! bytes it needs ([`Parsed::Incomplete`]) and so never reads past the header.
@@ -24,8 +33,19 @@ use crate::proxy_header::{v2_address_len, v2_read_addresses, v2_start, V2_PROXY,
 pub const CLAIM: u8 = 0x01;
 /// A relay's answer to a rendezvous header: no pending registration of its own matches.
 pub const NOT_MINE: u8 = 0x00;
-/// The gateway's choice, sent to the one relay that claimed: the stream is now its.
+/// The gateway's choice, sent to the one relay that claimed (or, after an offer, the one
+/// replica picked): the stream is now its.
 pub const COMMIT: u8 = 0x01;
+
+/// A relay's answer to an offer: the label is open, the relay not draining, and a parked
+/// connection is free now.
+pub const SERVE: u8 = 0x01;
+/// A relay's answer to an offer: not draining, but nothing parked: the client would queue.
+pub const WAIT: u8 = 0x02;
+/// A relay's answer to an offer: draining, but still holding parked connections.
+pub const LAST_RESORT: u8 = 0x03;
+/// A relay's answer to an offer: draining with nothing parked, or the label closed.
+pub const REFUSE: u8 = 0x00;
 
 /// TLV type of the kind (one byte: 1 SharedPort, 2 Direct, 3 Rendezvous).
 pub const TLV_KIND: u8 = 0xE0;
@@ -33,6 +53,8 @@ pub const TLV_KIND: u8 = 0xE0;
 pub const TLV_LABEL: u8 = 0xE1;
 /// TLV type of the label's gateway token.
 pub const TLV_TOKEN: u8 = 0xE2;
+/// TLV type of the offer flag (one byte, 1): answer before the client is sent.
+pub const TLV_OFFER: u8 = 0xE3;
 
 /// Longest LABEL (a host name's limit).
 pub const MAX_LABEL: usize = 253;
@@ -41,11 +63,13 @@ pub const MAX_TOKEN: usize = 128;
 
 /// The fixed part of a v2 header: signature, version/command, family, length.
 const FIXED: usize = 16;
-/// The TLVs in the only order accepted.
-const TLVS: [u8; 3] = [TLV_KIND, TLV_LABEL, TLV_TOKEN];
+/// The TLVs in the only order accepted; the last one ([`TLV_OFFER`]) is optional.
+const TLVS: [u8; 4] = [TLV_KIND, TLV_LABEL, TLV_TOKEN, TLV_OFFER];
+/// How many of [`TLVS`] every header has.
+const REQUIRED_TLVS: usize = 3;
 
-/// The longest header: the fixed part, TCP6 addresses, the three TLVs at their longest.
-pub const MAX_HEADER: usize = FIXED + 36 + (3 + 1) + (3 + MAX_LABEL) + (3 + MAX_TOKEN);
+/// The longest header: the fixed part, TCP6 addresses, the four TLVs at their longest.
+pub const MAX_HEADER: usize = FIXED + 36 + (3 + 1) + (3 + MAX_LABEL) + (3 + MAX_TOKEN) + (3 + 1);
 
 /// Which gateway port the connection came through, so what the relay does with it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -88,6 +112,9 @@ pub struct EdgeHeader {
     pub destination: SocketAddr,
     pub label: String,
     pub token: String,
+    /// [`TLV_OFFER`]: the relay answers before the client is sent (SharedPort and Direct
+    /// only).
+    pub offer: bool,
 }
 
 impl fmt::Debug for EdgeHeader {
@@ -98,6 +125,7 @@ impl fmt::Debug for EdgeHeader {
             .field("destination", &self.destination)
             .field("label", &self.label)
             .field("token", &"<redacted>")
+            .field("offer", &self.offer)
             .finish()
     }
 }
@@ -105,22 +133,27 @@ impl fmt::Debug for EdgeHeader {
 impl EdgeHeader {
     /// The header's bytes. IPv4-mapped addresses are sent as IPv4 when both addresses can be
     /// (as [`crate::proxy_header::v2`] does), so [`parse`] gives them back as IPv4. A LABEL
-    /// or token outside its limits (or not ASCII) gives bytes [`parse`] refuses: the gateway
-    /// derives both, so that is a bug there, and the relay says so.
+    /// or token outside its limits (or not ASCII), or an offer on a rendezvous header, gives
+    /// bytes [`parse`] refuses: the gateway derives them, so that is a bug there, and the
+    /// relay says so.
     pub fn encode(&self) -> Vec<u8> {
         let label = self.label.as_bytes();
         let token = self.token.as_bytes();
         // Out-of-limit values are clamped to a length parse refuses, never wrapped.
         let label_len = label.len().min(usize::from(u16::MAX) / 4);
         let token_len = token.len().min(usize::from(u16::MAX) / 4);
-        let tlv_len = (3 + 1) + (3 + label_len) + (3 + token_len);
+        let offer: &[u8] = if self.offer { &[1] } else { &[] };
+        let tlv_len = (3 + 1) + (3 + label_len) + (3 + token_len) + offer.len() * 4;
         let mut out = Vec::with_capacity(FIXED + 36 + tlv_len);
         v2_start(&mut out, self.source, self.destination, tlv_len as u16);
-        for (kind, value) in [
+        let tlvs = [
             (TLV_KIND, &[self.kind.byte()][..]),
             (TLV_LABEL, &label[..label_len]),
             (TLV_TOKEN, &token[..token_len]),
-        ] {
+            (TLV_OFFER, offer),
+        ];
+        let present = if self.offer { 4 } else { 3 };
+        for &(kind, value) in &tlvs[..present] {
             out.push(kind);
             out.extend_from_slice(&(value.len() as u16).to_be_bytes());
             out.extend_from_slice(value);
@@ -170,6 +203,8 @@ pub enum EdgeHeaderError {
     Label,
     #[error("the token is not 1..={MAX_TOKEN} printable ASCII bytes")]
     Token,
+    #[error("the offer TLV is not one byte of 1 on a shared-port or direct header")]
+    Offer,
 }
 
 /// Reads one edge header from the start of `buf` (bytes past it are ignored).
@@ -208,13 +243,18 @@ pub fn parse(buf: &[u8]) -> Result<Parsed, EdgeHeaderError> {
     };
     let (source, destination) =
         v2_read_addresses(buf[13], body).ok_or(EdgeHeaderError::TooShort(length))?;
-    let [kind, label, token] = tlvs(&body[address_len..])?;
+    let ([kind, label, token], offer) = tlvs(&body[address_len..])?;
     let kind = match kind {
         [b] => EdgeKind::from_byte(*b).ok_or(EdgeHeaderError::Kind)?,
         _ => return Err(EdgeHeaderError::Kind),
     };
     let label = text(label, MAX_LABEL).ok_or(EdgeHeaderError::Label)?;
     let token = text(token, MAX_TOKEN).ok_or(EdgeHeaderError::Token)?;
+    let offer = match offer {
+        None => false,
+        Some([1]) if kind != EdgeKind::Rendezvous => true,
+        Some(_) => return Err(EdgeHeaderError::Offer),
+    };
     Ok(Parsed::Complete {
         header: EdgeHeader {
             kind,
@@ -222,14 +262,18 @@ pub fn parse(buf: &[u8]) -> Result<Parsed, EdgeHeaderError> {
             destination,
             label,
             token,
+            offer,
         },
         len: total,
     })
 }
 
-/// The values of the three TLVs, which must be exactly [`TLVS`] in order.
-fn tlvs(mut rest: &[u8]) -> Result<[&[u8]; 3], EdgeHeaderError> {
-    let mut values: [&[u8]; 3] = [&[]; 3];
+/// The values of the three required TLVs and of the optional fourth: exactly [`TLVS`] (the
+/// last one or not) in order.
+type TlvValues<'a> = ([&'a [u8]; 3], Option<&'a [u8]>);
+
+fn tlvs(mut rest: &[u8]) -> Result<TlvValues<'_>, EdgeHeaderError> {
+    let mut values: [&[u8]; 4] = [&[]; 4];
     let mut next = 0;
     while !rest.is_empty() {
         let [kind, hi, lo, ..] = *rest else {
@@ -246,10 +290,14 @@ fn tlvs(mut rest: &[u8]) -> Result<[&[u8]; 3], EdgeHeaderError> {
         next += 1;
         rest = &rest[3 + len..];
     }
-    match TLVS.get(next) {
-        Some(&missing) => Err(EdgeHeaderError::MissingTlv(missing)),
-        None => Ok(values),
+    if next < REQUIRED_TLVS {
+        return Err(EdgeHeaderError::MissingTlv(TLVS[next]));
     }
+    let [kind, label, token, offer] = values;
+    Ok((
+        [kind, label, token],
+        (next > REQUIRED_TLVS).then_some(offer),
+    ))
 }
 
 /// 1..=max printable ASCII bytes (no spaces, no control characters: they reach the logs).
@@ -275,6 +323,7 @@ mod tests {
             destination: sa("198.51.100.7:20001"),
             label: "home".into(),
             token: "0123abcd".into(),
+            offer: false,
         }
     }
 
@@ -303,12 +352,13 @@ mod tests {
 
     #[test]
     fn max_header_is_the_contracts_number() {
-        assert_eq!(MAX_HEADER, 16 + 36 + 3 + 1 + 3 + 253 + 3 + 128);
+        assert_eq!(MAX_HEADER, 16 + 36 + 3 + 1 + 3 + 253 + 3 + 128 + 3 + 1);
         let longest = EdgeHeader {
             source: sa("[2001:db8::1]:1"),
             destination: sa("[2001:db8::2]:2"),
             label: "l".repeat(MAX_LABEL),
             token: "t".repeat(MAX_TOKEN),
+            offer: true,
             ..header(EdgeKind::Direct)
         };
         let bytes = longest.encode();
@@ -429,8 +479,8 @@ mod tests {
             (&[], MissingTlv(0xE0)),
             (&[(0xE0, k), (0xE1, l)], MissingTlv(0xE2)),
             (
-                &[(0xE0, k), (0xE1, l), (0xE2, t), (0xE3, t)],
-                UnknownTlv(0xE3),
+                &[(0xE0, k), (0xE1, l), (0xE2, t), (0xE4, t)],
+                UnknownTlv(0xE4),
             ),
             (&[(0x04, b"\0\0\0\0"), (0xE0, k)], UnknownTlv(0x04)),
             (
@@ -463,6 +513,59 @@ mod tests {
             bad[14..16].copy_from_slice(&length.to_be_bytes());
             assert_eq!(parse(&bad), Err(TruncatedTlv));
         }
+    }
+
+    #[test]
+    fn an_offer_is_an_optional_fourth_tlv_of_one_byte_1_on_client_headers_only() {
+        use EdgeHeaderError::*;
+        let (l, t): (&[u8], &[u8]) = (b"home", b"tok");
+        for kind in [1u8, 2] {
+            let bytes = with_tlvs(&[(0xE0, &[kind]), (0xE1, l), (0xE2, t), (0xE3, &[1])]);
+            assert!(complete(&bytes).0.offer);
+            // An old gateway's header (no offer) still parses, as no offer.
+            let old = with_tlvs(&[(0xE0, &[kind]), (0xE1, l), (0xE2, t)]);
+            assert!(!complete(&old).0.offer);
+        }
+        let cases: [(&[Tlv], EdgeHeaderError); 6] = [
+            (&[(0xE0, &[3]), (0xE1, l), (0xE2, t), (0xE3, &[1])], Offer),
+            (&[(0xE0, &[1]), (0xE1, l), (0xE2, t), (0xE3, &[0])], Offer),
+            (&[(0xE0, &[1]), (0xE1, l), (0xE2, t), (0xE3, &[])], Offer),
+            (
+                &[(0xE0, &[1]), (0xE1, l), (0xE2, t), (0xE3, &[1, 1])],
+                Offer,
+            ),
+            (
+                &[(0xE0, &[1]), (0xE1, l), (0xE3, &[1]), (0xE2, t)],
+                OutOfOrderTlv(0xE3),
+            ),
+            (
+                &[
+                    (0xE0, &[1]),
+                    (0xE1, l),
+                    (0xE2, t),
+                    (0xE3, &[1]),
+                    (0xE3, &[1]),
+                ],
+                DuplicateTlv(0xE3),
+            ),
+        ];
+        for (tlvs, err) in cases {
+            assert_eq!(parse(&with_tlvs(tlvs)), Err(err), "{tlvs:?}");
+        }
+        // The exact bytes: the three TLVs as before, then E3 00 01 01.
+        let h = EdgeHeader {
+            offer: true,
+            ..header(EdgeKind::SharedPort)
+        };
+        let mut plain = EdgeHeader {
+            offer: false,
+            ..h.clone()
+        }
+        .encode();
+        plain.extend_from_slice(&[0xE3, 0, 1, 1]);
+        let length = (plain.len() - FIXED) as u16;
+        plain[14..16].copy_from_slice(&length.to_be_bytes());
+        assert_eq!(h.encode(), plain);
     }
 
     #[test]
@@ -499,6 +602,7 @@ mod tests {
             destination: sa("[2001:db8::2]:2"),
             label: String::from_utf8(long_l).unwrap(),
             token: String::from_utf8(long_t).unwrap(),
+            offer: true,
             ..header(EdgeKind::Direct)
         };
         assert_eq!(parse(&bad.encode()), Err(TooLong(MAX_HEADER + 2)));
@@ -536,14 +640,19 @@ mod tests {
             any_addr(),
             "[!-~]{1,253}",
             "[!-~]{1,128}",
+            any::<bool>(),
         )
-            .prop_map(|(kind, source, destination, label, token)| EdgeHeader {
-                kind,
-                source,
-                destination,
-                label,
-                token,
-            })
+            .prop_map(
+                |(kind, source, destination, label, token, offer)| EdgeHeader {
+                    kind,
+                    source,
+                    destination,
+                    label,
+                    token,
+                    // Only client headers carry an offer.
+                    offer: offer && kind != EdgeKind::Rendezvous,
+                },
+            )
     }
 
     proptest! {

@@ -8,7 +8,10 @@
 //!   within the first-byte timeout, all of it within the handshake timeout) ──▶ LABEL is
 //!   ours, token verifies ──▶
 //!     SharedPort / Direct: the label's `hand_over`, as a client of the shared port / a direct
-//!       client from the header's source (its ClientHello follows in the stream);
+//!       client from the header's source (its ClientHello follows in the stream); with the
+//!       offer TLV, first one byte ([`offer_answer`]: SERVE, WAIT, LAST_RESORT or REFUSE) and
+//!       the gateway's COMMIT within the handshake timeout (a gateway with several replicas
+//!       of the label asks them in turn and commits to the best);
 //!     Rendezvous: the header's destination port T ──(the external file's `ports:`)──▶ local
 //!       one-shot ports ──▶ a pending registration for the source? CLAIM : NOT_MINE; after a
 //!       CLAIM, COMMIT within the handshake timeout gives the stream to the registration (it
@@ -30,7 +33,7 @@ use tokio::time::Instant;
 use crate::config::{ExternalAddress, PortRange};
 use crate::gateway_auth::GatewayToken;
 use crate::label::{ClientConn, Entry};
-use crate::metrics::{EdgeRefused, EdgeRendezvous};
+use crate::metrics::{EdgeRefused, EdgeRendezvous, OfferAnswer};
 use crate::relay::StandaloneBackend;
 use crate::sources::SourceKey;
 
@@ -63,6 +66,19 @@ pub fn authenticate(
         return Err(EdgeRefused::BadToken);
     }
     Ok(())
+}
+
+/// What a relay answers a gateway offering it a client: serve it now when a parked connection
+/// is free; while draining, take it only as a last resort (the parked connections it still
+/// holds are given back soon), or refuse it with none; a closed label refuses.
+pub fn offer_answer(label_open: bool, draining: bool, parked: usize) -> OfferAnswer {
+    match (label_open, draining, parked > 0) {
+        (false, _, _) => OfferAnswer::Refuse,
+        (true, true, true) => OfferAnswer::LastResort,
+        (true, true, false) => OfferAnswer::Refuse,
+        (true, false, true) => OfferAnswer::Serve,
+        (true, false, false) => OfferAnswer::Wait,
+    }
 }
 
 /// The local one-shot ports (in `p_ports`) that reach the outside as port `t`: those the
@@ -173,6 +189,14 @@ async fn route(
             return;
         }
     };
+    if header.offer {
+        let answer = offer_answer(!label.is_closed(), relay.is_draining(), label.parked());
+        relay.metrics().edge_offer(answer);
+        let commit_by = Instant::now() + timeouts.handshake;
+        if let Err(reason) = offered(&mut stream, answer, commit_by).await {
+            return refuse(reason);
+        }
+    }
     drop(header_phase);
     // As the shared port does: its clients cannot name a label whose server speaks first.
     if entry == Entry::SharedPort && label.config().server_speaks_first {
@@ -198,6 +222,31 @@ async fn route(
     label.hand_over_as(client, Some(header.destination));
 }
 
+/// Answers an offer; `Ok` once the gateway has committed the client to this relay (the
+/// ClientHello follows).
+async fn offered(
+    stream: &mut TcpStream,
+    answer: OfferAnswer,
+    commit_by: Instant,
+) -> Result<(), EdgeRefused> {
+    let written = tokio::time::timeout_at(commit_by, stream.write_all(&[answer.byte()])).await;
+    if answer == OfferAnswer::Refuse {
+        return Err(EdgeRefused::OfferRefused);
+    }
+    if !matches!(written, Ok(Ok(()))) {
+        return Err(EdgeRefused::OfferNotCommitted);
+    }
+    let mut commit = [0u8; 1];
+    match tokio::time::timeout_at(commit_by, stream.read_exact(&mut commit)).await {
+        Ok(Ok(_)) if commit[0] == edge::COMMIT => Ok(()),
+        _ => Err(EdgeRefused::OfferNotCommitted),
+    }
+}
+
+/// How long a rendezvous header waits for a matching registration claimed by another edge
+/// connection (`Label::claim_rendezvous_within`).
+const CLAIM_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Answers a rendezvous header: claims a pending registration (or says `NOT_MINE`), then on
 /// `COMMIT` by `commit_by` hands it the stream.
 async fn rendezvous(
@@ -212,7 +261,11 @@ async fn rendezvous(
         relay.settings().p_ports,
         header.destination.port(),
     );
-    let Some(claim) = label.claim_rendezvous(&locals, header.source.ip()) else {
+    // Within half the gateway's claim deadline (2 s) when another edge connection holds the
+    // matching registration's claim: the answer still reaches the gateway in time.
+    let wait_until = commit_by.min(Instant::now() + CLAIM_WAIT);
+    let claimed = label.claim_rendezvous_within(&locals, header.source.ip(), wait_until);
+    let Some(claim) = claimed.await else {
         // The answer is all the gateway needs; a failed write changes nothing.
         let _ = tokio::time::timeout_at(commit_by, stream.write_all(&[edge::NOT_MINE])).await;
         return EdgeRendezvous::NotMine;
@@ -281,6 +334,37 @@ mod tests {
             destination: "198.51.100.7:9443".parse().unwrap(),
             label: label.into(),
             token: token.into(),
+            offer: false,
+        }
+    }
+
+    #[test]
+    fn an_offer_is_served_now_only_by_an_open_relay_with_a_parked_connection() {
+        use OfferAnswer::*;
+        assert_eq!(offer_answer(true, false, 3), Serve);
+        assert_eq!(offer_answer(true, false, 0), Wait);
+        assert_eq!(offer_answer(true, true, 1), LastResort);
+        assert_eq!(offer_answer(true, true, 0), Refuse);
+        assert_eq!(offer_answer(false, false, 5), Refuse);
+        assert_eq!(offer_answer(false, true, 5), Refuse);
+    }
+
+    proptest::proptest! {
+        /// A draining relay never says SERVE or WAIT; a running one never LAST_RESORT; SERVE
+        /// and LAST_RESORT only with something parked.
+        #[test]
+        fn a_draining_relay_never_invites_a_client_to_wait_or_be_served(
+            open in proptest::bool::ANY, draining in proptest::bool::ANY, parked in 0usize..4,
+        ) {
+            let answer = offer_answer(open, draining, parked);
+            if draining || !open {
+                proptest::prop_assert!(!matches!(answer, OfferAnswer::Serve | OfferAnswer::Wait));
+            } else {
+                proptest::prop_assert!(answer != OfferAnswer::LastResort && answer != OfferAnswer::Refuse);
+            }
+            if matches!(answer, OfferAnswer::Serve | OfferAnswer::LastResort) {
+                proptest::prop_assert!(parked > 0 && open);
+            }
         }
     }
 

@@ -35,6 +35,17 @@
 //!   control port. The secret is re-read on change and never logged; the header value is
 //!   marked sensitive.
 //!
+//! Replicas (issue 16): a route's `relay` (and `edge`) is one `HOST:PORT` or a list of them,
+//! and every address each resolves to is one replica of the label's relay (a headless
+//! Service lists one address per ready pod). A registration goes to the replica with the
+//! fewest parked connections and pending registrations as its last answer said
+//! (`taas-parked`, remembered per replica address for 30 s, at most 4096; unknown counts as
+//! 0, ties rotated), so an agent's registrations spread evenly and a fresh replica fills
+//! first; a replica that answers `taas-draining: 1`, or cannot be reached, costs a try on the
+//! next one (counted in `taas_gateway_registrations_retried_total{reason}`); every other
+//! answer (401, 429, ...) is passed on. A client request (a GET) goes first to the replica
+//! with the most parked connections known, and on to the next on a 503 or a failure.
+//!
 //! The cluster edge (issue 15.3): raw TCP forwarded to each label's relay by server name
 //! (shared port, direct labels on HTTPS) and by rendezvous port, is [`edge`]; what it looks
 //! up in the routes is [`edge_index`] (pure).
@@ -46,6 +57,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
@@ -55,10 +67,13 @@ use hyper::client::conn::http1::SendRequest;
 use hyper::header::HeaderValue;
 use hyper::Request;
 use hyper_util::rt::TokioIo;
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use taas_protocol::answer::{
-    Answer, ClientRequest, Registration, CLIENT_ADDR_HEADER, RENDEZVOUS_COUNT_HEADER,
+    Answer, ClientRequest, Registration, CLIENT_ADDR_HEADER, DRAINING_HEADER, PARKED_HEADER,
+    RENDEZVOUS_COUNT_HEADER,
 };
 use taas_protocol::sync::{lock, read, write};
 use tokio::net::TcpStream;
@@ -89,18 +104,60 @@ const PASSED_HEADERS: [&str; 6] = [
     "cache-control",
 ];
 
+/// Replicas of one label's relay tried for one request or connection at most (a bound on
+/// what a routes file or a name's addresses can cost).
+pub const MAX_REPLICAS: usize = 16;
+
+/// A label relay's address in a route: one `HOST:PORT`, or a list of them (YAML). Every
+/// address each one resolves to is a replica (a headless Service's name resolves to one
+/// address per ready pod).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(untagged)]
+pub enum Replicas {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Replicas {
+    /// The `HOST:PORT` names, in the route's order.
+    pub fn names(&self) -> &[String] {
+        match self {
+            Self::One(name) => std::slice::from_ref(name),
+            Self::Many(names) => names,
+        }
+    }
+}
+
+impl From<&str> for Replicas {
+    fn from(name: &str) -> Self {
+        Self::One(name.to_string())
+    }
+}
+
+impl From<String> for Replicas {
+    fn from(name: String) -> Self {
+        Self::One(name)
+    }
+}
+
+impl std::fmt::Display for Replicas {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.names().join(","))
+    }
+}
+
 /// Where a label's relay answers, and whether it is ready to. The edge fields (issue 15.3)
 /// are optional, so a routes file written before them still reads.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
 pub struct Route {
-    /// `host:port` of the relay's control port.
-    pub relay: String,
+    /// `host:port` of the relay's control port (or a list: see [`Replicas`]).
+    pub relay: Replicas,
     #[serde(default = "ready_default")]
     pub ready: bool,
-    /// `host:port` of the relay's edge port; absent: the label is not in edge mode (the
-    /// gateway forwards no raw connection to it).
+    /// `host:port` of the relay's edge port (or a list: see [`Replicas`]); absent: the label
+    /// is not in edge mode (the gateway forwards no raw connection to it).
     #[serde(default)]
-    pub edge: Option<String>,
+    pub edge: Option<Replicas>,
     /// A direct label: its server name on the gateway's HTTPS port is forwarded raw (with
     /// `edge`), never terminated here.
     #[serde(default)]
@@ -115,7 +172,7 @@ impl Route {
     /// A route to the control port `relay`, ready, not in edge mode.
     pub fn new(relay: impl Into<String>) -> Self {
         Self {
-            relay: relay.into(),
+            relay: Replicas::One(relay.into()),
             ready: true,
             edge: None,
             direct: false,
@@ -175,6 +232,12 @@ pub fn read_route_file(path: &Path) -> Result<HashMap<String, Route>, String> {
     let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
     let routes =
         serde_yaml::from_str::<HashMap<String, Route>>(&text).map_err(|e| e.to_string())?;
+    for (label, route) in &routes {
+        let empty = |replicas: &Replicas| replicas.names().is_empty();
+        if empty(&route.relay) || route.edge.as_ref().is_some_and(empty) {
+            return Err(format!("{label}: an empty list of relay addresses"));
+        }
+    }
     Ok(routes
         .into_iter()
         .map(|(label, route)| (label.to_ascii_lowercase(), route))
@@ -190,20 +253,65 @@ pub struct Gateway {
 }
 
 /// What the gateway's upstream connections share: the client-request pool, the name cache,
-/// the install secret and the counters.
+/// the replicas' last known loads, the install secret and the counters.
 struct UpstreamShared {
     pool: UpstreamPool,
     resolver: Arc<RelayResolver>,
+    loads: Mutex<ReplicaLoads>,
+    /// Turns the order of replicas with equal loads.
+    turn: AtomicUsize,
     secret: Arc<SecretSlot>,
     metrics: Arc<GatewayMetrics>,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ByReason {
+    reason: &'static str,
+}
+
+/// Why a registration was sent on to another replica.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Retried {
+    /// The replica answered 503 with `taas-draining: 1`.
+    Draining,
+    /// The replica could not be reached, or did not answer in time.
+    Unreachable,
+}
+
+impl Retried {
+    const ALL: [Retried; 2] = [Self::Draining, Self::Unreachable];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Draining => "draining",
+            Self::Unreachable => "unreachable",
+        }
+    }
+}
+
 /// The gateway's own counters.
-#[derive(Default)]
 pub struct GatewayMetrics {
     redirects_limited: Counter,
     upstream_connections_opened: Counter,
     relay_lookups: Counter,
+    registrations_retried: Family<ByReason, Counter>,
+}
+
+impl Default for GatewayMetrics {
+    fn default() -> Self {
+        let metrics = Self {
+            redirects_limited: Counter::default(),
+            upstream_connections_opened: Counter::default(),
+            relay_lookups: Counter::default(),
+            registrations_retried: Family::default(),
+        };
+        for reason in Retried::ALL {
+            let _ = metrics.registrations_retried.get_or_create(&ByReason {
+                reason: reason.as_str(),
+            });
+        }
+        metrics
+    }
 }
 
 impl GatewayMetrics {
@@ -223,6 +331,20 @@ impl GatewayMetrics {
             "Name resolutions of relay addresses (cache misses)",
             self.relay_lookups.clone(),
         );
+        registry.register(
+            "taas_gateway_registrations_retried",
+            "Registrations sent on to another replica of the label's relay, by why (draining: \
+             the replica answered taas-draining; unreachable: not reached or no answer in time)",
+            self.registrations_retried.clone(),
+        );
+    }
+
+    fn retried(&self, reason: Retried) {
+        self.registrations_retried
+            .get_or_create(&ByReason {
+                reason: reason.as_str(),
+            })
+            .inc();
     }
 }
 
@@ -240,6 +362,8 @@ impl Gateway {
             upstream: Arc::new(UpstreamShared {
                 pool: UpstreamPool::new(settings.pool),
                 resolver: Arc::default(),
+                loads: Mutex::default(),
+                turn: AtomicUsize::new(0),
                 secret,
                 metrics: metrics.clone(),
             }),
@@ -274,26 +398,37 @@ impl Gateway {
         }
     }
 
-    async fn forward(
+    /// The replicas of `relays`, or the 503 a client gets when there is none (logged as the
+    /// route's readiness says).
+    async fn replicas(
         &self,
         label: &str,
         route: &Route,
-        send: impl Future<Output = Sent>,
-    ) -> Answer {
+        relays: &Replicas,
+    ) -> Result<Vec<SocketAddr>, Answer> {
+        match self
+            .upstream
+            .resolver
+            .resolve_all(relays, &self.metrics)
+            .await
+        {
+            Ok(replicas) => Ok(replicas),
+            Err(error) => {
+                self.unavailable(label, route, &format!("relay unreachable: {error}"));
+                Err(Answer::unavailable(RETRY_NOT_READY))
+            }
+        }
+    }
+
+    fn unavailable(&self, label: &str, route: &Route, problem: &str) {
         // A route marked unready is still tried: the flag comes through a mounted ConfigMap,
         // which kubelet refreshes up to a minute late, while the relay's control Service
         // resolves to the new pod as soon as it is ready. Unreachable: 503 either way.
-        let problem = match tokio::time::timeout(ANSWER_TIMEOUT, send).await {
-            Ok(Ok(answer)) => return answer,
-            Ok(Err(error)) => format!("relay unreachable: {error}"),
-            Err(_) => "relay did not answer in time".to_string(),
-        };
         if route.ready {
             tracing::warn!(%label, relay = %route.relay, "{problem}");
         } else {
             tracing::debug!(%label, relay = %route.relay, "{problem} (route not ready yet)");
         }
-        Answer::unavailable(RETRY_NOT_READY)
     }
 
     /// The request as forwarded to LABEL's relay: the client's address, and the gateway
@@ -316,9 +451,25 @@ impl Gateway {
             None => builder,
         }
     }
+
+    /// The order replicas are tried in, by their last known loads: fewest first for a
+    /// registration, most first for a client request; ties in turn.
+    fn order(&self, replicas: &[SocketAddr], fewest_first: bool) -> Vec<SocketAddr> {
+        let turn = self.upstream.turn.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        let loads = lock(&self.upstream.loads);
+        replica_order(replicas, turn, |replica| {
+            let load = loads.get(replica, now);
+            if fewest_first {
+                load
+            } else {
+                usize::MAX - load
+            }
+        })
+    }
 }
 
-type Sent = Result<Answer, UpstreamError>;
+type Sent = Result<Relayed, UpstreamError>;
 
 impl LabelBackend for Gateway {
     type Connection = Upstreams;
@@ -329,27 +480,102 @@ impl LabelBackend for Gateway {
         let Some(route) = self.routes.get(registration.label) else {
             return Answer::unauthorized();
         };
-        let mut builder = self.request(
-            "PUT",
-            &format!("/register/{}", registration.label),
-            &self.registrar,
-            registration.source,
-            registration.label,
-        );
-        if let Some(authorization) = registration.authorization {
-            builder = builder.header(hyper::header::AUTHORIZATION, authorization);
-        }
-        if registration.count > 1 {
-            // The several-ports extension, passed on to the label's relay.
-            builder = builder.header(RENDEZVOUS_COUNT_HEADER, registration.count);
-        }
-        match builder.body(Empty::new()) {
-            Ok(forwarded) => {
-                let send = upstreams.send(&self.upstream, &route.relay, forwarded);
-                self.forward(registration.label, &route, send).await
+        let replicas = match self
+            .replicas(registration.label, &route, &route.relay)
+            .await
+        {
+            Ok(replicas) => replicas,
+            Err(answer) => return answer,
+        };
+        let request = |count: u32| {
+            let mut builder = self.request(
+                "PUT",
+                &format!("/register/{}", registration.label),
+                &self.registrar,
+                registration.source,
+                registration.label,
+            );
+            if let Some(authorization) = registration.authorization {
+                builder = builder.header(hyper::header::AUTHORIZATION, authorization);
             }
-            Err(_) => Answer::bad_request(),
+            if count > 1 {
+                // The several-ports extension, passed on to the label's relay.
+                builder = builder.header(RENDEZVOUS_COUNT_HEADER, count);
+            }
+            builder.body(Empty::new())
+        };
+        let order = self.order(&replicas, true);
+        let loads: Vec<usize> = {
+            let (loads, now) = (lock(&self.upstream.loads), Instant::now());
+            order
+                .iter()
+                .map(|replica| loads.get(replica, now))
+                .collect()
+        };
+        // A batch (an agent asking for several ports at once) is split over the replicas so
+        // their loads even out; each part goes to its replica, or on to the next when that
+        // one drains or cannot be reached.
+        let parts = split_batch(registration.count.max(1), &loads);
+        let deadline = tokio::time::Instant::now() + ANSWER_TIMEOUT;
+        let mut out = vec![false; order.len()];
+        let mut granted: Vec<Answer> = Vec::new();
+        let mut other = None;
+        let mut draining = None;
+        let mut problem = String::from("no replica");
+        for (first, &count) in parts.iter().enumerate().filter(|(_, count)| **count > 0) {
+            for i in (0..order.len()).map(|d| (first + d) % order.len()) {
+                if out[i] || tokio::time::Instant::now() >= deadline {
+                    continue;
+                }
+                let replica = order[i];
+                let Ok(forwarded) = request(count) else {
+                    return Answer::bad_request();
+                };
+                let send = upstreams.send(&self.upstream, replica, forwarded);
+                let retry = match tokio::time::timeout_at(deadline, send).await {
+                    Ok(Ok(relayed)) => {
+                        if let Some(parked) = relayed.parked {
+                            lock(&self.upstream.loads).put(replica, parked, Instant::now());
+                        }
+                        if !relayed.draining {
+                            if relayed.answer.status == 200 {
+                                granted.push(relayed.answer);
+                            } else {
+                                // A 401, a 429, ...: passed on, never retried.
+                                other.get_or_insert(relayed.answer);
+                            }
+                            break;
+                        }
+                        draining = Some(relayed.answer);
+                        Retried::Draining
+                    }
+                    Ok(Err(error)) => {
+                        problem = format!("relay {replica} unreachable: {error}");
+                        Retried::Unreachable
+                    }
+                    Err(_) => {
+                        problem = format!("relay {replica} did not answer in time");
+                        Retried::Unreachable
+                    }
+                };
+                out[i] = true;
+                if out.iter().any(|out| !out) {
+                    self.metrics.retried(retry);
+                }
+            }
         }
+        if let Some(answer) = merge_granted(granted) {
+            return answer;
+        }
+        if let Some(answer) = other {
+            return answer;
+        }
+        // Every replica draining or unreachable: the hidden server registers again soon.
+        if let Some(answer) = draining {
+            return answer;
+        }
+        self.unavailable(registration.label, &route, &problem);
+        Answer::unavailable(RETRY_NOT_READY)
     }
 
     async fn client(&self, client: ClientRequest<'_>) -> Answer {
@@ -361,20 +587,169 @@ impl LabelBackend for Gateway {
         let Some(route) = self.routes.get(client.label) else {
             return Answer::not_found();
         };
-        let builder = self.request(
-            "GET",
-            client.path_and_query,
-            client.host,
-            client.source,
-            client.label,
-        );
-        match builder.body(Empty::new()) {
-            Ok(forwarded) => {
-                let send = self.upstream.send_pooled(&route.relay, forwarded);
-                self.forward(client.label, &route, send).await
+        let replicas = match self.replicas(client.label, &route, &route.relay).await {
+            Ok(replicas) => replicas,
+            Err(answer) => return answer,
+        };
+        let deadline = tokio::time::Instant::now() + ANSWER_TIMEOUT;
+        let mut last = None;
+        let mut problem = String::from("no replica");
+        // A GET is idempotent: a replica with nothing parked (503) or out of reach sends it
+        // on to the next, the one most likely to have a parked connection asked first.
+        for replica in self.order(&replicas, false) {
+            let builder = self.request(
+                "GET",
+                client.path_and_query,
+                client.host,
+                client.source,
+                client.label,
+            );
+            let Ok(forwarded) = builder.body(Empty::new()) else {
+                return Answer::bad_request();
+            };
+            let send = self.upstream.send_pooled(replica, forwarded);
+            match tokio::time::timeout_at(deadline, send).await {
+                Ok(Ok(relayed)) if relayed.answer.status == 503 => last = Some(relayed.answer),
+                Ok(Ok(relayed)) => return relayed.answer,
+                Ok(Err(error)) => problem = format!("relay {replica} unreachable: {error}"),
+                Err(_) => {
+                    problem = format!("relay {replica} did not answer in time");
+                    break;
+                }
             }
-            Err(_) => Answer::bad_request(),
         }
+        if let Some(answer) = last {
+            return answer;
+        }
+        self.unavailable(client.label, &route, &problem);
+        Answer::unavailable(RETRY_NOT_READY)
+    }
+}
+
+/// `replicas` in the order to try them: by `load` (smallest first), the replicas of equal load
+/// in an order turned by `turn`, so consecutive requests start with a different one of them.
+/// Pure.
+pub fn replica_order(
+    replicas: &[SocketAddr],
+    turn: usize,
+    load: impl Fn(&SocketAddr) -> usize,
+) -> Vec<SocketAddr> {
+    let mut order: Vec<(usize, SocketAddr)> = replicas.iter().map(|r| (load(r), *r)).collect();
+    // Stable: equal loads keep the route's order, then each such group is turned.
+    order.sort_by_key(|(load, _)| *load);
+    let mut start = 0;
+    while start < order.len() {
+        let load = order[start].0;
+        let len = order[start..]
+            .iter()
+            .take_while(|(l, _)| *l == load)
+            .count();
+        order[start..start + len].rotate_left(turn % len);
+        start += len;
+    }
+    order.into_iter().map(|(_, replica)| replica).collect()
+}
+
+/// How many of `count` rendezvous ports to ask each replica for, the replicas given by their
+/// loads in the order to try them: one at a time to the least loaded (counting what it was
+/// given already), ties to the earlier one. Pure.
+pub fn split_batch(count: u32, loads: &[usize]) -> Vec<u32> {
+    let mut parts = vec![0u32; loads.len()];
+    for _ in 0..count {
+        let least =
+            (0..loads.len()).min_by_key(|&i| (loads[i].saturating_add(parts[i] as usize), i));
+        match least {
+            Some(i) => parts[i] += 1,
+            None => break,
+        }
+    }
+    parts
+}
+
+/// The 200s of a split batch as one answer: the first one's headers, every `HOST:PORT` line
+/// (one answer alone is passed on unchanged).
+fn merge_granted(mut granted: Vec<Answer>) -> Option<Answer> {
+    if granted.len() <= 1 {
+        return granted.pop();
+    }
+    let lines: Vec<String> = granted
+        .iter()
+        .flat_map(|answer| {
+            answer
+                .body
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let mut merged = granted.swap_remove(0);
+    merged.body = lines.join("\n");
+    Some(merged)
+}
+
+/// How long a replica's reported load is believed.
+const LOAD_TTL: Duration = Duration::from_secs(30);
+/// Replica addresses whose load is remembered at once.
+const MAX_LOADS: usize = 4096;
+
+/// What each replica last said of its label's parked connections and pending registrations
+/// (`taas-parked`), by replica address (pure: the caller passes the time).
+#[derive(Debug)]
+pub struct ReplicaLoads {
+    entries: HashMap<SocketAddr, (usize, Instant)>,
+    max: usize,
+}
+
+impl Default for ReplicaLoads {
+    fn default() -> Self {
+        Self::with_capacity(MAX_LOADS)
+    }
+}
+
+impl ReplicaLoads {
+    /// At most `max` replicas remembered.
+    pub fn with_capacity(max: usize) -> Self {
+        Self {
+            entries: HashMap::new(),
+            max: max.max(1),
+        }
+    }
+
+    /// The load last reported, if within [`LOAD_TTL`]; unknown (or older) is 0, so a fresh
+    /// replica is preferred for registrations.
+    pub fn get(&self, replica: &SocketAddr, now: Instant) -> usize {
+        self.entries
+            .get(replica)
+            .filter(|(_, at)| now.saturating_duration_since(*at) < LOAD_TTL)
+            .map_or(0, |(load, _)| *load)
+    }
+
+    pub fn put(&mut self, replica: SocketAddr, load: usize, now: Instant) {
+        if self.entries.len() >= self.max && !self.entries.contains_key(&replica) {
+            self.entries
+                .retain(|_, (_, at)| now.saturating_duration_since(*at) < LOAD_TTL);
+            if self.entries.len() >= self.max {
+                let oldest = self
+                    .entries
+                    .iter()
+                    .min_by_key(|(_, (_, at))| *at)
+                    .map(|(replica, _)| *replica);
+                if let Some(oldest) = oldest {
+                    self.entries.remove(&oldest);
+                }
+            }
+        }
+        self.entries.insert(replica, (load, now));
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
     }
 }
 
@@ -450,11 +825,11 @@ impl SecretSlot {
     }
 }
 
-/// One front-end connection's connections to relays (by control address), for
+/// One front-end connection's connections to relays (by replica address), for
 /// registrations: a hidden server's kept-alive registrations stay one connection end to end.
 #[derive(Default)]
 pub struct Upstreams {
-    connections: tokio::sync::Mutex<HashMap<String, SendRequest<Empty<Bytes>>>>,
+    connections: tokio::sync::Mutex<HashMap<SocketAddr, SendRequest<Empty<Bytes>>>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -471,32 +846,44 @@ pub enum UpstreamError {
     Body,
 }
 
+/// A relay's answer, and what the gateway reads of it and never passes on.
+#[derive(Debug)]
+struct Relayed {
+    answer: Answer,
+    /// The connection may be used again.
+    reusable: bool,
+    /// `taas-parked`: the label's parked connections and pending registrations there.
+    parked: Option<usize>,
+    /// `taas-draining: 1`: the replica is stopping (a registration tries the next one).
+    draining: bool,
+}
+
 impl Upstreams {
     async fn send(
         &self,
         shared: &UpstreamShared,
-        relay: &str,
+        replica: SocketAddr,
         request: Request<Empty<Bytes>>,
-    ) -> Result<Answer, UpstreamError> {
+    ) -> Sent {
         let mut connections = self.connections.lock().await;
-        let reusable = match connections.get_mut(relay) {
+        let reusable = match connections.get_mut(&replica) {
             Some(sender) => sender.ready().await.is_ok(),
             None => false,
         };
         if !reusable {
-            connections.remove(relay);
+            connections.remove(&replica);
             if connections.len() >= MAX_UPSTREAMS {
                 connections.clear();
             }
-            connections.insert(relay.to_string(), shared.connect(relay).await?);
+            connections.insert(replica, shared.connect(replica).await?);
         }
         let sender = connections
-            .get_mut(relay)
+            .get_mut(&replica)
             .ok_or(UpstreamError::ConnectTimeout)?;
         match exchange(sender, request).await {
-            Ok((answer, _)) => Ok(answer),
+            Ok(relayed) => Ok(relayed),
             Err(error) => {
-                connections.remove(relay);
+                connections.remove(&replica);
                 Err(error)
             }
         }
@@ -504,9 +891,11 @@ impl Upstreams {
 }
 
 impl UpstreamShared {
-    async fn connect(&self, relay: &str) -> Result<SendRequest<Empty<Bytes>>, UpstreamError> {
-        let addresses = self.resolver.resolve(relay, &self.metrics).await?;
-        let sender = connect(&addresses).await?;
+    async fn connect(
+        &self,
+        replica: SocketAddr,
+    ) -> Result<SendRequest<Empty<Bytes>>, UpstreamError> {
+        let sender = connect(replica).await?;
         self.metrics.upstream_connections_opened.inc();
         Ok(sender)
     }
@@ -514,31 +903,31 @@ impl UpstreamShared {
     /// A client request (an idempotent GET) on a pooled connection. A pooled connection that
     /// turns out dead (the relay closed it while idle, or restarted) costs one retry on a
     /// fresh connection, never an error to the client.
-    async fn send_pooled(&self, relay: &str, request: Request<Empty<Bytes>>) -> Sent {
-        let checkout = self.pool.checkout(relay, Instant::now()).await;
+    async fn send_pooled(&self, replica: SocketAddr, request: Request<Empty<Bytes>>) -> Sent {
+        let checkout = self.pool.checkout(replica, Instant::now()).await;
         if let Some(mut sender) = checkout.idle {
             if sender.ready().await.is_ok() {
                 match exchange(&mut sender, copy_request(&request)).await {
-                    Ok((answer, reusable)) => {
-                        if reusable {
-                            self.pool.checkin(relay, sender, Instant::now());
+                    Ok(relayed) => {
+                        if relayed.reusable {
+                            self.pool.checkin(replica, sender, Instant::now());
                         }
-                        return Ok(answer);
+                        return Ok(relayed);
                     }
                     Err(UpstreamError::Http(error)) => {
-                        tracing::debug!(%relay, %error, "pooled connection failed: once more on a fresh one");
+                        tracing::debug!(%replica, %error, "pooled connection failed: once more on a fresh one");
                     }
                     Err(error) => return Err(error),
                 }
             }
         }
-        let mut sender = self.connect(relay).await?;
-        let (answer, reusable) = exchange(&mut sender, request).await?;
-        if reusable && checkout.pooled {
-            self.pool.checkin(relay, sender, Instant::now());
+        let mut sender = self.connect(replica).await?;
+        let relayed = exchange(&mut sender, request).await?;
+        if relayed.reusable && checkout.pooled {
+            self.pool.checkin(replica, sender, Instant::now());
         }
         drop(checkout.permit);
-        Ok(answer)
+        Ok(relayed)
     }
 }
 
@@ -552,11 +941,8 @@ fn copy_request(request: &Request<Empty<Bytes>>) -> Request<Empty<Bytes>> {
 }
 
 /// Sends one request and reads the relay's answer; also says whether the connection may be
-/// used again.
-async fn exchange(
-    sender: &mut SendRequest<Empty<Bytes>>,
-    request: Request<Empty<Bytes>>,
-) -> Result<(Answer, bool), UpstreamError> {
+/// used again, and what the relay said for the gateway alone (never passed on).
+async fn exchange(sender: &mut SendRequest<Empty<Bytes>>, request: Request<Empty<Bytes>>) -> Sent {
     let response = sender.send_request(request).await?;
     let (parts, body) = response.into_parts();
     let body = Limited::new(body, MAX_ANSWER_BODY)
@@ -571,17 +957,25 @@ async fn exchange(
             answer.headers.push((name, value.to_string()));
         }
     }
+    let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
+    let parked = header(PARKED_HEADER).and_then(|v| v.trim().parse::<usize>().ok());
+    let draining = parts.status.as_u16() == 503 && header(DRAINING_HEADER) == Some("1");
     let closing = parts
         .headers
         .get(hyper::header::CONNECTION)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.to_ascii_lowercase().contains("close"));
     let reusable = !closing && parts.version == hyper::Version::HTTP_11 && !sender.is_closed();
-    Ok((answer, reusable))
+    Ok(Relayed {
+        answer,
+        reusable,
+        parked,
+        draining,
+    })
 }
 
-/// Opens raw TCP connections to relays by name (`HOST:PORT`), resolved through the upstream
-/// side's cache: the edge's connections to relays' edge ports.
+/// Opens raw TCP connections to relays' replicas, their names (`HOST:PORT`) resolved through
+/// the upstream side's cache: the edge's connections to relays' edge ports.
 #[derive(Clone)]
 pub(crate) struct RelayConnector {
     resolver: Arc<RelayResolver>,
@@ -589,15 +983,22 @@ pub(crate) struct RelayConnector {
 }
 
 impl RelayConnector {
-    /// A connection to `relay` within the connect deadline (resolution included).
-    pub(crate) async fn connect(&self, relay: &str) -> Result<TcpStream, UpstreamError> {
-        let addresses = self.resolver.resolve(relay, &self.metrics).await?;
-        connect_tcp(&addresses).await
+    /// Every replica `relays` names now (at most [`MAX_REPLICAS`]).
+    pub(crate) async fn replicas(
+        &self,
+        relays: &Replicas,
+    ) -> Result<Vec<SocketAddr>, UpstreamError> {
+        self.resolver.resolve_all(relays, &self.metrics).await
+    }
+
+    /// A connection to one replica within the connect deadline.
+    pub(crate) async fn connect(&self, replica: SocketAddr) -> Result<TcpStream, UpstreamError> {
+        connect_tcp(replica).await
     }
 }
 
-async fn connect(addresses: &[SocketAddr]) -> Result<SendRequest<Empty<Bytes>>, UpstreamError> {
-    let tcp = connect_tcp(addresses).await?;
+async fn connect(replica: SocketAddr) -> Result<SendRequest<Empty<Bytes>>, UpstreamError> {
+    let tcp = connect_tcp(replica).await?;
     let _ = tcp.set_nodelay(true);
     let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
     tokio::spawn(async move {
@@ -608,26 +1009,15 @@ async fn connect(addresses: &[SocketAddr]) -> Result<SendRequest<Empty<Bytes>>, 
     Ok(sender)
 }
 
-async fn connect_tcp(addresses: &[SocketAddr]) -> Result<TcpStream, UpstreamError> {
-    // The addresses in turn (a name may resolve to IPv6 and IPv4), within one deadline.
-    let attempt = async {
-        let mut last = None;
-        for address in addresses {
-            match TcpStream::connect(address).await {
-                Ok(tcp) => return Ok(tcp),
-                Err(error) => last = Some(error),
-            }
-        }
-        Err(last.unwrap_or_else(|| std::io::Error::other("no address")))
-    };
-    match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
+async fn connect_tcp(replica: SocketAddr) -> Result<TcpStream, UpstreamError> {
+    match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(replica)).await {
         Ok(Ok(tcp)) => Ok(tcp),
         Ok(Err(error)) => Err(UpstreamError::Connect(error)),
         Err(_) => Err(UpstreamError::ConnectTimeout),
     }
 }
 
-/// Kept-alive connections for client requests, per relay address (the route's string).
+/// Kept-alive connections for client requests, per replica address.
 /// Bounded: at most `per_relay` connections to one relay exist at once (a new one is opened
 /// only by a request holding one of the relay's permits, when none is idle), at most
 /// `idle_total` idle overall, at most `relays` relays tracked.
@@ -638,7 +1028,7 @@ struct UpstreamPool {
 
 #[derive(Default)]
 struct PoolState {
-    relays: HashMap<String, RelayPool>,
+    relays: HashMap<SocketAddr, RelayPool>,
     idle_total: usize,
 }
 
@@ -670,14 +1060,14 @@ impl UpstreamPool {
         lock(&self.state)
     }
 
-    async fn checkout(&self, relay: &str, now: Instant) -> Checkout {
+    async fn checkout(&self, relay: SocketAddr, now: Instant) -> Checkout {
         let permits = {
             let mut state = self.lock();
-            if !state.relays.contains_key(relay) && state.relays.len() >= self.limits.relays.max(1)
+            if !state.relays.contains_key(&relay) && state.relays.len() >= self.limits.relays.max(1)
             {
                 state.forget_unused_relays(self.limits.per_relay);
             }
-            if !state.relays.contains_key(relay) && state.relays.len() >= self.limits.relays.max(1)
+            if !state.relays.contains_key(&relay) && state.relays.len() >= self.limits.relays.max(1)
             {
                 // Every tracked relay busy: this request goes unpooled.
                 return Checkout {
@@ -688,7 +1078,7 @@ impl UpstreamPool {
             }
             state
                 .relays
-                .entry(relay.to_string())
+                .entry(relay)
                 .or_insert_with(|| RelayPool {
                     idle: Vec::new(),
                     permits: Arc::new(Semaphore::new(self.limits.per_relay.max(1))),
@@ -707,7 +1097,7 @@ impl UpstreamPool {
         let mut state = self.lock();
         let mut found = None;
         let mut taken = 0;
-        if let Some(pool) = state.relays.get_mut(relay) {
+        if let Some(pool) = state.relays.get_mut(&relay) {
             while let Some((sender, since)) = pool.idle.pop() {
                 taken += 1;
                 let fresh = now.saturating_duration_since(since) < self.limits.idle_timeout;
@@ -725,12 +1115,12 @@ impl UpstreamPool {
         }
     }
 
-    fn checkin(&self, relay: &str, sender: SendRequest<Empty<Bytes>>, now: Instant) {
+    fn checkin(&self, relay: SocketAddr, sender: SendRequest<Empty<Bytes>>, now: Instant) {
         let mut state = self.lock();
         if state.idle_total >= self.limits.idle_total {
             return;
         }
-        if let Some(pool) = state.relays.get_mut(relay) {
+        if let Some(pool) = state.relays.get_mut(&relay) {
             pool.idle.push((sender, now));
             state.idle_total += 1;
         }
@@ -779,6 +1169,34 @@ struct RelayResolver {
 }
 
 impl RelayResolver {
+    /// Every address the names resolve to (each a replica), deduplicated, in the route's
+    /// order, at most [`MAX_REPLICAS`]; an error only when none resolves.
+    async fn resolve_all(
+        &self,
+        relays: &Replicas,
+        metrics: &GatewayMetrics,
+    ) -> Result<Vec<SocketAddr>, UpstreamError> {
+        let mut replicas: Vec<SocketAddr> = Vec::new();
+        let mut failed = None;
+        for name in relays.names().iter().take(MAX_REPLICAS) {
+            match self.resolve(name, metrics).await {
+                Ok(addresses) => {
+                    for address in addresses {
+                        if !replicas.contains(&address) && replicas.len() < MAX_REPLICAS {
+                            replicas.push(address);
+                        }
+                    }
+                }
+                Err(error) => failed = Some(error),
+            }
+        }
+        match failed {
+            Some(error) if replicas.is_empty() => Err(error),
+            _ if replicas.is_empty() => Err(UpstreamError::Resolve("no addresses".into())),
+            _ => Ok(replicas),
+        }
+    }
+
     async fn resolve(
         &self,
         relay: &str,
@@ -944,11 +1362,135 @@ mod tests {
         .unwrap();
         let home = &read_route_file(&path).unwrap()["home"];
         assert_eq!(
-            home.edge.as_deref(),
-            Some("taas-home-control.ns.svc.cluster.local.:21001")
+            home.edge,
+            Some(Replicas::from(
+                "taas-home-control.ns.svc.cluster.local.:21001"
+            ))
         );
         assert!(home.direct);
         assert_eq!(home.rendezvous, [20005, 20006]);
+    }
+
+    #[test]
+    fn a_route_lists_its_replicas_or_names_one_and_an_empty_list_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routes.yaml");
+        std::fs::write(
+            &path,
+            "home: {relay: [\"127.0.0.2:8080\", \"127.0.0.3:8080\"], \
+             edge: [\"127.0.0.2:21001\", \"127.0.0.3:21001\"], rendezvous: [20000]}\n\
+             work: {relay: \"w:8080\", edge: \"w:21001\"}\n",
+        )
+        .unwrap();
+        let routes = read_route_file(&path).unwrap();
+        assert_eq!(
+            routes["home"].relay.names(),
+            ["127.0.0.2:8080", "127.0.0.3:8080"]
+        );
+        assert_eq!(
+            routes["home"].edge.as_ref().unwrap().to_string(),
+            "127.0.0.2:21001,127.0.0.3:21001"
+        );
+        assert_eq!(routes["work"].relay, Replicas::from("w:8080"));
+        std::fs::write(&path, "home: {relay: []}\n").unwrap();
+        assert!(read_route_file(&path).unwrap_err().contains("empty"));
+    }
+
+    fn sa(n: u8) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, n], 8080))
+    }
+
+    #[test]
+    fn a_fresh_replica_fills_first_and_equal_ones_take_turns() {
+        let replicas = [sa(1), sa(2), sa(3)];
+        let loads = HashMap::from([(sa(1), 4), (sa(2), 0), (sa(3), 4)]);
+        let load = |r: &SocketAddr| loads[r];
+        for turn in 0..6 {
+            assert_eq!(replica_order(&replicas, turn, load)[0], sa(2));
+        }
+        let firsts: Vec<SocketAddr> = (0..3)
+            .map(|turn| replica_order(&replicas, turn, |_| 0)[0])
+            .collect();
+        assert_eq!(firsts, [sa(1), sa(2), sa(3)]);
+        assert!(replica_order(&[], 7, |_| 0).is_empty());
+    }
+
+    #[test]
+    fn a_batch_is_split_so_the_replicas_loads_even_out() {
+        assert_eq!(split_batch(8, &[0, 0]), [4, 4]);
+        assert_eq!(split_batch(8, &[4, 0]), [2, 6]);
+        assert_eq!(split_batch(1, &[3, 0, 0]), [0, 1, 0]);
+        assert_eq!(split_batch(3, &[]), Vec::<u32>::new());
+        let merged = merge_granted(vec![
+            Answer::rendezvous_many("gw", &[1, 2]),
+            Answer::rendezvous("gw", 3),
+        ])
+        .unwrap();
+        assert_eq!(merged.status, 200);
+        assert_eq!(merged.body, "gw:1\ngw:2\ngw:3");
+        let one = Answer::rendezvous("gw", 3);
+        assert_eq!(merge_granted(vec![one.clone()]).unwrap().body, one.body);
+    }
+
+    #[test]
+    fn a_replicas_load_is_believed_for_30_s_and_the_memory_stays_bounded() {
+        let t0 = Instant::now();
+        let mut loads = ReplicaLoads::with_capacity(3);
+        assert_eq!(loads.get(&sa(1), t0), 0, "unknown is 0");
+        loads.put(sa(1), 5, t0);
+        assert_eq!(loads.get(&sa(1), t0 + Duration::from_secs(29)), 5);
+        assert_eq!(loads.get(&sa(1), t0 + LOAD_TTL), 0, "stale is 0");
+        for n in 2..50 {
+            loads.put(sa(n), 1, t0 + Duration::from_millis(u64::from(n)));
+            assert!(loads.len() <= 3);
+        }
+        assert_eq!(loads.get(&sa(49), t0 + Duration::from_secs(1)), 1);
+        assert_eq!(loads.get(&sa(1), t0), 0, "the oldest went first");
+    }
+
+    proptest::proptest! {
+        /// Fewest first; over as many turns as replicas, each of the least loaded comes first
+        /// equally often (an agent's registrations spread evenly); never a replica lost or
+        /// added.
+        #[test]
+        fn registrations_go_to_the_least_loaded_in_turn(
+            loads in proptest::collection::vec(0usize..4, 1..8),
+            start in 0usize..100,
+        ) {
+            let replicas: Vec<SocketAddr> = (0..loads.len()).map(|i| sa(i as u8)).collect();
+            let load = |r: &SocketAddr| loads[replicas.iter().position(|x| x == r).unwrap()];
+            let least = *loads.iter().min().unwrap();
+            let mut firsts = HashMap::new();
+            for turn in start..start + replicas.len() {
+                let order = replica_order(&replicas, turn, load);
+                let mut sorted = order.clone();
+                sorted.sort();
+                proptest::prop_assert_eq!(&sorted, &replicas);
+                proptest::prop_assert!(order.windows(2).all(|w| load(&w[0]) <= load(&w[1])));
+                proptest::prop_assert_eq!(load(&order[0]), least);
+                *firsts.entry(order[0]).or_insert(0) += 1;
+            }
+            let counts: Vec<usize> = firsts.values().copied().collect();
+            proptest::prop_assert!(counts.iter().max().unwrap() - counts.iter().min().unwrap() <= 1);
+        }
+
+        /// Every port asked for is given to some replica; afterwards the replicas that got
+        /// any are within one of each other and of the least loaded one.
+        #[test]
+        fn a_split_batch_fills_the_least_loaded_first(
+            loads in proptest::collection::vec(0usize..10, 1..6),
+            count in 1u32..17,
+        ) {
+            let parts = split_batch(count, &loads);
+            proptest::prop_assert_eq!(parts.iter().sum::<u32>(), count);
+            let after: Vec<usize> = loads.iter().zip(&parts).map(|(l, p)| l + *p as usize).collect();
+            let least = *after.iter().min().unwrap();
+            for (i, part) in parts.iter().enumerate() {
+                if *part > 0 {
+                    proptest::prop_assert!(after[i] <= least + 1, "{loads:?} {parts:?}");
+                }
+            }
+        }
     }
 
     #[test]

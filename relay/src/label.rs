@@ -174,6 +174,9 @@ pub struct Label {
     /// that received the hidden server's connection on a shared rendezvous port asks which
     /// registration it is for. Bounded by the pool's reservations (inserted with one).
     edge_slots: Mutex<HashMap<u16, EdgeSlot>>,
+    /// Woken whenever an edge claim ends (committed, given up) or a slot goes: a claim that
+    /// found its registration claimed by another edge connection waits on it.
+    claims_changed: tokio::sync::Notify,
     closed: AtomicBool,
     /// Turns true when the label closes: pending registrations close their one-shot ports at
     /// once (a watch, so a registration that starts waiting after the close sees it too).
@@ -211,6 +214,7 @@ impl Label {
             )),
             stranger_warn: Mutex::new(WarnEvery::new(STRANGER_WARN_INTERVAL)),
             edge_slots: Mutex::default(),
+            claims_changed: tokio::sync::Notify::new(),
             closed: AtomicBool::new(false),
             closing: tokio::sync::watch::Sender::new(false),
             metrics,
@@ -241,6 +245,18 @@ impl Label {
     /// Parked connections ready for a client now.
     pub fn parked(&self) -> usize {
         lock(&self.pool).parked()
+    }
+
+    /// Parked connections and registrations whose hidden server has not connected yet: what
+    /// a gateway spreading an agent's registrations over replicas compares.
+    pub fn parked_and_pending(&self) -> usize {
+        let pool = lock(&self.pool);
+        pool.parked() + pool.reserved()
+    }
+
+    /// Whether [`Label::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
     }
 
     /// Applies a changed configuration without touching parked connections or pairs; only a
@@ -347,21 +363,61 @@ impl Label {
         local_ports: &[u16],
         source: IpAddr,
     ) -> Option<EdgeClaim> {
-        let source = source.to_canonical();
-        let mut slots = lock(&self.edge_slots);
-        local_ports.iter().find_map(|port| {
-            let slot = slots.get_mut(port)?;
-            if slot.claimed || slot.pinned.is_some_and(|ip| ip != source) {
+        self.try_claim(local_ports, source).ok()
+    }
+
+    /// [`Label::claim_rendezvous`], but a registration that matches and is claimed by another
+    /// edge connection now is waited for, until `deadline`: claimed again if that claim is
+    /// given up. Why: with several replicas, a hidden server that registered with two of them
+    /// on the same port T may connect to T twice at once; both replicas claim the first
+    /// connection, the gateway commits it to one, and the second connection must then find
+    /// the other replica's registration free again rather than be told `NOT_MINE`.
+    pub async fn claim_rendezvous_within(
+        self: &Arc<Self>,
+        local_ports: &[u16],
+        source: IpAddr,
+        deadline: tokio::time::Instant,
+    ) -> Option<EdgeClaim> {
+        loop {
+            let changed = self.claims_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            match self.try_claim(local_ports, source) {
+                Ok(claim) => return Some(claim),
+                Err(false) => return None,
+                Err(true) => {}
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
                 return None;
             }
+        }
+    }
+
+    /// A claim, or whether a matching registration is claimed by another edge connection.
+    fn try_claim(self: &Arc<Self>, local_ports: &[u16], source: IpAddr) -> Result<EdgeClaim, bool> {
+        let source = source.to_canonical();
+        let mut slots = lock(&self.edge_slots);
+        let mut busy = false;
+        for port in local_ports {
+            let Some(slot) = slots.get_mut(port) else {
+                continue;
+            };
+            if slot.pinned.is_some_and(|ip| ip != source) {
+                continue;
+            }
+            if slot.claimed {
+                busy = true;
+                continue;
+            }
             slot.claimed = true;
-            Some(EdgeClaim {
+            return Ok(EdgeClaim {
                 label: self.clone(),
                 port: *port,
                 id: slot.id,
                 deliver: Some(slot.deliver.clone()),
-            })
-        })
+            });
+        }
+        Err(busy)
     }
 
     async fn await_hidden_server(
@@ -1024,6 +1080,7 @@ impl EdgeSlotGuard {
                     slot.claimed = false;
                 }
             }
+            label.claims_changed.notify_waiters();
         }
     }
 }
@@ -1035,6 +1092,8 @@ impl Drop for EdgeSlotGuard {
             if slots.get(&self.port).is_some_and(|slot| slot.id == self.id) {
                 slots.remove(&self.port);
             }
+            drop(slots);
+            label.claims_changed.notify_waiters();
         }
     }
 }
@@ -1089,6 +1148,7 @@ impl Drop for EdgeClaim {
                     slot.claimed = false;
                 }
             }
+            self.label.claims_changed.notify_waiters();
         }
     }
 }

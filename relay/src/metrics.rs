@@ -44,6 +44,11 @@ struct ByResult {
     result: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ByAnswer {
+    answer: String,
+}
+
 const REGISTRATION_RESULTS: [&str; 4] = ["ok", "unauthorized", "rate_limited", "unavailable"];
 const CLIENT_REFUSALS: [&str; 7] = [
     "timeout",
@@ -106,7 +111,7 @@ pub enum SharedPortRefused {
 }
 
 /// Every reason of [`EdgeRefused`], in its order (series created up front, as above).
-const EDGE_REFUSALS: [&str; 11] = [
+const EDGE_REFUSALS: [&str; 13] = [
     "untrusted",
     "overloaded",
     "silent",
@@ -118,7 +123,11 @@ const EDGE_REFUSALS: [&str; 11] = [
     "bad_token",
     "server_speaks_first",
     "source_limit",
+    "offer_refused",
+    "offer_not_committed",
 ];
+/// Every answer to an offer ([`OfferAnswer`]), in its order.
+const EDGE_OFFERS: [&str; 4] = ["serve", "wait", "last_resort", "refuse"];
 /// Every kind of edge connection ([`taas_protocol::edge::EdgeKind`]), in [`edge_kind`]'s order.
 const EDGE_KINDS: [&str; 3] = ["shared_port", "direct", "rendezvous"];
 /// Every [`EdgeRendezvous`] result, in its order.
@@ -150,6 +159,34 @@ pub enum EdgeRefused {
     ServerSpeaksFirst = 9,
     /// The client's source has as many client connections open as allowed.
     SourceLimit = 10,
+    /// An offered client was answered `REFUSE` (draining with nothing parked, or the label
+    /// closed).
+    OfferRefused = 11,
+    /// An offered client got no `COMMIT` (the gateway picked another replica, or nothing
+    /// came within the handshake timeout).
+    OfferNotCommitted = 12,
+}
+
+/// A relay's answer to an offered client (`taas_protocol::edge::TLV_OFFER`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OfferAnswer {
+    Serve = 0,
+    Wait = 1,
+    LastResort = 2,
+    Refuse = 3,
+}
+
+impl OfferAnswer {
+    /// The byte on the wire.
+    pub fn byte(self) -> u8 {
+        use taas_protocol::edge;
+        match self {
+            Self::Serve => edge::SERVE,
+            Self::Wait => edge::WAIT,
+            Self::LastResort => edge::LAST_RESORT,
+            Self::Refuse => edge::REFUSE,
+        }
+    }
 }
 
 /// What became of a rendezvous asked about on the edge port.
@@ -225,6 +262,9 @@ pub struct RelayMetrics {
     edge_connections: Family<ByKind, Counter>,
     edge_refused: Family<ByReason, Counter>,
     edge_rendezvous: Family<ByResult, Counter>,
+    edge_offers: Family<ByAnswer, Counter>,
+    /// 1 from the start of a graceful stop (this relay pod is draining).
+    draining: Gauge,
     active_pairs: Family<ByLabel, Gauge>,
     bytes: Family<ByLabelAnd, Counter>,
     clients_refused: Family<ByLabelAnd, Counter>,
@@ -334,6 +374,23 @@ impl RelayMetrics {
                 result: result.into(),
             });
         }
+        registry.register(
+            "taas_edge_offers",
+            "Clients offered on the edge port (a gateway asking before it sends one), by this \
+             relay's answer (serve, wait, last_resort, refuse)",
+            m.edge_offers.clone(),
+        );
+        for answer in EDGE_OFFERS {
+            let _ = m.edge_offers.get_or_create(&ByAnswer {
+                answer: answer.into(),
+            });
+        }
+        registry.register(
+            "taas_relay_draining",
+            "1 while this relay stops gracefully (unready, registrations refused), else 0; per \
+             pod, each replica being its own scrape target",
+            m.draining.clone(),
+        );
         registry.register(
             "taas_active_pairs",
             "Spliced pairs open now",
@@ -479,6 +536,20 @@ impl RelayMetrics {
                 result: EDGE_RENDEZVOUS[result as usize].into(),
             })
             .inc();
+    }
+
+    /// Counts an answer to an offered client.
+    pub fn edge_offer(&self, answer: OfferAnswer) {
+        self.edge_offers
+            .get_or_create(&ByAnswer {
+                answer: EDGE_OFFERS[answer as usize].into(),
+            })
+            .inc();
+    }
+
+    /// Sets `taas_relay_draining`.
+    pub fn set_draining(&self, draining: bool) {
+        self.draining.set(i64::from(draining));
     }
 
     pub fn rejected(&self, reason: &str) {

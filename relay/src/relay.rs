@@ -12,7 +12,9 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use prometheus_client::registry::Registry;
-use taas_protocol::answer::{Answer, ClientRequest, ConnectionAuth, Registration};
+use taas_protocol::answer::{
+    Answer, ClientRequest, ConnectionAuth, Registration, DRAINING_HEADER, PARKED_HEADER,
+};
 use taas_protocol::guard::{AuthGuard, GuardLimits};
 use taas_protocol::registration::{self, Decoy, NamedLabel, Terms, Verdict, RETRY_UNAVAILABLE};
 use taas_protocol::sync::{read, write};
@@ -47,6 +49,9 @@ pub struct StandaloneBackend {
     decoy: Decoy,
     /// Set by [`StandaloneBackend::drain`]: no registration is taken, no label started.
     draining: AtomicBool,
+    /// Behind gateways (`label-relay`): registration answers carry [`PARKED_HEADER`] and,
+    /// while draining, [`DRAINING_HEADER`], which the gateway reads and strips.
+    gateway_headers: AtomicBool,
 }
 
 impl StandaloneBackend {
@@ -75,6 +80,7 @@ impl StandaloneBackend {
             metrics,
             decoy,
             draining: AtomicBool::new(false),
+            gateway_headers: AtomicBool::new(false),
         }))
     }
 
@@ -182,11 +188,25 @@ impl StandaloneBackend {
         )
     }
 
+    /// Parked connections over every label.
+    pub fn parked(&self) -> usize {
+        read(&self.labels)
+            .values()
+            .map(|label| label.parked())
+            .sum()
+    }
+
     /// Stops every label (at shutdown).
     pub fn close(&self) {
         for label in read(&self.labels).values() {
             label.close();
         }
+    }
+
+    /// From now on, registration answers carry the headers a gateway reads ([`PARKED_HEADER`],
+    /// [`DRAINING_HEADER`]): set by `label-relay`, whose peers are gateways.
+    pub fn answer_for_gateways(&self) {
+        self.gateway_headers.store(true, Ordering::Relaxed);
     }
 
     /// The first step of a graceful stop: from now on every registration gets 503 with
@@ -195,8 +215,16 @@ impl StandaloneBackend {
     /// elsewhere, waiting clients are turned away as when nothing is parked). Pairs already
     /// spliced go on ([`StandaloneBackend::active_pairs`] counts them).
     pub fn drain(&self) {
-        self.draining.store(true, Ordering::SeqCst);
+        self.start_draining();
         self.close();
+    }
+
+    /// [`StandaloneBackend::drain`] without closing the labels yet: registrations get 503
+    /// (with [`DRAINING_HEADER`]), edge offers are answered LAST_RESORT while parked
+    /// connections remain; the caller closes the labels (`close`) after its hold.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        self.metrics.set_draining(true);
     }
 
     /// Whether [`StandaloneBackend::drain`] was called.
@@ -235,11 +263,25 @@ impl LabelBackend for StandaloneBackend {
     type Connection = ConnectionAuth;
 
     async fn register(&self, request: Registration<'_>, connection: &ConnectionAuth) -> Answer {
+        let for_gateways = self.gateway_headers.load(Ordering::Relaxed);
         if self.is_draining() {
+            // Before the token is looked at: a gateway tries another replica on this answer.
             self.metrics.rejected("draining");
-            return draining_answer();
+            let mut answer = draining_answer();
+            if for_gateways {
+                answer.headers.push((DRAINING_HEADER, "1".to_string()));
+            }
+            return answer;
         }
-        self.register_now(request, connection)
+        let label_name = request.label;
+        let mut answer = self.register_now(request, connection);
+        if for_gateways {
+            if let Some(label) = self.label(label_name) {
+                let count = label.parked_and_pending();
+                answer.headers.push((PARKED_HEADER, count.to_string()));
+            }
+        }
+        answer
     }
 
     async fn client(&self, request: ClientRequest<'_>) -> Answer {

@@ -144,10 +144,10 @@ impl EdgeGateway {
         std::fs::write(self.dir.path().join("routes.yaml"), text).unwrap();
         eventually("routes applied", || async {
             routes.iter().all(|(label, route)| {
-                self.gateway
-                    .routes
-                    .get(label)
-                    .is_some_and(|r| r.edge == route.edge && r.rendezvous == route.rendezvous)
+                self.gateway.routes.get(label).is_some_and(|r| {
+                    r.edge.as_ref().map(ToString::to_string) == route.edge
+                        && r.rendezvous == route.rendezvous
+                })
             })
         })
         .await;
@@ -228,6 +228,14 @@ impl EdgeRelay {
                 let sender = sender.clone();
                 tokio::spawn(async move {
                     let header = read_edge_header(&mut stream).await;
+                    if header.offer {
+                        // A client offered (issue 16): this relay serves it, and the stream
+                        // goes on after the gateway's COMMIT.
+                        stream.write_all(&[edge::SERVE]).await.unwrap();
+                        let mut commit = [0u8; 1];
+                        stream.read_exact(&mut commit).await.unwrap();
+                        assert_eq!(commit, [edge::COMMIT]);
+                    }
                     if header.kind == EdgeKind::Rendezvous {
                         match answer {
                             Answer::Claim => stream.write_all(&[edge::CLAIM]).await.unwrap(),

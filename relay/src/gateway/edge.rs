@@ -7,9 +7,18 @@
 //! shared port ──ClientHello: LABEL.<domain>──▶ LABEL's relay   header(SharedPort) + hello + splice
 //! HTTPS 8443  ──ClientHello: a direct label──▶ LABEL's relay   header(Direct) + hello + splice
 //!             (any other name: the gateway's own TLS, as before: `crate::direct`)
-//! rendezvous T ──every label owning T, in parallel──▶ header(Rendezvous) → one byte each:
-//!             exactly one CLAIM → COMMIT to it, splice; none or several → close
+//! rendezvous T ──every replica of every label owning T, in parallel──▶ header(Rendezvous)
+//!             → one byte each: CLAIMs of one label → COMMIT to the first, splice; none, or
+//!             claims of several labels → close
 //! ```
+//!
+//! Replicas (issue 16): every address a label's `edge` resolves to is one replica. A client
+//! (shared port, direct) is offered to them one at a time, in turned order, with the header's
+//! offer TLV: each answers SERVE, WAIT, LAST_RESORT or REFUSE; the first SERVE gets COMMIT and
+//! the client at once, else the first LAST_RESORT (a draining replica still holding parked
+//! connections), else the first WAIT; none: closed (`no_replica`). A replica that closes
+//! without a byte predates the TLV: it gets the client behind the old header, as before.
+//! Answers are counted in `taas_gateway_edge_offers_total{answer}`.
 //!
 //! Why ask every candidate: slices of the rendezvous range overlap (the range stays the same
 //! size as labels are added), so T alone does not name a label; the relay that holds a
@@ -34,6 +43,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use taas_protocol::edge::{EdgeHeader, EdgeKind, COMMIT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -41,7 +51,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::edge_index::{decide, Claim, ClaimDecision, EdgeTarget, NameLookup};
+use super::edge_index::{
+    decide, decide_offer, Claim, ClaimDecision, EdgeTarget, NameLookup, Offer, OfferDecision,
+};
 use super::{RelayConnector, RouteTable, SecretSlot};
 use crate::client_hello::{read_server_name, Deadlines, HelloFailure};
 use crate::config::{Timeouts, POD_FRONTEND_CONNECTIONS};
@@ -53,6 +65,8 @@ pub const CLAIM_DEADLINE: Duration = Duration::from_secs(2);
 /// How long writing the edge header (and the ClientHello, or COMMIT) to a relay may take: a
 /// few hundred bytes to a cluster-internal peer.
 const RELAY_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long one replica has to be reached and to answer an offer.
+const OFFER_DEADLINE: Duration = Duration::from_secs(2);
 
 /// The edge's bounds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -152,10 +166,13 @@ pub enum EdgeRefused {
     NoRegistration,
     /// Several candidates claimed the hidden server.
     Ambiguous,
+    /// Every replica of the client's label refused it (draining with nothing parked, the
+    /// label closed) or could not be reached, some refusing.
+    NoReplica,
 }
 
 impl EdgeRefused {
-    const ALL: [EdgeRefused; 18] = [
+    const ALL: [EdgeRefused; 19] = [
         Self::UnknownName,
         Self::OutsideDomain,
         Self::NoEdge,
@@ -174,6 +191,7 @@ impl EdgeRefused {
         Self::NoRoute,
         Self::NoRegistration,
         Self::Ambiguous,
+        Self::NoReplica,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -196,6 +214,7 @@ impl EdgeRefused {
             Self::NoRoute => "no_route",
             Self::NoRegistration => "no_registration",
             Self::Ambiguous => "ambiguous",
+            Self::NoReplica => "no_replica",
         }
     }
 
@@ -233,10 +252,16 @@ struct ByReason {
     reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ByAnswer {
+    answer: &'static str,
+}
+
 /// The edge's counters.
 pub struct EdgeMetrics {
     connections: Family<ByEntry, Counter>,
     refused: Family<ByReason, Counter>,
+    offers: Family<ByAnswer, Counter>,
 }
 
 impl Default for EdgeMetrics {
@@ -244,7 +269,13 @@ impl Default for EdgeMetrics {
         let metrics = Self {
             connections: Family::default(),
             refused: Family::default(),
+            offers: Family::default(),
         };
+        for answer in Offer::ALL {
+            let _ = metrics.offers.get_or_create(&ByAnswer {
+                answer: answer.as_str(),
+            });
+        }
         // Every series from the start, at 0.
         for entry in EdgeEntry::ALL {
             let _ = metrics.connections.get_or_create(&ByEntry {
@@ -272,6 +303,21 @@ impl EdgeMetrics {
             "Connections the edge closed without forwarding them, by reason",
             self.refused.clone(),
         );
+        registry.register(
+            "taas_gateway_edge_offers",
+            "Clients offered to a replica of their label's relay, by its answer (serve, wait, \
+             last_resort, refuse; legacy: a relay without offers, sent the client with the old \
+             header; no_answer: not reached or not in time)",
+            self.offers.clone(),
+        );
+    }
+
+    fn offered(&self, answer: Offer) {
+        self.offers
+            .get_or_create(&ByAnswer {
+                answer: answer.as_str(),
+            })
+            .inc();
     }
 
     fn forwarded(&self, entry: EdgeEntry) {
@@ -309,6 +355,8 @@ struct Shared {
     forwarded: Arc<Semaphore>,
     clients: Arc<SourceCounts>,
     hidden_servers: Arc<SourceCounts>,
+    /// Turns the order in which a label's replicas are offered clients.
+    turn: AtomicUsize,
 }
 
 /// What a forwarded connection holds until it closes.
@@ -346,6 +394,7 @@ impl Edge {
             forwarded: semaphore(limits.forwarded),
             clients: Arc::default(),
             hidden_servers: Arc::default(),
+            turn: AtomicUsize::new(0),
         }))
     }
 
@@ -456,16 +505,16 @@ impl Shared {
         label: &str,
         source: SocketAddr,
         destination: SocketAddr,
-    ) -> Option<Vec<u8>> {
+    ) -> Option<EdgeHeader> {
         let token = self.secret.gateway_token(label)?;
-        let header = EdgeHeader {
+        Some(EdgeHeader {
             kind: entry.kind(),
             source: canonical(source),
             destination: canonical(destination),
             label: label.to_string(),
             token: token.expose().to_string(),
-        };
-        Some(header.encode())
+            offer: false,
+        })
     }
 
     async fn shared_port(
@@ -501,8 +550,9 @@ impl Shared {
             .await;
     }
 
-    /// A client's connection to `target`'s relay: the header, the bytes read already, then
-    /// both ways until either side is done.
+    /// A client's connection to one of `target`'s replicas (offered to each in turn, see the
+    /// module's doc): the header, COMMIT, the bytes read already, then both ways until either
+    /// side is done.
     async fn forward(
         &self,
         entry: EdgeEntry,
@@ -515,15 +565,71 @@ impl Shared {
         let Ok(local) = client.local_addr() else {
             return;
         };
-        let Some(mut first) = self.header(entry, &target.label, peer, local) else {
+        let Some(header) = self.header(entry, &target.label, peer, local) else {
             return self.refuse(EdgeRefused::NoSecret, peer, entry.as_str());
         };
-        first.extend_from_slice(&read);
-        let mut relay = match self.connector.connect(&target.edge).await {
-            Ok(relay) => relay,
+        let replicas = match self.connector.replicas(&target.edge).await {
+            Ok(replicas) => replicas,
             Err(error) => {
                 tracing::debug!(label = %target.label, relay = %target.edge, %error, "edge: relay unreachable");
                 return self.refuse(EdgeRefused::unreachable(target), peer, entry.as_str());
+            }
+        };
+        let offer = EdgeHeader {
+            offer: true,
+            ..header.clone()
+        }
+        .encode();
+        let turn = self.turn.fetch_add(1, Ordering::Relaxed);
+        let mut order = replicas;
+        let by = turn % order.len().max(1);
+        order.rotate_left(by);
+        let mut answers = Vec::with_capacity(order.len());
+        let mut streams: Vec<Option<TcpStream>> = Vec::with_capacity(order.len());
+        for replica in &order {
+            let (answer, stream) = offer_to(&self.connector, *replica, &offer).await;
+            self.metrics.offered(answer);
+            tracing::debug!(label = %target.label, %replica, answer = answer.as_str(), "edge: client offered");
+            // Kept only while it may be picked: the first LAST_RESORT, the first WAIT.
+            let keep = matches!(answer, Offer::Serve | Offer::LastResort | Offer::Wait)
+                && !answers.contains(&answer);
+            answers.push(answer);
+            streams.push(stream.filter(|_| keep));
+            if answer.settles() {
+                break;
+            }
+        }
+        let (mut relay, first) = match decide_offer(&answers) {
+            OfferDecision::Commit(i) => {
+                let Some(relay) = streams[i].take() else {
+                    return self.refuse(EdgeRefused::unreachable(target), peer, entry.as_str());
+                };
+                drop(streams);
+                let mut first = vec![COMMIT];
+                first.extend_from_slice(&read);
+                (relay, first)
+            }
+            OfferDecision::Legacy(i) => {
+                drop(streams);
+                match self.connector.connect(order[i]).await {
+                    Ok(relay) => {
+                        let mut first = header.encode();
+                        first.extend_from_slice(&read);
+                        (relay, first)
+                    }
+                    Err(error) => {
+                        tracing::debug!(label = %target.label, replica = %order[i], %error, "edge: relay unreachable");
+                        return self.refuse(EdgeRefused::unreachable(target), peer, entry.as_str());
+                    }
+                }
+            }
+            OfferDecision::NoReplica => {
+                let reason = if answers.contains(&Offer::Refuse) {
+                    EdgeRefused::NoReplica
+                } else {
+                    EdgeRefused::unreachable(target)
+                };
+                return self.refuse(reason, peer, entry.as_str());
             }
         };
         if !matches!(
@@ -556,19 +662,31 @@ impl Shared {
         };
         let mut asks = JoinSet::new();
         let deadline = Instant::now() + CLAIM_DEADLINE;
-        for (i, target) in candidates.iter().enumerate() {
+        // (the candidate label, its answer) for every replica of every candidate.
+        let mut claims: Vec<(usize, Claim)> = Vec::new();
+        for (label, target) in candidates.iter().enumerate() {
             let Some(header) = self.header(EdgeEntry::Rendezvous, &target.label, peer, local)
             else {
                 return self.refuse(EdgeRefused::NoSecret, peer, ENTRY);
             };
-            let (connector, edge) = (self.connector.clone(), target.edge.clone());
-            asks.spawn(async move { (i, ask(connector, edge, header, deadline).await) });
+            let header = header.encode();
+            let resolved =
+                tokio::time::timeout_at(deadline, self.connector.replicas(&target.edge)).await;
+            let Ok(Ok(replicas)) = resolved else {
+                claims.push((label, Claim::NoAnswer));
+                continue;
+            };
+            for replica in replicas {
+                let i = claims.len();
+                claims.push((label, Claim::NoAnswer));
+                let (connector, header) = (self.connector.clone(), header.clone());
+                asks.spawn(async move { (i, ask(connector, replica, header, deadline).await) });
+            }
         }
-        let mut claims = vec![Claim::NoAnswer; candidates.len()];
-        let mut relays: Vec<Option<TcpStream>> = (0..candidates.len()).map(|_| None).collect();
+        let mut relays: Vec<Option<TcpStream>> = (0..claims.len()).map(|_| None).collect();
         while let Some(asked) = asks.join_next().await {
             if let Ok((i, (claim, relay))) = asked {
-                claims[i] = claim;
+                claims[i].1 = claim;
                 relays[i] = relay;
             }
         }
@@ -581,10 +699,9 @@ impl Shared {
             ClaimDecision::Ambiguous => return self.refuse(EdgeRefused::Ambiguous, peer, ENTRY),
             ClaimDecision::RelayUnreachable => {
                 // Not ready when every silent candidate's route says so.
-                let silent_ready = candidates
+                let silent_ready = claims
                     .iter()
-                    .zip(&claims)
-                    .any(|(t, c)| *c == Claim::NoAnswer && t.ready);
+                    .any(|(label, c)| *c == Claim::NoAnswer && candidates[*label].ready);
                 let reason = if silent_ready {
                     EdgeRefused::RelayUnreachable
                 } else {
@@ -598,7 +715,7 @@ impl Shared {
             return;
         };
         drop(relays);
-        let target = &candidates[winner];
+        let target = &candidates[claims[winner].0];
         if !matches!(
             tokio::time::timeout(RELAY_WRITE_TIMEOUT, relay.write_all(&[COMMIT])).await,
             Ok(Ok(()))
@@ -611,16 +728,40 @@ impl Shared {
     }
 }
 
-/// Asks one candidate relay (before `deadline`) whether the hidden server is its own; the
+/// Offers a client to one replica (within [`OFFER_DEADLINE`]): its answer, and the
+/// connection when it answered (for the COMMIT).
+async fn offer_to(
+    connector: &RelayConnector,
+    replica: SocketAddr,
+    header: &[u8],
+) -> (Offer, Option<TcpStream>) {
+    let attempt = async {
+        let mut relay = connector.connect(replica).await.ok()?;
+        relay.write_all(header).await.ok()?;
+        let mut answer = [0u8; 1];
+        match relay.read(&mut answer).await {
+            Ok(1) => Some((Offer::from_answer(Some(answer[0])), Some(relay))),
+            // Closed without a byte: a relay that refuses the offer TLV.
+            Ok(_) => Some((Offer::from_answer(None), None)),
+            Err(_) => None,
+        }
+    };
+    match tokio::time::timeout(OFFER_DEADLINE, attempt).await {
+        Ok(Some(answered)) => answered,
+        _ => (Offer::NoAnswer, None),
+    }
+}
+
+/// Asks one candidate replica (before `deadline`) whether the hidden server is its own; the
 /// connection comes back with a claim, for the COMMIT.
 async fn ask(
     connector: RelayConnector,
-    edge: String,
+    replica: SocketAddr,
     header: Vec<u8>,
     deadline: Instant,
 ) -> (Claim, Option<TcpStream>) {
     let attempt = async {
-        let mut relay = connector.connect(&edge).await.ok()?;
+        let mut relay = connector.connect(replica).await.ok()?;
         relay.write_all(&header).await.ok()?;
         let mut answer = [0u8; 1];
         match relay.read(&mut answer).await {

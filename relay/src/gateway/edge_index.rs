@@ -5,19 +5,22 @@
 //! - By server name (the shared client port, direct labels on HTTPS): `LABEL.<domain>` →
 //!   LABEL's relay edge address, when LABEL is in edge mode.
 //! - By rendezvous port T: every label whose slice holds T (slices overlap by design), each
-//!   asked in turn by the edge whether the hidden server on T is its own ([`decide`]).
+//!   asked in turn by the edge whether the hidden server on T is its own ([`decide`]), every
+//!   replica of each.
+//! - A client for a label with several replicas: each asked in turn whether it can serve it
+//!   now ([`Offer`]), the pick made by [`decide_offer`].
 
 use std::collections::HashMap;
 
-use super::Route;
+use super::{Replicas, Route};
 
 /// One label's relay as the edge reaches it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EdgeTarget {
     /// LABEL, lower case: written in the edge header, and its gateway token's input.
     pub label: String,
-    /// `host:port` of the relay's edge port.
-    pub edge: String,
+    /// `host:port` of the relay's edge port (or several: each address a replica).
+    pub edge: Replicas,
     /// The route's `ready` flag (it can lag the relay: the edge tries an unready relay).
     pub ready: bool,
 }
@@ -154,20 +157,113 @@ pub enum ClaimDecision {
     RelayUnreachable,
 }
 
-/// The decision on the answers of every candidate: one claim wins whatever the others did
-/// (a silent relay cannot own what another owns, since a relay claims only its own pinned
-/// registration); no claim and no silence is nobody's.
-pub fn decide(claims: &[Claim]) -> ClaimDecision {
+/// The decision on the answers of every candidate replica, each given with its label (an
+/// index): claims of one label win whatever the others did (a silent relay cannot own what
+/// another owns, since a relay claims only its own pinned registration), the first of them
+/// if several replicas of that label claimed (the hidden server registered with each; any
+/// of its registrations will do, the others stay pending for its next connections); claims
+/// of different labels are ambiguous; no claim and no silence is nobody's.
+pub fn decide(claims: &[(usize, Claim)]) -> ClaimDecision {
     let mut mine = claims
         .iter()
         .enumerate()
-        .filter(|(_, c)| **c == Claim::Mine);
-    match (mine.next(), mine.next()) {
-        (Some((winner, _)), None) => ClaimDecision::Commit(winner),
-        (Some(_), Some(_)) => ClaimDecision::Ambiguous,
-        (None, _) if claims.contains(&Claim::NoAnswer) => ClaimDecision::RelayUnreachable,
-        (None, _) => ClaimDecision::NoRegistration,
+        .filter(|(_, (_, c))| *c == Claim::Mine);
+    let Some((winner, (label, _))) = mine.next() else {
+        return if claims.iter().any(|(_, c)| *c == Claim::NoAnswer) {
+            ClaimDecision::RelayUnreachable
+        } else {
+            ClaimDecision::NoRegistration
+        };
+    };
+    if mine.any(|(_, (other, _))| other != label) {
+        return ClaimDecision::Ambiguous;
     }
+    ClaimDecision::Commit(winner)
+}
+
+/// One replica's answer to "can you serve this client?" (the offer TLV).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Offer {
+    /// `SERVE`: a parked connection is free now.
+    Serve,
+    /// `WAIT`: nothing parked; the client would queue there.
+    Wait,
+    /// `LAST_RESORT`: draining, parked connections still held.
+    LastResort,
+    /// `REFUSE`: draining with nothing parked, or the label closed.
+    Refuse,
+    /// Closed without a byte: a relay that predates the offer (it refuses an unknown TLV);
+    /// it is sent the client with the old header.
+    Legacy,
+    /// Not reached, not in time, a reset, or any other byte.
+    NoAnswer,
+}
+
+impl Offer {
+    pub const ALL: [Offer; 6] = [
+        Self::Serve,
+        Self::Wait,
+        Self::LastResort,
+        Self::Refuse,
+        Self::Legacy,
+        Self::NoAnswer,
+    ];
+
+    /// The answer read: `Some(byte)`, or `None` for a clean close before any byte.
+    pub fn from_answer(byte: Option<u8>) -> Self {
+        use taas_protocol::edge;
+        match byte {
+            None => Self::Legacy,
+            Some(edge::SERVE) => Self::Serve,
+            Some(edge::WAIT) => Self::Wait,
+            Some(edge::LAST_RESORT) => Self::LastResort,
+            Some(edge::REFUSE) => Self::Refuse,
+            Some(_) => Self::NoAnswer,
+        }
+    }
+
+    /// Whether no later replica need be asked: this one takes the client now.
+    pub fn settles(self) -> bool {
+        matches!(self, Self::Serve | Self::Legacy)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Serve => "serve",
+            Self::Wait => "wait",
+            Self::LastResort => "last_resort",
+            Self::Refuse => "refuse",
+            Self::Legacy => "legacy",
+            Self::NoAnswer => "no_answer",
+        }
+    }
+}
+
+/// What becomes of a client offered to a label's replicas one at a time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OfferDecision {
+    /// COMMIT to this replica (an index into the answers) and send the client.
+    Commit(usize),
+    /// Connect to this replica again and send the client behind the header without the offer.
+    Legacy(usize),
+    /// Nobody takes it: every replica refused or was not reached.
+    NoReplica,
+}
+
+/// The pick among the answers so far: the first that serves now (or predates offers), else
+/// the first draining replica still holding parked connections (better than a queue with
+/// nothing parked, whose client may wait out the whole client wait), else the first that
+/// would queue it.
+pub fn decide_offer(answers: &[Offer]) -> OfferDecision {
+    let first = |wanted: &[Offer]| answers.iter().position(|a| wanted.contains(a));
+    match first(&[Offer::Serve, Offer::Legacy]) {
+        Some(i) if answers[i] == Offer::Legacy => return OfferDecision::Legacy(i),
+        Some(i) => return OfferDecision::Commit(i),
+        None => {}
+    }
+    first(&[Offer::LastResort])
+        .or_else(|| first(&[Offer::Wait]))
+        .map_or(OfferDecision::NoReplica, OfferDecision::Commit)
 }
 
 #[cfg(test)]
@@ -179,7 +275,7 @@ mod tests {
 
     fn route(edge: Option<&str>, direct: bool, rendezvous: &[u16]) -> Route {
         Route {
-            edge: edge.map(str::to_string),
+            edge: edge.map(Replicas::from),
             direct,
             rendezvous: rendezvous.to_vec(),
             ..Route::new("relay:8080")
@@ -199,7 +295,7 @@ mod tests {
         let NameLookup::Edge(home) = index.for_server_name("HOME.taas.localhost", DOMAIN) else {
             panic!("home is in edge mode");
         };
-        assert_eq!(home.edge, "home-edge:21001");
+        assert_eq!(home.edge, Replicas::from("home-edge:21001"));
         assert_eq!(home.label, "home");
         assert_eq!(
             index.for_server_name("old.taas.localhost", DOMAIN),
@@ -225,29 +321,96 @@ mod tests {
         ]);
         let index = EdgeIndex::build(&routes);
         assert_eq!(
-            index.direct("d.taas.localhost", DOMAIN).map(|t| &*t.edge),
-            Some("d:21001")
+            index
+                .direct("d.taas.localhost", DOMAIN)
+                .map(|t| t.edge.to_string()),
+            Some("d:21001".to_string())
         );
         assert_eq!(index.direct("plain.taas.localhost", DOMAIN), None);
         assert_eq!(index.direct("noedge.taas.localhost", DOMAIN), None);
         assert_eq!(index.direct("taas-registrar.localhost", DOMAIN), None);
     }
 
+    /// Each claim from a label of its own (no replicas).
+    fn one_each(claims: &[Claim]) -> Vec<(usize, Claim)> {
+        claims.iter().copied().enumerate().collect()
+    }
+
     #[test]
     fn one_claim_wins_several_or_none_do_not() {
         use Claim::*;
-        assert_eq!(decide(&[NotMine, Mine, NoAnswer]), ClaimDecision::Commit(1));
-        assert_eq!(decide(&[Mine, Mine]), ClaimDecision::Ambiguous);
-        assert_eq!(decide(&[NotMine, NotMine]), ClaimDecision::NoRegistration);
+        let decide1 = |claims: &[Claim]| decide(&one_each(claims));
         assert_eq!(
-            decide(&[NotMine, NoAnswer]),
+            decide1(&[NotMine, Mine, NoAnswer]),
+            ClaimDecision::Commit(1)
+        );
+        assert_eq!(decide1(&[Mine, Mine]), ClaimDecision::Ambiguous);
+        assert_eq!(decide1(&[NotMine, NotMine]), ClaimDecision::NoRegistration);
+        assert_eq!(
+            decide1(&[NotMine, NoAnswer]),
             ClaimDecision::RelayUnreachable
         );
-        assert_eq!(decide(&[]), ClaimDecision::NoRegistration);
+        assert_eq!(decide1(&[]), ClaimDecision::NoRegistration);
         assert_eq!(Claim::from_answer(Some(1)), Mine);
         assert_eq!(Claim::from_answer(Some(0)), NotMine);
         assert_eq!(Claim::from_answer(Some(7)), NoAnswer);
         assert_eq!(Claim::from_answer(None), NoAnswer);
+    }
+
+    #[test]
+    fn claims_from_replicas_of_one_label_commit_to_the_first_and_across_labels_are_ambiguous() {
+        use Claim::*;
+        // Label 0 has two replicas, label 1 one.
+        let claims = [(0, Mine), (0, Mine), (1, NotMine)];
+        assert_eq!(decide(&claims), ClaimDecision::Commit(0));
+        let claims = [(0, NotMine), (0, Mine), (1, NoAnswer)];
+        assert_eq!(decide(&claims), ClaimDecision::Commit(1));
+        let claims = [(0, Mine), (0, NotMine), (1, Mine)];
+        assert_eq!(decide(&claims), ClaimDecision::Ambiguous);
+        let claims = [(0, NotMine), (0, NoAnswer)];
+        assert_eq!(decide(&claims), ClaimDecision::RelayUnreachable);
+    }
+
+    #[test]
+    fn a_client_goes_to_the_first_that_serves_else_a_last_resort_else_a_queue() {
+        use Offer::*;
+        assert_eq!(decide_offer(&[Wait, Serve]), OfferDecision::Commit(1));
+        assert_eq!(
+            decide_offer(&[Wait, LastResort, Wait]),
+            OfferDecision::Commit(1)
+        );
+        assert_eq!(
+            decide_offer(&[Refuse, Wait, NoAnswer]),
+            OfferDecision::Commit(1)
+        );
+        assert_eq!(decide_offer(&[Refuse, NoAnswer]), OfferDecision::NoReplica);
+        assert_eq!(decide_offer(&[]), OfferDecision::NoReplica);
+        assert!(Serve.settles() && Legacy.settles());
+        assert!(!Wait.settles() && !LastResort.settles() && !Refuse.settles());
+    }
+
+    #[test]
+    fn a_relay_without_the_offer_tlv_still_gets_clients() {
+        use Offer::*;
+        // It closes without a byte: the client goes to it with the old header.
+        assert_eq!(Offer::from_answer(None), Legacy);
+        assert_eq!(decide_offer(&[Legacy]), OfferDecision::Legacy(0));
+        assert_eq!(decide_offer(&[Wait, Legacy]), OfferDecision::Legacy(1));
+        assert_eq!(
+            decide_offer(&[Refuse, LastResort, Legacy]),
+            OfferDecision::Legacy(2)
+        );
+        assert_eq!(Offer::from_answer(Some(taas_protocol::edge::SERVE)), Serve);
+        assert_eq!(Offer::from_answer(Some(taas_protocol::edge::WAIT)), Wait);
+        assert_eq!(
+            Offer::from_answer(Some(taas_protocol::edge::LAST_RESORT)),
+            LastResort
+        );
+        assert_eq!(
+            Offer::from_answer(Some(taas_protocol::edge::REFUSE)),
+            Refuse
+        );
+        assert_eq!(Offer::from_answer(Some(9)), NoAnswer);
     }
 
     fn arb_routes() -> impl Strategy<Value = HashMap<String, Route>> {
@@ -258,7 +421,7 @@ mod tests {
             proptest::collection::vec(20_000u16..20_016, 0..6),
         )
             .prop_map(|(edge, direct, ready, rendezvous)| Route {
-                edge,
+                edge: edge.map(Replicas::from),
                 direct,
                 ready,
                 rendezvous,
@@ -301,19 +464,76 @@ mod tests {
             prop_assert_eq!(index.labels(), routes.values().filter(|r| r.edge.is_some()).count());
         }
 
-        /// Commit iff exactly one claim, to that one; otherwise the reason follows the
-        /// answers.
+        /// Without replicas: commit iff exactly one claim, to that one; otherwise the reason
+        /// follows the answers.
         #[test]
         fn the_decision_commits_to_the_only_claim(claims in proptest::collection::vec(
             prop_oneof![Just(Claim::Mine), Just(Claim::NotMine), Just(Claim::NoAnswer)], 0..8)) {
             let mine: Vec<usize> = (0..claims.len()).filter(|&i| claims[i] == Claim::Mine).collect();
-            let decision = decide(&claims);
+            let decision = decide(&one_each(&claims));
             match mine.as_slice() {
                 [one] => prop_assert_eq!(decision, ClaimDecision::Commit(*one)),
                 [] if claims.contains(&Claim::NoAnswer) =>
                     prop_assert_eq!(decision, ClaimDecision::RelayUnreachable),
                 [] => prop_assert_eq!(decision, ClaimDecision::NoRegistration),
                 _ => prop_assert_eq!(decision, ClaimDecision::Ambiguous),
+            }
+        }
+    }
+
+    fn any_claim() -> impl Strategy<Value = Claim> {
+        prop_oneof![
+            Just(Claim::Mine),
+            Just(Claim::NotMine),
+            Just(Claim::NoAnswer)
+        ]
+    }
+
+    fn any_offer() -> impl Strategy<Value = Offer> {
+        proptest::sample::select(Offer::ALL.to_vec())
+    }
+
+    proptest! {
+        /// With replicas: a commit goes to a claim, and every claim is of its label; claims
+        /// of two labels are never committed.
+        #[test]
+        fn with_replicas_a_commit_is_a_claim_of_the_only_label_that_claimed(
+            claims in proptest::collection::vec((0usize..3, any_claim()), 0..10)) {
+            let labels: std::collections::HashSet<usize> = claims.iter()
+                .filter(|(_, c)| *c == Claim::Mine).map(|(l, _)| *l).collect();
+            match decide(&claims) {
+                ClaimDecision::Commit(i) => {
+                    prop_assert_eq!(claims[i].1, Claim::Mine);
+                    prop_assert_eq!(labels.len(), 1);
+                    prop_assert!(claims[..i].iter().all(|(_, c)| *c != Claim::Mine));
+                }
+                ClaimDecision::Ambiguous => prop_assert!(labels.len() > 1),
+                ClaimDecision::RelayUnreachable => prop_assert!(labels.is_empty() && claims.iter().any(|(_, c)| *c == Claim::NoAnswer)),
+                ClaimDecision::NoRegistration => prop_assert!(claims.iter().all(|(_, c)| *c == Claim::NotMine)),
+            }
+        }
+
+        /// The pick is never a refusal or a silent replica; nothing better than it was
+        /// answered; no pick only when nobody could take the client.
+        #[test]
+        fn an_offer_goes_to_the_best_answer_and_the_first_of_its_kind(
+            answers in proptest::collection::vec(any_offer(), 0..8)) {
+            let rank = |a: Offer| match a {
+                Offer::Serve | Offer::Legacy => 3,
+                Offer::LastResort => 2,
+                Offer::Wait => 1,
+                Offer::Refuse | Offer::NoAnswer => 0,
+            };
+            let best = answers.iter().map(|a| rank(*a)).max().unwrap_or(0);
+            match decide_offer(&answers) {
+                OfferDecision::Commit(i) | OfferDecision::Legacy(i) => {
+                    prop_assert!(rank(answers[i]) > 0);
+                    prop_assert_eq!(rank(answers[i]), best);
+                    prop_assert!(answers[..i].iter().all(|a| rank(*a) < best));
+                    let legacy = matches!(decide_offer(&answers), OfferDecision::Legacy(_));
+                    prop_assert_eq!(legacy, answers[i] == Offer::Legacy);
+                }
+                OfferDecision::NoReplica => prop_assert_eq!(best, 0),
             }
         }
     }

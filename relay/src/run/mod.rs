@@ -148,13 +148,34 @@ impl Tasks {
     /// ([`StandaloneBackend::drain`]). The front end keeps answering (registrations get
     /// 503) and spliced pairs go on.
     pub(crate) fn drain(&self) {
+        self.drain_holding(Duration::ZERO);
+    }
+
+    /// [`Tasks::drain`], but the labels (and their parked connections) close only after
+    /// `hold`: meanwhile registrations are refused (a gateway sends them to another replica)
+    /// and edge offers are answered LAST_RESORT while parked connections remain. Zero: at once,
+    /// as the standalone relay does.
+    pub(crate) fn drain_holding(&self, hold: Duration) {
         self.set_unready();
         for task in &self.stop_at_drain {
             task.abort();
         }
-        if let Some(relay) = &self.relay {
+        let Some(relay) = &self.relay else {
+            return;
+        };
+        if hold.is_zero() {
             relay.drain();
+            return;
         }
+        relay.start_draining();
+        let relay = Arc::downgrade(relay);
+        tokio::spawn(async move {
+            tokio::time::sleep(hold).await;
+            if let Some(relay) = relay.upgrade() {
+                tracing::info!("stopping: hold over, parked connections given back");
+                relay.close();
+            }
+        });
     }
 
     /// A graceful stop ([`Tasks::drain`]), then waits until no pair is left, `timeout`
@@ -165,19 +186,37 @@ impl Tasks {
         timeout: Duration,
         stop_now: impl Future<Output = ()>,
     ) -> DrainEnd {
-        self.drain();
+        self.drain_holding_and_stop(Duration::ZERO, timeout, stop_now)
+            .await
+    }
+
+    /// [`Tasks::drain_and_stop`] with [`Tasks::drain_holding`]'s hold: the stop also waits for
+    /// the hold while parked connections remain (a client may still take one).
+    pub(crate) async fn drain_holding_and_stop(
+        &self,
+        hold: Duration,
+        timeout: Duration,
+        stop_now: impl Future<Output = ()>,
+    ) -> DrainEnd {
+        let hold = hold.min(timeout);
+        let started = tokio::time::Instant::now();
+        self.drain_holding(hold);
         let active = || self.relay.as_ref().map_or(0, |relay| relay.active_pairs());
+        let parked = || self.relay.as_ref().map_or(0, |relay| relay.parked());
         tracing::info!(
             seconds = timeout.as_secs_f64(),
+            hold = hold.as_secs_f64(),
             pairs = active(),
-            "stopping: unready, registrations refused, parked connections closed; active pairs may finish"
+            parked = parked(),
+            "stopping: unready, registrations refused, parked connections closed after the hold; active pairs may finish"
         );
-        let started = tokio::time::Instant::now();
         let wait = async {
             let mut tick = tokio::time::interval(DRAIN_POLL);
             loop {
                 tick.tick().await;
-                if let Some(end) = drain_end(active(), started.elapsed(), timeout) {
+                let elapsed = started.elapsed();
+                let holding = elapsed < hold && parked() > 0;
+                if let Some(end) = drain_end(active(), elapsed, timeout).filter(|_| !holding) {
                     return end;
                 }
             }

@@ -39,6 +39,13 @@ pub const DEFAULT_P_PORTS: PortRange = PortRange {
 pub const DEFAULT_CLIENT_PORT: u16 = 21000;
 /// How often the mounted files are read unless told otherwise (`--reload-interval`).
 pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
+/// How long a draining relay keeps its parked connections (or the drain timeout if shorter)
+/// before giving them back. Why not at once: gateways whose DNS cache (5 s) still lists this
+/// replica keep offering it clients, and a label whose only other replica is new has nothing
+/// parked there yet; meanwhile the agent's new registrations (refused here) land on the other
+/// replicas and park. So for a few seconds this replica serves clients as a last resort
+/// instead of every client of the label queuing or failing.
+pub const PARKED_HOLD: Duration = Duration::from_secs(3);
 
 /// Everything `label-relay` is configured with (the binary's flags).
 #[derive(Clone, Debug, PartialEq)]
@@ -115,21 +122,25 @@ pub struct LabelRelay {
 }
 
 impl LabelRelay {
-    /// Begins a graceful stop without waiting: `/readyz` turns 503, registrations get 503,
-    /// the ports that take new connections close, parked connections are given back; pairs
-    /// already spliced go on.
+    /// Begins a graceful stop without waiting, as SIGTERM does: `/readyz` turns 503,
+    /// registrations get 503 with `taas-draining: 1`, edge offers are answered LAST_RESORT
+    /// while parked connections remain; after [`PARKED_HOLD`] the label closes (its ports stop
+    /// taking connections, parked connections are given back); pairs already spliced go on.
     pub fn drain(&self) {
-        self.tasks.drain();
+        self.tasks.drain_holding(PARKED_HOLD);
     }
 
-    /// Stops gracefully ([`LabelRelay::drain`]), then stops for good as soon as no pair is left,
-    /// at `timeout` (the pairs left are cut), or when `stop_now` (a second signal) resolves.
+    /// Stops gracefully ([`LabelRelay::drain`], the hold capped at `timeout`), then stops for
+    /// good as soon as no pair is left (and the hold is over, or nothing is parked), at
+    /// `timeout` (the pairs left are cut), or when `stop_now` (a second signal) resolves.
     pub async fn drain_and_stop(
         self,
         timeout: std::time::Duration,
         stop_now: impl std::future::Future<Output = ()>,
     ) -> super::DrainEnd {
-        self.tasks.drain_and_stop(timeout, stop_now).await
+        self.tasks
+            .drain_holding_and_stop(PARKED_HOLD, timeout, stop_now)
+            .await
     }
 }
 
@@ -201,6 +212,8 @@ pub async fn start(options: LabelRelayOptions) -> Result<LabelRelay, StartError>
     let relay =
         StandaloneBackend::new(settings.clone(), &mut registry).map_err(StartError::DataPlane)?;
     let mut tasks = Tasks::new(Some(relay.clone()));
+    // Its peers are gateways: registration answers carry what they read.
+    relay.answer_for_gateways();
     relay.set_external(external);
     let problems = relay.apply(&BTreeMap::from([(label.label.clone(), label)]));
     if !problems.is_empty() {
@@ -228,7 +241,10 @@ pub async fn start(options: LabelRelayOptions) -> Result<LabelRelay, StartError>
     tasks.spawn(frontend::serve(control, transport, front, relay.clone()));
     let edge_addr = match (edge, edge_auth) {
         (Some((listener, addr)), Some(auth)) => {
-            tasks.spawn_until_drain(edge::serve(listener, relay.clone(), label_name, auth));
+            // Not stopped by a drain: during the hold the gateways still offer clients (it
+            // answers LAST_RESORT) and hidden servers of pending registrations; once the
+            // label is closed it answers REFUSE and NOT_MINE.
+            tasks.spawn(edge::serve(listener, relay.clone(), label_name, auth));
             Some(addr)
         }
         _ => None,

@@ -1,0 +1,665 @@
+//! Several relay replicas per label (issue 16, items 3 and 4), over loopback: the gateway in
+//! edge mode in front of two in-process label relays for one label, one on 127.0.0.2 and one
+//! on 127.0.0.3 with the same ports (as two pods behind one headless Service), listed in the
+//! routes file. An in-process agent registers through the gateway's HTTPS port; clients come
+//! through the shared client port (and the HTTPS port, for a direct label).
+//!
+//! The figures (clients, failures, parked per replica) are printed with `eprintln!`.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use taas_protocol::edge::{self, EdgeKind, Parsed};
+use taas_relay::config::PortRange;
+use taas_relay::gateway::UpstreamSettings;
+use taas_relay::gateway_auth::InstallSecret;
+use taas_relay::run::gateway::{self, GatewayOptions, RouteSource, RunningGateway};
+use taas_relay::run::pod::{self as label_relay, LabelRelay, LabelRelayOptions};
+use taas_testkit::agent::Agent;
+use taas_testkit::prelude::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const INSTALL_SECRET: &str = "0123456789abcdef0123456789abcdef\n";
+
+struct Cluster {
+    // Stopped before its directory goes (fields drop in order).
+    gateway: RunningGateway,
+    dir: tempfile::TempDir,
+    range: PortRange,
+}
+
+impl Cluster {
+    async fn start() -> Self {
+        init_logs();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("routes.yaml"), "{}\n").unwrap();
+        std::fs::write(dir.path().join("install-secret"), INSTALL_SECRET).unwrap();
+        let (range, _) = port_block(8);
+        let options = GatewayOptions {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            metrics: Some("127.0.0.1:0".parse().unwrap()),
+            state_dir: dir.path().join("state"),
+            registrar: REGISTRAR.into(),
+            domain: DOMAIN.into(),
+            reload_interval: Duration::from_millis(50),
+            max_connections: 1024,
+            max_connections_per_source: 1024,
+            install_secret_file: Some(dir.path().join("install-secret")),
+            upstream: UpstreamSettings::default(),
+            shared_port: Some("127.0.0.1:0".parse().unwrap()),
+            rendezvous_ports: Some(range),
+            ..GatewayOptions::new(RouteSource::File(dir.path().join("routes.yaml")))
+        };
+        let gateway = gateway::start(options).await.expect("gateway starts");
+        Self {
+            gateway,
+            dir,
+            range,
+        }
+    }
+
+    fn ts(&self) -> Vec<u16> {
+        self.range.iter().collect()
+    }
+
+    fn shared(&self) -> SocketAddr {
+        self.gateway.shared_port.expect("shared port on")
+    }
+
+    /// Routes `label` to the replicas at `ips` (listed), with the ports of `replica`.
+    async fn route(&self, label: &str, ports: &ReplicaPorts, ips: &[&str], direct: bool) {
+        let list = |port: u16| {
+            let items: Vec<String> = ips.iter().map(|ip| format!("\"{ip}:{port}\"")).collect();
+            format!("[{}]", items.join(", "))
+        };
+        let text = format!(
+            "{label}: {{relay: {}, edge: {}, direct: {direct}, rendezvous: {:?}}}\n",
+            list(ports.control),
+            list(ports.edge),
+            self.ts()
+        );
+        std::fs::write(self.dir.path().join("routes.yaml"), text).unwrap();
+        eventually("routes applied", || async {
+            self.gateway
+                .routes
+                .get(label)
+                .is_some_and(|r| r.relay.names().len() == ips.len())
+        })
+        .await;
+    }
+
+    async fn metrics(&self) -> String {
+        taas_testkit::readings::scrape(self.gateway.metrics.unwrap()).await
+    }
+
+    /// One registration through the gateway from `source`; the hidden server's connection
+    /// to the answered gateway rendezvous port from the same source.
+    async fn park_from(&self, source: &str, label: &TestLabel) -> TcpStream {
+        let gateway = &self.gateway;
+        let mut tls =
+            tls_connect_from(source, gateway.frontend, &gateway.cert.cert, REGISTRAR).await;
+        let request = steward_request(
+            &label.label,
+            gateway.frontend.port(),
+            &label.authorization(),
+        );
+        tls.write_all(request.as_bytes()).await.unwrap();
+        let response = read_response(&mut tls).await;
+        assert_eq!(response.status, 200, "{response:?}");
+        assert!(
+            response.header("taas-parked").is_none(),
+            "stripped: {response:?}"
+        );
+        let answered: SocketAddr = response.body_str().trim().parse().unwrap();
+        connect_from(source, answered).await
+    }
+}
+
+/// The ports every replica of a label uses (on its own address), as in a pod template.
+#[derive(Clone, Copy, Debug)]
+struct ReplicaPorts {
+    control: u16,
+    edge: u16,
+}
+
+/// What the replicas of one label share: the options of their pod template.
+struct Template {
+    options: LabelRelayOptions,
+    ports: ReplicaPorts,
+}
+
+impl Template {
+    fn new(cluster: &Cluster, label: &TestLabel) -> Self {
+        let dir = cluster.dir.path();
+        let ts = cluster.ts();
+        let options = label_relay_options(dir, label, ts.len() as u16, &["127.0.0.0/8"]);
+        let (p_ports, q) = (options.p_ports, options.client_port);
+        let external_file = dir.join(&label.label).join("external.yaml");
+        let mut text = "host: \"127.0.0.1\"\nports:\n".to_string();
+        for (p, t) in p_ports.iter().zip(&ts) {
+            text.push_str(&format!("  {p}: {t}\n"));
+        }
+        text.push_str(&format!("  {q}: {}\n", cluster.shared().port()));
+        std::fs::write(&external_file, text).unwrap();
+        let token = InstallSecret::new(INSTALL_SECRET.as_bytes())
+            .unwrap()
+            .token_for(&label.label);
+        let ports = ReplicaPorts {
+            control: taas_testkit::ports::free_port(),
+            edge: taas_testkit::ports::free_port(),
+        };
+        Self {
+            options: LabelRelayOptions {
+                external_file: Some(external_file),
+                gateway_token: Some(token),
+                reload_interval: Duration::from_millis(50),
+                ..options
+            },
+            ports,
+        }
+    }
+
+    /// A replica on `ip`: the template's ports on that address.
+    async fn replica(&self, ip: &str) -> LabelRelay {
+        let at = |port: u16| format!("{ip}:{port}").parse().unwrap();
+        label_relay::start(LabelRelayOptions {
+            control: at(self.ports.control),
+            edge: Some(at(self.ports.edge)),
+            metrics: Some(at(0)),
+            ..self.options.clone()
+        })
+        .await
+        .expect("replica starts")
+    }
+}
+
+fn parked(relay: &LabelRelay, label: &str) -> usize {
+    relay.relay.label(label).map_or(0, |l| l.parked())
+}
+
+async fn pairings(relay: &LabelRelay, label: &str, entry: &str) -> f64 {
+    let text = taas_testkit::readings::scrape(relay.metrics.unwrap()).await;
+    metric(
+        &text,
+        &format!("taas_pairings_total{{label=\"{label}\",entry=\"{entry}\"}}"),
+    )
+}
+
+/// One client through `entry` (the shared port or the HTTPS port) for `name`: its
+/// ClientHello and some bytes, all echoed back by the hidden side. `Err` says what failed.
+async fn one_client(entry: SocketAddr, name: &str, n: usize) -> Result<(), String> {
+    let mut bytes = client_hello(Some(name));
+    bytes.extend_from_slice(format!("client {n} says hello").as_bytes());
+    let attempt = async {
+        let mut client = TcpStream::connect(entry).await.map_err(|e| e.to_string())?;
+        client.write_all(&bytes).await.map_err(|e| e.to_string())?;
+        let mut back = vec![0u8; bytes.len()];
+        client
+            .read_exact(&mut back)
+            .await
+            .map_err(|e| format!("read: {e}"))?;
+        if back != bytes {
+            return Err("other bytes came back".into());
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(PATIENCE + PATIENCE, attempt).await {
+        Ok(result) => result,
+        Err(_) => Err("no answer within patience".into()),
+    }
+}
+
+/// Clients run by `workers` tasks, `total` in all, each worker pausing `pause` between its
+/// clients; returns the failures (with what failed).
+async fn steady_clients(
+    entry: SocketAddr,
+    name: String,
+    total: usize,
+    workers: usize,
+    pause: Duration,
+    done: Arc<AtomicUsize>,
+) -> Vec<String> {
+    let mut tasks = tokio::task::JoinSet::new();
+    let next = Arc::new(AtomicUsize::new(0));
+    for _ in 0..workers {
+        let (name, next, done) = (name.clone(), next.clone(), done.clone());
+        tasks.spawn(async move {
+            let mut failures = Vec::new();
+            loop {
+                let n = next.fetch_add(1, Ordering::SeqCst);
+                if n >= total {
+                    return failures;
+                }
+                if let Err(problem) = one_client(entry, &name, n).await {
+                    failures.push(format!("client {n}: {problem}"));
+                }
+                done.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(pause).await;
+            }
+        });
+    }
+    let mut failures = Vec::new();
+    while let Some(result) = tasks.join_next().await {
+        failures.extend(result.unwrap());
+    }
+    failures
+}
+
+/// Two replicas of `home` on 127.0.0.2 and 127.0.0.3, routed, and an agent parking `n`
+/// through the gateway towards an echo server.
+struct TwoReplicas {
+    agent: Agent,
+    a: LabelRelay,
+    b: LabelRelay,
+    _echo: tokio::task::JoinHandle<()>,
+    template: Template,
+    home: TestLabel,
+    cluster: Cluster,
+}
+
+impl TwoReplicas {
+    async fn start(home: TestLabel, n: usize) -> Self {
+        let cluster = Cluster::start().await;
+        let template = Template::new(&cluster, &home);
+        let a = template.replica("127.0.0.2").await;
+        let b = template.replica("127.0.0.3").await;
+        let direct = home.manifest().contains("direct: true");
+        cluster
+            .route("home", &template.ports, &["127.0.0.2", "127.0.0.3"], direct)
+            .await;
+        let (echo, echo_task) = echo_server().await;
+        let agent = Agent::start(
+            cluster.gateway.frontend,
+            &cluster.gateway.cert.cert,
+            &home,
+            echo,
+            n,
+            // The agent's own backoff, not the tests' short one: a parked connection given
+            // back by a draining replica must not cost the agent a long pause.
+            |config| config.max_backoff = taas_relay::agent::DEFAULT_MAX_BACKOFF,
+        );
+        Self {
+            agent,
+            a,
+            b,
+            _echo: echo_task,
+            template,
+            home,
+            cluster,
+        }
+    }
+
+    fn parked(&self) -> (usize, usize) {
+        (parked(&self.a, "home"), parked(&self.b, "home"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agents_parked_connections_spread_over_both_replicas() {
+    let replicas = TwoReplicas::start(TestLabel::new("home"), 8).await;
+    eventually("the agent parked 8 over the two replicas", || async {
+        let (a, b) = replicas.parked();
+        a + b == 8
+    })
+    .await;
+    let (a, b) = replicas.parked();
+    eprintln!("figure: agent --parked 8 through the gateway: replica A {a}, replica B {b}");
+    assert!(a >= 3 && b >= 3, "A {a}, B {b}");
+    assert_eq!(replicas.agent.parked(), 8);
+    let _ = (&replicas.template, &replicas.home);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_through_the_shared_port_and_a_direct_labels_https_port_are_served_by_either_replica(
+) {
+    let home = TestLabel::new("home").with("direct: true");
+    let replicas = TwoReplicas::start(home, 8).await;
+    eventually("8 parked", || async {
+        let (a, b) = replicas.parked();
+        a + b == 8 && a > 0 && b > 0
+    })
+    .await;
+    let name = format!("home.{DOMAIN}");
+    let shared = replicas.cluster.shared();
+    let https = replicas.cluster.gateway.frontend;
+    for n in 0..12 {
+        one_client(shared, &name, n).await.unwrap();
+    }
+    for n in 0..12 {
+        one_client(https, &name, n).await.unwrap();
+    }
+    let mut served = Vec::new();
+    for relay in [&replicas.a, &replicas.b] {
+        let shared = pairings(relay, "home", "shared_port").await;
+        let direct = pairings(relay, "home", "direct").await;
+        served.push((shared, direct));
+    }
+    eprintln!(
+        "figure: 12 shared-port and 12 direct clients: replica A served {:?}, replica B {:?} (shared, direct)",
+        served[0], served[1]
+    );
+    assert_eq!(served[0].0 + served[1].0, 12.0);
+    assert_eq!(served[0].1 + served[1].1, 12.0);
+    for (shared, direct) in served {
+        assert!(shared > 0.0 && direct > 0.0, "both replicas serve");
+    }
+    // Every client was offered (a replica refilling may say WAIT before the other SERVEs).
+    let metrics = replicas.cluster.metrics().await;
+    let offered = ["serve", "wait"].map(|answer| {
+        metric(
+            &metrics,
+            &format!("taas_gateway_edge_offers_total{{answer=\"{answer}\"}}"),
+        )
+    });
+    assert!(
+        offered[0] >= 12.0 && offered[0] + offered[1] >= 24.0,
+        "{offered:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rendezvous_on_a_shared_port_finds_the_replica_holding_its_registration() {
+    let cluster = Cluster::start().await;
+    let home = TestLabel::new("home");
+    let template = Template::new(&cluster, &home);
+    let a = template.replica("127.0.0.2").await;
+    let b = template.replica("127.0.0.3").await;
+    cluster
+        .route("home", &template.ports, &["127.0.0.2", "127.0.0.3"], false)
+        .await;
+    // Two registrations: the second goes to the replica the first did not (fewest first);
+    // each hidden server's connection on the shared port T lands where its registration is.
+    let mut parked_streams = Vec::new();
+    for expected in 1..=2 {
+        parked_streams.push(cluster.park_from("127.0.0.5", &home).await);
+        eventually("parked on the replica holding the registration", || async {
+            parked(&a, "home") + parked(&b, "home") == expected
+        })
+        .await;
+    }
+    let (on_a, on_b) = (parked(&a, "home"), parked(&b, "home"));
+    eprintln!("figure: two registrations through the gateway: replica A {on_a}, replica B {on_b}");
+    assert_eq!((on_a, on_b), (1, 1));
+    let metrics = cluster.metrics().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "taas_gateway_edge_connections_total{entry=\"rendezvous\"}"
+        ),
+        2.0
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "taas_gateway_edge_refused_total{reason=\"ambiguous\"}"
+        ),
+        0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_replica_fills_first() {
+    let cluster = Cluster::start().await;
+    let home = TestLabel::new("home");
+    let template = Template::new(&cluster, &home);
+    let a = template.replica("127.0.0.2").await;
+    // B is listed but not started yet: registrations to it fail over to A.
+    cluster
+        .route("home", &template.ports, &["127.0.0.2", "127.0.0.3"], false)
+        .await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(cluster.park_from("127.0.0.5", &home).await);
+    }
+    eventually("4 parked on A", || async { parked(&a, "home") == 4 }).await;
+    let b = template.replica("127.0.0.3").await;
+    for _ in 0..3 {
+        held.push(cluster.park_from("127.0.0.5", &home).await);
+    }
+    eventually("3 more parked", || async {
+        parked(&a, "home") + parked(&b, "home") == 7
+    })
+    .await;
+    let (on_a, on_b) = (parked(&a, "home"), parked(&b, "home"));
+    eprintln!("figure: A with 4 parked, B fresh: the next 3 registrations: A {on_a}, B {on_b}");
+    assert_eq!((on_a, on_b), (4, 3));
+    let metrics = cluster.metrics().await;
+    assert!(
+        metric(
+            &metrics,
+            "taas_gateway_registrations_retried_total{reason=\"unreachable\"}"
+        ) >= 1.0,
+        "B's address refused while it was down"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_replica_gets_no_registration() {
+    let cluster = Cluster::start().await;
+    let home = TestLabel::new("home");
+    let template = Template::new(&cluster, &home);
+    let a = template.replica("127.0.0.2").await;
+    let b = template.replica("127.0.0.3").await;
+    cluster
+        .route("home", &template.ports, &["127.0.0.2", "127.0.0.3"], false)
+        .await;
+    a.drain();
+    let mut held = Vec::new();
+    for n in 1..=4 {
+        held.push(cluster.park_from("127.0.0.5", &home).await);
+        eventually("parked on B", || async { parked(&b, "home") == n }).await;
+    }
+    assert_eq!(parked(&a, "home"), 0);
+    let metrics = cluster.metrics().await;
+    let retried = metric(
+        &metrics,
+        "taas_gateway_registrations_retried_total{reason=\"draining\"}",
+    );
+    eprintln!(
+        "figure: 4 registrations with replica A draining: all on B, {retried} retried past A"
+    );
+    assert!(retried >= 1.0);
+    let relay_metrics = taas_testkit::readings::scrape(a.metrics.unwrap()).await;
+    assert_eq!(metric(&relay_metrics, "taas_relay_draining"), 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_one_of_two_replicas_under_a_steady_load_fails_no_client() {
+    let replicas = TwoReplicas::start(TestLabel::new("home"), 8).await;
+    eventually("8 parked over both", || async {
+        let (a, b) = replicas.parked();
+        a + b == 8 && a > 0 && b > 0
+    })
+    .await;
+    let before = replicas.parked();
+    let done = Arc::new(AtomicUsize::new(0));
+    let total = 200;
+    let load = tokio::spawn(steady_clients(
+        replicas.cluster.shared(),
+        format!("home.{DOMAIN}"),
+        total,
+        4,
+        Duration::from_millis(130),
+        done.clone(),
+    ));
+    eventually("a quarter of the clients served", || async {
+        done.load(Ordering::SeqCst) >= total / 4
+    })
+    .await;
+    let started = Instant::now();
+    // As SIGTERM does in the pod.
+    replicas.a.drain();
+    let failures = tokio::time::timeout(Duration::from_secs(60), load)
+        .await
+        .expect("the load ends")
+        .unwrap();
+    let load_took = started.elapsed();
+    eventually("the agent's parked connections end on B", || async {
+        replicas.parked() == (0, 8)
+    })
+    .await;
+    let metrics = replicas.cluster.metrics().await;
+    let offers: Vec<(String, f64)> = ["serve", "wait", "last_resort", "refuse", "no_answer"]
+        .iter()
+        .map(|a| {
+            let series = format!("taas_gateway_edge_offers_total{{answer=\"{a}\"}}");
+            (a.to_string(), metric(&metrics, &series))
+        })
+        .collect();
+    eprintln!(
+        "figure: {total} clients through the shared port, replica A drained mid-load: {} failures; \
+         parked before {before:?}, after {:?} (A, B); the load ran {load_took:?} after the drain; \
+         offers {offers:?}",
+        failures.len(),
+        replicas.parked()
+    );
+    assert!(failures.is_empty(), "{failures:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replacing_the_only_replica_under_a_steady_load_fails_no_client() {
+    let cluster = Cluster::start().await;
+    let home = TestLabel::new("home");
+    let template = Template::new(&cluster, &home);
+    let a = template.replica("127.0.0.2").await;
+    // The headless Service lists the new pod once it is ready: here the route lists both
+    // from the start, the new one refused until it runs.
+    cluster
+        .route("home", &template.ports, &["127.0.0.2", "127.0.0.3"], false)
+        .await;
+    let (echo, _echo_task) = echo_server().await;
+    let agent = Agent::start(
+        cluster.gateway.frontend,
+        &cluster.gateway.cert.cert,
+        &home,
+        echo,
+        8,
+        |config| config.max_backoff = taas_relay::agent::DEFAULT_MAX_BACKOFF,
+    );
+    eventually("8 parked on A", || async { parked(&a, "home") == 8 }).await;
+    let done = Arc::new(AtomicUsize::new(0));
+    let total = 200;
+    let load = tokio::spawn(steady_clients(
+        cluster.shared(),
+        format!("home.{DOMAIN}"),
+        total,
+        4,
+        Duration::from_millis(130),
+        done.clone(),
+    ));
+    eventually("some clients served", || async {
+        done.load(Ordering::SeqCst) >= total / 5
+    })
+    .await;
+    // maxSurge 1: the new replica starts, empty, then the old one drains.
+    let b = template.replica("127.0.0.3").await;
+    let surged = Instant::now();
+    a.drain();
+    // When every parked connection is on B (the window the label depends on A's hold).
+    let moved = {
+        let (ra, rb) = (a.relay.clone(), b.relay.clone());
+        tokio::spawn(async move {
+            let count = |r: &taas_relay::relay::StandaloneBackend| {
+                r.label("home").map_or(0, |l| l.parked())
+            };
+            while !(count(&ra) == 0 && count(&rb) == 8) {
+                if surged.elapsed() > Duration::from_secs(30) {
+                    return None;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Some(surged.elapsed())
+        })
+    };
+    let served_at_drain = done.load(Ordering::SeqCst);
+    let failures = tokio::time::timeout(Duration::from_secs(60), load)
+        .await
+        .expect("the load ends")
+        .unwrap();
+    let window = surged.elapsed();
+    eventually("the agent's parked connections end on B", || async {
+        parked(&a, "home") == 0 && parked(&b, "home") == 8
+    })
+    .await;
+    let moved = moved.await.unwrap();
+    eprintln!(
+        "figure: one replica replaced under {total} clients ({served_at_drain} served before the \
+         drain, the rest over {window:?}): {} failures; parked after: A {}, B {}; all 8 parked \
+         on B {moved:?} after the drain began (hold {:?})",
+        failures.len(),
+        parked(&a, "home"),
+        parked(&b, "home"),
+        label_relay::PARKED_HOLD,
+    );
+    assert!(failures.is_empty(), "{failures:?}");
+    assert_eq!(agent.parked(), 8);
+}
+
+/// A relay's edge port as it was before offers: it refuses a header with an unknown TLV
+/// (closes without a byte), and takes the old header as before. The accepted streams go to
+/// the test.
+async fn old_relay() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<TcpStream>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (sender, accepted) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            let sender = sender.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; edge::MAX_HEADER];
+                let mut len = 0;
+                let header = loop {
+                    let need = match edge::parse(&buf[..len]) {
+                        Ok(Parsed::Complete { header, .. }) => break header,
+                        Ok(Parsed::Incomplete { need }) => need,
+                        Err(_) => return,
+                    };
+                    match stream.read(&mut buf[len..need]).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => len += n,
+                    }
+                };
+                if header.offer {
+                    return; // an unknown TLV to it: closed without a byte
+                }
+                assert_eq!(header.kind, EdgeKind::SharedPort);
+                let _ = sender.send(stream);
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_without_the_offer_tlv_still_gets_clients() {
+    let cluster = Cluster::start().await;
+    let (old, mut accepted) = old_relay().await;
+    let text = format!("home: {{relay: \"127.0.0.1:9\", edge: \"{old}\"}}\n");
+    std::fs::write(cluster.dir.path().join("routes.yaml"), text).unwrap();
+    eventually("routes applied", || async {
+        cluster.gateway.routes.get("home").is_some()
+    })
+    .await;
+    let hello = client_hello(Some(&format!("home.{DOMAIN}")));
+    let mut client = TcpStream::connect(cluster.shared()).await.unwrap();
+    client.write_all(&hello).await.unwrap();
+    let mut relay = tokio::time::timeout(PATIENCE, accepted.recv())
+        .await
+        .expect("the old relay gets the client")
+        .unwrap();
+    assert_relayed_both_ways(&mut client, &mut relay, &hello, PATIENCE).await;
+    let metrics = cluster.metrics().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "taas_gateway_edge_offers_total{answer=\"legacy\"}"
+        ),
+        1.0
+    );
+}

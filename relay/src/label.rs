@@ -92,6 +92,8 @@ pub struct Shared {
     /// Connections open on client ports (each label's q and the shared port) from each
     /// source, all labels together.
     pub client_sources: Arc<SourceCounts>,
+    /// Every listening socket, for a successor to take over (`handover`).
+    pub listeners: Arc<crate::handover::Listeners>,
 }
 
 /// How a client connection came to its label: the label's own client port q, the shared
@@ -238,6 +240,11 @@ impl Label {
         lock(&self.q).as_ref().map(|q| q.port)
     }
 
+    /// Clients waiting for a parked connection now.
+    pub fn waiting(&self) -> usize {
+        lock(&self.pool).waiting()
+    }
+
     /// Parked connections ready for a client now.
     pub fn parked(&self) -> usize {
         lock(&self.pool).parked()
@@ -252,6 +259,13 @@ impl Label {
             self.bind_client_port()?;
         }
         Ok(())
+    }
+
+    /// Stops accepting on q (a successor accepts there now); everything else goes on.
+    pub fn stop_accepting(&self) {
+        if let Some(q) = lock(&self.q).take() {
+            q.accept_loop.abort();
+        }
     }
 
     /// Stops the label: q and the pending registrations' one-shot ports close, parked
@@ -270,15 +284,14 @@ impl Label {
     fn bind_client_port(self: &Arc<Self>) -> Result<(), PortError> {
         // q and its accept loop belong to the label's data-plane thread.
         let _placed = self.placement.enter();
-        let bound = match self.config().client_port {
-            Some(port) => {
-                crate::ports::bind_fixed(SocketAddr::new(self.shared.bind_ip, port), Q_BACKLOG)
-            }
-            None => self
-                .shared
-                .q_ports
-                .bind_random(self.shared.bind_ip, Q_BACKLOG),
-        }?;
+        // Through the hand-over registry: a predecessor's q is taken over (`handover`).
+        let bound = self.shared.listeners.bind_q(
+            &self.name,
+            self.config().client_port,
+            self.shared.bind_ip,
+            &self.shared.q_ports,
+            Q_BACKLOG,
+        )?;
         let (listener, lease) = bound;
         // Set once on q, inherited by every accepted client connection (Linux copies these
         // options from the listening socket): none of them per connection.

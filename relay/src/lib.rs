@@ -38,6 +38,7 @@ pub mod demo;
 pub mod direct;
 pub mod edge;
 pub mod frontend;
+pub mod handover;
 pub mod gateway;
 pub mod label;
 pub mod label_source;

@@ -21,6 +21,7 @@ use tokio::sync::Semaphore;
 use crate::config::{ExternalAddress, LabelConfig, RedirectHost, RelaySettings};
 use crate::data_plane::DataPlane;
 use crate::frontend::LabelBackend;
+use crate::handover::Listeners;
 use crate::label::{Label, Shared, Unavailable};
 use crate::metrics::{Registered, RelayMetrics};
 use crate::ports::{PortError, PortPool};
@@ -52,6 +53,16 @@ pub struct StandaloneBackend {
 impl StandaloneBackend {
     /// Fails only if the data-plane threads cannot be started.
     pub fn new(settings: RelaySettings, registry: &mut Registry) -> std::io::Result<Arc<Self>> {
+        Self::with_listeners(settings, registry, Listeners::new())
+    }
+
+    /// [`StandaloneBackend::new`], binding the labels' client ports through `listeners`
+    /// (taking over a predecessor's, `handover`).
+    pub fn with_listeners(
+        settings: RelaySettings,
+        registry: &mut Registry,
+        listeners: Arc<Listeners>,
+    ) -> std::io::Result<Arc<Self>> {
         let data_plane = DataPlane::start(settings.data_threads)?;
         let metrics = Arc::new(RelayMetrics::default());
         metrics.register(registry);
@@ -63,6 +74,7 @@ impl StandaloneBackend {
             q_ports: PortPool::new(settings.q_ports),
             pairs: Arc::new(Semaphore::new(settings.limits.active_pairs)),
             client_sources: Default::default(),
+            listeners,
         });
         let decoy = Decoy::new(rand::random::<[u8; 20]>().to_vec());
         Ok(Arc::new(Self {
@@ -187,6 +199,21 @@ impl StandaloneBackend {
         for label in read(&self.labels).values() {
             label.close();
         }
+    }
+
+    /// A successor serves now (`handover`): registrations get 503 from now on and no label
+    /// accepts on q any more, while parked connections and waiting clients stay, so that the
+    /// clients already accepted are paired. [`StandaloneBackend::drain`] follows.
+    pub fn stop_accepting(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        for label in read(&self.labels).values() {
+            label.stop_accepting();
+        }
+    }
+
+    /// Clients waiting for a parked connection, all labels together.
+    pub fn waiting_clients(&self) -> usize {
+        read(&self.labels).values().map(|label| label.waiting()).sum()
     }
 
     /// The first step of a graceful stop: from now on every registration gets 503 with

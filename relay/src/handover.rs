@@ -211,6 +211,9 @@ fn parse_q(key: &str) -> Option<(SocketAddr, &str)> {
     Some((addr.parse().ok()?, label))
 }
 
+/// A socket from the predecessor: its key and descriptor.
+pub type Inherited = (String, OwnedFd);
+
 /// Every listening socket of the relay, by key: the ones this process holds (to hand over;
 /// duplicates of the descriptors, dropped with their [`Registration`]) and the ones it
 /// inherited and has not claimed yet.
@@ -242,7 +245,7 @@ impl Listeners {
     }
 
     /// Sockets from the predecessor, claimed by key as the relay binds.
-    pub fn inherit(&self, sockets: Vec<(String, OwnedFd)>) {
+    pub fn inherit(&self, sockets: Vec<Inherited>) {
         lock(&self.inherited).extend(sockets);
     }
 
@@ -355,7 +358,7 @@ impl Listeners {
     }
 
     /// Copies of every socket held, with their keys (what a successor gets).
-    fn snapshot(&self) -> std::io::Result<Vec<(String, OwnedFd)>> {
+    fn snapshot(&self) -> std::io::Result<Vec<Inherited>> {
         let mut seen = std::collections::HashSet::new();
         lock(&self.held)
             .values()
@@ -520,13 +523,19 @@ fn send_listeners(stream: &UnixStream, listeners: &Listeners) -> Result<usize, H
     (&*stream).write_all(&encode(&entries)?)?;
     for batch in sockets.chunks(FDS_PER_MESSAGE) {
         let fds: Vec<BorrowedFd<'_>> = batch.iter().map(|(_, fd)| fd.as_fd()).collect();
-        let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(FDS_PER_MESSAGE))];
+        let mut space =
+            vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(FDS_PER_MESSAGE))];
         let mut control = SendAncillaryBuffer::new(&mut space);
         if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
             return Err(invalid("no room for the descriptors").into());
         }
-        let sent = rustix::net::sendmsg(stream, &[IoSlice::new(b"F")], &mut control, SendFlags::empty())
-            .map_err(std::io::Error::from)?;
+        let sent = rustix::net::sendmsg(
+            stream,
+            &[IoSlice::new(b"F")],
+            &mut control,
+            SendFlags::empty(),
+        )
+        .map_err(std::io::Error::from)?;
         if sent != 1 {
             return Err(invalid("descriptors not sent").into());
         }
@@ -565,9 +574,7 @@ impl Predecessor {
 
 /// Takes the listeners of the relay serving on `<state_dir>/handover.sock`. `Ok(None)` when
 /// no socket answers there (nothing to take over).
-pub fn take_over(
-    state_dir: &Path,
-) -> Result<Option<(Predecessor, Vec<(String, OwnedFd)>)>, HandoverError> {
+pub fn take_over(state_dir: &Path) -> Result<Option<(Predecessor, Vec<Inherited>)>, HandoverError> {
     let path = socket_path(state_dir);
     let stream = match UnixStream::connect(&path) {
         Ok(stream) => stream,
@@ -603,7 +610,8 @@ pub fn take_over(
     let entries = parse(&body)?;
     let mut fds: Vec<OwnedFd> = Vec::with_capacity(entries.len());
     while fds.len() < entries.len() {
-        let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(FDS_PER_MESSAGE))];
+        let mut space =
+            vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(FDS_PER_MESSAGE))];
         let mut control = RecvAncillaryBuffer::new(&mut space);
         let mut byte = [0u8; 1];
         let got = rustix::net::recvmsg(
@@ -656,7 +664,9 @@ pub fn own_binary() -> std::io::Result<PathBuf> {
 }
 
 /// The arguments of the successor: this process's, plus `--take-over` once.
-pub fn successor_args(own: impl IntoIterator<Item = std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+pub fn successor_args(
+    own: impl IntoIterator<Item = std::ffi::OsString>,
+) -> Vec<std::ffi::OsString> {
     let mut args: Vec<_> = own.into_iter().collect();
     if !args.iter().any(|arg| arg == "--take-over") {
         args.push("--take-over".into());
@@ -713,7 +723,10 @@ mod tests {
         let mut twice = entries(&["a", "b"]);
         twice[1].fd = 0;
         assert_eq!(encode(&twice), Err(FormatError::FdIndex(0)));
-        assert_eq!(encode(&entries(&["new\nline"])), Err(FormatError::BadKey(8)));
+        assert_eq!(
+            encode(&entries(&["new\nline"])),
+            Err(FormatError::BadKey(8))
+        );
     }
 
     #[test]
@@ -722,6 +735,87 @@ mod tests {
         assert_eq!(args.last().unwrap(), "--take-over");
         assert_eq!(successor_args(args.clone()), args);
         assert!(own_binary().unwrap().exists());
+    }
+
+    /// A socket inherited under a key is the one the same key binds (the same kernel
+    /// socket: its address), and what nobody claims is closed.
+    #[tokio::test]
+    async fn an_inherited_socket_is_claimed_by_its_key_and_the_rest_is_closed() {
+        let asked: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let old = std::net::TcpListener::bind(asked).unwrap();
+        let bound = old.local_addr().unwrap();
+        let gone = std::net::TcpListener::bind(asked).unwrap();
+        let listeners = Listeners::new();
+        listeners.inherit(vec![
+            (Key::Frontend(asked).to_string(), OwnedFd::from(old)),
+            (
+                Key::Q(gone.local_addr().unwrap(), "gone".into()).to_string(),
+                OwnedFd::from(gone),
+            ),
+        ]);
+        let (front, _registration) = listeners
+            .listener(&Key::Frontend(asked), || unreachable!("inherited"))
+            .unwrap();
+        assert_eq!(front.local_addr().unwrap(), bound);
+        assert_eq!(listeners.held(), 1);
+        assert_eq!(listeners.close_unclaimed().len(), 1);
+        drop(_registration);
+        assert_eq!(listeners.held(), 0, "a closed listener leaves the registry");
+    }
+
+    /// The whole exchange over a real handover.sock: the successor gets every listener by
+    /// key, the same sockets, and the old side returns once it says it serves.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_successor_receives_every_listener_over_the_socket_and_says_when_it_serves() {
+        let dir = tempfile::tempdir().unwrap();
+        let listeners = Listeners::new();
+        let mut registrations = Vec::new();
+        let mut addrs = BTreeMap::new();
+        for i in 0..300 {
+            let key = Key::Shared("127.0.0.1:9443".parse().unwrap(), i);
+            let (listener, registration) = listeners
+                .std_listener(&key, || std::net::TcpListener::bind("127.0.0.1:0"))
+                .unwrap();
+            addrs.insert(key.to_string(), listener.local_addr().unwrap());
+            registrations.push((listener, registration));
+        }
+        let socket = HandoverSocket::bind(dir.path()).unwrap();
+        let mode = std::fs::metadata(socket.path())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let old = tokio::spawn(socket.successor(listeners.clone(), || {}));
+        let state = dir.path().to_path_buf();
+        let (predecessor, sockets) = tokio::task::spawn_blocking(move || take_over(&state))
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("a relay answers");
+        assert_eq!(predecessor.pid(), Some(std::process::id()));
+        assert_eq!(sockets.len(), 300, "more than one batch of descriptors");
+        for (key, fd) in sockets {
+            let listener = std::net::TcpListener::from(fd);
+            assert_eq!(
+                Some(&listener.local_addr().unwrap()),
+                addrs.get(&key),
+                "{key}"
+            );
+        }
+        assert!(
+            !socket_path(dir.path()).exists(),
+            "free for the successor's own"
+        );
+        predecessor.serving().unwrap();
+        tokio::time::timeout(Duration::from_secs(10), old)
+            .await
+            .expect("the old side sees SERVING")
+            .unwrap()
+            .unwrap();
+        assert!(
+            take_over(dir.path()).unwrap().is_none(),
+            "nothing left to take"
+        );
     }
 
     proptest! {

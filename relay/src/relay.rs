@@ -213,7 +213,10 @@ impl StandaloneBackend {
 
     /// Clients waiting for a parked connection, all labels together.
     pub fn waiting_clients(&self) -> usize {
-        read(&self.labels).values().map(|label| label.waiting()).sum()
+        read(&self.labels)
+            .values()
+            .map(|label| label.waiting())
+            .sum()
     }
 
     /// The first step of a graceful stop: from now on every registration gets 503 with

@@ -34,8 +34,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use crate::handover::{Key, Listeners, Registration};
 use crate::client_hello::{read_server_name, Deadlines, HelloFailure};
+use crate::handover::{Key, Listeners, Registration};
 use crate::label::{ClientConn, Entry};
 use crate::metrics::SharedPortRefused;
 use crate::relay::StandaloneBackend;

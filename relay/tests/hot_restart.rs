@@ -71,17 +71,25 @@ struct Setup {
     notify: UnixDatagram,
     args: Vec<String>,
     log: PathBuf,
+    /// The label's pinned client port, when it has one.
+    pinned: Option<u16>,
 }
 
 impl Setup {
-    fn new(dir: &Path, label: &TestLabel) -> Self {
+    /// `shared`: with the shared port (two sockets) and the label's q pinned (the 307 names
+    /// the shared port then); without: q from the range.
+    fn new(dir: &Path, label: &TestLabel, shared: bool) -> Self {
         let labels = dir.join("labels");
         std::fs::create_dir_all(&labels).unwrap();
-        write_label(&labels, label);
         let (p, q) = own_ports(40);
+        let pinned = shared.then_some(q.hi);
+        match pinned {
+            Some(port) => write_label(&labels, &label.clone().with(&format!("clientPort: {port}"))),
+            None => write_label(&labels, label),
+        }
         let front = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let args = [
+        let mut args = [
             "serve",
             "--listen",
             &front.to_string(),
@@ -104,6 +112,10 @@ impl Setup {
         ]
         .map(String::from)
         .to_vec();
+        if shared {
+            // Two sockets (one per data-plane thread), handed over too.
+            args.extend(["--shared-port".into(), free_port().to_string()]);
+        }
         let notify = UnixDatagram::bind(dir.join("notify.sock")).unwrap();
         Self {
             dir: dir.to_path_buf(),
@@ -112,6 +124,7 @@ impl Setup {
             notify,
             args,
             log: dir.join("relay.log"),
+            pinned,
         }
     }
 
@@ -184,8 +197,11 @@ impl Setup {
         metric(&self.metrics_text().await, "taas_parked{label=\"home\"}")
     }
 
-    /// The label's q, from a 307.
+    /// The label's q: pinned, or from a 307.
     async fn q(&self) -> SocketAddr {
+        if let Some(port) = self.pinned {
+            return SocketAddr::from(([127, 0, 0, 1], port));
+        }
         let mut tls = tls_connect(self.front, &self.ca(), REGISTRAR).await;
         let request = format!("GET / HTTP/1.1\r\nHost: home.{DOMAIN}\r\nConnection: close\r\n\r\n");
         tls.write_all(request.as_bytes()).await.unwrap();
@@ -208,7 +224,10 @@ fn start_agent(setup: &Setup, label: &TestLabel, forward: SocketAddr) -> Owned {
     let log = std::fs::File::create(setup.dir.join("agent.log")).unwrap();
     Owned(
         Command::new(AGENT_BIN)
-            .args(["--relay", &format!("https://{REGISTRAR}:{}", setup.front.port())])
+            .args([
+                "--relay",
+                &format!("https://{REGISTRAR}:{}", setup.front.port()),
+            ])
             .args(["--connect", &setup.front.to_string()])
             .arg("--ca")
             .arg(setup.ca())
@@ -273,7 +292,7 @@ enum Trigger {
 async fn swap_under_load(trigger: Trigger) {
     let dir = tempfile::tempdir().unwrap();
     let home = TestLabel::new("home");
-    let setup = Setup::new(dir.path(), &home);
+    let setup = Setup::new(dir.path(), &home, matches!(trigger, Trigger::ByHand));
     let mut old = Owned(setup.spawn(&[]));
     let old_pid = old.0.id();
     let first = setup.until_ready().await;
@@ -283,9 +302,15 @@ async fn swap_under_load(trigger: Trigger) {
     );
     let (echo, _echo) = echo_server().await;
     let _agent = start_agent(&setup, &home, echo);
-    eventually("the agent has 8 parked", || async { setup.parked().await >= 8.0 }).await;
+    eventually("the agent has 8 parked", || async {
+        setup.parked().await >= 8.0
+    })
+    .await;
     let q = setup.q().await;
-    assert!(matches!(echo_exchange(q, b"hello").await, Exchange::Ok { .. }));
+    assert!(matches!(
+        echo_exchange(q, b"hello").await,
+        Exchange::Ok { .. }
+    ));
 
     // Long transfers, then a steady stream of new clients, across the swap.
     let transfers: Vec<_> = (0..TRANSFERS)
@@ -388,13 +413,16 @@ async fn swap_under_load(trigger: Trigger) {
     assert_eq!(setup.q().await, q, "the label kept its client port");
     let data = payload(9, 1);
     assert!(matches!(echo_exchange(q, &data).await, Exchange::Ok { .. }));
+    if std::env::var_os("HOT_RESTART_LOG").is_some() {
+        eprintln!("{}", setup.log_text());
+    }
     eprintln!(
         "figure: hot restart ({}): {CLIENTS} clients over {:.1} s, 0 failed; {TRANSFERS} \
          transfers of {} MiB byte-exact ({} MiB); swap (trigger to the new relay's READY=1) \
          {:.0} ms; old pid {old_pid} exited, new pid {new_pid} serves",
         match trigger {
             Trigger::Sighup => "SIGHUP",
-            Trigger::ByHand => "serve --take-over by hand",
+            Trigger::ByHand => "serve --take-over by hand, shared port and pinned q",
         },
         load_took.as_secs_f64(),
         TRANSFER_BYTES >> 20,
@@ -420,11 +448,15 @@ async fn a_peer_that_sends_garbage_or_nothing_to_the_handover_socket_is_closed_a
 ) {
     let dir = tempfile::tempdir().unwrap();
     let home = TestLabel::new("home");
-    let setup = Setup::new(dir.path(), &home);
+    let setup = Setup::new(dir.path(), &home, false);
     let _relay = Owned(setup.spawn(&[]));
     setup.until_ready().await;
-    let path = dir.path().join("state").join(taas_relay::handover::SOCKET_NAME);
-    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&path).unwrap().permissions());
+    let path = dir
+        .path()
+        .join("state")
+        .join(taas_relay::handover::SOCKET_NAME);
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&path).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600, "only its user may connect");
 
     for garbage in [&b"GET / HTTP/1.1\r\n\r\n"[..], &[0u8; 64], b""] {
@@ -440,10 +472,14 @@ async fn a_peer_that_sends_garbage_or_nothing_to_the_handover_socket_is_closed_a
     assert!(path.exists(), "the hand-over socket stays");
     // Still serving: a 307 for an empty label, metrics ready.
     let mut tls = tls_connect(setup.front, &setup.ca(), REGISTRAR).await;
-    tls.write_all(format!("GET / HTTP/1.1\r\nHost: home.{DOMAIN}\r\nConnection: close\r\n\r\n").as_bytes())
+    tls.write_all(
+        format!("GET / HTTP/1.1\r\nHost: home.{DOMAIN}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let response = tokio::time::timeout(PATIENCE, read_response(&mut tls))
         .await
         .unwrap();
-    let response = tokio::time::timeout(PATIENCE, read_response(&mut tls)).await.unwrap();
     assert!(response.status > 0, "{response:?}");
     assert!(setup.metrics_text().await.contains("taas_"));
 }

@@ -561,7 +561,10 @@ fn start_successor() {
     });
     match started {
         Ok(mut child) => {
-            tracing::info!(pid = child.id(), "SIGHUP: started the successor, handing over");
+            tracing::info!(
+                pid = child.id(),
+                "SIGHUP: started the successor, handing over"
+            );
             // Reaped if it ends first; it outlives this process otherwise.
             std::thread::spawn(move || {
                 if let Ok(status) = child.wait() {

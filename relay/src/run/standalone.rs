@@ -16,13 +16,13 @@ use sd_notify::NotifyState;
 use tokio::task::AbortHandle;
 
 use super::{StartError, Tasks};
-use crate::handover::{self, HandoverSocket, Key, Listeners, Registration};
 use crate::config::{
     LabelConfig, Limits, PortRange, RedirectHost, RelaySettings, Timeouts, DEFAULT_DOMAIN,
     DEFAULT_REGISTRAR,
 };
 use crate::data_plane::DataPlane;
 use crate::frontend::{self, FrontendMetrics};
+use crate::handover::{self, HandoverSocket, Key, Listeners, Registration};
 use crate::host::Names;
 use crate::label_source::{self, LabelSet};
 use crate::relay::StandaloneBackend;
@@ -308,19 +308,14 @@ pub async fn start(options: ServeOptions) -> Result<Standalone, StartError> {
         })
         .map_err(listen_error(options.listen))?;
     registered.push(front_registration);
-    let frontend_addr = front
-        .local_addr()
-        .map_err(listen_error(options.listen))?;
+    let frontend_addr = front.local_addr().map_err(listen_error(options.listen))?;
     let shared_port = match options.shared_port {
         Some(port) => {
             // One socket per data-plane thread, each accepting on its thread.
             let addr = SocketAddr::new(settings.bind_ip, port);
-            let (sockets, local, registrations) = crate::shared_port::bind_registered(
-                &listeners,
-                addr,
-                settings.data_threads.get(),
-            )
-            .map_err(listen_error(addr))?;
+            let (sockets, local, registrations) =
+                crate::shared_port::bind_registered(&listeners, addr, settings.data_threads.get())
+                    .map_err(listen_error(addr))?;
             registered.extend(registrations);
             settings.shared_port = Some(local.port());
             Some((sockets, local))
@@ -328,8 +323,9 @@ pub async fn start(options: ServeOptions) -> Result<Standalone, StartError> {
         None => None,
     };
     let mut registry = Registry::default();
-    let relay = StandaloneBackend::with_listeners(settings.clone(), &mut registry, listeners.clone())
-        .map_err(StartError::DataPlane)?;
+    let relay =
+        StandaloneBackend::with_listeners(settings.clone(), &mut registry, listeners.clone())
+            .map_err(StartError::DataPlane)?;
     let mut tasks = Tasks::new(Some(relay.clone()));
     let problems = relay.apply(&labels.labels);
     if !problems.is_empty() {

@@ -52,9 +52,9 @@ impl Drop for Owned {
     }
 }
 
+/// Whether `pid` runs: an exited process not reaped yet (a zombie) still has a stat entry,
+/// with state Z.
 fn alive(pid: u32) -> bool {
-    // A zombie (exited, not yet reaped) has no /proc/PID/exe target any more... but still a
-    // stat entry: read its state.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|stat| {
             let state = stat.rsplit_once(") ").map(|(_, rest)| rest.chars().next());
@@ -413,6 +413,7 @@ async fn swap_under_load(trigger: Trigger) {
     assert_eq!(setup.q().await, q, "the label kept its client port");
     let data = payload(9, 1);
     assert!(matches!(echo_exchange(q, &data).await, Exchange::Ok { .. }));
+    // The relays' log, on demand (to see the sequence).
     if std::env::var_os("HOT_RESTART_LOG").is_some() {
         eprintln!("{}", setup.log_text());
     }
@@ -482,4 +483,34 @@ async fn a_peer_that_sends_garbage_or_nothing_to_the_handover_socket_is_closed_a
         .unwrap();
     assert!(response.status > 0, "{response:?}");
     assert!(setup.metrics_text().await.contains("taas_"));
+}
+
+/// Under systemd (`Type=notify`): the first relay says READY=1; after SIGHUP its successor
+/// says MAINPID=<its pid> and READY=1, and the first one exits (no pair to wait for).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_hears_ready_from_the_relay_and_mainpid_and_ready_from_its_successor() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup::new(dir.path(), &TestLabel::new("home"), false);
+    let mut old = Owned(setup.spawn(&[]));
+    let first = setup.until_ready().await;
+    assert_eq!(first, ["READY=1\n"]);
+    let status = Command::new("kill")
+        .args(["-HUP", &old.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let messages = setup.until_ready().await.concat();
+    assert!(messages.contains("RELOADING=1"), "{messages}");
+    let new_pid: u32 = messages
+        .lines()
+        .find_map(|l| l.strip_prefix("MAINPID=")?.parse().ok())
+        .unwrap_or_else(|| panic!("MAINPID=: {messages}"));
+    let _new = Killed(new_pid);
+    assert_ne!(new_pid, old.0.id());
+    let deadline = Instant::now() + PATIENCE;
+    while old.0.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the old relay still runs");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(alive(new_pid));
 }

@@ -124,6 +124,8 @@ impl Standalone {
     /// the ports that take new connections close, parked connections are given back; pairs
     /// already spliced go on.
     pub fn drain(&self) {
+        // The registry's copies would keep the closed ports listening.
+        self.listeners.clear();
         self.tasks.drain();
     }
 
@@ -134,6 +136,7 @@ impl Standalone {
         timeout: std::time::Duration,
         stop_now: impl std::future::Future<Output = ()>,
     ) -> super::DrainEnd {
+        self.listeners.clear();
         self.tasks.drain_and_stop(timeout, stop_now).await
     }
 
@@ -411,23 +414,19 @@ pub async fn start(options: ServeOptions) -> Result<Standalone, StartError> {
     for key in listeners.close_unclaimed() {
         tracing::info!(%key, "inherited listener not used by this configuration: closed");
     }
+    // The hand-over socket first: a start that fails here leaves the predecessor serving.
     let successor = if options.hand_over {
-        let pid = std::process::id();
-        match predecessor {
-            Some(predecessor) => {
-                if let Err(error) = predecessor.serving() {
-                    tracing::warn!(%error, "could not tell the predecessor that this relay serves");
-                }
-                handover::notify(&[NotifyState::MainPid(pid), NotifyState::Ready]);
-            }
-            None => handover::notify(&[NotifyState::Ready]),
-        }
-        let socket =
-            HandoverSocket::bind(&options.state_dir).map_err(listen_error(frontend_addr))?;
+        let socket = HandoverSocket::bind(&options.state_dir).map_err(|error| {
+            StartError::Config(format!(
+                "hand-over socket in {}: {error}",
+                options.state_dir.display()
+            ))
+        })?;
         tracing::info!(path = %socket.path().display(), "hand-over socket listening (`serve --take-over`, SIGHUP)");
         let (tx, rx) = tokio::sync::oneshot::channel();
         let shared = listeners.clone();
-        tasks.spawn(async move {
+        // Nothing left to hand over once draining.
+        tasks.spawn_until_drain(async move {
             let hello = || handover::notify(&[NotifyState::Reloading]);
             match socket.successor(shared, hello).await {
                 Ok(()) => {
@@ -438,11 +437,18 @@ pub async fn start(options: ServeOptions) -> Result<Standalone, StartError> {
         });
         Some(rx)
     } else {
-        if let Some(predecessor) = predecessor {
-            let _ = predecessor.serving();
-        }
         None
     };
+    if let Some(predecessor) = predecessor {
+        if let Err(error) = predecessor.serving() {
+            tracing::warn!(%error, "could not tell the predecessor that this relay serves");
+        }
+        if options.hand_over {
+            handover::notify(&[NotifyState::MainPid(std::process::id()), NotifyState::Ready]);
+        }
+    } else if options.hand_over {
+        handover::notify(&[NotifyState::Ready]);
+    }
     tracing::info!(
         listen = %frontend_addr,
         registrar = %settings.registrar,

@@ -251,6 +251,9 @@ fn draining_answer() -> Answer {
         .headers
         .push(("content-type", "text/plain".to_string()));
     answer.body = DRAINING_BODY.to_string();
+    // The agent's next try opens a new connection, which reaches the successor after a
+    // hand-over (`handover`), not this relay again over its kept-alive one.
+    answer.headers.push(("connection", "close".to_string()));
     answer
 }
 

@@ -109,6 +109,10 @@ impl Setup {
             "60",
             "--data-threads",
             "2",
+            // Shorter than the transfers keep the old relay alive: clients fail if the agent
+            // cannot park with the new relay until the old one exits.
+            "--client-wait",
+            "3",
         ]
         .map(String::from)
         .to_vec();
@@ -416,6 +420,10 @@ async fn swap_under_load(trigger: Trigger) {
     // The relays' log, on demand (to see the sequence).
     if std::env::var_os("HOT_RESTART_LOG").is_some() {
         eprintln!("{}", setup.log_text());
+        eprintln!(
+            "{}",
+            std::fs::read_to_string(setup.dir.join("agent.log")).unwrap_or_default()
+        );
     }
     eprintln!(
         "figure: hot restart ({}): {CLIENTS} clients over {:.1} s, 0 failed; {TRANSFERS} \

@@ -14,6 +14,9 @@
 //!                          ◀──── SERVING ───── labels loaded, serving; sd_notify
 //!  stop accepting everywhere                   MAINPID=<pid>, READY=1; binds its own
 //!  registrations still in flight: 503          handover.sock for the next upgrade
+//!  front-end connections closed once idle
+//!  (every answer says close): agents and
+//!  browsers reconnect, to the new relay
 //!  the clients it accepted get paired
 //!  parked connections given back ──────────▶ agents register again, with the new relay
 //!  active pairs finish (≤ --drain-timeout), exit

@@ -261,9 +261,10 @@ impl Label {
         Ok(())
     }
 
-    /// Stops accepting on q (a successor accepts there now); everything else goes on.
+    /// Stops accepting on q (a successor accepts there now, so 307s may still name it);
+    /// everything else goes on.
     pub fn stop_accepting(&self) {
-        if let Some(q) = lock(&self.q).take() {
+        if let Some(q) = lock(&self.q).as_ref() {
             q.accept_loop.abort();
         }
     }

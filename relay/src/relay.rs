@@ -48,6 +48,9 @@ pub struct StandaloneBackend {
     decoy: Decoy,
     /// Set by [`StandaloneBackend::drain`]: no registration is taken, no label started.
     draining: AtomicBool,
+    /// True once a successor serves ([`StandaloneBackend::stop_accepting`]): the front end
+    /// closes its connections.
+    closing: tokio::sync::watch::Sender<bool>,
 }
 
 impl StandaloneBackend {
@@ -87,6 +90,7 @@ impl StandaloneBackend {
             metrics,
             decoy,
             draining: AtomicBool::new(false),
+            closing: tokio::sync::watch::Sender::new(false),
         }))
     }
 
@@ -201,11 +205,14 @@ impl StandaloneBackend {
         }
     }
 
-    /// A successor serves now (`handover`): registrations get 503 from now on and no label
-    /// accepts on q any more, while parked connections and waiting clients stay, so that the
-    /// clients already accepted are paired. [`StandaloneBackend::drain`] follows.
+    /// A successor serves now (`handover`): registrations get 503 from now on, no label
+    /// accepts on q any more (307s still name it: the successor accepts there), the front
+    /// end closes its connections as they go idle, while parked connections and waiting
+    /// clients stay, so that the clients already accepted are paired.
+    /// [`StandaloneBackend::drain`] follows.
     pub fn stop_accepting(&self) {
         self.draining.store(true, Ordering::SeqCst);
+        self.closing.send_replace(true);
         for label in read(&self.labels).values() {
             label.stop_accepting();
         }
@@ -277,6 +284,10 @@ impl LabelBackend for StandaloneBackend {
 
     async fn client(&self, request: ClientRequest<'_>) -> Answer {
         self.redirect_now(request)
+    }
+
+    fn closing(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        Some(self.closing.subscribe())
     }
 }
 

@@ -102,6 +102,13 @@ pub trait LabelBackend: Send + Sync + 'static {
         &self,
         request: ClientRequest<'_>,
     ) -> impl std::future::Future<Output = Answer> + Send;
+
+    /// Turns true when another process serves in this one's place (a hand-over,
+    /// `handover`): from then on every answer closes its connection, and kept-alive
+    /// connections are closed once idle, so that clients and agents reconnect to it.
+    fn closing(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        None
+    }
 }
 
 /// What the front end needs besides the backend.
@@ -364,25 +371,55 @@ where
     let connection = Arc::new(B::Connection::default());
     let request_timeout = settings.request_timeout;
     let peer = context.peer;
-    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-        let (settings, backend, connection, context) = (
-            settings.clone(),
-            backend.clone(),
-            connection.clone(),
-            context.clone(),
-        );
-        async move {
-            let answer = answer(request, &context, &settings, &*backend, &connection).await;
-            Ok::<_, Infallible>(to_response(answer))
-        }
-    });
-    let result = hyper::server::conn::http1::Builder::new()
+    let closing = backend.closing();
+    // Answers given on this connection: one that has had none is not cut when closing (its
+    // first request is on its way; the answer closes it).
+    let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let service = {
+        let (closing, answered) = (closing.clone(), answered.clone());
+        hyper::service::service_fn(move |request: Request<Incoming>| {
+            let (settings, backend, connection, context, closing, answered) = (
+                settings.clone(),
+                backend.clone(),
+                connection.clone(),
+                context.clone(),
+                closing.clone(),
+                answered.clone(),
+            );
+            async move {
+                let mut answer = answer(request, &context, &settings, &*backend, &connection).await;
+                answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if closing.is_some_and(|closing| *closing.borrow()) {
+                    answer.headers.push(("connection", "close".into()));
+                }
+                Ok::<_, Infallible>(to_response(answer))
+            }
+        })
+    };
+    let served = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(request_timeout)
         .max_buf_size(MAX_HEAD_BYTES)
         .max_headers(MAX_HEADERS)
-        .serve_connection(io, service)
-        .await;
+        .serve_connection(io, service);
+    tokio::pin!(served);
+    let result = match closing {
+        None => served.await,
+        Some(mut closing) => {
+            let closed = async { closing.wait_for(|closing| *closing).await.map(|_| ()) };
+            tokio::select! {
+                result = served.as_mut() => result,
+                Ok(()) = closed => {
+                    // An idle kept-alive connection closes now, one with a request in
+                    // flight after its answer.
+                    if answered.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+                        served.as_mut().graceful_shutdown();
+                    }
+                    served.await
+                }
+            }
+        }
+    };
     if let Err(error) = result {
         tracing::debug!(%peer, %error, "front-end connection ended with an error");
     }

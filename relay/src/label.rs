@@ -92,6 +92,8 @@ pub struct Shared {
     /// Connections open on client ports (each label's q and the shared port) from each
     /// source, all labels together.
     pub client_sources: Arc<SourceCounts>,
+    /// Every listening socket, for a successor to take over (`handover`).
+    pub listeners: Arc<crate::handover::Listeners>,
 }
 
 /// How a client connection came to its label: the label's own client port q, the shared
@@ -242,6 +244,11 @@ impl Label {
         lock(&self.q).as_ref().map(|q| q.port)
     }
 
+    /// Clients waiting for a parked connection now.
+    pub fn waiting(&self) -> usize {
+        lock(&self.pool).waiting()
+    }
+
     /// Parked connections ready for a client now.
     pub fn parked(&self) -> usize {
         lock(&self.pool).parked()
@@ -270,6 +277,14 @@ impl Label {
         Ok(())
     }
 
+    /// Stops accepting on q (a successor accepts there now, so 307s may still name it);
+    /// everything else goes on.
+    pub fn stop_accepting(&self) {
+        if let Some(q) = lock(&self.q).as_ref() {
+            q.accept_loop.abort();
+        }
+    }
+
     /// Stops the label: q and the pending registrations' one-shot ports close, parked
     /// connections and waiting clients are dropped (their hidden servers see the close and
     /// register again elsewhere). Pairs already spliced run to their end.
@@ -286,15 +301,14 @@ impl Label {
     fn bind_client_port(self: &Arc<Self>) -> Result<(), PortError> {
         // q and its accept loop belong to the label's data-plane thread.
         let _placed = self.placement.enter();
-        let bound = match self.config().client_port {
-            Some(port) => {
-                crate::ports::bind_fixed(SocketAddr::new(self.shared.bind_ip, port), Q_BACKLOG)
-            }
-            None => self
-                .shared
-                .q_ports
-                .bind_random(self.shared.bind_ip, Q_BACKLOG),
-        }?;
+        // Through the hand-over registry: a predecessor's q is taken over (`handover`).
+        let bound = self.shared.listeners.bind_q(
+            &self.name,
+            self.config().client_port,
+            self.shared.bind_ip,
+            &self.shared.q_ports,
+            Q_BACKLOG,
+        )?;
         let (listener, lease) = bound;
         // Set once on q, inherited by every accepted client connection (Linux copies these
         // options from the listening socket): none of them per connection.

@@ -25,6 +25,8 @@
 //! - `run`: the three run modes, `standalone` (`serve`), `pod` (`label-relay`) and
 //!   `gateway`, over one shared set-up (certificate pair, front end, metrics, file
 //!   followers); logs, signals and the metrics endpoint are the `taas-process` crate;
+//!   `handover`: the standalone relay's hot restart (listening sockets passed to a successor
+//!   over a Unix socket, `serve --take-over`, SIGHUP);
 //! - `label_source`: labels from a directory of manifests; `provision`: `label new`;
 //! - `agent`: the hidden-server side, a thin shell (`agent::run`) over a pure supervisor
 //!   (`agent::supervisor`); `tls`: server and client TLS set-up; `metrics`, `config`, `demo`.
@@ -39,6 +41,7 @@ pub mod direct;
 pub mod edge;
 pub mod frontend;
 pub mod gateway;
+pub mod handover;
 pub mod label;
 pub mod label_source;
 pub mod metrics;

@@ -38,11 +38,29 @@ pub struct PortPool {
 pub struct PortLease {
     pool: Option<Arc<PortPool>>,
     port: u16,
+    /// The listener's entry in the hand-over registry, removed with the lease (the listener
+    /// closes with it).
+    registration: Option<crate::handover::Registration>,
 }
 
 impl PortLease {
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// A lease of a port outside any pool (a pinned client port).
+    pub(crate) fn fixed(port: u16) -> Self {
+        Self {
+            pool: None,
+            port,
+            registration: None,
+        }
+    }
+
+    /// The lease, holding the listener's hand-over registration until it is dropped.
+    pub(crate) fn registered(mut self, registration: crate::handover::Registration) -> Self {
+        self.registration = Some(registration);
+        self
     }
 }
 
@@ -93,6 +111,16 @@ impl PortPool {
         Err(PortError::Exhausted(self.range))
     }
 
+    /// Leases `port` without binding it: a listener taken over from a predecessor holds it.
+    /// `None` when it is outside the range or leased already.
+    pub(crate) fn lease(self: &Arc<Self>, port: u16) -> Option<PortLease> {
+        (self.range.contains(port) && self.leased().insert(port)).then(|| PortLease {
+            pool: Some(self.clone()),
+            port,
+            registration: None,
+        })
+    }
+
     fn try_port(
         self: &Arc<Self>,
         ip: IpAddr,
@@ -105,6 +133,7 @@ impl PortPool {
         let lease = PortLease {
             pool: Some(self.clone()),
             port,
+            registration: None,
         };
         listen(SocketAddr::new(ip, port), backlog)
             .ok()
@@ -119,7 +148,7 @@ pub fn bind_fixed(addr: SocketAddr, backlog: u32) -> Result<(TcpListener, PortLe
         .local_addr()
         .map(|a| a.port())
         .unwrap_or(addr.port());
-    Ok((listener, PortLease { pool: None, port }))
+    Ok((listener, PortLease::fixed(port)))
 }
 
 /// A listening socket with SO_REUSEADDR (a port must be reusable while connections it

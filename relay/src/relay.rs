@@ -23,6 +23,7 @@ use tokio::sync::Semaphore;
 use crate::config::{ExternalAddress, LabelConfig, RedirectHost, RelaySettings};
 use crate::data_plane::DataPlane;
 use crate::frontend::LabelBackend;
+use crate::handover::Listeners;
 use crate::label::{Label, Shared, Unavailable};
 use crate::metrics::{Registered, RelayMetrics};
 use crate::ports::{PortError, PortPool};
@@ -52,11 +53,24 @@ pub struct StandaloneBackend {
     /// Behind gateways (`label-relay`): registration answers carry [`PARKED_HEADER`] and,
     /// while draining, [`DRAINING_HEADER`], which the gateway reads and strips.
     gateway_headers: AtomicBool,
+    /// True once a successor serves ([`StandaloneBackend::stop_accepting`]): the front end
+    /// closes its connections.
+    closing: tokio::sync::watch::Sender<bool>,
 }
 
 impl StandaloneBackend {
     /// Fails only if the data-plane threads cannot be started.
     pub fn new(settings: RelaySettings, registry: &mut Registry) -> std::io::Result<Arc<Self>> {
+        Self::with_listeners(settings, registry, Listeners::new())
+    }
+
+    /// [`StandaloneBackend::new`], binding the labels' client ports through `listeners`
+    /// (taking over a predecessor's, `handover`).
+    pub fn with_listeners(
+        settings: RelaySettings,
+        registry: &mut Registry,
+        listeners: Arc<Listeners>,
+    ) -> std::io::Result<Arc<Self>> {
         let data_plane = DataPlane::start(settings.data_threads)?;
         let metrics = Arc::new(RelayMetrics::default());
         metrics.register(registry);
@@ -68,6 +82,7 @@ impl StandaloneBackend {
             q_ports: PortPool::new(settings.q_ports),
             pairs: Arc::new(Semaphore::new(settings.limits.active_pairs)),
             client_sources: Default::default(),
+            listeners,
         });
         let decoy = Decoy::new(rand::random::<[u8; 20]>().to_vec());
         Ok(Arc::new(Self {
@@ -81,6 +96,7 @@ impl StandaloneBackend {
             decoy,
             draining: AtomicBool::new(false),
             gateway_headers: AtomicBool::new(false),
+            closing: tokio::sync::watch::Sender::new(false),
         }))
     }
 
@@ -209,6 +225,27 @@ impl StandaloneBackend {
         self.gateway_headers.store(true, Ordering::Relaxed);
     }
 
+    /// A successor serves now (`handover`): registrations get 503 from now on, no label
+    /// accepts on q any more (307s still name it: the successor accepts there), the front
+    /// end closes its connections as they go idle, while parked connections and waiting
+    /// clients stay, so that the clients already accepted are paired.
+    /// [`StandaloneBackend::drain`] follows.
+    pub fn stop_accepting(&self) {
+        self.start_draining();
+        self.closing.send_replace(true);
+        for label in read(&self.labels).values() {
+            label.stop_accepting();
+        }
+    }
+
+    /// Clients waiting for a parked connection, all labels together.
+    pub fn waiting_clients(&self) -> usize {
+        read(&self.labels)
+            .values()
+            .map(|label| label.waiting())
+            .sum()
+    }
+
     /// The first step of a graceful stop: from now on every registration gets 503 with
     /// `Retry-After` ([`RETRY_DRAINING`]); every label closes (q and the one-shot ports stop
     /// accepting, parked connections are closed so their hidden servers register again
@@ -249,6 +286,9 @@ fn draining_answer() -> Answer {
         .headers
         .push(("content-type", "text/plain".to_string()));
     answer.body = DRAINING_BODY.to_string();
+    // The agent's next try opens a new connection, which reaches the successor after a
+    // hand-over (`handover`), not this relay again over its kept-alive one.
+    answer.headers.push(("connection", "close".to_string()));
     answer
 }
 
@@ -286,6 +326,10 @@ impl LabelBackend for StandaloneBackend {
 
     async fn client(&self, request: ClientRequest<'_>) -> Answer {
         self.redirect_now(request)
+    }
+
+    fn closing(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        Some(self.closing.subscribe())
     }
 }
 

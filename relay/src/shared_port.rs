@@ -35,6 +35,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::client_hello::{read_server_name, Deadlines, HelloFailure};
+use crate::handover::{Key, Listeners, Registration};
 use crate::label::{ClientConn, Entry};
 use crate::metrics::SharedPortRefused;
 use crate::relay::StandaloneBackend;
@@ -83,6 +84,28 @@ pub fn bind(
         listeners.push(bind_one(local, true)?);
     }
     Ok((listeners, local))
+}
+
+/// [`bind`] through the hand-over registry: the sockets a predecessor bound for `addr`
+/// (`shared ADDR #i`) are taken over, and more bound beside them with `SO_REUSEPORT` when
+/// this relay has more data-plane threads.
+pub fn bind_registered(
+    listeners: &Arc<Listeners>,
+    addr: SocketAddr,
+    threads: usize,
+) -> std::io::Result<(Vec<std::net::TcpListener>, SocketAddr, Vec<Registration>)> {
+    let (first, registration) = listeners.std_listener(&Key::Shared(addr, 0), || {
+        bind(addr, 1).map(|(mut one, _)| one.remove(0))
+    })?;
+    let local = first.local_addr()?;
+    let (mut sockets, mut registrations) = (vec![first], vec![registration]);
+    for i in 1..threads.max(1) {
+        let (socket, registration) =
+            listeners.std_listener(&Key::Shared(addr, i), || bind_one(local, true))?;
+        sockets.push(socket);
+        registrations.push(registration);
+    }
+    Ok((sockets, local, registrations))
 }
 
 fn bind_one(addr: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::TcpListener> {

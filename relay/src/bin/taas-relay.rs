@@ -375,6 +375,13 @@ struct ServeArgs {
     /// tiny HTTPS page), to see the whole path work with curl or a browser.
     #[arg(long, env = "TAAS_DEMO")]
     demo: bool,
+    /// Upgrade without a gap: take the listening sockets of the relay running with the same
+    /// --state-dir (over <state-dir>/handover.sock), serve on them, then that relay stops
+    /// accepting, gives its parked connections back and exits once its pairs end (or at
+    /// --drain-timeout). Without a running relay, binds as usual. `kill -HUP <pid>` of a
+    /// running relay starts its binary (the file on disk now) this way.
+    #[arg(long, env = "TAAS_TAKE_OVER")]
+    take_over: bool,
     #[command(flatten)]
     drain: DrainArgs,
 }
@@ -505,24 +512,70 @@ fn serve_options(args: &ServeArgs) -> anyhow::Result<ServeOptions> {
             .data_threads
             .and_then(|n| std::num::NonZeroUsize::new(usize::from(n))),
         shared_port: args.shared_port.0,
+        take_over: args.take_over,
+        hand_over: false,
     })
 }
 
 async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
-    let options = serve_options(&args)?;
+    let mut options = serve_options(&args)?;
+    options.hand_over = true;
     let drain_timeout = args.drain.timeout()?;
-    let relay = standalone::start(options).await?;
+    // Before anything is served: SIGHUP's default would end the process.
+    let mut hangup =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("SIGHUP")?;
+    let mut relay = standalone::start(options).await?;
     let demo = if args.demo {
         Some(taas_relay::demo::start(&relay).await?)
     } else {
         None
     };
-    shutdown_signal().await;
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    let handed_over = loop {
+        tokio::select! {
+            () = &mut shutdown => break false,
+            () = relay.successor_serves() => break true,
+            Some(()) = hangup.recv() => start_successor(),
+        }
+    };
     // The demo's own hidden server stops first: it is part of this process.
     drop(demo);
-    relay.drain_and_stop(drain_timeout, shutdown_signal()).await;
+    if handed_over {
+        relay.hand_over(drain_timeout, shutdown_signal()).await;
+    } else {
+        relay.drain_and_stop(drain_timeout, shutdown_signal()).await;
+    }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// SIGHUP: runs the binary on disk (a replaced one is the new one) with this process's
+/// arguments and `--take-over`, as a process that outlives this one; it takes the sockets
+/// over through handover.sock, and this relay stops once it serves.
+fn start_successor() {
+    taas_relay::handover::notify(&[sd_notify::NotifyState::Reloading]);
+    let started = taas_relay::handover::own_binary().and_then(|binary| {
+        let args = taas_relay::handover::successor_args(std::env::args_os().skip(1));
+        std::process::Command::new(&binary).args(&args).spawn()
+    });
+    match started {
+        Ok(mut child) => {
+            tracing::info!(
+                pid = child.id(),
+                "SIGHUP: started the successor, handing over"
+            );
+            // Reaped if it ends first; it outlives this process otherwise.
+            std::thread::spawn(move || {
+                if let Ok(status) = child.wait() {
+                    if !status.success() {
+                        tracing::warn!(%status, "the successor failed; serving on");
+                    }
+                }
+            });
+        }
+        Err(error) => tracing::warn!(%error, "SIGHUP: cannot start the successor; serving on"),
+    }
 }
 
 /// The gateway's options, and how long it drains before it stops.

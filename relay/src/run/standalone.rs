@@ -12,6 +12,9 @@ use std::time::Duration;
 use prometheus_client::registry::Registry;
 use taas_protocol::sync::lock;
 
+use sd_notify::NotifyState;
+use tokio::task::AbortHandle;
+
 use super::{StartError, Tasks};
 use crate::config::{
     LabelConfig, Limits, PortRange, RedirectHost, RelaySettings, Timeouts, DEFAULT_DOMAIN,
@@ -19,6 +22,7 @@ use crate::config::{
 };
 use crate::data_plane::DataPlane;
 use crate::frontend::{self, FrontendMetrics};
+use crate::handover::{self, HandoverSocket, Key, Listeners, Registration};
 use crate::host::Names;
 use crate::label_source::{self, LabelSet};
 use crate::relay::StandaloneBackend;
@@ -49,6 +53,12 @@ pub struct ServeOptions {
     /// The shared client port for every label (`shared_port`), on the listen IP; `None`:
     /// off (the default), `Some(0)`: any free port.
     pub shared_port: Option<u16>,
+    /// Take the listening sockets of the relay serving with the same state directory
+    /// (`handover`), which then stops; without one, bind as usual.
+    pub take_over: bool,
+    /// Serve `<state_dir>/handover.sock` for a successor, and tell systemd (`NOTIFY_SOCKET`)
+    /// when serving: the binary's `serve` does, in-process relays do not.
+    pub hand_over: bool,
 }
 
 impl Default for ServeOptions {
@@ -80,6 +90,8 @@ impl Default for ServeOptions {
             limits: Limits::default(),
             data_threads: None,
             shared_port: None,
+            take_over: false,
+            hand_over: false,
         }
     }
 }
@@ -97,6 +109,13 @@ pub struct Standalone {
     extra: Arc<Mutex<BTreeMap<String, LabelConfig>>>,
     /// The directory's current labels.
     from_dir: tokio::sync::watch::Receiver<LabelSet>,
+    /// The tasks accepting on the front end, metrics and shared port: stopped at a hand-over.
+    accepting: Vec<AbortHandle>,
+    /// Resolves once a successor serves (`handover`).
+    successor: Option<tokio::sync::oneshot::Receiver<()>>,
+    /// The front end's, metrics' and shared port's places in the hand-over registry.
+    _registered: Vec<Registration>,
+    listeners: Arc<Listeners>,
     tasks: Tasks,
 }
 
@@ -105,6 +124,8 @@ impl Standalone {
     /// the ports that take new connections close, parked connections are given back; pairs
     /// already spliced go on.
     pub fn drain(&self) {
+        // The registry's copies would keep the closed ports listening.
+        self.listeners.clear();
         self.tasks.drain();
     }
 
@@ -115,7 +136,57 @@ impl Standalone {
         timeout: std::time::Duration,
         stop_now: impl std::future::Future<Output = ()>,
     ) -> super::DrainEnd {
+        self.listeners.clear();
         self.tasks.drain_and_stop(timeout, stop_now).await
+    }
+
+    /// Resolves once a successor (`serve --take-over`) has taken this relay's sockets and
+    /// serves; never without `hand_over`.
+    pub async fn successor_serves(&mut self) {
+        let served = match &mut self.successor {
+            Some(serves) => serves.await.is_ok(),
+            None => false,
+        };
+        // Polled once to its end: never again.
+        self.successor = None;
+        if !served {
+            // The hand-over task ended without a successor: wait for nothing.
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Stops for a successor that serves on the same sockets: stops accepting everywhere
+    /// (registrations still arriving get 503), lets the clients already accepted take a
+    /// parked connection, then drains ([`Standalone::drain_and_stop`]): parked connections
+    /// are given back (their agents park with the successor) and the pairs finish.
+    pub async fn hand_over(
+        self,
+        timeout: Duration,
+        stop_now: impl std::future::Future<Output = ()>,
+    ) -> super::DrainEnd {
+        for task in &self.accepting {
+            task.abort();
+        }
+        self.relay.stop_accepting();
+        self.listeners.clear();
+        // Clients accepted an instant ago send their first byte and take a parked connection
+        // within milliseconds; one still waiting past the bound would have waited in vain.
+        let started = tokio::time::Instant::now();
+        let limit = HANDOVER_SETTLE_MAX.min(self.relay.settings().timeouts.client_wait);
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        loop {
+            tick.tick().await;
+            let elapsed = started.elapsed();
+            if (elapsed >= HANDOVER_SETTLE && self.relay.waiting_clients() == 0) || elapsed >= limit
+            {
+                break;
+            }
+        }
+        tracing::info!(
+            waiting = self.relay.waiting_clients(),
+            "handed over: no longer accepting; draining"
+        );
+        self.drain_and_stop(timeout, stop_now).await
     }
 
     /// Adds (or replaces) a label that does not come from the directory.
@@ -124,6 +195,11 @@ impl Standalone {
         apply(&self.relay, &self.from_dir.borrow(), &lock(&self.extra))
     }
 }
+
+/// How long a relay that handed over lets the clients it accepted last find a parked
+/// connection, at least and at most.
+const HANDOVER_SETTLE: Duration = Duration::from_millis(300);
+const HANDOVER_SETTLE_MAX: Duration = Duration::from_secs(2);
 
 fn apply(
     relay: &StandaloneBackend,
@@ -219,21 +295,40 @@ pub async fn start(options: ServeOptions) -> Result<Standalone, StartError> {
     let labels = label_source::load_dir(&options.labels)?;
     let cert = cert_files(&options, &settings)?;
     let tls = tls::server_config(&cert)?;
-    let (front, frontend_addr) = super::bind(options.listen)?;
+    // Every listener is bound through the registry, so that a predecessor's is taken over
+    // and a successor can take it (`handover`).
+    let listeners = Listeners::new();
+    let predecessor = if options.take_over {
+        take_over(&options.state_dir, &listeners).await
+    } else {
+        None
+    };
+    let mut registered = Vec::new();
+    let listen_error = |addr| move |source| StartError::Listen { addr, source };
+    let (front, front_registration) = listeners
+        .listener(&Key::Frontend(options.listen), || {
+            crate::ports::listen(options.listen, 1024)
+        })
+        .map_err(listen_error(options.listen))?;
+    registered.push(front_registration);
+    let frontend_addr = front.local_addr().map_err(listen_error(options.listen))?;
     let shared_port = match options.shared_port {
         Some(port) => {
             // One socket per data-plane thread, each accepting on its thread.
             let addr = SocketAddr::new(settings.bind_ip, port);
-            let (listeners, addr) = crate::shared_port::bind(addr, settings.data_threads.get())
-                .map_err(|source| StartError::Listen { addr, source })?;
-            settings.shared_port = Some(addr.port());
-            Some((listeners, addr))
+            let (sockets, local, registrations) =
+                crate::shared_port::bind_registered(&listeners, addr, settings.data_threads.get())
+                    .map_err(listen_error(addr))?;
+            registered.extend(registrations);
+            settings.shared_port = Some(local.port());
+            Some((sockets, local))
         }
         None => None,
     };
     let mut registry = Registry::default();
     let relay =
-        StandaloneBackend::new(settings.clone(), &mut registry).map_err(StartError::DataPlane)?;
+        StandaloneBackend::with_listeners(settings.clone(), &mut registry, listeners.clone())
+            .map_err(StartError::DataPlane)?;
     let mut tasks = Tasks::new(Some(relay.clone()));
     let problems = relay.apply(&labels.labels);
     if !problems.is_empty() {
@@ -248,7 +343,23 @@ pub async fn start(options: ServeOptions) -> Result<Standalone, StartError> {
 
     let frontend_metrics = FrontendMetrics::default();
     frontend_metrics.register(&mut registry);
-    let metrics = tasks.serve_metrics(options.metrics, registry)?;
+    let mut accepting = Vec::new();
+    let metrics = match options.metrics {
+        Some(addr) => {
+            let (listener, registration) = listeners
+                .listener(&Key::Metrics(addr), || crate::ports::listen(addr, 1024))
+                .map_err(listen_error(addr))?;
+            registered.push(registration);
+            let local = listener.local_addr().map_err(listen_error(addr))?;
+            accepting.push(tasks.set.spawn(taas_process::metrics::serve(
+                listener,
+                Arc::new(registry),
+                tasks.ready.clone(),
+            )));
+            Some(local)
+        }
+        None => None,
+    };
     let mut front_settings = super::frontend_settings(
         Names {
             registrar: settings.registrar.clone(),
@@ -265,12 +376,12 @@ pub async fn start(options: ServeOptions) -> Result<Standalone, StartError> {
         .filter(|ip: &IpAddr| !ip.is_unspecified())
         .collect();
     front_settings.direct = Some(crate::direct::DirectLabels::new(relay.clone()));
-    tasks.spawn(frontend::serve(
+    accepting.push(tasks.set.spawn(frontend::serve(
         front,
         frontend::Transport::Tls(tls),
         front_settings,
         relay.clone(),
-    ));
+    )));
 
     let extra: Arc<Mutex<BTreeMap<String, LabelConfig>>> = Arc::default();
     let (tx, from_dir) = tokio::sync::watch::channel(labels.clone());
@@ -290,12 +401,54 @@ pub async fn start(options: ServeOptions) -> Result<Standalone, StartError> {
             }
         }
     });
-    let shared_port = shared_port.map(|(listeners, addr)| {
-        tasks.spawn_until_drain(crate::shared_port::serve(listeners, relay.clone()));
+    let shared_port = shared_port.map(|(sockets, addr)| {
+        let task = tasks
+            .set
+            .spawn(crate::shared_port::serve(sockets, relay.clone()));
+        tasks.stop_at_drain.push(task.clone());
+        accepting.push(task);
         tracing::info!(%addr, "shared client port listening");
         addr
     });
     tasks.set_ready();
+    for key in listeners.close_unclaimed() {
+        tracing::info!(%key, "inherited listener not used by this configuration: closed");
+    }
+    // The hand-over socket first: a start that fails here leaves the predecessor serving.
+    let successor = if options.hand_over {
+        let socket = HandoverSocket::bind(&options.state_dir).map_err(|error| {
+            StartError::Config(format!(
+                "hand-over socket in {}: {error}",
+                options.state_dir.display()
+            ))
+        })?;
+        tracing::info!(path = %socket.path().display(), "hand-over socket listening (`serve --take-over`, SIGHUP)");
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let shared = listeners.clone();
+        // Nothing left to hand over once draining.
+        tasks.spawn_until_drain(async move {
+            let hello = || handover::notify(&[NotifyState::Reloading]);
+            match socket.successor(shared, hello).await {
+                Ok(()) => {
+                    let _ = tx.send(());
+                }
+                Err(error) => tracing::warn!(%error, "hand-over socket failed"),
+            }
+        });
+        Some(rx)
+    } else {
+        None
+    };
+    if let Some(predecessor) = predecessor {
+        if let Err(error) = predecessor.serving() {
+            tracing::warn!(%error, "could not tell the predecessor that this relay serves");
+        }
+        if options.hand_over {
+            handover::notify(&[NotifyState::MainPid(std::process::id()), NotifyState::Ready]);
+        }
+    } else if options.hand_over {
+        handover::notify(&[NotifyState::Ready]);
+    }
     tracing::info!(
         listen = %frontend_addr,
         registrar = %settings.registrar,
@@ -311,6 +464,39 @@ pub async fn start(options: ServeOptions) -> Result<Standalone, StartError> {
         cert,
         extra,
         from_dir,
+        accepting,
+        successor,
+        _registered: registered,
+        listeners,
         tasks,
     })
+}
+
+/// Takes the sockets of the relay serving on `<state_dir>/handover.sock` into `listeners`;
+/// `None` (binding afresh) when none answers or the hand-over fails.
+async fn take_over(
+    state_dir: &std::path::Path,
+    listeners: &Arc<Listeners>,
+) -> Option<handover::Predecessor> {
+    let dir = state_dir.to_path_buf();
+    match tokio::task::spawn_blocking(move || handover::take_over(&dir)).await {
+        Ok(Ok(Some((predecessor, sockets)))) => {
+            tracing::info!(
+                pid = predecessor.pid(),
+                listeners = sockets.len(),
+                "taking over from the running relay"
+            );
+            listeners.inherit(sockets);
+            Some(predecessor)
+        }
+        Ok(Ok(None)) => {
+            tracing::info!("--take-over: no relay answers on the hand-over socket; binding afresh");
+            None
+        }
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "--take-over failed; binding afresh");
+            None
+        }
+        Err(_) => None,
+    }
 }

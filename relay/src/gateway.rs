@@ -564,6 +564,39 @@ impl LabelBackend for Gateway {
                 }
             }
         }
+        if granted.is_empty() && other.is_none() {
+            // Every replica known drains or is out of reach: a new one may have become ready
+            // since the names were looked up (a rollout's surge pod).
+            let fresh = self
+                .upstream
+                .resolver
+                .resolve_all_fresh(&route.relay, &self.metrics)
+                .await
+                .unwrap_or_default();
+            for replica in fresh.into_iter().filter(|replica| !order.contains(replica)) {
+                if tokio::time::Instant::now() >= deadline {
+                    break;
+                }
+                let Ok(forwarded) = request(registration.count.max(1)) else {
+                    return Answer::bad_request();
+                };
+                let send = upstreams.send(&self.upstream, replica, forwarded);
+                match tokio::time::timeout_at(deadline, send).await {
+                    Ok(Ok(relayed)) => {
+                        if let Some(parked) = relayed.parked {
+                            lock(&self.upstream.loads).put(replica, parked, Instant::now());
+                        }
+                        if !relayed.draining {
+                            self.metrics.retried(Retried::Draining);
+                            return relayed.answer;
+                        }
+                        draining = Some(relayed.answer);
+                    }
+                    Ok(Err(error)) => problem = format!("relay {replica} unreachable: {error}"),
+                    Err(_) => problem = format!("relay {replica} did not answer in time"),
+                }
+            }
+        }
         if let Some(answer) = merge_granted(granted) {
             return answer;
         }
@@ -991,6 +1024,15 @@ impl RelayConnector {
         self.resolver.resolve_all(relays, &self.metrics).await
     }
 
+    /// [`RelayConnector::replicas`] looked up again when the cached answer is not fresh
+    /// (see [`RelayResolver::resolve_all_fresh`]).
+    pub(crate) async fn fresh_replicas(
+        &self,
+        relays: &Replicas,
+    ) -> Result<Vec<SocketAddr>, UpstreamError> {
+        self.resolver.resolve_all_fresh(relays, &self.metrics).await
+    }
+
     /// A connection to one replica within the connect deadline.
     pub(crate) async fn connect(&self, replica: SocketAddr) -> Result<TcpStream, UpstreamError> {
         connect_tcp(replica).await
@@ -1155,6 +1197,8 @@ impl PoolState {
 /// How long a relay name's addresses are used before asking again: kube Service IPs are
 /// stable, but a relay's Service can be deleted and created again with a new one.
 const RESOLVED_TTL: Duration = Duration::from_secs(5);
+/// The youngest cached lookup a refresh ([`RelayResolver::resolve_all_fresh`]) replaces.
+const REFRESH_MIN_AGE: Duration = Duration::from_millis(250);
 /// How long a failed resolution is remembered: briefly, so a burst of requests for a relay
 /// whose Service is not there yet costs one lookup, and its creation is seen within a second.
 const FAILED_TTL: Duration = Duration::from_secs(1);
@@ -1195,6 +1239,27 @@ impl RelayResolver {
             _ if replicas.is_empty() => Err(UpstreamError::Resolve("no addresses".into())),
             _ => Ok(replicas),
         }
+    }
+
+    /// [`RelayResolver::resolve_all`] asked again of DNS, not of the cache, when what the
+    /// cache holds may be out of date: a replica answered that it drains, or none could take
+    /// a connection. A replica that has just become ready is then found at once instead of
+    /// at the cache's expiry (5 s during which a label being replaced had no serving
+    /// replica: failures from 4.9 s in the end-to-end test's one-replica upgrade). At most
+    /// one lookup per name per [`REFRESH_MIN_AGE`], so a flood cannot turn into lookups.
+    async fn resolve_all_fresh(
+        &self,
+        relays: &Replicas,
+        metrics: &GatewayMetrics,
+    ) -> Result<Vec<SocketAddr>, UpstreamError> {
+        {
+            let mut cache = lock(&self.cache);
+            let now = Instant::now();
+            for name in relays.names() {
+                cache.forget_if_older(name, REFRESH_MIN_AGE, now);
+            }
+        }
+        self.resolve_all(relays, metrics).await
     }
 
     async fn resolve(
@@ -1259,12 +1324,27 @@ impl ResolveCache {
             .map(|(resolved, _)| resolved.clone())
     }
 
-    fn put(&mut self, name: &str, resolved: Resolved, now: Instant) {
-        let ttl = if resolved.is_ok() {
+    /// Forgets `name` if it was looked up at least `age` ago (at `now`).
+    fn forget_if_older(&mut self, name: &str, age: Duration, now: Instant) {
+        let old = self.entries.get(name).is_some_and(|(resolved, expires)| {
+            let looked_up = *expires - Self::ttl(resolved);
+            now.saturating_duration_since(looked_up) >= age
+        });
+        if old {
+            self.entries.remove(name);
+        }
+    }
+
+    fn ttl(resolved: &Resolved) -> Duration {
+        if resolved.is_ok() {
             RESOLVED_TTL
         } else {
             FAILED_TTL
-        };
+        }
+    }
+
+    fn put(&mut self, name: &str, resolved: Resolved, now: Instant) {
+        let ttl = Self::ttl(&resolved);
         if self.entries.len() >= self.max.max(1) && !self.entries.contains_key(name) {
             self.entries.retain(|_, (_, expires)| now < *expires);
             if self.entries.len() >= self.max.max(1) {
@@ -1288,6 +1368,23 @@ mod tests {
 
     fn address(port: u16) -> Resolved {
         Ok(vec![SocketAddr::from(([10, 0, 0, 1], port))])
+    }
+
+    #[test]
+    fn a_refresh_forgets_a_name_looked_up_a_while_ago_but_not_one_just_looked_up() {
+        let mut cache = ResolveCache::default();
+        let t0 = Instant::now();
+        cache.put("relay:8080", address(8080), t0);
+        // Just looked up: a flood of refreshes does not turn into lookups.
+        cache.forget_if_older("relay:8080", REFRESH_MIN_AGE, t0 + REFRESH_MIN_AGE / 2);
+        assert_eq!(cache.get("relay:8080", t0), Some(address(8080)));
+        cache.forget_if_older("relay:8080", REFRESH_MIN_AGE, t0 + REFRESH_MIN_AGE);
+        assert_eq!(cache.get("relay:8080", t0), None);
+        // A failure is forgotten the same way; an unknown name is no error.
+        cache.put("gone:8080", Err("no addresses".into()), t0);
+        cache.forget_if_older("gone:8080", REFRESH_MIN_AGE, t0 + FAILED_TTL);
+        assert_eq!(cache.get("gone:8080", t0), None);
+        cache.forget_if_older("never:8080", REFRESH_MIN_AGE, t0);
     }
 
     #[test]

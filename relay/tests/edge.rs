@@ -354,13 +354,18 @@ async fn a_claim_without_commit_leaves_the_registration_pending_and_a_second_cla
 
     // While one gateway holds the claim, another waits for it (one owner at a time; with
     // replicas, the same hidden server's second connection may be asked meanwhile): the
-    // first gives it up (silent past the handshake timeout), the waiting one claims it.
+    // first gives it up (it closes, well within the second's wait of 900 ms here), the
+    // waiting one claims it.
     let (answer, held) = pod.claim(&source, t).await;
     assert_eq!(answer, edge::CLAIM);
-    let (answer, second) = pod.claim(&source, t).await;
+    let first_gives_up = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(held);
+    };
+    let ((answer, second), ()) = tokio::join!(pod.claim(&source, t), first_gives_up);
     assert_eq!(answer, edge::CLAIM, "given up by the first, then claimed");
     // Given up by a close...
-    drop((held, second));
+    drop(second);
     eventually("the claims given up", || async {
         rendezvous_result(&pod.metrics().await, "not_committed") == 2.0
     })

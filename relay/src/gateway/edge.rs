@@ -586,16 +586,39 @@ impl Shared {
         order.rotate_left(by);
         let mut answers = Vec::with_capacity(order.len());
         let mut streams: Vec<Option<TcpStream>> = Vec::with_capacity(order.len());
-        for replica in &order {
-            let (answer, stream) = offer_to(&self.connector, *replica, &offer).await;
-            self.metrics.offered(answer);
-            tracing::debug!(label = %target.label, %replica, answer = answer.as_str(), "edge: client offered");
-            // Kept only while it may be picked: the first LAST_RESORT, the first WAIT.
-            let keep = matches!(answer, Offer::Serve | Offer::LastResort | Offer::Wait)
-                && !answers.contains(&answer);
-            answers.push(answer);
-            streams.push(stream.filter(|_| keep));
-            if answer.settles() {
+        let mut refreshed = false;
+        let mut next = 0;
+        'offers: loop {
+            while let Some(replica) = order.get(next).copied() {
+                next += 1;
+                let (answer, stream) = offer_to(&self.connector, replica, &offer).await;
+                self.metrics.offered(answer);
+                tracing::debug!(label = %target.label, %replica, answer = answer.as_str(), "edge: client offered");
+                // Kept only while it may be picked: the first LAST_RESORT, the first WAIT.
+                let keep = matches!(answer, Offer::Serve | Offer::LastResort | Offer::Wait)
+                    && !answers.contains(&answer);
+                answers.push(answer);
+                streams.push(stream.filter(|_| keep));
+                if answer.settles() {
+                    break 'offers;
+                }
+            }
+            // No replica known could serve at once: one that has just become ready (a
+            // rollout's surge pod) may be missing from the cached names; asked once more.
+            if refreshed {
+                break;
+            }
+            refreshed = true;
+            let Ok(fresh) = self.connector.fresh_replicas(&target.edge).await else {
+                break;
+            };
+            let before = order.len();
+            for replica in fresh {
+                if !order.contains(&replica) {
+                    order.push(replica);
+                }
+            }
+            if order.len() == before {
                 break;
             }
         }
@@ -694,7 +717,12 @@ impl Shared {
         let winner = match decide(&claims) {
             ClaimDecision::Commit(winner) => winner,
             ClaimDecision::NoRegistration => {
-                return self.refuse(EdgeRefused::NoRegistration, peer, ENTRY)
+                // The registration may be held by a replica the cached names miss: the
+                // hidden server's next try (it registers again) asks fresh names.
+                for target in candidates.iter() {
+                    let _ = self.connector.fresh_replicas(&target.edge).await;
+                }
+                return self.refuse(EdgeRefused::NoRegistration, peer, ENTRY);
             }
             ClaimDecision::Ambiguous => return self.refuse(EdgeRefused::Ambiguous, peer, ENTRY),
             ClaimDecision::RelayUnreachable => {

@@ -82,6 +82,9 @@ fn tcp(name: String, port: u16, target: u16, node_port: Option<u16>) -> ServiceP
 /// Service `taas-X`: the label's client port and rendezvous ports, of the spec's type
 /// (`LoadBalancer` when unset; in edge mode a label without a type gets no such Service, see
 /// [`crate::edge::service_type`], and this is not applied).
+/// Seconds a new relay pod must have been ready before it counts as available in a rollout.
+pub const MIN_READY_SECONDS: i32 = 5;
+
 pub fn service(label: &TaasLabel) -> Service {
     let spec = &label.spec.service;
     let service_type = spec.type_.unwrap_or_default();
@@ -401,6 +404,11 @@ pub fn deployment(label: &TaasLabel, settings: &Settings) -> Deployment {
         metadata: meta(label, names::relay_name(label)),
         spec: Some(DeploymentSpec {
             replicas: Some(replicas as i32),
+            // A new relay pod counts as available (and an old one is stopped) only after it has
+            // been ready this long: time for its address to reach the Service's endpoints, the
+            // cluster DNS and the gateways, so the old pod never drains while gateways know no
+            // other (1 replica, e2e 6b: 2.4 s of failed fetches without it).
+            min_ready_seconds: Some(MIN_READY_SECONDS),
             selector: LabelSelector {
                 match_labels: Some(names::selector(label)),
                 ..Default::default()
@@ -802,6 +810,7 @@ pub(crate) mod tests {
         assert_eq!(d["metadata"]["labels"], labels());
         let spec = &d["spec"];
         assert_eq!(spec["replicas"], 1);
+        assert_eq!(spec["minReadySeconds"], 5);
         assert_eq!(
             spec["strategy"],
             serde_json::json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}})
@@ -1017,6 +1026,7 @@ pub(crate) mod tests {
             let d = deployment(&l, &settings);
             let spec = d.spec.as_ref().unwrap();
             proptest::prop_assert_eq!(spec.replicas, Some(n as i32));
+            proptest::prop_assert_eq!(spec.min_ready_seconds, Some(MIN_READY_SECONDS));
             let strategy = spec.strategy.as_ref().unwrap();
             proptest::prop_assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"));
             let rolling = strategy.rolling_update.as_ref().unwrap();

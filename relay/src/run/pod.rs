@@ -44,8 +44,9 @@ pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 /// replica keep offering it clients, and a label whose only other replica is new has nothing
 /// parked there yet; meanwhile the agent's new registrations (refused here) land on the other
 /// replicas and park. So for a few seconds this replica serves clients as a last resort
-/// instead of every client of the label queuing or failing.
-pub const PARKED_HOLD: Duration = Duration::from_secs(3);
+/// instead of every client of the label queuing or failing. (The operator's relay Deployments
+/// also wait 5 s, `minReadySeconds`, before stopping an old pod after a new one is ready.)
+pub const PARKED_HOLD: Duration = Duration::from_secs(5);
 
 /// Everything `label-relay` is configured with (the binary's flags).
 #[derive(Clone, Debug, PartialEq)]

@@ -375,6 +375,14 @@ struct ServeArgs {
     /// tiny HTTPS page), to see the whole path work with curl or a browser.
     #[arg(long, env = "TAAS_DEMO")]
     demo: bool,
+    /// The web console (labels table, create, disable, rotate): ADDR:PORT, or off
+    /// [default: off; 127.0.0.1:8893 with --demo]. A non-loopback address needs
+    /// --console-token-file and is served over TLS.
+    #[arg(long, env = "TAAS_CONSOLE", value_name = "ADDR|off")]
+    console: Option<String>,
+    /// A file holding the console's login token (16 bytes or more).
+    #[arg(long, env = "TAAS_CONSOLE_TOKEN_FILE", value_name = "PATH")]
+    console_token_file: Option<PathBuf>,
     #[command(flatten)]
     drain: DrainArgs,
 }
@@ -505,6 +513,12 @@ fn serve_options(args: &ServeArgs) -> anyhow::Result<ServeOptions> {
             .data_threads
             .and_then(|n| std::num::NonZeroUsize::new(usize::from(n))),
         shared_port: args.shared_port.0,
+        console: taas_relay::console::from_flags(
+            args.console.as_deref(),
+            args.demo,
+            args.console_token_file.clone(),
+        )
+        .map_err(anyhow::Error::msg)?,
     })
 }
 

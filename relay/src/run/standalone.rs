@@ -49,6 +49,8 @@ pub struct ServeOptions {
     /// The shared client port for every label (`shared_port`), on the listen IP; `None`:
     /// off (the default), `Some(0)`: any free port.
     pub shared_port: Option<u16>,
+    /// The web console (`crate::console`); `None`: off (the default).
+    pub console: Option<crate::console::ConsoleOptions>,
 }
 
 impl Default for ServeOptions {
@@ -80,6 +82,7 @@ impl Default for ServeOptions {
             limits: Limits::default(),
             data_threads: None,
             shared_port: None,
+            console: None,
         }
     }
 }
@@ -92,6 +95,8 @@ pub struct Standalone {
     /// Where the shared client port listens, when it is on.
     pub shared_port: Option<SocketAddr>,
     pub metrics: Option<SocketAddr>,
+    /// Where the console listens, when it is on.
+    pub console: Option<SocketAddr>,
     pub cert: CertFiles,
     /// Labels added in-process (the demo), kept across reloads of the directory.
     extra: Arc<Mutex<BTreeMap<String, LabelConfig>>>,
@@ -219,6 +224,7 @@ pub async fn start(options: ServeOptions) -> Result<Standalone, StartError> {
     let labels = label_source::load_dir(&options.labels)?;
     let cert = cert_files(&options, &settings)?;
     let tls = tls::server_config(&cert)?;
+    let console = crate::console::prepare(options.console.as_ref(), &tls)?;
     let (front, frontend_addr) = super::bind(options.listen)?;
     let shared_port = match options.shared_port {
         Some(port) => {
@@ -290,6 +296,18 @@ pub async fn start(options: ServeOptions) -> Result<Standalone, StartError> {
             }
         }
     });
+    let console = console.map(|console| {
+        let addr = console.addr();
+        let context = crate::console::Context {
+            relay: relay.clone(),
+            labels: options.labels.clone(),
+            from_dir: from_dir.clone(),
+            cert: cert.clone(),
+            frontend: frontend_addr,
+        };
+        tasks.spawn_until_drain(console.serve(context));
+        addr
+    });
     let shared_port = shared_port.map(|(listeners, addr)| {
         tasks.spawn_until_drain(crate::shared_port::serve(listeners, relay.clone()));
         tracing::info!(%addr, "shared client port listening");
@@ -308,6 +326,7 @@ pub async fn start(options: ServeOptions) -> Result<Standalone, StartError> {
         frontend: frontend_addr,
         shared_port,
         metrics,
+        console,
         cert,
         extra,
         from_dir,

@@ -380,7 +380,7 @@ impl Console {
                 &own_origin,
             ) {
                 tracing::info!(?why, "console: cross-site request refused");
-                return forbidden("This request came from another site: nothing was changed.");
+                return forbidden("This request came from another site. Nothing was changed.");
             }
             let Ok(fields) = form::parse(&body) else {
                 return respond_html(

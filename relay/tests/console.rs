@@ -349,7 +349,8 @@ async fn forged_requests_get_403_and_change_nothing() {
     let with_token = format!("csrf={}&{create}", visitor.csrf);
     let origin = format!("http://{addr}");
     let cookie = visitor.cookie.as_str();
-    let cases: Vec<(&str, Vec<(&str, &str)>, String)> = vec![
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, String);
+    let cases: Vec<Case> = vec![
         ("no cookie, no token", vec![], create.clone()),
         ("no cookie", vec![], with_token.clone()),
         ("no token", vec![("Cookie", cookie)], create.clone()),

@@ -179,15 +179,15 @@ pub fn create_form(
     let checked = |on: bool| if on { " checked" } else { "" };
     let mut out = String::from("<section id=\"create\"><h2>Create a label</h2>\n");
     if let Some(general) = general {
-        let _ = write!(
+        let _ = writeln!(
             out,
-            "<p class=\"error\" id=\"form-error\">{}</p>\n",
+            "<p class=\"error\" id=\"form-error\">{}</p>",
             escape(general)
         );
     }
-    let _ = write!(
+    let _ = writeln!(
         out,
-        "<form method=\"post\" action=\"/labels\" novalidate>{}\n",
+        "<form method=\"post\" action=\"/labels\" novalidate>{}",
         hidden_csrf(csrf)
     );
     out.push_str(&text_field(

@@ -453,6 +453,8 @@ async fn disable_enable_rotate_and_delete_take_effect_without_a_restart_and_leav
     assert_eq!(rotated.status, 200, "{}", rotated.body_str());
     let b32 = between(rotated.body_str(), "<code id=\"secret-b32\">", "</code>").unwrap();
     assert_ne!(b32, home.secret_b32);
+    assert_eq!(rotated.header("cache-control"), Some("no-store"));
+    assert!(!captured_logs().contains(b32), "a log line holds the new secret");
     // The old secret is refused from now on, the new one accepted.
     assert_eq!(relay.put("home", &home.authorization()).await.status, 401);
     let renewed = TestLabel {

@@ -809,6 +809,31 @@ mod tests {
         assert_eq!(arg.get_env(), Some(std::ffi::OsStr::new("TAAS_EDGE")));
     }
 
+    /// The console: off by default, at the original page's address with --demo.
+    #[test]
+    fn the_console_is_off_unless_asked_for_or_the_demo_runs() {
+        let console = |argv: &[&str]| {
+            let Command::Serve(args) = parse(argv) else {
+                panic!("serve")
+            };
+            serve_options(&args).unwrap().console
+        };
+        assert_eq!(console(&["serve"]), None);
+        let demo = console(&["serve", "--demo"]).unwrap();
+        assert_eq!(demo.addr, taas_relay::console::DEMO_ADDR);
+        assert_eq!(console(&["serve", "--demo", "--console", "off"]), None);
+        let given = console(&[
+            "serve",
+            "--console",
+            "0.0.0.0:9000",
+            "--console-token-file",
+            "t",
+        ])
+        .unwrap();
+        assert_eq!(given.addr.port(), 9000);
+        assert_eq!(given.token_file, Some(PathBuf::from("t")));
+    }
+
     /// Flags given change the options (the comparison above is not vacuous).
     #[test]
     fn flags_change_the_options() {

@@ -87,7 +87,11 @@ pub async fn start(relay: &Standalone) -> Result<Demo, DemoError> {
     let console = relay
         .console
         .map(|addr| {
-            let scheme = if addr.ip().is_loopback() { "http" } else { "https" };
+            let scheme = if addr.ip().is_loopback() {
+                "http"
+            } else {
+                "https"
+            };
             format!("The console (labels, create a label): {scheme}://{addr}/\n")
         })
         .unwrap_or_default();

@@ -166,7 +166,7 @@ fn assert_console_headers(response: &Response) {
         response.header("content-security-policy"),
         Some(
             "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
-             form-action 'self'; frame-ancestors 'none'"
+             connect-src 'self'; form-action 'self'; frame-ancestors 'none'"
         )
     );
     assert_eq!(response.header("x-content-type-options"), Some("nosniff"));
@@ -454,7 +454,10 @@ async fn disable_enable_rotate_and_delete_take_effect_without_a_restart_and_leav
     let b32 = between(rotated.body_str(), "<code id=\"secret-b32\">", "</code>").unwrap();
     assert_ne!(b32, home.secret_b32);
     assert_eq!(rotated.header("cache-control"), Some("no-store"));
-    assert!(!captured_logs().contains(b32), "a log line holds the new secret");
+    assert!(
+        !captured_logs().contains(b32),
+        "a log line holds the new secret"
+    );
     // The old secret is refused from now on, the new one accepted.
     assert_eq!(relay.put("home", &home.authorization()).await.status, 401);
     let renewed = TestLabel {

@@ -35,6 +35,9 @@ def registrations(taas, label: str, kind: str) -> float:
 
 
 def test_a_label_made_in_the_console_is_parked_fetched_rotated_and_deleted(taas, page):
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: errors.append(m.text))
     page.set_viewport_size({"width": 1280, "height": 900})
     response = page.goto(taas.relay.console_url)
     assert response is not None and response.status == 200, taas.logs()
@@ -79,8 +82,12 @@ def test_a_label_made_in_the_console_is_parked_fetched_rotated_and_deleted(taas,
     taas.processes.append(agent)
     try:
         # The table shows it parked, through the page's live updates (no reload).
-        world.wait_until(f"{LABEL} parked in the table",
-                         lambda: cell(page, LABEL, 4) == "2" or None)
+        try:
+            world.wait_until(f"{LABEL} parked in the table",
+                             lambda: cell(page, LABEL, 4) == "2" or None)
+        except AssertionError as e:
+            row = page.locator(f'tr[data-label="{LABEL}"]').inner_text()
+            raise AssertionError(f"{e}\nrow: {row}\npage errors: {errors}\n{agent.tail()}") from None
         assert "from 127.0.0.1" in cell(page, LABEL, 6)
         screenshot(page, "console-table.png")
 
@@ -136,7 +143,7 @@ def test_bad_input_shows_inline_errors_and_writes_nothing(taas, page):
     page.fill("#period", "0")
     with page.expect_navigation() as nav:
         page.click("#create button[type=submit]")
-    assert nav.value is not None and nav.value.status == 400
+    assert nav.value is not None and nav.value.status == 400, taas.logs()
     assert "LABEL" in page.locator("#label-error").inner_text() or page.locator("#label-error").is_visible()
     assert page.locator("#id-error").is_visible()
     assert page.locator("#period-error").is_visible()

@@ -336,6 +336,10 @@ impl Console {
             (&Method::GET, "/console.css") => {
                 return respond(StatusCode::OK, "text/css; charset=utf-8", CSS.into())
             }
+            // Browsers ask for it unprompted; there is none.
+            (&Method::GET, "/favicon.ico") => {
+                return respond(StatusCode::NO_CONTENT, "image/x-icon", String::new())
+            }
             _ => {}
         }
         let now = unix_now();
@@ -374,12 +378,15 @@ impl Console {
             };
             let scheme = if self.tls { "https" } else { "http" };
             let own_origin = format!("{scheme}://{}", host.as_deref().unwrap_or(""));
-            if let Some(why) = security::cross_site(
-                text(header::HeaderName::from_static("sec-fetch-site")).as_deref(),
-                text(header::ORIGIN).as_deref(),
-                &own_origin,
-            ) {
-                tracing::info!(?why, "console: cross-site request refused");
+            let (fetch_site, origin) = (
+                text(header::HeaderName::from_static("sec-fetch-site")),
+                text(header::ORIGIN),
+            );
+            if let Some(why) =
+                security::cross_site(fetch_site.as_deref(), origin.as_deref(), &own_origin)
+            {
+                tracing::info!(?why, ?fetch_site, ?origin, %own_origin,
+                    "console: cross-site request refused");
                 return forbidden("This request came from another site. Nothing was changed.");
             }
             let Ok(fields) = form::parse(&body) else {

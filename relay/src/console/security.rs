@@ -19,9 +19,11 @@ pub const CSRF_FIELD: &str = "csrf";
 pub const MIN_TOKEN_LEN: usize = 16;
 
 /// The Content-Security-Policy of every page: no inline script or style, nothing from
-/// elsewhere, forms post only here, no framing.
+/// elsewhere, forms post only here, no framing. `connect-src 'self'` lets `/console.js` poll
+/// `/labels.json` (under `default-src 'none'` a browser refuses even a same-origin fetch).
 pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
-                       img-src 'self' data:; form-action 'self'; frame-ancestors 'none'";
+                       img-src 'self' data:; connect-src 'self'; form-action 'self'; \
+                       frame-ancestors 'none'";
 
 /// Headers on every answer.
 pub const HEADERS: [(&str, &str); 5] = [
@@ -232,7 +234,10 @@ pub enum CrossSite {
 
 /// Checks a state-changing request's `Sec-Fetch-Site` and `Origin` (when the browser sent
 /// them; a client without them, like curl, still needs the CSRF token). `own_origin` is
-/// `scheme://host[:port]` as the request's `Host` names it.
+/// `scheme://host[:port]` as the request's `Host` names it. Either header naming another
+/// site refuses the request. Under `Referrer-Policy: no-referrer` a browser sends
+/// `Origin: null` even for this console's own forms, so `null` says nothing either way (the
+/// token still has to match).
 pub fn cross_site(
     fetch_site: Option<&str>,
     origin: Option<&str>,
@@ -243,8 +248,10 @@ pub fn cross_site(
             return Some(CrossSite::FetchSite);
         }
     }
-    match origin {
-        Some(origin) if !origin.trim().eq_ignore_ascii_case(own_origin) => Some(CrossSite::Origin),
+    match origin.map(str::trim) {
+        Some(origin) if origin != "null" && !origin.eq_ignore_ascii_case(own_origin) => {
+            Some(CrossSite::Origin)
+        }
         _ => None,
     }
 }
@@ -333,7 +340,13 @@ mod tests {
             cross_site(None, Some("https://evil.example"), own),
             Some(CrossSite::Origin)
         );
-        assert_eq!(cross_site(None, Some("null"), own), Some(CrossSite::Origin));
+        // What a browser sends for this console's own form under `no-referrer`.
+        assert_eq!(cross_site(Some("same-origin"), Some("null"), own), None);
+        assert_eq!(cross_site(None, Some("null"), own), None);
+        assert_eq!(
+            cross_site(Some("same-origin"), Some("https://evil.example"), own),
+            Some(CrossSite::Origin)
+        );
     }
 
     #[test]

@@ -458,7 +458,15 @@ async fn disable_enable_rotate_and_delete_take_effect_without_a_restart_and_leav
         !captured_logs().contains(b32),
         "a log line holds the new secret"
     );
-    // The old secret is refused from now on, the new one accepted.
+    // The old secret is refused from now on, the new one accepted; what the old agent had
+    // parked is closed, and its registrations with the old secret are refused.
+    assert_eq!(relay.parked("home"), 0);
+    let home_label = relay.standalone.relay.label("home").unwrap();
+    eventually("the old agent refused", || async {
+        home_label.metrics().registrations(Registered::Unauthorized) > 0
+    })
+    .await;
+    assert_eq!(relay.parked("home"), 0);
     assert_eq!(relay.put("home", &home.authorization()).await.status, 401);
     let renewed = TestLabel {
         secret_b32: b32.to_string(),

@@ -642,13 +642,24 @@ async fn strangers_are_cut_at_their_deadlines_and_limits_while_others_are_served
     .await;
     assert_eq!(too_large.status, 413);
 
-    // One source may hold only so many connections; another source is still served.
+    // One source may hold only so many connections (a source with no other traffic here, so
+    // that no earlier connection's slot is still being given back); another is still served.
     let mut held = Vec::new();
     for _ in 0..taas_relay::console::MAX_CONNECTIONS_PER_SOURCE {
-        held.push(TcpStream::connect(addr).await.unwrap());
+        held.push(connect_from("127.0.0.3", addr).await);
     }
-    let mut over = TcpStream::connect(addr).await.unwrap();
-    assert_closed(&mut over).await;
+    let mut over = connect_from("127.0.0.3", addr).await;
+    let _ = over
+        .write_all(request(addr, "GET", "/labels.json", &[], "").as_bytes())
+        .await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(
+        PATIENCE,
+        tokio::io::AsyncReadExt::read_to_end(&mut over, &mut answer),
+    )
+    .await
+    .expect("closed");
+    assert!(answer.is_empty(), "{:?}", String::from_utf8_lossy(&answer));
     let mut elsewhere = connect_from("127.0.0.2", addr).await;
     let answer = send_on(
         &mut elsewhere,

@@ -165,6 +165,14 @@ impl<P, W> Pool<P, W> {
         Ok(())
     }
 
+    /// Drops every parked connection, keeping the waiting clients (the label's credentials
+    /// changed: what was parked with the old ones must serve no client). Returns how many.
+    pub fn clear_parked(&mut self) -> usize {
+        let dropped = self.parked.len();
+        self.parked.clear();
+        dropped
+    }
+
     /// Drops every parked connection and waiting client (the label is removed). Reservations
     /// stay counted until they are given back.
     pub fn clear(&mut self) {
@@ -178,6 +186,16 @@ mod tests {
     use super::*;
 
     type TestPool = Pool<&'static str, u32>;
+
+    #[test]
+    fn clearing_the_parked_connections_keeps_the_waiting_clients() {
+        let mut pool = TestPool::default();
+        pool.park("a", false, None);
+        pool.park("b", true, None);
+        pool.wait(7, 4, |_| false).unwrap();
+        assert_eq!(pool.clear_parked(), 2);
+        assert_eq!((pool.parked(), pool.waiting()), (0, 1));
+    }
 
     #[test]
     fn reservations_count_against_max_parked_until_parked_or_released() {

@@ -84,12 +84,23 @@ pub async fn start(relay: &Standalone) -> Result<Demo, DemoError> {
 
     let url = format!("https://{DEMO_LABEL}.{}:{port}/", settings.domain);
     let cert = std::path::absolute(&relay.cert.cert).unwrap_or_else(|_| relay.cert.cert.clone());
+    let console = relay
+        .console
+        .map(|addr| {
+            let scheme = if addr.ip().is_loopback() {
+                "http"
+            } else {
+                "https"
+            };
+            format!("The console (labels, create a label): {scheme}://{addr}/\n")
+        })
+        .unwrap_or_default();
     println!(
         "\nDemo ready: a built-in hidden server is parked under the label \"{DEMO_LABEL}\".\n\
          Fetch its page through the relay (TLS end to end, after one 307):\n\n\
          \x20 curl -L --cacert {cert} {url}\n\n\
          or open {url} in a browser (the certificate is self-signed: trust {cert}, or accept it).\n\
-         Stop with Ctrl-C.\n",
+         {console}Stop with Ctrl-C.\n",
         cert = cert.display(),
     );
     Ok(Demo { url, _tasks: tasks })

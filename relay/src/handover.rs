@@ -192,6 +192,8 @@ pub enum Key {
     /// One of the shared port's sockets (one per data-plane thread).
     Shared(SocketAddr, usize),
     Metrics(SocketAddr),
+    /// The web console (`crate::console`).
+    Console(SocketAddr),
     /// A label's client port q: the address bound, then the label.
     Q(SocketAddr, String),
 }
@@ -202,6 +204,7 @@ impl std::fmt::Display for Key {
             Key::Frontend(addr) => write!(f, "frontend {addr}"),
             Key::Shared(addr, i) => write!(f, "shared {addr} #{i}"),
             Key::Metrics(addr) => write!(f, "metrics {addr}"),
+            Key::Console(addr) => write!(f, "console {addr}"),
             Key::Q(addr, label) => write!(f, "q {addr} {label}"),
         }
     }

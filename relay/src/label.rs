@@ -267,10 +267,19 @@ impl Label {
     }
 
     /// Applies a changed configuration without touching parked connections or pairs; only a
-    /// change of the pinned client port rebinds q.
+    /// change of the pinned client port rebinds q, and a change of the ID or secret closes the
+    /// parked connections (pairs go on).
     pub fn update(self: &Arc<Self>, config: LabelConfig) -> Result<(), PortError> {
-        let repin = config.client_port != self.config().client_port;
+        let old = self.config();
+        let repin = config.client_port != old.client_port;
+        // New credentials (a rotated secret): what was parked with the old ones serves no client.
+        let rekeyed = config.secret != old.secret || config.id != old.id;
         *write(&self.config) = Arc::new(config);
+        if rekeyed {
+            let dropped = lock(&self.pool).clear_parked();
+            self.metrics.parked.dec_by(dropped as i64);
+            tracing::info!(label = %self.name, dropped, "credentials changed: parked connections closed");
+        }
         if repin {
             self.bind_client_port()?;
         }

@@ -29,12 +29,15 @@
 //!   over a Unix socket, `serve --take-over`, SIGHUP);
 //! - `label_source`: labels from a directory of manifests; `provision`: `label new`;
 //! - `agent`: the hidden-server side, a thin shell (`agent::run`) over a pure supervisor
-//!   (`agent::supervisor`); `tls`: server and client TLS set-up; `metrics`, `config`, `demo`.
+//!   (`agent::supervisor`); `tls`: server and client TLS set-up; `metrics`, `config`, `demo`;
+//! - `console`: the standalone relay's web console (`serve --console`), over `provision` and
+//!   the labels directory.
 #![forbid(unsafe_code)]
 
 pub mod agent;
 pub mod client_hello;
 pub mod config;
+pub mod console;
 pub mod data_plane;
 pub mod demo;
 pub mod direct;

@@ -288,11 +288,27 @@ pub struct LabelMetrics {
     rendezvous: [Counter; 3],
     /// Pairs closed by the relay after no byte either way for the idle timeout.
     pub idle_pairs_closed: Counter,
+    /// When and from where a registration last got a port (the console shows it; not a
+    /// metric: a time and an address per label are no series).
+    last_registration: Arc<std::sync::Mutex<Option<(std::time::SystemTime, std::net::IpAddr)>>>,
 }
 
 impl LabelMetrics {
     pub fn registered(&self, result: Registered) {
         self.registrations[result as usize].inc();
+    }
+    /// Registrations with this result so far.
+    pub fn registrations(&self, result: Registered) -> u64 {
+        self.registrations[result as usize].get()
+    }
+    /// Notes a registration that got a port, from `source`, now.
+    pub fn registered_from(&self, source: std::net::IpAddr) {
+        let now = std::time::SystemTime::now();
+        *taas_protocol::sync::lock(&self.last_registration) = Some((now, source));
+    }
+    /// When and from where a registration last got a port.
+    pub fn last_registration(&self) -> Option<(std::time::SystemTime, std::net::IpAddr)> {
+        *taas_protocol::sync::lock(&self.last_registration)
     }
     /// A client paired with a parked connection, counted by how it came.
     pub fn paired(&self, entry: Entry) {
@@ -467,6 +483,7 @@ impl RelayMetrics {
                     label: label.into(),
                 })
                 .clone(),
+            last_registration: Arc::default(),
         }
     }
 

@@ -15,7 +15,7 @@ use taas_crds::limits::{DNS_PART_MAX_LEN, DNS_SUBDOMAIN_MAX_LEN};
 use taas_crds::manifest::{render_label_file, LabelObject, SecretObject};
 use taas_crds::{SecretKeyRef, TaasLabelSpec};
 
-use crate::config::Algorithm;
+use crate::config::{Algorithm, LabelConfig};
 use crate::label_source::{check_id, normalize_label, validate_label};
 use crate::totp::encode_secret;
 
@@ -41,6 +41,30 @@ pub struct NewLabel {
     /// `spec.direct`: clients reach `https://LABEL.<domain>/` on the relay's HTTPS port,
     /// passed through to the hidden server by server name, with no 307.
     pub direct: bool,
+    /// The spec's other fields a user may choose (the console's form); `Default` is what
+    /// `label new` writes.
+    pub options: SpecOptions,
+}
+
+/// Spec fields chosen at creation besides ID, LABEL and `direct`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SpecOptions {
+    pub algorithm: Algorithm,
+    /// TOTP step in seconds.
+    pub period: u32,
+    pub max_parked: u32,
+    pub source_pinning: bool,
+}
+
+impl Default for SpecOptions {
+    fn default() -> Self {
+        Self {
+            algorithm: Algorithm::SHA1,
+            period: taas_crds::default_period(),
+            max_parked: taas_crds::default_max_parked(),
+            source_pinning: true,
+        }
+    }
 }
 
 /// What `label new` produced.
@@ -179,10 +203,10 @@ pub fn write_label(dir: &Path, new: &NewLabel) -> Result<Provisioned, ProvisionE
             name: secret_name.clone(),
             key: SECRET_KEY.to_string(),
         },
-        algorithm: Algorithm::SHA1,
-        period: taas_crds::default_period(),
-        max_parked: taas_crds::default_max_parked(),
-        source_pinning: true,
+        algorithm: new.options.algorithm,
+        period: new.options.period,
+        max_parked: new.options.max_parked,
+        source_pinning: new.options.source_pinning,
         proxy_protocol: Default::default(),
         client_port: None,
         client_admission: Default::default(),
@@ -236,9 +260,20 @@ pub fn write_label(dir: &Path, new: &NewLabel) -> Result<Provisioned, ProvisionE
         return Err(io_err(&path)(e));
     }
 
+    Ok(for_agent(new, path, secret_b32, &config))
+}
+
+/// What the user is shown for a label file holding `secret_b32`: the URI and the agent's
+/// command line (`label new`, the console's creation and rotation alike).
+fn for_agent(
+    new: &NewLabel,
+    path: PathBuf,
+    secret_b32: String,
+    config: &LabelConfig,
+) -> Provisioned {
     let uri = otpauth_uri(
         &new.registrar,
-        &format!("{label}.{}", new.domain),
+        &format!("{}.{}", config.label, new.domain),
         &secret_b32,
         config.algorithm,
         6,
@@ -261,12 +296,81 @@ pub fn write_label(dir: &Path, new: &NewLabel) -> Result<Provisioned, ProvisionE
         .map(|a| shell_word(a))
         .collect::<Vec<_>>()
         .join(" ");
-    Ok(Provisioned {
+    Provisioned {
         path,
         secret_b32,
         uri,
         agent_command,
-    })
+    }
+}
+
+/// Gives the label of the file `path` (one `TaasLabel` and its `Secret`, as [`write_label`]
+/// writes them) a fresh secret: the file is rewritten in its canonical form (comments are not
+/// kept) through a temporary dotfile and a rename, so a reload sees the old file or the new
+/// one, never half of one. `new` supplies the names for the URI and the command (its ID,
+/// LABEL and options are ignored: the file's are kept). The old secret stops working at the
+/// relay's next reload.
+pub fn rotate_secret(path: &Path, new: &NewLabel) -> Result<Provisioned, ProvisionError> {
+    use taas_crds::manifest::{parse_documents, Object};
+    let io_err = |error| ProvisionError::Io {
+        path: path.to_path_buf(),
+        error,
+    };
+    let text = fs::read_to_string(path).map_err(io_err)?;
+    let objects = parse_documents(&text).map_err(|e| ProvisionError::Invalid(e.to_string()))?;
+    let (mut labels, mut secrets) = (Vec::new(), Vec::new());
+    for object in objects {
+        match object {
+            Object::Label(l) => labels.push(l),
+            Object::Secret(s) => secrets.push(s),
+            Object::Other { .. } => {}
+        }
+    }
+    let (Some(label), None) = (labels.pop(), labels.pop()) else {
+        return Err(ProvisionError::Invalid(
+            "the file does not hold exactly one TaasLabel: rotate its secret by hand".into(),
+        ));
+    };
+    let name = &label.spec.secret_ref.name;
+    let mut matching = secrets
+        .into_iter()
+        .filter(|s| &s.name == name && s.namespace == label.namespace);
+    let (Some(mut secret), None) = (matching.next(), matching.next()) else {
+        return Err(ProvisionError::Invalid(format!(
+            "the file does not hold the label's Secret {name:?} once: rotate its secret by hand"
+        )));
+    };
+    let secret_b32 = encode_secret(&generate_secret());
+    let config =
+        validate_label(&label.spec, secret_b32.as_bytes()).map_err(ProvisionError::Invalid)?;
+    secret.data.insert(
+        label.spec.secret_ref.key.clone(),
+        secret_b32.clone().into_bytes(),
+    );
+    let text = render_label_file(&label, &secret);
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    // A dotfile: the labels directory's reader skips it, so it is never loaded half-written.
+    let temp = dir.join(format!(".{file_name}.rotating"));
+    let _ = fs::remove_file(&temp);
+    let written = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&temp)
+        .and_then(|mut file| {
+            file.write_all(text.as_bytes())?;
+            file.sync_all()
+        })
+        .and_then(|()| fs::rename(&temp, path));
+    if let Err(error) = written {
+        let _ = fs::remove_file(&temp);
+        return Err(io_err(error));
+    }
+    Ok(for_agent(new, path.to_path_buf(), secret_b32, &config))
 }
 
 /// Quotes a word for a POSIX shell when it needs it, so the printed command can be pasted.
@@ -382,6 +486,7 @@ mod tests {
             relay_url: "https://taas-registrar.localhost:8443".into(),
             ca_file: None,
             direct: false,
+            options: SpecOptions::default(),
         }
     }
 
@@ -477,6 +582,55 @@ mod tests {
         assert!(matches!(e, ProvisionError::Exists { .. }), "{e}");
         assert!(e.to_string().contains("refusing to overwrite"), "{e}");
         assert_eq!(fs::read(&first.path).unwrap(), before);
+    }
+
+    #[test]
+    fn rotation_gives_a_new_secret_and_keeps_everything_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut new = new_label("home");
+        new.options = SpecOptions {
+            algorithm: Algorithm::SHA256,
+            period: 60,
+            max_parked: 3,
+            source_pinning: false,
+        };
+        let first = write_label(dir.path(), &new).unwrap();
+        let before = read_label_file(&first.path).unwrap();
+        assert_eq!(
+            (before.algorithm, before.period, before.max_parked),
+            (Algorithm::SHA256, 60, 3)
+        );
+        let rotated = rotate_secret(&first.path, &new).unwrap();
+        assert_ne!(rotated.secret_b32, first.secret_b32);
+        let after = read_label_file(&first.path).unwrap();
+        assert_eq!(
+            after.secret,
+            crate::totp::decode_secret(&rotated.secret_b32).unwrap()
+        );
+        assert_eq!(
+            LabelConfig {
+                secret: before.secret.clone(),
+                ..after.clone()
+            },
+            before
+        );
+        assert!(rotated.uri.contains("algorithm=SHA256") && rotated.uri.contains("period=60"));
+        let mode = fs::metadata(&first.path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // No temporary file is left behind.
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+        // A file with two labels is left to a text editor.
+        let two = dir.path().join("two.yaml");
+        let text = fs::read_to_string(&first.path).unwrap();
+        fs::write(
+            &two,
+            format!("{text}---\n{}", text.replace("label: home", "label: other")),
+        )
+        .unwrap();
+        assert!(matches!(
+            rotate_secret(&two, &new),
+            Err(ProvisionError::Invalid(_))
+        ));
     }
 
     #[test]
@@ -638,6 +792,7 @@ pub fn label_new(options: &LabelNewOptions) -> Result<String, LabelNewError> {
             relay_url,
             ca_file: Some(absolute(&cert)),
             direct: options.direct,
+            options: SpecOptions::default(),
         },
     )?;
     let mut out = format!(

@@ -204,6 +204,14 @@ impl StandaloneBackend {
         )
     }
 
+    /// Every running label, by name.
+    pub fn labels(&self) -> BTreeMap<String, Arc<Label>> {
+        read(&self.labels)
+            .iter()
+            .map(|(name, label)| (name.clone(), label.clone()))
+            .collect()
+    }
+
     /// Parked connections over every label.
     pub fn parked(&self) -> usize {
         read(&self.labels)
@@ -412,6 +420,7 @@ impl StandaloneBackend {
         for _ in &ports {
             label.metrics().registered(Registered::Ok);
         }
+        label.metrics().registered_from(request.source);
         tracing::debug!(label = %label.name(), source = %request.source, ?ports, "registered");
         let external = self.external();
         if request.count == 1 {

@@ -256,6 +256,8 @@ fn the_readme_first_command_serves_the_demo_page_through_the_relay() {
         .env("TAAS_P_PORTS", p_ports.to_string())
         .env("TAAS_Q_PORTS", q_ports.to_string())
         .env("TAAS_METRICS", "off")
+        // --demo turns the console on at 127.0.0.1:8893: a port of the OS's choosing here.
+        .env("TAAS_CONSOLE", "127.0.0.1:0")
         .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -42,6 +42,7 @@ class World:
                 raise RuntimeError(f"TAAS_BROWSER_BIN: no {name} in {bin_dir!s} (run.sh sets it)")
         pids = os.environ.get("TAAS_BROWSER_PIDS")
         pid_file = Path(pids) if pids else None
+        self.bin_dir, self.pid_file = bin_dir, pid_file
         self.processes: list[world.Process] = []
         self.hidden: dict[str, world.HiddenServer] = {}
         self.ca = world.TestCa(dir)

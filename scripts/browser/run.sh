@@ -8,7 +8,10 @@
 # Builds the binaries (`cargo build -p taas-relay --bins`, debug, as `cargo test` does) in the
 # usual target directory ($CARGO_TARGET_DIR respected). Writes a screenshot of the hidden
 # server's page to docs/direct-label.png (TAAS_BROWSER_SCREENSHOT= another path, or empty for
-# none). Extra arguments go to pytest (e.g. `-k curl`, `-x`).
+# none). The web console's test (test_console.py, issue 17) runs against the same relay's
+# console; `TAAS_SCREENSHOTS=1 bash scripts/browser/run.sh` also regenerates the console's
+# screenshots in docs/ (console-table.png, console-form-error.png, console-secret.png).
+# Extra arguments go to pytest (e.g. `-k curl`, `-x`).
 # Ends with one line `browser: N passed, M failed`; exits non-zero on any failure.
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -252,6 +252,7 @@ class Relay:
         self.process: Process | None = None
         self.port = 0
         self.metrics_port = 0
+        self.console_port = 0
 
     def label_new(self, label: str, direct: bool) -> Path:
         argv = [
@@ -269,6 +270,8 @@ class Relay:
         p_ports, q_ports = port_block()
         # The metrics port: one the OS just handed out (the relay binds it at once).
         self.metrics_port = free_port()
+        # The web console (issue 17) on loopback: no login, its own port.
+        self.console_port = free_port()
         self.process = Process(
             "taas-relay",
             [
@@ -276,6 +279,7 @@ class Relay:
                 "--labels", str(self.labels), "--state-dir", str(self.state),
                 "--p-ports", p_ports, "--q-ports", q_ports,
                 "--metrics", f"127.0.0.1:{self.metrics_port}", "--log-format", "json",
+                "--console", f"127.0.0.1:{self.console_port}",
             ],
             self.dir / "relay.log", self.pid_file,
         )
@@ -291,6 +295,10 @@ class Relay:
             return None
 
         self.port = wait_until("the relay's `relay serving` line", serving)
+
+    @property
+    def console_url(self) -> str:
+        return f"http://127.0.0.1:{self.console_port}/"
 
     @property
     def cert(self) -> Path:
@@ -325,6 +333,11 @@ def _uuid(label: str) -> str:
     """A stable UUID per label (the agent's ID)."""
     digest = hashlib.sha256(label.encode()).hexdigest()
     return f"{digest[:8]}-{digest[8:12]}-{digest[12:16]}-{digest[16:20]}-{digest[20:32]}"
+
+
+def start_argv(name: str, argv: list[str], dir: Path, pid_file: Path | None) -> Process:
+    """A process from an argv given whole (e.g. the agent command the console shows)."""
+    return Process(name, argv, dir / f"{name.replace(' ', '-')}.log", pid_file)
 
 
 def start_agent(bin_dir: Path, relay: Relay, label_file: Path, forward, parked: int,

@@ -62,6 +62,16 @@ impl TestRelay {
     }
 
     pub async fn start_with(labels: &[&TestLabel], adjust: impl FnOnce(&mut ServeOptions)) -> Self {
+        Self::start_with_result(labels, adjust)
+            .await
+            .expect("relay starts")
+    }
+
+    /// [`TestRelay::start_with`], returning the start's error instead of panicking on it.
+    pub async fn start_with_result(
+        labels: &[&TestLabel],
+        adjust: impl FnOnce(&mut ServeOptions),
+    ) -> Result<Self, taas_relay::run::StartError> {
         init_logs();
         let dir = tempfile::tempdir().unwrap();
         let labels_dir = dir.path().join("labels");
@@ -81,14 +91,14 @@ impl TestRelay {
             ..ServeOptions::default()
         };
         adjust(&mut options);
-        let standalone = standalone::start(options).await.expect("relay starts");
-        Self {
+        let standalone = standalone::start(options).await?;
+        Ok(Self {
             standalone,
             dir,
             labels_dir,
             p_ports,
             q_ports,
-        }
+        })
     }
 
     pub fn addr(&self) -> SocketAddr {

@@ -382,6 +382,14 @@ struct ServeArgs {
     /// running relay starts its binary (the file on disk now) this way.
     #[arg(long, env = "TAAS_TAKE_OVER")]
     take_over: bool,
+    /// The web console (labels table, create, disable, rotate): ADDR:PORT, or off
+    /// [default: off; 127.0.0.1:8893 with --demo]. A non-loopback address needs
+    /// --console-token-file and is served over TLS.
+    #[arg(long, env = "TAAS_CONSOLE", value_name = "ADDR|off")]
+    console: Option<String>,
+    /// A file holding the console's login token (16 bytes or more).
+    #[arg(long, env = "TAAS_CONSOLE_TOKEN_FILE", value_name = "PATH")]
+    console_token_file: Option<PathBuf>,
     #[command(flatten)]
     drain: DrainArgs,
 }
@@ -514,6 +522,12 @@ fn serve_options(args: &ServeArgs) -> anyhow::Result<ServeOptions> {
         shared_port: args.shared_port.0,
         take_over: args.take_over,
         hand_over: false,
+        console: taas_relay::console::from_flags(
+            args.console.as_deref(),
+            args.demo,
+            args.console_token_file.clone(),
+        )
+        .map_err(anyhow::Error::msg)?,
     })
 }
 
@@ -846,6 +860,31 @@ mod tests {
             .find(|a| a.get_id() == "edge")
             .unwrap();
         assert_eq!(arg.get_env(), Some(std::ffi::OsStr::new("TAAS_EDGE")));
+    }
+
+    /// The console: off by default, at the original page's address with --demo.
+    #[test]
+    fn the_console_is_off_unless_asked_for_or_the_demo_runs() {
+        let console = |argv: &[&str]| {
+            let Command::Serve(args) = parse(argv) else {
+                panic!("serve")
+            };
+            serve_options(&args).unwrap().console
+        };
+        assert_eq!(console(&["serve"]), None);
+        let demo = console(&["serve", "--demo"]).unwrap();
+        assert_eq!(demo.addr, taas_relay::console::DEMO_ADDR);
+        assert_eq!(console(&["serve", "--demo", "--console", "off"]), None);
+        let given = console(&[
+            "serve",
+            "--console",
+            "0.0.0.0:9000",
+            "--console-token-file",
+            "t",
+        ])
+        .unwrap();
+        assert_eq!(given.addr.port(), 9000);
+        assert_eq!(given.token_file, Some(PathBuf::from("t")));
     }
 
     /// Flags given change the options (the comparison above is not vacuous).

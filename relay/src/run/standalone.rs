@@ -59,6 +59,8 @@ pub struct ServeOptions {
     /// Serve `<state_dir>/handover.sock` for a successor, and tell systemd (`NOTIFY_SOCKET`)
     /// when serving: the binary's `serve` does, in-process relays do not.
     pub hand_over: bool,
+    /// The web console (`crate::console`); `None`: off (the default).
+    pub console: Option<crate::console::ConsoleOptions>,
 }
 
 impl Default for ServeOptions {
@@ -92,6 +94,7 @@ impl Default for ServeOptions {
             shared_port: None,
             take_over: false,
             hand_over: false,
+            console: None,
         }
     }
 }
@@ -104,6 +107,8 @@ pub struct Standalone {
     /// Where the shared client port listens, when it is on.
     pub shared_port: Option<SocketAddr>,
     pub metrics: Option<SocketAddr>,
+    /// Where the console listens, when it is on.
+    pub console: Option<SocketAddr>,
     pub cert: CertFiles,
     /// Labels added in-process (the demo), kept across reloads of the directory.
     extra: Arc<Mutex<BTreeMap<String, LabelConfig>>>,
@@ -312,6 +317,14 @@ pub async fn start(options: ServeOptions) -> Result<Standalone, StartError> {
         .map_err(listen_error(options.listen))?;
     registered.push(front_registration);
     let frontend_addr = front.local_addr().map_err(listen_error(options.listen))?;
+    let console = crate::console::prepare(options.console.as_ref(), &tls, |addr| {
+        let (listener, registration) = listeners
+            .listener(&Key::Console(addr), || crate::ports::listen(addr, 1024))
+            .map_err(listen_error(addr))?;
+        registered.push(registration);
+        let local = listener.local_addr().map_err(listen_error(addr))?;
+        Ok((listener, local))
+    })?;
     let shared_port = match options.shared_port {
         Some(port) => {
             // One socket per data-plane thread, each accepting on its thread.
@@ -401,6 +414,20 @@ pub async fn start(options: ServeOptions) -> Result<Standalone, StartError> {
             }
         }
     });
+    let console = console.map(|console| {
+        let addr = console.addr();
+        let context = crate::console::Context {
+            relay: relay.clone(),
+            labels: options.labels.clone(),
+            from_dir: from_dir.clone(),
+            cert: cert.clone(),
+            frontend: frontend_addr,
+        };
+        let task = tasks.set.spawn(console.serve(context));
+        tasks.stop_at_drain.push(task.clone());
+        accepting.push(task);
+        addr
+    });
     let shared_port = shared_port.map(|(sockets, addr)| {
         let task = tasks
             .set
@@ -461,6 +488,7 @@ pub async fn start(options: ServeOptions) -> Result<Standalone, StartError> {
         frontend: frontend_addr,
         shared_port,
         metrics,
+        console,
         cert,
         extra,
         from_dir,

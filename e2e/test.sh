@@ -239,11 +239,16 @@ traffic_start() {
   : >"$W/traffic.log"
   rm -f "$W/traffic.stop"
   (
-    local t
+    local t out
     for ((i = 0; i < 900; i++)); do
       [ -f "$W/traffic.stop" ] && break
       t=$(now)
-      if home_serves; then echo "ok $t"; else echo "fail $t $(now)"; fi
+      out=$(fetch_home)
+      if [ "$out" = "hello from the hidden server" ]; then
+        echo "ok $t"
+      else
+        echo "fail $t $(now) $(printf '%s' "$out" | head -c 100 | tr -s '\n' ' ')"
+      fi
       sleep 0.2
     done >>"$W/traffic.log"
   ) &
@@ -256,6 +261,7 @@ traffic_stop() {
   OKS=$(grep -c '^ok' "$W/traffic.log" || true)
   FAILS=$(grep -c '^fail' "$W/traffic.log" || true)
   echo "traffic on home meanwhile: $OKS fetches ok, $FAILS failed"
+  grep '^fail' "$W/traffic.log" | head -n 20 || true
 }
 
 office_manifest() {

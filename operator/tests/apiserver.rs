@@ -130,6 +130,30 @@ impl ApiServer {
         String::from_utf8(out.stdout).unwrap()
     }
 
+    /// A merge patch of `kind/name` in `namespace`, which must succeed.
+    fn merge_patch(&self, kind: &str, name: &str, namespace: &str, patch: &str) {
+        self.ok(
+            &[
+                "patch",
+                kind,
+                name,
+                "-n",
+                namespace,
+                "--type=merge",
+                "-p",
+                patch,
+            ],
+            None,
+        );
+    }
+
+    /// A merge patch of the status of `kind/name` in `namespace` (what a controller other
+    /// than the operator writes), which must succeed.
+    fn merge_patch_status(&self, kind: &str, name: &str, namespace: &str, patch: &str) {
+        let args = ["patch", kind, name, "-n", namespace, "--subresource=status"];
+        self.ok(&[&args[..], &["--type=merge", "-p", patch]].concat(), None);
+    }
+
     fn get(&self, args: &[&str]) -> Option<Value> {
         let mut all = vec!["get", "-o", "json"];
         all.extend_from_slice(args);
@@ -271,13 +295,7 @@ fn peak_rss_kib(pid: u32) -> u64 {
 
 /// What a kubelet would report: the relay Deployment's pod is ready.
 fn mark_relay_ready(k8s: &ApiServer, namespace: &str, name: &str) {
-    k8s.ok(
-        &[
-            "patch", "deployment", name, "-n", namespace, "--subresource=status", "--type=merge",
-            "-p", r#"{"status":{"replicas":1,"readyReplicas":1,"availableReplicas":1,"updatedReplicas":1}}"#,
-        ],
-        None,
-    );
+    mark_relays_ready(k8s, namespace, name, 1, 1);
 }
 
 /// What a kubelet would report for a Deployment of `replicas` pods, `ready` of them ready.
@@ -285,39 +303,13 @@ fn mark_relays_ready(k8s: &ApiServer, namespace: &str, name: &str, replicas: u32
     let patch = format!(
         r#"{{"status":{{"replicas":{replicas},"readyReplicas":{ready},"availableReplicas":{ready},"updatedReplicas":{replicas}}}}}"#
     );
-    k8s.ok(
-        &[
-            "patch",
-            "deployment",
-            name,
-            "-n",
-            namespace,
-            "--subresource=status",
-            "--type=merge",
-            "-p",
-            &patch,
-        ],
-        None,
-    );
+    k8s.merge_patch_status("deployment", name, namespace, &patch);
 }
 
 /// What a cloud controller would do: give the Service a load-balancer address.
 fn give_address(k8s: &ApiServer, namespace: &str, name: &str, ip: &str) {
     let patch = format!(r#"{{"status":{{"loadBalancer":{{"ingress":[{{"ip":"{ip}"}}]}}}}}}"#);
-    k8s.ok(
-        &[
-            "patch",
-            "service",
-            name,
-            "-n",
-            namespace,
-            "--subresource=status",
-            "--type=merge",
-            "-p",
-            &patch,
-        ],
-        None,
-    );
+    k8s.merge_patch_status("service", name, namespace, &patch);
 }
 
 /// The relay the Deployment describes, started here: its ConfigMap and Secret written to
@@ -680,18 +672,11 @@ fn the_operator_against_a_real_api_server() {
     assert_eq!(&got, b"phone to home");
 
     // A spec change: observedGeneration and the children follow (no new objects).
-    k8s.ok(
-        &[
-            "patch",
-            "taaslabel",
-            "home",
-            "-n",
-            "default",
-            "--type=merge",
-            "-p",
-            r#"{"spec":{"maxParked":5}}"#,
-        ],
-        None,
+    k8s.merge_patch(
+        "taaslabel",
+        "home",
+        "default",
+        r#"{"spec":{"maxParked":5}}"#,
     );
     k8s.wait(
         "observedGeneration follows",
@@ -1142,19 +1127,7 @@ fn several_replicas_get_a_disruption_budget_until_back_to_one(k8s: &ApiServer) {
         "default",
     ];
     assert!(k8s.get(&budget).is_none());
-    k8s.ok(
-        &[
-            "patch",
-            "taaslabel",
-            "edge",
-            "-n",
-            "default",
-            "--type=merge",
-            "-p",
-            r#"{"spec":{"replicas":2}}"#,
-        ],
-        None,
-    );
+    k8s.merge_patch("taaslabel", "edge", "default", r#"{"spec":{"replicas":2}}"#);
     let deployment = k8s.wait(
         "two replicas",
         &["deployment", "taas-edge", "-n", "default"],
@@ -1208,19 +1181,7 @@ fn several_replicas_get_a_disruption_budget_until_back_to_one(k8s: &ApiServer) {
     );
 
     // Back to one: the budget goes, the Deployment shrinks.
-    k8s.ok(
-        &[
-            "patch",
-            "taaslabel",
-            "edge",
-            "-n",
-            "default",
-            "--type=merge",
-            "-p",
-            r#"{"spec":{"replicas":1}}"#,
-        ],
-        None,
-    );
+    k8s.merge_patch("taaslabel", "edge", "default", r#"{"spec":{"replicas":1}}"#);
     k8s.wait(
         "one replica",
         &["deployment", "taas-edge", "-n", "default"],

@@ -16,24 +16,15 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use taas_protocol::edge::{self, EdgeHeader, EdgeKind, Parsed};
-use taas_relay::config::{PortRange, Timeouts};
-use taas_relay::gateway::UpstreamSettings;
-use taas_relay::gateway_auth::InstallSecret;
-use taas_relay::run::gateway::{self, GatewayOptions, RouteSource, RunningGateway};
+use taas_relay::config::Timeouts;
 use taas_relay::run::pod::{self as label_relay, LabelRelay, LabelRelayOptions};
+use taas_testkit::gateway::{gateway_token, EdgeGateway};
 use taas_testkit::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// The install secret the test gateways read.
-const INSTALL_SECRET: &str = "0123456789abcdef0123456789abcdef\n";
-
 fn token_for(label: &str) -> String {
-    InstallSecret::new(INSTALL_SECRET.as_bytes())
-        .unwrap()
-        .token_for(label)
-        .expose()
-        .to_string()
+    gateway_token(label).expose().to_string()
 }
 
 /// One label's line in routes.yaml.
@@ -83,65 +74,35 @@ impl EdgeRoute {
     }
 }
 
-struct EdgeGateway {
-    // Stopped before its directory goes (fields drop in order).
-    gateway: RunningGateway,
-    dir: tempfile::TempDir,
-    range: PortRange,
+/// What these tests ask of the gateway beyond the testkit's.
+trait EdgeGatewayExt {
+    /// The rendezvous port `k` of the range.
+    fn t(&self, k: u16) -> u16;
+    /// Writes routes.yaml and waits until the gateway has it.
+    async fn set_routes(&self, routes: &[(&str, EdgeRoute)]);
+    /// Waits (bounded) until the gateway has counted `n` edge refusals for `reason`.
+    async fn wait_refused(&self, reason: &str, n: f64);
+    async fn forwarded(&self, entry: &str) -> f64;
+    /// A TLS connection to the gateway's HTTPS port from `source`, for the registrar.
+    async fn tls_from(
+        &self,
+        source: &str,
+        name: &str,
+    ) -> tokio_rustls::client::TlsStream<TcpStream>;
 }
 
-impl EdgeGateway {
-    async fn start() -> Self {
-        Self::start_with(|_| {}).await
-    }
-
-    async fn start_with(adjust: impl FnOnce(&mut GatewayOptions)) -> Self {
-        init_logs();
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("routes.yaml"), "{}\n").unwrap();
-        std::fs::write(dir.path().join("install-secret"), INSTALL_SECRET).unwrap();
-        let (range, _) = port_block(8);
-        let mut options = GatewayOptions {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            metrics: Some("127.0.0.1:0".parse().unwrap()),
-            state_dir: dir.path().join("state"),
-            registrar: REGISTRAR.into(),
-            domain: DOMAIN.into(),
-            reload_interval: Duration::from_millis(50),
-            max_connections: 1024,
-            max_connections_per_source: 1024,
-            install_secret_file: Some(dir.path().join("install-secret")),
-            upstream: UpstreamSettings::default(),
-            shared_port: Some("127.0.0.1:0".parse().unwrap()),
-            rendezvous_ports: Some(range),
-            ..GatewayOptions::new(RouteSource::File(dir.path().join("routes.yaml")))
-        };
-        adjust(&mut options);
-        let gateway = gateway::start(options).await.expect("gateway starts");
-        Self {
-            dir,
-            gateway,
-            range,
-        }
-    }
-
-    /// The rendezvous port `k` of the range.
+impl EdgeGatewayExt for EdgeGateway {
     fn t(&self, k: u16) -> u16 {
         self.range.lo + k
     }
 
-    fn shared(&self) -> SocketAddr {
-        self.gateway.shared_port.expect("shared port on")
-    }
-
-    /// Writes routes.yaml and waits until the gateway has it.
     async fn set_routes(&self, routes: &[(&str, EdgeRoute)]) {
         let routes: BTreeMap<&str, &EdgeRoute> = routes.iter().map(|(l, r)| (*l, r)).collect();
         let mut text = String::new();
         for (label, route) in &routes {
             text.push_str(&format!("{label}: {}\n", route.yaml()));
         }
-        std::fs::write(self.dir.path().join("routes.yaml"), text).unwrap();
+        std::fs::write(self.routes_file(), text).unwrap();
         eventually("routes applied", || async {
             routes.iter().all(|(label, route)| {
                 self.gateway.routes.get(label).is_some_and(|r| {
@@ -153,11 +114,6 @@ impl EdgeGateway {
         .await;
     }
 
-    async fn metrics(&self) -> String {
-        taas_testkit::readings::scrape(self.gateway.metrics.expect("metrics enabled")).await
-    }
-
-    /// Waits (bounded) until the gateway has counted `n` edge refusals for `reason`.
     async fn wait_refused(&self, reason: &str, n: f64) {
         eventually(&format!("{n} edge refusals for {reason}"), || async {
             metric(&self.metrics().await, &refused(reason)) >= n
@@ -170,6 +126,15 @@ impl EdgeGateway {
             &self.metrics().await,
             &format!("taas_gateway_edge_connections_total{{entry=\"{entry}\"}}"),
         )
+    }
+
+    async fn tls_from(
+        &self,
+        source: &str,
+        name: &str,
+    ) -> tokio_rustls::client::TlsStream<TcpStream> {
+        let gateway = &self.gateway;
+        tls_connect_from(source, gateway.frontend, &gateway.cert.cert, name).await
     }
 }
 
@@ -647,26 +612,10 @@ async fn start_edge_label_relay(
     label: &TestLabel,
     ts: &[u16],
 ) -> LabelRelay {
-    let dir = cluster.dir.path();
-    let options = label_relay_options(dir, label, ts.len() as u16, &["127.0.0.1/32"]);
-    let (p_ports, q) = (options.p_ports, options.client_port);
-    let external_file = dir.join(&label.label).join("external.yaml");
-    let mut text = "host: \"127.0.0.1\"\nports:\n".to_string();
-    for (p, t) in p_ports.iter().zip(ts) {
-        text.push_str(&format!("  {p}: {t}\n"));
-    }
-    text.push_str(&format!("  {q}: {}\n", cluster.shared().port()));
-    std::fs::write(&external_file, text).unwrap();
-    let token = InstallSecret::new(INSTALL_SECRET.as_bytes())
-        .unwrap()
-        .token_for(&label.label);
     label_relay::start(LabelRelayOptions {
-        external_file: Some(external_file),
         edge: Some("127.0.0.1:0".parse().unwrap()),
-        gateway_token: Some(token),
         metrics: None,
-        reload_interval: Duration::from_millis(50),
-        ..options
+        ..cluster.label_relay_options(label, ts, &["127.0.0.1/32"])
     })
     .await
     .expect("label relay starts")
@@ -677,38 +626,6 @@ fn route_to(relay: &LabelRelay, ts: &[u16]) -> EdgeRoute {
     EdgeRoute {
         relay: relay.control.to_string(),
         ..EdgeRoute::edge(relay.edge.expect("the relay's edge port")).owning(ts)
-    }
-}
-
-impl EdgeGateway {
-    /// A TLS connection to the gateway's HTTPS port from `source`, for the registrar.
-    async fn tls_from(
-        &self,
-        source: &str,
-        name: &str,
-    ) -> tokio_rustls::client::TlsStream<TcpStream> {
-        let gateway = &self.gateway;
-        tls_connect_from(source, gateway.frontend, &gateway.cert.cert, name).await
-    }
-
-    /// Registers `label` through the gateway from `source` and parks a connection from the
-    /// same source on the answered address (a gateway rendezvous port).
-    async fn park_from(&self, source: &str, label: &TestLabel) -> TcpStream {
-        let mut tls = self.tls_from(source, REGISTRAR).await;
-        let request = steward_request(
-            &label.label,
-            self.gateway.frontend.port(),
-            &label.authorization(),
-        );
-        tls.write_all(request.as_bytes()).await.unwrap();
-        let response = read_response(&mut tls).await;
-        assert_eq!(response.status, 200, "{response:?}");
-        let answered: SocketAddr = response.body_str().trim().parse().unwrap();
-        assert!(
-            self.range.contains(answered.port()),
-            "a gateway rendezvous port: {answered}"
-        );
-        connect_from(source, answered).await
     }
 }
 

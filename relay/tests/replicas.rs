@@ -12,111 +12,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use taas_protocol::edge::{self, EdgeKind, Parsed};
-use taas_relay::config::PortRange;
-use taas_relay::gateway::UpstreamSettings;
-use taas_relay::gateway_auth::InstallSecret;
-use taas_relay::run::gateway::{self, GatewayOptions, RouteSource, RunningGateway};
 use taas_relay::run::pod::{self as label_relay, LabelRelay, LabelRelayOptions};
 use taas_testkit::agent::Agent;
+use taas_testkit::gateway::EdgeGateway;
 use taas_testkit::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-const INSTALL_SECRET: &str = "0123456789abcdef0123456789abcdef\n";
-
-struct Cluster {
-    // Stopped before its directory goes (fields drop in order).
-    gateway: RunningGateway,
-    dir: tempfile::TempDir,
-    range: PortRange,
-}
-
-impl Cluster {
-    async fn start() -> Self {
-        init_logs();
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("routes.yaml"), "{}\n").unwrap();
-        std::fs::write(dir.path().join("install-secret"), INSTALL_SECRET).unwrap();
-        let (range, _) = port_block(8);
-        let options = GatewayOptions {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            metrics: Some("127.0.0.1:0".parse().unwrap()),
-            state_dir: dir.path().join("state"),
-            registrar: REGISTRAR.into(),
-            domain: DOMAIN.into(),
-            reload_interval: Duration::from_millis(50),
-            max_connections: 1024,
-            max_connections_per_source: 1024,
-            install_secret_file: Some(dir.path().join("install-secret")),
-            upstream: UpstreamSettings::default(),
-            shared_port: Some("127.0.0.1:0".parse().unwrap()),
-            rendezvous_ports: Some(range),
-            ..GatewayOptions::new(RouteSource::File(dir.path().join("routes.yaml")))
-        };
-        let gateway = gateway::start(options).await.expect("gateway starts");
-        Self {
-            gateway,
-            dir,
-            range,
-        }
-    }
-
-    fn ts(&self) -> Vec<u16> {
-        self.range.iter().collect()
-    }
-
-    fn shared(&self) -> SocketAddr {
-        self.gateway.shared_port.expect("shared port on")
-    }
-
-    /// Routes `label` to the replicas at `ips` (listed), with the ports of `replica`.
-    async fn route(&self, label: &str, ports: &ReplicaPorts, ips: &[&str], direct: bool) {
-        let list = |port: u16| {
-            let items: Vec<String> = ips.iter().map(|ip| format!("\"{ip}:{port}\"")).collect();
-            format!("[{}]", items.join(", "))
-        };
-        let text = format!(
-            "{label}: {{relay: {}, edge: {}, direct: {direct}, rendezvous: {:?}}}\n",
-            list(ports.control),
-            list(ports.edge),
-            self.ts()
-        );
-        std::fs::write(self.dir.path().join("routes.yaml"), text).unwrap();
-        eventually("routes applied", || async {
-            self.gateway
-                .routes
-                .get(label)
-                .is_some_and(|r| r.relay.names().len() == ips.len())
-        })
-        .await;
-    }
-
-    async fn metrics(&self) -> String {
-        taas_testkit::readings::scrape(self.gateway.metrics.unwrap()).await
-    }
-
-    /// One registration through the gateway from `source`; the hidden server's connection
-    /// to the answered gateway rendezvous port from the same source.
-    async fn park_from(&self, source: &str, label: &TestLabel) -> TcpStream {
-        let gateway = &self.gateway;
-        let mut tls =
-            tls_connect_from(source, gateway.frontend, &gateway.cert.cert, REGISTRAR).await;
-        let request = steward_request(
-            &label.label,
-            gateway.frontend.port(),
-            &label.authorization(),
-        );
-        tls.write_all(request.as_bytes()).await.unwrap();
-        let response = read_response(&mut tls).await;
-        assert_eq!(response.status, 200, "{response:?}");
-        assert!(
-            response.header("taas-parked").is_none(),
-            "stripped: {response:?}"
-        );
-        let answered: SocketAddr = response.body_str().trim().parse().unwrap();
-        connect_from(source, answered).await
-    }
-}
+/// Where the replicas of a label run: two pods behind one headless Service.
+const A: &str = "127.0.0.2";
+const B: &str = "127.0.0.3";
 
 /// The ports every replica of a label uses (on its own address), as in a pod template.
 #[derive(Clone, Copy, Debug)]
@@ -132,32 +37,14 @@ struct Template {
 }
 
 impl Template {
-    fn new(cluster: &Cluster, label: &TestLabel) -> Self {
-        let dir = cluster.dir.path();
-        let ts = cluster.ts();
-        let options = label_relay_options(dir, label, ts.len() as u16, &["127.0.0.0/8"]);
-        let (p_ports, q) = (options.p_ports, options.client_port);
-        let external_file = dir.join(&label.label).join("external.yaml");
-        let mut text = "host: \"127.0.0.1\"\nports:\n".to_string();
-        for (p, t) in p_ports.iter().zip(&ts) {
-            text.push_str(&format!("  {p}: {t}\n"));
-        }
-        text.push_str(&format!("  {q}: {}\n", cluster.shared().port()));
-        std::fs::write(&external_file, text).unwrap();
-        let token = InstallSecret::new(INSTALL_SECRET.as_bytes())
-            .unwrap()
-            .token_for(&label.label);
+    fn new(cluster: &EdgeGateway, label: &TestLabel) -> Self {
+        let ts = cluster.rendezvous_ports();
         let ports = ReplicaPorts {
             control: taas_testkit::ports::free_port(),
             edge: taas_testkit::ports::free_port(),
         };
         Self {
-            options: LabelRelayOptions {
-                external_file: Some(external_file),
-                gateway_token: Some(token),
-                reload_interval: Duration::from_millis(50),
-                ..options
-            },
+            options: cluster.label_relay_options(label, &ts, &["127.0.0.0/8"]),
             ports,
         }
     }
@@ -173,6 +60,103 @@ impl Template {
         })
         .await
         .expect("replica starts")
+    }
+}
+
+/// Whether replica B runs from the start, or is listed in the route before it runs (refused
+/// until it does, as a pod not started yet).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum StartB {
+    Now,
+    Later,
+}
+
+/// Replicas of `home` from one template behind the gateway: A on 127.0.0.2, B on 127.0.0.3,
+/// both addresses in the route from the start.
+struct Pair {
+    // Stopped before the gateway (fields drop in order).
+    a: LabelRelay,
+    b: Option<LabelRelay>,
+    template: Template,
+    home: TestLabel,
+    cluster: EdgeGateway,
+}
+
+impl Pair {
+    async fn start(home: TestLabel, b: StartB) -> Self {
+        let cluster = EdgeGateway::start().await;
+        let template = Template::new(&cluster, &home);
+        let a = template.replica(A).await;
+        let b = match b {
+            StartB::Now => Some(template.replica(B).await),
+            StartB::Later => None,
+        };
+        let direct = home.manifest().contains("direct: true");
+        let pair = Self {
+            a,
+            b,
+            template,
+            home,
+            cluster,
+        };
+        pair.route(direct).await;
+        pair
+    }
+
+    /// Routes `home` to both replicas' addresses, with the template's ports.
+    async fn route(&self, direct: bool) {
+        let ips = [A, B];
+        let list = |port: u16| {
+            let items: Vec<String> = ips.iter().map(|ip| format!("\"{ip}:{port}\"")).collect();
+            format!("[{}]", items.join(", "))
+        };
+        let text = format!(
+            "home: {{relay: {}, edge: {}, direct: {direct}, rendezvous: {:?}}}\n",
+            list(self.template.ports.control),
+            list(self.template.ports.edge),
+            self.cluster.rendezvous_ports()
+        );
+        std::fs::write(self.cluster.routes_file(), text).unwrap();
+        eventually("routes applied", || async {
+            self.cluster
+                .gateway
+                .routes
+                .get("home")
+                .is_some_and(|r| r.relay.names().len() == ips.len())
+        })
+        .await;
+    }
+
+    /// Starts B (listed in the route already).
+    async fn start_b(&mut self) {
+        assert!(self.b.is_none(), "B runs already");
+        self.b = Some(self.template.replica(B).await);
+    }
+
+    fn b(&self) -> &LabelRelay {
+        self.b.as_ref().expect("B runs")
+    }
+
+    /// Parked on (A, B); none on B before it runs.
+    fn parked(&self) -> (usize, usize) {
+        let on_b = self.b.as_ref().map_or(0, |b| parked(b, "home"));
+        (parked(&self.a, "home"), on_b)
+    }
+
+    /// The agent for `home` through the gateway, parking `n`, towards an echo server.
+    async fn agent(&self, n: usize) -> (Agent, tokio::task::JoinHandle<()>) {
+        let (echo, echo_task) = echo_server().await;
+        let agent = Agent::start(
+            self.cluster.gateway.frontend,
+            &self.cluster.gateway.cert.cert,
+            &self.home,
+            echo,
+            n,
+            // The agent's own backoff, not the tests' short one: a parked connection given
+            // back by a draining replica must not cost the agent a long pause.
+            |config| config.max_backoff = taas_relay::agent::DEFAULT_MAX_BACKOFF,
+        );
+        (agent, echo_task)
     }
 }
 
@@ -248,58 +232,10 @@ async fn steady_clients(
     failures
 }
 
-/// Two replicas of `home` on 127.0.0.2 and 127.0.0.3, routed, and an agent parking `n`
-/// through the gateway towards an echo server.
-struct TwoReplicas {
-    agent: Agent,
-    a: LabelRelay,
-    b: LabelRelay,
-    _echo: tokio::task::JoinHandle<()>,
-    template: Template,
-    home: TestLabel,
-    cluster: Cluster,
-}
-
-impl TwoReplicas {
-    async fn start(home: TestLabel, n: usize) -> Self {
-        let cluster = Cluster::start().await;
-        let template = Template::new(&cluster, &home);
-        let a = template.replica("127.0.0.2").await;
-        let b = template.replica("127.0.0.3").await;
-        let direct = home.manifest().contains("direct: true");
-        cluster
-            .route("home", &template.ports, &["127.0.0.2", "127.0.0.3"], direct)
-            .await;
-        let (echo, echo_task) = echo_server().await;
-        let agent = Agent::start(
-            cluster.gateway.frontend,
-            &cluster.gateway.cert.cert,
-            &home,
-            echo,
-            n,
-            // The agent's own backoff, not the tests' short one: a parked connection given
-            // back by a draining replica must not cost the agent a long pause.
-            |config| config.max_backoff = taas_relay::agent::DEFAULT_MAX_BACKOFF,
-        );
-        Self {
-            agent,
-            a,
-            b,
-            _echo: echo_task,
-            template,
-            home,
-            cluster,
-        }
-    }
-
-    fn parked(&self) -> (usize, usize) {
-        (parked(&self.a, "home"), parked(&self.b, "home"))
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agents_parked_connections_spread_over_both_replicas() {
-    let replicas = TwoReplicas::start(TestLabel::new("home"), 8).await;
+    let replicas = Pair::start(TestLabel::new("home"), StartB::Now).await;
+    let (agent, _echo) = replicas.agent(8).await;
     eventually("the agent parked 8 over the two replicas", || async {
         let (a, b) = replicas.parked();
         a + b == 8
@@ -308,15 +244,15 @@ async fn an_agents_parked_connections_spread_over_both_replicas() {
     let (a, b) = replicas.parked();
     eprintln!("figure: agent --parked 8 through the gateway: replica A {a}, replica B {b}");
     assert!(a >= 3 && b >= 3, "A {a}, B {b}");
-    assert_eq!(replicas.agent.parked(), 8);
-    let _ = (&replicas.template, &replicas.home);
+    assert_eq!(agent.parked(), 8);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_through_the_shared_port_and_a_direct_labels_https_port_are_served_by_either_replica(
 ) {
     let home = TestLabel::new("home").with("direct: true");
-    let replicas = TwoReplicas::start(home, 8).await;
+    let replicas = Pair::start(home, StartB::Now).await;
+    let (_agent, _echo) = replicas.agent(8).await;
     eventually("8 parked", || async {
         let (a, b) = replicas.parked();
         a + b == 8 && a > 0 && b > 0
@@ -332,7 +268,7 @@ async fn clients_through_the_shared_port_and_a_direct_labels_https_port_are_serv
         one_client(https, &name, n).await.unwrap();
     }
     let mut served = Vec::new();
-    for relay in [&replicas.a, &replicas.b] {
+    for relay in [&replicas.a, replicas.b()] {
         let shared = pairings(relay, "home", "shared_port").await;
         let direct = pairings(relay, "home", "direct").await;
         served.push((shared, direct));
@@ -362,14 +298,9 @@ async fn clients_through_the_shared_port_and_a_direct_labels_https_port_are_serv
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rendezvous_on_a_shared_port_finds_the_replica_holding_its_registration() {
-    let cluster = Cluster::start().await;
-    let home = TestLabel::new("home");
-    let template = Template::new(&cluster, &home);
-    let a = template.replica("127.0.0.2").await;
-    let b = template.replica("127.0.0.3").await;
-    cluster
-        .route("home", &template.ports, &["127.0.0.2", "127.0.0.3"], false)
-        .await;
+    let replicas = Pair::start(TestLabel::new("home"), StartB::Now).await;
+    let (cluster, home) = (&replicas.cluster, &replicas.home);
+    let (a, b) = (&replicas.a, replicas.b());
     // Two registrations: the second goes to the replica the first did not (fewest first);
     // each hidden server's connection on the shared port T lands where its registration is.
     let mut parked_streams = Vec::new();
@@ -402,31 +333,36 @@ async fn a_rendezvous_on_a_shared_port_finds_the_replica_holding_its_registratio
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fresh_replica_fills_first() {
-    let cluster = Cluster::start().await;
-    let home = TestLabel::new("home");
-    let template = Template::new(&cluster, &home);
-    let a = template.replica("127.0.0.2").await;
     // B is listed but not started yet: registrations to it fail over to A.
-    cluster
-        .route("home", &template.ports, &["127.0.0.2", "127.0.0.3"], false)
-        .await;
+    let mut replicas = Pair::start(TestLabel::new("home"), StartB::Later).await;
     let mut held = Vec::new();
     for _ in 0..4 {
-        held.push(cluster.park_from("127.0.0.5", &home).await);
+        held.push(
+            replicas
+                .cluster
+                .park_from("127.0.0.5", &replicas.home)
+                .await,
+        );
     }
-    eventually("4 parked on A", || async { parked(&a, "home") == 4 }).await;
-    let b = template.replica("127.0.0.3").await;
+    eventually("4 parked on A", || async { replicas.parked().0 == 4 }).await;
+    replicas.start_b().await;
     for _ in 0..3 {
-        held.push(cluster.park_from("127.0.0.5", &home).await);
+        held.push(
+            replicas
+                .cluster
+                .park_from("127.0.0.5", &replicas.home)
+                .await,
+        );
     }
     eventually("3 more parked", || async {
-        parked(&a, "home") + parked(&b, "home") == 7
+        let (a, b) = replicas.parked();
+        a + b == 7
     })
     .await;
-    let (on_a, on_b) = (parked(&a, "home"), parked(&b, "home"));
+    let (on_a, on_b) = replicas.parked();
     eprintln!("figure: A with 4 parked, B fresh: the next 3 registrations: A {on_a}, B {on_b}");
     assert_eq!((on_a, on_b), (4, 3));
-    let metrics = cluster.metrics().await;
+    let metrics = replicas.cluster.metrics().await;
     assert!(
         metric(
             &metrics,
@@ -438,14 +374,9 @@ async fn a_fresh_replica_fills_first() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_replica_gets_no_registration() {
-    let cluster = Cluster::start().await;
-    let home = TestLabel::new("home");
-    let template = Template::new(&cluster, &home);
-    let a = template.replica("127.0.0.2").await;
-    let b = template.replica("127.0.0.3").await;
-    cluster
-        .route("home", &template.ports, &["127.0.0.2", "127.0.0.3"], false)
-        .await;
+    let replicas = Pair::start(TestLabel::new("home"), StartB::Now).await;
+    let (cluster, home) = (&replicas.cluster, &replicas.home);
+    let (a, b) = (&replicas.a, replicas.b());
     a.drain();
     let mut held = Vec::new();
     for n in 1..=4 {
@@ -468,7 +399,8 @@ async fn a_draining_replica_gets_no_registration() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn draining_one_of_two_replicas_under_a_steady_load_fails_no_client() {
-    let replicas = TwoReplicas::start(TestLabel::new("home"), 8).await;
+    let replicas = Pair::start(TestLabel::new("home"), StartB::Now).await;
+    let (_agent, _echo) = replicas.agent(8).await;
     eventually("8 parked over both", || async {
         let (a, b) = replicas.parked();
         a + b == 8 && a > 0 && b > 0
@@ -521,29 +453,15 @@ async fn draining_one_of_two_replicas_under_a_steady_load_fails_no_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replacing_the_only_replica_under_a_steady_load_fails_no_client() {
-    let cluster = Cluster::start().await;
-    let home = TestLabel::new("home");
-    let template = Template::new(&cluster, &home);
-    let a = template.replica("127.0.0.2").await;
     // The headless Service lists the new pod once it is ready: here the route lists both
     // from the start, the new one refused until it runs.
-    cluster
-        .route("home", &template.ports, &["127.0.0.2", "127.0.0.3"], false)
-        .await;
-    let (echo, _echo_task) = echo_server().await;
-    let agent = Agent::start(
-        cluster.gateway.frontend,
-        &cluster.gateway.cert.cert,
-        &home,
-        echo,
-        8,
-        |config| config.max_backoff = taas_relay::agent::DEFAULT_MAX_BACKOFF,
-    );
-    eventually("8 parked on A", || async { parked(&a, "home") == 8 }).await;
+    let mut replicas = Pair::start(TestLabel::new("home"), StartB::Later).await;
+    let (agent, _echo_task) = replicas.agent(8).await;
+    eventually("8 parked on A", || async { replicas.parked().0 == 8 }).await;
     let done = Arc::new(AtomicUsize::new(0));
     let total = 200;
     let load = tokio::spawn(steady_clients(
-        cluster.shared(),
+        replicas.cluster.shared(),
         format!("home.{DOMAIN}"),
         total,
         4,
@@ -555,7 +473,8 @@ async fn replacing_the_only_replica_under_a_steady_load_fails_no_client() {
     })
     .await;
     // maxSurge 1: the new replica starts, empty, then the old one drains.
-    let b = template.replica("127.0.0.3").await;
+    replicas.start_b().await;
+    let (a, b) = (&replicas.a, replicas.b());
     let surged = Instant::now();
     a.drain();
     // When every parked connection is on B (the window the label depends on A's hold).
@@ -638,10 +557,10 @@ async fn old_relay() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<TcpStr
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_without_the_offer_tlv_still_gets_clients() {
-    let cluster = Cluster::start().await;
+    let cluster = EdgeGateway::start().await;
     let (old, mut accepted) = old_relay().await;
     let text = format!("home: {{relay: \"127.0.0.1:9\", edge: \"{old}\"}}\n");
-    std::fs::write(cluster.dir.path().join("routes.yaml"), text).unwrap();
+    std::fs::write(cluster.routes_file(), text).unwrap();
     eventually("routes applied", || async {
         cluster.gateway.routes.get("home").is_some()
     })

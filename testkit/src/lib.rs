@@ -1,5 +1,6 @@
 //! What the TAAS tests share, split by topic: the relay under test ([`relay::TestRelay`]
-//! in-process, [`spawned::SpawnedRelay`] as a process), the agent under test ([`agent`]),
+//! in-process, [`spawned::SpawnedRelay`] as a process), the gateway as the edge
+//! ([`gateway::EdgeGateway`]), the agent under test ([`agent`]),
 //! labels ([`label`]), the wire as tests speak it ([`http`], [`tls`]), echo traffic
 //! ([`echo`]), bounded waits ([`wait`]), port blocks that keep concurrent tests apart
 //! ([`ports`]), logs and panics ([`logs`]), `/proc` and metrics readings ([`readings`]),
@@ -14,6 +15,7 @@
 
 pub mod agent;
 pub mod echo;
+pub mod gateway;
 pub mod http;
 pub mod label;
 pub mod logs;

@@ -748,15 +748,7 @@ impl Console {
         new.direct = valid.direct;
         new.options = valid.options;
         let dir = self.context.labels.clone();
-        let made = blocking(move || {
-            let provisioned = provision::write_label(&dir, &new)?;
-            let content = std::fs::read(&provisioned.path).map_err(|error| ProvisionError::Io {
-                path: provisioned.path.clone(),
-                error,
-            })?;
-            Ok::<_, ProvisionError>((provisioned, content))
-        })
-        .await;
+        let made = blocking(move || read_back(provision::write_label(&dir, &new)?)).await;
         let (provisioned, content) = match made {
             Ok(made) => made,
             Err(ProvisionError::Exists { .. }) => {
@@ -844,15 +836,7 @@ impl Console {
             .map(|l| l.config().id.clone())
             .unwrap_or_default();
         let new = self.new_label(id.clone(), label.to_string());
-        let rotated = blocking(move || {
-            let provisioned = provision::rotate_secret(&file, &new)?;
-            let content = std::fs::read(&provisioned.path).map_err(|error| ProvisionError::Io {
-                path: provisioned.path.clone(),
-                error,
-            })?;
-            Ok::<_, ProvisionError>((provisioned, content))
-        })
-        .await;
+        let rotated = blocking(move || read_back(provision::rotate_secret(&file, &new)?)).await;
         let (provisioned, content) = match rotated {
             Ok(rotated) => rotated,
             Err(error) => {
@@ -926,6 +910,18 @@ impl Console {
 }
 
 /// Runs blocking file work off the async workers.
+/// The label file just written (created or rotated) with its bytes, read back for the
+/// one-time page's download (blocking: call it inside [`blocking`]).
+fn read_back(
+    provisioned: provision::Provisioned,
+) -> Result<(provision::Provisioned, Vec<u8>), ProvisionError> {
+    let content = std::fs::read(&provisioned.path).map_err(|error| ProvisionError::Io {
+        path: provisioned.path.clone(),
+        error,
+    })?;
+    Ok((provisioned, content))
+}
+
 async fn blocking<T: Send + 'static, E: Send + 'static + From<std::io::Error>>(
     work: impl FnOnce() -> Result<T, E> + Send + 'static,
 ) -> Result<T, E> {

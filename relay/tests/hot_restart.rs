@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 use taas_testkit::echo::{echo_exchange, payload, Exchange};
 use taas_testkit::ports::{free_port, own_ports};
 use taas_testkit::prelude::*;
+use taas_testkit::readings::try_scrape;
+use taas_testkit::wait::eventually_within;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixDatagram, UnixStream};
 
@@ -185,16 +187,7 @@ impl Setup {
     }
 
     async fn metrics_text(&self) -> String {
-        let Ok(mut stream) = TcpStream::connect(self.metrics).await else {
-            return String::new();
-        };
-        let request = "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
-        if stream.write_all(request.as_bytes()).await.is_err() {
-            return String::new();
-        }
-        let mut text = String::new();
-        let _ = tokio::time::timeout(PATIENCE, stream.read_to_string(&mut text)).await;
-        text
+        try_scrape(self.metrics).await
     }
 
     async fn parked(&self) -> f64 {
@@ -213,13 +206,7 @@ impl Setup {
             .await
             .unwrap();
         assert_eq!(response.status, 307, "{response:?}");
-        let location = response.header("location").unwrap().to_string();
-        let port = location
-            .rsplit_once(':')
-            .and_then(|(_, rest)| rest.split('/').next())
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("port in {location}"));
-        SocketAddr::from(([127, 0, 0, 1], port))
+        SocketAddr::from(([127, 0, 0, 1], response.location_port()))
     }
 }
 
@@ -401,18 +388,13 @@ async fn swap_under_load(trigger: Trigger) {
     );
 
     // The old relay exits once its pairs have ended; the new one serves alone.
-    let deadline = Instant::now() + PATIENCE * 2;
-    loop {
-        if old.0.try_wait().unwrap().is_some() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the old relay still runs; log:\n{}",
-            setup.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually_within(
+        "the old relay to exit",
+        PATIENCE * 2,
+        || std::future::ready(old.0.try_wait().unwrap().is_some()),
+        || format!("log:\n{}", setup.log_text()),
+    )
+    .await;
     assert!(alive(new_pid), "log:\n{}", setup.log_text());
     assert_eq!(setup.q().await, q, "the label kept its client port");
     let data = payload(9, 1);
@@ -515,10 +497,12 @@ async fn systemd_hears_ready_from_the_relay_and_mainpid_and_ready_from_its_succe
         .unwrap_or_else(|| panic!("MAINPID=: {messages}"));
     let _new = Killed(new_pid);
     assert_ne!(new_pid, old.0.id());
-    let deadline = Instant::now() + PATIENCE;
-    while old.0.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "the old relay still runs");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually_within(
+        "the old relay to exit",
+        PATIENCE,
+        || std::future::ready(old.0.try_wait().unwrap().is_some()),
+        String::new,
+    )
+    .await;
     assert!(alive(new_pid));
 }

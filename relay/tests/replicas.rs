@@ -196,6 +196,46 @@ async fn one_client(entry: SocketAddr, name: &str, n: usize) -> Result<(), Strin
     }
 }
 
+/// `total` clients of `home` through the shared port, run by 4 tasks, each pausing 130 ms
+/// between its clients: the load the drains below must not fail.
+struct SteadyLoad {
+    task: tokio::task::JoinHandle<Vec<String>>,
+    done: Arc<AtomicUsize>,
+}
+
+impl SteadyLoad {
+    fn start(entry: SocketAddr, total: usize) -> Self {
+        let done = Arc::new(AtomicUsize::new(0));
+        let task = tokio::spawn(steady_clients(
+            entry,
+            format!("home.{DOMAIN}"),
+            total,
+            4,
+            Duration::from_millis(130),
+            done.clone(),
+        ));
+        Self { task, done }
+    }
+
+    /// How many clients have run.
+    fn done(&self) -> usize {
+        self.done.load(Ordering::SeqCst)
+    }
+
+    /// Waits (bounded) until `n` clients have run.
+    async fn until_done(&self, what: &str, n: usize) {
+        eventually(what, || async { self.done() >= n }).await;
+    }
+
+    /// The failures (with what failed), once every client has run (bounded).
+    async fn failures(self) -> Vec<String> {
+        tokio::time::timeout(Duration::from_secs(60), self.task)
+            .await
+            .expect("the load ends")
+            .unwrap()
+    }
+}
+
 /// Clients run by `workers` tasks, `total` in all, each worker pausing `pause` between its
 /// clients; returns the failures (with what failed).
 async fn steady_clients(
@@ -407,27 +447,14 @@ async fn draining_one_of_two_replicas_under_a_steady_load_fails_no_client() {
     })
     .await;
     let before = replicas.parked();
-    let done = Arc::new(AtomicUsize::new(0));
     let total = 200;
-    let load = tokio::spawn(steady_clients(
-        replicas.cluster.shared(),
-        format!("home.{DOMAIN}"),
-        total,
-        4,
-        Duration::from_millis(130),
-        done.clone(),
-    ));
-    eventually("a quarter of the clients served", || async {
-        done.load(Ordering::SeqCst) >= total / 4
-    })
-    .await;
+    let load = SteadyLoad::start(replicas.cluster.shared(), total);
+    load.until_done("a quarter of the clients served", total / 4)
+        .await;
     let started = Instant::now();
     // As SIGTERM does in the pod.
     replicas.a.drain();
-    let failures = tokio::time::timeout(Duration::from_secs(60), load)
-        .await
-        .expect("the load ends")
-        .unwrap();
+    let failures = load.failures().await;
     let load_took = started.elapsed();
     eventually("the agent's parked connections end on B", || async {
         replicas.parked() == (0, 8)
@@ -458,20 +485,9 @@ async fn replacing_the_only_replica_under_a_steady_load_fails_no_client() {
     let mut replicas = Pair::start(TestLabel::new("home"), StartB::Later).await;
     let (agent, _echo_task) = replicas.agent(8).await;
     eventually("8 parked on A", || async { replicas.parked().0 == 8 }).await;
-    let done = Arc::new(AtomicUsize::new(0));
     let total = 200;
-    let load = tokio::spawn(steady_clients(
-        replicas.cluster.shared(),
-        format!("home.{DOMAIN}"),
-        total,
-        4,
-        Duration::from_millis(130),
-        done.clone(),
-    ));
-    eventually("some clients served", || async {
-        done.load(Ordering::SeqCst) >= total / 5
-    })
-    .await;
+    let load = SteadyLoad::start(replicas.cluster.shared(), total);
+    load.until_done("some clients served", total / 5).await;
     // maxSurge 1: the new replica starts, empty, then the old one drains.
     replicas.start_b().await;
     let (a, b) = (&replicas.a, replicas.b());
@@ -493,11 +509,8 @@ async fn replacing_the_only_replica_under_a_steady_load_fails_no_client() {
             Some(surged.elapsed())
         })
     };
-    let served_at_drain = done.load(Ordering::SeqCst);
-    let failures = tokio::time::timeout(Duration::from_secs(60), load)
-        .await
-        .expect("the load ends")
-        .unwrap();
+    let served_at_drain = load.done();
+    let failures = load.failures().await;
     let window = surged.elapsed();
     eventually("the agent's parked connections end on B", || async {
         parked(&a, "home") == 0 && parked(&b, "home") == 8

@@ -32,6 +32,17 @@ impl Response {
     pub fn body_str(&self) -> &str {
         std::str::from_utf8(&self.body).unwrap()
     }
+
+    /// The port of a redirect's `Location` (`https://HOST:PORT/...`): a label's client
+    /// port in a 307.
+    pub fn location_port(&self) -> u16 {
+        let location = self.header("location").unwrap();
+        location
+            .rsplit_once(':')
+            .and_then(|(_, rest)| rest.split('/').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("port in {location}"))
+    }
 }
 
 /// Reads one HTTP/1.1 response (head, then a Content-Length body).

@@ -17,6 +17,22 @@ pub async fn scrape(addr: SocketAddr) -> String {
     String::from_utf8(crate::wait::read_to_end(&mut stream).await).unwrap()
 }
 
+/// A metrics text, or an empty one when the endpoint is not there (a process gone, a port
+/// not bound yet): for the figures and waits that read metrics across a restart.
+pub async fn try_scrape(addr: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let Ok(mut stream) = TcpStream::connect(addr).await else {
+        return String::new();
+    };
+    let request = "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    if stream.write_all(request.as_bytes()).await.is_err() {
+        return String::new();
+    }
+    let mut text = String::new();
+    let _ = tokio::time::timeout(crate::wait::PATIENCE, stream.read_to_string(&mut text)).await;
+    text
+}
+
 /// One reading of a process.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ProcStats {

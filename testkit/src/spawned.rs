@@ -11,10 +11,10 @@ use tokio::net::TcpStream;
 
 use crate::http::{read_response, Response};
 use crate::ports::{free_port, own_ports};
-use crate::readings::ProcStats;
+use crate::readings::{try_scrape, ProcStats};
 use crate::relay::{DOMAIN, REGISTRAR};
 use crate::tls::tls_connect;
-use crate::wait::PATIENCE;
+use crate::wait::{eventually_within, PATIENCE};
 
 /// A `taas-relay serve` child process on loopback, its stderr in a file. Killed on drop.
 pub struct SpawnedRelay {
@@ -139,18 +139,13 @@ impl SpawnedRelay {
 
     /// Waits (bounded) until the front end accepts TCP and the certificate exists.
     pub async fn wait_up(&self) {
-        let deadline = Instant::now() + PATIENCE * 3;
-        loop {
-            if self.ca().exists() && TcpStream::connect(self.front).await.is_ok() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "relay did not come up; its log:\n{}",
-                self.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        eventually_within(
+            "the relay to come up",
+            PATIENCE * 3,
+            || async { self.ca().exists() && TcpStream::connect(self.front).await.is_ok() },
+            || format!("its log:\n{}", self.log_text()),
+        )
+        .await;
     }
 
     pub fn stats(&self) -> ProcStats {
@@ -205,13 +200,7 @@ impl SpawnedRelay {
                 ))
                 .await;
             if response.status == 307 {
-                let location = response.header("location").unwrap().to_string();
-                let port = location
-                    .rsplit_once(':')
-                    .and_then(|(_, rest)| rest.split('/').next())
-                    .and_then(|p| p.parse().ok())
-                    .unwrap_or_else(|| panic!("port in {location}"));
-                return port;
+                return response.location_port();
             }
             assert!(
                 Instant::now() < deadline,
@@ -223,18 +212,10 @@ impl SpawnedRelay {
 
     /// The relay's metrics text.
     pub async fn metrics_text(&self) -> String {
-        let Some(addr) = self.metrics else {
-            return String::new();
-        };
-        let Ok(mut stream) = TcpStream::connect(addr).await else {
-            return String::new();
-        };
-        let _ = stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await;
-        let mut text = String::new();
-        let _ = tokio::time::timeout(PATIENCE, stream.read_to_string(&mut text)).await;
-        text
+        match self.metrics {
+            Some(addr) => try_scrape(addr).await,
+            None => String::new(),
+        }
     }
 }
 

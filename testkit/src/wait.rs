@@ -11,17 +11,33 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 pub const PATIENCE: Duration = Duration::from_secs(10);
 
 /// Waits (bounded) until `check` holds.
-pub async fn eventually<F, Fut>(what: &str, mut check: F)
+pub async fn eventually<F, Fut>(what: &str, check: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
+    eventually_within(what, PATIENCE, check, String::new).await;
+}
+
+/// Waits (bounded by `within`) until `check` holds; a timeout names `what` and adds what
+/// `context` says then (a process's log, say), when it says anything. A check that needs
+/// `&mut` state answers with `std::future::ready(…)`.
+pub async fn eventually_within<F, Fut>(
+    what: &str,
+    within: Duration,
+    mut check: F,
+    context: impl FnOnce() -> String,
+) where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
     while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
+        if tokio::time::Instant::now() >= deadline {
+            let context = context();
+            let sep = if context.is_empty() { "" } else { "; " };
+            panic!("timed out waiting for: {what}{sep}{context}");
+        }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }

@@ -345,13 +345,13 @@ async fn a_rendezvous_on_a_shared_port_finds_the_replica_holding_its_registratio
     // each hidden server's connection on the shared port T lands where its registration is.
     let mut parked_streams = Vec::new();
     for expected in 1..=2 {
-        parked_streams.push(cluster.park_from("127.0.0.5", &home).await);
+        parked_streams.push(cluster.park_from("127.0.0.5", home).await);
         eventually("parked on the replica holding the registration", || async {
-            parked(&a, "home") + parked(&b, "home") == expected
+            parked(a, "home") + parked(b, "home") == expected
         })
         .await;
     }
-    let (on_a, on_b) = (parked(&a, "home"), parked(&b, "home"));
+    let (on_a, on_b) = (parked(a, "home"), parked(b, "home"));
     eprintln!("figure: two registrations through the gateway: replica A {on_a}, replica B {on_b}");
     assert_eq!((on_a, on_b), (1, 1));
     let metrics = cluster.metrics().await;
@@ -420,10 +420,10 @@ async fn a_draining_replica_gets_no_registration() {
     a.drain();
     let mut held = Vec::new();
     for n in 1..=4 {
-        held.push(cluster.park_from("127.0.0.5", &home).await);
-        eventually("parked on B", || async { parked(&b, "home") == n }).await;
+        held.push(cluster.park_from("127.0.0.5", home).await);
+        eventually("parked on B", || async { parked(b, "home") == n }).await;
     }
-    assert_eq!(parked(&a, "home"), 0);
+    assert_eq!(parked(a, "home"), 0);
     let metrics = cluster.metrics().await;
     let retried = metric(
         &metrics,
@@ -513,7 +513,7 @@ async fn replacing_the_only_replica_under_a_steady_load_fails_no_client() {
     let failures = load.failures().await;
     let window = surged.elapsed();
     eventually("the agent's parked connections end on B", || async {
-        parked(&a, "home") == 0 && parked(&b, "home") == 8
+        parked(a, "home") == 0 && parked(b, "home") == 8
     })
     .await;
     let moved = moved.await.unwrap();
@@ -522,8 +522,8 @@ async fn replacing_the_only_replica_under_a_steady_load_fails_no_client() {
          drain, the rest over {window:?}): {} failures; parked after: A {}, B {}; all 8 parked \
          on B {moved:?} after the drain began (hold {:?})",
         failures.len(),
-        parked(&a, "home"),
-        parked(&b, "home"),
+        parked(a, "home"),
+        parked(b, "home"),
         label_relay::PARKED_HOLD,
     );
     assert!(failures.is_empty(), "{failures:?}");

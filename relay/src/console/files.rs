@@ -92,28 +92,28 @@ pub fn disable(labels_dir: &Path, file: &Path) -> Result<(), FileError> {
         .mode(0o700)
         .create(&dir)
         .map_err(io_err(&dir))?;
+    move_into(&dir, file, "remove it first")
+}
+
+/// Moves a disabled label's file back into the labels directory.
+pub fn enable(labels_dir: &Path, file: &Path) -> Result<(), FileError> {
+    move_into(
+        labels_dir,
+        file,
+        "a label file of that name is served; rename one of them",
+    )
+}
+
+/// Moves `file` into `dir` under its own name, never over a file there (refused, with
+/// `advice` on what to do).
+fn move_into(dir: &Path, file: &Path, advice: &str) -> Result<(), FileError> {
     let name = file
         .file_name()
         .ok_or_else(|| FileError::Refused("the label's file has no name".into()))?;
     let target = dir.join(name);
     if target.exists() {
         return Err(FileError::Refused(format!(
-            "{} already exists: remove it first",
-            target.display()
-        )));
-    }
-    fs::rename(file, &target).map_err(io_err(file))
-}
-
-/// Moves a disabled label's file back into the labels directory.
-pub fn enable(labels_dir: &Path, file: &Path) -> Result<(), FileError> {
-    let name = file
-        .file_name()
-        .ok_or_else(|| FileError::Refused("the label's file has no name".into()))?;
-    let target = labels_dir.join(name);
-    if target.exists() {
-        return Err(FileError::Refused(format!(
-            "{} already exists: a label file of that name is served; rename one of them",
+            "{} already exists: {advice}",
             target.display()
         )));
     }

@@ -100,3 +100,12 @@ def test_pod_disruption_budget():
     assert pdb["apiVersion"] == "policy/v1" and pdb["spec"].get("minAvailable") == 1 and "maxUnavailable" not in pdb["spec"], f"PDB {pdb}"
     labels = named(docs, "Deployment", f"{RELEASE}-gateway")["spec"]["template"]["metadata"]["labels"]
     assert all(labels.get(k) == v for k, v in pdb["spec"]["selector"]["matchLabels"].items()), "PDB selects no gateway pod"
+
+
+def test_gateway_shutdown_delay_reaches_its_args_and_grace_period():
+    spec = gateway_pod_spec(render())
+    assert "--shutdown-delay=10" in spec["containers"][0]["args"], spec["containers"][0]["args"]
+    assert spec["terminationGracePeriodSeconds"] == 30
+    spec = gateway_pod_spec(render(sets=["gateway.shutdownDelay=3"]))
+    assert "--shutdown-delay=3" in spec["containers"][0]["args"]
+    assert spec["terminationGracePeriodSeconds"] == 23

@@ -1408,11 +1408,15 @@ fn the_chart_installs_upgrades_and_uninstalls_on_a_real_api_server() {
     // An upgrade with changed values rolls out. The cluster edge's ports are then node ports
     // too (one number everywhere): pinned node ports must be free, and the Services made so
     // far hold node ports the API server picked at random, so the test picks a free window.
-    let (shared, first) = free_node_port_window(&k8s, 1 + EDGE_NODE_PORTS);
-    let (shared, first, count) = (
+    // The HTTPS port is pinned in it too: left to the API server, the update once asked for
+    // a node port the Service itself still held ("provided port is already allocated").
+    let (shared, first) = free_node_port_window(&k8s, 2 + EDGE_NODE_PORTS);
+    let https = first + EDGE_NODE_PORTS;
+    let (shared, first, count, https) = (
         format!("edge.sharedPort={shared}"),
         format!("edge.rendezvousPorts.first={first}"),
         format!("edge.rendezvousPorts.count={EDGE_NODE_PORTS}"),
+        format!("gateway.service.nodePort={https}"),
     );
     helm_ok(
         &k8s,
@@ -1431,6 +1435,8 @@ fn the_chart_installs_upgrades_and_uninstalls_on_a_real_api_server() {
             &first,
             "--set",
             &count,
+            "--set",
+            &https,
             "--set",
             "operator.leaderElection.enabled=true",
         ],

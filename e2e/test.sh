@@ -377,9 +377,10 @@ fails_after() {
   awk -v t="$1" -v s="$2" '$1 == "fail" && $2 > t + s { n++ } END { print n + 0 }' "$W/traffic.log"
 }
 
-home_pod_ips() {
+home_pod_ips() { # of the relay pods of home not being deleted
   kubectl -n default get pods -l app.kubernetes.io/instance=home \
-    -o jsonpath='{range .items[?(@.status.podIP)]}{.status.podIP}{"\n"}{end}'
+    -o jsonpath='{range .items[?(@.status.podIP)]}{.metadata.deletionTimestamp}/{.status.podIP}{"\n"}{end}' |
+    sed -n 's|^/||p'
 }
 
 # Parked connections per relay pod of home, from each pod's metrics ("IP=N" per pod).
@@ -396,6 +397,14 @@ parked_on_every_pod() { # N: N pods, each with a parked connection
   [ "$(echo "$per" | grep -c .)" = "$1" ] && ! echo "$per" | grep -q '=0$'
 }
 
+# The agent replaces a parked connection when a client uses it, registering with the replica
+# that holds the fewest: so parked connections spread over the replicas as clients come, and
+# a rollout with no traffic may leave one replica holding them all. Each check fetches once.
+parked_on_every_pod_with_traffic() { # N
+  home_serves >/dev/null || true
+  parked_on_every_pod "$1"
+}
+
 home_serving() { # N: the label's status says N replicas serve
   [ "$(kubectl -n default get taaslabel home -o jsonpath='{.status.readyReplicas}')" = "$1" ]
 }
@@ -408,7 +417,7 @@ two_replicas() {
   kubectl -n default get taaslabel home | tee "$W/replicas.txt"
   grep -E "^home .* True +2 +2 " "$W/replicas.txt"
   # The agent's parked connections spread over both replicas.
-  until_ok 60 parked_on_every_pod 2
+  until_ok 60 parked_on_every_pod_with_traffic 2
   echo "parked per relay pod: $(parked_per_pod | tr '\n' ' ')"
   until_ok 30 home_serves
 }
@@ -420,7 +429,7 @@ upgrade_two_replicas() {
   helm upgrade taas charts/taas -n "$NS" --reuse-values --set logFormat=text
   until_ok 60 relay_rolled_to_text
   kubectl -n default rollout status deployment/taas-home --timeout=120s
-  until_ok 60 parked_on_every_pod 2
+  until_ok 60 parked_on_every_pod_with_traffic 2
   sleep 2
   traffic_stop
   echo "relays replaced $(since "$t0") s after helm upgrade started; failed-fetch window $(fail_window) s"
@@ -435,7 +444,7 @@ rollout_restart_two_replicas() {
   traffic_start
   kubectl -n default rollout restart deployment/taas-home
   kubectl -n default rollout status deployment/taas-home --timeout=120s
-  until_ok 60 parked_on_every_pod 2
+  until_ok 60 parked_on_every_pod_with_traffic 2
   sleep 2
   traffic_stop
   [ "$OKS" -gt 0 ] && [ "$FAILS" = 0 ]
@@ -443,14 +452,14 @@ rollout_restart_two_replicas() {
 
 one_of_two_deleted() {
   local victim t0
-  until_ok 60 parked_on_every_pod 2
+  until_ok 60 parked_on_every_pod_with_traffic 2
   traffic_start
   sleep 2
   victim=$(kubectl -n default get pods -l app.kubernetes.io/instance=home -o jsonpath='{.items[0].metadata.name}')
   t0=$(now)
   kubectl -n default delete pod "$victim" --wait=false
   until_ok 60 old_pod_gone "$victim"
-  until_ok 60 parked_on_every_pod 2
+  until_ok 60 parked_on_every_pod_with_traffic 2
   sleep 2
   traffic_stop
   echo "failed-fetch window $(fail_window) s; failures later than 1 s after the delete: $(fails_after "$t0" 1)"
@@ -461,7 +470,7 @@ one_of_two_deleted() {
 # task's PID): the container restarts in the same pod.
 one_of_two_killed() {
   local pod cid pid t0
-  until_ok 60 parked_on_every_pod 2
+  until_ok 60 parked_on_every_pod_with_traffic 2
   traffic_start
   sleep 2
   pod=$(kubectl -n default get pods -l app.kubernetes.io/instance=home -o jsonpath='{.items[0].metadata.name}')
@@ -471,7 +480,7 @@ one_of_two_killed() {
   t0=$(now)
   kill -9 "$pid"
   until_ok 60 restarted "$pod"
-  until_ok 60 parked_on_every_pod 2
+  until_ok 60 parked_on_every_pod_with_traffic 2
   sleep 2
   traffic_stop
   echo "failed-fetch window $(fail_window) s; failures later than 1 s after the kill: $(fails_after "$t0" 1)"

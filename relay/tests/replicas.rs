@@ -39,9 +39,13 @@ struct Template {
 impl Template {
     fn new(cluster: &EdgeGateway, label: &TestLabel) -> Self {
         let ts = cluster.rendezvous_ports();
+        // Fixed ports on two addresses: from a block below the ephemeral range, where no
+        // test's outgoing connection takes a source port (an OS-chosen port free on one
+        // address was once in use on the other).
+        let (block, _) = taas_testkit::ports::port_block(2);
         let ports = ReplicaPorts {
-            control: taas_testkit::ports::free_port(),
-            edge: taas_testkit::ports::free_port(),
+            control: block.lo,
+            edge: block.lo + 1,
         };
         Self {
             options: cluster.label_relay_options(label, &ts, &["127.0.0.0/8"]),

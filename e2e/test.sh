@@ -243,11 +243,15 @@ traffic_start() {
     for ((i = 0; i < 900; i++)); do
       [ -f "$W/traffic.stop" ] && break
       t=$(now)
-      out=$(fetch_home)
-      if [ "$out" = "hello from the hidden server" ]; then
+      # The body, then what a failure needs explaining: the last answer's status, how many
+      # redirects were followed, the last URL and curl's error, if any.
+      out=$(in_client curl -sS -L --max-time 10 --cacert "$W/pki/client-bundle.crt" \
+        -w '\n%{http_code} redirects=%{num_redirects} %{url_effective}' \
+        "https://home.$TAAS_E2E_DOMAIN:$(gw_port)/" 2>&1)
+      if [ "$(printf '%s' "$out" | head -n 1)" = "hello from the hidden server" ]; then
         echo "ok $t"
       else
-        echo "fail $t $(now) $(printf '%s' "$out" | head -c 100 | tr -s '\n' ' ')"
+        echo "fail $t $(now) $(printf '%s' "$out" | head -c 300 | tr -s '\n' ' ')"
       fi
       sleep 0.2
     done >>"$W/traffic.log"

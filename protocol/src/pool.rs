@@ -83,6 +83,16 @@ impl<P, W> Pool<P, W> {
         self.waiting.len()
     }
 
+    /// Whether a client sent to q now would get a hidden server: one is parked, or a
+    /// registration was just granted whose hidden server is connecting and no waiting client
+    /// is ahead of it. A relay asked for a redirect while an agent replaces the connection a
+    /// client has just taken would otherwise answer 503 for those few milliseconds; a client
+    /// on q waits for the reserved connection (up to the client wait), and a reservation
+    /// nobody connects ends at the rendezvous deadline.
+    pub fn serves_soon(&self) -> bool {
+        !self.parked.is_empty() || self.reserved > self.waiting.len()
+    }
+
     /// How many more rendezvous ports `max_parked` allows now.
     pub fn room(&self, max_parked: usize) -> usize {
         max_parked.saturating_sub(self.parked.len() + self.reserved)
@@ -250,6 +260,20 @@ mod tests {
         assert_eq!(pool.waiting(), 3);
         let served: Vec<u32> = std::iter::from_fn(|| pool.next_waiter()).collect();
         assert_eq!(served, [1, 3, 4]);
+    }
+
+    #[test]
+    fn a_label_serves_soon_while_parked_or_while_a_reserved_connection_has_no_client_ahead() {
+        let mut pool = TestPool::default();
+        assert!(!pool.serves_soon(), "nothing parked, nothing coming");
+        let reservation = pool.reserve(4).unwrap();
+        assert!(pool.serves_soon(), "a hidden server is connecting");
+        pool.wait(1, 8, |_| false).unwrap();
+        assert!(!pool.serves_soon(), "the one coming is a waiting client's");
+        pool.park("a", false, Some(reservation));
+        assert!(pool.serves_soon());
+        assert_eq!(pool.take_newest(), Some("a"));
+        assert!(!pool.serves_soon());
     }
 
     #[test]

@@ -625,29 +625,58 @@ impl LabelBackend for Gateway {
             Err(answer) => return answer,
         };
         let deadline = tokio::time::Instant::now() + ANSWER_TIMEOUT;
-        let mut last = None;
+        let mut last: Option<Answer> = None;
         let mut problem = String::from("no replica");
-        // A GET is idempotent: a replica with nothing parked (503) or out of reach sends it
-        // on to the next, the one most likely to have a parked connection asked first.
-        for replica in self.order(&replicas, false) {
-            let builder = self.request(
-                "GET",
-                client.path_and_query,
-                client.host,
-                client.source,
-                client.label,
-            );
-            let Ok(forwarded) = builder.body(Empty::new()) else {
-                return Answer::bad_request();
-            };
-            let send = self.upstream.send_pooled(replica, forwarded);
-            match tokio::time::timeout_at(deadline, send).await {
-                Ok(Ok(relayed)) if relayed.answer.status == 503 => last = Some(relayed.answer),
-                Ok(Ok(relayed)) => return relayed.answer,
-                Ok(Err(error)) => problem = format!("relay {replica} unreachable: {error}"),
-                Err(_) => {
-                    problem = format!("relay {replica} did not answer in time");
-                    break;
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut replicas = replicas;
+        // A GET is idempotent: a replica with nothing parked (503), without the label (404:
+        // not loaded yet, or already closed) or out of reach sends it on to the next, the one
+        // most likely to have a parked connection asked first. When every replica known has
+        // said no, the name is looked up again (at most once per 250 ms): during a rollout the
+        // cached addresses can miss the replica that has just become ready and now holds the
+        // hidden server's connections.
+        'lookups: for fresh in [false, true] {
+            if fresh {
+                match self
+                    .upstream
+                    .resolver
+                    .resolve_all_fresh(&route.relay, &self.metrics)
+                    .await
+                {
+                    Ok(found) => replicas = found,
+                    Err(_) => break,
+                }
+            }
+            let untried: Vec<SocketAddr> = self
+                .order(&replicas, false)
+                .into_iter()
+                .filter(|replica| !tried.contains(replica))
+                .collect();
+            for replica in untried {
+                tried.push(replica);
+                let builder = self.request(
+                    "GET",
+                    client.path_and_query,
+                    client.host,
+                    client.source,
+                    client.label,
+                );
+                let Ok(forwarded) = builder.body(Empty::new()) else {
+                    return Answer::bad_request();
+                };
+                let send = self.upstream.send_pooled(replica, forwarded);
+                match tokio::time::timeout_at(deadline, send).await {
+                    Ok(Ok(relayed)) if relayed.answer.status == 503 => last = Some(relayed.answer),
+                    Ok(Ok(relayed)) if relayed.answer.status == 404 => {
+                        // A 503 elsewhere says more: the label is there, just not parked.
+                        last.get_or_insert(relayed.answer);
+                    }
+                    Ok(Ok(relayed)) => return relayed.answer,
+                    Ok(Err(error)) => problem = format!("relay {replica} unreachable: {error}"),
+                    Err(_) => {
+                        problem = format!("relay {replica} did not answer in time");
+                        break 'lookups;
+                    }
                 }
             }
         }

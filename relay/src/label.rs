@@ -698,9 +698,10 @@ impl Label {
     }
 
     /// Answers a mobile client's request for this label: `Some(q)` to redirect it to, when a
-    /// hidden server is parked (and remembers the source for client admission).
+    /// hidden server is parked or connecting ([`taas_protocol::pool::Pool::serves_soon`]), and
+    /// remembers the source for client admission.
     pub fn redirect(&self, source: IpAddr) -> Option<u16> {
-        if self.parked() == 0 {
+        if !lock(&self.pool).serves_soon() {
             return None;
         }
         let port = self.client_port()?;

@@ -28,6 +28,34 @@ async fn redirect_answers_404_503_and_307_with_path_and_query() {
     assert_eq!(response.header("content-length"), Some("0"));
 }
 
+/// An agent replacing the connection a client has just taken registers, then connects: in
+/// between, the label has nothing parked but a hidden server on its way. A client asking then
+/// is redirected and served by that connection, not refused with a 503.
+#[tokio::test]
+async fn a_client_asking_while_a_hidden_server_connects_is_redirected_and_served() {
+    let home = TestLabel::new("home");
+    let relay = TestRelay::start(&[&home]).await;
+    let p = relay.register(&home).await;
+    assert_eq!(relay.parked("home"), 0);
+    let response = relay.mobile_get("home", "/").await;
+    assert_eq!(response.status, 307, "{response:?}");
+    let mut client = relay.client("home").await;
+    client.write_all(b"hello").await.unwrap();
+    eventually("the client waits on q", || async {
+        relay.standalone.relay.label("home").unwrap().waiting() == 1
+    })
+    .await;
+    // A second client is not promised the same connection: it is refused.
+    assert_eq!(relay.mobile_get("home", "/").await.status, 503);
+    let mut server = TcpStream::connect(p).await.unwrap();
+    let mut got = [0u8; 5];
+    tokio::time::timeout(PATIENCE, server.read_exact(&mut got))
+        .await
+        .expect("the waiting client is paired within patience")
+        .unwrap();
+    assert_eq!(&got, b"hello");
+}
+
 #[tokio::test]
 async fn redirect_to_the_advertised_address_when_configured() {
     let home = TestLabel::new("home");

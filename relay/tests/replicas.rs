@@ -599,3 +599,49 @@ async fn a_relay_without_the_offer_tlv_still_gets_clients() {
         1.0
     );
 }
+
+/// A mobile GET for `home` on the gateway's HTTPS port from `source`.
+async fn mobile_get(cluster: &EdgeGateway, source: &str) -> Response {
+    let gateway = &cluster.gateway;
+    let host = format!("home.{DOMAIN}");
+    let mut tls = tls_connect_from(source, gateway.frontend, &gateway.cert.cert, &host).await;
+    let request = format!("GET /page HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    tls.write_all(request.as_bytes()).await.unwrap();
+    read_response(&mut tls).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mobile_get_passes_over_a_replica_without_the_label_to_one_that_has_it() {
+    // B runs from a template of another label (it answers 404 for home), with home's gateway
+    // token and home's ports: a replica that has not loaded home, or no longer has it.
+    let mut replicas = Pair::start(TestLabel::new("home"), StartB::Later).await;
+    let other = Template::new(&replicas.cluster, &TestLabel::new("other"));
+    let b = label_relay::start(LabelRelayOptions {
+        control: format!("{B}:{}", replicas.template.ports.control)
+            .parse()
+            .unwrap(),
+        edge: None,
+        metrics: None,
+        gateway_token: replicas.template.options.gateway_token.clone(),
+        ..other.options.clone()
+    })
+    .await
+    .expect("B starts");
+    replicas.b = Some(b);
+    // Nothing parked yet: A's 503 (home is there, try again soon), whichever replica the
+    // gateway asks first, never B's 404 (no such label).
+    for _ in 0..4 {
+        let response = mobile_get(&replicas.cluster, "127.0.0.6").await;
+        assert_eq!(response.status, 503, "{response:?}");
+    }
+    let _parked = replicas
+        .cluster
+        .park_from("127.0.0.5", &replicas.home)
+        .await;
+    eventually("parked on A", || async { parked(&replicas.a, "home") == 1 }).await;
+    // Parked on A: every GET gets A's 307.
+    for _ in 0..8 {
+        let response = mobile_get(&replicas.cluster, "127.0.0.6").await;
+        assert_eq!(response.status, 307, "{response:?}");
+    }
+}

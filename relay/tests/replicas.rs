@@ -645,3 +645,78 @@ async fn a_mobile_get_passes_over_a_replica_without_the_label_to_one_that_has_it
         assert_eq!(response.status, 307, "{response:?}");
     }
 }
+
+/// Reads `want.len()` bytes from whichever of the two sends first: 0 or 1.
+async fn first_to_send(two: &mut [TcpStream], want: &[u8]) -> usize {
+    let [x, y] = two else { panic!("two streams") };
+    let (mut got_x, mut got_y) = (vec![0u8; want.len()], vec![0u8; want.len()]);
+    let first = tokio::time::timeout(PATIENCE, async {
+        tokio::select! {
+            read = x.read_exact(&mut got_x) => read.map(|_| 0),
+            read = y.read_exact(&mut got_y) => read.map(|_| 1),
+        }
+    })
+    .await
+    .expect("a hidden server gets the client within patience")
+    .expect("read");
+    assert_eq!([&got_x, &got_y][first], want);
+    first
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_gateway_gives_parked_connections_back_at_once_and_lets_a_pair_finish() {
+    let replicas = Pair::start(TestLabel::new("home"), StartB::Later).await;
+    let mut hidden = Vec::new();
+    for n in 1..=2 {
+        hidden.push(
+            replicas
+                .cluster
+                .park_from("127.0.0.5", &replicas.home)
+                .await,
+        );
+        eventually("parked on A", || async { parked(&replicas.a, "home") == n }).await;
+    }
+    // A client through the shared port, paired with one of the two.
+    let mut first = client_hello(Some(&format!("home.{DOMAIN}")));
+    first.extend_from_slice(b"ping");
+    let mut client = TcpStream::connect(replicas.cluster.shared()).await.unwrap();
+    client.write_all(&first).await.unwrap();
+    let paired = first_to_send(&mut hidden, &first).await;
+    let mut server = hidden.swap_remove(paired);
+    let mut idle = hidden.pop().unwrap();
+    let shared = replicas.cluster.shared();
+    let Pair { a, cluster, .. } = replicas;
+    let gateway = cluster.gateway;
+    assert_eq!(gateway.forwarded(), 3, "the client and both hidden servers");
+    let stopping = tokio::spawn(gateway.drain_and_stop(
+        Duration::ZERO,
+        Duration::from_secs(60),
+        std::future::pending(),
+    ));
+    // The parked one is given back at once: its agent would park again elsewhere.
+    assert_closed(&mut idle).await;
+    eventually("the relay sees it go", || async { parked(&a, "home") == 0 }).await;
+    // No new connection is taken.
+    eventually("the shared port closed", || async {
+        TcpStream::connect(shared).await.is_err()
+    })
+    .await;
+    // The pair goes on, both ways, and the gateway waits for it.
+    client.write_all(b"more").await.unwrap();
+    let mut got = [0u8; 4];
+    server.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"more");
+    server.write_all(b"back").await.unwrap();
+    client.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"back");
+    assert!(!stopping.is_finished(), "a pair is still forwarded");
+    drop(client);
+    drop(server);
+    let end = tokio::time::timeout(PATIENCE, stopping)
+        .await
+        .expect("the gateway stops once the pair has ended")
+        .unwrap();
+    assert_eq!(end, taas_relay::run::DrainEnd::PairsDone);
+    drop(a);
+    drop(cluster.dir);
+}

@@ -102,10 +102,12 @@ def test_pod_disruption_budget():
     assert all(labels.get(k) == v for k, v in pdb["spec"]["selector"]["matchLabels"].items()), "PDB selects no gateway pod"
 
 
-def test_gateway_shutdown_delay_reaches_its_args_and_grace_period():
+def test_gateway_shutdown_delay_and_drain_timeout_reach_its_args_and_grace_period():
     spec = gateway_pod_spec(render())
-    assert "--shutdown-delay=10" in spec["containers"][0]["args"], spec["containers"][0]["args"]
-    assert spec["terminationGracePeriodSeconds"] == 30
-    spec = gateway_pod_spec(render(sets=["gateway.shutdownDelay=3"]))
-    assert "--shutdown-delay=3" in spec["containers"][0]["args"]
-    assert spec["terminationGracePeriodSeconds"] == 23
+    args = spec["containers"][0]["args"]
+    assert "--shutdown-delay=10" in args and "--drain-timeout=30" in args, args
+    assert spec["terminationGracePeriodSeconds"] == 45
+    spec = gateway_pod_spec(render(sets=["gateway.shutdownDelay=3", "gateway.drainTimeout=7"]))
+    args = spec["containers"][0]["args"]
+    assert "--shutdown-delay=3" in args and "--drain-timeout=7" in args, args
+    assert spec["terminationGracePeriodSeconds"] == 15

@@ -92,6 +92,13 @@ struct GatewayArgs {
     #[arg(long, env = "TAAS_SHUTDOWN_DELAY",
           default_value_t = gateway::DEFAULT_SHUTDOWN_DELAY.as_secs_f64())]
     shutdown_delay: f64,
+    /// Seconds a stopping gateway, after --shutdown-delay, lets the connections it forwards
+    /// (pairs through the shared port, direct labels and rendezvous ports) finish, taking no
+    /// new ones; parked hidden servers are given back at once, to park through another
+    /// gateway. A second signal stops at once.
+    #[arg(long, env = "TAAS_DRAIN_TIMEOUT", value_name = "SECS",
+          default_value_t = DEFAULT_DRAIN_TIMEOUT.as_secs_f64())]
+    drain_timeout: f64,
     /// The install secret (mounted from the Secret the chart creates): every request
     /// forwarded to LABEL's relay carries LABEL's gateway token, derived from it. Re-read on
     /// change. Without it, relays that check gateway tokens refuse this gateway.
@@ -200,13 +207,13 @@ struct DrainArgs {
 
 impl DrainArgs {
     fn timeout(&self) -> anyhow::Result<Duration> {
-        Duration::try_from_secs_f64(self.drain_timeout).with_context(|| {
-            format!(
-                "--drain-timeout {}: expected seconds (0 or more)",
-                self.drain_timeout
-            )
-        })
+        drain_timeout(self.drain_timeout)
     }
+}
+
+fn drain_timeout(seconds: f64) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(seconds)
+        .with_context(|| format!("--drain-timeout {seconds}: expected seconds (0 or more)"))
 }
 
 /// What one client on q may hold, and for how long (`serve` and `label-relay`).
@@ -592,8 +599,15 @@ fn start_successor() {
     }
 }
 
-/// The gateway's options, and how long it drains before it stops.
-fn gateway_options(args: &GatewayArgs) -> anyhow::Result<(GatewayOptions, Duration)> {
+/// How a gateway stops: serving, unready, for `delay`; then letting what it forwards finish
+/// for at most `timeout`.
+struct GatewayStop {
+    delay: Duration,
+    timeout: Duration,
+}
+
+/// The gateway's options, and how it stops.
+fn gateway_options(args: &GatewayArgs) -> anyhow::Result<(GatewayOptions, GatewayStop)> {
     if !(args.redirect_rate.is_finite() && args.redirect_rate >= 0.0) {
         anyhow::bail!(
             "--redirect-rate {}: expected 307s per second (0 or more; 0 disables the limit)",
@@ -632,15 +646,19 @@ fn gateway_options(args: &GatewayArgs) -> anyhow::Result<(GatewayOptions, Durati
         rendezvous_ports: args.rendezvous_ports.0,
         edge_limits: Default::default(),
     };
-    Ok((options, shutdown_delay))
+    let stop = GatewayStop {
+        delay: shutdown_delay,
+        timeout: drain_timeout(args.drain_timeout)?,
+    };
+    Ok((options, stop))
 }
 
 async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
-    let (options, shutdown_delay) = gateway_options(&args)?;
+    let (options, stop) = gateway_options(&args)?;
     let gateway = gateway::start(options).await?;
     shutdown_signal().await;
     gateway
-        .drain_and_stop(shutdown_delay, shutdown_signal())
+        .drain_and_stop(stop.delay, stop.timeout, shutdown_signal())
         .await;
     Ok(())
 }
@@ -769,12 +787,13 @@ mod tests {
         let Command::Gateway(args) = parse(&["gateway", "--routes-file", "routes.yaml"]) else {
             panic!("gateway")
         };
-        let (options, shutdown_delay) = gateway_options(&args).unwrap();
+        let (options, stop) = gateway_options(&args).unwrap();
         assert_eq!(
             options,
             GatewayOptions::new(RouteSource::File("routes.yaml".into()))
         );
-        assert_eq!(shutdown_delay, gateway::DEFAULT_SHUTDOWN_DELAY);
+        assert_eq!(stop.delay, gateway::DEFAULT_SHUTDOWN_DELAY);
+        assert_eq!(stop.timeout, DEFAULT_DRAIN_TIMEOUT);
 
         let Command::LabelRelay(args) = parse(&[
             "label-relay",
@@ -917,12 +936,15 @@ mod tests {
             "0",
             "--shutdown-delay",
             "0",
+            "--drain-timeout",
+            "7",
         ]) else {
             panic!("gateway")
         };
-        let (options, shutdown_delay) = gateway_options(&args).unwrap();
+        let (options, stop) = gateway_options(&args).unwrap();
         assert_eq!(options.upstream.redirect_limit.per_second, 0.0);
-        assert_eq!(shutdown_delay, Duration::ZERO);
+        assert_eq!(stop.delay, Duration::ZERO);
+        assert_eq!(stop.timeout, Duration::from_secs(7));
     }
 
     /// The gateway's edge listeners are off by default, and an address / a range when given.

@@ -357,6 +357,8 @@ struct Shared {
     hidden_servers: Arc<SourceCounts>,
     /// Turns the order in which a label's replicas are offered clients.
     turn: AtomicUsize,
+    /// Set when the gateway stops ([`Edge::drain`]): parked connections are given back.
+    draining: tokio::sync::watch::Sender<bool>,
 }
 
 /// What a forwarded connection holds until it closes.
@@ -395,7 +397,22 @@ impl Edge {
             clients: Arc::default(),
             hidden_servers: Arc::default(),
             turn: AtomicUsize::new(0),
+            draining: tokio::sync::watch::channel(false).0,
         }))
+    }
+
+    /// The gateway stops: every hidden server's connection still parked (nothing has
+    /// crossed it either way) is closed now, so its agent parks again through another
+    /// gateway at once instead of when this one exits; connections carrying a pair go on.
+    pub fn drain(&self) {
+        self.0.draining.send_replace(true);
+    }
+
+    /// Connections forwarded now (clients, and hidden servers parked or paired): what a
+    /// stopping gateway waits for.
+    pub fn forwarded(&self) -> usize {
+        let total = self.0.limits.forwarded.clamp(1, Semaphore::MAX_PERMITS);
+        total.saturating_sub(self.0.forwarded.available_permits())
     }
 
     /// Serves the shared client port until the task is dropped.
@@ -752,7 +769,10 @@ impl Shared {
         }
         tracing::debug!(%peer, label = %target.label, port = local.port(), "edge: hidden server committed");
         self.metrics.forwarded(EdgeEntry::Rendezvous);
-        splice_to_relay(client_tuned(hidden), relay, held).await;
+        let hidden = client_tuned(hidden);
+        if parked_until_used(&hidden, &relay, self.draining.subscribe()).await {
+            splice_to_relay(hidden, relay, held).await;
+        }
     }
 }
 
@@ -809,6 +829,28 @@ async fn ask(
 fn client_tuned(stream: TcpStream) -> TcpStream {
     crate::splice::tune(&stream);
     stream
+}
+
+/// Waits while a hidden server's connection is parked: until a byte (or the end) arrives on
+/// either side, which means a pair (or a hidden server that speaks first, or a close), or
+/// until the gateway drains. True: splice it. False: the gateway stops and nothing crossed
+/// it yet; dropping both gives the parked connection back to its agent.
+async fn parked_until_used(
+    hidden: &TcpStream,
+    relay: &TcpStream,
+    mut draining: tokio::sync::watch::Receiver<bool>,
+) -> bool {
+    // `peek`, not `readable`: readiness left over from the claim's read would say ready
+    // with nothing there.
+    let (mut one, mut other) = ([0u8; 1], [0u8; 1]);
+    tokio::select! {
+        _ = hidden.peek(&mut one) => true,
+        _ = relay.peek(&mut other) => true,
+        _ = draining.wait_for(|draining| *draining) => {
+            tracing::debug!("edge: gateway stopping, parked connection given back");
+            false
+        }
+    }
 }
 
 /// Joins the two until both directions are done; the relay applies the label's idle timeout

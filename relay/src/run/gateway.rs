@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use prometheus_client::registry::Registry;
 
-use super::{FirstRead, StartError, Tasks};
+use super::{drain_end, DrainEnd, FirstRead, StartError, Tasks, DRAIN_POLL};
 use crate::config::{
     Limits, PortRange, Timeouts, DEFAULT_DOMAIN, DEFAULT_REGISTRAR, POD_FRONTEND_CONNECTIONS,
 };
@@ -139,6 +139,7 @@ pub struct RunningGateway {
     pub rendezvous_ports: Option<PortRange>,
     pub routes: Arc<RouteTable>,
     pub cert: CertFiles,
+    edge: Edge,
     tasks: Tasks,
 }
 
@@ -149,18 +150,65 @@ impl RunningGateway {
         self.tasks.set_unready();
     }
 
-    /// Stops as a rolling update needs: unready at once, still serving for `delay` (or until
-    /// `stop_now`, a second signal, resolves), then stopped.
-    pub async fn drain_and_stop(self, delay: Duration, stop_now: impl Future<Output = ()>) {
+    /// Connections the edge forwards now (clients, and hidden servers parked or paired).
+    pub fn forwarded(&self) -> usize {
+        self.edge.forwarded()
+    }
+
+    /// Stops as a rolling update needs: unready at once, still serving for `delay` while
+    /// load balancers and kube-proxy move new connections elsewhere; then no new connection
+    /// is taken, the hidden servers' parked connections are given back (their agents park
+    /// again through another gateway), and the connections carrying pairs are let finish,
+    /// for at most `timeout`. `stop_now` (a second signal) ends it at any point.
+    pub async fn drain_and_stop(
+        self,
+        delay: Duration,
+        timeout: Duration,
+        stop_now: impl Future<Output = ()>,
+    ) -> DrainEnd {
         self.drain();
         tracing::info!(
             seconds = delay.as_secs_f64(),
             "stopping: unready, still serving while traffic moves elsewhere"
         );
+        tokio::pin!(stop_now);
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
-            () = stop_now => tracing::info!("second signal: stopping now"),
+            () = &mut stop_now => {
+                tracing::info!("second signal: stopping now");
+                return DrainEnd::SecondSignal;
+            }
         }
+        self.tasks.stop_accepting();
+        self.edge.drain();
+        let started = tokio::time::Instant::now();
+        let wait = async {
+            let mut tick = tokio::time::interval(DRAIN_POLL);
+            loop {
+                tick.tick().await;
+                if let Some(end) = drain_end(self.edge.forwarded(), started.elapsed(), timeout) {
+                    return end;
+                }
+            }
+        };
+        tracing::info!(
+            seconds = timeout.as_secs_f64(),
+            forwarded = self.edge.forwarded(),
+            "stopping: no new connections, parked connections given back; pairs may finish"
+        );
+        let end = tokio::select! {
+            end = wait => end,
+            () = &mut stop_now => DrainEnd::SecondSignal,
+        };
+        match end {
+            DrainEnd::PairsDone => tracing::info!("stopped: every forwarded connection ended"),
+            DrainEnd::TimedOut => tracing::warn!(
+                forwarded = self.edge.forwarded(),
+                "stopped: drain timeout, connections still forwarded are cut"
+            ),
+            DrainEnd::SecondSignal => tracing::info!("second signal: stopping now"),
+        }
+        end
     }
 }
 
@@ -257,14 +305,15 @@ pub async fn start(options: GatewayOptions) -> Result<RunningGateway, StartError
     // The HTTPS port reads every ClientHello's server name first: a direct label in edge
     // mode is forwarded raw, every other name gets the gateway's TLS as before.
     settings.direct = Some(DirectLabels::Gateway(edge.clone()));
+    // Every listener stops taking connections when the drain's delay is over.
     let shared_port = shared_port.map(|(listener, addr)| {
-        tasks.spawn(edge.clone().serve_shared_port(listener));
+        tasks.spawn_until_drain(edge.clone().serve_shared_port(listener));
         addr
     });
     for (listener, _) in rendezvous {
-        tasks.spawn(edge.clone().serve_rendezvous(listener));
+        tasks.spawn_until_drain(edge.clone().serve_rendezvous(listener));
     }
-    tasks.spawn(frontend::serve(
+    tasks.spawn_until_drain(frontend::serve(
         listener,
         Transport::Tls(tls),
         settings,
@@ -284,6 +333,7 @@ pub async fn start(options: GatewayOptions) -> Result<RunningGateway, StartError
         rendezvous_ports: options.rendezvous_ports,
         routes,
         cert,
+        edge,
         tasks,
     })
 }

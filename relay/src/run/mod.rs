@@ -143,6 +143,14 @@ impl Tasks {
         self.stop_at_drain.push(handle);
     }
 
+    /// Stops the tasks spawned with [`Tasks::spawn_until_drain`] (the listeners that take new
+    /// connections), nothing else: a gateway's last step before it waits for what it carries.
+    pub(crate) fn stop_accepting(&self) {
+        for task in &self.stop_at_drain {
+            task.abort();
+        }
+    }
+
     /// Begins a graceful stop: `/readyz` answers 503 first, then the listeners that take
     /// new connections and the file followers stop, then the relay drains
     /// ([`StandaloneBackend::drain`]). The front end keeps answering (registrations get
@@ -280,7 +288,7 @@ impl Drop for Tasks {
 }
 
 /// How often a draining relay looks whether its last pair has ended.
-const DRAIN_POLL: Duration = Duration::from_millis(50);
+pub(crate) const DRAIN_POLL: Duration = Duration::from_millis(50);
 /// How long a relay drains unless told otherwise (`--drain-timeout`).
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 

@@ -10,23 +10,35 @@ network namespace), and a raw mobile client.
     backend.py proxy-echo PORT            reads a PROXY v1 header line and one more line, and
                                           answers "header=<the PROXY line> line=<the line>"
     backend.py tcp-client HOST PORT LINE  connects, sends LINE, prints the first line answered
+    backend.py https-session URL CA SECONDS
+                                          a mobile client that keeps one connection: asks URL
+                                          for its 307, then GETs the Location every 0.5 s on
+                                          one kept-alive TLS connection for SECONDS; prints the
+                                          count and exits 1 at the first failure or if the
+                                          connection was replaced
 
 Each server prints "listening" once its socket is bound, so the caller waits on that, not on
 time. Every socket operation has a timeout.
 """
 
+import http.client
 import http.server
 import socket
 import socketserver
 import ssl
 import sys
 import threading
+import time
+import urllib.parse
 
 
 def https_server(port, ctx, text):
     body = text.encode()
 
     class Handler(http.server.BaseHTTPRequestHandler):
+        # Keep-alive (every answer has its length): a mobile client may hold one connection.
+        protocol_version = "HTTP/1.1"
+
         def do_GET(self):  # noqa: N802 (http.server's naming)
             self.send_response(200)
             self.send_header("Content-Type", "text/plain")
@@ -105,6 +117,39 @@ def tcp_client(host, port, line):
         print(read_line(conn))
 
 
+def https_session(url, ca, seconds):
+    parsed = urllib.parse.urlsplit(url)
+    ctx = ssl.create_default_context(cafile=ca)
+    first = http.client.HTTPSConnection(parsed.hostname, parsed.port, context=ctx, timeout=10)
+    first.request("GET", "/")
+    answer = first.getresponse()
+    answer.read()
+    first.close()
+    location = answer.getheader("Location")
+    if answer.status != 307 or not location:
+        sys.exit(f"session: expected a 307, got {answer.status} {location}")
+    target = urllib.parse.urlsplit(location)
+    conn = http.client.HTTPSConnection(target.hostname, target.port, context=ctx, timeout=10)
+    ok, sock, end = 0, None, time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            conn.request("GET", "/")
+            answer = conn.getresponse()
+            body = answer.read()
+        except (OSError, http.client.HTTPException) as e:
+            sys.exit(f"session: failed after {ok} answers: {e!r}")
+        if answer.status != 200 or not body:
+            sys.exit(f"session: answer {ok + 1} was {answer.status} {body[:60]!r}")
+        if sock is None:
+            sock = conn.sock
+        elif conn.sock is not sock:
+            sys.exit(f"session: the connection was replaced after {ok} answers")
+        ok += 1
+        time.sleep(0.5)
+    conn.close()
+    print(f"session: {ok} answers on one connection over {seconds} s", flush=True)
+
+
 def main():
     mode = sys.argv[1] if len(sys.argv) > 1 else ""
     if mode == "https" and len(sys.argv) == 6:
@@ -115,6 +160,8 @@ def main():
         proxy_echo(int(sys.argv[2]))
     elif mode == "tcp-client" and len(sys.argv) == 5:
         tcp_client(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+    elif mode == "https-session" and len(sys.argv) == 5:
+        https_session(sys.argv[2], sys.argv[3], float(sys.argv[4]))
     else:
         sys.exit(__doc__)
 

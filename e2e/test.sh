@@ -338,6 +338,12 @@ office_gone() {
 
 upgrade() {
   traffic_start
+  # A mobile client holding one connection through the only gateway (a GET every 0.5 s for
+  # 25 s): the gateway it goes through is replaced meanwhile, and drains (--drain-timeout)
+  # instead of cutting it when its shutdown delay (10 s) is over.
+  in_client "$PY" e2e/backend.py https-session "https://home.$TAAS_E2E_DOMAIN:$(gw_port)/" \
+    "$W/pki/client-bundle.crt" 25 >"$W/session.log" 2>&1 &
+  local session=$!
   # Values that roll the operator (Recreate: one operator at a time) and the gateway (a new
   # pod before the old one goes), and add a second gateway; the relays are untouched, so not
   # one mobile client may fail meanwhile.
@@ -347,6 +353,10 @@ upgrade() {
   kubectl -n "$NS" rollout status deployment/taas-gateway --timeout=120s
   until_ok 30 home_serves
   traffic_stop
+  local held=0
+  wait "$session" || held=$?
+  cat "$W/session.log"
+  [ "$held" = 0 ]
   [ "$(helm -n "$NS" history taas -o json | "$PY" -c 'import json,sys; print(json.load(sys.stdin)[-1]["revision"])')" = 2 ]
   [ "$OKS" -gt 0 ] && [ "$FAILS" = 0 ]
 }
@@ -537,7 +547,7 @@ step "3b. the relay's control port answers only the gateways: token in the pod o
 step "3c. edge: a label through the gateway's shared port and rendezvous range, a direct label on its HTTPS port" edge
 step "4. relay pod deleted: recreated, agent back, client path within 30 s" relay_pod_deleted
 step "5. second label applied and deleted while home carries traffic" second_label
-step "6a. helm upgrade (operator and gateway rolled, gateway scaled): no client fails" upgrade
+step "6a. helm upgrade (operator and gateway rolled, gateway scaled): no client fails, a held connection outlives its gateway" upgrade
 step "6b. helm upgrade reaching the relays (log format), 1 replica: surge, failures within 2 s" upgrade_relays
 step "7a. spec.replicas 2: both serve, the agent parked on both, a disruption budget" two_replicas
 step "7b. helm upgrade reaching the relays, 2 replicas: no client fails" upgrade_two_replicas

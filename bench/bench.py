@@ -33,7 +33,7 @@ def main():
     ap.add_argument("--duration", type=float, help="seconds per run")
     ap.add_argument("--peers", default=",".join(PEERS))
     ap.add_argument("--cases", default="", help="comma-separated subset of " + ",".join(c[0] for c in CASES))
-    ap.add_argument("--skip", default="", help="comma-separated: redirects,registrations,parked")
+    ap.add_argument("--skip", default="", help="comma-separated: redirects,registrations,parked,labels")
     ap.add_argument("--parked-total", type=int, help="parked connections for the memory case")
     ap.add_argument("--port-base", type=int, default=17000)
     ap.add_argument("--out", required=True)
@@ -110,6 +110,8 @@ def main():
             b.registrations()
         if "parked" not in args.skip:
             b.parked_10k()
+        if "labels" not in args.skip:
+            b.label_cost()
     except Exception as e:  # report what we have
         ok = False
         log(f"ERROR: {e!r}")

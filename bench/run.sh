@@ -4,7 +4,7 @@
 #   bench/run.sh            full mode: 3 interleaved rounds, 5 s per run (about 15 minutes)
 #   bench/run.sh --short    quick check: 1 round, 2 s per run (about 3 minutes)
 #   bench/run.sh [--rounds N] [--duration S] [--peers socat,taas] [--cases bulk1,rate]
-#                [--skip redirects,registrations,parked] [--parked-total N] [--port-base P]
+#                [--skip redirects,registrations,parked,labels] [--parked-total N] [--port-base P]
 #
 # Installs what it needs (idempotent): Debian's iperf3, wrk, socat, nginx-light; rathole 0.5.0
 # and bore-cli 0.6.0 into bench/.tools; the load tools in bench/tools; TAAS in release mode.

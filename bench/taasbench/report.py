@@ -189,6 +189,11 @@ def report(raw, meta):
                  f"{fmt(mib(r['relay_hwm_kib']))} MiB); agents' RSS together "
                  f"{fmt(mib(r['agents_rss_kib']))} MiB; relay CPU while parking "
                  f"{fmt(r['relay_cpu_s'])} s, agents {fmt(r['agents_cpu_s'])} s")
+    for r in [r for r in raw if r["kind"] == "label_cost"]:
+        L.append(f"- one more label in a relay, {r['parked_per_label']} parked on it (1 label, "
+                 f"then {r['labels']}): **{fmt(r['per_label_parked_kib'])} KiB** per label "
+                 f"({fmt(r['per_label_kib'])} KiB provisioned, nothing parked); relay RSS "
+                 f"{fmt(mib(r['relay_one_label_kib']))} → {fmt(mib(r['relay_full_kib']))} MiB")
     L.append("")
 
     # targets
@@ -232,6 +237,9 @@ def report(raw, meta):
         for r in pk:
             row("relay RSS idle ≤ 8 MiB (labels provisioned, nothing parked)",
                 f"{fmt(mib(r['relay_idle_kib']))} MiB", "8 MiB", r["relay_idle_kib"] <= 8 * 1024)
+        for r in [r for r in raw if r["kind"] == "label_cost"]:
+            row(f"one more label with {r['parked_per_label']} parked ≤ 64 KiB (issue 18)",
+                f"{fmt(r['per_label_parked_kib'])} KiB", "64 KiB", r["per_label_parked_kib"] <= 64)
         for r in pk:
             row(f"{r['target']:,} parked ≤ 64 MiB" if r["target"] >= 10000 else
                 f"{r['target']:,} parked (short mode; target is 10,000 ≤ 64 MiB)",

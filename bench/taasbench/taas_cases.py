@@ -128,3 +128,56 @@ class TaasCases:
         for a in agents:
             self.procs.stop(a)
         self.procs.stop(relay)
+
+    def label_cost(self, n_labels=64, per=8):
+        """Memory of one more label in one relay (issue 18): the relay's RSS with one label and
+        its agent (`--parked 8`), then with `n_labels` labels provisioned (files added to the
+        watched directory, nothing parked on the new ones), then with an agent each, 8 parked
+        per label. The cost of a label is the growth divided by the labels added."""
+        d = os.path.join(self.work, "taas-labels")
+        listen = self.P["park_listen"]
+        names = [f"cost{i}" for i in range(n_labels)]
+        _, state, creds = self.taas_labels(d, listen, names[:1], per)
+        relay = self.start_taas_relay("taas-relay-labels", d, listen, self.P["park_metrics"],
+                                      self.p_ports_big, self.q_ports_big)
+        wait_listening(listen)
+        log(f"case label cost: 1 label, then {n_labels}, {per} parked each")
+        agents = []
+
+        def parked():
+            try:
+                return self.taas_parked(self.P["park_metrics"])
+            except OSError:
+                return {}
+
+        def settle():
+            time.sleep(2.0)
+            return status_kib(relay.pid, "VmRSS")
+
+        agents.append(self.start_taas_agent("taas-agent-cost0", listen, creds[names[0]]["file"],
+                                            state, self.P["backend"]["echo"], per))
+        until("one label parked", lambda: parked().get(names[0], 0) >= per, 60, 0.2)
+        one = settle()
+        _, _, more = self.taas_labels(d, listen, names[1:], per)
+        creds.update(more)
+        until(f"{n_labels} labels loaded", lambda: len(parked()) >= n_labels, 60, 0.2)
+        provisioned = settle()
+        for name in names[1:]:
+            agents.append(self.start_taas_agent(f"taas-agent-{name}", listen, creds[name]["file"],
+                                                state, self.P["backend"]["echo"], per))
+        until(f"{per} parked on each of {n_labels} labels",
+              lambda: sum(min(v, per) for v in parked().values()) >= n_labels * per, 120, 0.2)
+        full = settle()
+        added = n_labels - 1
+        rec = dict(kind="label_cost", labels=n_labels, parked_per_label=per,
+                   relay_one_label_kib=one, relay_provisioned_kib=provisioned,
+                   relay_full_kib=full,
+                   per_label_kib=round((provisioned - one) / added, 1),
+                   per_label_parked_kib=round((full - one) / added, 1),
+                   relay_fds=len(os.listdir(f"/proc/{relay.pid}/fd")))
+        self.record(**rec)
+        log(f"  one label {one} KiB; {n_labels} provisioned {provisioned} KiB; "
+            f"{per} parked each {full} KiB: {rec['per_label_parked_kib']} KiB per label")
+        for a in agents:
+            self.procs.stop(a)
+        self.procs.stop(relay)

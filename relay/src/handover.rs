@@ -28,6 +28,13 @@
 //! no SYN is lost. Clients the new relay accepts before an agent has parked with it wait
 //! (the client wait, 10 s by default) and are paired once the agents re-park.
 //!
+//! Client admission (`clientAdmission: Redirected`) is handed over too: once the successor
+//! serves, the old relay sends it, on the same connection, every source it redirected within
+//! the admission window and then each one it redirects until it exits (one line each,
+//! [`admission_line`]), so a client that got its 307 from the old relay is admitted on q by
+//! the new one. Best effort and bounded: a line beyond [`ADMISSIONS_QUEUED`] waiting to be
+//! written is dropped (that client asks again after its refusal).
+//!
 //! Only a process of the same user may take over (`SO_PEERCRED`); a peer that says nothing
 //! or something else within [`HELLO_TIMEOUT`] is closed, and the relay goes on serving.
 //!
@@ -78,6 +85,29 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
 pub const START_TIMEOUT: Duration = Duration::from_secs(120);
 /// The largest message [`parse`] accepts (its length prefix excluded).
 pub const MAX_MESSAGE: usize = 1 + 2 + MAX_LISTENERS * (1 + MAX_KEY + 2);
+
+/// Admissions waiting to be written to the successor at most.
+pub const ADMISSIONS_QUEUED: usize = 4096;
+/// The longest admission line read (a label, an IPv6 address and an age fit well within).
+pub const MAX_ADMISSION_LINE: usize = 256;
+
+/// One admission for the successor: `ADMIT <label> <ip> <age in ms>\n`. Pure.
+pub fn admission_line(label: &str, source: IpAddr, age: Duration) -> String {
+    format!("ADMIT {label} {source} {}\n", age.as_millis())
+}
+
+/// The admission a line (without its newline) says, if it is one: a label of printable
+/// ASCII without spaces, an IP address, an age in milliseconds. Pure; anything else is `None`.
+pub fn parse_admission(line: &str) -> Option<(String, IpAddr, Duration)> {
+    let mut words = line.strip_prefix("ADMIT ")?.split(' ');
+    let label = words.next().filter(|label| key_ok(label))?;
+    let source = words.next()?.parse().ok()?;
+    let age = Duration::from_millis(words.next()?.parse().ok()?);
+    words
+        .next()
+        .is_none()
+        .then(|| (label.to_string(), source, age))
+}
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FormatError {
@@ -444,11 +474,12 @@ impl HandoverSocket {
     /// so that the successor can bind its own), and this returns once it says it serves.
     /// `hello` is called when a successor has said hello (before the sockets go).
     /// A successor that fails before serving leaves this relay as it was, listening again.
+    /// Returns the connection to the successor, for [`send_admissions`].
     pub async fn successor(
         mut self,
         listeners: Arc<Listeners>,
         mut hello: impl FnMut(),
-    ) -> std::io::Result<()> {
+    ) -> std::io::Result<UnixStream> {
         loop {
             let (stream, _) = self.listener.accept().await?;
             let stream = stream.into_std()?;
@@ -468,15 +499,15 @@ impl HandoverSocket {
                 let listeners = listeners.clone();
                 tokio::task::spawn_blocking(move || {
                     let count = send_listeners(&stream, &listeners)?;
-                    await_serving(&stream).map(|()| count)
+                    await_serving(&stream).map(|()| (count, stream))
                 })
                 .await
                 .unwrap_or_else(|_| Err(HandoverError::Refused("task failed".into())))
             };
             match sent {
-                Ok(count) => {
+                Ok((count, stream)) => {
                     tracing::info!(listeners = count, "handed over: the successor serves");
-                    return Ok(());
+                    return Ok(stream);
                 }
                 Err(error) => {
                     tracing::warn!(%error, "hand-over failed: the successor did not start; serving on");
@@ -572,9 +603,78 @@ impl Predecessor {
         self.pid
     }
 
-    /// Tells the predecessor this relay serves: it stops accepting and drains.
-    pub fn serving(self) -> std::io::Result<()> {
-        (&self.stream).write_all(SERVING)
+    /// Tells the predecessor this relay serves: it stops accepting and drains. Returns the
+    /// connection, on which the predecessor then sends its admissions
+    /// ([`receive_admissions`]).
+    pub fn serving(self) -> std::io::Result<UnixStream> {
+        (&self.stream).write_all(SERVING)?;
+        Ok(self.stream)
+    }
+}
+
+/// The old relay's side of the admissions (on its own thread): `snapshot` first, then each
+/// admission `queued` until the queue's senders are gone or the successor stops reading.
+pub fn send_admissions(
+    stream: UnixStream,
+    snapshot: Vec<(String, IpAddr, Duration)>,
+    queued: std::sync::mpsc::Receiver<(String, IpAddr)>,
+) {
+    if stream.set_write_timeout(Some(HELLO_TIMEOUT)).is_err() {
+        return;
+    }
+    let mut stream = std::io::BufWriter::new(stream);
+    for (label, source, age) in snapshot {
+        if stream
+            .write_all(admission_line(&label, source, age).as_bytes())
+            .is_err()
+        {
+            return;
+        }
+    }
+    if stream.flush().is_err() {
+        return;
+    }
+    while let Ok((label, source)) = queued.recv() {
+        let line = admission_line(&label, source, Duration::ZERO);
+        if stream.write_all(line.as_bytes()).is_err() || stream.flush().is_err() {
+            return;
+        }
+    }
+}
+
+/// The new relay's side (on its own thread): calls `admit` for each admission line until
+/// the predecessor closes (it exits) or sends anything else. Returns how many it took.
+pub fn receive_admissions(
+    stream: UnixStream,
+    mut admit: impl FnMut(&str, IpAddr, Duration),
+) -> usize {
+    use std::io::BufRead;
+    // Blocks until the predecessor exits, which it does once its pairs end (or at its
+    // drain timeout).
+    if stream.set_read_timeout(None).is_err() {
+        return 0;
+    }
+    let mut reader = std::io::BufReader::new(stream);
+    let mut taken = 0;
+    let mut line = Vec::with_capacity(MAX_ADMISSION_LINE);
+    loop {
+        line.clear();
+        let limit = (MAX_ADMISSION_LINE + 1) as u64;
+        match (&mut reader).take(limit).read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => return taken,
+            Ok(_) => {}
+        }
+        let Some(text) = line
+            .strip_suffix(b"\n")
+            .and_then(|line| std::str::from_utf8(line).ok())
+        else {
+            return taken;
+        };
+        let Some((label, source, age)) = parse_admission(text) else {
+            return taken;
+        };
+        admit(&label, source, age);
+        taken += 1;
     }
 }
 
@@ -693,6 +793,87 @@ mod tests {
                 fd: i as u16,
             })
             .collect()
+    }
+
+    #[test]
+    fn an_admission_line_gives_back_its_label_source_and_age_and_nothing_else_parses() {
+        let v6: IpAddr = "2001:db8::7".parse().unwrap();
+        for (label, source, age) in [
+            (
+                "home",
+                IpAddr::from([127, 0, 0, 1]),
+                Duration::from_millis(1234),
+            ),
+            ("a.b-c_d", v6, Duration::ZERO),
+        ] {
+            let line = admission_line(label, source, age);
+            assert!(line.len() <= MAX_ADMISSION_LINE);
+            let parsed = parse_admission(line.strip_suffix('\n').unwrap());
+            assert_eq!(parsed, Some((label.to_string(), source, age)));
+        }
+        for bad in [
+            "",
+            "ADMIT",
+            "ADMIT home",
+            "ADMIT home 127.0.0.1",
+            "ADMIT home 127.0.0.1 x",
+            "ADMIT home 300.0.0.1 5",
+            "ADMIT home 127.0.0.1 5 extra",
+            "ADMIT  127.0.0.1 5",
+            "admit home 127.0.0.1 5",
+        ] {
+            assert_eq!(parse_admission(bad), None, "{bad:?}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn parsing_any_admission_line_never_panics(line in "\\PC{0,300}") {
+            let _ = parse_admission(&line);
+        }
+    }
+
+    #[test]
+    fn admissions_go_over_the_socket_snapshot_first_until_the_sender_is_gone() {
+        let (old, new) = UnixStream::pair().unwrap();
+        let (queue, queued) = std::sync::mpsc::sync_channel(ADMISSIONS_QUEUED);
+        let one = IpAddr::from([10, 0, 0, 1]);
+        let two = IpAddr::from([10, 0, 0, 2]);
+        queue.send(("home".to_string(), two)).unwrap();
+        drop(queue);
+        let sender = std::thread::spawn(move || {
+            send_admissions(
+                old,
+                vec![("home".into(), one, Duration::from_secs(3))],
+                queued,
+            )
+        });
+        let mut got = Vec::new();
+        let taken = receive_admissions(new, |label, source, age| {
+            got.push((label.to_string(), source, age))
+        });
+        sender.join().unwrap();
+        assert_eq!(taken, 2);
+        assert_eq!(
+            got,
+            [
+                ("home".to_string(), one, Duration::from_secs(3)),
+                ("home".to_string(), two, Duration::ZERO)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_predecessor_saying_anything_else_ends_the_admissions() {
+        let (mut old, new) = UnixStream::pair().unwrap();
+        old.write_all(b"ADMIT home 10.0.0.1 5\nGARBAGE\nADMIT home 10.0.0.2 5\n")
+            .unwrap();
+        let long = format!("ADMIT {} 10.0.0.3 5\n", "x".repeat(MAX_ADMISSION_LINE));
+        old.write_all(long.as_bytes()).unwrap();
+        drop(old);
+        let mut got = Vec::new();
+        assert_eq!(receive_admissions(new, |_, source, _| got.push(source)), 1);
+        assert_eq!(got, [IpAddr::from([10, 0, 0, 1])]);
     }
 
     #[test]

@@ -730,6 +730,26 @@ impl Label {
         admitted.insert(source, now);
     }
 
+    /// The sources admitted within the admission window, with how long ago: what a
+    /// successor is told on a hand-over (`handover::send_admissions`).
+    pub fn admitted(&self) -> Vec<(IpAddr, Duration)> {
+        let window = self.shared.timeouts.admission;
+        let now = Instant::now();
+        lock(&self.admitted)
+            .iter()
+            .map(|(source, at)| (*source, now.saturating_duration_since(*at)))
+            .filter(|(_, age)| *age < window)
+            .collect()
+    }
+
+    /// Admits `source` as if redirected `age` ago (by a predecessor, `handover`).
+    pub fn admit_since(&self, source: IpAddr, age: Duration) {
+        let now = Instant::now();
+        if age < self.shared.timeouts.admission {
+            self.admit(source.to_canonical(), now.checked_sub(age).unwrap_or(now));
+        }
+    }
+
     fn is_admitted(&self, source: IpAddr) -> bool {
         match lock(&self.admitted).get(&source.to_canonical()) {
             Some(at) => at.elapsed() < self.shared.timeouts.admission,

@@ -7,8 +7,9 @@
 //! accepted on q, everything happens inside its `Label`.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use prometheus_client::registry::Registry;
@@ -17,13 +18,13 @@ use taas_protocol::answer::{
 };
 use taas_protocol::guard::{AuthGuard, GuardLimits};
 use taas_protocol::registration::{self, Decoy, NamedLabel, Terms, Verdict, RETRY_UNAVAILABLE};
-use taas_protocol::sync::{read, write};
+use taas_protocol::sync::{lock, read, write};
 use tokio::sync::Semaphore;
 
-use crate::config::{ExternalAddress, LabelConfig, RedirectHost, RelaySettings};
+use crate::config::{ClientAdmission, ExternalAddress, LabelConfig, RedirectHost, RelaySettings};
 use crate::data_plane::DataPlane;
 use crate::frontend::LabelBackend;
-use crate::handover::Listeners;
+use crate::handover::{self, Listeners};
 use crate::label::{Label, Shared, Unavailable};
 use crate::metrics::{Registered, RelayMetrics};
 use crate::ports::{PortError, PortPool};
@@ -56,6 +57,9 @@ pub struct StandaloneBackend {
     /// True once a successor serves ([`StandaloneBackend::stop_accepting`]): the front end
     /// closes its connections.
     closing: tokio::sync::watch::Sender<bool>,
+    /// Once a successor serves: where each source redirected from now on goes, to be
+    /// admitted there too ([`StandaloneBackend::send_admissions_to`]).
+    admissions: Mutex<Option<std::sync::mpsc::SyncSender<(String, IpAddr)>>>,
 }
 
 impl StandaloneBackend {
@@ -97,6 +101,7 @@ impl StandaloneBackend {
             draining: AtomicBool::new(false),
             gateway_headers: AtomicBool::new(false),
             closing: tokio::sync::watch::Sender::new(false),
+            admissions: Mutex::new(None),
         }))
     }
 
@@ -243,6 +248,35 @@ impl StandaloneBackend {
         self.closing.send_replace(true);
         for label in read(&self.labels).values() {
             label.stop_accepting();
+        }
+    }
+
+    /// Hands client admission over to a successor that serves (`handover`): every source
+    /// redirected within the admission window now, then each one redirected from now on,
+    /// written to `successor` by a thread of its own until this process exits.
+    pub fn send_admissions_to(&self, successor: std::os::unix::net::UnixStream) {
+        let (queue, queued) = std::sync::mpsc::sync_channel(handover::ADMISSIONS_QUEUED);
+        // The queue first, then the snapshot: a redirect in between is sent twice, none lost.
+        *lock(&self.admissions) = Some(queue);
+        let snapshot: Vec<(String, IpAddr, Duration)> = read(&self.labels)
+            .iter()
+            .filter(|(_, label)| label.config().client_admission == ClientAdmission::Redirected)
+            .flat_map(|(name, label)| {
+                label
+                    .admitted()
+                    .into_iter()
+                    .map(move |(source, age)| (name.clone(), source, age))
+            })
+            .collect();
+        tracing::info!(
+            sources = snapshot.len(),
+            "client admissions handed to the successor"
+        );
+        let spawned = std::thread::Builder::new()
+            .name("taas-admissions".into())
+            .spawn(move || handover::send_admissions(successor, snapshot, queued));
+        if let Err(error) = spawned {
+            tracing::warn!(%error, "client admissions not handed over");
         }
     }
 
@@ -464,6 +498,13 @@ impl StandaloneBackend {
         };
         match label.redirect(request.source) {
             Some(q) => {
+                if label.config().client_admission == ClientAdmission::Redirected {
+                    if let Some(successor) = &*lock(&self.admissions) {
+                        // Full (a flood) or gone: that client is refused on q and asks again.
+                        let _ = successor
+                            .try_send((label.name().to_string(), request.source.to_canonical()));
+                    }
+                }
                 let external = self.external();
                 let (host, port) = match self.settings.redirect_host {
                     // The shared port routes by the name the client asked for; a label whose

@@ -506,3 +506,45 @@ async fn systemd_hears_ready_from_the_relay_and_mainpid_and_ready_from_its_succe
     .await;
     assert!(alive(new_pid));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_redirected_by_the_old_relay_is_admitted_on_q_by_its_successor() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = TestLabel::new("home").with("clientAdmission: Redirected");
+    let setup = Setup::new(dir.path(), &home, false);
+    let _old = Owned(setup.spawn(&[]));
+    setup.until_ready().await;
+    let (echo, _echo) = echo_server().await;
+    let _agent = start_agent(&setup, &home, echo);
+    eventually("the agent has 8 parked", || async {
+        setup.parked().await >= 8.0
+    })
+    .await;
+    // 127.0.0.1 gets its 307 from the old relay, and asks no more.
+    let q = setup.q().await;
+    let _new = Owned(setup.spawn(&["--take-over"]));
+    setup.until_ready().await;
+    eventually("the old relay no longer accepts", || async {
+        setup.log_text().contains("no longer accepting")
+    })
+    .await;
+    // Only the successor accepts on q now: it admits the source the old relay redirected
+    // (once the agent has parked with it), and no other.
+    eventually_within(
+        "the redirected client served by the successor",
+        PATIENCE * 2,
+        || async { matches!(echo_exchange(q, b"hello").await, Exchange::Ok { .. }) },
+        || format!("log:\n{}", setup.log_text()),
+    )
+    .await;
+    let mut stranger = connect_from("127.0.0.2", q).await;
+    let _ = stranger.write_all(b"hello").await;
+    assert_closed(&mut stranger).await;
+    assert!(
+        setup
+            .log_text()
+            .contains("client admissions handed to the successor sources=1"),
+        "log:\n{}",
+        setup.log_text()
+    );
+}

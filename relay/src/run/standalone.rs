@@ -452,11 +452,13 @@ pub async fn start(options: ServeOptions) -> Result<Standalone, StartError> {
         tracing::info!(path = %socket.path().display(), "hand-over socket listening (`serve --take-over`, SIGHUP)");
         let (tx, rx) = tokio::sync::oneshot::channel();
         let shared = listeners.clone();
+        let relay = relay.clone();
         // Nothing left to hand over once draining.
         tasks.spawn_until_drain(async move {
             let hello = || handover::notify(&[NotifyState::Reloading]);
             match socket.successor(shared, hello).await {
-                Ok(()) => {
+                Ok(successor) => {
+                    relay.send_admissions_to(successor);
                     let _ = tx.send(());
                 }
                 Err(error) => tracing::warn!(%error, "hand-over socket failed"),
@@ -467,8 +469,11 @@ pub async fn start(options: ServeOptions) -> Result<Standalone, StartError> {
         None
     };
     if let Some(predecessor) = predecessor {
-        if let Err(error) = predecessor.serving() {
-            tracing::warn!(%error, "could not tell the predecessor that this relay serves");
+        match predecessor.serving() {
+            Ok(stream) => receive_admissions(stream, relay.clone()),
+            Err(error) => {
+                tracing::warn!(%error, "could not tell the predecessor that this relay serves")
+            }
         }
         if options.hand_over {
             handover::notify(&[NotifyState::MainPid(std::process::id()), NotifyState::Ready]);
@@ -526,5 +531,23 @@ async fn take_over(
             None
         }
         Err(_) => None,
+    }
+}
+
+/// Admits on q, on a thread of its own, the sources the predecessor redirected (`handover`)
+/// until it exits.
+fn receive_admissions(stream: std::os::unix::net::UnixStream, relay: Arc<StandaloneBackend>) {
+    let spawned = std::thread::Builder::new()
+        .name("taas-admissions".into())
+        .spawn(move || {
+            let taken = handover::receive_admissions(stream, |label, source, age| {
+                if let Some(label) = relay.label(label) {
+                    label.admit_since(source, age);
+                }
+            });
+            tracing::info!(sources = taken, "client admissions from the predecessor");
+        });
+    if let Err(error) = spawned {
+        tracing::warn!(%error, "client admissions of the predecessor not taken");
     }
 }

@@ -33,8 +33,17 @@ CASES = [
     # true`, issue 15): the ClientHello names direct.taas.localhost, read before any TLS.
     ("lat_direct", "echo", "fresh connection p50 (µs) via the HTTPS port, direct label: connect + ClientHello echo + close"),
     ("rate_direct", "echo", "fresh connections/s via the HTTPS port, direct label, 8 closed-loop workers"),
+    # TAAS only: the same through the cluster's edge on loopback (a gateway's shared port in
+    # front of a label relay, the agent registering and parking through the gateway, issue
+    # 18): the ClientHello names edge.taas.localhost; the ratio to own q is the gateway hop.
+    ("lat_edge", "echo", "fresh connection p50 (µs) via a gateway's shared port to a label relay: connect + ClientHello echo + close"),
+    ("rate_edge", "echo", "fresh connections/s via a gateway's shared port to a label relay, 8 closed-loop workers"),
 ]
-LOWER_IS_BETTER = {"lat", "lat_shared", "lat_direct"}
+LOWER_IS_BETTER = {"lat", "lat_shared", "lat_direct", "lat_edge"}
+# The cases through the cluster edge: measured on the edge's processes (gateway, label relay,
+# agent), not the standalone relay's.
+EDGE_CASES = {"lat_edge", "rate_edge"}
 # Cases measured for TAAS alone, and the own-q case each is compared with (measured right
 # after it in every round, so that the ratio is read at one moment's load).
-TAAS_ONLY = {"lat_shared": "lat", "rate_shared": "rate", "lat_direct": "lat", "rate_direct": "rate"}
+TAAS_ONLY = {"lat_shared": "lat", "rate_shared": "rate", "lat_direct": "lat", "rate_direct": "rate",
+             "lat_edge": "lat", "rate_edge": "rate"}

@@ -18,8 +18,10 @@ class Load:
     """The cases of the rounds, for every peer; mixed into `Bench` (needs `Peers`)."""
 
     def measure(self, peer, case, backend, rnd):
-        roles = self.roles[peer]
-        if peer == "taas":
+        roles = self.roles["taas_edge" if case in config.EDGE_CASES else peer]
+        if case in config.EDGE_CASES:
+            until("the edge agent refilled", self.edge_refilled, 30, 0.05)
+        elif peer == "taas":
             until("TAAS agents refilled", self.taas_refilled, 30, 0.05)
         else:
             time.sleep(0.0)
@@ -155,8 +157,17 @@ class Load:
     def case_rate_direct(self, port, case):
         return self.case_rate(port, case, (self.taas_hello_direct,))
 
+    def case_lat_edge(self, port, case):
+        return self.case_lat(port, case, (self.taas_hello_edge,))
+
+    def case_rate_edge(self, port, case):
+        return self.case_rate(port, case, (self.taas_hello_edge,))
+
     def taas_only_port(self, case):
-        """The shared client port, or the front end's HTTPS port for the direct label."""
+        """The shared client port, the front end's HTTPS port for the direct label, or the
+        edge gateway's shared port."""
+        if case in config.EDGE_CASES:
+            return self.P["edge_shared"]
         return self.P["taas_listen"] if case.endswith("_direct") else self.P["taas_shared"]
 
     def wrk(self, url, extra, host=None):

@@ -2,6 +2,8 @@
 them (socat, rathole, bore, TAAS with its labels and agents), and how a client finds a peer's
 port (for TAAS, from the 307 a phone would get)."""
 
+import hashlib
+import hmac
 import json
 import os
 import re
@@ -57,7 +59,19 @@ class Peers:
             "reg_metrics": b + 51,
             "park_listen": b + 60,
             "park_metrics": b + 61,
+            # The cluster edge on loopback (issue 18): a gateway in front of a label relay.
+            "edge_listen": b + 70,
+            "edge_metrics": b + 71,
+            "edge_shared": b + 72,
+            "edge_control": b + 73,
+            "edge_port": b + 74,
+            "edge_relay_metrics": b + 75,
+            "edge_q": b + 76,
         }
+        # The gateway's rendezvous range and the label relay's own p ports behind it (64 each,
+        # outside every other relay's ranges).
+        self.edge_rendezvous = (26000, 26063)
+        self.edge_p_ports = (26100, 26163)
         self.bore_ctl = 7835  # fixed in bore 0.6.0
         self.p_ports_main = "23000-25999"
         self.q_ports_main = "22000-22099"
@@ -254,6 +268,77 @@ http {{
                                                 creds[label]["file"], state,
                                                 self.P["backend"][backend_of[key]], parked))
         self.roles["taas"] = {"relay": [relay], "agent": agents}
+        if self.edge_wanted():
+            self.start_taas_edge()
+
+    def edge_wanted(self):
+        return "taas" in self.args.peers and any(
+            c in config.EDGE_CASES for c in (self.args.cases or config.EDGE_CASES))
+
+    def start_taas_edge(self):
+        """The cluster's edge on loopback, as the operator sets it up (issue 15.3): a gateway
+        (`taas-relay gateway`, shared port and a rendezvous range) in front of one label relay
+        (`taas-relay label-relay --edge`) for the label `edge` (echo backend), whose agent
+        registers through the gateway; clients come through the gateway's shared port."""
+        P = self.P
+        d = os.path.join(self.work, "taas-edge")
+        _, state, creds = self.taas_labels(d, P["edge_listen"], ["edge"], 1024)
+        secret = os.path.join(d, "install-secret")
+        with open(secret, "w") as f:
+            f.write(uuid.uuid4().hex + "\n")
+        with open(secret, "rb") as f:
+            key = f.read().strip()
+        token = hmac.new(key, b"taas-gateway\0edge", hashlib.sha256).hexdigest()
+        secret_dir = os.path.join(d, "edge-secret")
+        os.makedirs(secret_dir, exist_ok=True)
+        with open(os.path.join(secret_dir, "secret"), "w") as f:
+            f.write(creds["edge"]["secret"] + "\n")
+        t_lo, t_hi = self.edge_rendezvous
+        p_lo, p_hi = self.edge_p_ports
+        external = os.path.join(d, "external.yaml")
+        with open(external, "w") as f:
+            f.write('host: "127.0.0.1"\nports:\n')
+            for p_port, t_port in zip(range(p_lo, p_hi + 1), range(t_lo, t_hi + 1)):
+                f.write(f"  {p_port}: {t_port}\n")
+            f.write(f"  {P['edge_q']}: {P['edge_shared']}\n")
+        routes = os.path.join(d, "routes.yaml")
+        with open(routes, "w") as f:
+            f.write(f'edge: {{relay: "127.0.0.1:{P["edge_control"]}", '
+                    f'edge: "127.0.0.1:{P["edge_port"]}", '
+                    f'rendezvous: [{", ".join(str(t) for t in range(t_lo, t_hi + 1))}]}}\n')
+        taas = os.path.join(config.TAAS, "taas-relay")
+        relay = self.procs.start("taas-edge-relay", [
+            taas, "label-relay", "--label-file", creds["edge"]["file"], "--secret-dir", secret_dir,
+            "--external-file", external, "--control", f"127.0.0.1:{P['edge_control']}",
+            "--edge", f"127.0.0.1:{P['edge_port']}", "--p-ports", f"{p_lo}-{p_hi}",
+            "--client-port", str(P["edge_q"]), "--metrics", f"127.0.0.1:{P['edge_relay_metrics']}"],
+            env={"TAAS_GATEWAY_TOKEN": token})
+        gateway_state = os.path.join(d, "gateway-state")
+        gateway = self.procs.start("taas-edge-gateway", [
+            taas, "gateway", "--listen", f"127.0.0.1:{P['edge_listen']}", "--routes-file", routes,
+            "--gateway-secret-file", secret, "--shared-port", f"127.0.0.1:{P['edge_shared']}",
+            "--rendezvous-ports", f"{t_lo}-{t_hi}", "--metrics", f"127.0.0.1:{P['edge_metrics']}",
+            "--state-dir", gateway_state])
+        wait_listening(P["edge_control"])
+        wait_listening(P["edge_listen"])
+        parked = self.args.parked["echo"]
+        agent = self.procs.start("taas-edge-agent", [
+            os.path.join(config.TAAS, "taas-agent"),
+            "--relay", f"https://taas-registrar.localhost:{P['edge_listen']}",
+            "--label-file", creds["edge"]["file"], "--ca", os.path.join(gateway_state, "relay-cert.pem"),
+            "--forward", f"127.0.0.1:{P['backend']['echo']}", "--parked", str(parked)])
+        self.taas_hello_edge = os.path.join(d, "client-hello-edge.bin")
+        with open(self.taas_hello_edge, "wb") as f:
+            f.write(client_hello("edge.taas.localhost"))
+        self.roles["taas_edge"] = {"relay": [gateway, relay], "agent": [agent]}
+        until("the edge agent parked", lambda: self.edge_refilled(), 60, 0.2)
+
+    def edge_refilled(self):
+        try:
+            parked = self.taas_parked(self.P["edge_relay_metrics"])
+        except OSError:
+            return False
+        return parked.get("edge", 0) >= self.args.parked["echo"]
 
     def metrics(self, port):
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:

@@ -109,6 +109,7 @@ def report(raw, meta):
     for case, label in (("rate", "CPU µs per connection (8 workers)"),
                         ("rate_shared", "CPU µs per connection via the shared port (8 workers; TAAS only)"),
                         ("rate_direct", "CPU µs per connection via the HTTPS port, direct label (8 workers; TAAS only)"),
+                        ("rate_edge", "CPU µs per connection via the edge: gateway + label relay / agent (8 workers; TAAS only)"),
                         ("http_close", "CPU µs per connection (wrk Connection: close)"),
                         ("http_ka", "CPU µs per request (wrk keep-alive)")):
         row = []
@@ -237,6 +238,10 @@ def report(raw, meta):
         for r in pk:
             row("relay RSS idle ≤ 8 MiB (labels provisioned, nothing parked)",
                 f"{fmt(mib(r['relay_idle_kib']))} MiB", "8 MiB", r["relay_idle_kib"] <= 8 * 1024)
+        t, e = m("rate", "taas"), m("rate_edge", "taas")
+        if None not in (t, e):
+            row("connections/s through the edge ≥ 0.85 × own q (issue 18)", f"{fmt(e)}",
+                f"0.85 × {fmt(t)} = {fmt(0.85 * t)}", e >= 0.85 * t)
         for r in [r for r in raw if r["kind"] == "label_cost"]:
             row(f"one more label with {r['parked_per_label']} parked ≤ 64 KiB (issue 18)",
                 f"{fmt(r['per_label_parked_kib'])} KiB", "64 KiB", r["per_label_parked_kib"] <= 64)

@@ -65,8 +65,9 @@ class Load:
         d = os.path.join(self.out, "perf")
         os.makedirs(d, exist_ok=True)
         out = []
+        roles = self.roles["taas_edge" if case in config.EDGE_CASES else peer]
         for role in ("relay", "agent"):
-            pids = [p.pid for p in self.roles[peer][role]]
+            pids = [p.pid for p in roles[role]]
             if not pids:
                 continue
             data = os.path.join(d, f"{case}-{peer}-{role}-r{rnd}.data")

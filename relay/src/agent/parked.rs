@@ -12,6 +12,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
 use super::metrics::AgentMetrics;
+use crate::splice::{End, SpliceMode};
 
 /// Connecting to p (it waits 30 s for us at most) or to `--forward`.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -46,6 +47,8 @@ pub struct PairContext {
     /// `host:port`, resolved for each connection.
     pub forward: String,
     pub metrics: AgentMetrics,
+    /// How pairs move their bytes.
+    pub splice: SpliceMode,
     last_forward_error: Mutex<Option<(String, Instant)>>,
 }
 
@@ -54,6 +57,7 @@ impl PairContext {
         Self {
             forward,
             metrics,
+            splice: SpliceMode::default(),
             last_forward_error: Mutex::new(None),
         }
     }
@@ -184,12 +188,16 @@ async fn pair(relay: TcpStream, ctx: &PairContext) {
         inner: forward,
         read: ctx.metrics.bytes_to_relay.clone(),
     };
-    match crate::splice::splice(&mut relay, &mut forward).await {
-        Ok(copied) => tracing::debug!(
-            from_relay = copied.a_to_b,
-            to_relay = copied.b_to_a,
-            "pair finished"
-        ),
+    match crate::splice::splice(&mut relay, &mut forward, ctx.splice).await {
+        Ok(copied) => {
+            ctx.metrics.spliced_bytes.inc_by(copied.spliced);
+            tracing::debug!(
+                from_relay = copied.a_to_b,
+                to_relay = copied.b_to_a,
+                spliced = copied.spliced,
+                "pair finished"
+            )
+        }
         Err(error) => tracing::debug!(%error, "pair ended with an error"),
     }
 }
@@ -232,6 +240,16 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
             }
         }
         result
+    }
+}
+
+/// splice(2) reads past `poll_read`: its bytes are counted here instead.
+impl End for Counted<TcpStream> {
+    fn tcp(&self) -> Option<&TcpStream> {
+        Some(&self.inner)
+    }
+    fn spliced_from(&mut self, bytes: u64) {
+        self.read.inc_by(bytes);
     }
 }
 

@@ -27,6 +27,7 @@ use taas_relay::run::gateway::{self, GatewayOptions, RouteSource};
 use taas_relay::run::pod::{self, LabelRelayOptions};
 use taas_relay::run::standalone::{self, ServeOptions};
 use taas_relay::run::{DEFAULT_DRAIN_TIMEOUT, DEFAULT_STATE_DIR, POD_METRICS};
+use taas_relay::splice::SpliceMode;
 
 #[derive(Parser)]
 #[command(
@@ -117,6 +118,8 @@ struct GatewayArgs {
     #[arg(long, env = "TAAS_RENDEZVOUS_PORTS", value_name = "LO-HI|off", default_value = "off",
           value_parser = rendezvous_ports_arg)]
     rendezvous_ports: RendezvousPorts,
+    #[command(flatten)]
+    splice: SpliceArgs,
 }
 
 #[derive(Args)]
@@ -184,6 +187,18 @@ struct LabelRelayArgs {
     clients: ClientArgs,
     #[command(flatten)]
     drain: DrainArgs,
+    #[command(flatten)]
+    splice: SpliceArgs,
+}
+
+/// How spliced pairs move their bytes (`serve`, `label-relay`, `gateway`).
+#[derive(Args)]
+struct SpliceArgs {
+    /// How spliced pairs move their bytes: auto (copy each direction's first 64 KiB, then
+    /// splice(2) inside the kernel; Linux), copy (through user space only), kernel (splice(2)
+    /// from the first byte).
+    #[arg(long, env = "TAAS_SPLICE", value_enum, default_value_t = SpliceMode::Auto)]
+    splice: SpliceMode,
 }
 
 /// How a relay stops (`serve` and `label-relay`).
@@ -392,6 +407,8 @@ struct ServeArgs {
     console_token_file: Option<PathBuf>,
     #[command(flatten)]
     drain: DrainArgs,
+    #[command(flatten)]
+    splice: SpliceArgs,
 }
 
 #[derive(Args)]
@@ -528,6 +545,7 @@ fn serve_options(args: &ServeArgs) -> anyhow::Result<ServeOptions> {
             args.console_token_file.clone(),
         )
         .map_err(anyhow::Error::msg)?,
+        splice: args.splice.splice,
     })
 }
 
@@ -631,6 +649,7 @@ fn gateway_options(args: &GatewayArgs) -> anyhow::Result<(GatewayOptions, Durati
         shared_port: args.shared_port.0,
         rendezvous_ports: args.rendezvous_ports.0,
         edge_limits: Default::default(),
+        splice: args.splice.splice,
     };
     Ok((options, shutdown_delay))
 }
@@ -674,6 +693,7 @@ fn label_relay_options(args: &LabelRelayArgs) -> anyhow::Result<LabelRelayOption
         reload_interval: seconds("--reload-interval", args.reload_interval)?,
         timeouts,
         limits,
+        splice: args.splice.splice,
     })
 }
 

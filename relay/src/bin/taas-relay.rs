@@ -920,11 +920,14 @@ mod tests {
             "7",
             "--shared-port",
             "8444",
+            "--splice",
+            "copy",
         ]) else {
             panic!("serve")
         };
         let options = serve_options(&args).unwrap();
         assert_eq!(options.shared_port, Some(8444));
+        assert_eq!(options.splice, SpliceMode::Copy);
         assert_eq!(options.metrics, None);
         assert_eq!(options.timeouts.pair_idle, None);
         assert_eq!(options.limits.frontend_connections, 7);
@@ -937,10 +940,13 @@ mod tests {
             "0",
             "--shutdown-delay",
             "0",
+            "--splice",
+            "kernel",
         ]) else {
             panic!("gateway")
         };
         let (options, shutdown_delay) = gateway_options(&args).unwrap();
+        assert_eq!(options.splice, SpliceMode::Kernel);
         assert_eq!(options.upstream.redirect_limit.per_second, 0.0);
         assert_eq!(shutdown_delay, Duration::ZERO);
     }

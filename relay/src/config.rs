@@ -167,6 +167,8 @@ pub struct RelaySettings {
     pub limits: Limits,
     /// Threads the labels' connections run on (`data_plane`).
     pub data_threads: std::num::NonZeroUsize,
+    /// How pairs move their bytes (user-space copy, splice(2), or the switch between them).
+    pub splice: crate::splice::SpliceMode,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

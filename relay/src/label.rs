@@ -83,6 +83,8 @@ const STRANGER_WARN_INTERVAL: Duration = Duration::from_secs(60);
 pub struct Shared {
     pub timeouts: Timeouts,
     pub limits: Limits,
+    /// How pairs move their bytes.
+    pub splice: splice::SpliceMode,
     /// The address p and q listeners bind to.
     pub bind_ip: IpAddr,
     pub p_ports: Arc<PortPool>,
@@ -939,10 +941,11 @@ impl Label {
                 let copied = spliced.copied;
                 self.metrics.bytes_to_server.inc_by(copied.a_to_b);
                 self.metrics.bytes_to_client.inc_by(copied.b_to_a);
+                self.metrics.spliced_bytes.inc_by(copied.spliced);
                 if spliced.idle {
                     self.metrics.idle_pairs_closed.inc();
                 }
-                tracing::debug!(label = %self.name, %peer, to_server = copied.a_to_b, to_client = copied.b_to_a, idle = spliced.idle, "pair finished");
+                tracing::debug!(label = %self.name, %peer, to_server = copied.a_to_b, to_client = copied.b_to_a, spliced = copied.spliced, idle = spliced.idle, "pair finished");
             }
             Err(error) => {
                 tracing::debug!(label = %self.name, %peer, %error, "pair ended with an error");
@@ -995,9 +998,13 @@ impl Label {
         if !server.early.is_empty() {
             client.write_all(&server.early).await?;
         }
-        let mut spliced =
-            splice::splice_until_idle(client, &mut server.stream, self.shared.timeouts.pair_idle)
-                .await?;
+        let mut spliced = splice::splice_until_idle(
+            client,
+            &mut server.stream,
+            self.shared.timeouts.pair_idle,
+            self.shared.splice,
+        )
+        .await?;
         spliced.copied.b_to_a += server.early.len() as u64;
         spliced.copied.a_to_b += read_ahead.len() as u64;
         Ok(spliced)

@@ -271,6 +271,7 @@ pub struct RelayMetrics {
     redirects: Family<ByLabel, Counter>,
     rendezvous: Family<ByLabelAnd, Counter>,
     idle_pairs_closed: Family<ByLabel, Counter>,
+    spliced_bytes: Counter,
 }
 
 /// One label's metric handles: plain atomics, so the data path takes no lock to count.
@@ -288,6 +289,8 @@ pub struct LabelMetrics {
     rendezvous: [Counter; 3],
     /// Pairs closed by the relay after no byte either way for the idle timeout.
     pub idle_pairs_closed: Counter,
+    /// Bytes splice(2) moved, all labels together (one counter shared by every label).
+    pub spliced_bytes: Counter,
     /// When and from where a registration last got a port (the console shows it; not a
     /// metric: a time and an address per label are no series).
     last_registration: Arc<std::sync::Mutex<Option<(std::time::SystemTime, std::net::IpAddr)>>>,
@@ -437,6 +440,12 @@ impl RelayMetrics {
             "Spliced pairs closed after no byte either way for the pair idle timeout",
             m.idle_pairs_closed.clone(),
         );
+        registry.register(
+            "taas_spliced_bytes",
+            "Of the bytes relayed, those splice(2) moved without a copy through user space \
+             (all labels, both directions, counted when a pair ends)",
+            m.spliced_bytes.clone(),
+        );
     }
 
     pub fn for_label(&self, label: &str) -> LabelMetrics {
@@ -483,6 +492,7 @@ impl RelayMetrics {
                     label: label.into(),
                 })
                 .clone(),
+            spliced_bytes: self.spliced_bytes.clone(),
             last_registration: Arc::default(),
         }
     }

@@ -81,6 +81,7 @@ impl StandaloneBackend {
         let shared = Arc::new(Shared {
             timeouts: settings.timeouts.clone(),
             limits: settings.limits.clone(),
+            splice: settings.splice,
             bind_ip: settings.bind_ip,
             p_ports: PortPool::new(settings.p_ports),
             q_ports: PortPool::new(settings.q_ports),

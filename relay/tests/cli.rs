@@ -261,6 +261,43 @@ fn label_new_writes_a_manifest_the_relay_loads_and_refuses_to_overwrite() {
     assert!(stderr(&bad).contains("not a label"), "{}", stderr(&bad));
 }
 
+/// `--splice` (and `TAAS_SPLICE`) takes auto, copy or kernel, on each command that splices.
+#[test]
+fn the_splice_flag_names_its_modes_and_reads_its_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let commands: [&[&str]; 3] = [
+        &["serve", "--metrics", "off"],
+        &[
+            "label-relay",
+            "--label-file",
+            "none.yaml",
+            "--secret-dir",
+            "none",
+        ],
+        &["gateway", "--routes-file", "none.yaml", "--metrics", "off"],
+    ];
+    for command in commands {
+        let flag = relay_bin()
+            .current_dir(dir.path())
+            .args(command)
+            .arg("--splice=zero")
+            .output()
+            .unwrap();
+        let env = relay_bin()
+            .current_dir(dir.path())
+            .env("TAAS_SPLICE", "zero")
+            .args(command)
+            .output()
+            .unwrap();
+        for out in [flag, env] {
+            assert!(!out.status.success());
+            let err = stderr(&out);
+            assert!(err.contains("--splice"), "{command:?}: {err}");
+            assert!(err.contains("auto, copy, kernel"), "{command:?}: {err}");
+        }
+    }
+}
+
 #[test]
 fn every_flag_reads_its_environment_variable() {
     let dir = tempfile::tempdir().unwrap();

@@ -170,6 +170,81 @@ async fn many_clients_through_the_agent_to_an_echo_service() {
         .await;
 }
 
+/// Bulk both ways through the relay and the agent, with both on each mode: every byte
+/// arrives, and the relay's splice(2) counter says which path moved them (copy: none;
+/// kernel: all; auto: all but the first 64 KiB or so of each direction).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_through_the_relay_and_the_agent_is_intact_on_every_splice_mode() {
+    use taas_relay::splice::{SpliceMode, KERNEL_THRESHOLD};
+    const CLIENTS: u32 = 4;
+    const BYTES: u32 = 3_000_017;
+    for mode in [SpliceMode::Copy, SpliceMode::Auto, SpliceMode::Kernel] {
+        let home = TestLabel::new("home");
+        let relay = TestRelay::start_with(&[&home], |o| o.splice = mode).await;
+        let (echo, _echo_task) = echo_server().await;
+        let agent = RunningAgent::start_with(relay.addr(), &home, echo, |config| {
+            config.trust = Trust::PemFile(relay.ca().to_path_buf());
+            config.parked = CLIENTS as usize;
+            config.splice = mode;
+        });
+        agent.wait("parked", |s| s.parked == CLIENTS as usize).await;
+        let q = relay.q("home");
+        let clients: Vec<_> = (0..CLIENTS)
+            .map(|i| {
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let stream = tokio::net::TcpStream::connect(("127.0.0.1", q))
+                        .await
+                        .unwrap();
+                    let data: Vec<u8> = (0..BYTES).map(|b| (b * 31 + i) as u8).collect();
+                    let (mut r, mut w) = stream.into_split();
+                    let sent = data.clone();
+                    // Written while the echo is read: more than every buffer on the way holds.
+                    let writer = tokio::spawn(async move {
+                        w.write_all(&sent).await.unwrap();
+                        w.shutdown().await.unwrap();
+                    });
+                    let mut back = Vec::new();
+                    tokio::time::timeout(PATIENCE * 3, r.read_to_end(&mut back))
+                        .await
+                        .expect("echo in time")
+                        .unwrap();
+                    writer.await.unwrap();
+                    assert_eq!(back.len(), data.len());
+                    assert!(back == data, "client {i}: bytes differ");
+                })
+            })
+            .collect();
+        for client in clients {
+            client.await.unwrap();
+        }
+        agent
+            .wait("pairs done", |s| s.pairings == CLIENTS as u64)
+            .await;
+        let total = f64::from(CLIENTS) * 2.0 * f64::from(BYTES);
+        eventually("the pairs end", || async {
+            let text = relay.metrics().await;
+            metric(&text, "taas_bytes_total{label=\"home\",kind=\"to_client\"}")
+                >= f64::from(CLIENTS * BYTES)
+        })
+        .await;
+        let spliced = metric(&relay.metrics().await, "taas_spliced_bytes_total");
+        match mode {
+            SpliceMode::Copy => assert_eq!(spliced, 0.0),
+            SpliceMode::Kernel => assert_eq!(spliced, total),
+            SpliceMode::Auto => {
+                let copied_at_most =
+                    f64::from(CLIENTS) * 2.0 * (KERNEL_THRESHOLD as f64 + 65_536.0);
+                assert!(
+                    spliced < total && spliced > total - copied_at_most,
+                    "{spliced} of {total}"
+                );
+            }
+        }
+        eprintln!("figure: {mode:?}: {spliced} of {total} bytes spliced by the relay");
+    }
+}
+
 #[tokio::test]
 async fn the_agent_says_why_it_cannot_register() {
     let home = TestLabel::new("home");

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use taas_protocol::edge::{self, EdgeHeader, EdgeKind, Parsed};
 use taas_relay::config::Timeouts;
 use taas_relay::run::pod::{self as label_relay, LabelRelay, LabelRelayOptions};
+use taas_relay::splice::SpliceMode;
 use taas_testkit::gateway::{gateway_token, EdgeGateway};
 use taas_testkit::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -227,10 +228,17 @@ impl EdgeRelay {
     }
 }
 
+/// On both ways the gateway's edge can move bytes (copy, splice(2) from the first byte).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_on_the_shared_port_reaches_its_labels_relay_behind_a_header_with_the_client_hello_unchanged(
 ) {
-    let cluster = EdgeGateway::start().await;
+    for mode in [SpliceMode::Copy, SpliceMode::Kernel] {
+        shared_port_client_reaches_its_relay(mode).await;
+    }
+}
+
+async fn shared_port_client_reaches_its_relay(mode: SpliceMode) {
+    let cluster = EdgeGateway::start_with(|options| options.splice = mode).await;
     let mut home = EdgeRelay::start(Answer::Silent).await;
     let mut work = EdgeRelay::start(Answer::Silent).await;
     cluster

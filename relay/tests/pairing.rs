@@ -2,9 +2,33 @@
 //! pinned client ports, client admission, and labels reloaded while pairs run.
 
 use std::time::Duration;
+use taas_relay::splice::SpliceMode;
 use taas_testkit::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
+
+/// Both ways a pair can move its bytes, forced (auto is the copy below 64 KiB a direction).
+const PATHS: [SpliceMode; 2] = [SpliceMode::Copy, SpliceMode::Kernel];
+/// Every mode, for transfers that cross the switch.
+const MODES: [SpliceMode; 3] = [SpliceMode::Copy, SpliceMode::Auto, SpliceMode::Kernel];
+
+/// A relay for `labels` whose pairs move their bytes as `mode` says.
+async fn relay_on(labels: &[&TestLabel], mode: SpliceMode) -> TestRelay {
+    TestRelay::start_with(labels, |o| o.splice = mode).await
+}
+
+/// The bytes splice(2) moved, once `pairs` pairs have ended (counted when a pair ends).
+async fn spliced_after(relay: &TestRelay, label: &str, pairs: usize) -> f64 {
+    eventually("the pairs end", || async {
+        metric(
+            &relay.metrics().await,
+            &format!("taas_active_pairs{{label=\"{label}\"}}"),
+        ) == 0.0
+            && metric(&relay.metrics().await, &paired(label, "own_port")) >= pairs as f64
+    })
+    .await;
+    metric(&relay.metrics().await, "taas_spliced_bytes_total")
+}
 
 #[tokio::test]
 async fn redirect_answers_404_503_and_307_with_path_and_query() {
@@ -73,8 +97,14 @@ async fn redirect_to_the_advertised_address_when_configured() {
 
 #[tokio::test]
 async fn client_and_hidden_server_exchange_bytes_both_ways() {
+    for mode in PATHS {
+        exchange_bytes_both_ways(mode).await;
+    }
+}
+
+async fn exchange_bytes_both_ways(mode: SpliceMode) {
     let home = TestLabel::new("home");
-    let relay = TestRelay::start(&[&home]).await;
+    let relay = relay_on(&[&home], mode).await;
     let mut hidden = relay.park(&home).await;
     let mut client = relay.client("home").await;
     client.write_all(b"hello from the phone").await.unwrap();
@@ -90,8 +120,14 @@ async fn client_and_hidden_server_exchange_bytes_both_ways() {
 
 #[tokio::test]
 async fn bytes_sent_before_pairing_are_delivered_first() {
+    for mode in PATHS {
+        early_bytes_first(mode).await;
+    }
+}
+
+async fn early_bytes_first(mode: SpliceMode) {
     let home = TestLabel::new("home");
-    let relay = TestRelay::start(&[&home]).await;
+    let relay = relay_on(&[&home], mode).await;
     let mut hidden = relay.park(&home).await;
     hidden.write_all(b"SSH-2.0-banner\r\n").await.unwrap();
     // The relay reads it while parked (and keeps it) without dropping the connection.
@@ -191,8 +227,14 @@ async fn a_client_waits_a_bounded_time_then_is_closed() {
 
 #[tokio::test]
 async fn half_close_passes_through_in_both_directions() {
+    for mode in PATHS {
+        half_close_both_directions(mode).await;
+    }
+}
+
+async fn half_close_both_directions(mode: SpliceMode) {
     let home = TestLabel::new("home");
-    let relay = TestRelay::start(&[&home]).await;
+    let relay = relay_on(&[&home], mode).await;
 
     // Client finishes sending first; the hidden server still answers afterwards.
     let mut hidden = relay.park(&home).await;
@@ -228,10 +270,17 @@ fn pattern(seed: u32, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// On every mode: each client sends 64 KiB and a little more, around auto's switch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_concurrent_clients_through_one_label_every_byte_checked() {
+    for mode in MODES {
+        two_hundred_concurrent_clients(mode).await;
+    }
+}
+
+async fn two_hundred_concurrent_clients(mode: SpliceMode) {
     let home = TestLabel::new("home").with("maxParked: 200");
-    let relay = TestRelay::start(&[&home]).await;
+    let relay = relay_on(&[&home], mode).await;
     // 200 parked connections: each one echoes what it receives (a hidden server).
     let mut session = relay.session().await;
     let mut hidden_tasks = Vec::new();
@@ -280,12 +329,25 @@ async fn two_hundred_concurrent_clients_through_one_label_every_byte_checked() {
         metrics.contains("taas_pairings_total{label=\"home\",entry=\"own_port\"} 200"),
         "{metrics}"
     );
+    let spliced = spliced_after(&relay, "home", 200).await;
+    let total: f64 = (0..200).map(|i| 2.0 * (64.0 * 1024.0 + i as f64)).sum();
+    match mode {
+        SpliceMode::Copy => assert_eq!(spliced, 0.0),
+        SpliceMode::Kernel if cfg!(target_os = "linux") => assert_eq!(spliced, total),
+        _ => assert!(spliced < total, "{mode:?}: {spliced} of {total}"),
+    }
 }
 
 #[tokio::test]
 async fn a_client_reset_does_not_affect_another_pair() {
+    for mode in PATHS {
+        reset_isolated(mode).await;
+    }
+}
+
+async fn reset_isolated(mode: SpliceMode) {
     let home = TestLabel::new("home");
-    let relay = TestRelay::start(&[&home]).await;
+    let relay = relay_on(&[&home], mode).await;
     let mut hidden_a = relay.park(&home).await;
     let mut hidden_b = relay.park(&home).await;
     let mut client_b = relay.client("home").await; // paired with b (newest)
@@ -331,9 +393,15 @@ async fn labels_that_were_javascript_object_members_are_ordinary_labels() {
 
 #[tokio::test]
 async fn proxy_protocol_v1_and_v2_headers_reach_the_hidden_server_first() {
+    for mode in PATHS {
+        proxy_headers_first(mode).await;
+    }
+}
+
+async fn proxy_headers_first(mode: SpliceMode) {
     let v1 = TestLabel::new("one").with("proxyProtocol: v1");
     let v2 = TestLabel::new("two").with("proxyProtocol: v2");
-    let relay = TestRelay::start(&[&v1, &v2]).await;
+    let relay = relay_on(&[&v1, &v2], mode).await;
 
     let mut hidden = relay.park(&v1).await;
     let mut client = relay.client("one").await;

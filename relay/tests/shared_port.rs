@@ -9,6 +9,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use taas_relay::splice::SpliceMode;
 use taas_testkit::agent::Agent;
 use taas_testkit::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -37,10 +38,21 @@ async fn connect_from(source: &str, relay: &TestRelay) -> TcpStream {
     socket.connect(relay.shared_addr()).await.unwrap()
 }
 
+/// On both ways a pair can move bytes: the ClientHello read ahead goes first, then the rest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_through_the_shared_port_reaches_the_hidden_server_over_its_own_tls() {
+    for mode in [SpliceMode::Copy, SpliceMode::Kernel] {
+        shared_port_over_its_own_tls(mode).await;
+    }
+}
+
+async fn shared_port_over_its_own_tls(mode: SpliceMode) {
     let home = TestLabel::new("home");
-    let relay = TestRelay::start_shared(&[&home]).await;
+    let relay = TestRelay::start_with(&[&home], |options| {
+        options.shared_port = Some(0);
+        options.splice = mode;
+    })
+    .await;
     let parked = relay.park(&home).await;
     let host = format!("home.{DOMAIN}");
     let (cert_pem, hidden) = hidden_tls_server(parked, &host, "home says: ");

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::config::{Algorithm, LabelConfig};
+use crate::splice::SpliceMode;
 use crate::tls::Trust;
 
 use super::target;
@@ -49,6 +50,8 @@ pub struct AgentConfig {
     pub metrics: Option<SocketAddr>,
     /// On shutdown, active pairs get this long to finish.
     pub shutdown_grace: Duration,
+    /// How pairs move their bytes (user-space copy, splice(2), or the switch between them).
+    pub splice: SpliceMode,
 }
 
 impl AgentConfig {
@@ -75,6 +78,7 @@ impl AgentConfig {
             max_backoff: DEFAULT_MAX_BACKOFF,
             metrics: None,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            splice: SpliceMode::default(),
         }
     }
 
@@ -161,6 +165,7 @@ impl fmt::Debug for AgentConfig {
             .field("max_backoff", &self.max_backoff)
             .field("metrics", &self.metrics)
             .field("shutdown_grace", &self.shutdown_grace)
+            .field("splice", &self.splice)
             .finish()
     }
 }

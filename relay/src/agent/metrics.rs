@@ -29,6 +29,9 @@ pub struct AgentMetrics {
     pub bytes_from_relay: Counter,
     /// Bytes from the forward target to the relay.
     pub bytes_to_relay: Counter,
+    /// Of the bytes either way, those splice(2) moved (never copied through user space),
+    /// counted when a pair ends.
+    pub spliced_bytes: Counter,
     /// Paired connections dropped because `--forward` could not be reached.
     pub forward_failures: Counter,
     /// At least one connection is parked (`/readyz`).
@@ -79,6 +82,12 @@ impl AgentMetrics {
             "bytes_to_relay",
             "Bytes copied from the forward target to the relay",
             metrics.bytes_to_relay.clone(),
+        );
+        registry.register(
+            "spliced_bytes",
+            "Bytes moved by splice(2) without a copy through user space (both directions, \
+             counted when a pair ends)",
+            metrics.spliced_bytes.clone(),
         );
         registry.register(
             "forward_failures",

@@ -12,6 +12,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
 use super::metrics::AgentMetrics;
+use crate::splice::{End, SpliceMode};
 
 /// Connecting to p (it waits 30 s for us at most) or to `--forward`.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -46,6 +47,8 @@ pub struct PairContext {
     /// `host:port`, resolved for each connection.
     pub forward: String,
     pub metrics: AgentMetrics,
+    /// How pairs move their bytes.
+    pub splice: SpliceMode,
     last_forward_error: Mutex<Option<(String, Instant)>>,
 }
 
@@ -54,6 +57,7 @@ impl PairContext {
         Self {
             forward,
             metrics,
+            splice: SpliceMode::default(),
             last_forward_error: Mutex::new(None),
         }
     }
@@ -184,12 +188,16 @@ async fn pair(relay: TcpStream, ctx: &PairContext) {
         inner: forward,
         read: ctx.metrics.bytes_to_relay.clone(),
     };
-    match crate::splice::splice(&mut relay, &mut forward).await {
-        Ok(copied) => tracing::debug!(
-            from_relay = copied.a_to_b,
-            to_relay = copied.b_to_a,
-            "pair finished"
-        ),
+    match crate::splice::splice(&mut relay, &mut forward, ctx.splice).await {
+        Ok(copied) => {
+            ctx.metrics.spliced_bytes.inc_by(copied.spliced);
+            tracing::debug!(
+                from_relay = copied.a_to_b,
+                to_relay = copied.b_to_a,
+                spliced = copied.spliced,
+                "pair finished"
+            )
+        }
         Err(error) => tracing::debug!(%error, "pair ended with an error"),
     }
 }
@@ -232,6 +240,16 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
             }
         }
         result
+    }
+}
+
+/// splice(2) reads past `poll_read`: its bytes are counted here instead.
+impl End for Counted<TcpStream> {
+    fn tcp(&self) -> Option<&TcpStream> {
+        Some(&self.inner)
+    }
+    fn spliced_from(&mut self, bytes: u64) {
+        self.read.inc_by(bytes);
     }
 }
 
@@ -279,9 +297,15 @@ mod tests {
     }
 
     async fn start(forward: String) -> Harness {
+        start_with(forward, SpliceMode::default()).await
+    }
+
+    async fn start_with(forward: String, splice: SpliceMode) -> Harness {
         let p = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (metrics, _registry) = AgentMetrics::new();
-        let ctx = Arc::new(PairContext::new(forward, metrics));
+        let mut ctx = PairContext::new(forward, metrics);
+        ctx.splice = splice;
+        let ctx = Arc::new(ctx);
         let (tx, events) = mpsc::unbounded_channel();
         let (cancel, cancel_rx) = watch::channel(false);
         let task = tokio::spawn(rendezvous(
@@ -306,46 +330,95 @@ mod tests {
             .expect("channel open")
     }
 
-    #[tokio::test]
-    async fn early_bytes_reach_the_forward_target_intact() {
+    /// Every path a pair can take.
+    const MODES: [SpliceMode; 3] = [SpliceMode::Copy, SpliceMode::Auto, SpliceMode::Kernel];
+
+    /// The relay side sends `early` before pairing, then `more` and a FIN; the service answers
+    /// `answer` after it (the half-closed direction still flows). Checks every byte and the
+    /// counters (spliced bytes included) on the given path.
+    async fn forwards_intact(mode: SpliceMode, early: &[u8], more: &[u8], answer: &[u8]) {
         let service = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut h = start(service.local_addr().unwrap().to_string()).await;
+        let mut h = start_with(service.local_addr().unwrap().to_string(), mode).await;
         let (mut relay_side, _) = h.p.accept().await.unwrap();
         assert!(matches!(next(&mut h.events).await, Event::Parked));
 
-        // The "client's" first bytes arrive before anything else happens (e.g. a TLS
-        // ClientHello, or PROXY header + data); they must all reach the service.
-        let early = b"PROXY TCP4 192.0.2.1 192.0.2.2 1 2\r\nhello, ".to_vec();
-        relay_side.write_all(&early).await.unwrap();
+        relay_side.write_all(early).await.unwrap();
         assert!(matches!(next(&mut h.events).await, Event::Paired));
 
         let (mut svc, _) = tokio::time::timeout(Duration::from_secs(10), service.accept())
             .await
             .unwrap()
             .unwrap();
-        relay_side.write_all(b"world").await.unwrap();
-        relay_side.shutdown().await.unwrap(); // FIN: passed on as a FIN
+        let mut want = early.to_vec();
+        want.extend_from_slice(more);
+        let more = more.to_vec();
+        let writer = tokio::spawn(async move {
+            relay_side.write_all(&more).await.unwrap();
+            relay_side.shutdown().await.unwrap(); // FIN: passed on as a FIN
+            relay_side
+        });
         let mut got = Vec::new();
         svc.read_to_end(&mut got).await.unwrap();
-        let mut want = early.clone();
-        want.extend_from_slice(b"world");
-        assert_eq!(got, want);
+        let mut relay_side = writer.await.unwrap();
+        assert_eq!(got.len(), want.len(), "{mode:?}");
+        assert!(got == want, "{mode:?}: bytes differ");
 
         // The other direction still flows after the half-close.
-        svc.write_all(b"answer").await.unwrap();
-        svc.shutdown().await.unwrap();
+        let answer_bytes = answer.to_vec();
+        let answering = tokio::spawn(async move {
+            svc.write_all(&answer_bytes).await.unwrap();
+            svc.shutdown().await.unwrap();
+        });
         let mut back = Vec::new();
         relay_side.read_to_end(&mut back).await.unwrap();
-        assert_eq!(back, b"answer");
+        answering.await.unwrap();
+        assert!(back == answer, "{mode:?}: answer differs");
 
         assert!(matches!(next(&mut h.events).await, Event::PairEnded));
         h.task.await.unwrap();
         let m = &h.ctx.metrics;
         assert_eq!(m.pairings.get(), 1);
         assert_eq!(m.pairs_active.get(), 0);
-        assert_eq!(m.bytes_from_relay.get(), want.len() as u64);
-        assert_eq!(m.bytes_to_relay.get(), 6);
+        assert_eq!(m.bytes_from_relay.get(), want.len() as u64, "{mode:?}");
+        assert_eq!(m.bytes_to_relay.get(), answer.len() as u64, "{mode:?}");
         assert_eq!(m.forward_failures.get(), 0);
+        let total = (want.len() + answer.len()) as u64;
+        let spliced = m.spliced_bytes.get();
+        match mode {
+            SpliceMode::Copy => assert_eq!(spliced, 0),
+            SpliceMode::Kernel if cfg!(target_os = "linux") => assert_eq!(spliced, total),
+            _ => assert!(spliced < total, "{mode:?}: {spliced} of {total}"),
+        }
+        let bulk = crate::splice::KERNEL_THRESHOLD as usize + crate::splice::BUFFER_SIZE;
+        if mode != SpliceMode::Copy && cfg!(target_os = "linux") && want.len() > bulk {
+            assert!(spliced > 0, "{mode:?}: nothing spliced");
+        }
+    }
+
+    #[tokio::test]
+    async fn early_bytes_reach_the_forward_target_intact() {
+        // The "client's" first bytes arrive before anything else happens (e.g. a TLS
+        // ClientHello, or PROXY header + data); they must all reach the service.
+        for mode in MODES {
+            forwards_intact(
+                mode,
+                b"PROXY TCP4 192.0.2.1 192.0.2.2 1 2\r\nhello, ",
+                b"world",
+                b"answer",
+            )
+            .await;
+        }
+    }
+
+    /// Bulk both ways through the agent on every path: the relay side's bytes are counted
+    /// (read by splice(2) or not), and auto splices past its threshold.
+    #[tokio::test]
+    async fn bulk_reaches_the_forward_target_intact_on_every_path() {
+        let up: Vec<u8> = (0..1_000_003u32).map(|i| (i * 7 + 3) as u8).collect();
+        let down: Vec<u8> = (0..700_001u32).map(|i| (i * 13 + 1) as u8).collect();
+        for mode in MODES {
+            forwards_intact(mode, b"early ", &up, &down).await;
+        }
     }
 
     #[tokio::test]

@@ -139,10 +139,9 @@ impl Shell {
             digits: config.digits,
             period: config.period,
         };
-        let ctx = Arc::new(PairContext::new(
-            config.forward.clone(),
-            agent.metrics.clone(),
-        ));
+        let mut ctx = PairContext::new(config.forward.clone(), agent.metrics.clone());
+        ctx.splice = config.splice;
+        let ctx = Arc::new(ctx);
         let supervisor = Supervisor::new(config.parked, config.max_backoff, now());
         let (events_tx, events) = mpsc::unbounded_channel();
         Self {

@@ -12,6 +12,7 @@ use clap::{ArgGroup, Parser};
 use taas_process::{self as process, LogFormat};
 use taas_relay::agent::{self, AgentConfig, Trust};
 use taas_relay::config::Algorithm;
+use taas_relay::splice::SpliceMode;
 
 /// Keeps connections registered and parked at a TAAS relay, and forwards each connection a
 /// mobile client is paired onto to a local service.
@@ -103,6 +104,12 @@ struct Args {
           value_parser = clap::value_parser!(u16).range(1..=256))]
     threads: u16,
 
+    /// How paired connections move their bytes: auto (copy each direction's first 64 KiB,
+    /// then splice(2) inside the kernel; Linux), copy (through user space only), kernel
+    /// (splice(2) from the first byte).
+    #[arg(long, env = "TAAS_SPLICE", value_enum, default_value_t = SpliceMode::Auto)]
+    splice: SpliceMode,
+
     /// Log format on stderr.
     #[arg(long, env = "TAAS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -149,6 +156,7 @@ fn config(args: Args) -> anyhow::Result<AgentConfig> {
     };
     config.metrics = args.metrics;
     config.max_backoff = Duration::from_secs(args.max_backoff);
+    config.splice = args.splice;
     Ok(config)
 }
 
@@ -241,12 +249,23 @@ mod tests {
         assert_eq!(config.algorithm, Algorithm::SHA256);
         assert_eq!(config.secret, b"12345");
         assert_eq!(config.id, "id-1");
+        assert_eq!(config.splice, SpliceMode::Auto);
 
         // A credential source is required.
         assert!(parse_with(&[]).is_err());
         // Only one.
         assert!(parse_with(&["--secret", "GEZDGNBV", "--secret-file", "/x"]).is_err());
         assert!(parse_with(&["--secret", "GEZDGNBV", "--parked", "0"]).is_err());
+    }
+
+    #[test]
+    fn splice_spellings() {
+        let parse =
+            |mode: &str| parse_with(&["--secret", "GEZDGNBV", "--splice", mode]).map(|a| a.splice);
+        assert_eq!(parse("auto").unwrap(), SpliceMode::Auto);
+        assert_eq!(parse("copy").unwrap(), SpliceMode::Copy);
+        assert_eq!(parse("kernel").unwrap(), SpliceMode::Kernel);
+        assert!(parse("zero").is_err());
     }
 
     #[test]

@@ -27,6 +27,7 @@ use taas_relay::run::gateway::{self, GatewayOptions, RouteSource};
 use taas_relay::run::pod::{self, LabelRelayOptions};
 use taas_relay::run::standalone::{self, ServeOptions};
 use taas_relay::run::{DEFAULT_DRAIN_TIMEOUT, DEFAULT_STATE_DIR, POD_METRICS};
+use taas_relay::splice::SpliceMode;
 
 #[derive(Parser)]
 #[command(
@@ -124,6 +125,8 @@ struct GatewayArgs {
     #[arg(long, env = "TAAS_RENDEZVOUS_PORTS", value_name = "LO-HI|off", default_value = "off",
           value_parser = rendezvous_ports_arg)]
     rendezvous_ports: RendezvousPorts,
+    #[command(flatten)]
+    splice: SpliceArgs,
 }
 
 #[derive(Args)]
@@ -191,6 +194,18 @@ struct LabelRelayArgs {
     clients: ClientArgs,
     #[command(flatten)]
     drain: DrainArgs,
+    #[command(flatten)]
+    splice: SpliceArgs,
+}
+
+/// How spliced pairs move their bytes (`serve`, `label-relay`, `gateway`).
+#[derive(Args)]
+struct SpliceArgs {
+    /// How spliced pairs move their bytes: auto (copy each direction's first 64 KiB, then
+    /// splice(2) inside the kernel; Linux), copy (through user space only), kernel (splice(2)
+    /// from the first byte).
+    #[arg(long, env = "TAAS_SPLICE", value_enum, default_value_t = SpliceMode::Auto)]
+    splice: SpliceMode,
 }
 
 /// How a relay stops (`serve` and `label-relay`).
@@ -399,6 +414,8 @@ struct ServeArgs {
     console_token_file: Option<PathBuf>,
     #[command(flatten)]
     drain: DrainArgs,
+    #[command(flatten)]
+    splice: SpliceArgs,
 }
 
 #[derive(Args)]
@@ -535,6 +552,7 @@ fn serve_options(args: &ServeArgs) -> anyhow::Result<ServeOptions> {
             args.console_token_file.clone(),
         )
         .map_err(anyhow::Error::msg)?,
+        splice: args.splice.splice,
     })
 }
 
@@ -645,6 +663,7 @@ fn gateway_options(args: &GatewayArgs) -> anyhow::Result<(GatewayOptions, Gatewa
         shared_port: args.shared_port.0,
         rendezvous_ports: args.rendezvous_ports.0,
         edge_limits: Default::default(),
+        splice: args.splice.splice,
     };
     let stop = GatewayStop {
         delay: shutdown_delay,
@@ -692,6 +711,7 @@ fn label_relay_options(args: &LabelRelayArgs) -> anyhow::Result<LabelRelayOption
         reload_interval: seconds("--reload-interval", args.reload_interval)?,
         timeouts,
         limits,
+        splice: args.splice.splice,
     })
 }
 
@@ -919,11 +939,14 @@ mod tests {
             "7",
             "--shared-port",
             "8444",
+            "--splice",
+            "copy",
         ]) else {
             panic!("serve")
         };
         let options = serve_options(&args).unwrap();
         assert_eq!(options.shared_port, Some(8444));
+        assert_eq!(options.splice, SpliceMode::Copy);
         assert_eq!(options.metrics, None);
         assert_eq!(options.timeouts.pair_idle, None);
         assert_eq!(options.limits.frontend_connections, 7);
@@ -938,10 +961,13 @@ mod tests {
             "0",
             "--drain-timeout",
             "7",
+            "--splice",
+            "kernel",
         ]) else {
             panic!("gateway")
         };
         let (options, stop) = gateway_options(&args).unwrap();
+        assert_eq!(options.splice, SpliceMode::Kernel);
         assert_eq!(options.upstream.redirect_limit.per_second, 0.0);
         assert_eq!(stop.delay, Duration::ZERO);
         assert_eq!(stop.timeout, Duration::from_secs(7));

@@ -58,6 +58,7 @@ use super::{RelayConnector, RouteTable, SecretSlot};
 use crate::client_hello::{read_server_name, Deadlines, HelloFailure};
 use crate::config::{Timeouts, POD_FRONTEND_CONNECTIONS};
 use crate::sources::{OwnedSourceSlot, SourceCounts, SourceKey};
+use crate::splice::SpliceMode;
 
 /// How long the candidates of a rendezvous port have, all together, to be reached and to
 /// answer (the contract's 2 s).
@@ -350,6 +351,8 @@ struct Shared {
     domain: String,
     timeouts: Timeouts,
     limits: EdgeLimits,
+    /// How forwarded connections move their bytes.
+    splice: SpliceMode,
     hello_phase: Arc<Semaphore>,
     claiming: Arc<Semaphore>,
     forwarded: Arc<Semaphore>,
@@ -380,6 +383,7 @@ impl Edge {
         domain: &str,
         timeouts: Timeouts,
         limits: EdgeLimits,
+        splice: SpliceMode,
         metrics: Arc<EdgeMetrics>,
     ) -> Self {
         let semaphore = |n: usize| Arc::new(Semaphore::new(n.clamp(1, Semaphore::MAX_PERMITS)));
@@ -391,6 +395,7 @@ impl Edge {
             domain: domain.to_ascii_lowercase(),
             timeouts,
             limits,
+            splice,
             hello_phase: semaphore(limits.hello_phase),
             claiming: semaphore(limits.claiming),
             forwarded: semaphore(limits.forwarded),
@@ -679,7 +684,7 @@ impl Shared {
             return self.refuse(EdgeRefused::unreachable(target), peer, entry.as_str());
         }
         self.metrics.forwarded(entry);
-        splice_to_relay(client_tuned(client), relay, held).await;
+        splice_to_relay(client_tuned(client), relay, held, self.splice).await;
     }
 
     async fn rendezvous(
@@ -771,7 +776,7 @@ impl Shared {
         self.metrics.forwarded(EdgeEntry::Rendezvous);
         let hidden = client_tuned(hidden);
         if parked_until_used(&hidden, &relay, self.draining.subscribe()).await {
-            splice_to_relay(hidden, relay, held).await;
+            splice_to_relay(hidden, relay, held, self.splice).await;
         }
     }
 }
@@ -855,9 +860,14 @@ async fn parked_until_used(
 
 /// Joins the two until both directions are done; the relay applies the label's idle timeout
 /// and closes, which ends this too.
-async fn splice_to_relay(mut client: TcpStream, mut relay: TcpStream, held: Held) {
+async fn splice_to_relay(
+    mut client: TcpStream,
+    mut relay: TcpStream,
+    held: Held,
+    mode: SpliceMode,
+) {
     crate::splice::tune(&relay);
-    if let Err(error) = crate::splice::splice(&mut client, &mut relay).await {
+    if let Err(error) = crate::splice::splice(&mut client, &mut relay, mode).await {
         tracing::debug!(%error, "edge: forwarded connection ended with an error");
     }
     drop(held);

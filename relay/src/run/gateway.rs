@@ -23,6 +23,7 @@ use crate::gateway::edge::{Edge, EdgeLimits, EdgeMetrics};
 use crate::gateway::{self, Gateway, GatewayMetrics, RouteTable, SecretSlot, UpstreamSettings};
 use crate::gateway_auth::{GatewayAuthError, InstallSecret};
 use crate::host::Names;
+use crate::splice::SpliceMode;
 use crate::tls::{self, CertFiles, CertNames};
 
 /// The HTTPS front end unless told otherwise (`--listen`): every address, port 8443.
@@ -70,6 +71,8 @@ pub struct GatewayOptions {
     pub rendezvous_ports: Option<PortRange>,
     /// The edge's bounds.
     pub edge_limits: EdgeLimits,
+    /// How the edge's forwarded connections move their bytes.
+    pub splice: SpliceMode,
 }
 
 impl GatewayOptions {
@@ -93,6 +96,7 @@ impl GatewayOptions {
             shared_port: None,
             rendezvous_ports: None,
             edge_limits: EdgeLimits::default(),
+            splice: SpliceMode::default(),
         }
     }
 }
@@ -300,6 +304,7 @@ pub async fn start(options: GatewayOptions) -> Result<RunningGateway, StartError
         &domain,
         options.timeouts.clone(),
         options.edge_limits,
+        options.splice,
         edge_metrics,
     );
     // The HTTPS port reads every ClientHello's server name first: a direct label in edge

@@ -26,6 +26,7 @@ use crate::gateway_auth::GatewayToken;
 use crate::host::Names;
 use crate::label_source::{self, LoadError};
 use crate::relay::StandaloneBackend;
+use crate::splice::SpliceMode;
 
 /// The control port unless told otherwise (`--control`): every address, port 8080.
 pub const DEFAULT_CONTROL: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 8080);
@@ -83,6 +84,8 @@ pub struct LabelRelayOptions {
     pub reload_interval: Duration,
     pub timeouts: Timeouts,
     pub limits: Limits,
+    /// How pairs move their bytes.
+    pub splice: SpliceMode,
 }
 
 impl LabelRelayOptions {
@@ -108,6 +111,7 @@ impl LabelRelayOptions {
                 frontend_connections: POD_FRONTEND_CONNECTIONS,
                 ..Limits::default()
             },
+            splice: SpliceMode::default(),
         }
     }
 }
@@ -206,6 +210,7 @@ pub async fn start(options: LabelRelayOptions) -> Result<LabelRelay, StartError>
         limits: options.limits.clone(),
         // One label per pod: one data-plane thread.
         data_threads: std::num::NonZeroUsize::MIN,
+        splice: options.splice,
     };
     let (control, control_addr) = super::bind(options.control)?;
     let edge = options.edge.map(super::bind).transpose()?;

@@ -26,6 +26,7 @@ use crate::handover::{self, HandoverSocket, Key, Listeners, Registration};
 use crate::host::Names;
 use crate::label_source::{self, LabelSet};
 use crate::relay::StandaloneBackend;
+use crate::splice::SpliceMode;
 use crate::tls::{self, CertFiles, CertNames};
 
 /// Everything `serve` is configured with (the binary's flags); its `Default` is the flags'
@@ -61,6 +62,8 @@ pub struct ServeOptions {
     pub hand_over: bool,
     /// The web console (`crate::console`); `None`: off (the default).
     pub console: Option<crate::console::ConsoleOptions>,
+    /// How pairs move their bytes.
+    pub splice: SpliceMode,
 }
 
 impl Default for ServeOptions {
@@ -95,6 +98,7 @@ impl Default for ServeOptions {
             take_over: false,
             hand_over: false,
             console: None,
+            splice: SpliceMode::default(),
         }
     }
 }
@@ -274,6 +278,7 @@ fn settings(options: &ServeOptions) -> Result<RelaySettings, StartError> {
         data_threads: options
             .data_threads
             .unwrap_or_else(DataPlane::default_threads),
+        splice: options.splice,
     })
 }
 

@@ -192,24 +192,9 @@ async fn bulk_through_the_relay_and_the_agent_is_intact_on_every_splice_mode() {
         let clients: Vec<_> = (0..CLIENTS)
             .map(|i| {
                 tokio::spawn(async move {
-                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                    let stream = tokio::net::TcpStream::connect(("127.0.0.1", q))
-                        .await
-                        .unwrap();
                     let data: Vec<u8> = (0..BYTES).map(|b| (b * 31 + i) as u8).collect();
-                    let (mut r, mut w) = stream.into_split();
-                    let sent = data.clone();
-                    // Written while the echo is read: more than every buffer on the way holds.
-                    let writer = tokio::spawn(async move {
-                        w.write_all(&sent).await.unwrap();
-                        w.shutdown().await.unwrap();
-                    });
-                    let mut back = Vec::new();
-                    tokio::time::timeout(PATIENCE * 3, r.read_to_end(&mut back))
-                        .await
-                        .expect("echo in time")
-                        .unwrap();
-                    writer.await.unwrap();
+                    let back =
+                        taas_testkit::echo::echo_whole(([127, 0, 0, 1], q).into(), &data).await;
                     assert_eq!(back.len(), data.len());
                     assert!(back == data, "client {i}: bytes differ");
                 })

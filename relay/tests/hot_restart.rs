@@ -234,6 +234,17 @@ fn start_agent(setup: &Setup, label: &TestLabel, forward: SocketAddr) -> Owned {
     )
 }
 
+/// The agent (`start_agent`) in front of an echo server of its own, once it has 8 parked.
+async fn agent_parked(setup: &Setup, label: &TestLabel) -> (Owned, tokio::task::JoinHandle<()>) {
+    let (echo, echo_task) = echo_server().await;
+    let agent = start_agent(setup, label, echo);
+    eventually("the agent has 8 parked", || async {
+        setup.parked().await >= 8.0
+    })
+    .await;
+    (agent, echo_task)
+}
+
 /// One long transfer through q: `TRANSFER_BYTES` written in paced chunks over
 /// `TRANSFER_SPAN` while the echo is read back; every byte must come back, in order.
 async fn long_transfer(q: SocketAddr, seed: u8) -> Result<usize, String> {
@@ -291,12 +302,7 @@ async fn swap_under_load(trigger: Trigger) {
         first.iter().all(|m| !m.contains("MAINPID")),
         "the first relay says READY=1 alone: {first:?}"
     );
-    let (echo, _echo) = echo_server().await;
-    let _agent = start_agent(&setup, &home, echo);
-    eventually("the agent has 8 parked", || async {
-        setup.parked().await >= 8.0
-    })
-    .await;
+    let _agent = agent_parked(&setup, &home).await;
     let q = setup.q().await;
     assert!(matches!(
         echo_exchange(q, b"hello").await,
@@ -514,12 +520,7 @@ async fn a_client_redirected_by_the_old_relay_is_admitted_on_q_by_its_successor(
     let setup = Setup::new(dir.path(), &home, false);
     let _old = Owned(setup.spawn(&[]));
     setup.until_ready().await;
-    let (echo, _echo) = echo_server().await;
-    let _agent = start_agent(&setup, &home, echo);
-    eventually("the agent has 8 parked", || async {
-        setup.parked().await >= 8.0
-    })
-    .await;
+    let _agent = agent_parked(&setup, &home).await;
     // 127.0.0.1 gets its 307 from the old relay, and asks no more.
     let q = setup.q().await;
     let _new = Owned(setup.spawn(&["--take-over"]));

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 use taas_relay::splice::SpliceMode;
+use taas_testkit::echo::echo_whole;
 use taas_testkit::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -300,19 +301,7 @@ async fn two_hundred_concurrent_clients(mode: SpliceMode) {
         .map(|i| {
             tokio::spawn(async move {
                 let data = pattern(i, 64 * 1024 + i as usize);
-                let stream = TcpStream::connect(("127.0.0.1", q)).await.unwrap();
-                let (mut r, mut w) = stream.into_split();
-                let sent = data.clone();
-                let writer = tokio::spawn(async move {
-                    w.write_all(&sent).await.unwrap();
-                    w.shutdown().await.unwrap();
-                });
-                let mut back = Vec::new();
-                tokio::time::timeout(PATIENCE * 3, r.read_to_end(&mut back))
-                    .await
-                    .expect("echo in time")
-                    .unwrap();
-                writer.await.unwrap();
+                let back = echo_whole(([127, 0, 0, 1], q).into(), &data).await;
                 assert_eq!(back.len(), data.len(), "client {i}");
                 assert!(back == data, "client {i}: bytes differ");
             })

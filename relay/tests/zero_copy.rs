@@ -10,7 +10,6 @@ use taas_relay::splice::SpliceMode;
 use taas_testkit::agent::Agent;
 use taas_testkit::echo;
 use taas_testkit::prelude::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Pipes this process holds open.
 fn open_pipes() -> usize {
@@ -47,21 +46,7 @@ async fn churn_through_the_relay_and_the_agent_on_splice_leaves_no_pipe_open() {
                         0 => vec![0x5a; 1024 * 1024],
                         n => echo::payload(18, n),
                     };
-                    let stream = tokio::net::TcpStream::connect(("127.0.0.1", q))
-                        .await
-                        .unwrap();
-                    let (mut r, mut w) = stream.into_split();
-                    let up = data.clone();
-                    let writer = tokio::spawn(async move {
-                        w.write_all(&up).await.unwrap();
-                        w.shutdown().await.unwrap();
-                    });
-                    let mut back = Vec::new();
-                    tokio::time::timeout(PATIENCE * 3, r.read_to_end(&mut back))
-                        .await
-                        .expect("echo in time")
-                        .unwrap();
-                    writer.await.unwrap();
+                    let back = echo::echo_whole(([127, 0, 0, 1], q).into(), &data).await;
                     assert_eq!(back.len(), data.len(), "connection {n}");
                     assert!(back == data, "connection {n}: bytes differ");
                     data.len() as u64

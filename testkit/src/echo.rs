@@ -104,3 +104,23 @@ pub async fn echo_exchange(addr: SocketAddr, data: &[u8]) -> Exchange {
         }
     }
 }
+
+/// Sends `data` to an echo behind `addr` while reading the echo back (more than every buffer
+/// on the way holds, so both run at once), then half-closes: what came back, within three
+/// patiences. Panics on a connection or I/O error.
+pub async fn echo_whole(addr: SocketAddr, data: &[u8]) -> Vec<u8> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut r, mut w) = stream.into_split();
+    let sent = data.to_vec();
+    let writer = tokio::spawn(async move {
+        w.write_all(&sent).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    let mut back = Vec::new();
+    tokio::time::timeout(PATIENCE * 3, r.read_to_end(&mut back))
+        .await
+        .expect("echo in time")
+        .unwrap();
+    writer.await.unwrap();
+    back
+}

@@ -488,7 +488,8 @@ mod tests {
     /// Every path a direction can take.
     const MODES: [SpliceMode; 3] = [SpliceMode::Copy, SpliceMode::Auto, SpliceMode::Kernel];
 
-    async fn connected_pair() -> (TcpStream, TcpStream) {
+    /// Two connected loopback sockets (also the kernel-path unit tests' in `zero_copy`).
+    pub(super) async fn connected_pair() -> (TcpStream, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let near = TcpStream::connect(listener.local_addr().unwrap())
             .await

@@ -136,18 +136,9 @@ impl std::fmt::Debug for Pipe {
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
+    use crate::splice::tests::connected_pair;
     use tokio::io::Interest;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::{TcpListener, TcpStream};
-
-    async fn connected_pair() -> (TcpStream, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let near = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (far, _) = listener.accept().await.unwrap();
-        (near, far)
-    }
 
     /// The bare calls: bytes in at one socket come out at the other, the empty socket answers
     /// WouldBlock (not 0), and EOF is 0.

@@ -35,6 +35,13 @@ pub const PARKED_HEADER: &str = "taas-parked";
 /// several replicas of the label tries the next one.
 pub const DRAINING_HEADER: &str = "taas-draining";
 
+/// On a label relay's 503 to a mobile GET forwarded by a gateway (value `1`, never passed on
+/// to the client): nothing is parked here now, but the label's hidden server registered
+/// lately, so one is likely parked somewhere within moments (its agent replacing a connection,
+/// or parking again after a replica drained). The gateway then keeps asking the label's
+/// replicas for a moment instead of answering 503 at once.
+pub const EXPECTED_HEADER: &str = "taas-expected";
+
 /// Most rendezvous ports handed out by one request of the extension.
 pub const MAX_RENDEZVOUS_PER_REQUEST: u32 = 16;
 

@@ -72,8 +72,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use taas_protocol::answer::{
-    Answer, ClientRequest, Registration, CLIENT_ADDR_HEADER, DRAINING_HEADER, PARKED_HEADER,
-    RENDEZVOUS_COUNT_HEADER,
+    Answer, ClientRequest, Registration, CLIENT_ADDR_HEADER, DRAINING_HEADER, EXPECTED_HEADER,
+    PARKED_HEADER, RENDEZVOUS_COUNT_HEADER,
 };
 use taas_protocol::sync::{lock, read, write};
 use tokio::net::TcpStream;
@@ -88,6 +88,11 @@ use crate::rate_limit::{RateLimit, SourceRateLimiter};
 /// away costs a client at most this, never a hang.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a mobile GET is held when no replica has a parked connection but the label's
+/// hidden server registered lately (its agent parks again within moments), and how often the
+/// replicas are asked again meanwhile.
+const GET_WAIT: Duration = Duration::from_secs(3);
+const GET_POLL: Duration = Duration::from_millis(100);
 /// How long clients are told to wait when a label's relay is not ready.
 const RETRY_NOT_READY: Duration = Duration::from_secs(5);
 /// Relays one front-end connection keeps connections to.
@@ -269,6 +274,11 @@ struct ByReason {
     reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ByOutcome {
+    outcome: &'static str,
+}
+
 /// Why a registration was sent on to another replica.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Retried {
@@ -295,6 +305,7 @@ pub struct GatewayMetrics {
     upstream_connections_opened: Counter,
     relay_lookups: Counter,
     registrations_retried: Family<ByReason, Counter>,
+    clients_held: Family<ByOutcome, Counter>,
 }
 
 impl Default for GatewayMetrics {
@@ -304,7 +315,11 @@ impl Default for GatewayMetrics {
             upstream_connections_opened: Counter::default(),
             relay_lookups: Counter::default(),
             registrations_retried: Family::default(),
+            clients_held: Family::default(),
         };
+        for outcome in ["served", "unavailable"] {
+            let _ = metrics.clients_held.get_or_create(&ByOutcome { outcome });
+        }
         for reason in Retried::ALL {
             let _ = metrics.registrations_retried.get_or_create(&ByReason {
                 reason: reason.as_str(),
@@ -337,6 +352,21 @@ impl GatewayMetrics {
              the replica answered taas-draining; unreachable: not reached or no answer in time)",
             self.registrations_retried.clone(),
         );
+        registry.register(
+            "taas_gateway_clients_held",
+            "Mobile GETs that found nothing parked on any replica of a label whose hidden server \
+             registered lately, held while the replicas were asked again, by outcome (served: a \
+             replica redirected within the hold; unavailable: 503 at its end)",
+            self.clients_held.clone(),
+        );
+    }
+
+    /// A GET held for a parked connection ended: `served` or not.
+    fn client_waited(&self, served: bool) {
+        let outcome = if served { "served" } else { "unavailable" };
+        self.clients_held
+            .get_or_create(&ByOutcome { outcome })
+            .inc();
     }
 
     fn retried(&self, reason: Retried) {
@@ -400,16 +430,11 @@ impl Gateway {
 
     /// The replicas of `relays`, or the 503 a client gets when there is none (logged as the
     /// route's readiness says).
-    async fn replicas(
-        &self,
-        label: &str,
-        route: &Route,
-        relays: &Replicas,
-    ) -> Result<Vec<SocketAddr>, Answer> {
+    async fn replicas(&self, label: &str, route: &Route) -> Result<Vec<SocketAddr>, Answer> {
         match self
             .upstream
             .resolver
-            .resolve_all(relays, &self.metrics)
+            .resolve_all(&control_set(label, route), &self.metrics)
             .await
         {
             Ok(replicas) => Ok(replicas),
@@ -480,10 +505,7 @@ impl LabelBackend for Gateway {
         let Some(route) = self.routes.get(registration.label) else {
             return Answer::unauthorized();
         };
-        let replicas = match self
-            .replicas(registration.label, &route, &route.relay)
-            .await
-        {
+        let replicas = match self.replicas(registration.label, &route).await {
             Ok(replicas) => replicas,
             Err(answer) => return answer,
         };
@@ -570,7 +592,7 @@ impl LabelBackend for Gateway {
             let fresh = self
                 .upstream
                 .resolver
-                .resolve_all_fresh(&route.relay, &self.metrics)
+                .resolve_all_fresh(&control_set(registration.label, &route), &self.metrics)
                 .await
                 .unwrap_or_default();
             for replica in fresh.into_iter().filter(|replica| !order.contains(replica)) {
@@ -620,40 +642,60 @@ impl LabelBackend for Gateway {
         let Some(route) = self.routes.get(client.label) else {
             return Answer::not_found();
         };
-        let replicas = match self.replicas(client.label, &route, &route.relay).await {
+        let replicas = match self.replicas(client.label, &route).await {
             Ok(replicas) => replicas,
             Err(answer) => return answer,
         };
-        let deadline = tokio::time::Instant::now() + ANSWER_TIMEOUT;
-        let mut last: Option<Answer> = None;
-        let mut problem = String::from("no replica");
+        let control = control_set(client.label, &route);
+        let started = tokio::time::Instant::now();
+        let deadline = started + ANSWER_TIMEOUT;
+        let mut said_no = SaidNo::default();
         let mut tried: Vec<SocketAddr> = Vec::new();
-        let mut replicas = replicas;
         // A GET is idempotent: a replica with nothing parked (503), without the label (404:
         // not loaded yet, or already closed) or out of reach sends it on to the next, the one
-        // most likely to have a parked connection asked first. When every replica known has
-        // said no, the name is looked up again (at most once per 250 ms): during a rollout the
-        // cached addresses can miss the replica that has just become ready and now holds the
-        // hidden server's connections.
-        'lookups: for fresh in [false, true] {
-            if fresh {
-                match self
-                    .upstream
-                    .resolver
-                    .resolve_all_fresh(&route.relay, &self.metrics)
-                    .await
-                {
-                    Ok(found) => replicas = found,
-                    Err(_) => break,
+        // most likely to have a parked connection asked first. Round 0 asks the replicas
+        // known; round 1 looks the name up again (at most once per 250 ms: during a rollout
+        // the cached addresses can miss the replica that has just become ready) and asks the
+        // new ones, then the replicas that left the name lately (a draining one still holds
+        // its parked connections for a few seconds). Then, while a replica says the hidden
+        // server registered lately (`taas-expected`), every GET_POLL for up to GET_WAIT, all
+        // of them again: its agent is parking a replacement, or parking again elsewhere
+        // after a replica drained.
+        'rounds: for round in 0.. {
+            let candidates: Vec<(SocketAddr, bool)> = if round == 0 {
+                let order = self.order(&replicas, false);
+                order.into_iter().map(|replica| (replica, false)).collect()
+            } else {
+                if round > 1 {
+                    if !said_no.expected
+                        || tokio::time::Instant::now() + GET_POLL > started + GET_WAIT
+                    {
+                        break;
+                    }
+                    tokio::time::sleep(GET_POLL).await;
                 }
-            }
-            let untried: Vec<SocketAddr> = self
-                .order(&replicas, false)
-                .into_iter()
-                .filter(|replica| !tried.contains(replica))
-                .collect();
-            for replica in untried {
-                tried.push(replica);
+                let resolver = &self.upstream.resolver;
+                let listed = resolver
+                    .resolve_all_fresh(&control, &self.metrics)
+                    .await
+                    .unwrap_or_default();
+                let mut candidates: Vec<(SocketAddr, bool)> = self
+                    .order(&listed, false)
+                    .into_iter()
+                    .filter(|replica| round > 1 || !tried.contains(replica))
+                    .map(|replica| (replica, false))
+                    .collect();
+                for departed in resolver.departed(&control) {
+                    if !listed.contains(&departed) {
+                        candidates.push((departed, true));
+                    }
+                }
+                candidates
+            };
+            for (replica, departed) in candidates {
+                if !tried.contains(&replica) {
+                    tried.push(replica);
+                }
                 let builder = self.request(
                     "GET",
                     client.path_and_query,
@@ -664,27 +706,78 @@ impl LabelBackend for Gateway {
                 let Ok(forwarded) = builder.body(Empty::new()) else {
                     return Answer::bad_request();
                 };
+                let until = if departed {
+                    deadline.min(tokio::time::Instant::now() + DEPARTED_TIMEOUT)
+                } else {
+                    deadline
+                };
                 let send = self.upstream.send_pooled(replica, forwarded);
-                match tokio::time::timeout_at(deadline, send).await {
-                    Ok(Ok(relayed)) if relayed.answer.status == 503 => last = Some(relayed.answer),
+                match tokio::time::timeout_at(until, send).await {
+                    Ok(Ok(relayed)) if relayed.answer.status == 503 => {
+                        said_no.expected |= relayed.expected;
+                        said_no.last = Some(relayed.answer);
+                    }
                     Ok(Ok(relayed)) if relayed.answer.status == 404 => {
                         // A 503 elsewhere says more: the label is there, just not parked.
-                        last.get_or_insert(relayed.answer);
+                        said_no.last.get_or_insert(relayed.answer);
                     }
-                    Ok(Ok(relayed)) => return relayed.answer,
-                    Ok(Err(error)) => problem = format!("relay {replica} unreachable: {error}"),
+                    Ok(Ok(relayed)) => {
+                        if round > 1 {
+                            self.metrics.client_waited(true);
+                        }
+                        return relayed.answer;
+                    }
+                    Ok(Err(_)) | Err(_) if departed => {
+                        self.upstream.resolver.forget_departed(&control, replica);
+                    }
+                    Ok(Err(error)) => {
+                        said_no.problem = format!("relay {replica} unreachable: {error}")
+                    }
                     Err(_) => {
-                        problem = format!("relay {replica} did not answer in time");
-                        break 'lookups;
+                        said_no.problem = format!("relay {replica} did not answer in time");
+                        break 'rounds;
                     }
                 }
             }
         }
-        if let Some(answer) = last {
+        if said_no.expected {
+            self.metrics.client_waited(false);
+        }
+        if let Some(answer) = said_no.last {
             return answer;
         }
-        self.unavailable(client.label, &route, &problem);
+        self.unavailable(client.label, &route, &said_no.problem);
         Answer::unavailable(RETRY_NOT_READY)
+    }
+}
+
+/// The control ports of `label`'s replicas.
+fn control_set<'a>(label: &'a str, route: &'a Route) -> ReplicaSet<'a> {
+    ReplicaSet {
+        label,
+        port: "control",
+        relays: &route.relay,
+    }
+}
+
+/// What the replicas asked for a client have said so far, none of them a redirect.
+struct SaidNo {
+    /// The answer the client gets if none redirects: a 503 (the label is there, nothing
+    /// parked) over a 404.
+    last: Option<Answer>,
+    /// Some replica said the hidden server registered lately.
+    expected: bool,
+    /// Why the last replica out of reach was.
+    problem: String,
+}
+
+impl Default for SaidNo {
+    fn default() -> Self {
+        Self {
+            last: None,
+            expected: false,
+            problem: String::from("no replica"),
+        }
     }
 }
 
@@ -918,6 +1011,8 @@ struct Relayed {
     parked: Option<usize>,
     /// `taas-draining: 1`: the replica is stopping (a registration tries the next one).
     draining: bool,
+    /// `taas-expected: 1` on a GET's 503: the label's hidden server registered lately.
+    expected: bool,
 }
 
 impl Upstreams {
@@ -1022,6 +1117,7 @@ async fn exchange(sender: &mut SendRequest<Empty<Bytes>>, request: Request<Empty
     let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
     let parked = header(PARKED_HEADER).and_then(|v| v.trim().parse::<usize>().ok());
     let draining = parts.status.as_u16() == 503 && header(DRAINING_HEADER) == Some("1");
+    let expected = parts.status.as_u16() == 503 && header(EXPECTED_HEADER) == Some("1");
     let closing = parts
         .headers
         .get(hyper::header::CONNECTION)
@@ -1033,6 +1129,7 @@ async fn exchange(sender: &mut SendRequest<Empty<Bytes>>, request: Request<Empty
         reusable,
         parked,
         draining,
+        expected,
     })
 }
 
@@ -1045,21 +1142,31 @@ pub(crate) struct RelayConnector {
 }
 
 impl RelayConnector {
-    /// Every replica `relays` names now (at most [`MAX_REPLICAS`]).
+    /// Every replica `set` names now (at most [`MAX_REPLICAS`]).
     pub(crate) async fn replicas(
         &self,
-        relays: &Replicas,
+        set: &ReplicaSet<'_>,
     ) -> Result<Vec<SocketAddr>, UpstreamError> {
-        self.resolver.resolve_all(relays, &self.metrics).await
+        self.resolver.resolve_all(set, &self.metrics).await
     }
 
     /// [`RelayConnector::replicas`] looked up again when the cached answer is not fresh
     /// (see [`RelayResolver::resolve_all_fresh`]).
     pub(crate) async fn fresh_replicas(
         &self,
-        relays: &Replicas,
+        set: &ReplicaSet<'_>,
     ) -> Result<Vec<SocketAddr>, UpstreamError> {
-        self.resolver.resolve_all_fresh(relays, &self.metrics).await
+        self.resolver.resolve_all_fresh(set, &self.metrics).await
+    }
+
+    /// Replicas that left `set` lately: asked last, for clients (see [`DEPARTED_KEEP`]).
+    pub(crate) fn departed(&self, set: &ReplicaSet<'_>) -> Vec<SocketAddr> {
+        self.resolver.departed(set)
+    }
+
+    /// A departed replica that did not answer: not asked again.
+    pub(crate) fn forget_departed(&self, set: &ReplicaSet<'_>, replica: SocketAddr) {
+        self.resolver.forget_departed(set, replica)
     }
 
     /// A connection to one replica within the connect deadline.
@@ -1233,18 +1340,54 @@ const REFRESH_MIN_AGE: Duration = Duration::from_millis(250);
 const FAILED_TTL: Duration = Duration::from_secs(1);
 /// Names remembered at once.
 const MAX_RESOLVED: usize = 4096;
+/// How long an address that has left a name (a replica no longer ready: draining, or gone) is
+/// still asked for clients, after every listed replica has said no. A draining replica leaves
+/// its headless Service at once but keeps its parked connections for
+/// `run::pod::PARKED_HOLD` (5 s) as a last resort; unasked, those connections would be out of
+/// every client's reach while the replicas still listed had none parked yet (the e2e test's
+/// 2-replica upgrade: 4 failed GETs in 0.7 s).
+const DEPARTED_KEEP: Duration = Duration::from_secs(10);
+/// How long a departed replica has to answer: it may be gone for good (a deleted pod's
+/// address answers nothing), and a live pod in the cluster answers within milliseconds.
+const DEPARTED_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// One set of a label's replicas: the addresses its route names for one kind of port.
+pub(crate) struct ReplicaSet<'a> {
+    pub label: &'a str,
+    /// `control` (the relays' control ports) or `edge`.
+    pub port: &'static str,
+    pub relays: &'a Replicas,
+}
+
+impl ReplicaSet<'_> {
+    fn key(&self) -> String {
+        format!("{}/{}", self.label, self.port)
+    }
+}
 
 /// Resolves relay addresses (`HOST:PORT`) with tokio's resolver, cached briefly; a literal
 /// `IP:PORT` needs no lookup.
 #[derive(Default)]
 struct RelayResolver {
     cache: Mutex<ResolveCache>,
+    membership: Mutex<Membership>,
 }
 
 impl RelayResolver {
     /// Every address the names resolve to (each a replica), deduplicated, in the route's
     /// order, at most [`MAX_REPLICAS`]; an error only when none resolves.
     async fn resolve_all(
+        &self,
+        set: &ReplicaSet<'_>,
+        metrics: &GatewayMetrics,
+    ) -> Result<Vec<SocketAddr>, UpstreamError> {
+        let resolved = self.resolve_names(set.relays, metrics).await;
+        let listed = resolved.as_deref().unwrap_or(&[]);
+        lock(&self.membership).note(&set.key(), listed, Instant::now());
+        resolved
+    }
+
+    async fn resolve_names(
         &self,
         relays: &Replicas,
         metrics: &GatewayMetrics,
@@ -1278,17 +1421,27 @@ impl RelayResolver {
     /// one lookup per name per [`REFRESH_MIN_AGE`], so a flood cannot turn into lookups.
     async fn resolve_all_fresh(
         &self,
-        relays: &Replicas,
+        set: &ReplicaSet<'_>,
         metrics: &GatewayMetrics,
     ) -> Result<Vec<SocketAddr>, UpstreamError> {
         {
             let mut cache = lock(&self.cache);
             let now = Instant::now();
-            for name in relays.names() {
+            for name in set.relays.names() {
                 cache.forget_if_older(name, REFRESH_MIN_AGE, now);
             }
         }
-        self.resolve_all(relays, metrics).await
+        self.resolve_all(set, metrics).await
+    }
+
+    /// The replicas that left `set` lately (see [`DEPARTED_KEEP`]).
+    fn departed(&self, set: &ReplicaSet<'_>) -> Vec<SocketAddr> {
+        lock(&self.membership).departed(&set.key(), Instant::now())
+    }
+
+    /// A departed replica that did not answer: not asked again.
+    fn forget_departed(&self, set: &ReplicaSet<'_>, replica: SocketAddr) {
+        lock(&self.membership).forget(&set.key(), replica)
     }
 
     async fn resolve(
@@ -1391,6 +1544,87 @@ impl ResolveCache {
     }
 }
 
+/// Which addresses a label's replicas had, for each set of them (a label's control ports, its
+/// edge ports), and which have left lately: a replica leaves its headless Service's name as
+/// soon as it drains (or a routes file stops listing it), yet holds its parked connections for
+/// a few seconds. Pure: the caller passes the time. Bounded: [`MAX_RESOLVED`] sets, each with
+/// at most [`MAX_REPLICAS`] departed addresses.
+#[derive(Debug)]
+struct Membership {
+    sets: HashMap<String, Members>,
+    max: usize,
+}
+
+#[derive(Debug, Default)]
+struct Members {
+    listed: Vec<SocketAddr>,
+    /// Newest last.
+    departed: Vec<(SocketAddr, Instant)>,
+    seen: Option<Instant>,
+}
+
+impl Default for Membership {
+    fn default() -> Self {
+        Self {
+            sets: HashMap::new(),
+            max: MAX_RESOLVED,
+        }
+    }
+}
+
+impl Membership {
+    /// `set` lists `listed` now (empty: its names did not resolve).
+    fn note(&mut self, set: &str, listed: &[SocketAddr], now: Instant) {
+        if self.sets.len() >= self.max.max(1) && !self.sets.contains_key(set) {
+            let oldest = self
+                .sets
+                .iter()
+                .min_by_key(|(_, members)| members.seen)
+                .map(|(set, _)| set.clone());
+            if let Some(oldest) = oldest {
+                self.sets.remove(&oldest);
+            }
+        }
+        let members = self.sets.entry(set.to_string()).or_default();
+        members.seen = Some(now);
+        if members.listed == listed {
+            return;
+        }
+        members.departed.retain(|(address, at)| {
+            !listed.contains(address) && now.saturating_duration_since(*at) < DEPARTED_KEEP
+        });
+        for address in std::mem::take(&mut members.listed) {
+            if !listed.contains(&address) {
+                members.departed.push((address, now));
+            }
+        }
+        let excess = members.departed.len().saturating_sub(MAX_REPLICAS);
+        members.departed.drain(..excess);
+        members.listed = listed.to_vec();
+    }
+
+    /// The addresses that left `set` within [`DEPARTED_KEEP`] of `now` and are not back.
+    fn departed(&self, set: &str, now: Instant) -> Vec<SocketAddr> {
+        self.sets.get(set).map_or_else(Vec::new, |members| {
+            members
+                .departed
+                .iter()
+                .filter(|(_, at)| now.saturating_duration_since(*at) < DEPARTED_KEEP)
+                .map(|(address, _)| *address)
+                .collect()
+        })
+    }
+
+    /// Stops offering `address` as a departed replica of `set` (it did not answer: gone).
+    fn forget(&mut self, set: &str, address: SocketAddr) {
+        if let Some(members) = self.sets.get_mut(set) {
+            members
+                .departed
+                .retain(|(departed, _)| *departed != address);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1414,6 +1648,72 @@ mod tests {
         cache.forget_if_older("gone:8080", REFRESH_MIN_AGE, t0 + FAILED_TTL);
         assert_eq!(cache.get("gone:8080", t0), None);
         cache.forget_if_older("never:8080", REFRESH_MIN_AGE, t0);
+    }
+
+    fn at(port: u16) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, 1], port))
+    }
+
+    fn listed(ports: &[u16]) -> Vec<SocketAddr> {
+        ports.iter().map(|port| at(*port)).collect()
+    }
+
+    #[test]
+    fn a_replica_that_leaves_a_set_is_asked_last_for_a_while_unless_it_comes_back() {
+        let mut members = Membership::default();
+        let t0 = Instant::now();
+        members.note("home/control", &listed(&[1, 2]), t0);
+        assert!(members.departed("home/control", t0).is_empty());
+        // A rollout: 1 drains and leaves the name, 3 is new.
+        let t1 = t0 + Duration::from_millis(250);
+        members.note("home/control", &listed(&[2, 3]), t1);
+        assert_eq!(members.departed("home/control", t1), vec![at(1)]);
+        // The same answer again (from the cache) changes nothing.
+        members.note(
+            "home/control",
+            &listed(&[2, 3]),
+            t1 + Duration::from_secs(1),
+        );
+        assert_eq!(members.departed("home/control", t1), vec![at(1)]);
+        // Nothing resolves: every replica known departs; 1 keeps its time.
+        let t2 = t1 + Duration::from_secs(2);
+        members.note("home/control", &[], t2);
+        assert_eq!(
+            members.departed("home/control", t2),
+            vec![at(1), at(2), at(3)]
+        );
+        // 2 is back; 1 is forgotten DEPARTED_KEEP after it left; 3 did not answer.
+        let t3 = t1 + DEPARTED_KEEP;
+        members.note("home/control", &listed(&[2]), t3);
+        assert_eq!(members.departed("home/control", t3), vec![at(3)]);
+        members.forget("home/control", at(3));
+        assert!(members.departed("home/control", t3).is_empty());
+        // Sets are apart: another label, the same label's edge ports.
+        assert!(members.departed("home/edge", t2).is_empty());
+        assert!(members.departed("lab/control", t2).is_empty());
+    }
+
+    #[test]
+    fn membership_stays_bounded() {
+        let mut members = Membership {
+            sets: HashMap::new(),
+            max: 3,
+        };
+        let t0 = Instant::now();
+        for round in 0..40u16 {
+            let ports: Vec<u16> = (0..8).map(|n| round * 8 + n).collect();
+            members.note("home/control", &listed(&ports), t0);
+            assert!(members.departed("home/control", t0).len() <= MAX_REPLICAS);
+        }
+        // The newest departures are kept.
+        let departed = members.departed("home/control", t0);
+        assert_eq!(departed.len(), MAX_REPLICAS);
+        assert!(departed.contains(&at(38 * 8)));
+        for n in 0..100u16 {
+            let later = t0 + Duration::from_millis(u64::from(n) + 1);
+            members.note(&format!("label{n}/edge"), &listed(&[n]), later);
+            assert!(members.sets.len() <= 3);
+        }
     }
 
     #[test]

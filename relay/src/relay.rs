@@ -14,7 +14,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use prometheus_client::registry::Registry;
 use taas_protocol::answer::{
-    Answer, ClientRequest, ConnectionAuth, Registration, DRAINING_HEADER, PARKED_HEADER,
+    Answer, ClientRequest, ConnectionAuth, Registration, DRAINING_HEADER, EXPECTED_HEADER,
+    PARKED_HEADER,
 };
 use taas_protocol::guard::{AuthGuard, GuardLimits};
 use taas_protocol::registration::{self, Decoy, NamedLabel, Terms, Verdict, RETRY_UNAVAILABLE};
@@ -335,6 +336,19 @@ fn draining_answer() -> Answer {
     answer
 }
 
+/// How lately a label's hidden server must have registered for a gateway to be told, on a
+/// GET that finds nothing parked, that one is expected ([`EXPECTED_HEADER`]).
+pub const EXPECTED_WITHIN: Duration = Duration::from_secs(60);
+
+/// Whether a hidden server that last registered at `last` is expected back within moments
+/// (at `now`). A registration stamped in the future (the clock stepped back) counts as recent.
+pub fn hidden_server_expected(last: Option<SystemTime>, now: SystemTime) -> bool {
+    last.is_some_and(|at| {
+        now.duration_since(at)
+            .map_or(true, |ago| ago < EXPECTED_WITHIN)
+    })
+}
+
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -368,7 +382,18 @@ impl LabelBackend for StandaloneBackend {
     }
 
     async fn client(&self, request: ClientRequest<'_>) -> Answer {
-        self.redirect_now(request)
+        let label_name = request.label;
+        let mut answer = self.redirect_now(request);
+        if answer.status == 503 && self.gateway_headers.load(Ordering::Relaxed) {
+            let last = self
+                .label(label_name)
+                .and_then(|label| label.metrics().last_registration())
+                .map(|(at, _)| at);
+            if hidden_server_expected(last, SystemTime::now()) {
+                answer.headers.push((EXPECTED_HEADER, "1".to_string()));
+            }
+        }
+        answer
     }
 
     fn closing(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
@@ -523,5 +548,25 @@ impl StandaloneBackend {
             }
             None => Answer::unavailable(RETRY_NOT_PARKED),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hidden_server_is_expected_only_within_a_minute_of_its_last_registration() {
+        let now = SystemTime::now();
+        assert!(!hidden_server_expected(None, now));
+        assert!(hidden_server_expected(Some(now), now));
+        let almost = now - EXPECTED_WITHIN + Duration::from_millis(1);
+        assert!(hidden_server_expected(Some(almost), now));
+        assert!(!hidden_server_expected(Some(now - EXPECTED_WITHIN), now));
+        // The clock stepped back since: still recent.
+        assert!(hidden_server_expected(
+            Some(now + Duration::from_secs(5)),
+            now
+        ));
     }
 }

@@ -7,7 +7,7 @@
 //! The figures (clients, failures, parked per replica) are printed with `eprintln!`.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -109,7 +109,11 @@ impl Pair {
 
     /// Routes `home` to both replicas' addresses, with the template's ports.
     async fn route(&self, direct: bool) {
-        let ips = [A, B];
+        self.route_to(&[A, B], direct).await;
+    }
+
+    /// Routes `home` to the replicas on `ips`, as a headless Service lists the ready pods.
+    async fn route_to(&self, ips: &[&str], direct: bool) {
         let list = |port: u16| {
             let items: Vec<String> = ips.iter().map(|ip| format!("\"{ip}:{port}\"")).collect();
             format!("[{}]", items.join(", "))
@@ -121,12 +125,16 @@ impl Pair {
             self.cluster.rendezvous_ports()
         );
         std::fs::write(self.cluster.routes_file(), text).unwrap();
+        let control: Vec<String> = ips
+            .iter()
+            .map(|ip| format!("{ip}:{}", self.template.ports.control))
+            .collect();
         eventually("routes applied", || async {
             self.cluster
                 .gateway
                 .routes
                 .get("home")
-                .is_some_and(|r| r.relay.names().len() == ips.len())
+                .is_some_and(|r| r.relay.names() == control.as_slice())
         })
         .await;
     }
@@ -719,4 +727,333 @@ async fn a_stopping_gateway_gives_parked_connections_back_at_once_and_lets_a_pai
     assert_eq!(end, taas_relay::run::DrainEnd::PairsDone);
     drop(a);
     drop(cluster.dir);
+}
+
+/// Where the replicas of a rollout's new pods run.
+const C: &str = "127.0.0.4";
+const D: &str = "127.0.0.7";
+
+/// A mobile client as `curl -L https://home.DOMAIN/` is (the e2e test's steady load): a GET
+/// on the gateway's HTTPS port, then the 307's port (the shared client port) with a
+/// ClientHello and some bytes, all echoed back. `Err` says what failed.
+async fn mobile_client(cluster: &EdgeGateway, n: usize) -> Result<(), String> {
+    let gateway = &cluster.gateway;
+    let (https, ca) = (gateway.frontend, gateway.cert.cert.clone());
+    let get = tokio::spawn(async move {
+        let host = format!("home.{DOMAIN}");
+        let mut tls = tls_connect_from("127.0.0.6", https, &ca, &host).await;
+        let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        tls.write_all(request.as_bytes()).await.unwrap();
+        read_response(&mut tls).await
+    });
+    let response = get.await.map_err(|e| format!("GET: {e}"))?;
+    if response.status != 307 {
+        return Err(format!(
+            "GET: {} {:?}",
+            response.status,
+            String::from_utf8_lossy(&response.body)
+        ));
+    }
+    if response.location_port() != cluster.shared().port() {
+        return Err(format!("307 to {:?}", response.header("location")));
+    }
+    one_client(cluster.shared(), &format!("home.{DOMAIN}"), n).await
+}
+
+/// Mobile clients one after another, 50 ms apart, until stopped (at most 2,000, or 90 s); it
+/// can be paused between two clients.
+struct MobileLoad {
+    task: tokio::task::JoinHandle<Vec<String>>,
+    done: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    /// Asked to pause / paused (between two clients).
+    pause: Arc<(AtomicBool, AtomicBool)>,
+}
+
+impl MobileLoad {
+    fn start(cluster: Arc<EdgeGateway>) -> Self {
+        let done = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let pause = Arc::new((AtomicBool::new(false), AtomicBool::new(false)));
+        let (counted, stopped, paused) = (done.clone(), stop.clone(), pause.clone());
+        let task = tokio::spawn(async move {
+            let started = Instant::now();
+            let over =
+                || stopped.load(Ordering::SeqCst) || started.elapsed() > Duration::from_secs(90);
+            let mut failures = Vec::new();
+            for n in 0..2000 {
+                while paused.0.load(Ordering::SeqCst) && !over() {
+                    paused.1.store(true, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                paused.1.store(false, Ordering::SeqCst);
+                if over() {
+                    break;
+                }
+                if let Err(problem) = mobile_client(&cluster, n).await {
+                    failures.push(format!("client {n} at {:?}: {problem}", started.elapsed()));
+                }
+                counted.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            failures
+        });
+        Self {
+            task,
+            done,
+            stop,
+            pause,
+        }
+    }
+
+    /// Pauses it once the client under way has ended (bounded).
+    async fn pause(&self) {
+        self.pause.0.store(true, Ordering::SeqCst);
+        eventually("the load paused", || async {
+            self.pause.1.load(Ordering::SeqCst)
+        })
+        .await;
+    }
+
+    fn resume(&self) {
+        self.pause.0.store(false, Ordering::SeqCst);
+    }
+
+    /// Waits (bounded) until `more` further clients have run.
+    async fn run_for(&self, what: &str, more: usize) {
+        let until = self.done.load(Ordering::SeqCst) + more;
+        eventually(what, || async { self.done.load(Ordering::SeqCst) >= until }).await;
+    }
+
+    /// Stops it; how many clients ran, and the failures (with what failed).
+    async fn stop(self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::SeqCst);
+        let failures = tokio::time::timeout(Duration::from_secs(60), self.task)
+            .await
+            .expect("the load ends")
+            .unwrap();
+        (self.done.load(Ordering::SeqCst), failures)
+    }
+}
+
+/// `home`'s replicas behind the gateway, each on its own address, listed in the route as a
+/// headless Service lists the ready pods: the rollouts below change the route as kube does.
+struct Rollout {
+    replicas: Vec<(&'static str, LabelRelay)>,
+    template: Template,
+    home: TestLabel,
+    cluster: Arc<EdgeGateway>,
+}
+
+impl Rollout {
+    async fn start(ips: &[&'static str]) -> Self {
+        let home = TestLabel::new("home");
+        let cluster = Arc::new(EdgeGateway::start().await);
+        let template = Template::new(&cluster, &home);
+        let mut rollout = Self {
+            replicas: Vec::new(),
+            template,
+            home,
+            cluster,
+        };
+        for ip in ips {
+            rollout.surge(ip).await;
+        }
+        rollout
+    }
+
+    fn listed(&self) -> Vec<&'static str> {
+        self.replicas
+            .iter()
+            .filter(|(_, relay)| !relay.relay.is_draining())
+            .map(|(ip, _)| *ip)
+            .collect()
+    }
+
+    async fn route(&self) {
+        let ips = self.listed();
+        let list = |port: u16| {
+            let items: Vec<String> = ips.iter().map(|ip| format!("\"{ip}:{port}\"")).collect();
+            format!("[{}]", items.join(", "))
+        };
+        let text = format!(
+            "home: {{relay: {}, edge: {}, rendezvous: {:?}}}\n",
+            list(self.template.ports.control),
+            list(self.template.ports.edge),
+            self.cluster.rendezvous_ports()
+        );
+        std::fs::write(self.cluster.routes_file(), text).unwrap();
+        let control: Vec<String> = ips
+            .iter()
+            .map(|ip| format!("{ip}:{}", self.template.ports.control))
+            .collect();
+        eventually("routes applied", || async {
+            self.cluster
+                .gateway
+                .routes
+                .get("home")
+                .is_some_and(|r| r.relay.names() == control.as_slice())
+        })
+        .await;
+    }
+
+    /// A new replica on `ip`, listed once it runs (ready).
+    async fn surge(&mut self, ip: &'static str) {
+        let relay = self.template.replica(ip).await;
+        self.replicas.push((ip, relay));
+        self.route().await;
+    }
+
+    /// SIGTERM to the replica on `ip`: it drains and leaves the route at once (its parked
+    /// connections are held for `PARKED_HOLD`, then given back).
+    async fn terminate(&self, ip: &str) {
+        let (_, relay) = self.replicas.iter().find(|(at, _)| *at == ip).unwrap();
+        relay.drain();
+        self.route().await;
+    }
+
+    /// Parked per replica, in start order.
+    fn parked(&self) -> Vec<usize> {
+        self.replicas
+            .iter()
+            .map(|(_, relay)| parked(relay, "home"))
+            .collect()
+    }
+
+    async fn agent(&self, n: usize) -> (Agent, tokio::task::JoinHandle<()>) {
+        let (echo, echo_task) = echo_server().await;
+        let agent = Agent::start(
+            self.cluster.gateway.frontend,
+            &self.cluster.gateway.cert.cert,
+            &self.home,
+            echo,
+            n,
+            |config| config.max_backoff = taas_relay::agent::DEFAULT_MAX_BACKOFF,
+        );
+        (agent, echo_task)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replacing_the_only_replica_as_its_headless_service_does_fails_no_mobile_client() {
+    let mut rollout = Rollout::start(&[A]).await;
+    let (agent, _echo) = rollout.agent(4).await;
+    eventually("4 parked on A", || async { rollout.parked() == [4] }).await;
+    let load = MobileLoad::start(rollout.cluster.clone());
+    load.run_for("clients before the rollout", 10).await;
+    // maxSurge 1: B starts and is listed, empty; then A is terminated: it leaves the route
+    // with all 4 parked connections, which it holds for PARKED_HOLD. (No client between the
+    // two, so B has nothing parked yet: the agent parks a replacement where it registers,
+    // and it registers only when a connection is used.)
+    load.pause().await;
+    rollout.surge(B).await;
+    let terminated = Instant::now();
+    rollout.terminate(A).await;
+    assert_eq!(rollout.parked(), [4, 0]);
+    load.resume();
+    eventually("every parked connection on B", || async {
+        rollout.parked() == [0, 4]
+    })
+    .await;
+    let moved = terminated.elapsed();
+    load.run_for("clients after the rollout", 10).await;
+    let (clients, failures) = load.stop().await;
+    eprintln!(
+        "figure: one replica replaced as its Service lists pods, {clients} mobile clients \
+         (GET, 307, shared port): {} failed; all parked on the new replica {moved:?} after \
+         the old one was terminated",
+        failures.len()
+    );
+    assert!(failures.is_empty(), "{failures:?}");
+    assert_eq!(agent.parked(), 4);
+    let metrics = rollout.cluster.metrics().await;
+    assert!(
+        metric(
+            &metrics,
+            "taas_gateway_edge_offers_total{answer=\"last_resort\"}"
+        ) > 0.0,
+        "the terminated replica served clients while it held its parked connections"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_update_of_two_replicas_fails_no_mobile_client() {
+    let mut rollout = Rollout::start(&[A, B]).await;
+    let (agent, _echo) = rollout.agent(4).await;
+    eventually("4 parked over A and B", || async {
+        rollout.parked().iter().sum::<usize>() == 4
+    })
+    .await;
+    let load = MobileLoad::start(rollout.cluster.clone());
+    load.run_for("clients before the rollout", 10).await;
+    // As a Deployment with maxSurge 1, maxUnavailable 0: C, then A goes; D, then B goes.
+    for (new, old) in [(C, A), (D, B)] {
+        // No client while the new replica starts: it is listed with nothing parked, the
+        // worst case (parked connections move to a replica only as clients use them).
+        load.pause().await;
+        rollout.surge(new).await;
+        rollout.terminate(old).await;
+        load.resume();
+        eventually("the old replica's parked connections gone", || async {
+            let (_, relay) = rollout.replicas.iter().find(|(at, _)| *at == old).unwrap();
+            parked(relay, "home") == 0
+        })
+        .await;
+    }
+    eventually("4 parked over C and D", || async {
+        rollout.parked()[2..].iter().sum::<usize>() == 4
+    })
+    .await;
+    load.run_for("clients after the rollout", 10).await;
+    let (clients, failures) = load.stop().await;
+    eprintln!(
+        "figure: two replicas rolled (surge, then terminate, twice), {clients} mobile clients \
+         (GET, 307, shared port): {} failed; parked per replica after {:?} (A, B, C, D)",
+        failures.len(),
+        rollout.parked()
+    );
+    assert!(failures.is_empty(), "{failures:?}");
+    assert_eq!(agent.parked(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_finding_nothing_parked_is_held_while_the_hidden_server_parks_again() {
+    let replicas = Pair::start(TestLabel::new("home"), StartB::Later).await;
+    let cluster = &replicas.cluster;
+    let held = |outcome: &str| format!("taas_gateway_clients_held_total{{outcome=\"{outcome}\"}}");
+    // A label whose hidden server never registered: 503 at once, nothing held.
+    let response = mobile_get(cluster, "127.0.0.6").await;
+    assert_eq!(response.status, 503, "{response:?}");
+    assert_eq!(metric(&cluster.metrics().await, &held("unavailable")), 0.0);
+    // Its hidden server parks once; a client uses that connection: nothing is parked.
+    let _first = cluster.park_from("127.0.0.5", &replicas.home).await;
+    eventually("parked on A", || async { parked(&replicas.a, "home") == 1 }).await;
+    let mut client = TcpStream::connect(cluster.shared()).await.unwrap();
+    client
+        .write_all(&client_hello(Some(&format!("home.{DOMAIN}"))))
+        .await
+        .unwrap();
+    eventually("the parked connection used", || async {
+        parked(&replicas.a, "home") == 0
+    })
+    .await;
+    // A GET now waits for the hidden server's next connection instead of a 503.
+    let gateway = &cluster.gateway;
+    let (https, ca) = (gateway.frontend, gateway.cert.cert.clone());
+    let get = tokio::spawn(async move {
+        let host = format!("home.{DOMAIN}");
+        let mut tls = tls_connect_from("127.0.0.6", https, &ca, &host).await;
+        let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        tls.write_all(request.as_bytes()).await.unwrap();
+        read_response(&mut tls).await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!get.is_finished(), "held while nothing is parked");
+    let _second = cluster.park_from("127.0.0.5", &replicas.home).await;
+    let response = tokio::time::timeout(PATIENCE, get)
+        .await
+        .expect("an answer once parked")
+        .unwrap();
+    assert_eq!(response.status, 307, "{response:?}");
+    assert_eq!(metric(&cluster.metrics().await, &held("served")), 1.0);
 }

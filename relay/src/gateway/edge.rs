@@ -54,7 +54,7 @@ use tokio::time::Instant;
 use super::edge_index::{
     decide, decide_offer, Claim, ClaimDecision, EdgeTarget, NameLookup, Offer, OfferDecision,
 };
-use super::{RelayConnector, RouteTable, SecretSlot};
+use super::{RelayConnector, ReplicaSet, RouteTable, SecretSlot};
 use crate::client_hello::{read_server_name, Deadlines, HelloFailure};
 use crate::config::{Timeouts, POD_FRONTEND_CONNECTIONS};
 use crate::sources::{OwnedSourceSlot, SourceCounts, SourceKey};
@@ -68,6 +68,9 @@ pub const CLAIM_DEADLINE: Duration = Duration::from_secs(2);
 const RELAY_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long one replica has to be reached and to answer an offer.
 const OFFER_DEADLINE: Duration = Duration::from_secs(2);
+/// The same for a replica that has left its name lately (it may be gone for good; a live pod
+/// answers within milliseconds).
+const DEPARTED_OFFER_DEADLINE: Duration = Duration::from_millis(500);
 
 /// The edge's bounds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -590,7 +593,7 @@ impl Shared {
         let Some(header) = self.header(entry, &target.label, peer, local) else {
             return self.refuse(EdgeRefused::NoSecret, peer, entry.as_str());
         };
-        let replicas = match self.connector.replicas(&target.edge).await {
+        let replicas = match self.connector.replicas(&edge_set(target)).await {
             Ok(replicas) => replicas,
             Err(error) => {
                 tracing::debug!(label = %target.label, relay = %target.edge, %error, "edge: relay unreachable");
@@ -609,11 +612,21 @@ impl Shared {
         let mut answers = Vec::with_capacity(order.len());
         let mut streams: Vec<Option<TcpStream>> = Vec::with_capacity(order.len());
         let mut refreshed = false;
+        let mut departed: Vec<SocketAddr> = Vec::new();
         let mut next = 0;
         'offers: loop {
             while let Some(replica) = order.get(next).copied() {
                 next += 1;
-                let (answer, stream) = offer_to(&self.connector, replica, &offer).await;
+                let gone = departed.contains(&replica);
+                let deadline = if gone {
+                    DEPARTED_OFFER_DEADLINE
+                } else {
+                    OFFER_DEADLINE
+                };
+                let (answer, stream) = offer_to(&self.connector, replica, &offer, deadline).await;
+                if gone && answer == Offer::NoAnswer {
+                    self.connector.forget_departed(&edge_set(target), replica);
+                }
                 self.metrics.offered(answer);
                 tracing::debug!(label = %target.label, %replica, answer = answer.as_str(), "edge: client offered");
                 // Kept only while it may be picked: the first LAST_RESORT, the first WAIT.
@@ -631,13 +644,23 @@ impl Shared {
                 break;
             }
             refreshed = true;
-            let Ok(fresh) = self.connector.fresh_replicas(&target.edge).await else {
-                break;
-            };
+            let fresh = self
+                .connector
+                .fresh_replicas(&edge_set(target))
+                .await
+                .unwrap_or_default();
             let before = order.len();
             for replica in fresh {
                 if !order.contains(&replica) {
                     order.push(replica);
+                }
+            }
+            // Then the replicas that left the name lately: a draining one still holds its
+            // parked connections for a few seconds (LAST_RESORT).
+            for replica in self.connector.departed(&edge_set(target)) {
+                if !order.contains(&replica) {
+                    order.push(replica);
+                    departed.push(replica);
                 }
             }
             if order.len() == before {
@@ -716,7 +739,7 @@ impl Shared {
             };
             let header = header.encode();
             let resolved =
-                tokio::time::timeout_at(deadline, self.connector.replicas(&target.edge)).await;
+                tokio::time::timeout_at(deadline, self.connector.replicas(&edge_set(target))).await;
             let Ok(Ok(replicas)) = resolved else {
                 claims.push((label, Claim::NoAnswer));
                 continue;
@@ -742,7 +765,7 @@ impl Shared {
                 // The registration may be held by a replica the cached names miss: the
                 // hidden server's next try (it registers again) asks fresh names.
                 for target in candidates.iter() {
-                    let _ = self.connector.fresh_replicas(&target.edge).await;
+                    let _ = self.connector.fresh_replicas(&edge_set(target)).await;
                 }
                 return self.refuse(EdgeRefused::NoRegistration, peer, ENTRY);
             }
@@ -781,12 +804,22 @@ impl Shared {
     }
 }
 
-/// Offers a client to one replica (within [`OFFER_DEADLINE`]): its answer, and the
+/// The edge ports of `target`'s replicas.
+fn edge_set(target: &EdgeTarget) -> ReplicaSet<'_> {
+    ReplicaSet {
+        label: &target.label,
+        port: "edge",
+        relays: &target.edge,
+    }
+}
+
+/// Offers a client to one replica (within `deadline`): its answer, and the
 /// connection when it answered (for the COMMIT).
 async fn offer_to(
     connector: &RelayConnector,
     replica: SocketAddr,
     header: &[u8],
+    deadline: Duration,
 ) -> (Offer, Option<TcpStream>) {
     let attempt = async {
         let mut relay = connector.connect(replica).await.ok()?;
@@ -799,7 +832,7 @@ async fn offer_to(
             Err(_) => None,
         }
     };
-    match tokio::time::timeout(OFFER_DEADLINE, attempt).await {
+    match tokio::time::timeout(deadline, attempt).await {
         Ok(Some(answered)) => answered,
         _ => (Offer::NoAnswer, None),
     }

@@ -419,6 +419,25 @@ parked_on_every_pod_with_traffic() { # N
   parked_on_every_pod "$1"
 }
 
+# What the gateways did for home's clients during a rollout, summed over the gateway pods
+# running now: GETs held for a parked connection (served / not) and clients given to a
+# draining replica as a last resort.
+gateway_rollout_counters() {
+  local ip text held_ok=0 held_no=0 last=0
+  for ip in $(kubectl -n "$NS" get pods -l app.kubernetes.io/component=gateway \
+    -o jsonpath='{range .items[?(@.status.podIP)]}{.status.podIP}{"\n"}{end}'); do
+    text=$(curl -sS --max-time 2 "http://$ip:9464/metrics" || true)
+    held_ok=$((held_ok + $(series "$text" 'taas_gateway_clients_held_total{outcome="served"}')))
+    held_no=$((held_no + $(series "$text" 'taas_gateway_clients_held_total{outcome="unavailable"}')))
+    last=$((last + $(series "$text" 'taas_gateway_edge_offers_total{answer="last_resort"}')))
+  done
+  echo "gateways (pods now): GETs held for a parked connection ${held_ok} served, ${held_no} not; clients to a draining replica ${last}"
+}
+
+series() { # TEXT NAME: the value of one series in a metrics text (0 when absent)
+  echo "$1" | awk -v name="$2" '$1 == name { n = int($2) } END { print n + 0 }'
+}
+
 home_serving() { # N: the label's status says N replicas serve
   [ "$(kubectl -n default get taaslabel home -o jsonpath='{.status.readyReplicas}')" = "$1" ]
 }
@@ -447,6 +466,7 @@ upgrade_two_replicas() {
   sleep 2
   traffic_stop
   echo "relays replaced $(since "$t0") s after helm upgrade started; failed-fetch window $(fail_window) s"
+  gateway_rollout_counters
   [ "$OKS" -gt 0 ] && [ "$FAILS" = 0 ]
 }
 
@@ -461,6 +481,7 @@ rollout_restart_two_replicas() {
   until_ok 60 parked_on_every_pod_with_traffic 2
   sleep 2
   traffic_stop
+  gateway_rollout_counters
   [ "$OKS" -gt 0 ] && [ "$FAILS" = 0 ]
 }
 

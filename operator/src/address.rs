@@ -23,11 +23,15 @@ pub struct Exposure {
     pub rendezvous: Vec<u16>,
 }
 
-/// The relay's `--external-file` (`host:` and `ports: {LOCAL: EXTERNAL}`).
+/// The relay's `--external-file` (`host:` and `ports: {LOCAL: EXTERNAL}`); with a Service per
+/// replica (`build::per_pod_services`), `pods:` holds each pod's own, by pod name, and the
+/// top level is the first pod's.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct External {
     pub host: String,
     pub ports: BTreeMap<u16, u16>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub pods: BTreeMap<String, External>,
 }
 
 /// The external address of `label` given its applied `service`, or why there is none yet.
@@ -119,6 +123,7 @@ pub fn external(label: &TaasLabel, service: &Service, exposure: Option<&Exposure
                 .zip(exposure.rendezvous.iter().copied())
                 .chain([(names::CLIENT_PORT, exposure.client)])
                 .collect(),
+            pods: BTreeMap::new(),
         },
         None => {
             let spec = service.spec.as_ref();
@@ -147,9 +152,41 @@ pub fn external(label: &TaasLabel, service: &Service, exposure: Option<&Exposure
                     .map(|p| (p, p))
                     .chain([(names::CLIENT_PORT, client)])
                     .collect(),
+                pods: BTreeMap::new(),
             }
         }
     }
+}
+
+/// The external file of a label whose replicas each have a Service of their own: every pod's
+/// address under its name, and the first pod's at the top level (what a relay without a pod
+/// name, or of an older image, tells).
+pub fn per_pod(pods: Vec<(String, External)>) -> External {
+    let mut top = pods
+        .first()
+        .map(|(_, external)| external.clone())
+        .unwrap_or(External {
+            host: String::new(),
+            ports: BTreeMap::new(),
+            pods: BTreeMap::new(),
+        });
+    top.pods = pods.into_iter().collect();
+    top
+}
+
+/// The label's address when each replica has its own: the first replica's, once every replica
+/// has one (else why one has none yet).
+pub fn first_exposure(exposures: Vec<Result<Exposure, String>>) -> Result<Exposure, String> {
+    let mut first = None;
+    for (i, exposure) in exposures.into_iter().enumerate() {
+        match exposure {
+            Ok(exposure) => {
+                first.get_or_insert(exposure);
+            }
+            Err(problem) => return Err(format!("replica {i}: {problem}")),
+        }
+    }
+    first.ok_or_else(|| "no replica".to_string())
 }
 
 /// The first address of the most preferred type, looking at Ready nodes first, then by name.
@@ -191,6 +228,41 @@ pub(crate) mod tests {
     };
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
     use taas_crds::ServiceType;
+
+    #[test]
+    fn each_replica_with_a_service_of_its_own_has_its_address_and_the_first_is_the_labels() {
+        let at = |host: &str, q: u16| External {
+            host: host.into(),
+            ports: BTreeMap::from([(names::CLIENT_PORT, q)]),
+            pods: BTreeMap::new(),
+        };
+        let file = per_pod(vec![
+            ("taas-home-0".into(), at("203.0.113.1", 31000)),
+            ("taas-home-1".into(), at("203.0.113.2", 32000)),
+        ]);
+        assert_eq!(file.host, "203.0.113.1");
+        assert_eq!(file.pods["taas-home-1"], at("203.0.113.2", 32000));
+        let yaml = serde_yaml::to_string(&file).unwrap();
+        assert!(yaml.contains("pods:"), "{yaml}");
+        // One replica's file has no `pods:` (as before).
+        assert!(!serde_yaml::to_string(&at("h", 1)).unwrap().contains("pods"));
+        let exposure = |host: &str| Exposure {
+            host: host.into(),
+            client: 1,
+            rendezvous: vec![],
+        };
+        assert_eq!(
+            first_exposure(vec![Ok(exposure("a")), Ok(exposure("b"))]),
+            Ok(exposure("a"))
+        );
+        assert_eq!(
+            first_exposure(vec![
+                Ok(exposure("a")),
+                Err("waiting for the load balancer's address".into())
+            ]),
+            Err("replica 1: waiting for the load balancer's address".into())
+        );
+    }
 
     fn types() -> Vec<String> {
         vec!["ExternalIP".into(), "InternalIP".into()]
@@ -301,6 +373,7 @@ pub(crate) mod tests {
             External {
                 host: "10.0.0.7".into(),
                 ports: BTreeMap::from([(20000, 20000), (20001, 20001), (21000, 21000)]),
+                pods: BTreeMap::new(),
             }
         );
         // Or, without even that, the Service's DNS name.

@@ -29,13 +29,14 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{
-    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment, StatefulSet,
+    StatefulSetSpec, StatefulSetUpdateStrategy,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar,
-    HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
-    SeccompProfile, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec,
-    TopologySpreadConstraint, Volume, VolumeMount,
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
+    HTTPGetAction, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext, Service,
+    ServicePort, ServiceSpec, TopologySpreadConstraint, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -52,6 +53,10 @@ use crate::settings::Settings;
 
 /// The relay's environment variable holding its gateway token (`label-relay --gateway-token`).
 pub const GATEWAY_TOKEN_ENV: &str = "TAAS_GATEWAY_TOKEN";
+
+/// The relay's environment variable holding its pod's name (`label-relay --pod-name`), with
+/// [`per_pod_services`].
+pub const POD_NAME_ENV: &str = "TAAS_POD_NAME";
 
 /// The relay runs as this non-root user (and group), as in distroless images.
 pub const RELAY_UID: i64 = 65532;
@@ -86,6 +91,30 @@ fn tcp(name: String, port: u16, target: u16, node_port: Option<u16>) -> ServiceP
 pub const MIN_READY_SECONDS: i32 = 5;
 
 pub fn service(label: &TaasLabel) -> Service {
+    service_for(
+        label,
+        names::relay_name(label),
+        names::selector(label),
+        true,
+    )
+}
+
+/// Service `taas-X-i`: what [`service`] is for the whole label, for pod `i` alone (several
+/// replicas with a Service of the label's own: [`per_pod_services`]). The client port keeps
+/// no pinned node port (one node port cannot be two Services').
+pub fn pod_service(label: &TaasLabel, i: u32) -> Service {
+    let name = names::pod_name(label, i);
+    let mut selector = names::selector(label);
+    selector.insert(names::POD_NAME_LABEL.to_string(), name.clone());
+    service_for(label, name, selector, false)
+}
+
+fn service_for(
+    label: &TaasLabel,
+    name: String,
+    selector: BTreeMap<String, String>,
+    pinned_node_port: bool,
+) -> Service {
     let spec = &label.spec.service;
     let service_type = spec.type_.unwrap_or_default();
     let type_ = match service_type {
@@ -94,7 +123,10 @@ pub fn service(label: &TaasLabel) -> Service {
         ServiceType::ClusterIP => "ClusterIP",
     };
     let (client_port, client_node_port) = match service_type {
-        ServiceType::NodePort => (CLIENT_PORT, label.spec.client_port),
+        ServiceType::NodePort => (
+            CLIENT_PORT,
+            label.spec.client_port.filter(|_| pinned_node_port),
+        ),
         _ => (label.spec.client_port.unwrap_or(CLIENT_PORT), None),
     };
     let external = service_type != ServiceType::ClusterIP;
@@ -109,13 +141,13 @@ pub fn service(label: &TaasLabel) -> Service {
             .enumerate()
             .map(|(i, p)| tcp(format!("p{i}"), p, p, None)),
     );
-    let mut metadata = meta(label, names::relay_name(label));
+    let mut metadata = meta(label, name);
     metadata.annotations = (!spec.annotations.is_empty()).then(|| spec.annotations.clone());
     Service {
         metadata,
         spec: Some(ServiceSpec {
             type_: Some(type_.to_string()),
-            selector: Some(names::selector(label)),
+            selector: Some(selector),
             ports: Some(ports),
             external_traffic_policy: external.then(|| {
                 match spec.external_traffic_policy {
@@ -269,6 +301,20 @@ fn relay_env(label: &TaasLabel, settings: &Settings) -> Option<Vec<EnvVar>> {
         let token = secret.token_for(&label.spec.label);
         env.push(value(GATEWAY_TOKEN_ENV, token.expose().to_string()));
     }
+    if per_pod_services(label, settings) {
+        // Which entry of the external file is this pod's own address.
+        env.push(EnvVar {
+            name: POD_NAME_ENV.to_string(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "metadata.name".to_string(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
     (!env.is_empty()).then_some(env)
 }
 
@@ -282,8 +328,8 @@ fn quantities(pairs: [(&str, Option<&String>); 2]) -> Option<BTreeMap<String, Qu
 
 /// How many relay replicas the label runs: `spec.replicas`; unset, the install's default
 /// (`--relay-replicas`) for a label reached through the gateway, and one for a label with a
-/// Service of its own (which cannot have more: [`crate::validate`] refuses `spec.replicas`
-/// above one there, and the install's default must not turn every such label invalid).
+/// Service of its own (several there means a Service per replica, [`per_pod_services`]:
+/// asked for, never the install's default).
 /// Clamped to the CRD's bounds, which validation enforces before anything is built.
 pub fn replicas(label: &TaasLabel, settings: &Settings) -> u32 {
     let default = if crate::edge::through_gateway(label, settings.edge.as_ref()) {
@@ -296,6 +342,17 @@ pub fn replicas(label: &TaasLabel, settings: &Settings) -> u32 {
         .replicas
         .unwrap_or(default)
         .clamp(REPLICAS_MIN, REPLICAS_MAX)
+}
+
+/// Whether each of the label's replicas gets a Service of its own: several replicas of a label
+/// with a Service of its own (not reached through the gateway). One Service for all of them
+/// would send a hidden server's rendezvous connection to any replica, while only the one that
+/// granted the registration holds it; with an address per replica, each relay names its own
+/// in its registration answers and 307s, so every connection reaches the replica it is for.
+/// The replicas are then a StatefulSet ([`stateful_set`]), whose pods have stable names for
+/// their Services ([`pod_service`]) to select.
+pub fn per_pod_services(label: &TaasLabel, settings: &Settings) -> bool {
+    !crate::edge::through_gateway(label, settings.edge.as_ref()) && replicas(label, settings) >= 2
 }
 
 /// The relay pods' spread over nodes, with several replicas: a preference (ScheduleAnyway),
@@ -324,6 +381,65 @@ fn spread(label: &TaasLabel, replicas: u32) -> Option<Vec<TopologySpreadConstrai
 /// gateways treat every address of the control Service as a replica of the label.
 pub fn deployment(label: &TaasLabel, settings: &Settings) -> Deployment {
     let replicas = replicas(label, settings);
+    Deployment {
+        metadata: meta(label, names::relay_name(label)),
+        spec: Some(DeploymentSpec {
+            replicas: Some(replicas as i32),
+            // A new relay pod counts as available (and an old one is stopped) only after it has
+            // been ready this long: time for its address to reach the Service's endpoints, the
+            // cluster DNS and the gateways, so the old pod never drains while gateways know no
+            // other (1 replica, e2e 6b: 2.4 s of failed fetches without it).
+            min_ready_seconds: Some(MIN_READY_SECONDS),
+            selector: LabelSelector {
+                match_labels: Some(names::selector(label)),
+                ..Default::default()
+            },
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".to_string()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(IntOrString::Int(1)),
+                    max_unavailable: Some(IntOrString::Int(0)),
+                }),
+            }),
+            template: pod_template(label, settings, replicas),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+/// StatefulSet `taas-X`: the relay pods of a label whose replicas each have a Service of their
+/// own ([`per_pod_services`]), named `taas-X-0`, `taas-X-1`, ... for those Services to
+/// select. The same pod as [`deployment`]'s, plus its name in `TAAS_POD_NAME`. Started in
+/// parallel; replaced one pod at a time (the rolling update waits for each new pod to be ready
+/// before the next goes), so with two or more the label always has a replica serving, while
+/// each replica's own address is dark during its replacement: clients are sent to the others.
+pub fn stateful_set(label: &TaasLabel, settings: &Settings) -> StatefulSet {
+    let replicas = replicas(label, settings);
+    StatefulSet {
+        metadata: meta(label, names::relay_name(label)),
+        spec: Some(StatefulSetSpec {
+            replicas: Some(replicas as i32),
+            service_name: Some(names::control_name(label)),
+            pod_management_policy: Some("Parallel".to_string()),
+            selector: LabelSelector {
+                match_labels: Some(names::selector(label)),
+                ..Default::default()
+            },
+            update_strategy: Some(StatefulSetUpdateStrategy {
+                type_: Some("RollingUpdate".to_string()),
+                rolling_update: None,
+            }),
+            template: pod_template(label, settings, replicas),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+/// The relay pod: the ConfigMap and the Secret mounted, no API access, and the restricted Pod
+/// Security Standard.
+fn pod_template(label: &TaasLabel, settings: &Settings, replicas: u32) -> PodTemplateSpec {
     let mut ports = vec![
         container_port("control".to_string(), CONTROL_PORT),
         container_port("metrics".to_string(), METRICS_PORT),
@@ -400,85 +516,61 @@ pub fn deployment(label: &TaasLabel, settings: &Settings) -> Deployment {
         ..Default::default()
     };
     let pod_labels = names::labels(label);
-    Deployment {
-        metadata: meta(label, names::relay_name(label)),
-        spec: Some(DeploymentSpec {
-            replicas: Some(replicas as i32),
-            // A new relay pod counts as available (and an old one is stopped) only after it has
-            // been ready this long: time for its address to reach the Service's endpoints, the
-            // cluster DNS and the gateways, so the old pod never drains while gateways know no
-            // other (1 replica, e2e 6b: 2.4 s of failed fetches without it).
-            min_ready_seconds: Some(MIN_READY_SECONDS),
-            selector: LabelSelector {
-                match_labels: Some(names::selector(label)),
-                ..Default::default()
-            },
-            strategy: Some(DeploymentStrategy {
-                type_: Some("RollingUpdate".to_string()),
-                rolling_update: Some(RollingUpdateDeployment {
-                    max_surge: Some(IntOrString::Int(1)),
-                    max_unavailable: Some(IntOrString::Int(0)),
-                }),
-            }),
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(pod_labels),
-                    ..Default::default()
-                }),
-                spec: Some(PodSpec {
-                    // The relay drains for --drain-timeout on SIGTERM, then exits: the
-                    // kubelet waits that long and a little more before it kills.
-                    termination_grace_period_seconds: Some(
-                        i64::try_from(
-                            settings
-                                .relay_drain_timeout
-                                .saturating_add(crate::settings::DRAIN_GRACE_MARGIN),
-                        )
-                        .unwrap_or(i64::MAX),
-                    ),
-                    automount_service_account_token: Some(false),
-                    enable_service_links: Some(false),
-                    security_context: Some(PodSecurityContext {
-                        run_as_non_root: Some(true),
-                        run_as_user: Some(RELAY_UID),
-                        run_as_group: Some(RELAY_UID),
-                        // The Secret's files are group-readable by the relay only.
-                        fs_group: Some(RELAY_UID),
-                        seccomp_profile: Some(SeccompProfile {
-                            type_: "RuntimeDefault".to_string(),
-                            ..Default::default()
-                        }),
-                        ..Default::default()
-                    }),
-                    containers: vec![container],
-                    topology_spread_constraints: spread(label, replicas),
-                    volumes: Some(vec![
-                        Volume {
-                            name: "label".to_string(),
-                            config_map: Some(ConfigMapVolumeSource {
-                                name: names::relay_name(label),
-                                ..Default::default()
-                            }),
-                            ..Default::default()
-                        },
-                        Volume {
-                            name: "secret".to_string(),
-                            // The whole Secret (no `items`): a changed `secretRef.key` is
-                            // read from the same directory without a restart.
-                            secret: Some(SecretVolumeSource {
-                                secret_name: Some(label.spec.secret_ref.name.clone()),
-                                default_mode: Some(0o440),
-                                ..Default::default()
-                            }),
-                            ..Default::default()
-                        },
-                    ]),
-                    ..Default::default()
-                }),
-            },
+    PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(pod_labels),
             ..Default::default()
         }),
-        status: None,
+        spec: Some(PodSpec {
+            // The relay drains for --drain-timeout on SIGTERM, then exits: the
+            // kubelet waits that long and a little more before it kills.
+            termination_grace_period_seconds: Some(
+                i64::try_from(
+                    settings
+                        .relay_drain_timeout
+                        .saturating_add(crate::settings::DRAIN_GRACE_MARGIN),
+                )
+                .unwrap_or(i64::MAX),
+            ),
+            automount_service_account_token: Some(false),
+            enable_service_links: Some(false),
+            security_context: Some(PodSecurityContext {
+                run_as_non_root: Some(true),
+                run_as_user: Some(RELAY_UID),
+                run_as_group: Some(RELAY_UID),
+                // The Secret's files are group-readable by the relay only.
+                fs_group: Some(RELAY_UID),
+                seccomp_profile: Some(SeccompProfile {
+                    type_: "RuntimeDefault".to_string(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            containers: vec![container],
+            topology_spread_constraints: spread(label, replicas),
+            volumes: Some(vec![
+                Volume {
+                    name: "label".to_string(),
+                    config_map: Some(ConfigMapVolumeSource {
+                        name: names::relay_name(label),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                Volume {
+                    name: "secret".to_string(),
+                    // The whole Secret (no `items`): a changed `secretRef.key` is
+                    // read from the same directory without a restart.
+                    secret: Some(SecretVolumeSource {
+                        secret_name: Some(label.spec.secret_ref.name.clone()),
+                        default_mode: Some(0o440),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+            ]),
+            ..Default::default()
+        }),
     }
 }
 
@@ -539,6 +631,15 @@ pub fn stopped_deployment(label: &TaasLabel, settings: &Settings) -> Deployment 
         spec.replicas = Some(0);
     }
     deployment
+}
+
+/// The label's StatefulSet scaled to zero (as [`stopped_deployment`]).
+pub fn stopped_stateful_set(label: &TaasLabel, settings: &Settings) -> StatefulSet {
+    let mut stateful_set = stateful_set(label, settings);
+    if let Some(spec) = stateful_set.spec.as_mut() {
+        spec.replicas = Some(0);
+    }
+    stateful_set
 }
 
 #[cfg(test)]
@@ -937,6 +1038,79 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn several_replicas_with_a_service_of_the_labels_own_run_as_a_stateful_set_with_a_service_each()
+    {
+        let settings = Settings::default();
+        let l = with_replicas(3);
+        assert!(per_pod_services(&l, &settings));
+        assert!(!per_pod_services(&with_replicas(1), &settings));
+        // Through the gateway, several replicas share its ports: a Deployment as before.
+        assert!(!per_pod_services(&l, &edge_mode()));
+        assert!(
+            json(&deployment(&l, &edge_mode()))["spec"]["template"]["spec"]["containers"][0]["env"]
+                .as_array()
+                .is_none_or(|env| !env.iter().any(|e| e["name"] == POD_NAME_ENV))
+        );
+
+        let set = json(&stateful_set(&l, &settings));
+        assert_eq!(set["kind"], "StatefulSet");
+        assert_eq!(set["metadata"]["name"], "taas-home");
+        assert_eq!(set["spec"]["replicas"], 3);
+        assert_eq!(set["spec"]["serviceName"], "taas-home-control");
+        assert_eq!(set["spec"]["podManagementPolicy"], "Parallel");
+        assert_eq!(
+            set["spec"]["updateStrategy"],
+            serde_json::json!({"type": "RollingUpdate"})
+        );
+        // The same pod as the Deployment's, plus its own name from the downward API.
+        let template = &set["spec"]["template"];
+        let env = template["spec"]["containers"][0]["env"].as_array().unwrap();
+        assert!(env.contains(&serde_json::json!({
+            "name": "TAAS_POD_NAME",
+            "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}
+        })));
+        let mut same = json(&deployment(&l, &settings))["spec"]["template"].clone();
+        same["spec"]["containers"][0]["env"] = template["spec"]["containers"][0]["env"].clone();
+        assert_eq!(template, &same);
+        assert_eq!(
+            set["spec"]["selector"],
+            json(&deployment(&l, &settings))["spec"]["selector"]
+        );
+
+        // Each pod's Service selects that pod alone, with the label's ports and type.
+        let one = json(&pod_service(&l, 1));
+        assert_eq!(one["metadata"]["name"], "taas-home-1");
+        assert_eq!(
+            one["spec"]["selector"],
+            serde_json::json!({
+                "app.kubernetes.io/name": "taas-relay",
+                "app.kubernetes.io/instance": "home",
+                "statefulset.kubernetes.io/pod-name": "taas-home-1",
+            })
+        );
+        let whole = json(&service(&l));
+        assert_eq!(one["spec"]["ports"], whole["spec"]["ports"]);
+        assert_eq!(one["spec"]["type"], whole["spec"]["type"]);
+        // A pinned node port stays the label's one Service's (validation refuses it with
+        // several replicas).
+        let mut pinned = with_replicas(2);
+        pinned.spec.service.type_ = Some(ServiceType::NodePort);
+        pinned.spec.client_port = Some(30443);
+        assert_eq!(
+            json(&service(&pinned))["spec"]["ports"][0]["nodePort"],
+            30443
+        );
+        assert!(json(&pod_service(&pinned, 0))["spec"]["ports"][0]
+            .get("nodePort")
+            .is_none());
+        // Stopped by a policy: zero replicas.
+        assert_eq!(
+            json(&stopped_stateful_set(&l, &settings))["spec"]["replicas"],
+            0
+        );
+    }
+
+    #[test]
     fn two_replicas_surge_spread_over_nodes_and_get_a_disruption_budget() {
         let settings = edge_mode();
         let l = with_replicas(2);
@@ -1049,9 +1223,15 @@ pub(crate) mod tests {
                 budget_action(n, Some(n as i32)),
                 if n >= 2 { BudgetAction::Apply } else { BudgetAction::Keep }
             );
-            // Scaling never touches the pod template except for the spread constraint.
+            // Scaling never touches the pod template except for the spread constraint, and
+            // with a Service of the label's own (a StatefulSet then) the pod's name.
             let mut template = pod.clone();
             template.topology_spread_constraints = None;
+            if per_pod_services(&l, &settings) {
+                let env = template.containers[0].env.take().unwrap_or_default();
+                let rest: Vec<EnvVar> = env.into_iter().filter(|e| e.name != POD_NAME_ENV).collect();
+                template.containers[0].env = (!rest.is_empty()).then_some(rest);
+            }
             let one = deployment(&with_replicas(1), &settings).spec.unwrap().template.spec.unwrap();
             proptest::prop_assert_eq!(template, one);
         }

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt as _};
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::NamespaceResourceScope;
 use kube::core::{DynamicObject, PartialObjectMeta};
@@ -132,6 +132,7 @@ pub async fn run(
     let gateway_labels = labels.clone();
     let controller = controller
         .owns(api::<Deployment>(&client, ns), ours.clone())
+        .owns(api::<StatefulSet>(&client, ns), ours.clone())
         .owns(api::<Service>(&client, ns), ours.clone())
         .owns(api::<ConfigMap>(&client, ns), ours.clone())
         .watches_stream(secret_changes(&client, ns), move |secret| {

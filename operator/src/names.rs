@@ -90,6 +90,20 @@ pub fn relay_name(label: &TaasLabel) -> String {
     format!("taas-{}", child_base(object_name(label)))
 }
 
+/// Pod `i` of a label whose replicas each have a Service of their own (a StatefulSet's pod),
+/// and that Service: `taas-X-i` (at most `taas-X-control`'s length, as `i` < 16).
+pub fn pod_name(label: &TaasLabel, i: u32) -> String {
+    format!("{}-{i}", relay_name(label))
+}
+
+/// The longest StatefulSet name: its pods carry `controller-revision-hash: NAME-HASH`, a
+/// label value of at most 63 characters with a hash of up to 10.
+pub const MAX_STATEFUL_SET_NAME: usize = 52;
+
+/// The pod label a StatefulSet gives each pod (its own name): what a pod's own Service
+/// selects.
+pub const POD_NAME_LABEL: &str = "statefulset.kubernetes.io/pod-name";
+
 /// The in-cluster Service of the relay's control port: `taas-X-control`.
 pub fn control_name(label: &TaasLabel) -> String {
     format!("taas-{}-control", child_base(object_name(label)))

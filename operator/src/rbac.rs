@@ -5,8 +5,9 @@
 //! |---|---|---|---|
 //! | `taas.dev` | `taaslabels` | get, list, watch | the controller's watch and cache |
 //! | `taas.dev` | `taaslabels/status` | patch | `reconcile`: status (server-side apply) |
-//! | `apps` | `deployments` | get, list, watch, create, patch | `reconcile`: foreign check, apply; `.owns()` |
-//! | `""` | `services` | get, list, watch, create, patch | the same; in edge mode also `get` and `watch` (`list` to start it) of the gateway's Service in the operator's namespace |
+//! | `apps` | `deployments` | get, list, watch, create, patch, delete | `reconcile`: foreign check, apply; `.owns()`; delete when a label with a Service of its own goes to several replicas |
+//! | `apps` | `statefulsets` | get, list, watch, create, patch, delete | the same, for several replicas with a Service of the label's own; delete when it goes back to one |
+//! | `""` | `services` | get, list, watch, create, patch, delete | the same; delete: a label's one Service when its replicas get one each, a replica's when it goes; in edge mode also `get` and `watch` (`list` to start it) of the gateway's Service in the operator's namespace |
 //! | `""` | `configmaps` | get, list, watch, create, patch | the same, and the routes ConfigMap |
 //! | `""` | `secrets` | get, list, watch | `reconcile`: the label's Secret (`get`); the controller's metadata-only watch (`list`, `watch`) |
 //! | `""` | `nodes` | list | `reconcile`: node addresses for NodePort Services |
@@ -16,9 +17,13 @@
 //!
 //! `create` is listed with `patch` because server-side apply of an object that does not exist
 //! yet creates it (the API server authorizes a PATCH that creates as `create` too). Nothing
-//! is ever deleted but a label's own PodDisruptionBudget when it goes back to one replica:
-//! the children carry a controller ownerReference to their TaasLabel and the garbage
-//! collector removes them. Which PodDisruptionBudget version is served (`policy/v1`, or
+//! is ever deleted but a label's own children it no longer needs (each checked to be
+//! controlled by the label, and deleted with its UID as a precondition): its
+//! PodDisruptionBudget when it goes back to one replica, and with a Service of its own, the
+//! Deployment and Service of one replica when it goes to several (a StatefulSet with a
+//! Service per pod), those when it goes back, and a pod's Service when it scales down.
+//! Everything else goes with the label: the children carry a controller ownerReference to
+//! their TaasLabel and the garbage collector removes them. Which PodDisruptionBudget version is served (`policy/v1`, or
 //! `policy/v1beta1` before Kubernetes 1.21) is read from discovery, which needs no rule. No finalizers are set (so no `update` on `taaslabels`), and
 //! owner references do not set `blockOwnerDeletion` (which would need `update` on
 //! `taaslabels/finalizers` where the OwnerReferencesPermissionEnforcement admission plugin
@@ -63,12 +68,17 @@ pub const RULES: &[Rule] = &[
     Rule {
         api_group: "apps",
         resource: "deployments",
-        verbs: &["get", "list", "watch", "create", "patch"],
+        verbs: &["get", "list", "watch", "create", "patch", "delete"],
+    },
+    Rule {
+        api_group: "apps",
+        resource: "statefulsets",
+        verbs: &["get", "list", "watch", "create", "patch", "delete"],
     },
     Rule {
         api_group: "",
         resource: "services",
-        verbs: &["get", "list", "watch", "create", "patch"],
+        verbs: &["get", "list", "watch", "create", "patch", "delete"],
     },
     Rule {
         api_group: "",
@@ -142,7 +152,7 @@ mod tests {
         ));
         assert!(allows("", "nodes", "list"));
         assert!(!allows("", "secrets", "patch"));
-        assert!(!allows("", "services", "delete"));
+        assert!(!allows("", "configmaps", "delete"));
         assert!(allows("policy", "poddisruptionbudgets", "delete"));
         assert!(allows("coordination.k8s.io", "leases", "update"));
     }

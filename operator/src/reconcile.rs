@@ -24,7 +24,7 @@ use std::fmt::Debug;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Secret, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, Preconditions};
@@ -221,14 +221,25 @@ async fn reconcile_label(label: &TaasLabel, ctx: &Context) -> Result<Option<Reas
         ctx.settings.edge.as_ref(),
     );
     let outcome = if problems.iter().any(Problem::blocks_apply) {
-        if problems.iter().any(Problem::stops_relay) && Problem::has_relay(label, &observed) {
-            let stopped = build::stopped_deployment(label, &ctx.settings);
-            apply(
-                &namespaced::<Deployment>(ctx, label),
-                "Deployment",
-                &stopped,
-            )
-            .await?;
+        if problems.iter().any(Problem::stops_relay) {
+            if observed.ours("Deployment", label) {
+                let stopped = build::stopped_deployment(label, &ctx.settings);
+                apply(
+                    &namespaced::<Deployment>(ctx, label),
+                    "Deployment",
+                    &stopped,
+                )
+                .await?;
+            }
+            if observed.ours("StatefulSet", label) {
+                let stopped = build::stopped_stateful_set(label, &ctx.settings);
+                apply(
+                    &namespaced::<StatefulSet>(ctx, label),
+                    "StatefulSet",
+                    &stopped,
+                )
+                .await?;
+            }
         }
         Outcome::Blocked(problems)
     } else {
@@ -281,6 +292,16 @@ async fn dereference(label: &TaasLabel, ctx: &Context) -> Result<Observed, Error
         }
         existing.push(("Deployment", found.metadata));
     }
+    let mut stateful_set_replicas = None;
+    if build::per_pod_services(label, &ctx.settings) || ran_per_pod(label, &ctx.settings) {
+        let api = namespaced::<StatefulSet>(ctx, label);
+        if let Some(found) = get(&api, "StatefulSet", &relay).await? {
+            if validate::is_controlled_by(&found.metadata, label) {
+                stateful_set_replicas = found.spec.as_ref().and_then(|spec| spec.replicas);
+            }
+            existing.push(("StatefulSet", found.metadata));
+        }
+    }
     if let Some(found) = get(&namespaced::<ConfigMap>(ctx, label), "ConfigMap", &relay).await? {
         existing.push(("ConfigMap", found.metadata));
     }
@@ -314,8 +335,22 @@ async fn dereference(label: &TaasLabel, ctx: &Context) -> Result<Observed, Error
         existing,
         nodes,
         gateway,
-        relay_replicas,
+        relay_replicas: relay_replicas.max(stateful_set_replicas),
+        stateful_set_replicas,
     })
+}
+
+/// Whether the last apply ran the label's replicas as a StatefulSet, each with a Service of
+/// its own (its status counted several, and it has a Service of its own): then one reconcile
+/// after it goes back to one replica looks for them, to remove them. Labels that never had
+/// several cost no extra request.
+fn ran_per_pod(label: &TaasLabel, settings: &Settings) -> bool {
+    !edge::through_gateway(label, settings.edge.as_ref())
+        && label
+            .status
+            .as_ref()
+            .and_then(|status| status.replicas)
+            .is_some_and(|n| n >= 2)
 }
 
 async fn get<K>(api: &Api<K>, kind: &str, name: &str) -> Result<Option<K>, Error>
@@ -353,6 +388,8 @@ async fn apply_objects(
     let services = namespaced::<Service>(ctx, label);
     let settings = &ctx.settings;
     let edge = settings.edge.as_ref();
+    let desired = build::replicas(label, settings);
+    let per_pod = build::per_pod_services(label, settings);
     let (exposure, external) = match edge.filter(|_| edge::through_gateway(label, edge)) {
         Some(edge) => {
             let exposure = edge::exposure(
@@ -367,6 +404,23 @@ async fn apply_objects(
             let advertised = exposure.as_ref().unwrap_or(&provisional);
             let external = address::external(label, &Service::default(), Some(advertised));
             (exposure, external)
+        }
+        None if per_pod => {
+            let mut exposures = Vec::new();
+            let mut pods = Vec::new();
+            for i in 0..desired {
+                let service = apply(&services, "Service", &build::pod_service(label, i)).await?;
+                let exposure = address::exposure(
+                    label,
+                    &service,
+                    &observed.nodes,
+                    &settings.node_address_types,
+                );
+                let external = address::external(label, &service, exposure.as_ref().ok());
+                pods.push((names::pod_name(label, i), external));
+                exposures.push(exposure);
+            }
+            (address::first_exposure(exposures), address::per_pod(pods))
         }
         None => {
             let service = apply(&services, "Service", &build::service(label)).await?;
@@ -396,17 +450,56 @@ async fn apply_objects(
         &config_map,
     )
     .await?;
-    let desired = build::replicas(label, settings);
     let budget_action = build::budget_action(desired, observed.relay_replicas);
     if budget_action == BudgetAction::Delete {
         delete_budget(label, ctx).await?;
     }
-    let deployment = apply(
-        &namespaced::<Deployment>(ctx, label),
-        "Deployment",
-        &build::deployment(label, &ctx.settings),
-    )
-    .await?;
+    let ready = if per_pod {
+        let stateful_set = apply(
+            &namespaced::<StatefulSet>(ctx, label),
+            "StatefulSet",
+            &build::stateful_set(label, settings),
+        )
+        .await?;
+        // From one replica (a Deployment behind the label's one Service), or fewer replicas:
+        // what is left goes (its pods drain; the agent parks on the StatefulSet's).
+        let relay = names::relay_name(label);
+        if observed.ours("Deployment", label) {
+            delete_ours(
+                &namespaced::<Deployment>(ctx, label),
+                "Deployment",
+                &relay,
+                label,
+            )
+            .await?;
+        }
+        if observed.ours("Service", label) {
+            delete_ours(&services, "Service", &relay, label).await?;
+        }
+        delete_pod_services(label, ctx, desired, observed.stateful_set_replicas).await?;
+        stateful_set
+            .status
+            .and_then(|status| status.ready_replicas)
+            .unwrap_or(0)
+    } else {
+        let deployment = apply(
+            &namespaced::<Deployment>(ctx, label),
+            "Deployment",
+            &build::deployment(label, &ctx.settings),
+        )
+        .await?;
+        if observed.ours("StatefulSet", label) {
+            // Back to one replica: the StatefulSet and its pods' Services go.
+            let relay = names::relay_name(label);
+            let api = namespaced::<StatefulSet>(ctx, label);
+            delete_ours(&api, "StatefulSet", &relay, label).await?;
+            delete_pod_services(label, ctx, 0, observed.stateful_set_replicas).await?;
+        }
+        deployment
+            .status
+            .and_then(|status| status.ready_replicas)
+            .unwrap_or(0)
+    };
     if budget_action == BudgetAction::Apply {
         if let Some(budget) = build::pod_disruption_budget(label, settings) {
             let version = ctx.budget_version().await?;
@@ -419,10 +512,6 @@ async fn apply_objects(
             .await?;
         }
     }
-    let ready = deployment
-        .status
-        .and_then(|status| status.ready_replicas)
-        .unwrap_or(0);
     Ok(Outcome::Applied {
         problems,
         exposure,
@@ -442,29 +531,58 @@ fn budget_api(ctx: &Context, label: &TaasLabel, version: BudgetVersion) -> Api<D
     )
 }
 
-/// Deletes the label's PodDisruptionBudget if it exists and the label controls it (never
-/// another's of the same name; the UID precondition keeps a replacement made meanwhile).
+/// Deletes the label's PodDisruptionBudget if it exists and the label controls it.
 async fn delete_budget(label: &TaasLabel, ctx: &Context) -> Result<(), Error> {
-    let name = names::relay_name(label);
     let api = budget_api(ctx, label, ctx.budget_version().await?);
-    let Some(found) = get(&api, "PodDisruptionBudget", &name).await? else {
+    let name = names::relay_name(label);
+    delete_ours(&api, "PodDisruptionBudget", &name, label).await
+}
+
+/// The Services of pods `from..` of the label's StatefulSet (`taas-X-i`), up to the replicas
+/// it had (`previous`): gone with their pods.
+async fn delete_pod_services(
+    label: &TaasLabel,
+    ctx: &Context,
+    from: u32,
+    previous: Option<i32>,
+) -> Result<(), Error> {
+    let previous = previous.and_then(|n| u32::try_from(n).ok()).unwrap_or(0);
+    let services = namespaced::<Service>(ctx, label);
+    for i in from..previous.min(taas_crds::limits::REPLICAS_MAX) {
+        delete_ours(&services, "Service", &names::pod_name(label, i), label).await?;
+    }
+    Ok(())
+}
+
+/// Deletes the object `name` if it exists and the label controls it (never another's of the
+/// same name; the UID precondition keeps a replacement made meanwhile).
+async fn delete_ours<K>(
+    api: &Api<K>,
+    kind: &str,
+    name: &str,
+    label: &TaasLabel,
+) -> Result<(), Error>
+where
+    K: Resource + Clone + DeserializeOwned + Debug,
+{
+    let Some(found) = get(api, kind, name).await? else {
         return Ok(());
     };
-    if !validate::is_controlled_by(&found.metadata, label) {
+    if !validate::is_controlled_by(found.meta(), label) {
         return Ok(());
     }
     let params = DeleteParams {
         preconditions: Some(Preconditions {
-            uid: found.metadata.uid.clone(),
+            uid: found.meta().uid.clone(),
             ..Default::default()
         }),
         ..Default::default()
     };
-    match api.delete(&name, &params).await {
+    match api.delete(name, &params).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
         Err(source) => Err(Error::Kube {
-            action: format!("deleting PodDisruptionBudget {name}"),
+            action: format!("deleting {kind} {name}"),
             source,
         }),
     }

@@ -4,7 +4,8 @@
 //! - `InvalidSpec`: the spec breaks a rule of the CRD ([`taas_crds::TaasLabelSpec::validate`], which the
 //!   API server checks too, except its CEL rules before Kubernetes 1.25: a relay pod for such
 //!   a spec would refuse to start), or the pinned client port collides with a rendezvous
-//!   port of the Service, or it asks for several `replicas` with a Service of its own (see
+//!   port of the Service, or it asks for several `replicas` with a Service of its own that
+//!   cannot each get one (a pinned NodePort `clientPort`, a name too long for a StatefulSet:
 //!   [`check_replicas`]). (Every object name makes valid child names: [`names::child_base`].)
 //! - `LabelNotAllowed`: the cluster's label policy ([`crate::policy`]) does not let the
 //!   label's namespace claim its LABEL. Such a label takes part in no conflict: it cannot
@@ -48,9 +49,25 @@ pub struct Observed {
     /// In edge mode, the gateway's Service (`--edge-service`), if it exists: the address of
     /// the labels reached through it.
     pub gateway: Option<Service>,
-    /// The `replicas` of the label's own relay Deployment as it is before this apply (not
-    /// one it does not control): whether a PodDisruptionBudget may be left to delete.
+    /// The `replicas` of the label's own relay Deployment or StatefulSet (the larger) as it is
+    /// before this apply (not one it does not control): whether a PodDisruptionBudget may be
+    /// left to delete.
     pub relay_replicas: Option<i32>,
+    /// The `replicas` of the label's own StatefulSet before this apply (read only when it
+    /// runs one, or ran one at the last apply): the pods' Services to remove.
+    pub stateful_set_replicas: Option<i32>,
+}
+
+impl Observed {
+    /// Whether the label's object of `kind` named `taas-X` exists and the label controls it.
+    pub fn ours(&self, kind: &str, label: &TaasLabel) -> bool {
+        let name = names::relay_name(label);
+        self.existing.iter().any(|(k, meta)| {
+            *k == kind
+                && meta.name.as_deref() == Some(name.as_str())
+                && is_controlled_by(meta, label)
+        })
+    }
 }
 
 /// One reason the label is not (fully) served, with a message for its status and events.
@@ -81,14 +98,6 @@ impl Problem {
             self.reason,
             Reason::LabelNotAllowed | Reason::ServiceNotAllowed
         )
-    }
-
-    /// Whether the label already has a relay Deployment of its own.
-    pub fn has_relay(label: &TaasLabel, observed: &Observed) -> bool {
-        observed
-            .existing
-            .iter()
-            .any(|(kind, meta)| *kind == "Deployment" && is_controlled_by(meta, label))
     }
 }
 
@@ -171,20 +180,34 @@ fn check_replicas(label: &TaasLabel, edge: bool) -> Option<Problem> {
         .spec
         .replicas
         .filter(|n| (2..=REPLICAS_MAX).contains(n))?;
-    crate::edge::service_type(&label.spec, edge)?;
-    let fix = if edge {
-        "remove service.type (the label is then reached through the gateway)"
-    } else {
-        "run the install in edge mode (the chart's edge.enabled) without service.type"
-    };
-    Some(Problem::new(
-        Reason::InvalidSpec,
-        format!(
-            "replicas {n} needs the cluster edge: a Service of the label's own would send a \
-             hidden server's rendezvous connection to a replica that does not hold its \
-             registration; {fix}, or ask for replicas 1"
-        ),
-    ))
+    // Through the gateway: any number. With a Service of the label's own, each replica gets
+    // a Service of its own (`build::per_pod_services`), which two rules of Kubernetes limit.
+    let service_type = crate::edge::service_type(&label.spec, edge)?;
+    if let (ServiceType::NodePort, Some(port)) = (service_type, label.spec.client_port) {
+        return Some(Problem::new(
+            Reason::InvalidSpec,
+            format!(
+                "replicas {n} with a NodePort Service of the label's own gives each replica a \
+                 Service of its own, and the pinned clientPort {port} cannot be the node port \
+                 of several: remove clientPort (each replica's node port is then allocated and \
+                 named in its 307s), or ask for replicas 1"
+            ),
+        ));
+    }
+    let name = names::relay_name(label);
+    (name.len() > names::MAX_STATEFUL_SET_NAME).then(|| {
+        Problem::new(
+            Reason::InvalidSpec,
+            format!(
+                "replicas {n} with a Service of the label's own runs the replicas as the \
+                 StatefulSet {name}, longer than the {} characters Kubernetes allows a \
+                 StatefulSet (its pods carry its name and a hash in a label): use a name of at \
+                 most {} characters, the cluster edge (no service.type), or replicas 1",
+                names::MAX_STATEFUL_SET_NAME,
+                names::MAX_STATEFUL_SET_NAME - "taas-".len()
+            ),
+        )
+    })
 }
 
 /// A label reached through the gateway needs as many distinct ports of the shared range as
@@ -614,39 +637,53 @@ mod tests {
     }
 
     #[test]
-    fn several_replicas_with_a_service_of_the_labels_own_are_refused() {
+    fn several_replicas_with_a_service_of_the_labels_own_are_refused_only_where_each_cannot_get_one(
+    ) {
         let edge = crate::edge::tests::edge_settings();
         let mut l = label();
         l.spec.replicas = Some(2);
-        // Through the gateway: fine.
+        // Through the gateway, or each with a Service of its own: fine.
         assert_eq!(
             validate_with_edge(&l, &observed_ok(), &[], &open(), Some(&edge)),
             vec![]
         );
-        // With a Service of its own in edge mode: refused, saying why and what to do.
+        assert_eq!(validate(&l, &observed_ok(), &[], &open()), vec![]);
         l.spec.service.type_ = Some(ServiceType::NodePort);
+        assert_eq!(
+            validate_with_edge(&l, &observed_ok(), &[], &open(), Some(&edge)),
+            vec![]
+        );
+        // A pinned node port cannot be several Services': refused, saying why and what to do.
+        l.spec.client_port = Some(30443);
         let problems = validate_with_edge(&l, &observed_ok(), &[], &open(), Some(&edge));
         assert_eq!(reasons(&problems), vec![Reason::InvalidSpec]);
         assert_eq!(
             problems[0].message,
-            "replicas 2 needs the cluster edge: a Service of the label's own would send a \
-             hidden server's rendezvous connection to a replica that does not hold its \
-             registration; remove service.type (the label is then reached through the \
-             gateway), or ask for replicas 1"
+            "replicas 2 with a NodePort Service of the label's own gives each replica a Service \
+             of its own, and the pinned clientPort 30443 cannot be the node port of several: \
+             remove clientPort (each replica's node port is then allocated and named in its \
+             307s), or ask for replicas 1"
         );
         assert!(problems[0].blocks_apply());
         assert!(!problems[0].stops_relay());
-        // Outside edge mode every label has a Service of its own.
-        l.spec.service.type_ = None;
+        // A LoadBalancer's port is no node port: pinned, it is the same on every replica's.
+        l.spec.service.type_ = Some(ServiceType::LoadBalancer);
+        assert_eq!(validate(&l, &observed_ok(), &[], &open()), vec![]);
+        l.spec.client_port = None;
+        // A name too long for a StatefulSet (47 characters fit, 48 do not).
+        l.metadata.name = Some("a".repeat(47));
+        assert_eq!(validate(&l, &observed_ok(), &[], &open()), vec![]);
+        l.metadata.name = Some("a".repeat(48));
         let problems = validate(&l, &observed_ok(), &[], &open());
         assert_eq!(reasons(&problems), vec![Reason::InvalidSpec]);
         assert!(
             problems[0]
                 .message
-                .contains("run the install in edge mode (the chart's edge.enabled)"),
+                .contains("use a name of at most 47 characters"),
             "{}",
             problems[0].message
         );
+        l.metadata.name = Some("home".into());
         // One replica is fine anywhere; an unset count never is refused (the install's
         // default applies only through the gateway).
         for replicas in [Some(1), None] {
@@ -662,23 +699,26 @@ mod tests {
 
     proptest::proptest! {
         #[test]
-        fn replicas_are_refused_exactly_when_several_meet_a_service_of_the_labels_own(
+        fn replicas_are_refused_exactly_when_several_meet_a_pinned_node_port_of_the_labels_own(
             n in proptest::option::of(0u32..=20),
             type_ in proptest::option::of(proptest::sample::select(vec![
                 ServiceType::LoadBalancer, ServiceType::NodePort, ServiceType::ClusterIP,
             ])),
+            pinned in proptest::bool::ANY,
             edge_mode in proptest::bool::ANY,
         ) {
             let edge = crate::edge::tests::edge_settings();
             let mut l = label();
             l.spec.replicas = n;
             l.spec.service.type_ = type_;
+            l.spec.client_port = pinned.then_some(30443);
             let problems = validate_with_edge(
                 &l, &observed_ok(), &[], &open(), edge_mode.then_some(&edge),
             );
             let in_bounds = n.is_none_or(|n| (1..=16).contains(&n));
-            let own_service = type_.is_some() || !edge_mode;
-            let refused_for_the_service = n.is_some_and(|n| (2..=16).contains(&n)) && own_service;
+            let node_port = type_ == Some(ServiceType::NodePort);
+            let refused_for_the_service =
+                n.is_some_and(|n| (2..=16).contains(&n)) && node_port && pinned;
             proptest::prop_assert_eq!(problems.is_empty(), in_bounds && !refused_for_the_service);
             proptest::prop_assert!(problems.len() <= 1);
             proptest::prop_assert!(problems.iter().all(|p| p.reason == Reason::InvalidSpec));

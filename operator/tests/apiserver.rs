@@ -509,7 +509,10 @@ fn the_operator_against_a_real_api_server() {
     if !opted_in("the_operator_against_a_real_api_server") {
         return;
     }
-    std::env::set_var("TAAS_K8S_CONTROLLERS", "*,-deployment,-replicaset");
+    std::env::set_var(
+        "TAAS_K8S_CONTROLLERS",
+        "*,-deployment,-replicaset,-statefulset",
+    );
     let k8s = ApiServer::up();
     let work = k8s.dir().join("work");
     std::fs::create_dir_all(&work).unwrap();
@@ -778,6 +781,7 @@ fn the_operator_against_a_real_api_server() {
     );
 
     dotted_and_longest_names_are_served(&k8s);
+    several_replicas_with_a_service_of_the_labels_own_get_one_each(&k8s);
 
     // 200 labels at once: all Ready. Report the time and the operator's peak RSS.
     k8s.ok(&["create", "namespace", "many"], None);
@@ -923,6 +927,93 @@ fn dotted_and_longest_names_are_served(k8s: &ApiServer) {
             })
         },
     );
+}
+
+/// Two replicas of a label with a Service of its own: a StatefulSet, one Service per pod
+/// (selecting that pod alone), each pod's address in the external file under its name; back
+/// at one, the Deployment and the label's one Service return and the rest goes.
+fn several_replicas_with_a_service_of_the_labels_own_get_one_each(k8s: &ApiServer) {
+    let manifests = "apiVersion: v1\nkind: Secret\nmetadata: {name: pods-totp, namespace: default}\n\
+         stringData: {secret: JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP}\n\
+         ---\napiVersion: taas.dev/v1alpha1\nkind: TaasLabel\nmetadata: {name: pods, namespace: default}\n\
+         spec: {id: id-pods, label: pods, secretRef: {name: pods-totp}, service: {type: ClusterIP}, rendezvousPorts: 2, replicas: 2}\n";
+    k8s.ok(&["apply", "-f", "-"], Some(manifests));
+    let set = k8s.wait(
+        "the StatefulSet",
+        &["statefulset", "taas-pods", "-n", "default"],
+        |_| true,
+    );
+    assert_eq!(set["spec"]["replicas"], 2);
+    assert_eq!(set["spec"]["serviceName"], "taas-pods-control");
+    let mut ips = Vec::new();
+    for i in 0..2 {
+        let name = format!("taas-pods-{i}");
+        let service = k8s.wait(
+            "a pod's Service",
+            &["service", &name, "-n", "default"],
+            |_| true,
+        );
+        assert_eq!(
+            service["spec"]["selector"]["statefulset.kubernetes.io/pod-name"],
+            name.as_str()
+        );
+        ips.push(service["spec"]["clusterIP"].as_str().unwrap().to_string());
+    }
+    let config = k8s.wait(
+        "each pod's address",
+        &["configmap", "taas-pods", "-n", "default"],
+        |c| {
+            c["data"]["external.yaml"]
+                .as_str()
+                .is_some_and(|t| t.contains("taas-pods-1"))
+        },
+    );
+    let external: serde_yaml::Value =
+        serde_yaml::from_str(config["data"]["external.yaml"].as_str().unwrap()).unwrap();
+    for (i, ip) in ips.iter().enumerate() {
+        assert_eq!(
+            external["pods"][format!("taas-pods-{i}").as_str()]["host"].as_str(),
+            Some(ip.as_str())
+        );
+    }
+    assert!(k8s
+        .get(&["deployment", "taas-pods", "-n", "default"])
+        .is_none());
+    assert!(k8s
+        .get(&["service", "taas-pods", "-n", "default"])
+        .is_none());
+    let patch =
+        r#"{"status":{"replicas":2,"readyReplicas":2,"currentReplicas":2,"updatedReplicas":2}}"#;
+    k8s.merge_patch_status("statefulset", "taas-pods", "default", patch);
+    k8s.wait("2 of 2", &["taaslabel", "pods", "-n", "default"], |l| {
+        ready_reason(l) == "Ready"
+            && condition(l, "Ready").unwrap()["message"] == "2 of 2 replicas serving"
+            && l["status"]["endpoint"] == format!("{}:21000", ips[0]).as_str()
+    });
+
+    // Back to one.
+    k8s.merge_patch("taaslabel", "pods", "default", r#"{"spec":{"replicas":1}}"#);
+    k8s.wait(
+        "the Deployment",
+        &["deployment", "taas-pods", "-n", "default"],
+        |d| d["spec"]["replicas"] == 1,
+    );
+    k8s.wait(
+        "the label's Service",
+        &["service", "taas-pods", "-n", "default"],
+        |_| true,
+    );
+    let deadline = Instant::now() + PATIENCE;
+    for gone in [
+        ["statefulset", "taas-pods"],
+        ["service", "taas-pods-0"],
+        ["service", "taas-pods-1"],
+    ] {
+        while k8s.get(&[gone[0], gone[1], "-n", "default"]).is_some() {
+            assert!(Instant::now() < deadline, "{gone:?} is still there");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
 }
 
 /// Edge mode (`--edge-service`): a label without `spec.service.type` gets no Service of its

@@ -1481,19 +1481,279 @@ async fn two_replicas_get_a_disruption_budget_in_the_served_version_and_lose_it_
     assert!(!seen.iter().any(|s| s.method == Method::DELETE));
 }
 
+fn stateful_set_two_ready(stateful_set: &mut Value) {
+    stateful_set["status"] = json!({"replicas": 2, "readyReplicas": 2});
+}
+
+/// What the API server says to a DELETE that went through.
+fn deleted() -> Answer {
+    Answer::Json(
+        200,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
+    )
+}
+
+/// `owned(...)` with a UID, for a delete's precondition.
+fn owned_with_uid(kind: &str, api_version: &str, name: &str) -> Value {
+    let mut object = owned(kind, api_version, name);
+    object["metadata"]["uid"] = json!(format!("uid-{name}"));
+    object
+}
+
 #[tokio::test]
-async fn two_replicas_with_a_service_of_the_labels_own_are_refused_before_applying() {
+async fn two_replicas_with_a_service_of_the_labels_own_get_a_stateful_set_and_a_service_each() {
+    let mut harness = Harness::new();
+    harness.budget_version = Some(BudgetVersion::V1);
+    let mut two = label();
+    two.spec.replicas = Some(2);
+    let mut reads = reads_fresh();
+    // Several replicas with a Service of the label's own: the StatefulSet is looked for.
+    reads.insert(
+        4,
+        step(
+            Method::GET,
+            &format!("{APPS}/statefulsets/taas-home"),
+            Answer::NotFound,
+        ),
+    );
+    let first = vec![
+        step(
+            Method::PATCH,
+            &format!("{NS}/services/taas-home-0"),
+            Answer::Echo(lb_with_address),
+        ),
+        step(
+            Method::PATCH,
+            &format!("{NS}/services/taas-home-1"),
+            Answer::Echo(lb_with_address),
+        ),
+        step(
+            Method::PATCH,
+            &format!("{NS}/services/taas-home-control"),
+            Answer::Echo(cluster_ip),
+        ),
+        step(
+            Method::PATCH,
+            &format!("{NS}/configmaps/taas-home"),
+            Answer::Echo(no_change),
+        ),
+        step(
+            Method::PATCH,
+            &format!("{APPS}/statefulsets/taas-home"),
+            Answer::Echo(stateful_set_two_ready),
+        ),
+        step(
+            Method::PATCH,
+            &format!("{BUDGETS_V1}/taas-home"),
+            Answer::Echo(no_change),
+        ),
+    ];
+    let (result, seen) = harness
+        .reconcile(
+            &two,
+            script(vec![reads, first, vec![status_write(), event()]]),
+        )
+        .await;
+    assert_eq!(result, Ok(Action::requeue(Duration::from_secs(600))));
+    let stateful_set = find(
+        &seen,
+        Method::PATCH,
+        &format!("{APPS}/statefulsets/taas-home"),
+    );
+    assert_eq!(stateful_set["kind"], "StatefulSet");
+    assert_eq!(stateful_set["spec"]["replicas"], 2);
+    assert_eq!(stateful_set["spec"]["serviceName"], "taas-home-control");
+    assert_eq!(stateful_set["spec"]["podManagementPolicy"], "Parallel");
+    let env = &stateful_set["spec"]["template"]["spec"]["containers"][0]["env"];
+    assert!(
+        env.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == "TAAS_POD_NAME"
+                && e["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"),
+        "{env}"
+    );
+    for i in 0..2 {
+        let service = find(
+            &seen,
+            Method::PATCH,
+            &format!("{NS}/services/taas-home-{i}"),
+        );
+        assert_eq!(
+            service["spec"]["selector"]["statefulset.kubernetes.io/pod-name"],
+            format!("taas-home-{i}")
+        );
+        assert_eq!(service["metadata"]["ownerReferences"][0]["uid"], "uid-home");
+    }
+    // Each relay finds its own address under its pod name.
+    let external: Value = serde_yaml::from_str(
+        find(&seen, Method::PATCH, &format!("{NS}/configmaps/taas-home"))["data"]["external.yaml"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(external["host"], "203.0.113.7");
+    assert_eq!(external["pods"]["taas-home-1"]["host"], "203.0.113.7");
+    assert_eq!(external["pods"]["taas-home-0"]["ports"]["21000"], 21000);
+    let status = &find(&seen, Method::PATCH, &format!("{LABELS}/home/status"))["status"];
+    assert_eq!(
+        (&status["replicas"], &status["readyReplicas"]),
+        (&json!(2), &json!(2))
+    );
+    assert!(!seen.iter().any(|s| s.method == Method::DELETE));
+
+    // Back to one: the budget goes, the Deployment and the label's one Service come back,
+    // then the StatefulSet and its pods' Services go (each ours, by UID).
+    let mut one = with_status(&two, &seen);
+    one.spec.replicas = Some(1);
+    let mut stateful_set = owned_with_uid("StatefulSet", "apps/v1", "taas-home");
+    stateful_set["spec"] = json!({"replicas": 2});
+    let reads = vec![
+        step(
+            Method::GET,
+            &format!("{NS}/secrets/home-totp"),
+            Answer::Json(200, secret()),
+        ),
+        step(
+            Method::GET,
+            &format!("{NS}/services/taas-home"),
+            Answer::NotFound,
+        ),
+        step(
+            Method::GET,
+            &format!("{NS}/services/taas-home-control"),
+            Answer::Json(200, owned("Service", "v1", "taas-home-control")),
+        ),
+        step(
+            Method::GET,
+            &format!("{APPS}/deployments/taas-home"),
+            Answer::NotFound,
+        ),
+        step(
+            Method::GET,
+            &format!("{APPS}/statefulsets/taas-home"),
+            Answer::Json(200, stateful_set.clone()),
+        ),
+        step(
+            Method::GET,
+            &format!("{NS}/configmaps/taas-home"),
+            Answer::Json(200, owned("ConfigMap", "v1", "taas-home")),
+        ),
+    ];
+    let mut steps = applies(lb_with_address, relay_ready);
+    let deployment = steps.pop().unwrap();
+    steps.extend([
+        step(
+            Method::GET,
+            &format!("{BUDGETS_V1}/taas-home"),
+            Answer::Json(
+                200,
+                owned_with_uid("PodDisruptionBudget", "policy/v1", "taas-home"),
+            ),
+        ),
+        step(
+            Method::DELETE,
+            &format!("{BUDGETS_V1}/taas-home"),
+            deleted(),
+        ),
+        deployment,
+        step(
+            Method::GET,
+            &format!("{APPS}/statefulsets/taas-home"),
+            Answer::Json(200, stateful_set),
+        ),
+        step(
+            Method::DELETE,
+            &format!("{APPS}/statefulsets/taas-home"),
+            deleted(),
+        ),
+    ]);
+    for i in 0..2 {
+        let name = format!("taas-home-{i}");
+        steps.push(step(
+            Method::GET,
+            &format!("{NS}/services/{name}"),
+            Answer::Json(200, owned_with_uid("Service", "v1", &name)),
+        ));
+        steps.push(step(
+            Method::DELETE,
+            &format!("{NS}/services/{name}"),
+            deleted(),
+        ));
+    }
+    let (result, seen) = harness
+        .reconcile(&one, script(vec![reads, steps, vec![status_write()]]))
+        .await;
+    assert_eq!(result, Ok(Action::requeue(Duration::from_secs(600))));
+    let deletes: Vec<(&str, &Value)> = seen
+        .iter()
+        .filter(|s| s.method == Method::DELETE)
+        .map(|s| (s.path.as_str(), &s.body["preconditions"]["uid"]))
+        .collect();
+    assert_eq!(
+        deletes,
+        vec![
+            (
+                "/apis/policy/v1/namespaces/default/poddisruptionbudgets/taas-home",
+                &json!("uid-taas-home")
+            ),
+            (
+                "/apis/apps/v1/namespaces/default/statefulsets/taas-home",
+                &json!("uid-taas-home")
+            ),
+            (
+                "/api/v1/namespaces/default/services/taas-home-0",
+                &json!("uid-taas-home-0")
+            ),
+            (
+                "/api/v1/namespaces/default/services/taas-home-1",
+                &json!("uid-taas-home-1")
+            ),
+        ]
+    );
+    // And at one, as before: no StatefulSet request at all.
+    let one = with_status(&one, &seen);
+    let (_, seen) = harness
+        .reconcile(
+            &one,
+            script(vec![
+                reads_existing(),
+                applies(lb_with_address, relay_ready),
+            ]),
+        )
+        .await;
+    assert!(!seen.iter().any(|s| s.path.contains("statefulsets")));
+}
+
+#[tokio::test]
+async fn two_replicas_with_a_pinned_node_port_are_refused_before_applying() {
     let harness = Harness::new();
     let mut two = label();
     two.spec.replicas = Some(2);
-    let seen = refused_before_applying(&harness, &two).await;
+    two.spec.service.type_ = Some(taas_crds::ServiceType::NodePort);
+    two.spec.client_port = Some(30443);
+    let mut reads = reads_fresh();
+    reads.insert(
+        4,
+        step(
+            Method::GET,
+            &format!("{APPS}/statefulsets/taas-home"),
+            Answer::NotFound,
+        ),
+    );
+    let nodes = json!({"apiVersion": "v1", "kind": "NodeList", "metadata": {}, "items": []});
+    reads.push(step(Method::GET, "/api/v1/nodes", Answer::Json(200, nodes)));
+    let (result, seen) = harness
+        .reconcile(&two, script(vec![reads, vec![status_write(), event()]]))
+        .await;
+    assert_eq!(result, Ok(Action::requeue(Duration::from_secs(300))));
     let ready = ready_condition(&seen);
     assert_eq!(ready["reason"], "InvalidSpec");
     assert!(
         ready["message"]
             .as_str()
             .unwrap()
-            .starts_with("replicas 2 needs the cluster edge"),
+            .contains("the pinned clientPort 30443 cannot be the node port of several"),
         "{ready}"
     );
 }

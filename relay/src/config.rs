@@ -139,6 +139,27 @@ impl ExternalAddress {
     }
 }
 
+/// The relay's `--external-file`: how the label is reached from outside, and with several
+/// replicas each behind a Service of its own (a StatefulSet's pods), how each pod is: the
+/// operator writes one file for every pod, and each relay takes its own entry by its pod name
+/// (`label-relay --pod-name`), else the top-level one.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+pub struct ExternalFile {
+    #[serde(flatten)]
+    pub default: ExternalAddress,
+    /// Pod name → that pod's own address.
+    #[serde(default)]
+    pub pods: std::collections::BTreeMap<String, ExternalAddress>,
+}
+
+impl ExternalFile {
+    /// The address the pod named `pod` tells hidden servers and clients.
+    pub fn for_pod(mut self, pod: Option<&str>) -> ExternalAddress {
+        pod.and_then(|pod| self.pods.remove(pod))
+            .unwrap_or(self.default)
+    }
+}
+
 /// Host name of the registrar role unless told otherwise (`--registrar`): every front end
 /// and relay of an install must agree on it.
 pub const DEFAULT_REGISTRAR: &str = "taas-registrar.localhost";
@@ -253,5 +274,28 @@ impl Default for Limits {
             clients_per_source: 1024,
             pairs_per_label: 4096,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_pod_takes_its_own_entry_of_the_external_file_and_any_other_the_top_level_one() {
+        let text = "host: 203.0.113.1\nports: {20000: 31000, 21000: 31500}\npods:\n  \
+                    taas-home-0: {host: 203.0.113.1, ports: {20000: 31000}}\n  \
+                    taas-home-1: {host: 203.0.113.2, ports: {20000: 32000}}\n";
+        let file: ExternalFile = serde_yaml::from_str(text).unwrap();
+        let one = file.clone().for_pod(Some("taas-home-1"));
+        assert_eq!(one.host, "203.0.113.2");
+        assert_eq!(one.port(20000), 32000);
+        let other = file.clone().for_pod(Some("taas-other-0"));
+        assert_eq!(other.host, "203.0.113.1");
+        assert_eq!(other.port(21000), 31500);
+        assert_eq!(file.clone().for_pod(None), other);
+        // The file of a single relay (no `pods:`) reads as before.
+        let single: ExternalFile = serde_yaml::from_str("host: relay.example\n").unwrap();
+        assert_eq!(single.for_pod(Some("taas-home-0")).host, "relay.example");
     }
 }

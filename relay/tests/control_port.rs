@@ -328,3 +328,88 @@ async fn the_per_source_cap_does_not_apply_to_the_gateways_on_the_control_port()
         assert_eq!(read_response(control).await.status, 503);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_replica_with_a_service_of_its_own_names_its_own_address() {
+    // Two replicas of `home` as a StatefulSet's pods: one external file for both (the
+    // operator's ConfigMap) with an entry per pod; each relay answers with its own.
+    let dir = tempfile::tempdir().unwrap();
+    let home = TestLabel::new("home").with("maxParked: 4");
+    let options: Vec<LabelRelayOptions> = (0..2)
+        .map(|_| label_relay_options(dir.path(), &home, 2, &[]))
+        .collect();
+    let mut text = "host: 203.0.113.1\nports: {}\npods:\n".to_string();
+    for (i, o) in options.iter().enumerate() {
+        let p: Vec<String> = o
+            .p_ports
+            .iter()
+            .map(|p| format!("{p}: {}", 31000 + 100 * i as u16 + (p - o.p_ports.lo)))
+            .collect();
+        text.push_str(&format!(
+            "  taas-home-{i}:\n    host: 203.0.113.{}\n    ports: {{{}, {}: {}}}\n",
+            i + 10,
+            p.join(", "),
+            o.client_port,
+            32000 + i
+        ));
+    }
+    let external = dir.path().join("external.yaml");
+    std::fs::write(&external, text).unwrap();
+    let mut replicas = Vec::new();
+    for (i, o) in options.into_iter().enumerate() {
+        let relay = label_relay::start(LabelRelayOptions {
+            external_file: Some(external.clone()),
+            pod_name: Some(format!("taas-home-{i}")),
+            metrics: None,
+            ..o
+        })
+        .await
+        .expect("replica starts");
+        replicas.push(relay);
+    }
+    let mut parked = Vec::new();
+    for (i, relay) in replicas.iter().enumerate() {
+        let (response, _) = control_request(relay, "127.0.0.1", &registration(&home), &[]).await;
+        assert_eq!(response.status, 200, "{response:?}");
+        let (host, port) = response.body_str().rsplit_once(':').unwrap();
+        assert_eq!(host, format!("203.0.113.{}", i + 10));
+        let port: u16 = port.parse().unwrap();
+        assert_eq!(
+            port / 100,
+            310 + i as u16,
+            "replica {i}'s own rendezvous ports"
+        );
+        // The hidden server reaches it through its Service: here, its local port.
+        let local = relay.relay.settings().p_ports.lo + (port - 31000 - 100 * i as u16);
+        let p = SocketAddr::from(([127, 0, 0, 1], local));
+        parked.push(
+            p_accepts(relay, "home", p, "127.0.0.1")
+                .await
+                .expect("parked"),
+        );
+    }
+    // Stopped, such a replica is out of its Service at once: nothing can reach its parked
+    // connection any more, so it is given back at once (no hold), and no client is sent
+    // there.
+    replicas[0].drain();
+    assert_closed(&mut parked[0]).await;
+    let (response, _) = control_request(&replicas[0], "127.0.0.1", &mobile_get("home"), &[]).await;
+    assert_ne!(response.status, 307, "{response:?}");
+    let (response, _) = control_request(&replicas[1], "127.0.0.1", &mobile_get("home"), &[]).await;
+    assert_eq!(response.status, 307, "{response:?}");
+    // A relay whose pod has no entry (a newer pod than the file) tells the top-level host.
+    let stranger = label_relay::start(LabelRelayOptions {
+        external_file: Some(external.clone()),
+        pod_name: Some("taas-home-7".into()),
+        metrics: None,
+        ..label_relay_options(dir.path(), &home, 2, &[])
+    })
+    .await
+    .expect("starts");
+    let (response, _) = control_request(&stranger, "127.0.0.1", &registration(&home), &[]).await;
+    assert_eq!(response.status, 200, "{response:?}");
+    assert!(
+        response.body_str().starts_with("203.0.113.1:"),
+        "{response:?}"
+    );
+}

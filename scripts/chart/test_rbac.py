@@ -13,9 +13,10 @@ WRITE = READ | {"create", "patch"}
 NAMESPACED_RULES = {
     ("taas.dev", "taaslabels"): READ,
     ("taas.dev", "taaslabels/status"): {"patch"},
-    ("apps", "deployments"): WRITE,
+    ("apps", "deployments"): WRITE | {"delete"},
+    ("apps", "statefulsets"): WRITE | {"delete"},
     ("policy", "poddisruptionbudgets"): WRITE | {"delete"},
-    ("", "services"): WRITE,
+    ("", "services"): WRITE | {"delete"},
     ("", "configmaps"): WRITE,
     ("", "secrets"): READ,
     ("events.k8s.io", "events"): {"create", "patch"},

@@ -140,6 +140,12 @@ struct LabelRelayArgs {
     /// External host and ports (`host:` and `ports: {LOCAL: EXTERNAL}`), re-read on change.
     #[arg(long, env = "TAAS_EXTERNAL_FILE")]
     external_file: Option<PathBuf>,
+    /// This pod's name (the operator sets it from the downward API): with several replicas
+    /// each behind a Service of its own, the external file has a `pods:` entry per pod and
+    /// this relay tells hidden servers and clients its own. Such a replica leaves its Service
+    /// at once when stopped, so a drain gives its parked connections back at once.
+    #[arg(long, env = "TAAS_POD_NAME")]
+    pod_name: Option<String>,
     /// Plain-HTTP control port for the gateways.
     #[arg(long, env = "TAAS_CONTROL", default_value_t = pod::DEFAULT_CONTROL)]
     control: SocketAddr,
@@ -693,6 +699,7 @@ fn label_relay_options(args: &LabelRelayArgs) -> anyhow::Result<LabelRelayOption
         label_file: args.label_file.clone(),
         secret_dir: args.secret_dir.clone(),
         external_file: args.external_file.clone(),
+        pod_name: args.pod_name.clone(),
         control: args.control,
         edge: args.edge.0,
         gateway_token: args

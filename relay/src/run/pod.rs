@@ -17,8 +17,8 @@ use prometheus_client::registry::Registry;
 
 use super::{FirstRead, StartError, Tasks};
 use crate::config::{
-    ExternalAddress, LabelConfig, Limits, PortRange, RedirectHost, RelaySettings, Timeouts,
-    DEFAULT_DOMAIN, DEFAULT_REGISTRAR, POD_FRONTEND_CONNECTIONS,
+    ExternalAddress, ExternalFile, LabelConfig, Limits, PortRange, RedirectHost, RelaySettings,
+    Timeouts, DEFAULT_DOMAIN, DEFAULT_REGISTRAR, POD_FRONTEND_CONNECTIONS,
 };
 use crate::edge::{self, EdgeAuth};
 use crate::frontend::{self, ControlAuth, FrontendMetrics, Transport};
@@ -59,6 +59,9 @@ pub struct LabelRelayOptions {
     /// `host:` and `ports:` (local → external), written by the operator; absent: the
     /// control address and the local ports.
     pub external_file: Option<PathBuf>,
+    /// This pod's name: with several replicas each behind a Service of its own, the external
+    /// file has an entry per pod and the relay takes its own ([`ExternalFile::for_pod`]).
+    pub pod_name: Option<String>,
     /// Plain-HTTP port for the gateways.
     pub control: SocketAddr,
     /// The edge port (`edge`): connections a gateway in edge mode forwards raw, each after an
@@ -95,6 +98,7 @@ impl LabelRelayOptions {
             label_file,
             secret_dir,
             external_file: None,
+            pod_name: None,
             control: DEFAULT_CONTROL,
             edge: None,
             gateway_token: None,
@@ -123,7 +127,22 @@ pub struct LabelRelay {
     /// The edge port as bound, when on.
     pub edge: Option<SocketAddr>,
     pub metrics: Option<SocketAddr>,
+    /// How long a drain keeps the parked connections ([`parked_hold`]).
+    hold: Duration,
     tasks: Tasks,
+}
+
+/// How long a draining relay keeps its parked connections: [`PARKED_HOLD`], or none for a
+/// replica with an address of its own (`--pod-name`, a StatefulSet's pod behind a Service of
+/// its own). That Service drops a terminating pod from its endpoints at once, so nothing can
+/// reach the relay's ports from outside any more: its parked connections are given back at
+/// once and the agent parks them on the other replicas.
+pub fn parked_hold(options: &LabelRelayOptions) -> Duration {
+    if options.pod_name.is_some() {
+        Duration::ZERO
+    } else {
+        PARKED_HOLD
+    }
 }
 
 impl LabelRelay {
@@ -132,7 +151,7 @@ impl LabelRelay {
     /// while parked connections remain; after [`PARKED_HOLD`] the label closes (its ports stop
     /// taking connections, parked connections are given back); pairs already spliced go on.
     pub fn drain(&self) {
-        self.tasks.drain_holding(PARKED_HOLD);
+        self.tasks.drain_holding(self.hold);
     }
 
     /// Stops gracefully ([`LabelRelay::drain`], the hold capped at `timeout`), then stops for
@@ -144,7 +163,7 @@ impl LabelRelay {
         stop_now: impl std::future::Future<Output = ()>,
     ) -> super::DrainEnd {
         self.tasks
-            .drain_holding_and_stop(PARKED_HOLD, timeout, stop_now)
+            .drain_holding_and_stop(self.hold, timeout, stop_now)
             .await
     }
 }
@@ -157,9 +176,11 @@ fn read_label(options: &LabelRelayOptions) -> Result<LabelConfig, LoadError> {
     Ok(config)
 }
 
-fn read_external(path: &Path) -> Result<ExternalAddress, String> {
+fn read_external(path: &Path, pod_name: Option<&str>) -> Result<ExternalAddress, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    let file: ExternalFile =
+        serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(file.for_pod(pod_name))
 }
 
 pub async fn start(options: LabelRelayOptions) -> Result<LabelRelay, StartError> {
@@ -191,7 +212,9 @@ pub async fn start(options: LabelRelayOptions) -> Result<LabelRelay, StartError>
     let label = read_label(&options)?;
     let label_name = label.label.clone();
     let external = match &options.external_file {
-        Some(path) => read_external(path).map_err(StartError::Config)?,
+        Some(path) => {
+            read_external(path, options.pod_name.as_deref()).map_err(StartError::Config)?
+        }
         None => ExternalAddress::new(options.control.ip().to_string()),
     };
     let settings = RelaySettings {
@@ -255,6 +278,7 @@ pub async fn start(options: LabelRelayOptions) -> Result<LabelRelay, StartError>
         }
         _ => None,
     };
+    let hold = parked_hold(&options);
     tasks.spawn_until_drain(follow_mounted_files(options, relay.clone()));
     tasks.set_ready();
     tracing::info!(control = %control_addr, edge = ?edge_addr, "label relay serving");
@@ -263,6 +287,7 @@ pub async fn start(options: LabelRelayOptions) -> Result<LabelRelay, StartError>
         control: control_addr,
         edge: edge_addr,
         metrics,
+        hold,
         tasks,
     })
 }
@@ -273,7 +298,11 @@ async fn follow_mounted_files(options: LabelRelayOptions, relay: Arc<StandaloneB
     let interval = options.reload_interval;
     let read = move || {
         let label = read_label(&options).map_err(|e| e.to_string());
-        let external = options.external_file.as_deref().map(read_external);
+        let pod_name = options.pod_name.as_deref();
+        let external = options
+            .external_file
+            .as_deref()
+            .map(|path| read_external(path, pod_name));
         (label, external)
     };
     let apply = move |(label, external): (Result<LabelConfig, String>, Option<_>)| {

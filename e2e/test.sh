@@ -235,7 +235,10 @@ old_pod_gone() { ! kubectl -n default get pod "$1" >/dev/null 2>&1; }
 
 # Background traffic on home while other things happen: one fetch every 0.2 s, each result
 # logged; a bounded loop (at most 900 fetches).
-traffic_start() {
+traffic_start() { # [NAME]: fetches of https://NAME.DOMAIN/ (home by default)
+  TRAFFIC_NAME=${1:-home}
+  local want="hello from $TRAFFIC_NAME"
+  [ "$TRAFFIC_NAME" = home ] && want="hello from the hidden server"
   : >"$W/traffic.log"
   rm -f "$W/traffic.stop"
   (
@@ -247,8 +250,8 @@ traffic_start() {
       # redirects were followed, the last URL and curl's error, if any.
       out=$(in_client curl -sS -L --max-time 10 --cacert "$W/pki/client-bundle.crt" \
         -w '\n%{http_code} redirects=%{num_redirects} %{url_effective}' \
-        "https://home.$TAAS_E2E_DOMAIN:$(gw_port)/" 2>&1)
-      if [ "$(printf '%s' "$out" | head -n 1)" = "hello from the hidden server" ]; then
+        "https://$TRAFFIC_NAME.$TAAS_E2E_DOMAIN:$(gw_port)/" 2>&1)
+      if [ "$(printf '%s' "$out" | head -n 1)" = "$want" ]; then
         echo "ok $t"
       else
         echo "fail $t $(now) $(printf '%s' "$out" | head -c 300 | tr -s '\n' ' ')"
@@ -264,7 +267,7 @@ traffic_stop() {
   wait "$TRAFFIC_PID" 2>/dev/null || true
   OKS=$(grep -c '^ok' "$W/traffic.log" || true)
   FAILS=$(grep -c '^fail' "$W/traffic.log" || true)
-  echo "traffic on home meanwhile: $OKS fetches ok, $FAILS failed"
+  echo "traffic on $TRAFFIC_NAME meanwhile: $OKS fetches ok, $FAILS failed"
   grep '^fail' "$W/traffic.log" | head -n 20 || true
 }
 
@@ -527,6 +530,101 @@ restarted() { # POD: its container restarted once and is ready again
     [ "$(kubectl -n default get pod "$1" -o jsonpath='{.status.containerStatuses[0].ready}')" = true ]
 }
 
+# --- several replicas with a Service of the label's own (issue 16): a StatefulSet, a NodePort
+# Service per pod; each relay names its own node ports.
+
+own_manifest() {
+  cat <<EOF
+apiVersion: taas.dev/v1alpha1
+kind: TaasLabel
+metadata: {name: own, namespace: default}
+spec:
+  id: 5e6f7a8b-0000-4000-8000-0000000000c3
+  label: own
+  secretRef: {name: own-totp, key: secret}
+  rendezvousPorts: 2
+  replicas: 2
+  service: {type: NodePort}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: own-totp, namespace: default}
+stringData: {secret: JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXC}
+EOF
+}
+
+own_serving() { # N: the label's status says N replicas serve
+  [ "$(kubectl -n default get taaslabel own -o jsonpath='{.status.readyReplicas}')" = "$1" ]
+}
+
+# Parked connections per pod of own ("NAME=N" per pod), from each pod's metrics.
+own_parked_per_pod() {
+  local pod ip n
+  for pod in taas-own-0 taas-own-1; do
+    ip=$(kubectl -n default get pod "$pod" -o jsonpath='{.status.podIP}' 2>/dev/null) || ip=
+    n=0
+    if [ -n "$ip" ]; then
+      n=$(curl -sS --max-time 2 "http://$ip:9464/metrics" | awk '/^taas_parked[{ ]/ { n += $NF } END { print n + 0 }') || n=0
+    fi
+    echo "$pod=$n"
+  done
+}
+
+own_parked_on_both() { # a fetch (parked connections move as clients use them), then each pod has one
+  edge_serves own >/dev/null || true
+  ! own_parked_per_pod | grep -qE '=0$'
+}
+
+# The node port the 307 of a fetch named (the pod that answered: its own Service's).
+own_redirect_port() {
+  local loc
+  loc=$(in_client curl -sS -o /dev/null -w '%{redirect_url}' --max-time 5 --cacert "$W/pki/client-bundle.crt" \
+    "https://own.$TAAS_E2E_DOMAIN:$(gw_port)/" 2>>"$W/curl.log") || return 1
+  loc=${loc#https://own."$TAAS_E2E_DOMAIN":}
+  echo "${loc%/}"
+}
+
+own_service_replicas() {
+  own_manifest >"$W/own.yaml"
+  kubectl apply -f "$W/own.yaml"
+  until_ok 120 own_serving 2
+  kubectl -n default get statefulset taas-own
+  kubectl -n default get service taas-own-0 taas-own-1
+  # One Service per pod, none for the label as a whole.
+  ! kubectl -n default get service taas-own >/dev/null 2>&1
+  echo "$TAAS_E2E_NODE_IP own.$TAAS_E2E_DOMAIN" >>"/etc/netns/$TAAS_E2E_CLIENT_NS/hosts"
+  start_edge_hidden_server own 8446 "$W/own.yaml"
+  until_ok 90 edge_serves own
+  # The agent parks on both pods, each through its own Service's node ports.
+  until_ok 60 own_parked_on_both
+  echo "parked per pod: $(own_parked_per_pod | tr '\n' ' ')"
+  # The 307s name both pods' client node ports (each relay its own), and each serves.
+  local ports="" port node_ports
+  node_ports=$(kubectl -n default get service taas-own-0 taas-own-1 \
+    -o jsonpath='{range .items[*]}{.spec.ports[?(@.name=="client")].nodePort}{"\n"}{end}')
+  for ((i = 0; i < 40; i++)); do
+    edge_serves own || continue
+    port=$(own_redirect_port) || continue
+    case " $ports " in *" $port "*) ;; *) ports="$ports $port" ;; esac
+    [ "$(echo "$ports" | wc -w)" -ge 2 ] && break
+  done
+  echo "307s named the node ports:$ports (the pods' Services: $(echo "$node_ports" | tr '\n' ' '))"
+  [ "$(echo "$ports" | wc -w)" -ge 2 ]
+  for port in $ports; do
+    echo "$node_ports" | grep -qx "$port"
+  done
+  # A rolling restart (one pod at a time), with a client every 0.2 s.
+  traffic_start own
+  kubectl -n default rollout restart statefulset/taas-own
+  kubectl -n default rollout status statefulset/taas-own --timeout=180s
+  until_ok 60 own_parked_on_both
+  sleep 2
+  traffic_stop
+  echo "own, 2 replicas with a Service each, rollout restart: $FAILS of $((OKS + FAILS)) fetches failed; failed-fetch window $(fail_window) s"
+  gateway_rollout_counters
+  [ "$OKS" -gt 0 ] && [ "$FAILS" = 0 ]
+}
+
 relay_rolled_to_json() {
   kubectl -n default get deployment taas-home -o json | grep -q '"TAAS_LOG_FORMAT"' &&
     kubectl -n default get deployment taas-home -o jsonpath='{.spec.template.spec.containers[0].env}' | grep -q json
@@ -575,5 +673,6 @@ step "7b. helm upgrade reaching the relays, 2 replicas: no client fails" upgrade
 step "7c. kubectl rollout restart of a label's relays, 2 replicas: no client fails" rollout_restart_two_replicas
 step "7d. one of 2 relay pods deleted: failures only in the first second" one_of_two_deleted
 step "7e. kill -9 in one of 2 relay pods: failures only in the first second" one_of_two_killed
+step "7f. spec.replicas 2 with a NodePort Service of the label's own: a StatefulSet, a Service per pod, each relay naming its own node ports; rollout restart fails no client" own_service_replicas
 step "8. helm uninstall leaves only the CRD and the labels" uninstall
 summary

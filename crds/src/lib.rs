@@ -197,10 +197,9 @@ pub struct TaasLabelSpec {
     pub rendezvous_ports: u32,
     /// Relay pods (replicas) serving this label in a cluster; unset: the install's default
     /// (the chart's `relay.replicas`) for a label reached through the gateway, one for a
-    /// label with a Service of its own. More than one needs the gateway (edge mode, no
-    /// `service.type`): a Service of the label's own would send a hidden server's rendezvous
-    /// connection to a replica that does not hold its registration. Ignored by the
-    /// standalone relay.
+    /// label with a Service of its own. Several with a Service of the label's own run as a
+    /// StatefulSet with one Service per pod (each replica names its own address), which a
+    /// pinned NodePort `clientPort` cannot share. Ignored by the standalone relay.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "kube", schemars(range(min = REPLICAS_MIN, max = REPLICAS_MAX)))]
     pub replicas: Option<u32>,

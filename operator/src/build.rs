@@ -11,6 +11,12 @@
 //! - Deployment `taas-X`: the relay pods, `spec.replicas` of them or the install's default
 //!   ([`replicas`]), replaced by surge (a new pod is ready before an old one stops), spread
 //!   over nodes when there are several;
+//! - or, for several replicas of a label with a Service of its own ([`per_pod_services`]),
+//!   StatefulSet `taas-X` (pods `taas-X-0`, `taas-X-1`, ...) and instead of `taas-X` one
+//!   Service per pod, `taas-X-i`, selecting that pod alone: each replica has an address of its
+//!   own, which its relay names in its registration answers and 307s (`external.yaml` lists
+//!   every pod's under `pods:`), so a hidden server's rendezvous connection always reaches
+//!   the replica that granted its registration;
 //! - PodDisruptionBudget `taas-X` (several replicas only): a drain evicts one at a time.
 //!
 //! The pod template depends only on the settings, the object name, the Secret's name, the

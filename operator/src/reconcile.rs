@@ -11,7 +11,11 @@
 //!    address is the gateway Service's), the Service `taas-X-control`, the ConfigMap (whose
 //!    `external.yaml` is derived from that address), the Deployment, and with several
 //!    replicas the PodDisruptionBudget (deleted, before the Deployment is scaled down, when
-//!    the label goes back to one: [`build::budget_action`]);
+//!    the label goes back to one: [`build::budget_action`]). Several replicas with a Service
+//!    of the label's own ([`build::per_pod_services`]) get a Service per pod `taas-X-i`
+//!    instead of `taas-X` and a StatefulSet instead of the Deployment; switching between the
+//!    two deletes what the other way made (each checked to be the label's, by UID), and
+//!    scaling down deletes the Services of the pods gone;
 //! 4. status ([`crate::status`], pure) written only when it changed, and an event when the
 //!    Ready reason changed.
 //!

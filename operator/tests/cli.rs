@@ -58,15 +58,27 @@ fn rbac_prints_the_rules_table() {
     let rules = String::from_utf8(out.stdout).unwrap();
     assert_eq!(rules, taas_operator::rbac::cluster_role_rules());
     assert!(rules.contains("resources: [\"taaslabels/status\"]\n  verbs: [\"patch\"]"));
-    // The one thing the operator deletes: a label's own PodDisruptionBudget, back at one
-    // replica.
+    // What the operator deletes: a label's own children it no longer needs (its budget back
+    // at one replica; the workload and Services of one replica or of several with a Service
+    // each, when it switches). Never a Secret, a ConfigMap or a label.
     let deleting: Vec<&str> = rules
         .split("- apiGroups:")
         .filter(|rule| rule.contains("\"delete\""))
+        .map(|rule| {
+            rule.split("resources: [\"")
+                .nth(1)
+                .and_then(|rest| rest.split('"').next())
+                .unwrap_or_default()
+        })
         .collect();
-    assert_eq!(deleting.len(), 1, "{rules}");
-    assert!(
-        deleting[0].contains("resources: [\"poddisruptionbudgets\"]"),
+    assert_eq!(
+        deleting,
+        [
+            "deployments",
+            "statefulsets",
+            "services",
+            "poddisruptionbudgets"
+        ],
         "{rules}"
     );
 }

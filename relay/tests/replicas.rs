@@ -114,29 +114,7 @@ impl Pair {
 
     /// Routes `home` to the replicas on `ips`, as a headless Service lists the ready pods.
     async fn route_to(&self, ips: &[&str], direct: bool) {
-        let list = |port: u16| {
-            let items: Vec<String> = ips.iter().map(|ip| format!("\"{ip}:{port}\"")).collect();
-            format!("[{}]", items.join(", "))
-        };
-        let text = format!(
-            "home: {{relay: {}, edge: {}, direct: {direct}, rendezvous: {:?}}}\n",
-            list(self.template.ports.control),
-            list(self.template.ports.edge),
-            self.cluster.rendezvous_ports()
-        );
-        std::fs::write(self.cluster.routes_file(), text).unwrap();
-        let control: Vec<String> = ips
-            .iter()
-            .map(|ip| format!("{ip}:{}", self.template.ports.control))
-            .collect();
-        eventually("routes applied", || async {
-            self.cluster
-                .gateway
-                .routes
-                .get("home")
-                .is_some_and(|r| r.relay.names() == control.as_slice())
-        })
-        .await;
+        route_home(&self.cluster, self.template.ports, ips, direct).await;
     }
 
     /// Starts B (listed in the route already).
@@ -170,6 +148,34 @@ impl Pair {
         );
         (agent, echo_task)
     }
+}
+
+/// Routes `home` to the replicas on `ips` (each with `ports`), as a headless Service lists
+/// the ready pods, and waits until the gateway has it.
+async fn route_home(cluster: &EdgeGateway, ports: ReplicaPorts, ips: &[&str], direct: bool) {
+    let list = |port: u16| {
+        let items: Vec<String> = ips.iter().map(|ip| format!("\"{ip}:{port}\"")).collect();
+        format!("[{}]", items.join(", "))
+    };
+    let text = format!(
+        "home: {{relay: {}, edge: {}, direct: {direct}, rendezvous: {:?}}}\n",
+        list(ports.control),
+        list(ports.edge),
+        cluster.rendezvous_ports()
+    );
+    std::fs::write(cluster.routes_file(), text).unwrap();
+    let control: Vec<String> = ips
+        .iter()
+        .map(|ip| format!("{ip}:{}", ports.control))
+        .collect();
+    eventually("routes applied", || async {
+        cluster
+            .gateway
+            .routes
+            .get("home")
+            .is_some_and(|r| r.relay.names() == control.as_slice())
+    })
+    .await;
 }
 
 fn parked(relay: &LabelRelay, label: &str) -> usize {
@@ -871,30 +877,7 @@ impl Rollout {
     }
 
     async fn route(&self) {
-        let ips = self.listed();
-        let list = |port: u16| {
-            let items: Vec<String> = ips.iter().map(|ip| format!("\"{ip}:{port}\"")).collect();
-            format!("[{}]", items.join(", "))
-        };
-        let text = format!(
-            "home: {{relay: {}, edge: {}, rendezvous: {:?}}}\n",
-            list(self.template.ports.control),
-            list(self.template.ports.edge),
-            self.cluster.rendezvous_ports()
-        );
-        std::fs::write(self.cluster.routes_file(), text).unwrap();
-        let control: Vec<String> = ips
-            .iter()
-            .map(|ip| format!("{ip}:{}", self.template.ports.control))
-            .collect();
-        eventually("routes applied", || async {
-            self.cluster
-                .gateway
-                .routes
-                .get("home")
-                .is_some_and(|r| r.relay.names() == control.as_slice())
-        })
-        .await;
+        route_home(&self.cluster, self.template.ports, &self.listed(), false).await;
     }
 
     /// A new replica on `ip`, listed once it runs (ready).

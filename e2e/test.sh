@@ -557,14 +557,14 @@ own_serving() { # N: the label's status says N replicas serve
   [ "$(kubectl -n default get taaslabel own -o jsonpath='{.status.readyReplicas}')" = "$1" ]
 }
 
-# Parked connections per pod of own ("NAME=N" per pod), from each pod's metrics.
-own_parked_per_pod() {
+# A metric summed over its series, per pod of own ("NAME=N" per pod).
+own_counter_per_pod() { # METRIC
   local pod ip n
   for pod in taas-own-0 taas-own-1; do
     ip=$(kubectl -n default get pod "$pod" -o jsonpath='{.status.podIP}' 2>/dev/null) || ip=
     n=0
     if [ -n "$ip" ]; then
-      n=$(curl -sS --max-time 2 "http://$ip:9464/metrics" | awk '/^taas_parked[{ ]/ { n += $NF } END { print n + 0 }') || n=0
+      n=$(curl -sS --max-time 2 "http://$ip:9464/metrics" | awk -v m="$1" '$1 == m || index($1, m "{") == 1 { n += $NF } END { print n + 0 }') || n=0
     fi
     echo "$pod=$n"
   done
@@ -572,7 +572,12 @@ own_parked_per_pod() {
 
 own_parked_on_both() { # a fetch (parked connections move as clients use them), then each pod has one
   edge_serves own >/dev/null || true
-  ! own_parked_per_pod | grep -qE '=0$'
+  ! own_counter_per_pod taas_parked | grep -qE '=0$'
+}
+
+own_served_by_both() { # a fetch, then each pod has paired a client
+  edge_serves own >/dev/null || true
+  ! own_counter_per_pod taas_pairings_total | grep -qE '=0$'
 }
 
 # The node port the 307 of a fetch named (the pod that answered: its own Service's).
@@ -597,22 +602,18 @@ own_service_replicas() {
   until_ok 90 edge_serves own
   # The agent parks on both pods, each through its own Service's node ports.
   until_ok 60 own_parked_on_both
-  echo "parked per pod: $(own_parked_per_pod | tr '\n' ' ')"
-  # The 307s name both pods' client node ports (each relay its own), and each serves.
-  local ports="" port node_ports
+  echo "parked per pod: $(own_counter_per_pod taas_parked | tr '\n' ' ')"
+  # Each 307 names the client node port of the pod that answered (its own Service's), and
+  # clients are served by both pods (each pairs some).
+  local port node_ports
   node_ports=$(kubectl -n default get service taas-own-0 taas-own-1 \
     -o jsonpath='{range .items[*]}{.spec.ports[?(@.name=="client")].nodePort}{"\n"}{end}')
-  for ((i = 0; i < 40; i++)); do
-    edge_serves own || continue
-    port=$(own_redirect_port) || continue
-    case " $ports " in *" $port "*) ;; *) ports="$ports $port" ;; esac
-    [ "$(echo "$ports" | wc -w)" -ge 2 ] && break
-  done
-  echo "307s named the node ports:$ports (the pods' Services: $(echo "$node_ports" | tr '\n' ' '))"
-  [ "$(echo "$ports" | wc -w)" -ge 2 ]
-  for port in $ports; do
+  for ((i = 0; i < 5; i++)); do
+    port=$(own_redirect_port)
     echo "$node_ports" | grep -qx "$port"
   done
+  until_ok 60 own_served_by_both
+  echo "pairings per pod: $(own_counter_per_pod taas_pairings_total | tr '\n' ' ')(the pods' client node ports: $(echo "$node_ports" | tr '\n' ' '))"
   # A rolling restart (one pod at a time), with a client every 0.2 s.
   traffic_start own
   kubectl -n default rollout restart statefulset/taas-own

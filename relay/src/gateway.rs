@@ -93,6 +93,11 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 /// replicas are asked again meanwhile.
 const GET_WAIT: Duration = Duration::from_secs(3);
 const GET_POLL: Duration = Duration::from_millis(100);
+/// How long a registration that found every replica draining waits for a new one to appear
+/// under the label's name, and how often the name is looked up again meanwhile (at most
+/// every 250 ms anyway: `REFRESH_MIN_AGE`).
+const REGISTER_WAIT: Duration = Duration::from_secs(3);
+const REGISTER_POLL: Duration = Duration::from_millis(250);
 /// How long clients are told to wait when a label's relay is not ready.
 const RETRY_NOT_READY: Duration = Duration::from_secs(5);
 /// Relays one front-end connection keeps connections to.
@@ -538,11 +543,14 @@ impl LabelBackend for Gateway {
         // their loads even out; each part goes to its replica, or on to the next when that
         // one drains or cannot be reached.
         let parts = split_batch(registration.count.max(1), &loads);
-        let deadline = tokio::time::Instant::now() + ANSWER_TIMEOUT;
+        let started = tokio::time::Instant::now();
+        let deadline = started + ANSWER_TIMEOUT;
         let mut out = vec![false; order.len()];
         let mut granted: Vec<Answer> = Vec::new();
         let mut other = None;
         let mut draining = None;
+        // The replicas that answered that they drain: never asked again for this one.
+        let mut drained: Vec<SocketAddr> = Vec::new();
         let mut problem = String::from("no replica");
         for (first, &count) in parts.iter().enumerate().filter(|(_, count)| **count > 0) {
             for i in (0..order.len()).map(|d| (first + d) % order.len()) {
@@ -569,6 +577,7 @@ impl LabelBackend for Gateway {
                             break;
                         }
                         draining = Some(relayed.answer);
+                        drained.push(replica);
                         Retried::Draining
                     }
                     Ok(Err(error)) => {
@@ -588,34 +597,56 @@ impl LabelBackend for Gateway {
         }
         if granted.is_empty() && other.is_none() {
             // Every replica known drains or is out of reach: a new one may have become ready
-            // since the names were looked up (a rollout's surge pod).
-            let fresh = self
-                .upstream
-                .resolver
-                .resolve_all_fresh(&control_set(registration.label, &route), &self.metrics)
-                .await
-                .unwrap_or_default();
-            for replica in fresh.into_iter().filter(|replica| !order.contains(replica)) {
-                if tokio::time::Instant::now() >= deadline {
-                    break;
-                }
-                let Ok(forwarded) = request(registration.count.max(1)) else {
-                    return Answer::bad_request();
-                };
-                let send = upstreams.send(&self.upstream, replica, forwarded);
-                match tokio::time::timeout_at(deadline, send).await {
-                    Ok(Ok(relayed)) => {
-                        if let Some(parked) = relayed.parked {
-                            lock(&self.upstream.loads).put(replica, parked, Instant::now());
-                        }
-                        if !relayed.draining {
-                            self.metrics.retried(Retried::Draining);
-                            return relayed.answer;
-                        }
-                        draining = Some(relayed.answer);
+            // since the names were looked up (a rollout's surge pod), or be about to (a
+            // StatefulSet replaces its pods one at a time, and the cluster DNS lists a new
+            // one a moment after it is ready). While one answered that it drains, the name is
+            // looked up again every REGISTER_POLL for up to REGISTER_WAIT and every replica
+            // but the draining ones asked (again: one out of reach may be starting): a
+            // draining replica refuses before it looks at anything, so asking again is safe,
+            // and the agent need not back off for the draining answer's Retry-After.
+            let control = control_set(registration.label, &route);
+            let wait_until = started + REGISTER_WAIT;
+            for round in 0.. {
+                if round > 0 {
+                    let now = tokio::time::Instant::now();
+                    if draining.is_none() || now + REGISTER_POLL > wait_until {
+                        break;
                     }
-                    Ok(Err(error)) => problem = format!("relay {replica} unreachable: {error}"),
-                    Err(_) => problem = format!("relay {replica} did not answer in time"),
+                    tokio::time::sleep(REGISTER_POLL).await;
+                }
+                let fresh = self
+                    .upstream
+                    .resolver
+                    .resolve_all_fresh(&control, &self.metrics)
+                    .await
+                    .unwrap_or_default();
+                for replica in fresh {
+                    let asked_just_now = round == 0 && order.contains(&replica);
+                    if asked_just_now
+                        || drained.contains(&replica)
+                        || tokio::time::Instant::now() >= deadline
+                    {
+                        continue;
+                    }
+                    let Ok(forwarded) = request(registration.count.max(1)) else {
+                        return Answer::bad_request();
+                    };
+                    let send = upstreams.send(&self.upstream, replica, forwarded);
+                    match tokio::time::timeout_at(deadline, send).await {
+                        Ok(Ok(relayed)) => {
+                            if let Some(parked) = relayed.parked {
+                                lock(&self.upstream.loads).put(replica, parked, Instant::now());
+                            }
+                            if !relayed.draining {
+                                self.metrics.retried(Retried::Draining);
+                                return relayed.answer;
+                            }
+                            draining = Some(relayed.answer);
+                            drained.push(replica);
+                        }
+                        Ok(Err(error)) => problem = format!("relay {replica} unreachable: {error}"),
+                        Err(_) => problem = format!("relay {replica} did not answer in time"),
+                    }
                 }
             }
         }

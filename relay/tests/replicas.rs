@@ -1040,3 +1040,37 @@ async fn a_get_finding_nothing_parked_is_held_while_the_hidden_server_parks_agai
     assert_eq!(response.status, 307, "{response:?}");
     assert_eq!(metric(&cluster.metrics().await, &held("served")), 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_finding_every_replica_draining_waits_for_one_that_starts() {
+    // A drains; B is listed but not running yet (a StatefulSet's replacement pod, or a name
+    // the cluster DNS lists a moment later).
+    let mut replicas = Pair::start(TestLabel::new("home"), StartB::Later).await;
+    replicas.a.drain();
+    let gateway = &replicas.cluster.gateway;
+    let (frontend, ca) = (gateway.frontend, gateway.cert.cert.clone());
+    let (label, authorization) = (replicas.home.label.clone(), replicas.home.authorization());
+    let register = tokio::spawn(async move {
+        let mut tls = tls_connect_from("127.0.0.5", frontend, &ca, REGISTRAR).await;
+        let request = steward_request(&label, frontend.port(), &authorization);
+        tls.write_all(request.as_bytes()).await.unwrap();
+        read_response(&mut tls).await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !register.is_finished(),
+        "held while every replica drains, not answered with A's 503"
+    );
+    replicas.start_b().await;
+    let response = tokio::time::timeout(PATIENCE, register)
+        .await
+        .expect("an answer once B runs")
+        .unwrap();
+    assert_eq!(response.status, 200, "{response:?}");
+    let b = replicas.b();
+    assert_eq!(
+        b.relay.label("home").map(|l| l.parked_and_pending()),
+        Some(1),
+        "B holds the registration"
+    );
+}

@@ -194,19 +194,22 @@ impl Tasks {
         timeout: Duration,
         stop_now: impl Future<Output = ()>,
     ) -> DrainEnd {
-        self.drain_holding_and_stop(Duration::ZERO, timeout, stop_now)
+        self.drain_holding_and_stop(Duration::ZERO, Duration::ZERO, timeout, stop_now)
             .await
     }
 
     /// [`Tasks::drain_and_stop`] with [`Tasks::drain_holding`]'s hold: the stop also waits for
-    /// the hold while parked connections remain (a client may still take one).
+    /// the hold while parked connections remain (a client may still take one), and for at
+    /// least `linger` in any case (both capped at `timeout`).
     pub(crate) async fn drain_holding_and_stop(
         &self,
         hold: Duration,
+        linger: Duration,
         timeout: Duration,
         stop_now: impl Future<Output = ()>,
     ) -> DrainEnd {
         let hold = hold.min(timeout);
+        let linger = linger.min(timeout);
         let started = tokio::time::Instant::now();
         self.drain_holding(hold);
         let active = || self.relay.as_ref().map_or(0, |relay| relay.active_pairs());
@@ -223,7 +226,7 @@ impl Tasks {
             loop {
                 tick.tick().await;
                 let elapsed = started.elapsed();
-                let holding = elapsed < hold && parked() > 0;
+                let holding = (elapsed < hold && parked() > 0) || elapsed < linger;
                 if let Some(end) = drain_end(active(), elapsed, timeout).filter(|_| !holding) {
                     return end;
                 }

@@ -49,6 +49,15 @@ pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 /// also wait 5 s, `minReadySeconds`, before stopping an old pod after a new one is ready.)
 pub const PARKED_HOLD: Duration = Duration::from_secs(5);
 
+/// How long a stopping relay goes on answering at least (unready, refusing registrations,
+/// sending no client to itself), even with no pair or parked connection left to wait for:
+/// the gateways' cached addresses of the label (up to 5 s) may still name this pod. While it
+/// answers, a gateway passes over it at once; once the pod is gone, its address answers
+/// nothing and each request to it waits out the gateway's connect timeout (2 s: the one GET
+/// that failed in e2e 7f's first run, with a replica that gave its connections back at once
+/// and exited). Capped by the drain timeout.
+pub const LINGER: Duration = Duration::from_secs(6);
+
 /// Everything `label-relay` is configured with (the binary's flags).
 #[derive(Clone, Debug, PartialEq)]
 pub struct LabelRelayOptions {
@@ -148,22 +157,23 @@ pub fn parked_hold(options: &LabelRelayOptions) -> Duration {
 impl LabelRelay {
     /// Begins a graceful stop without waiting, as SIGTERM does: `/readyz` turns 503,
     /// registrations get 503 with `taas-draining: 1`, edge offers are answered LAST_RESORT
-    /// while parked connections remain; after [`PARKED_HOLD`] the label closes (its ports stop
+    /// while parked connections remain; after [`parked_hold`] the label closes (its ports stop
     /// taking connections, parked connections are given back); pairs already spliced go on.
     pub fn drain(&self) {
         self.tasks.drain_holding(self.hold);
     }
 
     /// Stops gracefully ([`LabelRelay::drain`], the hold capped at `timeout`), then stops for
-    /// good as soon as no pair is left (and the hold is over, or nothing is parked), at
-    /// `timeout` (the pairs left are cut), or when `stop_now` (a second signal) resolves.
+    /// good as soon as no pair is left, the hold is over (or nothing is parked) and
+    /// [`LINGER`] has passed; at `timeout` (the pairs left are cut); or when `stop_now` (a
+    /// second signal) resolves.
     pub async fn drain_and_stop(
         self,
         timeout: std::time::Duration,
         stop_now: impl std::future::Future<Output = ()>,
     ) -> super::DrainEnd {
         self.tasks
-            .drain_holding_and_stop(self.hold, timeout, stop_now)
+            .drain_holding_and_stop(self.hold, LINGER, timeout, stop_now)
             .await
     }
 }

@@ -135,19 +135,28 @@ impl Pair {
 
     /// The agent for `home` through the gateway, parking `n`, towards an echo server.
     async fn agent(&self, n: usize) -> (Agent, tokio::task::JoinHandle<()>) {
-        let (echo, echo_task) = echo_server().await;
-        let agent = Agent::start(
-            self.cluster.gateway.frontend,
-            &self.cluster.gateway.cert.cert,
-            &self.home,
-            echo,
-            n,
-            // The agent's own backoff, not the tests' short one: a parked connection given
-            // back by a draining replica must not cost the agent a long pause.
-            |config| config.max_backoff = taas_relay::agent::DEFAULT_MAX_BACKOFF,
-        );
-        (agent, echo_task)
+        agent_through(&self.cluster, &self.home, n).await
     }
+}
+
+/// The agent for `home` through the gateway, parking `n`, towards an echo server.
+async fn agent_through(
+    cluster: &EdgeGateway,
+    home: &TestLabel,
+    n: usize,
+) -> (Agent, tokio::task::JoinHandle<()>) {
+    let (echo, echo_task) = echo_server().await;
+    let agent = Agent::start(
+        cluster.gateway.frontend,
+        &cluster.gateway.cert.cert,
+        home,
+        echo,
+        n,
+        // The agent's own backoff, not the tests' short one: a parked connection given back
+        // by a draining replica must not cost the agent a long pause.
+        |config| config.max_backoff = taas_relay::agent::DEFAULT_MAX_BACKOFF,
+    );
+    (agent, echo_task)
 }
 
 /// Routes `home` to the replicas on `ips` (each with `ports`), as a headless Service lists
@@ -904,16 +913,7 @@ impl Rollout {
     }
 
     async fn agent(&self, n: usize) -> (Agent, tokio::task::JoinHandle<()>) {
-        let (echo, echo_task) = echo_server().await;
-        let agent = Agent::start(
-            self.cluster.gateway.frontend,
-            &self.cluster.gateway.cert.cert,
-            &self.home,
-            echo,
-            n,
-            |config| config.max_backoff = taas_relay::agent::DEFAULT_MAX_BACKOFF,
-        );
-        (agent, echo_task)
+        agent_through(&self.cluster, &self.home, n).await
     }
 }
 

@@ -625,12 +625,24 @@ async fn a_relay_without_the_offer_tlv_still_gets_clients() {
 
 /// A mobile GET for `home` on the gateway's HTTPS port from `source`.
 async fn mobile_get(cluster: &EdgeGateway, source: &str) -> Response {
+    spawn_mobile_get(cluster, source).await.unwrap()
+}
+
+/// [`mobile_get`] in a task of its own (it panics on a broken connection: the task's error).
+fn spawn_mobile_get(cluster: &EdgeGateway, source: &str) -> tokio::task::JoinHandle<Response> {
     let gateway = &cluster.gateway;
-    let host = format!("home.{DOMAIN}");
-    let mut tls = tls_connect_from(source, gateway.frontend, &gateway.cert.cert, &host).await;
-    let request = format!("GET /page HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
-    tls.write_all(request.as_bytes()).await.unwrap();
-    read_response(&mut tls).await
+    let (https, ca, source) = (
+        gateway.frontend,
+        gateway.cert.cert.clone(),
+        source.to_string(),
+    );
+    tokio::spawn(async move {
+        let host = format!("home.{DOMAIN}");
+        let mut tls = tls_connect_from(&source, https, &ca, &host).await;
+        let request = format!("GET /page HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        tls.write_all(request.as_bytes()).await.unwrap();
+        read_response(&mut tls).await
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -752,16 +764,9 @@ const D: &str = "127.0.0.7";
 /// on the gateway's HTTPS port, then the 307's port (the shared client port) with a
 /// ClientHello and some bytes, all echoed back. `Err` says what failed.
 async fn mobile_client(cluster: &EdgeGateway, n: usize) -> Result<(), String> {
-    let gateway = &cluster.gateway;
-    let (https, ca) = (gateway.frontend, gateway.cert.cert.clone());
-    let get = tokio::spawn(async move {
-        let host = format!("home.{DOMAIN}");
-        let mut tls = tls_connect_from("127.0.0.6", https, &ca, &host).await;
-        let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
-        tls.write_all(request.as_bytes()).await.unwrap();
-        read_response(&mut tls).await
-    });
-    let response = get.await.map_err(|e| format!("GET: {e}"))?;
+    let response = spawn_mobile_get(cluster, "127.0.0.6")
+        .await
+        .map_err(|e| format!("GET: {e}"))?;
     if response.status != 307 {
         return Err(format!(
             "GET: {} {:?}",
@@ -1021,15 +1026,7 @@ async fn a_get_finding_nothing_parked_is_held_while_the_hidden_server_parks_agai
     })
     .await;
     // A GET now waits for the hidden server's next connection instead of a 503.
-    let gateway = &cluster.gateway;
-    let (https, ca) = (gateway.frontend, gateway.cert.cert.clone());
-    let get = tokio::spawn(async move {
-        let host = format!("home.{DOMAIN}");
-        let mut tls = tls_connect_from("127.0.0.6", https, &ca, &host).await;
-        let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
-        tls.write_all(request.as_bytes()).await.unwrap();
-        read_response(&mut tls).await
-    });
+    let get = spawn_mobile_get(cluster, "127.0.0.6");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!get.is_finished(), "held while nothing is parked");
     let _second = cluster.park_from("127.0.0.5", &replicas.home).await;
@@ -1073,4 +1070,49 @@ async fn a_registration_finding_every_replica_draining_waits_for_one_that_starts
         Some(1),
         "B holds the registration"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_held_gets_from_one_address_is_limited_and_another_phone_is_served() {
+    let replicas = Pair::start(TestLabel::new("home"), StartB::Later).await;
+    let cluster = &replicas.cluster;
+    // The hidden server registered lately; its one parked connection used up: GETs are held.
+    let _first = cluster.park_from("127.0.0.5", &replicas.home).await;
+    eventually("parked on A", || async { parked(&replicas.a, "home") == 1 }).await;
+    let mut client = TcpStream::connect(cluster.shared()).await.unwrap();
+    client
+        .write_all(&client_hello(Some(&format!("home.{DOMAIN}"))))
+        .await
+        .unwrap();
+    eventually("the parked connection used", || async {
+        parked(&replicas.a, "home") == 0
+    })
+    .await;
+    // 150 GETs at once from one address (the gateway's per-source 307 limit: 100 at once,
+    // then 20/s), each of those let through held.
+    let started = Instant::now();
+    let flood: Vec<_> = (0..150)
+        .map(|_| spawn_mobile_get(cluster, "127.0.0.6"))
+        .collect();
+    // Meanwhile the hidden server parks again, and another phone asks.
+    let _second = cluster.park_from("127.0.0.5", &replicas.home).await;
+    let other = mobile_get(cluster, "127.0.0.8").await;
+    assert_eq!(other.status, 307, "{other:?}");
+    let mut statuses = std::collections::BTreeMap::new();
+    for get in flood {
+        let response = tokio::time::timeout(PATIENCE, get)
+            .await
+            .expect("every flooding GET is answered")
+            .unwrap();
+        *statuses.entry(response.status).or_insert(0) += 1;
+    }
+    let took = started.elapsed();
+    eprintln!("figure: 150 GETs at once from one address, held: {statuses:?} in {took:?}");
+    assert!(
+        statuses
+            .keys()
+            .all(|status| [307, 429, 503].contains(status)),
+        "{statuses:?}"
+    );
+    assert!(statuses.get(&429).is_some_and(|n| *n > 0), "{statuses:?}");
 }

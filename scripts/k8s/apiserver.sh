@@ -274,9 +274,13 @@ cmd_up() {
     show_log kube-apiserver
     stop_all
     log "kube-apiserver not ready (attempt $attempt)"
-    # Only a lost port race is worth another try.
-    grep -q 'address already in use' "$DIR/logs/kube-apiserver.log" "$DIR/logs/etcd.log" 2>/dev/null ||
+    # Worth another try: a lost port race, or a kube-apiserver gone without writing a line
+    # (seen once in CI on the 2-core machine, with three of these starting at once). Any other
+    # failure (a bad flag, a broken binary) says why in its log and would only repeat.
+    if [ -s "$DIR/logs/kube-apiserver.log" ] &&
+      ! grep -q 'address already in use' "$DIR/logs/kube-apiserver.log" "$DIR/logs/etcd.log" 2>/dev/null; then
       break
+    fi
   done
   [ "$started" = 1 ] || die "could not start etcd + kube-apiserver (logs in $DIR/logs)"
 

@@ -609,8 +609,15 @@ own_service_replicas() {
   node_ports=$(kubectl -n default get service taas-own-0 taas-own-1 \
     -o jsonpath='{range .items[*]}{.spec.ports[?(@.name=="client")].nodePort}{"\n"}{end}')
   for ((i = 0; i < 5; i++)); do
-    port=$(own_redirect_port)
-    echo "$node_ports" | grep -qx "$port"
+    port=$(own_redirect_port) || port="(no answer)"
+    if ! echo "$node_ports" | grep -qx "$port"; then
+      # Say what the answer was (status, Location) before failing.
+      echo "a 307 to ${port:-(none)}, not one of the pods' client node ports:"
+      in_client curl -sS -o /dev/null -w '%{http_code} %{redirect_url}\n' --max-time 5 \
+        --cacert "$W/pki/client-bundle.crt" "https://own.$TAAS_E2E_DOMAIN:$(gw_port)/" || true
+      kubectl -n default get configmap taas-own -o jsonpath='{.data.external\.yaml}' || true
+      return 1
+    fi
   done
   until_ok 60 own_served_by_both
   echo "pairings per pod: $(own_counter_per_pod taas_pairings_total | tr '\n' ' ')(the pods' client node ports: $(echo "$node_ports" | tr '\n' ' '))"

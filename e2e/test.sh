@@ -608,7 +608,7 @@ own_service_replicas() {
   local port node_ports
   node_ports=$(kubectl -n default get service taas-own-0 taas-own-1 \
     -o jsonpath='{range .items[*]}{.spec.ports[?(@.name=="client")].nodePort}{"\n"}{end}')
-  for ((i = 0; i < 5; i++)); do
+  for ((i = 0; i < 20; i++)); do
     port=$(own_redirect_port) || port="(no answer)"
     if ! echo "$node_ports" | grep -qx "$port"; then
       # Say what the answer was (status, Location) before failing.
@@ -616,6 +616,10 @@ own_service_replicas() {
       in_client curl -sS -o /dev/null -w '%{http_code} %{redirect_url}\n' --max-time 5 \
         --cacert "$W/pki/client-bundle.crt" "https://own.$TAAS_E2E_DOMAIN:$(gw_port)/" || true
       kubectl -n default get configmap taas-own -o jsonpath='{.data.external\.yaml}' || true
+      echo "parked per pod: $(own_counter_per_pod taas_parked | tr '\n' ' ')"
+      kubectl -n "$NS" logs deployment/taas-gateway --tail=40 || true
+      kubectl -n default logs taas-own-0 --tail=20 || true
+      kubectl -n default logs taas-own-1 --tail=20 || true
       return 1
     fi
   done

@@ -405,8 +405,12 @@ http {{
         time.sleep(1.0)
         for peer in self.args.peers:
             r = self.roles[peer]
+            # RssAnon is the process's own memory; RssFile is mapped code and libraries, in
+            # the page cache and shared by every process of the same binary.
             self.record(kind="rss_idle", peer=peer,
                         relay_kib=sum(status_kib(p.pid, "VmRSS") for p in r["relay"]) if r["relay"] else None,
+                        relay_anon_kib=sum(status_kib(p.pid, "RssAnon") for p in r["relay"]) if r["relay"] else None,
+                        relay_file_kib=sum(status_kib(p.pid, "RssFile") for p in r["relay"]) if r["relay"] else None,
                         agent_kib=sum(status_kib(p.pid, "VmRSS") for p in r["agent"]) if r["agent"] else None)
 
     def stop_peers(self):

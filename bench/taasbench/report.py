@@ -139,6 +139,13 @@ def report(raw, meta):
         r = idle.get(p, {})
         row.append(f"{fmt(mib(r.get('relay_kib')))} ({fmt(mib(r.get('agent_kib')))})")
     L.append("| RSS idle, tunnels up | " + " | ".join(row) + " |")
+    row = []
+    for p in peers:
+        if p == "direct":
+            continue
+        r = idle.get(p, {})
+        row.append(f"{fmt(mib(r.get('relay_anon_kib')))} / {fmt(mib(r.get('relay_file_kib')))}")
+    L.append("| of which its own / mapped files (code, libraries: shared) | " + " | ".join(row) + " |")
     for case, label in (("bulk8", "peak RSS during iperf3 -P 8"), ("http_ka", "peak RSS during wrk keep-alive"),
                         ("http_close", "peak RSS during wrk Connection: close")):
         row = []

@@ -132,20 +132,15 @@ def report(raw, meta):
     L.append("| measure | " + " | ".join(p for p in peers if p != "direct") + " |")
     L.append("|---|" + "---|" * (len(peers) - 1))
     idle = {r["peer"]: r for r in raw if r["kind"] == "rss_idle"}
-    row = []
-    for p in peers:
-        if p == "direct":
-            continue
-        r = idle.get(p, {})
-        row.append(f"{fmt(mib(r.get('relay_kib')))} ({fmt(mib(r.get('agent_kib')))})")
-    L.append("| RSS idle, tunnels up | " + " | ".join(row) + " |")
-    row = []
-    for p in peers:
-        if p == "direct":
-            continue
-        r = idle.get(p, {})
-        row.append(f"{fmt(mib(r.get('relay_anon_kib')))} / {fmt(mib(r.get('relay_file_kib')))}")
-    L.append("| of which its own / mapped files (code, libraries: shared) | " + " | ".join(row) + " |")
+
+    def idle_row(label, cell):
+        cells = [cell(idle.get(p, {})) for p in peers if p != "direct"]
+        L.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    idle_row("RSS idle, tunnels up",
+             lambda r: f"{fmt(mib(r.get('relay_kib')))} ({fmt(mib(r.get('agent_kib')))})")
+    idle_row("of which its own / mapped files (code, libraries: shared)",
+             lambda r: f"{fmt(mib(r.get('relay_anon_kib')))} / {fmt(mib(r.get('relay_file_kib')))}")
     for case, label in (("bulk8", "peak RSS during iperf3 -P 8"), ("http_ka", "peak RSS during wrk keep-alive"),
                         ("http_close", "peak RSS during wrk Connection: close")):
         row = []

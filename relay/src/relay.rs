@@ -227,6 +227,15 @@ impl StandaloneBackend {
             .sum()
     }
 
+    /// Connections parked, and registrations whose hidden server has yet to connect, over
+    /// every label.
+    pub fn parked_and_pending(&self) -> usize {
+        read(&self.labels)
+            .values()
+            .map(|label| label.parked_and_pending())
+            .sum()
+    }
+
     /// Stops every label (at shutdown).
     pub fn close(&self) {
         for label in read(&self.labels).values() {

@@ -194,8 +194,9 @@ async fn a_draining_relay_turns_unready_refuses_registrations_and_lets_its_pair_
     assert_eq!(answer.status, 503, "{answer:?}");
     assert!(answer.header("retry-after").is_some(), "{answer:?}");
     assert!(answer.body_str().contains("stopping"), "{answer:?}");
-    // Turned away as when nothing is parked, well before its 10 s client wait.
-    closed_within(&mut waiting, Duration::from_secs(5)).await;
+    // Turned away as when nothing is parked, well before its 10 s client wait and before
+    // the 5 s hold: nothing is parked or on its way, so there is nothing to hold for.
+    closed_within(&mut waiting, Duration::from_secs(2)).await;
 
     let big = vec![7u8; 256 * 1024];
     exchange(&mut client, &mut server, &big).await;

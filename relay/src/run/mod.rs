@@ -162,7 +162,9 @@ impl Tasks {
     /// [`Tasks::drain`], but the labels (and their parked connections) close only after
     /// `hold`: meanwhile registrations are refused (a gateway sends them to another replica)
     /// and edge offers are answered LAST_RESORT while parked connections remain. Zero: at once,
-    /// as the standalone relay does.
+    /// as the standalone relay does. With nothing parked and no registration pending (none
+    /// can come: registrations are refused), the labels close at once too: holding them
+    /// would only keep a client that waits on q for a connection until the hold ends.
     pub(crate) fn drain_holding(&self, hold: Duration) {
         self.set_unready();
         for task in &self.stop_at_drain {
@@ -178,10 +180,22 @@ impl Tasks {
         relay.start_draining();
         let relay = Arc::downgrade(relay);
         tokio::spawn(async move {
-            tokio::time::sleep(hold).await;
-            if let Some(relay) = relay.upgrade() {
-                tracing::info!("stopping: hold over, parked connections given back");
+            let over = tokio::time::Instant::now() + hold;
+            let mut tick = tokio::time::interval(DRAIN_POLL);
+            loop {
+                tick.tick().await;
+                let Some(relay) = relay.upgrade() else {
+                    return;
+                };
+                if tokio::time::Instant::now() >= over {
+                    tracing::info!("stopping: hold over, parked connections given back");
+                } else if relay.parked_and_pending() == 0 {
+                    tracing::info!("stopping: nothing parked or on its way, labels closed");
+                } else {
+                    continue;
+                }
                 relay.close();
+                return;
             }
         });
     }

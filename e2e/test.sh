@@ -590,6 +590,18 @@ own_served_by_both() { # a fetch, then each pod has paired a client
   ! own_counter_per_pod taas_pairings_total | grep -qE '=0$'
 }
 
+every_gateway_knows() { # LABEL: no gateway pod answers 404 (route unknown) to a GET for it
+  local ip code asked=0
+  for ip in $(kubectl -n "$NS" get pods -l app.kubernetes.io/component=gateway \
+    -o jsonpath='{range .items[?(@.status.podIP)]}{.status.podIP}{"\n"}{end}'); do
+    code=$(curl -sS -o /dev/null -w '%{http_code}' --max-time 5 --cacert "$W/pki/client-bundle.crt" \
+      --resolve "$1.$TAAS_E2E_DOMAIN:8443:$ip" "https://$1.$TAAS_E2E_DOMAIN:8443/" 2>>"$W/curl.log") || return 1
+    [ "$code" != 404 ] || return 1
+    asked=$((asked + 1))
+  done
+  [ "$asked" -gt 0 ]
+}
+
 # The node port the 307 of a fetch named (the pod that answered: its own Service's).
 own_redirect_port() {
   local loc
@@ -610,6 +622,10 @@ own_service_replicas() {
   echo "$TAAS_E2E_NODE_IP own.$TAAS_E2E_DOMAIN" >>"/etc/netns/$TAAS_E2E_CLIENT_NS/hosts"
   start_edge_hidden_server own 8446 "$W/own.yaml"
   until_ok 90 edge_serves own
+  # Both gateways (step 6a scaled them to 2) know the new label: each reads the routes from
+  # its mounted ConfigMap, which the kubelet refreshes in its own time (up to about a minute);
+  # until then that gateway answers 404 for it. A CI run's probe below once met one that did.
+  until_ok 120 every_gateway_knows own
   # The agent parks on both pods, each through its own Service's node ports.
   until_ok 60 own_parked_on_both
   echo "parked per pod: $(own_counter_per_pod taas_parked | tr '\n' ' ')"

@@ -33,7 +33,7 @@ for _ in $(seq 50); do curl -fs -o /dev/null 127.0.0.1:47444/metrics && break; s
 "$AGENT" --relay https://taas-registrar.localhost:47443 --label-file "$W/labels/echo.yaml" \
   --ca "$W/state/relay-cert.pem" --forward 127.0.0.1:47901 --parked 1000 >"$W/agent.log" 2>&1 &
 PIDS+=($!)
-parked() { curl -fs 127.0.0.1:47444/metrics | awk '$1 ~ /^taas_parked/ { n += $NF } END { print n + 0 }'; }
+parked() { curl -fs 127.0.0.1:47444/metrics | awk '$1 ~ /^taas_parked[{ ]/ || $1 == "taas_parked" { n += $NF } END { print n + 0 }'; }
 for _ in $(seq 100); do [ "$(parked)" -ge 1000 ] && break; sleep 0.2; done
 [ "$(parked)" -ge 1000 ] || { echo "the agent did not park 1000 connections ($(parked))" >&2; tail -n 3 "$W/agent.log" "$W/relay.log" >&2; exit 1; }
 "$TOOLS/connbench" latency 127.0.0.1:47900 "$COUNT" 20

@@ -437,14 +437,18 @@ parked_on_every_pod_with_traffic() { # N
 # draining replica as a last resort.
 gateway_rollout_counters() {
   local ip text held_ok=0 held_no=0 last=0
-  for ip in $(kubectl -n "$NS" get pods -l app.kubernetes.io/component=gateway \
-    -o jsonpath='{range .items[?(@.status.podIP)]}{.status.podIP}{"\n"}{end}'); do
+  for ip in $(gateway_pod_ips); do
     text=$(curl -sS --max-time 2 "http://$ip:9464/metrics" || true)
     held_ok=$((held_ok + $(series "$text" 'taas_gateway_clients_held_total{outcome="served"}')))
     held_no=$((held_no + $(series "$text" 'taas_gateway_clients_held_total{outcome="unavailable"}')))
     last=$((last + $(series "$text" 'taas_gateway_edge_offers_total{answer="last_resort"}')))
   done
   echo "gateways (pods now): GETs held for a parked connection ${held_ok} served, ${held_no} not; clients to a draining replica ${last}"
+}
+
+gateway_pod_ips() { # one per line, the gateway pods running now
+  kubectl -n "$NS" get pods -l app.kubernetes.io/component=gateway \
+    -o jsonpath='{range .items[?(@.status.podIP)]}{.status.podIP}{"\n"}{end}'
 }
 
 series() { # TEXT NAME: the value of one series in a metrics text (0 when absent)
@@ -592,8 +596,7 @@ own_served_by_both() { # a fetch, then each pod has paired a client
 
 every_gateway_knows() { # LABEL: no gateway pod answers 404 (route unknown) to a GET for it
   local ip code asked=0
-  for ip in $(kubectl -n "$NS" get pods -l app.kubernetes.io/component=gateway \
-    -o jsonpath='{range .items[?(@.status.podIP)]}{.status.podIP}{"\n"}{end}'); do
+  for ip in $(gateway_pod_ips); do
     code=$(curl -sS -o /dev/null -w '%{http_code}' --max-time 5 --cacert "$W/pki/client-bundle.crt" \
       --resolve "$1.$TAAS_E2E_DOMAIN:8443:$ip" "https://$1.$TAAS_E2E_DOMAIN:8443/" 2>>"$W/curl.log") || return 1
     [ "$code" != 404 ] || return 1
@@ -643,7 +646,7 @@ own_service_replicas() {
         --cacert "$W/pki/client-bundle.crt" "https://own.$TAAS_E2E_DOMAIN:$(gw_port)/" || true
       kubectl -n default get configmap taas-own -o jsonpath='{.data.external\.yaml}' || true
       echo "parked per pod: $(own_counter_per_pod taas_parked | tr '\n' ' ')"
-      kubectl -n "$NS" logs deployment/taas-gateway --tail=40 || true
+      kubectl -n "$NS" logs -l app.kubernetes.io/component=gateway --prefix --tail=40 || true
       kubectl -n default logs taas-own-0 --tail=20 || true
       kubectl -n default logs taas-own-1 --tail=20 || true
       return 1

@@ -127,6 +127,23 @@ impl Pair {
         self.b.as_ref().expect("B runs")
     }
 
+    /// The hidden server parks one connection (on A) and a client on the shared port uses it:
+    /// the label has registered lately and has nothing parked. Returns both ends, to keep.
+    async fn park_once_and_use_it(&self) -> (TcpStream, TcpStream) {
+        let server = self.cluster.park_from("127.0.0.5", &self.home).await;
+        eventually("parked on A", || async { parked(&self.a, "home") == 1 }).await;
+        let mut client = TcpStream::connect(self.cluster.shared()).await.unwrap();
+        client
+            .write_all(&client_hello(Some(&format!("home.{DOMAIN}"))))
+            .await
+            .unwrap();
+        eventually("the parked connection used", || async {
+            parked(&self.a, "home") == 0
+        })
+        .await;
+        (server, client)
+    }
+
     /// Parked on (A, B); none on B before it runs.
     fn parked(&self) -> (usize, usize) {
         let on_b = self.b.as_ref().map_or(0, |b| parked(b, "home"));
@@ -1014,17 +1031,7 @@ async fn a_get_finding_nothing_parked_is_held_while_the_hidden_server_parks_agai
     assert_eq!(response.status, 503, "{response:?}");
     assert_eq!(metric(&cluster.metrics().await, &held("unavailable")), 0.0);
     // Its hidden server parks once; a client uses that connection: nothing is parked.
-    let _first = cluster.park_from("127.0.0.5", &replicas.home).await;
-    eventually("parked on A", || async { parked(&replicas.a, "home") == 1 }).await;
-    let mut client = TcpStream::connect(cluster.shared()).await.unwrap();
-    client
-        .write_all(&client_hello(Some(&format!("home.{DOMAIN}"))))
-        .await
-        .unwrap();
-    eventually("the parked connection used", || async {
-        parked(&replicas.a, "home") == 0
-    })
-    .await;
+    let _pair = replicas.park_once_and_use_it().await;
     // A GET now waits for the hidden server's next connection instead of a 503.
     let get = spawn_mobile_get(cluster, "127.0.0.6");
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -1077,17 +1084,7 @@ async fn a_flood_of_held_gets_from_one_address_is_limited_and_another_phone_is_s
     let replicas = Pair::start(TestLabel::new("home"), StartB::Later).await;
     let cluster = &replicas.cluster;
     // The hidden server registered lately; its one parked connection used up: GETs are held.
-    let _first = cluster.park_from("127.0.0.5", &replicas.home).await;
-    eventually("parked on A", || async { parked(&replicas.a, "home") == 1 }).await;
-    let mut client = TcpStream::connect(cluster.shared()).await.unwrap();
-    client
-        .write_all(&client_hello(Some(&format!("home.{DOMAIN}"))))
-        .await
-        .unwrap();
-    eventually("the parked connection used", || async {
-        parked(&replicas.a, "home") == 0
-    })
-    .await;
+    let _pair = replicas.park_once_and_use_it().await;
     // 150 GETs at once from one address (the gateway's per-source 307 limit: 100 at once,
     // then 20/s), each of those let through held.
     let started = Instant::now();

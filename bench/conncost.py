@@ -5,8 +5,13 @@ a perf profile, during `connbench rate` (8 workers) through the echo backend. Th
 also give the whole machine's CPU per connection and its idle share during the run.
 Reuses bench.py's set-up (the package taasbench) (same labels, parked counts and ports as bench/run.sh).
 
-    python3 bench/conncost.py OUT_DIR [--peers taas,rathole] [--seconds 5] [--rounds 3] [--lat]
-                              [--strace] [--perf] [--no-cpu]
+    python3 bench/conncost.py OUT_DIR [--peers taas,rathole,taas_edge] [--seconds 5] [--rounds 3]
+                              [--lat] [--strace] [--perf] [--no-cpu]
+
+`taas_edge` is the cluster's edge on loopback (bench/run.sh's `rate_edge`: a gateway's shared
+port in front of a label relay whose agent parks through the gateway); its relay side is the
+gateway and the label relay together, which --strace and --perf also show one by one, and each
+run also records what the gateway forwarded per client connection (`edge_flows`).
 
 Prints one line per measurement and writes OUT_DIR/conncost.jsonl (+ strace-*.txt, perf-*).
 strace and perf slow the processes: read them as counts per
@@ -21,6 +26,8 @@ import subprocess
 import sys
 import time
 import types
+import re
+import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import taasbench as B  # noqa: E402
@@ -35,10 +42,14 @@ work = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".run")
 def bench_for(out, peers, wrap=None):
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
+    edge = "taas_edge" in peers
+    peers = [p for p in peers if p != "taas_edge"]
+    if edge and "taas" not in peers:
+        peers.append("taas")  # the edge is started with TAAS's peers
     args = types.SimpleNamespace(
         out=out, work=work, port_base=17000, peers=["direct"] + peers,
         parked={"bulk": 16, "echo": 64, "http": 64}, duration=3, settle=0.5, perf=False,
-        lat_count=500, wrk_conns=16, cases=[], rounds=1, parked_total=2000, park_timeout=240)
+        lat_count=500, wrk_conns=16, cases=["rate_edge"] if edge else [], rounds=1, parked_total=2000, park_timeout=240)
     start = B.Procs.start
     if wrap:
         def wrapped(self, name, argv, env=None, cwd=None):
@@ -63,10 +74,31 @@ def pids(b, peer, role):
 
 
 def rate(b, peer, seconds):
+    if peer == "taas_edge":
+        B.until("the edge agent refilled", b.edge_refilled, 60, 0.05)
+        return b.connbench("rate", f"127.0.0.1:{b.P['edge_shared']}", 8, seconds,
+                           b.taas_hello_edge, timeout=seconds + 60)
     if peer == "taas":
         B.until("TAAS agents refilled", b.taas_refilled, 60, 0.05)
     port = b.peer_port(peer, "echo")
     return b.connbench("rate", f"127.0.0.1:{port}", 8, seconds, timeout=seconds + 60)
+
+
+def processes(b, peer):
+    """The processes measured one by one: the relay side and the client side, and for the edge
+    the gateway and the label relay apart."""
+    if peer == "taas_edge":
+        gateway, relay = b.roles[peer]["relay"]
+        return {"gateway": [gateway.pid], "label_relay": [relay.pid], "agent": pids(b, peer, "agent")}
+    return {"relay": pids(b, peer, "relay"), "agent": pids(b, peer, "agent")}
+
+
+def gateway_forwarded(b):
+    """The edge gateway's forwarded connections so far, by entry (shared_port, rendezvous)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{b.P['edge_metrics']}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return {m.group(1): float(m.group(2)) for m in re.finditer(
+        r'^taas_gateway_edge_connections_total\{entry="(\w+)"\}\s+(\S+)', text, re.M)}
 
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -86,11 +118,16 @@ def cpu(out, peers, seconds, rounds, rec, lat=False):
         for rnd in range(rounds):
             for peer in (peers if rnd % 2 == 0 else peers[::-1]):
                 c0 = {r: sum(B.cpu_seconds(p) for p in pids(b, peer, r)) for r in ("relay", "agent")}
+                f0 = gateway_forwarded(b) if peer == "taas_edge" else None
                 m0 = machine_ticks()
                 j = rate(b, peer, seconds)
                 m1 = machine_ticks()
                 c1 = {r: sum(B.cpu_seconds(p) for p in pids(b, peer, r)) for r in ("relay", "agent")}
                 n = j.get("conns_total") or 0
+                if f0 is not None and n:
+                    f1 = gateway_forwarded(b)
+                    rec(kind="edge_flows", peer=peer, round=rnd, conns=n,
+                        forwarded_per_conn={e: round((f1[e] - f0.get(e, 0)) / n, 2) for e in f1})
                 us = {r: round((c1[r] - c0[r]) * 1e6 / n, 1) if n else None for r in c0}
                 busy, idle = m1[0] - m0[0], m1[1] - m0[1]
                 rec(kind="cpu", peer=peer, round=rnd, conns=n, per_sec=j.get("per_sec"),
@@ -101,7 +138,7 @@ def cpu(out, peers, seconds, rounds, rec, lat=False):
                     machine_us=round(busy / TICKS * 1e6 / n, 1) if n else None,
                     machine_idle_pct=round(100 * idle / (busy + idle), 1) if busy + idle else None)
             if lat:
-                for peer in ["direct"] + peers:
+                for peer in ["direct"] + [p for p in peers if p != "taas_edge"]:
                     if peer == "taas":
                         B.until("TAAS agents refilled", b.taas_refilled, 60, 0.05)
                     port = b.peer_port(peer, "echo")
@@ -121,11 +158,14 @@ def monitored_rate(b, peer, seconds, monitor, settle):
     """`rate` with a monitor attached to each role's processes: `monitor(role, pids)` gives the
     monitor's argv and its output file. Monitors start `settle` seconds before the run and get
     SIGINT after it. Returns the run's result and {role: output file}."""
+    # Refilled before the monitors start, so that they count the run's connections only.
+    if peer == "taas_edge":
+        B.until("the edge agent refilled", b.edge_refilled, 60, 0.05)
     if peer == "taas":
         B.until("TAAS agents refilled", b.taas_refilled, 60, 0.05)
     mons, files = [], {}
-    for role in ("relay", "agent"):
-        argv, files[role] = monitor(role, pids(b, peer, role))
+    for role, role_pids in processes(b, peer).items():
+        argv, files[role] = monitor(role, role_pids)
         mons.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      start_new_session=True))
     time.sleep(settle)

@@ -425,6 +425,7 @@ impl Edge {
 
     /// Serves the shared client port until the task is dropped.
     pub async fn serve_shared_port(self, listener: TcpListener) {
+        crate::splice::tune_listener(&listener);
         loop {
             let (stream, peer) = accept(&listener, "shared port").await;
             let Ok(permit) = self.0.hello_phase.clone().try_acquire_owned() else {
@@ -437,6 +438,7 @@ impl Edge {
 
     /// Serves one rendezvous port until the task is dropped.
     pub async fn serve_rendezvous(self, listener: TcpListener) {
+        crate::splice::tune_listener(&listener);
         loop {
             let (stream, peer) = accept(&listener, "rendezvous port").await;
             let Ok(permit) = self.0.claiming.clone().try_acquire_owned() else {
@@ -707,7 +709,8 @@ impl Shared {
             return self.refuse(EdgeRefused::unreachable(target), peer, entry.as_str());
         }
         self.metrics.forwarded(entry);
-        splice_to_relay(client_tuned(client), relay, held, self.splice).await;
+        let client = client_tuned(client, entry != EdgeEntry::Direct);
+        splice_to_relay(client, relay, held, self.splice).await;
     }
 
     async fn rendezvous(
@@ -797,7 +800,7 @@ impl Shared {
         }
         tracing::debug!(%peer, label = %target.label, port = local.port(), "edge: hidden server committed");
         self.metrics.forwarded(EdgeEntry::Rendezvous);
-        let hidden = client_tuned(hidden);
+        let hidden = client_tuned(hidden, true);
         if parked_until_used(&hidden, &relay, self.draining.subscribe()).await {
             splice_to_relay(hidden, relay, held, self.splice).await;
         }
@@ -864,8 +867,15 @@ async fn ask(
     }
 }
 
-fn client_tuned(stream: TcpStream) -> TcpStream {
-    crate::splice::tune(&stream);
+/// A client's or hidden server's connection with the options of relayed connections. On
+/// Linux, one accepted on the shared port or a rendezvous port inherited them from its
+/// listener (`splice::tune_listener`): ten system calls fewer per client connection, out of
+/// the gateway's 71 (`bench/results/2026-12-07T175002/NOTE.md`). Others (the HTTPS port's
+/// direct labels) get them here.
+fn client_tuned(stream: TcpStream, from_tuned_listener: bool) -> TcpStream {
+    if !(from_tuned_listener && cfg!(target_os = "linux")) {
+        crate::splice::tune(&stream);
+    }
     stream
 }
 

@@ -20,6 +20,9 @@ CASES = [
     ("bulk1", "bulk", "iperf3, 1 stream (Gbit/s)"),
     ("bulk1R", "bulk", "iperf3, 1 stream reversed -R (Gbit/s)"),
     ("bulk8", "bulk", "iperf3, 8 streams -P 8 (Gbit/s)"),
+    # One connection to the echo backend: `connbench stream` writes for the run's time while it
+    # reads the echo, so every byte crosses the path both ways (Gbit/s echoed).
+    ("stream", "echo", "one stream through the echo backend, both ways (Gbit/s echoed)"),
     ("lat", "echo", "fresh connection p50 (µs): connect + 1-byte echo + close"),
     ("rate", "echo", "fresh connections/s, 8 closed-loop workers"),
     ("http_ka", "http", "HTTP 1 KiB, wrk keep-alive (req/s)"),
@@ -38,12 +41,13 @@ CASES = [
     # 18): the ClientHello names edge.taas.localhost; the ratio to own q is the gateway hop.
     ("lat_edge", "echo", "fresh connection p50 (µs) via a gateway's shared port to a label relay: connect + ClientHello echo + close"),
     ("rate_edge", "echo", "fresh connections/s via a gateway's shared port to a label relay, 8 closed-loop workers"),
+    ("stream_edge", "echo", "one stream via a gateway's shared port to a label relay, both ways (Gbit/s echoed)"),
 ]
 LOWER_IS_BETTER = {"lat", "lat_shared", "lat_direct", "lat_edge"}
 # The cases through the cluster edge: measured on the edge's processes (gateway, label relay,
 # agent), not the standalone relay's.
-EDGE_CASES = {"lat_edge", "rate_edge"}
+EDGE_CASES = {"lat_edge", "rate_edge", "stream_edge"}
 # Cases measured for TAAS alone, and the own-q case each is compared with (measured right
 # after it in every round, so that the ratio is read at one moment's load).
 TAAS_ONLY = {"lat_shared": "lat", "rate_shared": "rate", "lat_direct": "lat", "rate_direct": "rate",
-             "lat_edge": "lat", "rate_edge": "rate"}
+             "lat_edge": "lat", "rate_edge": "rate", "stream_edge": "stream"}

@@ -146,6 +146,17 @@ class Load:
         return {"value": j["per_sec"], "conns": j["conns_total"], "errors": j["errors"],
                 "first_error": j["first_error"]}
 
+    def case_stream(self, port, case, first_bytes=()):
+        d = self.args.duration
+        j = self.connbench("stream", f"127.0.0.1:{port}", d, *first_bytes, timeout=d + 40)
+        if "gbit_s" not in j:
+            return {"value": None, **j}
+        # `bytes`: all the bytes echoed, for CPU per GB (the CPU is measured around all of it).
+        return {"value": j["gbit_s"], "bytes": j["bytes_total"]}
+
+    def case_stream_edge(self, port, case):
+        return self.case_stream(port, case, (self.taas_hello_edge,))
+
     def case_lat_shared(self, port, case):
         return self.case_lat(port, case, (self.taas_hello,))
 

@@ -96,7 +96,9 @@ def report(raw, meta):
     L.append("| measure | " + " | ".join(p for p in peers if p != "direct") + " |")
     L.append("|---|" + "---|" * (len(peers) - 1))
     for case, label in (("bulk1", "CPU s per GB, 1 stream"), ("bulk1R", "CPU s per GB, 1 stream -R"),
-                        ("bulk8", "CPU s per GB, 8 streams")):
+                        ("bulk8", "CPU s per GB, 8 streams"),
+                        ("stream", "CPU s per GB echoed, 1 stream both ways"),
+                        ("stream_edge", "CPU s per GB echoed via the edge: gateway + label relay / agent (TAAS only)")):
         row = []
         for p in peers:
             if p == "direct":
@@ -244,6 +246,10 @@ def report(raw, meta):
         if None not in (t, e):
             row("connections/s through the edge ≥ 0.85 × own q (issue 18)", f"{fmt(e)}",
                 f"0.85 × {fmt(t)} = {fmt(0.85 * t)}", e >= 0.85 * t)
+        t, e = m("stream", "taas"), m("stream_edge", "taas")
+        if None not in (t, e):
+            row("one stream through the edge ≥ 0.9 × own q (issue 18)", f"{fmt(e)} Gbit/s",
+                f"0.9 × {fmt(t)} = {fmt(0.9 * t)}", e >= 0.9 * t)
         for r in [r for r in raw if r["kind"] == "label_cost"]:
             row(f"one more label with {r['parked_per_label']} parked ≤ 64 KiB (issue 18)",
                 f"{fmt(r['per_label_parked_kib'])} KiB", "64 KiB", r["per_label_parked_kib"] <= 64)

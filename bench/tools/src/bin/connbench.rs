@@ -4,6 +4,10 @@
 //!
 //! connbench latency ADDR COUNT MAX_SECS [FIRST_BYTES]   one connection at a time; p50/p99 in µs
 //! connbench rate ADDR WORKERS SECS [FIRST_BYTES]        closed loop with WORKERS threads; connections/s
+//! connbench stream ADDR SECS [FIRST_BYTES]              one connection to an echo server: after the
+//!                                                       first bytes' echo, writes for SECS while a
+//!                                                       second thread reads the echo; Gbit/s echoed
+//!                                                       (each byte crosses the path both ways)
 //!
 //! Prints one JSON object. Every loop is bounded by count and time; each socket operation
 //! times out after 15 s (longer than the relay's 10 s client wait).
@@ -29,6 +33,50 @@ fn one(addr: &SocketAddr, first: &[u8]) -> std::io::Result<()> {
     Ok(()) // dropped: close
 }
 
+/// Bytes echoed back within `secs` on one connection (after `first`'s echo), the seconds, and
+/// the bytes echoed in all (the writes' tail included).
+fn stream(addr: &SocketAddr, first: &[u8], secs: Duration) -> std::io::Result<(u64, f64, u64)> {
+    const CHUNK: usize = 128 * 1024;
+    let mut s = TcpStream::connect_timeout(addr, IO_TIMEOUT)?;
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    s.set_write_timeout(Some(IO_TIMEOUT))?;
+    s.write_all(first)?;
+    let mut b = vec![0u8; first.len()];
+    s.read_exact(&mut b)?;
+    if b != first {
+        return Err(std::io::Error::other("wrong bytes echoed"));
+    }
+    let mut reader = s.try_clone()?;
+    let start = Instant::now();
+    let counting = std::thread::spawn(move || -> std::io::Result<(u64, f64, u64)> {
+        let mut buf = vec![0u8; CHUNK];
+        let (mut total, mut in_window) = (0u64, None);
+        loop {
+            let n = reader.read(&mut buf)?;
+            if n == 0 {
+                let (bytes, secs) = in_window.unwrap_or((total, start.elapsed().as_secs_f64()));
+                return Ok((bytes, secs, total));
+            }
+            total += n as u64;
+            if in_window.is_none() && start.elapsed() >= secs {
+                in_window = Some((total, start.elapsed().as_secs_f64()));
+            }
+        }
+    });
+    let chunk = vec![0x5au8; CHUNK];
+    // Bounded by time, and by count (at most 1 TiB).
+    for _ in 0..(1u64 << 40) / CHUNK as u64 {
+        if start.elapsed() >= secs {
+            break;
+        }
+        s.write_all(&chunk)?;
+    }
+    s.shutdown(std::net::Shutdown::Write)?;
+    counting
+        .join()
+        .map_err(|_| std::io::Error::other("reader panicked"))?
+}
+
 fn pct(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -39,9 +87,25 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if args.len() < 5 {
-        eprintln!("usage: connbench latency ADDR COUNT MAX_SECS [FIRST_BYTES] | rate ADDR WORKERS SECS [FIRST_BYTES]");
+    if args.len() < 4 || (args[1] != "stream" && args.len() < 5) {
+        eprintln!("usage: connbench latency ADDR COUNT MAX_SECS [FIRST_BYTES] | rate ADDR WORKERS SECS [FIRST_BYTES] | stream ADDR SECS [FIRST_BYTES]");
         std::process::exit(2);
+    }
+    if args[1] == "stream" {
+        let addr: SocketAddr = args[2].parse().expect("ADDR");
+        let secs = Duration::from_secs_f64(args[3].parse().expect("SECS"));
+        let first = match args.get(4) {
+            Some(path) => std::fs::read(path).expect("FIRST_BYTES file"),
+            None => b"x".to_vec(),
+        };
+        match stream(&addr, &first, secs) {
+            Ok((bytes, elapsed, total)) => println!(
+                "{{\"mode\":\"stream\",\"bytes\":{},\"secs\":{:.3},\"gbit_s\":{:.3},\"bytes_total\":{}}}",
+                bytes, elapsed, bytes as f64 * 8.0 / elapsed / 1e9, total
+            ),
+            Err(e) => println!("{{\"mode\":\"stream\",\"error\":{:?}}}", e.to_string()),
+        }
+        return;
     }
     let addr: SocketAddr = args[2].parse().expect("ADDR");
     let first: Arc<Vec<u8>> = Arc::new(match args.get(5) {

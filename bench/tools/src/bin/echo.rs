@@ -1,5 +1,7 @@
-//! `echo ADDR`: a TCP echo server (the backend of the fresh-connection cases). Echoes until
-//! the client's EOF, then closes. Runs until killed.
+//! `echo ADDR`: a TCP echo server (the backend of the fresh-connection cases and of
+//! `connbench stream`). Echoes until the client's EOF, then closes. Runs until killed. Its
+//! buffer starts at 4 KiB (a fresh connection's few bytes) and grows to 256 KiB when reads fill
+//! it (a stream).
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -14,13 +16,16 @@ async fn main() {
         };
         let _ = stream.set_nodelay(true);
         tokio::spawn(async move {
-            let mut buf = [0u8; 4096];
+            let mut buf = vec![0u8; 4096];
             loop {
                 match stream.read(&mut buf).await {
                     Ok(0) | Err(_) => return,
                     Ok(n) => {
                         if stream.write_all(&buf[..n]).await.is_err() {
                             return;
+                        }
+                        if n == buf.len() && buf.len() < 256 * 1024 {
+                            buf.resize(buf.len() * 2, 0);
                         }
                     }
                 }

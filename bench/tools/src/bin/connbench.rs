@@ -19,9 +19,11 @@ use std::time::{Duration, Instant};
 
 const IO_TIMEOUT: Duration = Duration::from_secs(15);
 
-fn one(addr: &SocketAddr, first: &[u8]) -> std::io::Result<()> {
+/// A connection whose `first` bytes have come back echoed; `nodelay` for fresh connections'
+/// small writes.
+fn echoed_first(addr: &SocketAddr, first: &[u8], nodelay: bool) -> std::io::Result<TcpStream> {
     let mut s = TcpStream::connect_timeout(addr, IO_TIMEOUT)?;
-    s.set_nodelay(true)?;
+    s.set_nodelay(nodelay)?;
     s.set_read_timeout(Some(IO_TIMEOUT))?;
     s.set_write_timeout(Some(IO_TIMEOUT))?;
     s.write_all(first)?;
@@ -30,22 +32,18 @@ fn one(addr: &SocketAddr, first: &[u8]) -> std::io::Result<()> {
     if b != first {
         return Err(std::io::Error::other("wrong bytes echoed"));
     }
-    Ok(()) // dropped: close
+    Ok(s)
+}
+
+fn one(addr: &SocketAddr, first: &[u8]) -> std::io::Result<()> {
+    echoed_first(addr, first, true).map(drop) // dropped: close
 }
 
 /// Bytes echoed back within `secs` on one connection (after `first`'s echo), the seconds, and
 /// the bytes echoed in all (the writes' tail included).
 fn stream(addr: &SocketAddr, first: &[u8], secs: Duration) -> std::io::Result<(u64, f64, u64)> {
     const CHUNK: usize = 128 * 1024;
-    let mut s = TcpStream::connect_timeout(addr, IO_TIMEOUT)?;
-    s.set_read_timeout(Some(IO_TIMEOUT))?;
-    s.set_write_timeout(Some(IO_TIMEOUT))?;
-    s.write_all(first)?;
-    let mut b = vec![0u8; first.len()];
-    s.read_exact(&mut b)?;
-    if b != first {
-        return Err(std::io::Error::other("wrong bytes echoed"));
-    }
+    let mut s = echoed_first(addr, first, false)?;
     let mut reader = s.try_clone()?;
     let start = Instant::now();
     let counting = std::thread::spawn(move || -> std::io::Result<(u64, f64, u64)> {

@@ -34,7 +34,11 @@ fn base32_decode(s: &str) -> Vec<u8> {
 }
 
 fn totp(key: &ring::hmac::Key, period: u64) -> String {
-    let step = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() / period;
+    let step = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        / period;
     let tag = ring::hmac::sign(key, &step.to_be_bytes());
     let h = tag.as_ref();
     let o = (h[h.len() - 1] & 0x0f) as usize;
@@ -74,7 +78,8 @@ fn main() {
     let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
     let sock = TcpStream::connect(connect).expect("connect to the registrar");
     sock.set_nodelay(true).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let mut tls = BufReader::new(rustls::StreamOwned::new(conn, sock));
 
     let mut statuses: BTreeMap<u16, u64> = BTreeMap::new();
@@ -98,7 +103,11 @@ fn main() {
             error = format!("read: {e}");
             break;
         }
-        let status: u16 = line.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let status: u16 = line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
         let mut length = 0usize;
         let mut close = false;
         loop {
@@ -137,7 +146,10 @@ fn main() {
         }
     }
     let elapsed = start.elapsed().as_secs_f64();
-    let by_status: Vec<String> = statuses.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+    let by_status: Vec<String> = statuses
+        .iter()
+        .map(|(k, v)| format!("\"{k}\":{v}"))
+        .collect();
     println!(
         "{{\"requests\":{requests},\"ok\":{ok_at_stop},\"secs\":{elapsed:.3},\"per_sec\":{:.1},\"ok_per_sec\":{:.1},\"statuses\":{{{}}},\"first_ok_body\":{:?},\"error\":{:?}}}",
         requests as f64 / elapsed,

@@ -115,6 +115,8 @@ pub async fn serve(
             .frontend_connections
             .min(Semaphore::MAX_PERMITS),
     ));
+    // Clients are relayed from here: a relayed connection's options, set once (as on q).
+    crate::splice::tune_listener(&listener);
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {

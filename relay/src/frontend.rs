@@ -241,6 +241,9 @@ pub async fn serve<B: LabelBackend>(
             (None, Some(Arc::new(auth)), None)
         }
     };
+    // A direct label's clients are relayed from here: its connections carry a relayed
+    // connection's options (no Nagle, keepalive), set once on the listener.
+    crate::splice::tune_listener(&listener);
     let mut last_full_warning = None;
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -294,7 +297,7 @@ pub async fn serve<B: LabelBackend>(
         tokio::spawn(async move {
             let _slots = (slot, source_slot);
             let _open = OpenGauge::inc(&settings.metrics.open);
-            let _ = stream.set_nodelay(true);
+            crate::splice::tune_accepted(&stream);
             let context = Context {
                 peer,
                 local_ip: stream.local_addr().map(|a| a.ip().to_canonical()).ok(),

@@ -921,9 +921,8 @@ impl Label {
             },
         };
         let mut client = client;
-        // q's options (no Nagle, keepalive) were inherited from its listener on Linux.
-        #[cfg(not(target_os = "linux"))]
-        crate::splice::tune(&client);
+        // No Nagle, keepalive: from the listener it came through.
+        crate::splice::tune_accepted(&client);
         self.metrics.paired(entry);
         self.metrics.active_pairs.inc();
         let result = self

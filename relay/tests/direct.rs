@@ -64,6 +64,24 @@ async fn the_client_hello_reaches_the_hidden_server_unchanged() {
         .await;
 }
 
+/// As on q, a direct client's connection carries a relayed connection's socket options (no
+/// Nagle, keepalive), inherited from the HTTPS port's listener: seen as the kernel's
+/// keepalive timer on the relay's side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_client_is_kept_alive_on_the_relays_side_as_on_q() {
+    let home = direct("home");
+    let relay = TestRelay::start(&[&home]).await;
+    let mut parked = relay.park(&home).await;
+    let hello = client_hello(Some(&format!("home.{DOMAIN}")));
+    let mut client = TcpStream::connect(relay.addr()).await.unwrap();
+    client.write_all(&hello).await.unwrap();
+    assert_relayed_both_ways(&mut client, &mut parked, &hello, PATIENCE).await;
+    assert_eq!(
+        taas_testkit::readings::keepalive_armed(relay.addr(), client.local_addr().unwrap()),
+        Some(true)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_registrar_and_a_non_direct_labels_307_still_work_on_the_same_port() {
     let home = direct("home");

@@ -249,6 +249,25 @@ async fn a_shared_port_client_through_the_edge_reaches_the_hidden_server_with_it
     );
 }
 
+/// As on q, a client's connection carries a relayed connection's socket options (no Nagle,
+/// keepalive), inherited from the edge port's listener: seen as the kernel's keepalive timer
+/// on the relay's side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_through_the_edge_is_kept_alive_on_the_relays_side_as_on_q() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = TestLabel::new("home");
+    let pod = start(dir.path(), &home, &[]).await;
+    let mut parked = pod.park_directly(&home).await;
+    let mut client = pod
+        .send(&pod.header(EdgeKind::SharedPort, PHONE, 9443))
+        .await;
+    assert_hello_reaches(&mut client, &mut parked, &format!("home.{DOMAIN}")).await;
+    assert_eq!(
+        readings::keepalive_armed(pod.edge(), client.local_addr().unwrap()),
+        Some(true)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_direct_client_through_the_edge_reaches_the_hidden_server_named_by_its_header() {
     logs::debug_logs();

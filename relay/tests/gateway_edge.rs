@@ -267,6 +267,11 @@ async fn shared_port_client_reaches_its_relay(mode: SpliceMode) {
         "the gateway port it used"
     );
     assert_relayed_both_ways(&mut client, &mut relay, &hello, PATIENCE).await;
+    // A relayed connection's socket options, inherited from the shared port's listener.
+    assert_eq!(
+        taas_testkit::readings::keepalive_armed(cluster.shared(), client_addr),
+        Some(true)
+    );
     assert!(
         work.accepted.try_recv().is_err(),
         "the other label's relay untouched"
@@ -311,6 +316,14 @@ async fn a_direct_label_on_the_https_port_is_forwarded_raw_and_other_names_get_t
     assert_eq!(seen, hello);
     echo_back(&mut relay, &mut client, b"hidden").await;
     assert_eq!(cluster.forwarded("direct").await, 1.0);
+    // A relayed connection's socket options, inherited from the HTTPS port's listener.
+    assert_eq!(
+        taas_testkit::readings::keepalive_armed(
+            cluster.gateway.frontend,
+            client.local_addr().unwrap()
+        ),
+        Some(true)
+    );
 
     // A label in edge mode but not direct: the gateway's own TLS (its certificate covers
     // *.<domain>), then HTTP as before.

@@ -113,6 +113,26 @@ pub fn listening_ports(lo: u16, hi: u16) -> Vec<u16> {
     found
 }
 
+/// Whether the kernel keeps TCP keepalive on the IPv4 connection from `local` to `remote` in
+/// this network namespace: with `SO_KEEPALIVE`, an open connection has its keepalive timer
+/// armed (`tr` 2 in `/proc/net/tcp`), which shows that a relayed connection got its socket
+/// options. `None` when there is no such connection.
+pub fn keepalive_armed(local: std::net::SocketAddr, remote: std::net::SocketAddr) -> Option<bool> {
+    let text = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let endpoint = |field: &str| -> Option<std::net::SocketAddr> {
+        let (ip, port) = field.split_once(':')?;
+        // The address as the kernel holds it in memory, printed as a native-endian number.
+        let ip = std::net::Ipv4Addr::from(u32::from_str_radix(ip, 16).ok()?.to_ne_bytes());
+        Some((ip, u16::from_str_radix(port, 16).ok()?).into())
+    };
+    text.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (l, r, timer) = (fields.get(1)?, fields.get(2)?, fields.get(5)?);
+        (endpoint(l)? == local && endpoint(r)? == remote)
+            .then(|| timer.split(':').next() == Some("02"))
+    })
+}
+
 /// Ports of `lo..=hi` on `ip` that accept a TCP connection (a connect scan; each connect is
 /// closed at once).
 pub async fn accepting_ports(ip: std::net::IpAddr, lo: u16, hi: u16) -> Vec<u16> {
@@ -156,4 +176,29 @@ pub fn metric_sum(text: &str, name: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next())
         .filter_map(|v| v.parse::<f64>().ok())
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The reading tells a connection with keepalive from one without, by its two ends.
+    #[tokio::test]
+    async fn keepalive_armed_tells_a_kept_alive_connection_from_a_plain_one() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_keepalive(true).unwrap();
+        let client = socket.connect(addr).await.unwrap();
+        let (_accepted, _) = listener.accept().await.unwrap();
+        let client_addr = client.local_addr().unwrap();
+        assert_eq!(keepalive_armed(client_addr, addr), Some(true));
+        assert_eq!(
+            keepalive_armed(addr, client_addr),
+            Some(false),
+            "the accepting end"
+        );
+        let elsewhere: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
+        assert_eq!(keepalive_armed(addr, elsewhere), None);
+    }
 }

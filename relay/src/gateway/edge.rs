@@ -425,6 +425,8 @@ impl Edge {
 
     /// Serves the shared client port until the task is dropped.
     pub async fn serve_shared_port(self, listener: TcpListener) {
+        // Set once, inherited by every accepted connection (as on q): 10 of the 71 system
+        // calls of a client connection through the edge went to setting them per connection.
         crate::splice::tune_listener(&listener);
         loop {
             let (stream, peer) = accept(&listener, "shared port").await;
@@ -438,6 +440,7 @@ impl Edge {
 
     /// Serves one rendezvous port until the task is dropped.
     pub async fn serve_rendezvous(self, listener: TcpListener) {
+        // As on the shared port.
         crate::splice::tune_listener(&listener);
         loop {
             let (stream, peer) = accept(&listener, "rendezvous port").await;
@@ -709,7 +712,7 @@ impl Shared {
             return self.refuse(EdgeRefused::unreachable(target), peer, entry.as_str());
         }
         self.metrics.forwarded(entry);
-        let client = client_tuned(client, entry != EdgeEntry::Direct);
+        crate::splice::tune_accepted(&client);
         splice_to_relay(client, relay, held, self.splice).await;
     }
 
@@ -800,7 +803,7 @@ impl Shared {
         }
         tracing::debug!(%peer, label = %target.label, port = local.port(), "edge: hidden server committed");
         self.metrics.forwarded(EdgeEntry::Rendezvous);
-        let hidden = client_tuned(hidden, true);
+        crate::splice::tune_accepted(&hidden);
         if parked_until_used(&hidden, &relay, self.draining.subscribe()).await {
             splice_to_relay(hidden, relay, held, self.splice).await;
         }
@@ -865,18 +868,6 @@ async fn ask(
         },
         _ => (Claim::NoAnswer, None),
     }
-}
-
-/// A client's or hidden server's connection with the options of relayed connections. On
-/// Linux, one accepted on the shared port or a rendezvous port inherited them from its
-/// listener (`splice::tune_listener`): ten system calls fewer per client connection, out of
-/// the gateway's 71 (`bench/results/2026-12-07T175002/NOTE.md`). Others (the HTTPS port's
-/// direct labels) get them here.
-fn client_tuned(stream: TcpStream, from_tuned_listener: bool) -> TcpStream {
-    if !(from_tuned_listener && cfg!(target_os = "linux")) {
-        crate::splice::tune(&stream);
-    }
-    stream
 }
 
 /// Waits while a hidden server's connection is parked: until a byte (or the end) arrives on

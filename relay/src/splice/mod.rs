@@ -473,6 +473,16 @@ pub fn tune_listener(listener: &TcpListener) {
     let _ = socket.set_tcp_keepalive(&keepalive());
 }
 
+/// The options of a connection accepted on a listener set up by [`tune_listener`]: on Linux
+/// it has them already; elsewhere they are set here. Every listener whose connections are
+/// relayed is set up so: q, the shared ports, the edge port, the HTTPS port (direct labels),
+/// the gateway's rendezvous ports.
+pub fn tune_accepted(stream: &TcpStream) {
+    if !cfg!(target_os = "linux") {
+        tune(stream);
+    }
+}
+
 fn keepalive() -> socket2::TcpKeepalive {
     socket2::TcpKeepalive::new()
         .with_time(Duration::from_secs(20))

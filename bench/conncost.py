@@ -20,13 +20,13 @@ connection, not as time. Build first (bench/run.sh does): TAAS release, bench/to
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
 import types
-import re
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -73,13 +73,19 @@ def pids(b, peer, role):
     return [p.pid for p in b.roles[peer][role]]
 
 
-def rate(b, peer, seconds):
+def refilled(b, peer):
+    """Waits until TAAS's agents have replaced the connections the last run used."""
     if peer == "taas_edge":
         B.until("the edge agent refilled", b.edge_refilled, 60, 0.05)
-        return b.connbench("rate", f"127.0.0.1:{b.P['edge_shared']}", 8, seconds,
-                           b.taas_hello_edge, timeout=seconds + 60)
     if peer == "taas":
         B.until("TAAS agents refilled", b.taas_refilled, 60, 0.05)
+
+
+def rate(b, peer, seconds):
+    refilled(b, peer)
+    if peer == "taas_edge":
+        return b.connbench("rate", f"127.0.0.1:{b.P['edge_shared']}", 8, seconds,
+                           b.taas_hello_edge, timeout=seconds + 60)
     port = b.peer_port(peer, "echo")
     return b.connbench("rate", f"127.0.0.1:{port}", 8, seconds, timeout=seconds + 60)
 
@@ -139,8 +145,7 @@ def cpu(out, peers, seconds, rounds, rec, lat=False):
                     machine_idle_pct=round(100 * idle / (busy + idle), 1) if busy + idle else None)
             if lat:
                 for peer in ["direct"] + [p for p in peers if p != "taas_edge"]:
-                    if peer == "taas":
-                        B.until("TAAS agents refilled", b.taas_refilled, 60, 0.05)
+                    refilled(b, peer)
                     port = b.peer_port(peer, "echo")
                     j = b.connbench("latency", f"127.0.0.1:{port}", 2000, 10, timeout=60)
                     rec(kind="lat", peer=peer, round=rnd, p50_us=j.get("p50_us"),
@@ -159,10 +164,7 @@ def monitored_rate(b, peer, seconds, monitor, settle):
     monitor's argv and its output file. Monitors start `settle` seconds before the run and get
     SIGINT after it. Returns the run's result and {role: output file}."""
     # Refilled before the monitors start, so that they count the run's connections only.
-    if peer == "taas_edge":
-        B.until("the edge agent refilled", b.edge_refilled, 60, 0.05)
-    if peer == "taas":
-        B.until("TAAS agents refilled", b.taas_refilled, 60, 0.05)
+    refilled(b, peer)
     mons, files = [], {}
     for role, role_pids in processes(b, peer).items():
         argv, files[role] = monitor(role, role_pids)
